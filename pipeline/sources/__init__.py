@@ -1,0 +1,1 @@
+"""Song sources: one adapter per dataset list/metadata format."""
