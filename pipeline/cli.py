@@ -7,8 +7,9 @@ import importlib
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
-from pipeline.params import ParamsError, load_params
+from pipeline.params import ParamsError, declared_params, load_params, restrict
 
 log = logging.getLogger("student_clap")
 
@@ -46,6 +47,9 @@ def _call(module: str, func: str) -> Callable[[argparse.Namespace], int | None]:
 
 def _stage_runner(args: argparse.Namespace) -> int | None:
     params = load_params(args.params)
+    declared = declared_params(Path(args.params).resolve().parent / "dvc.yaml", args.stage)
+    if declared is not None:
+        params = restrict(params, declared, args.stage)
     module = importlib.import_module(f"pipeline.stages.{args.stage}")
     return module.run(params, args)
 

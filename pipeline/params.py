@@ -366,3 +366,62 @@ def load_params(path: str | Path = "params.yaml") -> Params:
 def as_dict(obj: Any) -> dict:
     """Plain-dict copy of a params section, for provenance attributes and checkpoints."""
     return dataclasses.asdict(obj)
+
+
+# --------------------------------------------------------------------------- declared-params guard
+
+
+class _Restricted:
+    """Read-only view of a params object that lets a stage read only what dvc.yaml declares.
+
+    DVC re-runs a stage only when a *declared* param changes, so a stage that quietly reads an
+    undeclared one would go stale without anyone noticing. Reading it through this view fails loudly.
+    """
+
+    def __init__(self, obj: Any, prefix: str, allowed: tuple[str, ...], stage: str) -> None:
+        object.__setattr__(self, "_obj", obj)
+        object.__setattr__(self, "_prefix", prefix)
+        object.__setattr__(self, "_allowed", allowed)
+        object.__setattr__(self, "_stage", stage)
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(self._obj, name)
+        path = f"{self._prefix}.{name}" if self._prefix else name
+        if any(path == a or path.startswith(a + ".") for a in self._allowed):
+            return value
+        if any(a.startswith(path + ".") for a in self._allowed):
+            return _Restricted(value, path, self._allowed, self._stage)
+        raise ParamsError(
+            f"stage {self._stage!r} reads params '{path}' but dvc.yaml does not declare it "
+            f"(declared: {', '.join(self._allowed) or 'nothing'})"
+        )
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("params are read-only inside a stage")
+
+    def __repr__(self) -> str:
+        return f"<params {self._prefix or '(root)'} restricted to {', '.join(self._allowed)}>"
+
+
+def restrict(params: Params, allowed: list[str], stage: str) -> Params:
+    """View of `params` through which `stage` can read only the dotted sections in `allowed`."""
+    return typing.cast(Params, _Restricted(params, "", tuple(allowed), stage))
+
+
+def declared_params(dvc_yaml: str | Path, stage: str) -> list[str] | None:
+    """The params dvc.yaml declares for `stage` (None when the file or the stage is absent)."""
+    path = Path(dvc_yaml)
+    if not path.is_file():
+        return None
+    spec = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    stage_spec = (spec.get("stages") or {}).get(stage)
+    if stage_spec is None:
+        return None
+    names: list[str] = []
+    for entry in stage_spec.get("params") or []:
+        if isinstance(entry, str):
+            names.append(entry)
+        elif isinstance(entry, dict):  # {other_params_file.yaml: [keys]}
+            for keys in entry.values():
+                names.extend(keys or [])
+    return names
