@@ -1,0 +1,211 @@
+"""Quality metrics of a student against its teacher (numpy only: training and evaluation share them).
+
+Everything here compares embeddings row by row or rankings query by query:
+
+- `cosine_rows` / `centred_cosine_rows`: per-row cosine, raw and centred on the teacher mean.
+  A random teacher maps every input to nearly the same direction, so the raw cosine of a student
+  that just outputs that mean direction is already ~1.0; the centred cosine of such a student is
+  exactly 0, which is why every quality figure is reported both ways.
+- `mean_embedding` / `mean_baseline_rows`: the constant "predict the mean" baseline.
+- `ranking_agreement` / `retrieval_agreement`: do the student's text-to-music rankings agree with
+  the teacher's (top-k overlap, Spearman, recall@k)?
+- `zero_shot_predictions` / `zero_shot_accuracy`: tag classification by nearest prompt embedding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+
+_EPS = 1e-12
+
+
+def _as_2d(x: np.ndarray, name: str) -> np.ndarray:
+    arr = np.asarray(x, dtype=np.float64)
+    if arr.ndim == 1:
+        arr = arr[None, :]
+    if arr.ndim != 2:
+        raise ValueError(f"{name}: expected a [n, dim] array, got shape {arr.shape}")
+    return arr
+
+
+def l2_normalize(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Unit rows; an all-zero row stays zero instead of becoming NaN."""
+    x = np.asarray(x, dtype=np.float64)
+    norm = np.linalg.norm(x, axis=axis, keepdims=True)
+    return x / np.maximum(norm, _EPS)
+
+
+def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cosine similarity of row i of `a` with row i of `b` -> [n] (0 where a row is all zeros)."""
+    a2, b2 = _as_2d(a, "a"), _as_2d(b, "b")
+    if a2.shape != b2.shape:
+        raise ValueError(f"cosine_rows: shapes differ: {a2.shape} vs {b2.shape}")
+    return np.sum(l2_normalize(a2) * l2_normalize(b2), axis=1)
+
+
+def centred_cosine_rows(student: np.ndarray, teacher: np.ndarray, teacher_mean: np.ndarray) -> np.ndarray:
+    """Cosine after subtracting the teacher mean from both sides.
+
+    Measures whether the student reproduces how each teacher embedding *differs* from the
+    average one; a student that outputs the mean scores exactly 0 (its centred row is zero).
+    """
+    s, t = _as_2d(student, "student"), _as_2d(teacher, "teacher")
+    mean = np.asarray(teacher_mean, dtype=np.float64).reshape(1, -1)
+    if mean.shape[1] != t.shape[1]:
+        raise ValueError(f"teacher_mean has dim {mean.shape[1]}, embeddings have {t.shape[1]}")
+    return cosine_rows(s - mean, t - mean)
+
+
+def summarize(values: Iterable[float] | np.ndarray) -> dict[str, float]:
+    """mean, p10, p50, p90 of a 1-d set of values (NaN when empty)."""
+    v = np.asarray(list(values) if not isinstance(values, np.ndarray) else values, dtype=np.float64).ravel()
+    if v.size == 0:
+        return {"mean": float("nan"), "p10": float("nan"), "p50": float("nan"), "p90": float("nan")}
+    p10, p50, p90 = np.percentile(v, [10, 50, 90])
+    return {"mean": float(v.mean()), "p10": float(p10), "p50": float(p50), "p90": float(p90)}
+
+
+# --------------------------------------------------------------------------- mean baseline
+
+
+def mean_embedding(embeddings: np.ndarray) -> np.ndarray:
+    """The arithmetic mean of the (teacher) embeddings, not normalised -> [dim].
+
+    Used both as the centring point of `centred_cosine_rows` and, normalised, as the
+    constant prediction of the mean-embedding baseline.
+    """
+    e = _as_2d(embeddings, "embeddings")
+    if e.shape[0] == 0:
+        raise ValueError("mean_embedding: no embeddings")
+    return e.mean(axis=0)
+
+
+def mean_baseline_rows(teacher: np.ndarray, teacher_mean: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Raw and centred cosine of the constant "predict the mean" student against `teacher` rows."""
+    t = _as_2d(teacher, "teacher")
+    constant = np.broadcast_to(np.asarray(teacher_mean, dtype=np.float64).reshape(1, -1), t.shape)
+    return cosine_rows(constant, t), centred_cosine_rows(constant, t, teacher_mean)
+
+
+# --------------------------------------------------------------------------- rankings
+
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+    """Ranks along the last axis, ties sharing their average rank (as Spearman needs)."""
+    x = np.asarray(x, dtype=np.float64)
+    order = np.argsort(x, axis=-1, kind="mergesort")
+    ranks = np.empty_like(x)
+    np.put_along_axis(ranks, order, np.broadcast_to(np.arange(x.shape[-1], dtype=np.float64), x.shape), axis=-1)
+    sorted_vals = np.take_along_axis(x, order, axis=-1)
+    tied_rows = np.flatnonzero((np.diff(sorted_vals, axis=-1) == 0).any(axis=-1).reshape(-1))
+    flat_ranks, flat_order, flat_sorted = (
+        a.reshape(-1, x.shape[-1]) for a in (ranks, order, sorted_vals)
+    )
+    for i in tied_rows:  # rare with float scores: fix only the rows that have ties
+        boundaries = np.flatnonzero(np.diff(flat_sorted[i])) + 1
+        starts = np.concatenate([[0], boundaries])
+        ends = np.concatenate([boundaries, [x.shape[-1]]])
+        for s, e in zip(starts, ends):
+            flat_ranks[i, flat_order[i, s:e]] = (s + e - 1) / 2.0
+    return flat_ranks.reshape(x.shape)
+
+
+def spearman_rows(ref: np.ndarray, test: np.ndarray) -> np.ndarray:
+    """Spearman rank correlation per row of two [q, n] score matrices -> [q] (0 for constant rows)."""
+    r, t = _ranks(ref), _ranks(test)
+    r -= r.mean(axis=-1, keepdims=True)
+    t -= t.mean(axis=-1, keepdims=True)
+    denom = np.sqrt((r * r).sum(-1) * (t * t).sum(-1))
+    return np.where(denom > 0, (r * t).sum(-1) / np.maximum(denom, _EPS), 0.0)
+
+
+def _top_k(scores: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k highest scores per row, best first (stable on ties)."""
+    order = np.argsort(-scores, axis=-1, kind="mergesort")
+    return order[:, :k]
+
+
+def ranking_agreement(ref_scores: np.ndarray, test_scores: np.ndarray, k: int = 10) -> dict[str, float]:
+    """How well the test ranking of items per query agrees with the reference ranking.
+
+    ref_scores, test_scores: [n_queries, n_items] similarity matrices (higher = better).
+    Returns, averaged over queries:
+    - top_k_overlap: |ref top-k ∩ test top-k| / k — with the reference's top-k as the relevant
+      set this is also the recall of those items within the test's top-k;
+    - spearman: rank correlation of the full item rankings;
+    - recall_at_k: fraction of queries whose reference best item is in the test's top-k
+      (R@k as CLAP retrieval benchmarks report it, with the reference standing in for labels);
+    - k: the effective k (clipped to the number of items).
+    """
+    ref = _as_2d(ref_scores, "ref_scores")
+    test = _as_2d(test_scores, "test_scores")
+    if ref.shape != test.shape:
+        raise ValueError(f"ranking_agreement: score shapes differ: {ref.shape} vs {test.shape}")
+    n_items = ref.shape[1]
+    if n_items == 0 or ref.shape[0] == 0:
+        raise ValueError("ranking_agreement: need at least one query and one item")
+    k_eff = max(1, min(int(k), n_items))
+    ref_top, test_top = _top_k(ref, k_eff), _top_k(test, k_eff)
+    overlap = np.array([len(np.intersect1d(a, b)) / k_eff for a, b in zip(ref_top, test_top)])
+    hit = np.array([a[0] in set(b.tolist()) for a, b in zip(ref_top, test_top)], dtype=np.float64)
+    return {
+        "top_k_overlap": float(overlap.mean()),
+        "spearman": float(spearman_rows(ref, test).mean()),
+        "recall_at_k": float(hit.mean()),
+        "k": k_eff,
+    }
+
+
+def retrieval_agreement(
+    audio_ref: np.ndarray,
+    text_ref: np.ndarray,
+    audio_test: np.ndarray | None = None,
+    *,
+    text_test: np.ndarray | None = None,
+    k: int = 10,
+) -> dict[str, float]:
+    """Text-to-music retrieval agreement of a student (or two) with the teacher.
+
+    audio_ref [n_items, d], text_ref [n_queries, d]: teacher embeddings, define the reference
+    ranking `text_ref @ audio_ref.T`. The test ranking swaps in whichever student embeddings are
+    given: `audio_test` (audio student), `text_test` (text student), or both (end to end).
+    Rows need not be normalised: rankings per query only depend on the item side's norms, so the
+    item side is L2-normalised here.
+    """
+    if audio_test is None and text_test is None:
+        raise ValueError("retrieval_agreement: give audio_test and/or text_test")
+    a_ref = l2_normalize(_as_2d(audio_ref, "audio_ref"))
+    t_ref = _as_2d(text_ref, "text_ref")
+    a_test = a_ref if audio_test is None else l2_normalize(_as_2d(audio_test, "audio_test"))
+    t_test = t_ref if text_test is None else _as_2d(text_test, "text_test")
+    if a_test.shape[0] != a_ref.shape[0]:
+        raise ValueError(f"audio_test has {a_test.shape[0]} items, audio_ref {a_ref.shape[0]}")
+    if t_test.shape[0] != t_ref.shape[0]:
+        raise ValueError(f"text_test has {t_test.shape[0]} queries, text_ref {t_ref.shape[0]}")
+    return ranking_agreement(t_ref @ a_ref.T, t_test @ a_test.T, k=k)
+
+
+# --------------------------------------------------------------------------- zero-shot tags
+
+
+def zero_shot_predictions(audio: np.ndarray, prompts: np.ndarray) -> np.ndarray:
+    """Index of the most similar prompt embedding for every audio embedding -> [n] int."""
+    a = l2_normalize(_as_2d(audio, "audio"))
+    p = l2_normalize(_as_2d(prompts, "prompts"))
+    return np.argmax(a @ p.T, axis=1)
+
+
+def zero_shot_accuracy(
+    audio: np.ndarray, prompts: np.ndarray, labels: Sequence[Iterable[int]]
+) -> tuple[float, np.ndarray]:
+    """Accuracy of nearest-prompt tagging; an item counts as right when its predicted tag is
+    one of its (possibly several) true tags. Returns (accuracy, predictions)."""
+    pred = zero_shot_predictions(audio, prompts)
+    if len(labels) != pred.shape[0]:
+        raise ValueError(f"zero_shot_accuracy: {len(labels)} label sets for {pred.shape[0]} items")
+    if pred.shape[0] == 0:
+        return float("nan"), pred
+    correct = [int(p) in set(lab) for p, lab in zip(pred, labels)]
+    return float(np.mean(correct)), pred
