@@ -1,0 +1,242 @@
+"""Text queries for the text student: sampled from a JSON file of terms per category.
+
+A query picks 1..4 categories in random order, one term from each, writes each term in a random
+case and joins them with a comma or a space ("Jazz, SAXOPHONE, relaxed"). Everything is drawn
+from one `random.Random(seed)`, so the same params give the same sets on every machine.
+
+Sets returned by `build_query_sets` (the teacher stage embeds each one):
+
+- ``train``        what the student is trained on;
+- ``val_combos``   unseen combinations of seen terms (no term combination of a train query);
+- ``val_terms``    queries that contain a held-out term (never in any train query);
+- ``val_free``     free phrasings from params ("a calm piano song");
+- ``eval_prompts`` prompts the evaluate stage ranks tracks with;
+- ``terms``        every term of every category in each case form, so the bag-of-words baseline
+                   (mean of the teacher embeddings of a query's terms) can be computed.
+                   Never trained on: it holds the held-out terms too.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import re
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from pipeline.params import TextQueryParams
+
+log = logging.getLogger(__name__)
+
+SET_NAMES = ("train", "val_combos", "val_terms", "val_free", "eval_prompts", "terms")
+HELD_OUT_SETS = ("val_combos", "val_terms", "val_free")
+SEPARATORS = (", ", " ")
+_MAX_TRIES_PER_QUERY = 50
+
+
+class QueryTermsError(ValueError):
+    """The query-terms JSON file is missing or malformed."""
+
+
+def load_terms(path: str | Path) -> dict[str, list[str]]:
+    """Read ``{"Category": ["Term", ...], ...}``; whitespace-stripped, duplicates removed in order.
+
+    Raises QueryTermsError naming the file (and the category) when the file is missing, is not
+    JSON, is not a mapping of non-empty lists of strings, or holds no category at all.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise QueryTermsError(f"{path}: query-terms file not found") from None
+    except OSError as exc:
+        raise QueryTermsError(f"{path}: cannot read query-terms file: {exc}") from exc
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise QueryTermsError(f"{path}: not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise QueryTermsError(
+            f"{path}: expected a JSON object mapping category -> list of terms, got {type(data).__name__}"
+        )
+    if not data:
+        raise QueryTermsError(f"{path}: no categories")
+    terms: dict[str, list[str]] = {}
+    for category, values in data.items():
+        if not isinstance(values, list):
+            raise QueryTermsError(f"{path}: category {category!r} must be a list of strings")
+        cleaned: list[str] = []
+        seen: set[str] = set()
+        for i, value in enumerate(values):
+            if not isinstance(value, str):
+                raise QueryTermsError(f"{path}: category {category!r} item {i} is not a string: {value!r}")
+            value = " ".join(value.split())
+            if value and value not in seen:
+                seen.add(value)
+                cleaned.append(value)
+        if not cleaned:
+            raise QueryTermsError(f"{path}: category {category!r} is empty")
+        terms[str(category)] = cleaned
+    return terms
+
+
+def case_variants(term: str) -> list[str]:
+    """The case forms a query may use for `term`: original, lower, title, upper (deduplicated)."""
+    return list(dict.fromkeys([term, term.lower(), term.title(), term.upper()]))
+
+
+def _random_case(term: str, rng: random.Random) -> str:
+    style = rng.randrange(4)
+    return (term, term.lower(), term.title(), term.upper())[style]
+
+
+def _choose_held_out(terms: dict[str, list[str]], k: int, rng: random.Random) -> set[str]:
+    """Pick up to `k` held-out terms per category (lower-cased), always leaving one to train on.
+
+    Terms that share no word with another term are preferred, so that "unseen term" means an
+    unseen word and not, say, "Guitar" while "Bass Guitar" is trained on.
+    """
+    words_of = {t.lower(): set(t.lower().split()) for ts in terms.values() for t in ts}
+    held: set[str] = set()
+    for category in terms:  # dict order is file order: deterministic
+        pool = sorted(dict.fromkeys(t.lower() for t in terms[category]))
+        n = min(k, len(pool) - 1)
+        if n <= 0:
+            continue
+        isolated = [
+            t for t in pool if not any(words_of[t] & w for o, w in words_of.items() if o != t)
+        ]
+        shared = [t for t in pool if t not in isolated]
+        rng.shuffle(isolated)
+        rng.shuffle(shared)
+        held.update((isolated + shared)[:n])
+    return held
+
+
+def _combo_key(parts: Sequence[str]) -> frozenset[str]:
+    return frozenset(p.lower() for p in parts)
+
+
+def _compose(parts: Sequence[str], rng: random.Random) -> str:
+    return rng.choice(SEPARATORS).join(_random_case(p, rng) for p in parts)
+
+
+def _unique(items: Iterable[str]) -> list[str]:
+    return list(dict.fromkeys(s for s in (" ".join(x.split()) for x in items) if s))
+
+
+def build_query_sets(p: TextQueryParams) -> dict[str, list[str]]:
+    """All query sets (see the module doc), deterministic from ``p.seed``."""
+    if not 1 <= p.min_categories <= p.max_categories:
+        raise ValueError(
+            f"text_queries.min_categories/max_categories: need 1 <= min <= max, got "
+            f"{p.min_categories}..{p.max_categories}"
+        )
+    if p.n_train < 0 or p.n_val < 0 or p.held_out_terms_per_category < 0:
+        raise ValueError("text_queries.n_train, n_val and held_out_terms_per_category must be >= 0")
+    terms = load_terms(p.terms)
+    rng = random.Random(p.seed)
+    categories = list(terms)
+    held = _choose_held_out(terms, p.held_out_terms_per_category, rng)
+    seen_pool = {c: [t for t in ts if t.lower() not in held] for c, ts in terms.items()}
+    held_pool = {c: [t for t in ts if t.lower() in held] for c, ts in terms.items()}
+    seen_cats = [c for c in categories if seen_pool[c]]
+    lo = min(p.min_categories, len(seen_cats))
+    hi = min(p.max_categories, len(seen_cats))
+
+    def sample_seen() -> list[str]:
+        chosen = rng.sample(seen_cats, rng.randint(lo, hi))
+        return [rng.choice(seen_pool[c]) for c in chosen]
+
+    # train: seen terms only, unique query strings
+    train: dict[str, None] = {}
+    train_combos: set[frozenset[str]] = set()
+    for _ in range(p.n_train * _MAX_TRIES_PER_QUERY):
+        if len(train) >= p.n_train:
+            break
+        parts = sample_seen()
+        query = _compose(parts, rng)
+        if query not in train:
+            train[query] = None
+            train_combos.add(_combo_key(parts))
+
+    # val_combos: seen terms, but a combination no train query used
+    val_combos: dict[str, None] = {}
+    for _ in range(p.n_val * _MAX_TRIES_PER_QUERY):
+        if len(val_combos) >= p.n_val:
+            break
+        parts = sample_seen()
+        if _combo_key(parts) in train_combos:
+            continue
+        val_combos.setdefault(_compose(parts, rng), None)
+
+    # val_terms: at least one held-out term, the rest drawn from all terms
+    held_cats = [c for c in categories if held_pool[c]]
+    val_terms: dict[str, None] = {}
+    if held_cats:
+        for _ in range(p.n_val * _MAX_TRIES_PER_QUERY):
+            if len(val_terms) >= p.n_val:
+                break
+            anchor = rng.choice(held_cats)
+            n = rng.randint(min(p.min_categories, len(categories)), min(p.max_categories, len(categories)))
+            others = [c for c in categories if c != anchor]
+            chosen = [anchor] + rng.sample(others, max(0, n - 1))
+            rng.shuffle(chosen)
+            parts = [rng.choice(held_pool[c]) if c == anchor else rng.choice(terms[c]) for c in chosen]
+            val_terms.setdefault(_compose(parts, rng), None)
+
+    for name, got, want in (("train", train, p.n_train), ("val_combos", val_combos, p.n_val),
+                            ("val_terms", val_terms, p.n_val)):
+        if len(got) < want:
+            log.warning("text_queries: only %d unique %s queries could be drawn (asked for %d)",
+                        len(got), name, want)
+
+    all_terms = [t for ts in terms.values() for t in ts]
+    sets = {
+        "train": list(train),
+        "val_combos": list(val_combos),
+        "val_terms": list(val_terms),
+        "val_free": _unique(p.free_phrasings),
+        "eval_prompts": _unique(p.eval_prompts),
+        "terms": _unique(v for t in all_terms for v in case_variants(t)),
+    }
+    log.info(
+        "text queries from %s: %s (%d held-out terms: %s)",
+        p.terms, ", ".join(f"{k}={len(v)}" for k, v in sets.items()), len(held), ", ".join(sorted(held)),
+    )
+    return sets
+
+
+_SPLIT = re.compile(r"[,\s]+")
+
+
+def split_into_terms(query: str, vocabulary: Iterable[str]) -> list[str]:
+    """Recover the terms a query is made of, for the bag-of-words baseline.
+
+    Words are split at commas and white space; a dynamic programme covers them with the fewest
+    vocabulary terms (multi-word terms preferred), skipping words that belong to no term (as in
+    "a calm piano song"). Matching ignores case; the returned pieces keep the query's own case.
+    """
+    words = [w for w in _SPLIT.split(query.strip()) if w]
+    known = {" ".join(t.lower().split()) for t in vocabulary}
+    longest = max((len(t.split()) for t in known), default=1)
+    n = len(words)
+    # best[i] = (skipped words, pieces) for words[i:], smaller is better
+    best: list[tuple[int, int]] = [(0, 0)] * (n + 1)
+    step: list[int] = [0] * (n + 1)  # 0 = skip word i, k > 0 = term of k words
+    for i in range(n - 1, -1, -1):
+        best[i], step[i] = (best[i + 1][0] + 1, best[i + 1][1]), 0
+        for k in range(1, min(longest, n - i) + 1):
+            if " ".join(words[i:i + k]).lower() in known:
+                cand = (best[i + k][0], best[i + k][1] + 1)
+                if cand < best[i]:
+                    best[i], step[i] = cand, k
+    pieces, i = [], 0
+    while i < n:
+        if step[i]:
+            pieces.append(" ".join(words[i:i + step[i]]))
+            i += step[i]
+        else:
+            i += 1
+    return pieces
