@@ -1,0 +1,67 @@
+"""Stage teacher_model: put the teacher weights into teacher.model.dir.
+
+`source: demo` builds the seeded random demo teacher; `source: checkpoint` converts the LAION
+checkpoint at teacher.model.checkpoint with the roberta-base tokenizer in
+teacher.model.tokenizer_dir. Reads only the teacher.model params.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from pipeline.params import Params
+from pipeline.teacher import build_demo_teacher, sha256_file
+
+log = logging.getLogger(__name__)
+
+
+def missing_files_message(checkpoint: Path, tokenizer_dir: Path, url: str) -> str | None:
+    """What to place where before a checkpoint teacher can be converted; None when all is there."""
+    from pipeline.teacher_convert import tokenizer_files_present
+
+    problems = []
+    if not checkpoint.is_file():
+        problems.append(f"  - the LAION-CLAP checkpoint at {checkpoint} (from {url})")
+    if not tokenizer_files_present(tokenizer_dir):
+        problems.append(
+            f"  - the roberta-base tokenizer in {tokenizer_dir}/ (tokenizer.json, or vocab.json + merges.txt)"
+        )
+    if not problems:
+        return None
+    return (
+        "teacher.model.source is 'checkpoint' but files are missing:\n"
+        + "\n".join(problems)
+        + "\nRun `student-clap teacher fetch` (needs network) or place the files there by hand."
+    )
+
+
+def run(params: Params, args: argparse.Namespace) -> int | None:
+    p = params.teacher.model
+    out_dir = Path(p.dir)
+    if p.source == "demo":
+        log.info("building the seeded random demo teacher into %s", out_dir)
+        build_demo_teacher(p, out_dir)
+        return 0
+
+    checkpoint, tokenizer_dir = Path(p.checkpoint), Path(p.tokenizer_dir)
+    message = missing_files_message(checkpoint, tokenizer_dir, p.checkpoint_url)
+    if message:
+        log.error("%s", message)
+        return 1
+    if p.checkpoint_sha256:
+        log.info("verifying sha256 of %s", checkpoint)
+        actual = sha256_file(checkpoint)
+        if actual != p.checkpoint_sha256.lower():
+            log.error(
+                "%s: sha256 %s differs from teacher.model.checkpoint_sha256 %s (corrupt or a different file)",
+                checkpoint, actual, p.checkpoint_sha256,
+            )
+            return 1
+    else:
+        log.warning("teacher.model.checkpoint_sha256 is empty: %s is used unverified", checkpoint)
+    from pipeline.teacher_convert import convert_checkpoint
+
+    convert_checkpoint(checkpoint, tokenizer_dir, out_dir)
+    return 0
