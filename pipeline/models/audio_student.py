@@ -1,0 +1,174 @@
+"""The audio student: EfficientAT MobileNetV3 features + a residual projection into the CLAP space.
+
+Input is the StudentMel output [B, n_mels, T] (EfficientAT's normalised log-mel); the channel
+axis the CNN wants is added here. The AudioSet classifier is not part of the student: only the
+pooled features feed the projection, so its ~1.9M (mn10) parameters are never built.
+
+On disk (models/audio/student.pt) a student is a plain dict
+``{"state_dict": ..., "config": ..., "metrics": ...}`` that ``torch.load(weights_only=True)`` reads.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.models.efficientat import MobileNetV3, count_parameters, width_of
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CONFIG: dict[str, Any] = {"backbone": "mn04_as", "embed_dim": 512, "dropout": 0.1, "n_mels": 128}
+
+
+class ResidualProjection(nn.Module):
+    """embed1 = W1·h; embed2 = W2·dropout(GELU(embed1)); out = embed1 + embed2 (both without bias).
+
+    The linear path alone can already reach the target space; the second layer adds a non-linear
+    correction, which keeps early training stable when the encoder is random.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, dropout: float) -> None:
+        super().__init__()
+        self.embed1 = nn.Linear(in_dim, out_dim, bias=False)
+        self.embed2 = nn.Linear(out_dim, out_dim, bias=False)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        e1 = self.embed1(h)
+        return e1 + self.embed2(self.dropout(F.gelu(e1)))
+
+
+class AudioStudent(nn.Module):
+    """forward(student_mel [B, n_mels, T]) -> [B, embed_dim] L2-normalised."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        super().__init__()
+        cfg = {**DEFAULT_CONFIG, **config}
+        self.config = cfg
+        self.encoder = MobileNetV3(width_of(cfg["backbone"]), num_classes=0)
+        self.projection = ResidualProjection(self.encoder.feature_dim, int(cfg["embed_dim"]), float(cfg["dropout"]))
+
+    def embed_raw(self, mel: torch.Tensor) -> torch.Tensor:
+        """Projection output before L2 normalisation (track embeddings average these)."""
+        if mel.dim() != 3:
+            raise ValueError(f"AudioStudent expects a log-mel [B, n_mels, T], got shape {tuple(mel.shape)}")
+        return self.projection(self.encoder.embed(mel.unsqueeze(1)))
+
+    def forward(self, mel: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.embed_raw(mel), dim=-1)
+
+    # ---- what the training loop's stage 2 needs
+    def head_parameters(self) -> list[nn.Parameter]:
+        return list(self.projection.parameters())
+
+    def freeze_encoder(self) -> None:
+        """Stage 2: encoder weights fixed and its BatchNorm statistics frozen (eval mode)."""
+        for p in self.encoder.parameters():
+            p.requires_grad_(False)
+        self.encoder.eval()
+        self._encoder_frozen = True
+
+    def train(self, mode: bool = True) -> AudioStudent:
+        super().train(mode)
+        if getattr(self, "_encoder_frozen", False):
+            self.encoder.eval()
+        return self
+
+    def num_parameters(self) -> int:
+        return count_parameters(self)
+
+
+def build_audio_student(cfg: dict[str, Any]) -> AudioStudent:
+    """Build a randomly initialised student; `cfg` keys: backbone, embed_dim, dropout, n_mels."""
+    unknown = set(cfg) - set(DEFAULT_CONFIG)
+    if unknown:
+        raise ValueError(f"audio student config: unknown key(s) {sorted(unknown)}; known: {sorted(DEFAULT_CONFIG)}")
+    return AudioStudent(cfg)
+
+
+def load_pretrained_encoder(student: AudioStudent, path: str | Path) -> dict[str, Any]:
+    """Load a released EfficientAT checkpoint (``features.*`` + ``classifier.*``) into the encoder.
+
+    Strict on the feature keys: a missing, extra or mis-shaped ``features`` tensor (for example an
+    mn10 file into an mn04 student) is an error naming the file. The classifier is ignored.
+    Returns provenance: {"pretrained": True, "file", "ignored_keys"}.
+    """
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for corrupt or foreign files
+        raise ValueError(f"{path}: not a readable EfficientAT checkpoint ({exc})") from exc
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: expected a state dict, got {type(state).__name__}")
+    features = {k: v for k, v in state.items() if k.startswith("features.")}
+    ignored = sorted(k for k in state if not k.startswith("features."))
+    if not features:
+        raise ValueError(f"{path}: no 'features.*' tensors; is this an EfficientAT mn checkpoint?")
+    own = student.encoder.state_dict()
+    missing = sorted(set(own) - set(features))
+    extra = sorted(set(features) - set(own))
+    wrong = sorted(k for k in set(own) & set(features) if own[k].shape != features[k].shape)
+    if missing or extra or wrong:
+        raise ValueError(
+            f"{path}: does not fit backbone {student.config['backbone']}: "
+            f"{len(missing)} missing (e.g. {missing[:2]}), {len(extra)} unexpected (e.g. {extra[:2]}), "
+            f"{len(wrong)} mis-shaped (e.g. {wrong[:2]})"
+        )
+    student.encoder.load_state_dict(features, strict=True)
+    if ignored:
+        log.info("%s: loaded %d feature tensors; ignored %d classifier tensors (the student has its own head)",
+                 path, len(features), len(ignored))
+    return {"pretrained": True, "file": str(path), "ignored_keys": len(ignored)}
+
+
+def init_audio_student(cfg: dict[str, Any], pretrained: str | Path | None) -> tuple[AudioStudent, bool]:
+    """Student from `cfg`, with EfficientAT weights when the file exists; otherwise random init
+    (logged as a warning). Returns (student, pretrained?)."""
+    student = build_audio_student(cfg)
+    if pretrained and Path(pretrained).is_file():
+        load_pretrained_encoder(student, pretrained)
+        log.info("audio student %s starts from pretrained weights %s", cfg.get("backbone"), pretrained)
+        return student, True
+    if pretrained:
+        log.warning("pretrained weights %s not found (fetch them with `student-clap weights fetch %s`); "
+                    "the student starts from random init", pretrained, cfg.get("backbone"))
+    else:
+        log.warning("no pretrained weights configured: the audio student starts from random init")
+    return student, False
+
+
+def save_audio_student(path: str | Path, student: AudioStudent, metrics: dict[str, Any] | None = None) -> None:
+    """Write the {"state_dict", "config", "metrics"} file atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "state_dict": {k: v.detach().cpu().clone() for k, v in student.state_dict().items()},
+        "config": dict(student.config),
+        "metrics": dict(metrics or {}),
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)
+
+
+def load_audio_student(path: str | Path, map_location: str = "cpu") -> AudioStudent:
+    """Read models/audio/student.pt (eval mode). A skipped student file raises a clear error."""
+    path = Path(path)
+    payload = torch.load(path, map_location=map_location, weights_only=True)
+    if not isinstance(payload, dict):
+        raise ValueError(f"{path}: expected a dict with state_dict/config/metrics")
+    if payload.get("skipped"):
+        raise ValueError(f"{path}: the audio student was skipped (distillation.audio_enabled: false)")
+    for key in ("state_dict", "config"):
+        if key not in payload:
+            raise ValueError(f"{path}: missing {key!r}; not a student file")
+    student = build_audio_student(payload["config"])
+    student.load_state_dict(payload["state_dict"], strict=True)
+    return student.eval()

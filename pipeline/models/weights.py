@@ -1,0 +1,115 @@
+"""`student-clap weights fetch <name>`: get a released EfficientAT AudioSet checkpoint.
+
+The release (v0.0.1 of fschmid56/EfficientAT) names its files ``<model>_mAP_<score>.pt``. We download
+with pipeline.download (resume, retries, atomic rename) and keep the sha256 beside the file
+(``<file>.sha256``): a later fetch or a copy from elsewhere is checked against it, so a truncated
+or swapped file is caught. ``--from`` takes a local file or another base URL (a mirror).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+from pathlib import Path
+
+from pipeline.download import download, sha256_file
+
+log = logging.getLogger(__name__)
+
+RELEASE_URL = "https://github.com/fschmid56/EfficientAT/releases/download/v0.0.1/"
+
+# Released AudioSet checkpoints of the mn family (asset names as published).
+RELEASE_ASSETS: dict[str, str] = {
+    "mn01_as": "mn01_as_mAP_298.pt",
+    "mn02_as": "mn02_as_mAP_378.pt",
+    "mn04_as": "mn04_as_mAP_432.pt",
+    "mn05_as": "mn05_as_mAP_443.pt",
+    "mn10_as": "mn10_as_mAP_471.pt",
+    "mn20_as": "mn20_as_mAP_478.pt",
+    "mn30_as": "mn30_as_mAP_482.pt",
+    "mn40_as": "mn40_as_mAP_484.pt",
+    "mn40_as_ext": "mn40_as_ext_mAP_487.pt",
+}
+
+
+class WeightsError(RuntimeError):
+    pass
+
+
+def asset_name(name: str) -> str:
+    if name not in RELEASE_ASSETS:
+        raise WeightsError(f"unknown EfficientAT model {name!r}; released: {', '.join(RELEASE_ASSETS)}")
+    return RELEASE_ASSETS[name]
+
+
+def default_path(name: str, out_dir: str | Path = "models/pretrained") -> Path:
+    """Where `weights fetch` puts `name` (what distill_audio.pretrained should point at)."""
+    return Path(out_dir) / asset_name(name)
+
+
+def _recorded_sha(path: Path) -> str | None:
+    side = path.with_name(path.name + ".sha256")
+    return side.read_text().split()[0] if side.is_file() else None
+
+
+def _record_sha(path: Path, digest: str) -> None:
+    path.with_name(path.name + ".sha256").write_text(f"{digest}  {path.name}\n")
+
+
+def fetch_weights(
+    name: str,
+    out_dir: str | Path = "models/pretrained",
+    source: str | None = None,
+    sha256: str | None = None,
+    *,
+    retries: int = 3,
+    timeout: float = 60.0,
+    progress: bool = True,
+) -> Path:
+    """Put the checkpoint of `name` into `out_dir` and return its path.
+
+    `source`: None (the GitHub release), a base URL (``…/`` + asset name) or a local file.
+    `sha256`: expected digest; when None, a digest recorded by an earlier fetch is enforced.
+    """
+    dest = default_path(name, out_dir)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    expected = sha256 or _recorded_sha(dest)
+    if dest.is_file():
+        digest = sha256_file(dest)
+        if expected is None or digest == expected:
+            log.info("%s already present (sha256 %s)", dest, digest[:12])
+            _record_sha(dest, digest)
+            return dest
+        log.warning("%s does not match its recorded sha256; fetching again", dest)
+        dest.unlink()
+
+    if source and not source.startswith(("http://", "https://")):
+        src = Path(source)
+        if not src.is_file():
+            raise WeightsError(f"--from {source}: no such file")
+        digest = sha256_file(src)
+        if expected and digest != expected:
+            raise WeightsError(f"{src}: sha256 {digest} does not match the expected {expected}")
+        tmp = dest.with_name(dest.name + ".part")
+        shutil.copyfile(src, tmp)
+        tmp.replace(dest)
+        log.info("copied %s -> %s", src, dest)
+    else:
+        base = source or RELEASE_URL
+        url = base.rstrip("/") + "/" + asset_name(name)
+        log.info("downloading %s -> %s", url, dest)
+        digest = download(url, dest, sha256=expected, retries=retries, timeout=timeout, progress=progress)
+    _record_sha(dest, digest)
+    log.info("%s ready (sha256 %s); set distill_audio.pretrained: %s", dest, digest, dest)
+    return dest
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        path = fetch_weights(args.name, args.out, getattr(args, "source", None), getattr(args, "sha256", None))
+    except Exception as exc:  # DownloadError / WeightsError: one clear line, non-zero exit
+        log.error("%s", exc)
+        return 1
+    print(path)
+    return 0
