@@ -1,0 +1,298 @@
+"""data/teacher.h5: the teacher's embeddings, written resumably and read by the students.
+
+Layout (all embeddings float32, 512-d):
+
+    /segments/embedding   [N_seg, 512]  row i = segment i of mels.h5, L2-normalised
+    /segments/raw_norm    [N_seg]       L2 norm of the raw projection (raw = embedding * raw_norm)
+    /tracks/track_id      [N_tracks]    utf-8 strings, mels.h5 track order
+    /tracks/embedding     [N_tracks, 512]  L2(mean of the raw segment projections)
+    /tracks/n_segments    [N_tracks]
+    /text/<set>/query     [n]           utf-8 strings (sets from pipeline.queries.build_query_sets)
+    /text/<set>/embedding [n, 512]      L2-normalised
+    attrs: teacher_sha256, teacher_provenance (JSON), frontend_hash, mels (JSON identity of the
+           mel cache), params (JSON), dtype, format_version
+
+While a run is in progress the file is `<out>.partial` with an extra `/segments/done` mask, so an
+interrupted run continues where it stopped; a finished file is renamed into place atomically.
+A `--shard k/n` run fills only its slice of rows into `<out>.shard-k-of-n`; `merge_shards` joins them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+DIM = 512
+# Identity keys: a partial/shard file is only continued or merged when these attrs agree.
+IDENTITY_ATTRS = ("format_version", "teacher_sha256", "frontend_hash", "mels", "dtype")
+_STR = h5py.string_dtype("utf-8")
+
+
+class EmbeddingStoreError(RuntimeError):
+    """teacher.h5 (or a partial/shard file) is missing, incomplete or from another run; names the file."""
+
+
+def partial_path(out: str | Path) -> Path:
+    out = Path(out)
+    return out.with_name(out.name + ".partial")
+
+
+def shard_path(out: str | Path, k: int, n: int) -> Path:
+    out = Path(out)
+    return out.with_name(f"{out.name}.shard-{k}-of-{n}")
+
+
+def _json_attr(value: object) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+# --------------------------------------------------------------------------- writing
+
+
+class EmbeddingWriter:
+    """An open partial (or shard) file: rows are written as they are computed and flushed per batch."""
+
+    def __init__(self, path: Path, n_segments: int, identity: Mapping[str, object], extra_attrs: Mapping[str, object]):
+        self.path = Path(path)
+        self.n_segments = n_segments
+        want = {k: _json_attr(v) for k, v in identity.items()}
+        self.file = self._open_or_create(want, extra_attrs)
+        self.embedding = self.file["segments/embedding"]
+        self.raw_norm = self.file["segments/raw_norm"]
+        self.done = self.file["segments/done"]
+
+    def _open_or_create(self, want: dict[str, str], extra: Mapping[str, object]) -> h5py.File:
+        if self.path.exists():
+            try:
+                f = h5py.File(self.path, "r+")
+            except OSError as exc:  # a write cut off by a crash can leave an unreadable file
+                log.warning("%s: unreadable (%s); starting over", self.path, exc)
+            else:
+                have = {k: f.attrs.get(k) for k in want}
+                if have == want and f["segments/done"].shape == (self.n_segments,):
+                    n_done = int(np.count_nonzero(f["segments/done"][:]))
+                    log.info("%s: continuing an earlier run (%d of %d segments done)", self.path, n_done, self.n_segments)
+                    return f
+                f.close()
+                changed = sorted(k for k in want if have.get(k) != want[k])
+                log.info("%s: from another teacher/mel cache (%s differ); starting over", self.path, ", ".join(changed) or "size")
+            self.path.unlink()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        f = h5py.File(self.path, "w")
+        chunk_rows = max(1, min(self.n_segments, 256))
+        f.create_dataset("segments/embedding", (self.n_segments, DIM), "f4", chunks=(chunk_rows, DIM))
+        f.create_dataset("segments/raw_norm", (self.n_segments,), "f4")
+        f.create_dataset("segments/done", (self.n_segments,), "bool")
+        for k, v in want.items():
+            f.attrs[k] = v
+        for k, v in extra.items():
+            f.attrs[k] = v if isinstance(v, str) else _json_attr(v)
+        f.flush()
+        return f
+
+    def pending(self, rows: np.ndarray) -> np.ndarray:
+        """The subset of `rows` (sorted segment indices) not yet computed."""
+        if len(rows) == 0:
+            return rows
+        done = self.done[:]
+        return rows[~done[rows]]
+
+    def write(self, start: int, embedding: np.ndarray, raw_norm: np.ndarray) -> None:
+        """Rows start .. start+len(embedding); flushed so an interruption loses at most this batch."""
+        stop = start + len(embedding)
+        self.embedding[start:stop] = embedding
+        self.raw_norm[start:stop] = raw_norm
+        self.done[start:stop] = True
+        self.file.flush()
+
+    def write_text(self, sets: Mapping[str, tuple[Sequence[str], np.ndarray]]) -> None:
+        _write_text(self.file, sets)
+        self.file.flush()
+
+    def close(self) -> None:
+        if self.file.id.valid:
+            self.file.close()
+
+
+def _write_text(f: h5py.File, sets: Mapping[str, tuple[Sequence[str], np.ndarray]]) -> None:
+    if "text" in f:
+        del f["text"]
+    group = f.create_group("text")
+    for name, (queries, embedding) in sets.items():
+        if len(queries) != len(embedding):
+            raise ValueError(f"text set {name}: {len(queries)} queries but {len(embedding)} embeddings")
+        g = group.create_group(name)
+        g.create_dataset("query", data=np.array(list(queries), dtype=object), dtype=_STR)
+        g.create_dataset("embedding", data=np.asarray(embedding, dtype="f4").reshape(len(queries), DIM))
+
+
+def track_embeddings(
+    embedding: np.ndarray, raw_norm: np.ndarray, track_ranges: Sequence[range]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per track: L2(mean of raw segment projections); raw = normalised row * its norm."""
+    out = np.zeros((len(track_ranges), DIM), dtype=np.float64)
+    counts = np.zeros(len(track_ranges), dtype=np.int64)
+    for i, r in enumerate(track_ranges):
+        if len(r) == 0:
+            raise EmbeddingStoreError(f"track {i} has no segments in the mel cache")
+        raw = embedding[r.start : r.stop].astype(np.float64) * raw_norm[r.start : r.stop, None]
+        out[i] = raw.mean(axis=0)
+        counts[i] = len(r)
+    norms = np.linalg.norm(out, axis=1, keepdims=True)
+    return (out / np.maximum(norms, 1e-12)).astype(np.float32), counts
+
+
+def finalize(
+    writer: EmbeddingWriter, out: str | Path, track_ids: Sequence[str], track_ranges: Sequence[range]
+) -> Path:
+    """Check every row is done, add the per-track embeddings, drop the mask and move into place."""
+    out = Path(out)
+    f = writer.file
+    done = f["segments/done"][:]
+    if not done.all():
+        missing = np.flatnonzero(~done)
+        raise EmbeddingStoreError(f"{writer.path}: {len(missing)} segments not embedded (first: {missing[0]})")
+    if "text" not in f:
+        raise EmbeddingStoreError(f"{writer.path}: no text embeddings")
+    emb, counts = track_embeddings(f["segments/embedding"][:], f["segments/raw_norm"][:], track_ranges)
+    if "tracks" in f:
+        del f["tracks"]
+    f.create_dataset("tracks/track_id", data=np.array(list(track_ids), dtype=object), dtype=_STR)
+    f.create_dataset("tracks/embedding", data=emb)
+    f.create_dataset("tracks/n_segments", data=counts)
+    del f["segments/done"]
+    writer.close()
+    os.replace(writer.path, out)
+    log.info("wrote %s: %d segments, %d tracks", out, len(done), len(track_ids))
+    return out
+
+
+def merge_shards(inputs: Sequence[str | Path], out: str | Path, track_ids: Sequence[str], track_ranges: Sequence[range]) -> Path:
+    """Join `--shard k/n` files (same teacher, same mel cache) into one finished teacher.h5."""
+    inputs = [Path(p) for p in inputs]
+    if not inputs:
+        raise EmbeddingStoreError("merge: no shard files given")
+    files = []
+    try:
+        for p in inputs:
+            try:
+                files.append(h5py.File(p, "r"))
+            except OSError as exc:
+                raise EmbeddingStoreError(f"{p}: cannot open shard file: {exc}") from exc
+        first = files[0]
+        identity = {k: first.attrs.get(k) for k in IDENTITY_ATTRS}
+        for p, f in zip(inputs[1:], files[1:]):
+            other = {k: f.attrs.get(k) for k in IDENTITY_ATTRS}
+            if other != identity:
+                changed = sorted(k for k in identity if identity[k] != other[k])
+                raise EmbeddingStoreError(f"{p}: made with a different {', '.join(changed)} than {inputs[0]}")
+        n = first["segments/done"].shape[0]
+        if n != sum(len(r) for r in track_ranges):
+            raise EmbeddingStoreError(f"{inputs[0]}: {n} segments but the mel cache has {sum(len(r) for r in track_ranges)}")
+        extra = {k: v for k, v in first.attrs.items() if k not in IDENTITY_ATTRS}
+        tmp = partial_path(out).with_name(Path(out).name + ".merging")
+        if tmp.exists():
+            tmp.unlink()
+        writer = EmbeddingWriter(tmp, n, {k: json.loads(v) for k, v in identity.items()}, extra)
+        text_done = False
+        for p, f in zip(inputs, files):
+            done = f["segments/done"][:]
+            rows = np.flatnonzero(done)
+            log.info("merge: %s holds %d segments", p, len(rows))
+            for start, stop in _runs(rows):
+                writer.write(start, f["segments/embedding"][start:stop], f["segments/raw_norm"][start:stop])
+            if "text" in f and not text_done:
+                sets = {name: (_strings(g["query"]), g["embedding"][:]) for name, g in f["text"].items()}
+                writer.write_text(sets)
+                text_done = True
+        return finalize(writer, out, track_ids, track_ranges)
+    finally:
+        for f in files:
+            f.close()
+
+
+def _runs(rows: np.ndarray) -> list[tuple[int, int]]:
+    """Sorted indices -> contiguous [start, stop) runs."""
+    if len(rows) == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(rows) != 1)
+    starts = np.concatenate([[rows[0]], rows[breaks + 1]])
+    stops = np.concatenate([rows[breaks] + 1, [rows[-1] + 1]])
+    return list(zip(starts.tolist(), stops.tolist()))
+
+
+def _strings(ds: h5py.Dataset) -> list[str]:
+    return [s.decode("utf-8") if isinstance(s, bytes) else str(s) for s in ds[:]]
+
+
+# --------------------------------------------------------------------------- reading
+
+
+class TeacherCache:
+    """Read-only view of a finished teacher.h5; arrays are loaded on first access."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        try:
+            self._file = h5py.File(self.path, "r")
+        except FileNotFoundError:
+            raise EmbeddingStoreError(f"{self.path}: not found (run `student-clap run teacher`)") from None
+        except OSError as exc:
+            raise EmbeddingStoreError(f"{self.path}: not a readable HDF5 file: {exc}") from exc
+        for name in ("segments/embedding", "tracks/track_id", "tracks/embedding", "text"):
+            if name not in self._file:
+                self._file.close()
+                raise EmbeddingStoreError(f"{self.path}: no /{name} (an unfinished or foreign file)")
+        self._cache: dict[str, object] = {}
+
+    def __enter__(self) -> TeacherCache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._file.close()
+
+    def _get(self, key: str, load):
+        if key not in self._cache:
+            self._cache[key] = load()
+        return self._cache[key]
+
+    @property
+    def attrs(self) -> dict[str, object]:
+        return dict(self._file.attrs)
+
+    @property
+    def teacher_sha256(self) -> str:
+        return json.loads(self._file.attrs["teacher_sha256"])
+
+    @property
+    def segment_embeddings(self) -> np.ndarray:
+        return self._get("seg", lambda: self._file["segments/embedding"][:])
+
+    @property
+    def segment_raw_norms(self) -> np.ndarray:
+        return self._get("seg_norm", lambda: self._file["segments/raw_norm"][:])
+
+    @property
+    def track_ids(self) -> list[str]:
+        return self._get("ids", lambda: _strings(self._file["tracks/track_id"]))
+
+    @property
+    def track_embeddings(self) -> np.ndarray:
+        return self._get("tracks", lambda: self._file["tracks/embedding"][:])
+
+    def text_sets(self) -> dict[str, tuple[list[str], np.ndarray]]:
+        return self._get(
+            "text", lambda: {name: (_strings(g["query"]), g["embedding"][:]) for name, g in self._file["text"].items()}
+        )

@@ -1,0 +1,203 @@
+"""Stage teacher: embed every cached segment and every text query with the teacher -> data/teacher.h5.
+
+Reads the params teacher.batch_size, teacher.device, teacher.dtype and text_queries, plus the
+teacher folder (teacher.model.dir, a dvc dependency). Resumable: an interrupted run leaves
+data/teacher.h5.partial and the next run continues it. `--shard k/n` embeds slice k of the
+segments into data/teacher.h5.shard-k-of-n (shard 0 also embeds the text queries);
+`student-clap teacher merge` joins the shards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from pipeline.embedding_store import EmbeddingWriter, finalize, merge_shards, partial_path, shard_path
+from pipeline.params import Params, as_dict
+from pipeline.teacher import Teacher, load_teacher
+
+log = logging.getLogger(__name__)
+
+MELS = Path("data/mels.h5")
+OUT = Path("data/teacher.h5")
+TEXT_BATCH = 64
+LOG_EVERY_S = 30.0
+
+
+def _digest(values: Sequence[object] | np.ndarray) -> str:
+    data = np.asarray(values).tobytes() if isinstance(values, np.ndarray) else json.dumps(list(values)).encode()
+    return hashlib.sha256(data).hexdigest()
+
+
+def mel_identity(mels) -> dict:
+    """What makes two mel caches interchangeable for the teacher: attrs, track order, segment map."""
+    attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in dict(mels.attrs).items()}
+    return {
+        "n_segments": int(mels.n_segments),
+        "track_ids_sha256": _digest(list(mels.track_ids)),
+        "segment_track_sha256": _digest(np.asarray(mels.segment_track, dtype=np.int64)),
+        "attrs": json.loads(json.dumps(attrs, sort_keys=True, default=str)),
+    }
+
+
+def frontend_hash(mels) -> str:
+    """The teacher front-end hash recorded by the mels stage (any attr naming a teacher hash)."""
+    attrs = dict(mels.attrs)
+    for key in ("teacher_frontend_hash", "frontend_teacher_hash", "frontend_hash"):
+        if key in attrs:
+            return str(attrs[key])
+    candidates = sorted(k for k in attrs if "hash" in k and "teacher" in k)
+    return str(attrs[candidates[0]]) if candidates else ""
+
+
+def _batches(rows: np.ndarray, batch_size: int) -> Iterator[tuple[int, int]]:
+    """Pending rows -> contiguous [start, stop) ranges of at most batch_size (contiguous reads are cheap)."""
+    if len(rows) == 0:
+        return
+    start = prev = int(rows[0])
+    for r in rows[1:]:
+        r = int(r)
+        if r != prev + 1 or r - start >= batch_size:
+            yield start, prev + 1
+            start = r
+        prev = r
+    yield start, prev + 1
+
+
+def embed_segments(teacher: Teacher, mels, writer: EmbeddingWriter, rows: np.ndarray, batch_size: int) -> int:
+    """Embed the still-missing `rows` of the mel cache into `writer`; returns how many were computed."""
+    pending = writer.pending(rows)
+    if len(pending) < len(rows):
+        log.info("%d of %d segments already embedded by an earlier run", len(rows) - len(pending), len(rows))
+    if len(pending) == 0:
+        return 0
+    batches = list(_batches(pending, batch_size))
+    track_ids = list(mels.track_ids)
+    seg_track = np.asarray(mels.segment_track)
+    t0 = last_log = time.monotonic()
+    done = 0
+    # Read the next batch from HDF5 while the teacher runs on the current one.
+    with ThreadPoolExecutor(max_workers=1) as pool, tqdm(total=len(pending), unit="seg", desc="teacher") as bar:
+        future = pool.submit(mels.teacher_mels, np.arange(*batches[0]))
+        for i, (start, stop) in enumerate(batches):
+            block = future.result()
+            if i + 1 < len(batches):
+                future = pool.submit(mels.teacher_mels, np.arange(*batches[i + 1]))
+            raw = teacher.embed_mels_raw(torch.from_numpy(np.ascontiguousarray(block, dtype=np.float32)))
+            norms = raw.norm(dim=-1)
+            bad = ~torch.isfinite(raw).all(dim=-1) | (norms == 0)
+            if bad.any():
+                seg = start + int(torch.nonzero(bad)[0])
+                raise RuntimeError(
+                    f"{getattr(mels, 'path', 'mel cache')}: segment {seg} of track {track_ids[seg_track[seg]]} "
+                    "gives a non-finite or zero teacher embedding (corrupt mels?)"
+                )
+            writer.write(start, (raw / norms[:, None]).cpu().numpy(), norms.cpu().numpy())
+            done += stop - start
+            bar.update(stop - start)
+            now = time.monotonic()
+            if now - last_log >= LOG_EVERY_S:
+                rate = done / (now - t0)
+                log.info(
+                    "embedded %d/%d segments, %.1f seg/s, about %.0f s left",
+                    done, len(pending), rate, (len(pending) - done) / max(rate, 1e-9),
+                )
+                last_log = now
+    elapsed = time.monotonic() - t0
+    log.info("embedded %d segments in %.1f s (%.1f seg/s)", done, elapsed, done / max(elapsed, 1e-9))
+    return done
+
+
+def embed_query_sets(teacher: Teacher, sets: Mapping[str, Sequence[str]]) -> dict[str, tuple[list[str], np.ndarray]]:
+    """Embed every distinct query once, then hand each set its rows."""
+    unique = list(dict.fromkeys(q for queries in sets.values() for q in queries))
+    rows = []
+    for i in tqdm(range(0, len(unique), TEXT_BATCH), desc="text queries", unit="batch"):
+        rows.append(teacher.embed_text(unique[i : i + TEXT_BATCH]).cpu().numpy())
+    table = np.concatenate(rows) if rows else np.zeros((0, 512), np.float32)
+    index = {q: i for i, q in enumerate(unique)}
+    log.info("embedded %d distinct text queries in %d sets", len(unique), len(sets))
+    return {name: (list(qs), table[np.array([index[q] for q in qs], dtype=np.int64)]) for name, qs in sets.items()}
+
+
+def shard_rows(n_segments: int, shard: tuple[int, int] | None) -> np.ndarray:
+    if shard is None:
+        return np.arange(n_segments)
+    k, n = shard
+    return np.arange(k * n_segments // n, (k + 1) * n_segments // n)
+
+
+def build_embeddings(
+    teacher: Teacher,
+    mels,
+    out: str | Path,
+    query_sets: Mapping[str, Sequence[str]] | None,
+    *,
+    batch_size: int,
+    params: Mapping[str, object],
+    shard: tuple[int, int] | None = None,
+) -> Path:
+    """The stage's work on an open mel cache; returns the finished file (or the shard file)."""
+    out = Path(out)
+    identity = {
+        "format_version": 1,
+        "teacher_sha256": teacher.sha256,
+        "frontend_hash": frontend_hash(mels),
+        "mels": mel_identity(mels),
+        "dtype": str(teacher.dtype).removeprefix("torch."),
+    }
+    extra = {"teacher_provenance": teacher.provenance, "params": params}
+    path = partial_path(out) if shard is None else shard_path(out, *shard)
+    writer = EmbeddingWriter(path, int(mels.n_segments), identity, extra)
+    try:
+        rows = shard_rows(int(mels.n_segments), shard)
+        log.info("embedding %d segments of %d tracks into %s", len(rows), len(mels.track_ids), path)
+        embed_segments(teacher, mels, writer, rows, batch_size)
+        if query_sets is not None and (shard is None or shard[0] == 0):
+            writer.write_text(embed_query_sets(teacher, query_sets))
+        if shard is not None:
+            writer.close()
+            log.info("shard %d/%d done: %s (join with `student-clap teacher merge`)", shard[0], shard[1], path)
+            return path
+        ranges = [mels.track_segments(t) for t in mels.track_ids]
+        return finalize(writer, out, list(mels.track_ids), ranges)
+    finally:
+        writer.close()
+
+
+def run(params: Params, args: argparse.Namespace) -> int | None:
+    from pipeline.queries import build_query_sets
+    from pipeline.store import MelCache
+
+    tp = params.teacher
+    teacher = load_teacher(tp.model.dir, device=tp.device, dtype=tp.dtype)
+    torch.set_grad_enabled(False)
+    shard = getattr(args, "shard", None)
+    query_sets = build_query_sets(params.text_queries) if shard is None or shard[0] == 0 else None
+    recorded = {
+        "teacher": {"batch_size": tp.batch_size, "device": tp.device, "dtype": tp.dtype},
+        "text_queries": as_dict(params.text_queries),
+    }
+    with MelCache(MELS) as mels:
+        build_embeddings(teacher, mels, OUT, query_sets, batch_size=tp.batch_size, params=recorded, shard=shard)
+    return 0
+
+
+def merge_main(args: argparse.Namespace) -> int:
+    """`student-clap teacher merge SHARD... --out data/teacher.h5 [--mels data/mels.h5]`."""
+    from pipeline.store import MelCache
+
+    with MelCache(getattr(args, "mels", None) or MELS) as mels:
+        ranges = [mels.track_segments(t) for t in mels.track_ids]
+        merge_shards(args.inputs, args.out, list(mels.track_ids), ranges)
+    return 0
