@@ -104,6 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--tokenizer", required=True, help="folder with roberta-base tokenizer files")
     conv.add_argument("--out", required=True)
     conv.set_defaults(func=_call("pipeline.teacher_convert", "main"))
+    tmerge = t_sub.add_parser("merge", help="join `run teacher --shard k/n` files into one teacher.h5")
+    tmerge.add_argument("inputs", nargs="+")
+    tmerge.add_argument("--out", default="data/teacher.h5")
+    tmerge.add_argument("--mels", default="data/mels.h5", help="the mel cache the shards were made from")
+    tmerge.set_defaults(func=_call("pipeline.stages.teacher", "merge_main"))
 
     # ---- student tools
     weights = sub.add_parser("weights", help="EfficientAT pretrained weights")
