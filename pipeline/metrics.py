@@ -71,19 +71,21 @@ def summarize(values: Iterable[float] | np.ndarray) -> dict[str, float]:
 
 
 def mean_embedding(embeddings: np.ndarray) -> np.ndarray:
-    """The arithmetic mean of the (teacher) embeddings, not normalised -> [dim].
+    """The mean direction of the (teacher) embeddings: L2(mean of the rows) -> [dim].
 
-    Used both as the centring point of `centred_cosine_rows` and, normalised, as the
-    constant prediction of the mean-embedding baseline.
+    It is the best constant unit-vector prediction for cosine, i.e. what the mean-embedding
+    baseline outputs, and the centring point of `centred_cosine_rows`. Students output unit
+    vectors, so centring on the *unit* mean makes that baseline score exactly 0 centred.
     """
     e = _as_2d(embeddings, "embeddings")
     if e.shape[0] == 0:
         raise ValueError("mean_embedding: no embeddings")
-    return e.mean(axis=0)
+    return l2_normalize(e.mean(axis=0))
 
 
 def mean_baseline_rows(teacher: np.ndarray, teacher_mean: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Raw and centred cosine of the constant "predict the mean" student against `teacher` rows."""
+    """Raw and centred cosine of the constant "predict the mean" student against `teacher` rows
+    (`teacher_mean` as returned by `mean_embedding`)."""
     t = _as_2d(teacher, "teacher")
     constant = np.broadcast_to(np.asarray(teacher_mean, dtype=np.float64).reshape(1, -1), t.shape)
     return cosine_rows(constant, t), centred_cosine_rows(constant, t, teacher_mean)

@@ -1,0 +1,205 @@
+"""evaluate: report sections on small in-memory caches with known answers.
+
+The caches below implement the reader APIs of pipeline.store.MelCache and
+pipeline.embedding_store.TeacherCache; their student "mels" carry the global segment index, so a
+test student can look up what it should output and the expected figures are known exactly.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline import metrics as M
+from pipeline.params import EvaluateParams
+from pipeline.stages import evaluate as ev
+
+DIM = 16
+TAGS = ["genre---rock", "genre---jazz", "genre---ambient"]
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+class FakeMels:
+    def __init__(self, track_ids: list[str], n_segs: list[int]) -> None:
+        self.track_ids = track_ids
+        starts = np.cumsum([0] + n_segs)
+        self._ranges = {t: range(int(a), int(b)) for t, a, b in zip(track_ids, starts[:-1], starts[1:])}
+        self.n_segments = int(starts[-1])
+        self.durations = np.array([30.0 + 5 * n for n in n_segs])
+        self.reads: list[np.ndarray] = []
+
+    def track_segments(self, track_id: str) -> range:
+        return self._ranges[track_id]
+
+    def student_mels(self, idx: np.ndarray) -> np.ndarray:
+        idx = np.asarray(idx)
+        assert np.all(np.diff(idx) > 0), "reads must be sorted"
+        self.reads.append(idx)
+        out = np.zeros((len(idx), 2, 3), dtype=np.float32)
+        out[:, 0, 0] = idx
+        return out
+
+
+class FakeTeacher:
+    """A 'random teacher': every embedding near one direction, tracks shifted towards a tag vector."""
+
+    def __init__(self, mels: FakeMels, tags: dict[str, str], seed: int = 0) -> None:
+        rng = np.random.default_rng(seed)
+        base = _unit(rng.normal(size=DIM))
+        self.tag_vectors = {t: _unit(rng.normal(size=DIM)) for t in TAGS}
+        seg_track = np.concatenate([[i] * len(mels.track_segments(t)) for i, t in enumerate(mels.track_ids)])
+        shift = np.stack([0.05 * self.tag_vectors[tags[mels.track_ids[i]]] for i in seg_track])
+        self.segment_raw = base + shift + 0.02 * rng.normal(size=(len(seg_track), DIM))
+        self.segment_embeddings = _unit(self.segment_raw).astype(np.float32)
+        self.track_ids = list(reversed(mels.track_ids))  # a different order than the mel cache
+        self.track_embeddings = np.stack(
+            [_unit(self.segment_raw[list(mels.track_segments(t))].mean(0)) for t in self.track_ids]
+        ).astype(np.float32)
+        self.texts = {
+            name: ([f"{name} query {i}" for i in range(n)], _unit(base + 0.1 * rng.normal(size=(n, DIM))))
+            for name, n in (("train", 30), ("val_free", 5), ("eval_prompts", 6))
+        }
+
+    def text_sets(self):
+        return self.texts
+
+    def embed_tag_prompts(self, prompts):
+        out = []
+        for p in prompts:
+            (tag,) = [t for t in TAGS if t.split("---")[1] in p]
+            out.append(self.tag_vectors[tag])
+        return np.stack(out)
+
+
+def _setup(n_tracks: int = 10):
+    ids = [f"fma:{i}" for i in range(n_tracks)]
+    mels = FakeMels(ids, [1 + i % 3 for i in range(n_tracks)])
+    tags = {t: TAGS[i % 3] for i, t in enumerate(ids)}
+    teacher = FakeTeacher(mels, tags)
+    manifest = {
+        t: {"track_id": t, "source": "fma", "license": "CC-BY-4.0" if i % 2 else "CC0-1.0",
+            "split": "val" if i % 2 == 0 else "train", "tags": [tags[t]]}
+        for i, t in enumerate(ids)
+    }
+    return manifest, mels, teacher
+
+
+def _perfect_audio(teacher: FakeTeacher, scale: float = 3.0):
+    # a raw output of any norm: track vectors are averaged raw and then normalised
+    return lambda mels: teacher.segment_raw[mels[:, 0, 0].astype(int)] * scale
+
+
+def _perfect_text(teacher: FakeTeacher):
+    lookup = {q: e for qs, es in teacher.texts.values() for q, e in zip(qs, es)}
+    return lambda texts: np.stack([lookup[t] if t in lookup else teacher.embed_tag_prompts([t])[0] for t in texts])
+
+
+P = EvaluateParams(top_k=3, batch_size=2)
+
+
+def test_perfect_students_score_one_and_the_baseline_zero_centred(tmp_path: Path):
+    manifest, mels, teacher = _setup()
+    students = ev.Students(audio_embed_raw=_perfect_audio(teacher), text_embed=_perfect_text(teacher),
+                           teacher_text_embed=teacher.embed_tag_prompts)
+    report = ev.build_report(P, manifest, mels, teacher, students, plot_dir=tmp_path / "plots")
+    audio = report["audio"]
+    assert audio["n_val_tracks"] == 5 and audio["n_val_segments"] == sum(len(mels.track_segments(t)) for t in manifest if manifest[t]["split"] == "val")
+    for level in ("segment", "track"):
+        assert audio[level]["cosine"]["mean"] == pytest.approx(1.0)
+        assert audio[level]["centred"]["p10"] == pytest.approx(1.0)
+        # the random teacher: the mean baseline is close to 1 raw and exactly 0 centred
+        assert audio[level]["baseline_cosine"]["mean"] > 0.98
+        assert audio[level]["baseline_centred"] == {"mean": 0.0, "p10": 0.0, "p50": 0.0, "p90": 0.0}
+    # only validation segments were embedded, in batches of 2, each read sorted
+    read = np.concatenate(mels.reads)
+    assert max(len(r) for r in mels.reads) == 2
+    assert sorted(read.tolist()) == sorted(i for t in manifest if manifest[t]["split"] == "val" for i in mels.track_segments(t))
+
+    assert report["text"]["val_free"]["cosine"] == pytest.approx(1.0)
+    assert report["text"]["eval_prompts"]["centred"] == pytest.approx(1.0)
+    r = report["retrieval"]
+    assert r["k"] == 3 and r["n_queries"] == 6 and r["n_tracks"] == 5
+    for c in ("audio_student", "text_student", "end_to_end"):
+        assert r[c]["top_k_overlap"] == 1.0 and r[c]["spearman"] == pytest.approx(1.0)
+    genre = report["tags"]["genre"]
+    assert genre["n_tags"] == 3 and genre["n_tracks"] == 5 and genre["chance"] == pytest.approx(1 / 3)
+    assert genre["teacher_accuracy"] > genre["chance"]
+    assert genre["student_accuracy"] == genre["teacher_accuracy"] and genre["agreement_with_teacher"] == 1.0
+    assert genre["end_to_end_accuracy"] == genre["teacher_accuracy"]
+    assert report["licences"]["training"]["by_license"]["CC-BY-4.0"]["tracks"] == 5
+    assert set(report["plots"]) == {"track_cosine.csv", "track_cosine.png", "retrieval.json", "retrieval.png"}
+    assert (tmp_path / "plots/track_cosine.png").read_bytes()[:4] == b"\x89PNG"
+    rows = json.loads((tmp_path / "plots/retrieval.json").read_text())
+    assert {"comparison": "audio_student", "metric": "spearman", "value": 1.0} in rows
+    json.dumps(report, allow_nan=False)  # the DVC metric file must be plain JSON
+
+
+def test_mean_student_scores_zero_centred_and_worse_rankings():
+    manifest, mels, teacher = _setup()
+    train_rows = [i for t in manifest if manifest[t]["split"] == "train" for i in mels.track_segments(t)]
+    mean = M.mean_embedding(teacher.segment_embeddings[train_rows])
+    students = ev.Students(audio_embed_raw=lambda m: np.tile(mean * 2.0, (len(m), 1)))
+    students.text_skipped = "disabled"
+    report = ev.build_report(P, manifest, mels, teacher, students)
+    seg = report["audio"]["segment"]
+    assert seg["cosine"]["mean"] > 0.98  # looks great raw ...
+    assert seg["centred"] == {"mean": 0.0, "p10": 0.0, "p50": 0.0, "p90": 0.0}  # ... and is worth nothing centred
+    assert report["retrieval"]["audio_student"]["spearman"] < 0.9
+    assert report["text"] == {"skipped": True, "reason": "disabled"}
+    assert "text student skipped: disabled" in report["notes"]
+    assert "text_student" not in report["retrieval"] and "end_to_end" not in report["retrieval"]
+
+
+def test_disabled_audio_student_is_left_out():
+    manifest, mels, teacher = _setup()
+    students = ev.Students(text_embed=_perfect_text(teacher), audio_skipped="distillation.audio_enabled is false")
+    report = ev.build_report(P, manifest, mels, teacher, students)
+    assert report["audio"]["skipped"] is True and "audio_enabled" in report["audio"]["reason"]
+    assert set(report["retrieval"]) >= {"text_student"} and "audio_student" not in report["retrieval"]
+    assert mels.reads == []
+    assert any(n.startswith("audio student skipped") for n in report["notes"])
+
+
+def test_no_tags_and_no_validation_tracks():
+    manifest, mels, teacher = _setup()
+    for row in manifest.values():
+        row["tags"] = []
+    students = ev.Students(audio_embed_raw=_perfect_audio(teacher), text_skipped="off")
+    report = ev.build_report(P, manifest, mels, teacher, students)
+    assert report["tags"]["skipped"] and "no tags" in report["tags"]["reason"]
+    for row in manifest.values():
+        row["split"] = "train"
+    with pytest.raises(ev.EvaluateError, match="no validation track"):
+        ev.build_report(P, manifest, mels, teacher, students)
+
+
+def test_tag_prompts():
+    assert ev.tag_category("genre---rock") == ("genre", "rock")
+    assert ev.tag_category("mood/theme---happy") == ("mood/theme", "happy")
+    assert ev.tag_category("piano") == ("tag", "piano")
+    assert ev.tag_prompt("genre", "hiphop") == "This is a hiphop song."
+    assert ev.tag_prompt("instrument", "acousticguitar") == "This is a song with acousticguitar."
+
+
+def test_skipped_checkpoint_is_detected(tmp_path: Path):
+    skipped = tmp_path / "skipped.pt"
+    torch.save({"skipped": True, "reason": "distillation.text_enabled: false"}, skipped)
+    assert ev.student_skip_reason(skipped) == "distillation.text_enabled: false"
+    trained = tmp_path / "trained.pt"
+    torch.save({"state_dict": {}, "config": {}, "metrics": {}}, trained)
+    assert ev.student_skip_reason(trained) == ""
+    with pytest.raises(ev.EvaluateError, match="missing"):
+        ev.student_skip_reason(tmp_path / "absent.pt")
+
+
+def test_audit_failure_detection():
+    assert ev.audit_failed({"ok": False})
+    assert ev.audit_failed({"violations": [{"track_id": "x"}]})
+    assert not ev.audit_failed({"ok": True, "violations": []})
