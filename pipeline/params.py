@@ -240,6 +240,13 @@ class DistillTextParams:
     grad_clip: float = 1.0
     loss: LossParams = field(default_factory=LossParams)
     scheduler: PlateauParams = field(default_factory=PlateauParams)
+    # compare student and teacher after subtracting the mean teacher train embedding: the
+    # differences between queries are a small part of each CLAP text vector, a raw cosine
+    # loss barely sees them
+    centred_loss: bool = True
+    # share of the training queries (whole term combinations) kept aside to drive the LR
+    # schedule and pick the best epoch, so the held-out sets are never used for selection
+    monitor_fraction: float = 0.1
     seed: int = 0
 
 
