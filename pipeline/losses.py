@@ -1,0 +1,75 @@
+"""Distillation losses, chosen by a `LossParams` section (distill_audio.loss / distill_text.loss).
+
+- ``cosine`` (default): mean of -cos(student, teacher) / temperature.
+- ``mse``: mean squared error between the L2-normalised student and teacher (= (2 - 2 cos) / D,
+  the same optimum as the cosine loss with a different weighting of hard items).
+- ``mse_raw``: mean squared error between the raw student projection and the teacher vector as
+  given (useful only when the teacher vectors are themselves un-normalised).
+
+The temperature is static. There is deliberately no learnable logit scale on these terms: the
+loss is linear in the scale, so gradient descent can always lower it by growing the scale and it
+grows until clamped, which changes nothing but the effective learning rate. A learnable scale
+belongs to a softmax over a batch, where it sets the sharpness of a distribution: that is the
+optional batch-contrastive term (``contrastive_weight > 0``), an InfoNCE loss in both directions
+between student rows and teacher rows of the same batch, whose logit scale starts at
+``contrastive_logit_scale`` (log of the inverse temperature) and is learned, clamped at log(100).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.params import LossParams
+
+MAX_LOGIT_SCALE = math.log(100.0)
+
+
+class DistillLoss(nn.Module):
+    """`loss, stats = DistillLoss(p)(student_raw [N, D], teacher [N, D])`.
+
+    `stats` holds detached per-batch figures: "cosine" (mean cos of the normalised pair), "main"
+    (the main term) and, with the contrastive term, "contrastive" and "logit_scale".
+    """
+
+    def __init__(self, p: LossParams) -> None:
+        super().__init__()
+        if p.temperature <= 0:
+            raise ValueError(f"loss.temperature must be > 0, got {p.temperature}")
+        if p.contrastive_weight < 0:
+            raise ValueError(f"loss.contrastive_weight must be >= 0, got {p.contrastive_weight}")
+        self.kind = p.kind
+        self.temperature = p.temperature
+        self.contrastive_weight = p.contrastive_weight
+        # Only the contrastive term owns a learnable scale; the module has no parameters otherwise.
+        self.logit_scale = nn.Parameter(torch.tensor(float(p.contrastive_logit_scale))) if p.contrastive_weight > 0 else None
+
+    def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        if student.shape != teacher.shape:
+            raise ValueError(f"student {tuple(student.shape)} and teacher {tuple(teacher.shape)} shapes differ")
+        teacher = teacher.to(student.dtype)
+        s_n = F.normalize(student, dim=-1)
+        t_n = F.normalize(teacher, dim=-1)
+        cos = (s_n * t_n).sum(dim=-1)
+        if self.kind == "cosine":
+            main = -cos.mean()
+        elif self.kind == "mse":
+            main = F.mse_loss(s_n, t_n)
+        elif self.kind == "mse_raw":
+            main = F.mse_loss(student, teacher)
+        else:  # params.py restricts the values; this guards direct construction
+            raise ValueError(f"unknown loss kind {self.kind!r}")
+        loss = main / self.temperature
+        stats = {"cosine": float(cos.detach().mean()), "main": float(main.detach())}
+        if self.logit_scale is not None and student.shape[0] > 1:
+            scale = self.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp()
+            logits = scale * s_n @ t_n.T
+            target = torch.arange(logits.shape[0], device=logits.device)
+            contrastive = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+            loss = loss + self.contrastive_weight * contrastive
+            stats["contrastive"] = float(contrastive.detach())
+            stats["logit_scale"] = float(self.logit_scale.detach())
+        return loss, stats

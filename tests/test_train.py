@@ -1,0 +1,179 @@
+"""The shared training loop on a toy student: learning, checkpoints, exact resume, stage 2,
+plateau schedule, DVCLive output, losses."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from pipeline.losses import DistillLoss
+from pipeline.params import LossParams, PlateauParams
+from pipeline.train import TrainConfig, fit, load_checkpoint
+
+
+class ToyStudent(nn.Module):
+    def __init__(self, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.config = {"dropout": dropout}
+        self.encoder = nn.Sequential(nn.Linear(8, 32), nn.Tanh())
+        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(32, 6))
+
+    def embed_raw(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.embed_raw(x), dim=-1)
+
+
+class ToyTask:
+    """Teacher = a fixed random non-linear map; the student sees noisy inputs (torch RNG)."""
+
+    def __init__(self, n: int = 64, noise: float = 0.05, dropout: float = 0.1, constant_val: bool = False) -> None:
+        g = torch.Generator().manual_seed(123)
+        w1, w2 = torch.randn(8, 16, generator=g), torch.randn(16, 6, generator=g)
+        x = torch.randn(n + 32, 8, generator=g)
+        y = F.normalize(torch.tanh(0.3 * x @ w1) @ w2, dim=-1)
+        self.dataset = TensorDataset(x[:n], y[:n])
+        self.val = (x[n:], y[n:])
+        self.collate_fn = None
+        self.noise = noise
+        self.constant_val = constant_val
+        torch.manual_seed(0)
+        self.model = ToyStudent(dropout)
+
+    def embed_batch(self, encode, batch):
+        x, y = batch
+        if self.noise:
+            x = x + self.noise * torch.randn_like(x)
+        return encode(x), y
+
+    def validate(self, model):
+        if self.constant_val:
+            return {"cosine": 0.5}
+        x, y = self.val
+        return {"cosine": float((model(x) * y).sum(-1).mean())}
+
+    def enter_stage2(self, model):
+        for p in model.encoder.parameters():
+            p.requires_grad_(False)
+        return list(model.head.parameters())
+
+    def model_config(self):
+        return dict(self.model.config)
+
+
+def _cfg(tmp: Path, **kw) -> TrainConfig:
+    base = dict(
+        epochs=3, stage2_epochs=1, batch_size=16, lr=0.03, stage2_lr=0.005, weight_decay=1e-4, grad_clip=1.0,
+        ckpt_dir=tmp / "ckpt", live_dir=tmp / "live", monitor="cosine", seed=3,
+        scheduler=PlateauParams(mode="max", factor=0.5, patience=1, threshold=1e-4, min_lr=1e-5),
+        params={"toy": True},
+    )
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_learns_and_writes_checkpoints_and_plots(tmp_path: Path) -> None:
+    task = ToyTask()
+    with torch.no_grad():
+        before = task.validate(task.model.eval())["cosine"]
+    res = fit(task, _cfg(tmp_path, epochs=6, stage2_epochs=0))
+    assert res.best_metrics["val/cosine"] > before + 0.2
+    assert [h["epoch"] for h in res.history] == list(range(1, 7))
+    ck = tmp_path / "ckpt"
+    assert sorted(p.name for p in ck.glob("*.pt")) == ["best.pt"] + [f"epoch_{i:03d}.pt" for i in range(1, 7)] + ["latest.pt"]
+    latest = load_checkpoint(ck / "latest.pt")  # weights_only=True
+    for key in ("model", "optimizer", "scheduler", "epoch", "metrics", "params", "rng", "config", "history"):
+        assert key in latest
+    assert latest["params"] == {"toy": True}
+    assert set(latest["rng"][0]) >= {"python", "numpy", "torch"}
+    best = load_checkpoint(ck / "best.pt")
+    assert best["epoch"] == res.best_epoch
+    assert all(torch.equal(best["model"][k], v) for k, v in res.best_state_dict.items())
+    # DVCLive: one row per epoch for every metric, nothing written to dvc.yaml
+    tsv = tmp_path / "live" / "plots" / "metrics" / "val" / "cosine.tsv"
+    assert len(tsv.read_text().strip().splitlines()) == 1 + 6
+    assert (tmp_path / "live" / "plots" / "metrics" / "lr.tsv").is_file()
+    assert not (tmp_path / "live" / "dvc.yaml").exists()
+
+
+def test_resume_is_exact(tmp_path: Path) -> None:
+    straight = fit(ToyTask(), _cfg(tmp_path / "a"))
+    first = fit(ToyTask(), _cfg(tmp_path / "b", epochs=2, stage2_epochs=0))
+    assert len(first.history) == 2
+    resumed = fit(ToyTask(), _cfg(tmp_path / "b", resume=True))
+    a = load_checkpoint(tmp_path / "a" / "ckpt" / "latest.pt")
+    b = load_checkpoint(tmp_path / "b" / "ckpt" / "latest.pt")
+    assert a["epoch"] == b["epoch"] == 4
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert [h["train/loss"] for h in straight.history] == [h["train/loss"] for h in resumed.history]
+    # the DVCLive series continues instead of restarting
+    tsv = tmp_path / "b" / "live" / "plots" / "metrics" / "train" / "loss.tsv"
+    assert len(tsv.read_text().strip().splitlines()) == 1 + 4
+
+
+def test_stage2_trains_head_only(tmp_path: Path) -> None:
+    fit(ToyTask(), _cfg(tmp_path, epochs=2, stage2_epochs=2))
+    e2 = load_checkpoint(tmp_path / "ckpt" / "epoch_002.pt")
+    e4 = load_checkpoint(tmp_path / "ckpt" / "epoch_004.pt")
+    assert e4["stage"] == 2 and e2["stage"] == 1
+    assert torch.equal(e2["model"]["encoder.0.weight"], e4["model"]["encoder.0.weight"])
+    assert not torch.equal(e2["model"]["head.1.weight"], e4["model"]["head.1.weight"])
+    assert e4["metrics"]["lr"] == pytest.approx(0.005)
+
+
+def test_plateau_halves_lr_down_to_min(tmp_path: Path) -> None:
+    sched = PlateauParams(mode="max", factor=0.5, patience=0, threshold=1e-4, min_lr=0.00375)
+    res = fit(ToyTask(constant_val=True), _cfg(tmp_path, epochs=5, stage2_epochs=0, scheduler=sched))
+    assert [h["lr"] for h in res.history] == pytest.approx([0.03, 0.03, 0.015, 0.0075, 0.00375])
+
+
+def test_resume_without_checkpoint_starts_fresh(tmp_path: Path) -> None:
+    res = fit(ToyTask(), _cfg(tmp_path, epochs=1, stage2_epochs=0, resume=True))
+    assert len(res.history) == 1
+
+
+def test_batch_must_split_over_ranks_and_epochs_needed(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="epoch"):
+        fit(ToyTask(), _cfg(tmp_path, epochs=0, stage2_epochs=0))
+
+
+# ------------------------------------------------------------------------- losses
+
+
+def test_cosine_loss_has_no_learnable_scale() -> None:
+    assert list(DistillLoss(LossParams(kind="cosine")).parameters()) == []
+    assert list(DistillLoss(LossParams(kind="mse")).parameters()) == []
+    loss = DistillLoss(LossParams(kind="cosine", contrastive_weight=0.5, contrastive_logit_scale=math.log(10)))
+    assert [p.numel() for p in loss.parameters()] == [1]
+
+
+def test_loss_values() -> None:
+    s = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    t = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    cos, stats = DistillLoss(LossParams(kind="cosine", temperature=0.5))(s, t)
+    assert float(cos) == pytest.approx(-(1 + 0) / 2 / 0.5)
+    assert stats["cosine"] == pytest.approx(0.5)
+    mse, _ = DistillLoss(LossParams(kind="mse"))(s, t)
+    assert float(mse) == pytest.approx((0 + 2) / 4)  # [0,1] vs [1,0]: squared error 2 over 4 entries
+    raw, _ = DistillLoss(LossParams(kind="mse_raw"))(s, t)
+    assert float(raw) == pytest.approx((0 + 1 + 4) / 4)
+    with pytest.raises(ValueError, match="temperature"):
+        DistillLoss(LossParams(temperature=0.0))
+
+
+def test_contrastive_term_prefers_matching_rows() -> None:
+    p = LossParams(kind="cosine", contrastive_weight=1.0, contrastive_logit_scale=math.log(20))
+    fn = DistillLoss(p)
+    t = F.normalize(torch.randn(6, 8, generator=torch.Generator().manual_seed(0)), dim=-1)
+    matched, st = fn(t.clone(), t)
+    shuffled, _ = fn(t[torch.tensor([1, 2, 3, 4, 5, 0])], t)
+    assert float(matched.detach()) < float(shuffled.detach())
+    assert "contrastive" in st and st["logit_scale"] == pytest.approx(math.log(20))
