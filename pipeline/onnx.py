@@ -85,9 +85,9 @@ def session(path: str | Path, threads: int | None = None):
     return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
 
 
-def run_onnx(path: str | Path, feeds: Mapping[str, np.ndarray], output: int = 0) -> np.ndarray:
-    """Run an ONNX file once on `feeds` and return output number `output`."""
-    return session(path).run(None, dict(feeds))[output]
+def run_onnx(path: str | Path, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+    """Run an ONNX file once on `feeds`; all outputs in graph order."""
+    return session(path).run(None, dict(feeds))
 
 
 def compare(path: str | Path, reference: np.ndarray, onnx_out: np.ndarray) -> ParityReport:
@@ -108,15 +108,26 @@ def check_parity(
     feeds: Mapping[str, np.ndarray],
     min_cosine: float,
 ) -> ParityReport:
-    """Run `module` (PyTorch) and the ONNX file on the same inputs; raise ParityError when any row's
-    cosine is below `min_cosine`. `feeds` maps ONNX input names to arrays, passed to the module
-    positionally in the same order."""
+    """Run `module` (PyTorch) and the ONNX file on the same inputs; raise ParityError when any row
+    of any output has a cosine below `min_cosine`. `feeds` maps ONNX input names to arrays, passed
+    to the module positionally in the same order; a module returning a tuple is compared output by
+    output, and the report holds the worst figures."""
     import torch
 
     module.eval()
     with torch.no_grad():
-        reference = module(*(torch.from_numpy(np.asarray(v)) for v in feeds.values())).numpy()
-    report = compare(path, reference, run_onnx(path, feeds))
+        out = module(*(torch.from_numpy(np.asarray(v)) for v in feeds.values()))
+    references = [o.numpy() for o in (out if isinstance(out, (tuple, list)) else (out,))]
+    got = run_onnx(path, feeds)
+    if len(got) != len(references):
+        raise ParityError(f"{path}: {len(got)} ONNX outputs, the PyTorch module returns {len(references)}")
+    reports = [compare(path, r, g) for r, g in zip(references, got)]
+    report = ParityReport(
+        str(path),
+        min(r.min_cosine for r in reports),
+        max(r.max_abs_diff for r in reports),
+        reports[0].rows,
+    )
     log.info(
         "parity %s: min cosine %.7f, max abs diff %.2e over %d rows",
         Path(path).name, report.min_cosine, report.max_abs_diff, report.rows,
@@ -129,22 +140,33 @@ def check_parity(
     return report
 
 
-def quantize_int8(src: str | Path, dst: str | Path) -> Path:
-    """Dynamic int8 quantisation of the weights (activations stay float, computed per batch)."""
+def quantize_int8(src: str | Path, dst: str | Path, exclude_prefixes: Sequence[str] = ()) -> Path:
+    """Dynamic int8 quantisation of the weights (activations stay float, quantised per batch).
+
+    Nodes whose name starts with one of `exclude_prefixes` stay fp32 — e.g. the mel front-end,
+    whose fixed STFT/filterbank weights lose more to int8 than they save.
+    """
+    import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     dst = Path(dst)
-    log.info("quantising %s -> %s (dynamic int8)", src, dst)
-    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
+    excluded = [
+        n.name for n in onnx.load(str(src), load_external_data=False).graph.node
+        if exclude_prefixes and n.name.startswith(tuple(exclude_prefixes))
+    ]
+    # the quantiser first rewrites Gemm as MatMul + Add, naming the MatMul "<gemm>_MatMul"
+    excluded += [f"{name}_MatMul" for name in excluded]
+    log.info("quantising %s -> %s (dynamic int8, %d nodes kept fp32)", src, dst, len(excluded))
+    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, nodes_to_exclude=excluded)
     return dst
 
 
 def quantization_loss(
-    fp32_path: str | Path, int8_path: str | Path, feeds: Mapping[str, np.ndarray]
+    fp32_path: str | Path, int8_path: str | Path, feeds: Mapping[str, np.ndarray], output: int = 0
 ) -> dict[str, float]:
-    """Cosine of the int8 model's outputs against the fp32 model's: summary plus `min`."""
-    ref = run_onnx(fp32_path, feeds)
-    got = run_onnx(int8_path, feeds)
+    """Cosine of the int8 model's output `output` against the fp32 model's: summary plus `min`."""
+    ref = run_onnx(fp32_path, feeds)[output]
+    got = run_onnx(int8_path, feeds)[output]
     cos = cosine_rows(ref.reshape(len(ref), -1), got.reshape(len(got), -1))
     out = {f"cosine_{k}": v for k, v in summarize(cos).items()}
     out["cosine_min"] = float(cos.min())

@@ -89,3 +89,53 @@ def test_int8_quantisation_is_smaller_and_close(tmp_path):
     loss = onnx_utils.quantization_loss(fp32, int8, {"x": x})
     assert 0.95 < loss["cosine_min"] < 1.0  # close but not bit-identical
     assert loss["cosine_min"] <= loss["cosine_p10"] <= loss["cosine_mean"]
+
+
+def test_tuple_outputs_are_all_checked(tmp_path):
+    class Two(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(2)
+            self.lin = torch.nn.Linear(4, 8)
+
+        def forward(self, x: torch.Tensor):
+            raw = self.lin(x)
+            return torch.nn.functional.normalize(raw, dim=-1), raw
+
+    model = Two()
+    path = tmp_path / "two.onnx"
+    onnx_utils.export_module(
+        model, (torch.zeros(2, 4),), path, input_names=["x"], output_names=["embedding", "embedding_raw"],
+        dynamic_axes={"x": {0: "batch"}, "embedding": {0: "batch"}, "embedding_raw": {0: "batch"}}, opset=17,
+    )
+    x = np.random.default_rng(0).normal(size=(3, 4)).astype(np.float32)
+    assert onnx_utils.check_parity(model, path, {"x": x}, 0.9999).min_cosine > 0.9999
+    with torch.no_grad():
+        model.lin.bias.add_(5.0)  # moves the raw output and, less so, the normalised one
+    with pytest.raises(onnx_utils.ParityError):
+        onnx_utils.check_parity(model, path, {"x": x}, 0.9999)
+
+
+def test_quantize_can_keep_named_nodes_fp32(tmp_path):
+    class Pre(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(3)
+            self.frontend = torch.nn.Linear(64, 64)
+            self.body = torch.nn.Linear(64, 64)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.body(torch.relu(self.frontend(x)))
+
+    import onnx
+
+    path = tmp_path / "pre.onnx"
+    onnx_utils.export_module(
+        Pre(), (torch.zeros(2, 64),), path, input_names=["x"], output_names=["y"],
+        dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}}, opset=17,
+    )
+    q = onnx_utils.quantize_int8(path, tmp_path / "pre.int8.onnx", exclude_prefixes=("/frontend/",))
+    nodes = onnx.load(str(q)).graph.node
+    assert any(n.op_type == "MatMulInteger" for n in nodes)
+    assert any(n.name.startswith("/frontend/") and n.op_type in ("Gemm", "MatMul") for n in nodes)
+    assert not any(n.name.startswith("/frontend/") and n.op_type == "MatMulInteger" for n in nodes)
