@@ -1,0 +1,87 @@
+"""data/manifest.jsonl: one JSON object per track that passed the licence policy and has audio.
+
+Fields (every row has all of them):
+    track_id     "fma:…" | "jamendo:…" | "wikimedia:…"
+    source       "fma" | "jamendo" | "wikimedia"
+    artist       str | null
+    title        str | null
+    audio_path   path of the audio file, relative to the repo root (or absolute)
+    license      SPDX id, or "public-domain"
+    license_url  str | null
+    url          the song's page
+    split        "train" | "val" (artist-disjoint)
+    tags         list of str (e.g. MTG-Jamendo "genre---rock")
+    duration     float seconds | null
+Extra fields written by ingest: source_path (the list's own file reference, for attribution)
+and sha256 (hex, for files this run downloaded; null otherwise).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+REQUIRED = ("track_id", "source", "artist", "title", "audio_path", "license", "license_url", "url", "split", "tags", "duration")
+SPLITS = ("train", "val")
+
+
+class ManifestError(ValueError):
+    """The manifest file is not valid; the message names the file and line."""
+
+
+def _check(row: object, where: str) -> dict:
+    if not isinstance(row, dict):
+        raise ManifestError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    missing = [k for k in REQUIRED if k not in row]
+    if missing:
+        raise ManifestError(f"{where}: missing field(s) {', '.join(missing)}")
+    if not isinstance(row["track_id"], str) or ":" not in row["track_id"]:
+        raise ManifestError(f"{where}: track_id must look like '<source>:<id>', got {row['track_id']!r}")
+    if row["split"] not in SPLITS:
+        raise ManifestError(f"{where}: split must be one of {SPLITS}, got {row['split']!r}")
+    if not isinstance(row["tags"], list):
+        raise ManifestError(f"{where}: tags must be a list")
+    if row["duration"] is not None and not isinstance(row["duration"], (int, float)):
+        raise ManifestError(f"{where}: duration must be a number or null")
+    return row
+
+
+def read_manifest(path: str | Path) -> list[dict]:
+    """All rows, validated; raises ManifestError naming the file and line of the first bad row."""
+    path = Path(path)
+    if not path.exists():
+        raise ManifestError(f"{path}: manifest not found (run `student-clap run ingest` first)")
+    rows, seen = [], set()
+    with open(path, encoding="utf-8") as fh:
+        for i, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{i}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ManifestError(f"{where}: not JSON ({exc.msg})") from None
+            _check(row, where)
+            if row["track_id"] in seen:
+                raise ManifestError(f"{where}: track_id {row['track_id']} appears twice")
+            seen.add(row["track_id"])
+            rows.append(row)
+    return rows
+
+
+def write_manifest(path: str | Path, rows: list[dict]) -> None:
+    """Validate and write rows (in the given order) atomically."""
+    path = Path(path)
+    seen = set()
+    for i, row in enumerate(rows):
+        _check(row, f"row {i} ({row.get('track_id') if isinstance(row, dict) else '?'})")
+        if row["track_id"] in seen:
+            raise ManifestError(f"row {i}: track_id {row['track_id']} appears twice")
+        seen.add(row["track_id"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(row, ensure_ascii=False, sort_keys=False) + "\n")
+    os.replace(tmp, path)

@@ -1,0 +1,122 @@
+"""What every source adapter produces: entries, and problems that name the file and line."""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+log = logging.getLogger(__name__)
+
+AUDIO_EXTENSIONS = ("mp3", "ogg", "opus", "oga", "flac", "wav")
+
+
+@dataclass
+class Entry:
+    """One song as a list or metadata file describes it (before policy and audio checks)."""
+
+    source: str  # fma | jamendo | wikimedia
+    track_id: str  # "<source>:<stable id>"
+    file: str  # the list/metadata file it came from
+    line: int  # 1-based line (or record number for JSON)
+    artist: str | None = None
+    title: str | None = None
+    url: str | None = None  # the song's page
+    license_text: str | None = None  # as written: URL, markdown link or name
+    license_url: str | None = None
+    source_path: str | None = None  # FMA link stem, MTG path line, Wikimedia FILENAME
+    candidates: list[str] = field(default_factory=list)  # audio paths relative to audio_root, in order
+    download_path: str | None = None  # relative path fetched from a mirror laid out like audio_root
+    download_url: str | None = None  # exact file URL when the metadata names one
+    artist_key: str | None = None  # split grouping; defaults to the artist name
+    tags: list[str] = field(default_factory=list)
+    duration: float | None = None
+    notes: list[str] = field(default_factory=list)  # non-fatal oddities (bad bytes, missing fields)
+
+    @property
+    def where(self) -> str:
+        return f"{self.file}:{self.line}"
+
+
+@dataclass
+class Problem:
+    """An entry that could not be used at all (no id or no way to find its audio)."""
+
+    source: str
+    file: str
+    line: int
+    detail: str
+    text: str = ""  # the offending line(s), shortened
+
+    @property
+    def where(self) -> str:
+        return f"{self.file}:{self.line}"
+
+
+@dataclass
+class ParseResult:
+    entries: list[Entry] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
+    meta: dict = field(default_factory=dict)  # e.g. the mirror URL a list header names
+
+    def extend(self, other: ParseResult) -> None:
+        self.entries += other.entries
+        self.problems += other.problems
+        self.meta.update(other.meta)
+
+
+def read_lines(path: Path) -> tuple[list[str], set[int]]:
+    """Lines of a text file and the 1-based numbers of lines that were not valid UTF-8.
+
+    Such lines are decoded as cp1252 (the usual origin of stray bytes in these lists) so the
+    rest of the entry is still usable; the caller notes them in the audit.
+    """
+    data = Path(path).read_bytes()
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    try:
+        return data.decode("utf-8").splitlines(), set()
+    except UnicodeDecodeError:
+        pass
+    lines, bad = [], set()
+    for i, raw in enumerate(data.splitlines(), 1):
+        try:
+            lines.append(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            lines.append(raw.decode("cp1252", errors="replace"))
+            bad.add(i)
+    log.warning("%s: %d line(s) are not valid UTF-8 (read as cp1252): %s", path, len(bad), sorted(bad)[:10])
+    return lines, bad
+
+
+def shorten(text: str, n: int = 160) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def url_last_segment(url: str) -> str:
+    """Last non-empty path segment of a URL, percent-decoded."""
+    path = urlsplit(url.strip()).path
+    segs = [s for s in path.split("/") if s]
+    return unquote(segs[-1]) if segs else ""
+
+
+def clean(text: str | None) -> str | None:
+    """Collapse whitespace; '' and None become None."""
+    if text is None:
+        return None
+    text = " ".join(text.split())
+    return text or None
+
+
+_EXT = re.compile(r"\.(" + "|".join(AUDIO_EXTENSIONS) + r")$", re.I)
+
+
+def strip_audio_ext(name: str) -> str:
+    return _EXT.sub("", name)
+
+
+def has_audio_ext(name: str) -> bool:
+    return bool(_EXT.search(name))

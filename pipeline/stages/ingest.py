@@ -1,0 +1,356 @@
+"""ingest: song lists + metadata -> licence-checked manifest, attribution files and an audit.
+
+Reads only `params.ingest`. For every configured source it parses the seed-format lists and the
+native metadata files, normalises each licence, applies the policy, finds (or, with
+`ingest.download`, fetches) the audio under the source's audio_root, splits by artist and writes
+
+    data/manifest.jsonl                      tracks that may be used (schema: pipeline/manifest.py)
+    data/licenses/<SOURCE>_SONGS_LICENSE.md  attribution for exactly those tracks
+    data/licenses/audit.json                 every entry: included, or excluded with its reason
+    models/report/ingest.json                counts per source and reason (a DVC metric)
+
+One bad entry never stops the stage; it is excluded with one of the reasons in REASONS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import quote
+
+from tqdm import tqdm
+
+from pipeline import licenses
+from pipeline.download import DownloadJob, download_many
+from pipeline.manifest import write_manifest
+from pipeline.params import IngestParams, Params, SourceParams
+from pipeline.sources import fma, jamendo, wikimedia
+from pipeline.sources.base import Entry, ParseResult, Problem
+from pipeline.split import artist_group, split_of
+
+log = logging.getLogger(__name__)
+
+MANIFEST = Path("data/manifest.jsonl")
+LICENSES_DIR = Path("data/licenses")
+AUDIT = LICENSES_DIR / "audit.json"
+REPORT = Path("models/report/ingest.json")
+
+LICENCE_NOT_ALLOWED = "licence not allowed"
+UNKNOWN_LICENCE = "unknown licence"
+AUDIO_MISSING = "audio missing"
+DUPLICATE = "duplicate"
+MALFORMED = "malformed"
+REASONS = (LICENCE_NOT_ALLOWED, UNKNOWN_LICENCE, AUDIO_MISSING, DUPLICATE, MALFORMED)
+
+DEFAULT_DOWNLOAD_BASE = {"wikimedia": "https://commons.wikimedia.org/wiki/Special:FilePath"}
+
+
+class IngestError(RuntimeError):
+    """A configuration problem (a list that does not exist, an unknown source name)."""
+
+
+@dataclass
+class Outcome:
+    """What ingest decided for one entry (or one unusable record)."""
+
+    source: str
+    file: str
+    line: int
+    track_id: str | None
+    status: str = "excluded"  # included | excluded
+    reason: str = ""
+    detail: str = ""
+    entry: Entry | None = None
+    license: str = licenses.UNKNOWN
+    audio_path: str | None = None
+    sha256: str | None = None
+    split: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def audit_record(self) -> dict:
+        e = self.entry
+        return {
+            "track_id": self.track_id,
+            "source": self.source,
+            "file": self.file,
+            "line": self.line,
+            "status": self.status,
+            "reason": self.reason or None,
+            "detail": self.detail or None,
+            "license": self.license if e else None,
+            "license_text": e.license_text if e else None,
+            "artist": e.artist if e else None,
+            "title": e.title if e else None,
+            "audio_path": self.audio_path,
+            "split": self.split,
+            "notes": (e.notes if e else []) + self.notes,
+        }
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def _need(path: str, what: str) -> Path:
+    p = Path(path)
+    if not p.is_file():
+        raise IngestError(f"{what}: {path} not found")
+    return p
+
+
+def parse_source(name: str, sp: SourceParams) -> ParseResult:
+    """Every list and metadata file configured for one source."""
+    res = ParseResult()
+    if name == "fma":
+        for path in sp.lists:
+            res.extend(fma.parse_list(_need(path, f"ingest.sources.{name}.lists")))
+        for path in sp.metadata:
+            res.extend(fma.parse_metadata(_need(path, f"ingest.sources.{name}.metadata")))
+    elif name == "jamendo":
+        for path in sp.lists:
+            res.extend(jamendo.parse_list(_need(path, f"ingest.sources.{name}.lists")))
+        if sp.metadata:
+            lic = ParseResult()
+            if sp.licenses_file:
+                lic = jamendo.parse_list(_need(sp.licenses_file, f"ingest.sources.{name}.licenses_file"))
+                res.problems += lic.problems
+            else:
+                log.warning("ingest.sources.jamendo.licenses_file is empty: TSV tracks have no licence and are excluded")
+            for path in sp.metadata:
+                res.extend(jamendo.join_licenses(jamendo.parse_tsv(_need(path, f"ingest.sources.{name}.metadata")), lic))
+    elif name == "wikimedia":
+        for path in sp.lists:
+            res.extend(wikimedia.parse_list(_need(path, f"ingest.sources.{name}.lists")))
+        for path in sp.metadata:
+            res.extend(wikimedia.parse_metadata(_need(path, f"ingest.sources.{name}.metadata")))
+    else:
+        raise IngestError(f"ingest.sources.{name}: unknown source (known: fma, jamendo, wikimedia)")
+    log.info("%s: %d entries, %d unusable records", name, len(res.entries), len(res.problems))
+    return res
+
+
+def _merge(first: Entry, later: Entry) -> None:
+    """Fill what the first entry of a track lacks from a later one (tags are united)."""
+    for attr in ("artist", "title", "url", "duration", "artist_key"):
+        if getattr(first, attr) in (None, "") and getattr(later, attr) not in (None, ""):
+            setattr(first, attr, getattr(later, attr))
+    if licenses.normalize_license(first.license_text or first.license_url) == licenses.UNKNOWN and later.license_text:
+        first.license_text, first.license_url = later.license_text, later.license_url
+    first.tags = list(dict.fromkeys(first.tags + later.tags))
+    first.candidates = list(dict.fromkeys(first.candidates + later.candidates))
+
+
+# --------------------------------------------------------------------------- audio
+
+
+def _find_audio(root: Path, entry: Entry) -> Path | None:
+    for rel in entry.candidates:
+        p = root / rel
+        if p.is_file():
+            return p
+    return None
+
+
+def _download_url(name: str, sp: SourceParams, entry: Entry, meta: dict) -> str | None:
+    if sp.download_base_url:
+        base = sp.download_base_url
+    elif entry.download_url:
+        return entry.download_url
+    else:
+        base = meta.get("download_base_url") or DEFAULT_DOWNLOAD_BASE.get(name)
+    if not base or not entry.download_path:
+        return None
+    return base.rstrip("/") + "/" + quote(entry.download_path, safe="/")
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def ingest(p: IngestParams, *, progress: bool = True) -> tuple[list[dict], list[Outcome], dict]:
+    """Decide every entry; returns (manifest rows, outcomes in list order, report)."""
+    outcomes: list[Outcome] = []
+    by_id: dict[str, Outcome] = {}
+    metas: dict[str, dict] = {}
+    for name, sp in p.sources.items():
+        res = parse_source(name, sp)
+        metas[name] = res.meta
+        for prob in res.problems:
+            outcomes.append(_malformed(prob))
+        for e in res.entries:
+            first = by_id.get(e.track_id)
+            if first is not None:
+                _merge(first.entry, e)
+                outcomes.append(
+                    Outcome(e.source, e.file, e.line, e.track_id, reason=DUPLICATE, entry=e,
+                            detail=f"same track as {first.entry.where}; details merged there")
+                )
+                continue
+            o = Outcome(e.source, e.file, e.line, e.track_id, entry=e)
+            by_id[e.track_id] = o
+            outcomes.append(o)
+
+    # licences and policy
+    for o in by_id.values():
+        e = o.entry
+        o.license = licenses.normalize_license(e.license_text or e.license_url)
+        allowed, why = licenses.decide(o.license, p.policy)
+        if not allowed:
+            o.reason = UNKNOWN_LICENCE if o.license == licenses.UNKNOWN else LICENCE_NOT_ALLOWED
+            o.detail = why if o.license != licenses.UNKNOWN else f"cannot read a licence from {e.license_text!r}"
+
+    # audio: local first, then (optionally) fetched
+    candidates = [o for o in by_id.values() if not o.reason]
+    missing: list[Outcome] = []
+    for o in tqdm(candidates, desc="finding audio", unit="song", disable=not progress or len(candidates) < 1000):
+        root = Path(p.sources[o.source].audio_root)
+        found = _find_audio(root, o.entry)
+        if found is None:
+            missing.append(o)
+        else:
+            o.audio_path = found.as_posix()
+    if p.download and missing:
+        _fetch(p, missing, metas, progress)
+    for o in missing:
+        if o.audio_path is None:
+            o.reason = AUDIO_MISSING
+            tried = ", ".join((Path(p.sources[o.source].audio_root) / c).as_posix() for c in o.entry.candidates[:3])
+            o.detail = o.detail or f"no file at {tried}"
+
+    # the same audio file listed under two ids
+    by_file: dict[str, Outcome] = {}
+    for o in candidates:
+        if o.reason or o.audio_path is None:
+            continue
+        key = str(Path(o.audio_path).resolve())
+        if key in by_file:
+            o.reason, o.detail = DUPLICATE, f"same audio file as {by_file[key].track_id} ({by_file[key].entry.where})"
+            continue
+        by_file[key] = o
+
+    rows = []
+    for o in by_id.values():
+        if o.reason:
+            continue
+        e = o.entry
+        o.status = "included"
+        o.split = split_of(artist_group(e.artist_key or e.artist, e.track_id), p.val_ratio, p.split_salt)
+        rows.append(
+            {
+                "track_id": e.track_id,
+                "source": e.source,
+                "artist": e.artist,
+                "title": e.title,
+                "audio_path": o.audio_path,
+                "license": o.license,
+                "license_url": e.license_url or licenses.canonical_url(o.license) or None,
+                "url": e.url,
+                "split": o.split,
+                "tags": e.tags,
+                "duration": e.duration,
+                "source_path": e.source_path,
+                "sha256": o.sha256,
+            }
+        )
+    report = _report(p, outcomes, rows)
+    report["meta"] = metas
+    return rows, outcomes, report
+
+
+def _malformed(prob: Problem) -> Outcome:
+    return Outcome(prob.source, prob.file, prob.line, None, reason=MALFORMED, detail=prob.detail,
+                   notes=[prob.text] if prob.text else [])
+
+
+def _fetch(p: IngestParams, missing: list[Outcome], metas: dict[str, dict], progress: bool) -> None:
+    jobs, owners = [], []
+    for o in missing:
+        sp = p.sources[o.source]
+        url = _download_url(o.source, sp, o.entry, metas.get(o.source, {}))
+        if url is None:
+            o.detail = f"no download URL for {o.source} (set ingest.sources.{o.source}.download_base_url)"
+            continue
+        jobs.append(DownloadJob(url, Path(sp.audio_root) / o.entry.download_path))
+        owners.append(o)
+    if not jobs:
+        return
+    d = p.downloads
+    log.info("fetching %d missing audio files (%d at a time)", len(jobs), d.concurrency)
+    results = download_many(jobs, d.concurrency, retries=d.retries, backoff=d.backoff_seconds,
+                            timeout=d.timeout_seconds, progress=progress)
+    for o, r in zip(owners, results):
+        if r.ok:
+            o.audio_path, o.sha256 = r.job.dest.as_posix(), r.sha256
+        else:
+            o.detail = f"download failed: {r.error}"
+
+
+def _report(p: IngestParams, outcomes: list[Outcome], rows: list[dict]) -> dict:
+    def block(source: str | None) -> dict:
+        outs = [o for o in outcomes if source is None or o.source == source]
+        rs = [r for r in rows if source is None or r["source"] == source]
+        reasons = Counter(o.reason for o in outs if o.status == "excluded")
+        return {
+            "entries": len(outs),
+            "included": len(rs),
+            "train": sum(r["split"] == "train" for r in rs),
+            "val": sum(r["split"] == "val" for r in rs),
+            "excluded": {reason: reasons.get(reason, 0) for reason in REASONS},
+            "licenses": dict(sorted(Counter(r["license"] for r in rs).items())),
+        }
+
+    report = block(None)
+    report["sources"] = {name: block(name) for name in p.sources}
+    return report
+
+
+def write_outputs(rows: list[dict], outcomes: list[Outcome], report: dict, p: IngestParams,
+                  manifest: Path = MANIFEST, licenses_dir: Path = LICENSES_DIR, report_path: Path = REPORT) -> None:
+    write_manifest(manifest, rows)
+    licenses_dir.mkdir(parents=True, exist_ok=True)
+    for name in p.sources:
+        if name not in licenses.ATTRIBUTION_FILES:
+            continue
+        mine = [r for r in rows if r["source"] == name]
+        base = report.get("meta", {}).get(name, {}).get("download_base_url", "")
+        text = licenses.render_attribution(name, mine, jamendo_base_url=p.sources[name].download_base_url or base)
+        (licenses_dir / licenses.ATTRIBUTION_FILES[name]).write_text(text, encoding="utf-8")
+    audit = {
+        "policy": {k: getattr(p.policy, k) for k in vars(p.policy)},
+        "counts": {k: v for k, v in report.items() if k != "meta"},
+        "entries": [o.audit_record() for o in outcomes],
+    }
+    (licenses_dir / "audit.json").write_text(json.dumps(audit, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    report_path.parent.mkdir(parents=True, exist_ok=True)
+    metric = {k: v for k, v in report.items() if k != "meta"}
+    report_path.write_text(json.dumps(metric, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def _log_summary(report: dict) -> None:
+    log.info("%-10s %8s %8s %6s %6s  excluded", "source", "entries", "included", "train", "val")
+    for name, b in report["sources"].items():
+        ex = ", ".join(f"{k}: {v}" for k, v in b["excluded"].items() if v) or "-"
+        log.info("%-10s %8d %8d %6d %6d  %s", name, b["entries"], b["included"], b["train"], b["val"], ex)
+
+
+def run(params: Params, args: argparse.Namespace) -> int:
+    p = params.ingest
+    try:
+        rows, outcomes, report = ingest(p)
+    except IngestError as exc:
+        log.error("%s", exc)
+        return 2
+    write_outputs(rows, outcomes, report, p)
+    _log_summary(report)
+    for o in outcomes:
+        if o.status == "excluded" and o.reason != DUPLICATE:
+            log.info("excluded %s (%s:%d): %s", o.track_id or "-", o.file, o.line, o.detail or o.reason)
+    if not rows:
+        log.error("no track passed the licence policy with its audio present; see %s", AUDIT)
+        return 1
+    if report["val"] == 0 and p.val_ratio > 0:
+        log.warning("the validation split is empty: change ingest.split_salt or ingest.val_ratio")
+    log.info("wrote %s (%d tracks: %d train, %d val), %s, %s", MANIFEST, len(rows), report["train"], report["val"], AUDIT, REPORT)
+    return 0
