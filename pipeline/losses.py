@@ -6,6 +6,9 @@
 - ``mse_raw``: mean squared error between the raw student projection and the teacher vector as
   given (useful only when the teacher vectors are themselves un-normalised).
 
+With a centring point (`centre`, the mean training teacher embedding) a second term
+-cos(s - c, t - c) is added to any of them: see `DistillLoss`.
+
 The temperature is static. There is deliberately no learnable logit scale on these terms: the
 loss is linear in the scale, so gradient descent can always lower it by growing the scale and it
 grows until clamped, which changes nothing but the effective learning rate. A learnable scale
@@ -35,7 +38,7 @@ class DistillLoss(nn.Module):
     (the main term) and, with the contrastive term, "contrastive" and "logit_scale".
     """
 
-    def __init__(self, p: LossParams) -> None:
+    def __init__(self, p: LossParams, centre: torch.Tensor | None = None) -> None:
         super().__init__()
         if p.temperature <= 0:
             raise ValueError(f"loss.temperature must be > 0, got {p.temperature}")
@@ -46,6 +49,12 @@ class DistillLoss(nn.Module):
         self.contrastive_weight = p.contrastive_weight
         # Only the contrastive term owns a learnable scale; the module has no parameters otherwise.
         self.logit_scale = nn.Parameter(torch.tensor(float(p.contrastive_logit_scale))) if p.contrastive_weight > 0 else None
+        # Optional centring point (the mean training teacher embedding, unit length). A teacher whose
+        # embeddings all lie close to one direction (every random teacher, and CLAP to a lesser
+        # degree) gives a raw cosine that is ~1 for any student near that mean; the centred term
+        # -cos(s - c, t - c) rewards reproducing how each target differs from the mean.
+        self.register_buffer("centre", None if centre is None else F.normalize(centre.float().flatten(), dim=0),
+                             persistent=False)
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         if student.shape != teacher.shape:
@@ -64,6 +73,11 @@ class DistillLoss(nn.Module):
             raise ValueError(f"unknown loss kind {self.kind!r}")
         loss = main / self.temperature
         stats = {"cosine": float(cos.detach().mean()), "main": float(main.detach())}
+        if self.centre is not None:
+            c = self.centre.to(s_n.dtype)
+            centred = F.cosine_similarity(s_n - c, t_n - c, dim=-1, eps=1e-8)
+            loss = loss - centred.mean() / self.temperature
+            stats["centred_cosine"] = float(centred.detach().mean())
         if self.logit_scale is not None and student.shape[0] > 1:
             scale = self.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp()
             logits = scale * s_n @ t_n.T

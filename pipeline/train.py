@@ -130,6 +130,7 @@ class TrainConfig:
     device: str = "cpu"  # cpu | cuda | auto
     params: dict[str, Any] = field(default_factory=dict)  # recorded in checkpoints
     keep_epoch_checkpoints: bool = True
+    centre: torch.Tensor | None = None  # adds the centred cosine term to the loss (see DistillLoss)
 
     @classmethod
     def from_section(cls, section: Any, **kwargs: Any) -> TrainConfig:
@@ -309,7 +310,7 @@ def fit(task: TrainTask, cfg: TrainConfig) -> TrainResult:
 
     _seed_everything(cfg.seed + dd.rank)
     model = task.model.to(device)
-    loss_fn = DistillLoss(cfg.loss).to(device)
+    loss_fn = DistillLoss(cfg.loss, centre=cfg.centre).to(device)
     ckpt_dir = Path(cfg.ckpt_dir)
 
     # --- what to continue from
@@ -414,7 +415,7 @@ def fit(task: TrainTask, cfg: TrainConfig) -> TrainResult:
             task.set_epoch(epoch)
         model.train()
         t0 = time.perf_counter()
-        sums = {"loss": 0.0, "cosine": 0.0}
+        sums = {"loss": 0.0, "cosine": 0.0, "centred_cosine": 0.0}
         n_items = 0
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{total_epochs} (stage {stage})", disable=not dd.main,
                    leave=False, mininterval=1.0, dynamic_ncols=True)
@@ -436,13 +437,16 @@ def fit(task: TrainTask, cfg: TrainConfig) -> TrainResult:
             n = student.shape[0]
             sums["loss"] += float(loss.detach()) * n
             sums["cosine"] += stats["cosine"] * n
+            sums["centred_cosine"] += stats.get("centred_cosine", 0.0) * n
             n_items += n
             bar.set_postfix(loss=f"{float(loss.detach()):.4f}", cos=f"{stats['cosine']:.3f}")
         bar.close()
-        totals = torch.tensor([sums["loss"], sums["cosine"], float(n_items)], dtype=torch.float64)
+        totals = torch.tensor([sums["loss"], sums["cosine"], sums["centred_cosine"], float(n_items)], dtype=torch.float64)
         if dd.world > 1:
             dist.all_reduce(totals)
-        train_metrics = {"loss": float(totals[0] / totals[2]), "cosine": float(totals[1] / totals[2])}
+        train_metrics = {"loss": float(totals[0] / totals[3]), "cosine": float(totals[1] / totals[3])}
+        if cfg.centre is not None:
+            train_metrics["cosine_centred"] = float(totals[2] / totals[3])
         if loss_fn.logit_scale is not None:
             train_metrics["logit_scale"] = float(loss_fn.logit_scale.detach())
         lr_used = optimizer.param_groups[0]["lr"]

@@ -177,3 +177,16 @@ def test_contrastive_term_prefers_matching_rows() -> None:
     shuffled, _ = fn(t[torch.tensor([1, 2, 3, 4, 5, 0])], t)
     assert float(matched.detach()) < float(shuffled.detach())
     assert "contrastive" in st and st["logit_scale"] == pytest.approx(math.log(20))
+
+
+def test_centred_term_rewards_differences_not_the_mean() -> None:
+    g = torch.Generator().manual_seed(1)
+    centre = F.normalize(torch.randn(8, generator=g), dim=0)
+    t = F.normalize(centre + 0.05 * torch.randn(5, 8, generator=g), dim=-1)  # all close to the centre
+    fn = DistillLoss(LossParams(kind="cosine"), centre=centre)
+    _, exact = fn(t.clone(), t)
+    _, at_mean = fn(centre.expand(5, 8).clone(), t)
+    assert exact["centred_cosine"] == pytest.approx(1.0, abs=1e-5)
+    assert at_mean["centred_cosine"] == pytest.approx(0.0, abs=1e-5)
+    assert at_mean["cosine"] > 0.95  # the raw cosine cannot tell the two apart
+    assert list(fn.parameters()) == [] and "centre" not in fn.state_dict()
