@@ -212,6 +212,15 @@ class DistillAudioParams:
     loss: LossParams = field(default_factory=LossParams)
     augment: AugmentParams = field(default_factory=AugmentParams)
     scheduler: PlateauParams = field(default_factory=PlateauParams)
+    # add -cos(student - mean, teacher - mean) to the loss (mean = mean train teacher embedding)
+    centred_loss: bool = True
+    # validation metric for ReduceLROnPlateau and the best checkpoint:
+    # track_cosine[_centred] | segment_cosine[_centred]
+    monitor: Literal["track_cosine", "track_cosine_centred", "segment_cosine", "segment_cosine_centred"] = (
+        "track_cosine_centred"
+    )
+    teacher_dir: str = "models/teacher"  # only read when use_teacher_embedding_cache is false
+    device: str = "auto"  # auto | cpu | cuda
     num_workers: int = 0
     nproc: int = 1
     seed: int = 0
