@@ -1,0 +1,192 @@
+"""Markdown from the real figures: the model card of models/export and the README results tables.
+
+Nothing here is typed by hand: every number comes from models/report/metrics.json (evaluate),
+the export's parity/quantisation figures and the student checkpoints.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+
+def _f(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(_f(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def audio_table(audio: Mapping[str, Any]) -> str:
+    """Cosine to the teacher on validation tracks, raw and centred, beside the mean baseline."""
+    if audio.get("skipped"):
+        return f"Audio student skipped: {audio.get('reason', '')}."
+    rows = []
+    for level in ("segment", "track"):
+        block = audio[level]
+        for kind, base in (("cosine", "baseline_cosine"), ("centred", "baseline_centred")):
+            s, b = block[kind], block[base]
+            rows.append([f"{level} {'cosine' if kind == 'cosine' else 'centred cosine'}",
+                         s["mean"], s["p10"], s["p50"], s["p90"], b["mean"]])
+    intro = (f"Validation split: {audio['n_val_tracks']} tracks, {audio['n_val_segments']} segments "
+             "(artists unseen in training). Centred = both sides minus the mean training teacher "
+             "embedding; the mean-embedding baseline scores exactly 0 there.")
+    return intro + "\n\n" + _table(["audio student vs teacher", "mean", "p10", "p50", "p90", "mean baseline"], rows)
+
+
+def retrieval_table(retrieval: Mapping[str, Any]) -> str:
+    if retrieval.get("skipped"):
+        return f"Retrieval agreement skipped: {retrieval.get('reason', '')}."
+    names = {"audio_student": "audio student (teacher text)", "text_student": "text student (teacher audio)",
+             "end_to_end": "text student + audio student"}
+    rows = [[names[c], retrieval[c]["top_k_overlap"], retrieval[c]["spearman"], retrieval[c]["recall_at_k"]]
+            for c in names if c in retrieval]
+    k = retrieval["k"]
+    intro = (f"Text-to-music ranking of the {retrieval['n_tracks']} validation tracks for "
+             f"{retrieval['n_queries']} fixed prompts, compared with the teacher's ranking.")
+    note = f"\n\n{retrieval['note']}." if retrieval.get("note") else ""
+    return intro + "\n\n" + _table(["ranking by", f"top-{k} overlap", "Spearman", f"recall@{k} (teacher's best)"], rows) + note
+
+
+def text_table(text: Mapping[str, Any]) -> str:
+    if text.get("skipped"):
+        return f"Text student skipped: {text.get('reason', '')}."
+    rows = [[name, v["n"], v["cosine"], v["centred"], v["baseline_cosine"]]
+            for name, v in text.items() if isinstance(v, Mapping)]
+    return _table(["held-out query set", "queries", "cosine", "centred cosine", "mean baseline"], rows)
+
+
+def tags_table(tags: Mapping[str, Any]) -> str:
+    if tags.get("skipped"):
+        return f"Zero-shot tags skipped: {tags.get('reason', '')}."
+    rows = [[cat, v["n_tracks"], v["n_tags"], v["chance"], v["teacher_accuracy"], v.get("student_accuracy"),
+             v.get("end_to_end_accuracy"), v.get("agreement_with_teacher")]
+            for cat, v in tags.items() if isinstance(v, Mapping)]
+    return _table(["category", "tracks", "tags", "chance", "teacher", "audio student", "end to end",
+                   "agrees with teacher"], rows)
+
+
+def results_markdown(metrics: Mapping[str, Any]) -> str:
+    """All result tables; used by the model card and by `student-clap results --readme`."""
+    if not metrics:
+        return "No evaluation report yet (run `dvc repro evaluate`)."
+    parts = ["**Audio**", audio_table(metrics.get("audio", {"skipped": True, "reason": "not evaluated"})),
+             "**Text-to-music retrieval agreement**", retrieval_table(metrics.get("retrieval", {"skipped": True})),
+             "**Text student**", text_table(metrics.get("text", {"skipped": True})),
+             "**Zero-shot tags**", tags_table(metrics.get("tags", {"skipped": True}))]
+    notes = metrics.get("notes") or []
+    if notes:
+        parts.append("Notes: " + "; ".join(notes) + ".")
+    return "\n\n".join(parts)
+
+
+def licence_markdown(licences: Mapping[str, Any], licence_files: list[str]) -> str:
+    training = licences.get("training", {})
+    rows = [[lic, v["tracks"], f"{v['minutes']:.1f}"] for lic, v in training.get("by_license", {}).items()]
+    parts = ["Training tracks by licence:", _table(["licence", "tracks", "minutes"], rows) if rows else "(none recorded)"]
+    rows = [[src, v["tracks"], f"{v['minutes']:.1f}"] for src, v in training.get("by_source", {}).items()]
+    if rows:
+        parts += ["By source:", _table(["source", "tracks", "minutes"], rows)]
+    audit = licences.get("audit")
+    if audit:
+        if audit.get("ran"):
+            verdict = "failed" if audit.get("ok") is False or audit.get("violations") else "passed"
+            parts.append(f"Licence audit (every cached track is in the manifest with an allowed licence): **{verdict}**.")
+        else:
+            parts.append(f"Licence audit not run: {audit.get('reason', 'unknown reason')}.")
+    if licence_files:
+        parts.append("Attribution of every source song: " + ", ".join(f"[{f}]({f})" for f in licence_files) + ".")
+    return "\n\n".join(parts)
+
+
+def _params_block(params: Mapping[str, Mapping[str, Any]], students: Mapping[str, Any]) -> str:
+    lines = []
+    for name, section in params.items():
+        lines.append(f"- `{name}`: " + ", ".join(f"{k}={v}" for k, v in section.items()))
+    for name, blob in students.items():
+        cfg = blob.get("config") or {}
+        if cfg:
+            lines.append(f"- {name} student: " + ", ".join(f"{k}={v}" for k, v in cfg.items()))
+    return "\n".join(lines)
+
+
+def render(
+    *,
+    spec: Mapping[str, Any],
+    metrics: Mapping[str, Any],
+    students: Mapping[str, Any],
+    licence_files: list[str],
+    params: Mapping[str, Mapping[str, Any]],
+    file_sizes: Mapping[str, int],
+) -> str:
+    """models/export/README.md."""
+    audio, text, parity = spec.get("audio"), spec.get("text"), spec.get("parity", {})
+    out = [
+        "# Student CLAP — exported students",
+        "Small students distilled from the LAION-CLAP music model "
+        "(`music_audioset_epoch_15_esc_90.14.pt`, HTSAT-base audio + RoBERTa text, 512-d joint space). "
+        "They map audio and text into the teacher's embedding space, so cosine similarity between "
+        "an audio and a text embedding ranks songs for a text query. They run with onnxruntime alone.",
+    ]
+    for name, reason in (spec.get("skipped") or {}).items():
+        out.append(f"**The {name} student is not included:** {reason}.")
+
+    rows = []
+    descriptions = {
+        "audio_student.onnx": "waveform segments -> embedding, embedding_raw",
+        "audio_student_mel.onnx": "student log-mels -> embedding, embedding_raw",
+        "audio_student.int8.onnx": "int8 dynamic-quantised waveform model",
+        "text_student.onnx": "input_ids, attention_mask -> embedding",
+    }
+    for fname, what in descriptions.items():
+        if fname in file_sizes:
+            par = parity.get(fname, {})
+            check = (f"cosine {par['min_cosine']:.6f} min, max abs diff {par['max_abs_diff']:.1e}"
+                     if "min_cosine" in par else
+                     f"cosine to fp32 {par.get('cosine_min', float('nan')):.4f} min, {par.get('cosine_mean', float('nan')):.4f} mean"
+                     if par else "")
+            rows.append([f"`{fname}`", what, f"{file_sizes[fname] / 1e6:.2f} MB", check])
+    out += ["## Files", _table(["file", "what", "size", "check against PyTorch"], rows),
+            "Also: `tokenizer.json` (text student), `student_clap.json` (inputs, read by `student-clap embed/search`), "
+            "`licenses/` (attribution), `SHA256SUMS` (verify with `sha256sum -c SHA256SUMS`)."]
+
+    inputs = []
+    if audio:
+        inputs.append(
+            f"- Audio: mono float32 waveform in [-1, 1] at **{audio['sample_rate']} Hz**, segments of "
+            f"{audio['segment_seconds']:g} s (**{audio['segment_samples']} samples**), dynamic batch. "
+            f"A song is cut into {audio['segment_seconds']:g}-s windows every {audio['hop_seconds']:g} s "
+            "(short songs repeat-padded, a tail window only when it covers new audio); the song vector is "
+            "the L2-normalised mean of the segments' `embedding_raw`. The mel variant takes "
+            f"[batch, {audio['mel_shape'][0]}, frames] EfficientAT log-mels."
+        )
+    if text:
+        inputs.append(f"- Text: `tokenizer.json` (byte-level BPE), at most {text['max_length']} tokens; "
+                      "int64 `input_ids` and `attention_mask` [batch, length].")
+    out += ["## Inputs", "\n".join(inputs) or "(no student exported)"]
+
+    out += ["## Quality against the teacher", results_markdown(metrics)]
+    out += ["## Parameters", _params_block(params, students)]
+    out += ["## Licences of the training data", licence_markdown(metrics.get("licences", {}), licence_files)]
+    out += [
+        "## Intended use and limits",
+        "- For text-to-music search, similar-song lookup and tagging on modest hardware (CPU, "
+        "Raspberry-Pi class), where running the full CLAP model is too slow.\n"
+        "- The students imitate the teacher; they inherit its biases and its blind spots and add their "
+        "own error (see the figures above). Judge them by the centred figures: raw cosine is inflated "
+        "by the direction all embeddings share.\n"
+        "- Trained only on the songs listed in the attribution files: music far from that material "
+        "(speech, field recordings, genres absent from the data) is embedded less faithfully.\n"
+        "- The text student knows the vocabulary of its training queries best; long or unusual "
+        "phrasings drift further from the teacher than short tag-like queries.\n"
+        "- Embeddings are not calibrated probabilities; compare them only with cosine similarity, "
+        "and only with embeddings from the same export.",
+    ]
+    return "\n\n".join(out) + "\n"
