@@ -1,10 +1,268 @@
-"""LAION-CLAP .pt checkpoint -> teacher folder (ClapModel safetensors + config + tokenizer)."""
+"""LAION-CLAP .pt checkpoint -> teacher folder (ClapModel safetensors + config + tokenizer).
+
+The original checkpoint (e.g. music_audioset_epoch_15_esc_90.14.pt) is a dict whose
+`state_dict` holds laion_clap's CLAP module, keys prefixed `module.` (DataParallel). Its HTSAT-base
+audio tower and RoBERTa text tower map one to one onto transformers' ClapModel:
+
+    audio_branch.*                 -> audio_model.audio_encoder.*
+    text_branch.*                  -> text_model.*
+    {audio,text}_projection.0 / .2 -> {audio,text}_projection.linear1 / .linear2
+    bn0                            -> batch_norm
+    blocks.N.norm1 / norm2         -> blocks.N.layernorm_before / layernorm_after
+    blocks.N.attn.qkv              -> blocks.N.attention.self.query / key / value (split in 3 on dim 0)
+    blocks.N.attn.proj             -> blocks.N.attention.output.dense
+    blocks.N.attn.relative_position_* -> blocks.N.attention.self.relative_position_*
+    blocks.N.mlp.fc1 / fc2         -> blocks.N.intermediate.dense / output.dense
+
+Dropped on purpose (no counterpart; the log-mel is computed by pipeline.frontends instead):
+the STFT / mel filter buffers, the Swin `attn_mask` buffers, the AudioSet `tscam_conv` and `head`,
+the `*_transform` MLPs (used only in contrastive training) and the text position/token-type id
+buffers. The load is strict: every ClapModel weight must come from the checkpoint with the same
+shape, so a checkpoint of another shape fails naming the key instead of silently losing layers.
+"""
 
 from __future__ import annotations
 
+import argparse
+import json
+import logging
+import pickle
+import re
 from pathlib import Path
+
+import torch
+
+from pipeline.teacher import (
+    MIN_VOCAB,
+    SPECIAL_TOKENS,
+    TeacherError,
+    clap_config,
+    htsat_base_audio_config,
+    roberta_base_text_config,
+    sha256_file,
+    write_teacher_dir,
+)
+
+log = logging.getLogger(__name__)
+
+_DROPPED = (
+    re.compile(r"^audio_branch\.(spectrogram_extractor|logmel_extractor|tscam_conv|head)\."),
+    re.compile(r"^audio_branch\.layers\.\d+\.blocks\.\d+\.attn_mask$"),
+    re.compile(r"^attn_mask$"),
+    re.compile(r"^(audio|text)_transform\."),
+    re.compile(r"^text_branch\.embeddings\.(position_ids|token_type_ids)$"),
+)
+# ClapModel buffers the checkpoint need not supply: derived from the config, not learned.
+_OWN_BUFFERS = re.compile(r"^text_model\.embeddings\.(position_ids|token_type_ids)$")
+_RENAMES = (
+    (re.compile(r"^audio_branch\."), "audio_model.audio_encoder."),
+    (re.compile(r"^text_branch\."), "text_model."),
+    (re.compile(r"^(audio|text)_projection\.0\."), r"\1_projection.linear1."),
+    (re.compile(r"^(audio|text)_projection\.2\."), r"\1_projection.linear2."),
+    (re.compile(r"\.bn0\."), ".batch_norm."),
+    (re.compile(r"(\.blocks\.\d+)\.norm1\."), r"\1.layernorm_before."),
+    (re.compile(r"(\.blocks\.\d+)\.norm2\."), r"\1.layernorm_after."),
+    (re.compile(r"(\.blocks\.\d+)\.attn\.proj\."), r"\1.attention.output.dense."),
+    (re.compile(r"(\.blocks\.\d+)\.attn\.relative_position_"), r"\1.attention.self.relative_position_"),
+    (re.compile(r"(\.blocks\.\d+)\.mlp\.fc1\."), r"\1.intermediate.dense."),
+    (re.compile(r"(\.blocks\.\d+)\.mlp\.fc2\."), r"\1.output.dense."),
+)
+_QKV = re.compile(r"^(.*\.blocks\.\d+)\.attn\.qkv\.(weight|bias)$")
+_ROBERTA_KEYS = (
+    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+    "max_position_embeddings", "type_vocab_size", "layer_norm_eps", "pad_token_id", "bos_token_id",
+    "eos_token_id", "hidden_act",
+)
+
+
+class ConversionError(TeacherError):
+    """The checkpoint does not fit the HTSAT-base + RoBERTa ClapModel; the message names the key."""
+
+
+# --------------------------------------------------------------------------- reading the checkpoint
+
+
+def load_checkpoint_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """The `state_dict` of a LAION .pt file, `module.` prefix removed."""
+    path = Path(path)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ConversionError(f"{path}: checkpoint not found") from None
+    except pickle.UnpicklingError as exc:
+        # Training checkpoints may pickle more than tensors (e.g. numpy scalars in the epoch
+        # record). weights_only refuses those; a full unpickle runs code from the file, so it is
+        # done only after saying so - convert only files whose sha256 you have checked.
+        log.warning(
+            "%s holds objects besides tensors, so the safe loader refused it (%s). Loading it with "
+            "full unpickling, which executes code stored in the file: only convert checkpoints from "
+            "a trusted source whose sha256 you have verified.",
+            path, str(exc).splitlines()[0],
+        )
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
+    if not isinstance(state, dict) or not state:
+        raise ConversionError(f"{path}: no state_dict found (expected a LAION-CLAP training checkpoint)")
+    out = {}
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            raise ConversionError(f"{path}: state_dict entry {key} is not a tensor")
+        out[key.removeprefix("module.")] = value
+    return out
+
+
+# --------------------------------------------------------------------------- key mapping
+
+
+def map_state_dict(laion: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """LAION keys -> ClapModel keys; returns (mapped, dropped source keys). Unknown keys raise."""
+    mapped: dict[str, torch.Tensor] = {}
+    dropped: list[str] = []
+    for key, value in laion.items():
+        if any(p.search(key) for p in _DROPPED):
+            dropped.append(key)
+            continue
+        qkv = _QKV.match(key)
+        if qkv:
+            if value.shape[0] % 3:
+                raise ConversionError(f"{key}: shape {tuple(value.shape)} cannot split into query/key/value")
+            base, kind = qkv.groups()
+            for name, part in zip(("query", "key", "value"), value.chunk(3, dim=0)):
+                mapped[_rename(f"{base}.attention.self.{name}.{kind}")] = part.clone()
+            continue
+        new = _rename(key)
+        if new == key and not key.startswith(("logit_scale_a", "logit_scale_t")):
+            raise ConversionError(f"{key}: unknown checkpoint key (not an HTSAT + RoBERTa CLAP checkpoint?)")
+        mapped[new] = value
+    return mapped, dropped
+
+
+def _rename(key: str) -> str:
+    for pattern, replacement in _RENAMES:
+        key = pattern.sub(replacement, key)
+    return key
+
+
+def load_into(model: torch.nn.Module, mapped: dict[str, torch.Tensor], source: str) -> None:
+    """Strict: same key set (bar derived buffers), same shapes; errors name the key."""
+    target = model.state_dict()
+    unexpected = sorted(set(mapped) - set(target))
+    if unexpected:
+        raise ConversionError(f"{source}: keys with no place in the model: {', '.join(unexpected[:8])}")
+    missing = sorted(k for k in set(target) - set(mapped) if not _OWN_BUFFERS.match(k))
+    if missing:
+        raise ConversionError(
+            f"{source}: the checkpoint lacks {len(missing)} model weights, e.g. {', '.join(missing[:8])} "
+            "(a smaller model than HTSAT-base + this RoBERTa config?)"
+        )
+    for key, value in mapped.items():
+        if tuple(value.shape) != tuple(target[key].shape):
+            raise ConversionError(
+                f"{source}: {key} has shape {tuple(value.shape)} in the checkpoint but "
+                f"{tuple(target[key].shape)} in the HTSAT-base + RoBERTa model"
+            )
+    model.load_state_dict({k: v.to(target[k].dtype) for k, v in mapped.items()}, strict=False)
+
+
+# --------------------------------------------------------------------------- tokenizer
 
 
 def tokenizer_files_present(tokenizer_dir: str | Path) -> bool:
     d = Path(tokenizer_dir)
     return (d / "tokenizer.json").is_file() or ((d / "vocab.json").is_file() and (d / "merges.txt").is_file())
+
+
+def load_roberta_tokenizer(tokenizer_dir: str | Path):
+    """roberta-base's byte-level BPE from tokenizer.json, or built from vocab.json + merges.txt."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+
+    d = Path(tokenizer_dir)
+    if (d / "tokenizer.json").is_file():
+        tokenizer = Tokenizer.from_file(str(d / "tokenizer.json"))
+    elif (d / "vocab.json").is_file() and (d / "merges.txt").is_file():
+        tokenizer = Tokenizer(models.BPE.from_file(str(d / "vocab.json"), str(d / "merges.txt")))
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tokenizer.decoder = decoders.ByteLevel()
+        tokenizer.post_processor = processors.RobertaProcessing(
+            ("</s>", tokenizer.token_to_id("</s>")), ("<s>", tokenizer.token_to_id("<s>")),
+            trim_offsets=True, add_prefix_space=False,
+        )
+    else:
+        raise ConversionError(f"{d}: no roberta-base tokenizer (tokenizer.json, or vocab.json + merges.txt)")
+    size = tokenizer.get_vocab_size()
+    if size < MIN_VOCAB:
+        raise ConversionError(f"{d}: tokenizer has only {size} tokens; the vocabulary files are incomplete")
+    missing = [t for t in SPECIAL_TOKENS if tokenizer.token_to_id(t) is None]
+    if missing:
+        raise ConversionError(f"{d}: tokenizer lacks RoBERTa's special tokens {missing}")
+    tokenizer.no_padding()
+    tokenizer.no_truncation()
+    return tokenizer
+
+
+def text_config_from(tokenizer_dir: str | Path) -> dict:
+    """roberta-base's text config, overridden by the config.json fetched with the tokenizer if present."""
+    config = roberta_base_text_config()
+    path = Path(tokenizer_dir) / "config.json"
+    if path.is_file():
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ConversionError(f"{path}: not valid JSON: {exc}") from exc
+        config.update({k: data[k] for k in _ROBERTA_KEYS if k in data})
+    return config
+
+
+# --------------------------------------------------------------------------- conversion
+
+
+def convert_checkpoint(checkpoint: str | Path, tokenizer_dir: str | Path, out_dir: str | Path) -> Path:
+    """Convert a LAION-CLAP HTSAT-base checkpoint into a teacher folder (see pipeline.teacher)."""
+    from transformers import ClapModel
+
+    checkpoint, tokenizer_dir, out_dir = Path(checkpoint), Path(tokenizer_dir), Path(out_dir)
+    tokenizer = load_roberta_tokenizer(tokenizer_dir)
+    log.info("reading %s", checkpoint)
+    laion = load_checkpoint_state(checkpoint)
+    mapped, dropped = map_state_dict(laion)
+    log.info("mapped %d checkpoint tensors, dropped %d on purpose", len(laion) - len(dropped), len(dropped))
+
+    config = clap_config(htsat_base_audio_config(), text_config_from(tokenizer_dir))
+    model = ClapModel(config).eval()
+    load_into(model, mapped, str(checkpoint))
+    if tokenizer.get_vocab_size() > config.text_config.vocab_size:
+        raise ConversionError(
+            f"{tokenizer_dir}: {tokenizer.get_vocab_size()} tokens but the checkpoint's text tower has "
+            f"{config.text_config.vocab_size}"
+        )
+    provenance = {
+        "kind": "checkpoint",
+        "source": checkpoint.name,
+        "source_sha256": sha256_file(checkpoint),
+        "tokenizer_source": str(tokenizer_dir),
+        "dropped_keys": sorted({re.sub(r"\.\d+\.", ".N.", k) for k in dropped}),
+    }
+    write_teacher_dir(model, tokenizer, out_dir, provenance)
+    log.info("teacher written to %s", out_dir)
+    return out_dir
+
+
+def main(args: argparse.Namespace) -> int:
+    """`student-clap teacher convert CKPT --tokenizer DIR --out DIR`."""
+    try:
+        convert_checkpoint(args.checkpoint, args.tokenizer, args.out)
+    except TeacherError as exc:
+        log.error("%s", exc)
+        return 1
+    return 0
+
+
+__all__ = [
+    "ConversionError",
+    "convert_checkpoint",
+    "load_checkpoint_state",
+    "load_roberta_tokenizer",
+    "main",
+    "map_state_dict",
+    "tokenizer_files_present",
+]
