@@ -114,10 +114,14 @@ def load_checkpoint_state(path: str | Path) -> dict[str, torch.Tensor]:
 # --------------------------------------------------------------------------- key mapping
 
 
-def map_state_dict(laion: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """LAION keys -> ClapModel keys; returns (mapped, dropped source keys). Unknown keys raise."""
+def map_state_dict(laion: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str], dict[str, str]]:
+    """LAION keys -> ClapModel keys; returns (mapped, dropped source keys, new key -> source key).
+
+    Unknown keys raise ConversionError naming them.
+    """
     mapped: dict[str, torch.Tensor] = {}
     dropped: list[str] = []
+    origin: dict[str, str] = {}
     for key, value in laion.items():
         if any(p.search(key) for p in _DROPPED):
             dropped.append(key)
@@ -128,13 +132,14 @@ def map_state_dict(laion: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tens
                 raise ConversionError(f"{key}: shape {tuple(value.shape)} cannot split into query/key/value")
             base, kind = qkv.groups()
             for name, part in zip(("query", "key", "value"), value.chunk(3, dim=0)):
-                mapped[_rename(f"{base}.attention.self.{name}.{kind}")] = part.clone()
+                new = _rename(f"{base}.attention.self.{name}.{kind}")
+                mapped[new], origin[new] = part.clone(), key
             continue
         new = _rename(key)
         if new == key and not key.startswith(("logit_scale_a", "logit_scale_t")):
             raise ConversionError(f"{key}: unknown checkpoint key (not an HTSAT + RoBERTa CLAP checkpoint?)")
-        mapped[new] = value
-    return mapped, dropped
+        mapped[new], origin[new] = value, key
+    return mapped, dropped, origin
 
 
 def _rename(key: str) -> str:
@@ -143,12 +148,16 @@ def _rename(key: str) -> str:
     return key
 
 
-def load_into(model: torch.nn.Module, mapped: dict[str, torch.Tensor], source: str) -> None:
+def load_into(
+    model: torch.nn.Module, mapped: dict[str, torch.Tensor], source: str, origin: dict[str, str] | None = None
+) -> None:
     """Strict: same key set (bar derived buffers), same shapes; errors name the key."""
+    origin = origin or {}
     target = model.state_dict()
     unexpected = sorted(set(mapped) - set(target))
     if unexpected:
-        raise ConversionError(f"{source}: keys with no place in the model: {', '.join(unexpected[:8])}")
+        names = ", ".join(f"{origin.get(k, k)} (-> {k})" for k in unexpected[:8])
+        raise ConversionError(f"{source}: checkpoint keys with no place in the model: {names}")
     missing = sorted(k for k in set(target) - set(mapped) if not _OWN_BUFFERS.match(k))
     if missing:
         raise ConversionError(
@@ -158,7 +167,7 @@ def load_into(model: torch.nn.Module, mapped: dict[str, torch.Tensor], source: s
     for key, value in mapped.items():
         if tuple(value.shape) != tuple(target[key].shape):
             raise ConversionError(
-                f"{source}: {key} has shape {tuple(value.shape)} in the checkpoint but "
+                f"{source}: {origin.get(key, key)} (-> {key}) has shape {tuple(value.shape)} in the checkpoint but "
                 f"{tuple(target[key].shape)} in the HTSAT-base + RoBERTa model"
             )
     model.load_state_dict({k: v.to(target[k].dtype) for k, v in mapped.items()}, strict=False)
@@ -224,12 +233,12 @@ def convert_checkpoint(checkpoint: str | Path, tokenizer_dir: str | Path, out_di
     tokenizer = load_roberta_tokenizer(tokenizer_dir)
     log.info("reading %s", checkpoint)
     laion = load_checkpoint_state(checkpoint)
-    mapped, dropped = map_state_dict(laion)
+    mapped, dropped, origin = map_state_dict(laion)
     log.info("mapped %d checkpoint tensors, dropped %d on purpose", len(laion) - len(dropped), len(dropped))
 
     config = clap_config(htsat_base_audio_config(), text_config_from(tokenizer_dir))
     model = ClapModel(config).eval()
-    load_into(model, mapped, str(checkpoint))
+    load_into(model, mapped, str(checkpoint), origin)
     if tokenizer.get_vocab_size() > config.text_config.vocab_size:
         raise ConversionError(
             f"{tokenizer_dir}: {tokenizer.get_vocab_size()} tokens but the checkpoint's text tower has "
