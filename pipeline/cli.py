@@ -136,15 +136,18 @@ def build_parser() -> argparse.ArgumentParser:
     # ---- use the exported models (onnxruntime only)
     embed = sub.add_parser("embed", help="embed audio files with the exported ONNX student")
     embed.add_argument("files", nargs="+")
-    embed.add_argument("--out", required=True, help=".npy/.jsonl output")
+    embed.add_argument("--out", required=True, help=".npz (paths + vectors), .npy (+ .paths.txt) or .jsonl output")
     embed.add_argument("--models", default="models/export")
     embed.set_defaults(func=_call("pipeline.search", "embed_main"))
 
     index = sub.add_parser("index", help="embed a folder of songs into a search index")
     index.add_argument("dir")
-    index.add_argument("--out", required=True)
+    index.add_argument("--out", required=True, help="index file (.npz)")
     index.add_argument("--models", default="models/export")
     index.set_defaults(func=_call("pipeline.search", "index_main"))
+    for p in (embed, index):
+        p.add_argument("--batch-size", type=int, default=8, help="10-s segments per ONNX call (default: %(default)s)")
+        p.add_argument("--int8", action="store_true", help="use the int8-quantised audio model")
 
     search = sub.add_parser("search", help="text-to-music search over an index")
     search.add_argument("query")
@@ -152,6 +155,14 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("-k", type=int, default=10)
     search.add_argument("--models", default="models/export")
     search.set_defaults(func=_call("pipeline.search", "search_main"))
+    for p in (embed, index, search):
+        p.add_argument("--threads", type=int, default=None, help="onnxruntime threads (default: all cores)")
+
+    results = sub.add_parser("results", help="rewrite the results block of README.md from models/report/metrics.json")
+    results.add_argument("--readme", default="README.md")
+    results.add_argument("--metrics", default="models/report/metrics.json")
+    results.add_argument("--check", action="store_true", help="exit 1 if the block is out of date instead of writing")
+    results.set_defaults(func=_call("pipeline.results", "main"))
 
     return parser
 

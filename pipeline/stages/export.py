@@ -193,6 +193,30 @@ def export_text(
     return info
 
 
+def audio_spec(info: dict[str, Any], *, sample_rate: int, segment_seconds: float, hop_seconds: float,
+               segment_samples: int, quantized: bool) -> dict[str, Any]:
+    """The audio part of student_clap.json (pops `mel_shape` from `info`)."""
+    return {
+        "file": AUDIO_ONNX,
+        "mel_file": AUDIO_MEL_ONNX,
+        "int8_file": AUDIO_INT8_ONNX if quantized else None,
+        "input": "waveform",
+        "outputs": ["embedding", "embedding_raw"],
+        "sample_rate": sample_rate,
+        "segment_seconds": segment_seconds,
+        "hop_seconds": hop_seconds,
+        "segment_samples": segment_samples,
+        "mel_shape": info.pop("mel_shape"),
+        "track_embedding": "l2_normalize(mean(embedding_raw over the track's segments))",
+    }
+
+
+def text_spec(info: dict[str, Any]) -> dict[str, Any]:
+    """The text part of student_clap.json (pops `max_length` from `info`)."""
+    return {"file": TEXT_ONNX, "tokenizer": TOKENIZER, "max_length": info.pop("max_length"),
+            "inputs": ["input_ids", "attention_mask"], "output": "embedding"}
+
+
 def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as fh:
@@ -228,13 +252,22 @@ def _checkpoint_summary(path: Path) -> dict[str, Any]:
 
 
 def run(params: Params, args: argparse.Namespace) -> int | None:
+    tmp_dir = EXPORT_DIR.with_name(EXPORT_DIR.name + ".tmp")
+    try:
+        return _export(params, tmp_dir)
+    except onnx_utils.ParityError as exc:
+        log.error("export failed the ONNX parity check: %s", exc)
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        return 1
+
+
+def _export(params: Params, tmp_dir: Path) -> int:
     from pipeline import model_card
 
     p = params.export
     fe = params.frontend.student
     audio_p = params.audio
     segment_samples = int(round(audio_p.segment_seconds * fe.sample_rate))
-    tmp_dir = EXPORT_DIR.with_name(EXPORT_DIR.name + ".tmp")
     shutil.rmtree(tmp_dir, ignore_errors=True)
     tmp_dir.mkdir(parents=True)
 
@@ -256,19 +289,9 @@ def run(params: Params, args: argparse.Namespace) -> int | None:
             student, StudentMel(fe), tmp_dir, segment_samples=segment_samples, sample_rate=fe.sample_rate,
             opset=p.opset, min_cosine=p.parity_min_cosine, quantize=p.quantize_int8,
         )
-        spec["audio"] = {
-            "file": AUDIO_ONNX,
-            "mel_file": AUDIO_MEL_ONNX,
-            "int8_file": AUDIO_INT8_ONNX if p.quantize_int8 else None,
-            "input": "waveform",
-            "outputs": ["embedding", "embedding_raw"],
-            "sample_rate": fe.sample_rate,
-            "segment_seconds": audio_p.segment_seconds,
-            "hop_seconds": audio_p.hop_seconds,
-            "segment_samples": segment_samples,
-            "mel_shape": info.pop("mel_shape"),
-            "track_embedding": "l2_normalize(mean(embedding_raw over the track's segments))",
-        }
+        spec["audio"] = audio_spec(info, sample_rate=fe.sample_rate, segment_seconds=audio_p.segment_seconds,
+                                   hop_seconds=audio_p.hop_seconds, segment_samples=segment_samples,
+                                   quantized=p.quantize_int8)
         parity.update(info)
         students["audio"] = _checkpoint_summary(AUDIO_STUDENT)
 
@@ -281,8 +304,7 @@ def run(params: Params, args: argparse.Namespace) -> int | None:
 
         info = export_text(load_text_student(TEXT_STUDENT), TEXT_TOKENIZER, tmp_dir,
                            opset=p.opset, min_cosine=p.parity_min_cosine)
-        spec["text"] = {"file": TEXT_ONNX, "tokenizer": TOKENIZER, "max_length": info.pop("max_length"),
-                        "inputs": ["input_ids", "attention_mask"], "output": "embedding"}
+        spec["text"] = text_spec(info)
         parity.update(info)
         students["text"] = _checkpoint_summary(TEXT_STUDENT)
 
