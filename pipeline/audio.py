@@ -1,0 +1,273 @@
+"""Decoding, resampling and the one segmentation rule.
+
+No torch here: the ONNX `embed` command imports this module on machines without torch.
+
+Decoding streams the file in blocks (libsndfile reads MP3, Ogg Vorbis, Opus, FLAC, WAV and more),
+downmixes each block to mono, resamples it with a streaming soxr resampler and stores it as int16
+— the same int16 round trip CLAP applies — so a 60-minute track costs 2 bytes per output sample
+(about 350 MB at 48 kHz) instead of a float64 copy of the whole file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import soxr
+
+log = logging.getLogger(__name__)
+
+BLOCK_FRAMES = 1152 * 256  # frames read per block (~6.7 s at 44.1 kHz)
+# python-soundfile seeks after every read, and a seek resets libmpg123's bit reservoir, so the
+# first frames of the next MP3 block would decode as garbage. Each MP3 block therefore starts this
+# many frames early (enough for the 511-byte reservoir even at 8 kbit/s) and the overlap is dropped.
+MP3_PREROLL = 1152 * 16
+# ... and most MP3s are read in one call (up to this many samples, 128 MB as float32), which
+# avoids the reset altogether; only longer files pay the pre-roll.
+MP3_SINGLE_READ_SAMPLES = 1 << 25
+RESAMPLE_QUALITY = "HQ"  # soxr "high quality", librosa's default resampler
+
+# First bytes of the containers we can decode; used only to word error messages.
+_AUDIO_MAGIC = (b"ID3", b"OggS", b"fLaC", b"RIFF", b"RF64", b"FORM", b".snd", b"caff", b"wvpk")
+
+
+class AudioDecodeError(Exception):
+    """A file that cannot be turned into audio; `kind` is one of missing, empty, non-audio, corrupt."""
+
+    def __init__(self, path: str | Path, reason: str, kind: str = "corrupt") -> None:
+        self.path = str(path)
+        self.reason = reason
+        self.kind = kind
+        super().__init__(f"{path}: {reason}")
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def _looks_like_audio(head: bytes) -> bool:
+    if head.startswith(_AUDIO_MAGIC):
+        return True
+    # MPEG audio frame sync: 11 set bits
+    return len(head) >= 2 and head[0] == 0xFF and (head[1] & 0xE0) == 0xE0
+
+
+def _describe_non_audio(head: bytes) -> str | None:
+    """A reason string when the first bytes are clearly not audio, else None."""
+    if _looks_like_audio(head):
+        return None
+    low = head.lstrip().lower()
+    if low.startswith((b"<!doctype html", b"<html", b"<?xml")):
+        return "not audio: the file holds an HTML/XML page (a failed download?)"
+    if low.startswith((b"{", b"[")):
+        return "not audio: the file holds JSON text"
+    printable = sum(32 <= b < 127 or b in (9, 10, 13) for b in head)
+    if head and printable / len(head) > 0.95:
+        return "not audio: the file holds plain text"
+    return None
+
+
+def _open(path: Path) -> sf.SoundFile:
+    if not path.exists():
+        raise AudioDecodeError(path, "file not found", "missing")
+    if not path.is_file():
+        raise AudioDecodeError(path, "not a regular file", "missing")
+    if path.stat().st_size == 0:
+        raise AudioDecodeError(path, "file is empty (0 bytes)", "empty")
+    with open(path, "rb") as fh:
+        head = fh.read(512)
+    try:
+        return sf.SoundFile(path)
+    except (sf.LibsndfileError, RuntimeError, TypeError) as exc:
+        reason = _describe_non_audio(head)
+        if reason:
+            raise AudioDecodeError(path, reason, "non-audio") from None
+        raise AudioDecodeError(path, f"cannot decode ({exc})", "corrupt") from None
+
+
+def stream_mono(path: str | Path, sample_rate: int, *, max_seconds: float | None = None,
+                block_frames: int = BLOCK_FRAMES) -> Iterator[np.ndarray]:
+    """Yield float32 mono blocks of `path` resampled to `sample_rate` (no int16 rounding yet)."""
+    path = Path(path)
+    with _open(path) as f:
+        in_rate = int(f.samplerate)
+        if in_rate <= 0 or f.channels <= 0:
+            raise AudioDecodeError(path, f"invalid header (rate {in_rate}, channels {f.channels})", "corrupt")
+        # soundfile never reads past the frame count libsndfile reports (for MP3 it scans the
+        # stream when there is no Xing/INFO header); a stream that ends earlier gives a short read.
+        limit = int(f.frames) if f.frames > 0 else None
+        if max_seconds:
+            cap = int(round(max_seconds * in_rate))
+            limit = cap if limit is None else min(limit, cap)
+        resampler = (
+            soxr.ResampleStream(in_rate, sample_rate, 1, dtype="float32", quality=RESAMPLE_QUALITY)
+            if in_rate != sample_rate
+            else None
+        )
+        is_mp3 = f.format == "MP3"
+        if is_mp3:
+            block_frames = max(block_frames, min(max(int(f.frames), 0), MP3_SINGLE_READ_SAMPLES // f.channels))
+        read = 0
+        while True:
+            want = block_frames if limit is None else min(block_frames, limit - read)
+            if want <= 0:
+                block = np.zeros((0, f.channels), dtype=np.float32)
+            else:
+                try:
+                    pre = min(read, MP3_PREROLL) if is_mp3 and read > 0 else 0
+                    if pre:
+                        f.seek(read - pre)
+                    block = f.read(want + pre, dtype="float32", always_2d=True)[pre:]
+                except (sf.LibsndfileError, RuntimeError) as exc:
+                    raise AudioDecodeError(path, f"decoding failed after {read} frames ({exc})", "corrupt") from None
+            read += len(block)
+            last = len(block) < want or want <= 0
+            mono = block.mean(axis=1, dtype=np.float32) if block.shape[1] > 1 else block[:, 0]
+            # Broken float WAVs can carry NaN/inf; they would poison every mel frame.
+            mono = np.nan_to_num(mono, nan=0.0, posinf=1.0, neginf=-1.0)
+            out = resampler.resample_chunk(mono, last=last) if resampler is not None else mono
+            if len(out):
+                yield np.ascontiguousarray(out, dtype=np.float32)
+            if last:
+                break
+
+
+def to_int16(x: np.ndarray) -> np.ndarray:
+    """Float in [-1, 1] -> int16, clipping as CLAP's int16 round trip does."""
+    return (np.clip(x, -1.0, 1.0) * 32767.0).astype(np.int16)
+
+
+def int16_to_float(x: np.ndarray) -> np.ndarray:
+    return x.astype(np.float32) / np.float32(32767.0)
+
+
+def decode_int16(path: str | Path, sample_rate: int, *, max_seconds: float | None = None) -> np.ndarray:
+    """Decode to int16 mono at `sample_rate` with memory bounded by the output size.
+
+    The output buffer is sized from the header's frame count and grown by a quarter when a
+    header under-reports (VBR MP3 without a seek table)."""
+    path = Path(path)
+    with _open(path) as f:
+        frames, in_rate = int(f.frames), int(f.samplerate)
+    if max_seconds:
+        frames = min(frames, int(round(max_seconds * in_rate)))
+    expect = int(math.ceil(max(frames, 0) * sample_rate / max(in_rate, 1))) + 64
+    buf = np.empty(expect, dtype=np.int16)
+    n = 0
+    for block in stream_mono(path, sample_rate, max_seconds=max_seconds):
+        if n + len(block) > len(buf):
+            grown = np.empty(max(n + len(block), len(buf) + len(buf) // 4 + 1), dtype=np.int16)
+            grown[:n] = buf[:n]
+            buf = grown
+        buf[n : n + len(block)] = to_int16(block)
+        n += len(block)
+    if n == 0:
+        raise AudioDecodeError(path, "no audio frames (zero-length audio stream)", "empty")
+    return buf[:n]
+
+
+def decode(path: str | Path, sample_rate: int, *, max_seconds: float | None = None) -> np.ndarray:
+    """Decode any supported file to float32 mono at `sample_rate`, int16 round-tripped.
+
+    Raises AudioDecodeError(path, reason) for missing, empty, non-audio and corrupt files.
+    Silence decodes fine (all zeros); callers decide whether that is a problem."""
+    return int16_to_float(decode_int16(path, sample_rate, max_seconds=max_seconds))
+
+
+def resample_int16(wave: np.ndarray, in_rate: int, out_rate: int, block: int = 1 << 20) -> np.ndarray:
+    """Resample an int16 waveform in blocks (bounded float memory) and round back to int16."""
+    if in_rate == out_rate:
+        return wave.copy()
+    out = np.empty(int(math.ceil(len(wave) * out_rate / in_rate)) + 64, dtype=np.int16)
+    stream = soxr.ResampleStream(in_rate, out_rate, 1, dtype="float32", quality=RESAMPLE_QUALITY)
+    n = 0
+    for pos in range(0, max(len(wave), 1), block):
+        chunk = int16_to_float(wave[pos : pos + block])
+        res = stream.resample_chunk(chunk, last=pos + block >= len(wave))
+        if n + len(res) > len(out):  # soxr never exceeds ceil(n * ratio) + a few; be safe anyway
+            out = np.concatenate([out[:n], np.empty(len(res), dtype=np.int16)])
+        out[n : n + len(res)] = to_int16(res)
+        n += len(res)
+    return out[:n]
+
+
+def is_silent(wave: np.ndarray) -> bool:
+    """True when nothing survives the int16 round trip (all samples zero)."""
+    if wave.dtype == np.int16:
+        return not np.any(wave)
+    return float(np.max(np.abs(wave), initial=0.0)) < 0.5 / 32767.0
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while data := fh.read(chunk):
+            h.update(data)
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------- segmentation
+
+
+def segment_length(sample_rate: int, segment_seconds: float) -> int:
+    return int(round(segment_seconds * sample_rate))
+
+
+def segment_starts(n_samples: int, sample_rate: int, segment_seconds: float, hop_seconds: float) -> list[int]:
+    """Start samples of the segments of a track of n_samples — THE segmentation rule.
+
+    Windows of segment_seconds every hop_seconds; a track no longer than one window gives one
+    (repeat-padded) segment; a final window aligned to the end is added only when it covers
+    samples no earlier window covered (so aligned lengths get no duplicate)."""
+    if n_samples <= 0:
+        return []
+    seg = segment_length(sample_rate, segment_seconds)
+    hop = segment_length(sample_rate, hop_seconds)
+    if hop <= 0 or seg <= 0:
+        raise ValueError(f"segment ({segment_seconds} s) and hop ({hop_seconds} s) must be positive")
+    if n_samples <= seg:
+        return [0]
+    starts = list(range(0, n_samples - seg + 1, hop))
+    if starts[-1] + seg < n_samples:
+        starts.append(n_samples - seg)
+    return starts
+
+
+def map_starts(starts: list[int], from_rate: int, to_rate: int) -> list[int]:
+    """The same segment times at another sample rate (so student and teacher segments align)."""
+    return [int(round(s * to_rate / from_rate)) for s in starts]
+
+
+def repeat_pad(wave: np.ndarray, length: int) -> np.ndarray:
+    """Short clip -> whole repeats then zeros up to length (laion_clap's "repeatpad")."""
+    if len(wave) >= length:
+        return wave[:length]
+    if len(wave) == 0:
+        return np.zeros(length, dtype=wave.dtype)
+    reps = length // len(wave)
+    out = np.zeros(length, dtype=wave.dtype)
+    out[: reps * len(wave)] = np.tile(wave, reps)
+    return out
+
+
+def cut(wave: np.ndarray, starts: list[int], length: int) -> np.ndarray:
+    """[len(starts), length] windows of wave; a window running past the end is repeat-padded when
+    it is the whole track, else zero-filled (only ever a resampling-rounding sample or two)."""
+    out = np.zeros((len(starts), length), dtype=wave.dtype)
+    for i, s in enumerate(starts):
+        if s == 0 and len(wave) < length:
+            out[i] = repeat_pad(wave, length)
+        else:
+            piece = wave[s : s + length]
+            out[i, : len(piece)] = piece
+    return out
+
+
+def segments(wave: np.ndarray, sample_rate: int, segment_seconds: float, hop_seconds: float) -> np.ndarray:
+    """[n_seg, seg_len] segments of a mono waveform by the one rule (see segment_starts)."""
+    starts = segment_starts(len(wave), sample_rate, segment_seconds, hop_seconds)
+    return cut(wave, starts, segment_length(sample_rate, segment_seconds))
