@@ -12,7 +12,8 @@ import argparse
 import json
 import logging
 from collections import defaultdict
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import h5py
@@ -112,14 +113,15 @@ def run_audit(
     manifest_path: str | Path,
     mels_path: str | Path | None,
     teacher_path: str | Path | None,
-    policy: LicensePolicyParams | None = None,
+    policy: LicensePolicyParams | Mapping[str, bool] | None = None,
 ) -> AuditReport:
     """Check the caches against the manifest under `policy` (default: the default policy).
 
-    A cache path of None is skipped. The policy is applied again rather than trusted from the
-    manifest, so tightening it (e.g. switching BY-SA off) flags caches built before.
+    `policy` may also be the dict ingest records in data/licenses/audit.json. A cache path of
+    None is skipped. The policy is applied again rather than trusted from the manifest, so
+    tightening it (e.g. switching BY-SA off) flags caches built before.
     """
-    policy = policy or LicensePolicyParams()
+    policy = _as_policy(policy)
     try:
         rows = {r["track_id"]: r for r in read_manifest(manifest_path)}
     except ManifestError as exc:
@@ -152,6 +154,18 @@ def run_audit(
         else:
             cell["minutes"] += dur / 60.0
     return report
+
+
+def _as_policy(policy: LicensePolicyParams | Mapping[str, bool] | None) -> LicensePolicyParams:
+    if policy is None:
+        return LicensePolicyParams()
+    if isinstance(policy, Mapping):
+        known = {f.name for f in fields(LicensePolicyParams)}
+        unknown = sorted(set(policy) - known)
+        if unknown:
+            raise AuditError(f"licence policy has unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+        return LicensePolicyParams(**{k: bool(v) for k, v in policy.items()})
+    return policy
 
 
 def _policy_from(params_path: str) -> LicensePolicyParams:

@@ -66,6 +66,11 @@ def test_planted_unlicensed_track_fails(files, tmp_path: Path, capsys) -> None:
     # the same cache passes the BY-SA track once the policy allows BY-SA (still fails on the planted one)
     rep2 = run_audit(files["manifest"], None, teacher, LicensePolicyParams(allow_by_sa=True))
     assert [v.track_id for v in rep2.violations] == ["fma:planted/no/licence"]
+    # the policy as ingest records it in audit.json (a plain dict) works the same way
+    rep3 = run_audit(files["manifest"], None, teacher, {"allow_by_sa": True})
+    assert [v.track_id for v in rep3.violations] == ["fma:planted/no/licence"]
+    with pytest.raises(AuditError, match="allow_everything"):
+        run_audit(files["manifest"], None, teacher, {"allow_everything": True})
 
     out = tmp_path / "audit.json"
     args = argparse.Namespace(manifest=str(files["manifest"]), mels=str(files["mels"]), teacher=str(teacher),

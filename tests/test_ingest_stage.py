@@ -74,7 +74,8 @@ def test_demo_ingest(demo_dir: Path) -> None:
 
     report = json.loads(Path("models/report/ingest.json").read_text())
     assert report["included"] == 17 and report["entries"] == 19
-    assert report["excluded"]["licence not allowed"] == 1 and report["excluded"]["audio missing"] == 1
+    assert report["excluded"]["licence_not_allowed"] == 1 and report["excluded"]["audio_missing"] == 1
+    assert report["excluded"]["malformed"] == 0 and report["excluded"]["duplicate"] == 0
     assert report["sources"]["wikimedia"]["included"] == 6
     assert report["train"] + report["val"] == 17
 
@@ -185,6 +186,7 @@ def test_bad_input_is_audited_with_file_and_line(tmp_path: Path, monkeypatch: py
     assert any("UTF-8" in n for n in cafe["notes"])
     report = json.loads(Path("models/report/ingest.json").read_text())
     assert report["excluded"]["malformed"] == len(malformed) and report["included"] == 2
+    assert report["sources"]["wikimedia"]["excluded"]["unknown_licence"] == 1  # GFDL
 
 
 def test_missing_list_file_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog) -> None:

@@ -210,3 +210,46 @@ def test_commons_json_garbage_is_a_problem(tmp_path: Path) -> None:
     path.write_text("{not json")
     res = wikimedia.parse_metadata(path)
     assert res.entries == [] and "not JSON" in res.problems[0].detail
+
+
+def test_wikimedia_extra_columns_and_escaped_pipe(tmp_path: Path) -> None:
+    path = tmp_path / "W.md"
+    path.write_text(
+        "| LICENSE | FILENAME | URL | ARTIST |\n|:---|---|---|---|\n"
+        "| [CC BY 4.0](https://creativecommons.org/licenses/by/4.0/) | A.opus | https://commons.wikimedia.org/wiki/File:A.ogg | Jo \\| Co |\n"
+        "| FILENAME | URL | LICENSE | ARTIST |\n",  # a repeated header row is not an entry
+        encoding="utf-8",
+    )
+    res = wikimedia.parse_list(path)
+    assert res.problems == []
+    (e,) = res.entries
+    assert (e.track_id, e.artist, e.source_path) == ("wikimedia:A.ogg", "Jo | Co", "A.opus")
+    assert normalize_license(e.license_text) == "CC-BY-4.0"
+
+
+@pytest.mark.parametrize("parser", [fma.parse_list, jamendo.parse_list, wikimedia.parse_list])
+def test_parsers_survive_mangled_input(parser, tmp_path: Path) -> None:
+    """Dropped lines, cut lines and stray bytes anywhere: every line is an entry or a problem, never a crash."""
+    import random
+
+    rng = random.Random(0)
+    sources = sorted((FIX / "seed").glob("*.md")) + sorted((FIX / "odd").glob("*.md"))
+    lines = [line for src in sources for line in src.read_bytes().splitlines()]
+    for trial in range(30):
+        mangled = []
+        for line in lines:
+            r = rng.random()
+            if r < 0.1:
+                continue
+            if r < 0.2:
+                line = line[: rng.randrange(len(line) + 1)]
+            elif r < 0.25:
+                line = line + bytes([rng.randrange(128, 256)])
+            mangled.append(line)
+        path = tmp_path / f"mangled{trial}.md"
+        path.write_bytes(b"\n".join(mangled))
+        res = parser(path)
+        for e in res.entries:
+            assert e.track_id.startswith(e.source + ":") and e.line >= 1
+        for p in res.problems:
+            assert p.file == str(path) and p.line >= 1

@@ -48,12 +48,13 @@ def _title_from_name(name: str) -> str:
 
 
 def _split_row(text: str) -> list[str]:
+    """Cells of a markdown table row; `\\|` is a literal pipe inside a cell."""
     body = text.strip()
     if body.startswith("|"):
         body = body[1:]
-    if body.endswith("|"):
+    if body.endswith("|") and not body.endswith("\\|"):
         body = body[:-1]
-    return [c.strip() for c in body.split("|")]
+    return [c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", body)]
 
 
 def _entry(path: Path, line: int, filename: str, url: str, license_cell: str) -> Entry | Problem:
@@ -89,6 +90,7 @@ def parse_list(path: Path) -> ParseResult:
     lines, bad = read_lines(path)
     res = ParseResult()
     cols: dict[str, int] | None = None
+    width = len(_HEADER)
     for i, text in enumerate(lines, 1):
         stripped = text.strip()
         if not stripped.startswith("|"):
@@ -99,21 +101,27 @@ def parse_list(path: Path) -> ParseResult:
         lowered = [c.lower() for c in cells]
         if all(_SEPARATOR.match(c) for c in cells if c) and any(cells):
             continue
-        if set(_HEADER) <= set(lowered):
-            cols = {h: lowered.index(h) for h in _HEADER}
+        if set(_HEADER) <= set(lowered):  # (a repeated header mid-file is skipped the same way)
+            cols = {h: lowered.index(h) for h in lowered if h}
+            width = len(cells)
             continue
         if cols is None:
             res.problems.append(Problem(SOURCE, str(path), i, "table row before the FILENAME | URL | LICENSE header", shorten(stripped)))
             continue
-        if len(cells) != len(_HEADER) and len(cells) <= max(cols.values()):
-            res.problems.append(Problem(SOURCE, str(path), i, f"row has {len(cells)} cells, the table has {len(_HEADER)}", shorten(stripped)))
+        if len(cells) != width and len(cells) <= max(cols[h] for h in _HEADER):
+            res.problems.append(Problem(SOURCE, str(path), i, f"row has {len(cells)} cells, the table has {width}", shorten(stripped)))
             continue
         if not any(cells):
             continue
         got = _entry(path, i, cells[cols["filename"]], cells[cols["url"]], cells[cols["license"]])
         if isinstance(got, Entry):
-            if len(cells) != len(_HEADER):
-                got.notes.append(f"row has {len(cells)} cells")
+            # optional ARTIST / TITLE columns, when a list carries them
+            if "artist" in cols and cols["artist"] < len(cells):
+                got.artist = clean(cells[cols["artist"]])
+            if "title" in cols and cols["title"] < len(cells) and clean(cells[cols["title"]]):
+                got.title = clean(cells[cols["title"]])
+            if len(cells) != width:
+                got.notes.append(f"row has {len(cells)} cells, the table has {width}")
             if i in bad:
                 got.notes.append("line not valid UTF-8, read as cp1252")
             res.entries.append(got)

@@ -306,6 +306,19 @@ def _report(p: IngestParams, outcomes: list[Outcome], rows: list[dict]) -> dict:
     return report
 
 
+def metric_view(report: dict) -> dict:
+    """The DVC metric: counts only, keys without spaces or dots (licence ids stay in audit.json)."""
+
+    def flat(block: dict) -> dict:
+        out = {k: block[k] for k in ("entries", "included", "train", "val")}
+        out["excluded"] = {reason.replace(" ", "_"): n for reason, n in block["excluded"].items()}
+        return out
+
+    metric = flat(report)
+    metric["sources"] = {name: flat(b) for name, b in report["sources"].items()}
+    return metric
+
+
 def write_outputs(rows: list[dict], outcomes: list[Outcome], report: dict, p: IngestParams,
                   manifest: Path = MANIFEST, licenses_dir: Path = LICENSES_DIR, report_path: Path = REPORT) -> None:
     write_manifest(manifest, rows)
@@ -324,7 +337,7 @@ def write_outputs(rows: list[dict], outcomes: list[Outcome], report: dict, p: In
     }
     (licenses_dir / "audit.json").write_text(json.dumps(audit, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     report_path.parent.mkdir(parents=True, exist_ok=True)
-    metric = {k: v for k, v in report.items() if k != "meta"}
+    metric = metric_view(report)
     report_path.write_text(json.dumps(metric, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
