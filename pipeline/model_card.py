@@ -88,19 +88,26 @@ def results_markdown(metrics: Mapping[str, Any]) -> str:
 
 
 def licence_markdown(licences: Mapping[str, Any], licence_files: list[str]) -> str:
-    training = licences.get("training", {})
-    rows = [[lic, v["tracks"], f"{v['minutes']:.1f}"] for lic, v in training.get("by_license", {}).items()]
-    parts = ["Training tracks by licence:", _table(["licence", "tracks", "minutes"], rows) if rows else "(none recorded)"]
-    rows = [[src, v["tracks"], f"{v['minutes']:.1f}"] for src, v in training.get("by_source", {}).items()]
-    if rows:
-        parts += ["By source:", _table(["source", "tracks", "minutes"], rows)]
+    """Licence section from models/report/licences.json (the audit and the training split)."""
+    parts = []
     audit = licences.get("audit")
     if audit:
-        if audit.get("ran"):
-            verdict = "failed" if audit.get("ok") is False or audit.get("violations") else "passed"
-            parts.append(f"Licence audit (every cached track is in the manifest with an allowed licence): **{verdict}**.")
-        else:
-            parts.append(f"Licence audit not run: {audit.get('reason', 'unknown reason')}.")
+        verdict = "passed" if audit.get("ok") and not audit.get("violations") else "FAILED"
+        parts.append(f"Licence audit — every track in the mel and teacher caches is in the manifest with a "
+                     f"licence the policy allows: **{verdict}** ({audit.get('tracks')} tracks, "
+                     f"{_f(audit.get('minutes'), 1)} minutes).")
+        rows = [[src, lic, v["tracks"], f"{v['minutes']:.1f}"]
+                for src, s in (audit.get("sources") or {}).items() for lic, v in s.get("licenses", {}).items()]
+        if rows:
+            parts.append(_table(["source", "licence", "tracks", "minutes"], rows))
+        for v in (audit.get("violations") or [])[:20]:
+            parts.append(f"- violation: `{v.get('track_id')}` in {v.get('cache')}: {v.get('problem')}")
+    else:
+        parts.append("No licence audit was recorded.")
+    training = licences.get("training", {}).get("by_license", {})
+    if training:
+        rows = [[lic, v["tracks"], f"{v['minutes']:.1f}"] for lic, v in training.items()]
+        parts += ["Of these, the students trained on (train split):", _table(["licence", "tracks", "minutes"], rows)]
     if licence_files:
         parts.append("Attribution of every source song: " + ", ".join(f"[{f}]({f})" for f in licence_files) + ".")
     return "\n\n".join(parts)
@@ -122,6 +129,7 @@ def render(
     spec: Mapping[str, Any],
     metrics: Mapping[str, Any],
     students: Mapping[str, Any],
+    licences: Mapping[str, Any],
     licence_files: list[str],
     params: Mapping[str, Mapping[str, Any]],
     file_sizes: Mapping[str, int],
@@ -174,7 +182,7 @@ def render(
 
     out += ["## Quality against the teacher", results_markdown(metrics)]
     out += ["## Parameters", _params_block(params, students)]
-    out += ["## Licences of the training data", licence_markdown(metrics.get("licences", {}), licence_files)]
+    out += ["## Licences of the training data", licence_markdown(licences, licence_files)]
     out += [
         "## Intended use and limits",
         "- For text-to-music search, similar-song lookup and tagging on modest hardware (CPU, "

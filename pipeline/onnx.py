@@ -58,6 +58,7 @@ def export_module(
     with torch.no_grad(), warnings.catch_warnings():
         # the legacy exporter is chosen on purpose (see the module docstring)
         warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.filterwarnings("ignore", message="Constant folding")  # strided slices stay unfolded
         torch.onnx.export(
             module,
             tuple(example_inputs),

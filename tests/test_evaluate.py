@@ -108,7 +108,7 @@ def test_perfect_students_score_one_and_the_baseline_zero_centred(tmp_path: Path
     manifest, mels, teacher = _setup()
     students = ev.Students(audio_embed_raw=_perfect_audio(teacher), text_embed=_perfect_text(teacher),
                            teacher_text_embed=teacher.embed_tag_prompts)
-    report = ev.build_report(P, manifest, mels, teacher, students, plot_dir=tmp_path / "plots")
+    report, licences = ev.build_report(P, manifest, mels, teacher, students, plot_dir=tmp_path / "plots")
     audio = report["audio"]
     assert audio["n_val_tracks"] == 5 and audio["n_val_segments"] == sum(len(mels.track_segments(t)) for t in manifest if manifest[t]["split"] == "val")
     for level in ("segment", "track"):
@@ -133,7 +133,8 @@ def test_perfect_students_score_one_and_the_baseline_zero_centred(tmp_path: Path
     assert genre["teacher_accuracy"] > genre["chance"]
     assert genre["student_accuracy"] == genre["teacher_accuracy"] and genre["agreement_with_teacher"] == 1.0
     assert genre["end_to_end_accuracy"] == genre["teacher_accuracy"]
-    assert report["licences"]["training"]["by_license"]["CC-BY-4.0"]["tracks"] == 5
+    assert licences["training"]["by_license"]["CC-BY-4.0"]["tracks"] == 5
+    assert report["licences"]["training_tracks"] == 5 and "audit_ok" not in report["licences"]
     assert set(report["plots"]) == {"track_cosine.csv", "track_cosine.png", "retrieval.json", "retrieval.png"}
     assert (tmp_path / "plots/track_cosine.png").read_bytes()[:4] == b"\x89PNG"
     rows = json.loads((tmp_path / "plots/retrieval.json").read_text())
@@ -147,7 +148,7 @@ def test_mean_student_scores_zero_centred_and_worse_rankings():
     mean = M.mean_embedding(teacher.segment_embeddings[train_rows])
     students = ev.Students(audio_embed_raw=lambda m: np.tile(mean * 2.0, (len(m), 1)))
     students.text_skipped = "disabled"
-    report = ev.build_report(P, manifest, mels, teacher, students)
+    report, licences = ev.build_report(P, manifest, mels, teacher, students)
     seg = report["audio"]["segment"]
     assert seg["cosine"]["mean"] > 0.98  # looks great raw ...
     assert seg["centred"] == {"mean": 0.0, "p10": 0.0, "p50": 0.0, "p90": 0.0}  # ... and is worth nothing centred
@@ -160,7 +161,7 @@ def test_mean_student_scores_zero_centred_and_worse_rankings():
 def test_disabled_audio_student_is_left_out():
     manifest, mels, teacher = _setup()
     students = ev.Students(text_embed=_perfect_text(teacher), audio_skipped="distillation.audio_enabled is false")
-    report = ev.build_report(P, manifest, mels, teacher, students)
+    report, licences = ev.build_report(P, manifest, mels, teacher, students)
     assert report["audio"]["skipped"] is True and "audio_enabled" in report["audio"]["reason"]
     assert set(report["retrieval"]) >= {"text_student"} and "audio_student" not in report["retrieval"]
     assert mels.reads == []
@@ -172,7 +173,7 @@ def test_no_tags_and_no_validation_tracks():
     for row in manifest.values():
         row["tags"] = []
     students = ev.Students(audio_embed_raw=_perfect_audio(teacher), text_skipped="off")
-    report = ev.build_report(P, manifest, mels, teacher, students)
+    report, licences = ev.build_report(P, manifest, mels, teacher, students)
     assert report["tags"]["skipped"] and "no tags" in report["tags"]["reason"]
     for row in manifest.values():
         row["split"] = "train"
@@ -197,6 +198,16 @@ def test_skipped_checkpoint_is_detected(tmp_path: Path):
     assert ev.student_skip_reason(trained) == ""
     with pytest.raises(ev.EvaluateError, match="missing"):
         ev.student_skip_reason(tmp_path / "absent.pt")
+
+
+def test_audit_summary_in_the_report():
+    manifest, mels, teacher = _setup()
+    students = ev.Students(audio_embed_raw=_perfect_audio(teacher), text_skipped="off")
+    audit = {"ok": False, "tracks": 10, "minutes": 7.5, "sources": {},
+             "violations": [{"track_id": "fma:x", "cache": "data/mels.h5", "problem": "not in the manifest"}]}
+    report, licences = ev.build_report(P, manifest, mels, teacher, students, audit)
+    assert report["licences"]["audit_ok"] is False and report["licences"]["violations"] == 1
+    assert licences["audit"]["violations"][0]["track_id"] == "fma:x"
 
 
 def test_audit_failure_detection():

@@ -121,6 +121,13 @@ def test_checksums_match_files(tmp_path: Path):
     ]
 
 
+LICENCES = {
+    "training": {"by_license": {"CC0-1.0": {"tracks": 7, "minutes": 4.5}},
+                 "by_source": {"fma": {"tracks": 7, "minutes": 4.5}}},
+    "audit": {"ok": True, "tracks": 9, "minutes": 6.0, "violations": [],
+              "sources": {"fma": {"tracks": 9, "minutes": 6.0, "licenses": {"CC0-1.0": {"tracks": 9, "minutes": 6.0}}}}},
+}
+
 METRICS = {
     "audio": {
         "n_val_tracks": 4, "n_val_segments": 20, "n_train_tracks": 12, "skipped": False,
@@ -132,9 +139,7 @@ METRICS = {
     "retrieval": {"n_queries": 8, "n_tracks": 4, "k": 4, "note": "only 4 validation tracks: k clipped to 4",
                   "audio_student": {"top_k_overlap": 1.0, "spearman": 0.6, "recall_at_k": 1.0}},
     "tags": {"skipped": True, "reason": "the manifest has no tags on validation tracks"},
-    "licences": {"training": {"by_license": {"CC0-1.0": {"tracks": 7, "minutes": 4.5}},
-                              "by_source": {"fma": {"tracks": 7, "minutes": 4.5}}},
-                 "audit": {"ran": True, "ok": True}},
+    "licences": {"audit_ok": True, "tracks": 9, "minutes": 6.0, "violations": 0},
     "notes": ["text student skipped: distillation.text_enabled: false"],
 }
 
@@ -146,14 +151,15 @@ def test_model_card_carries_the_figures():
             "parity": {ex.AUDIO_ONNX: {"min_cosine": 0.9999991, "max_abs_diff": 2e-6, "rows": 3},
                        ex.AUDIO_INT8_ONNX: {"cosine_min": 0.981, "cosine_mean": 0.99}}}
     card = model_card.render(spec=spec, metrics=METRICS, students={"audio": {"config": {"backbone": "mn04_as"}}},
-                             licence_files=["licenses/FMA_SONGS_LICENSE.md"], params={"export": {"opset": 17}},
+                             licences=LICENCES, licence_files=["licenses/FMA_SONGS_LICENSE.md"], params={"export": {"opset": 17}},
                              file_sizes={ex.AUDIO_ONNX: 2_500_000, ex.AUDIO_INT8_ONNX: 900_000})
     assert "**The text student is not included:** distillation.text_enabled: false" in card
     assert "| track centred cosine | 0.4200 | 0.3200 | 0.4200 | 0.4700 | 0.0000 |" in card
     assert "32000 Hz" in card and "320000 samples" in card
     assert "| audio student (teacher text) | 1.0000 | 0.6000 | 1.0000 |" in card
     assert "[licenses/FMA_SONGS_LICENSE.md](licenses/FMA_SONGS_LICENSE.md)" in card
-    assert "| CC0-1.0 | 7 | 4.5 |" in card and "**passed**" in card
+    assert "| CC0-1.0 | 7 | 4.5 |" in card and "**passed** (9 tracks, 6.0 minutes)" in card
+    assert "| fma | CC0-1.0 | 9 | 6.0 |" in card
     assert "0.9810 min" in card and "2.50 MB" in card
     assert "backbone=mn04_as" in card and "opset=17" in card
     assert "## Intended use and limits" in card
@@ -172,6 +178,7 @@ def test_export_stage_with_the_real_front_end(tmp_path: Path, monkeypatch, audio
     Path("models/text/tokenizer.json").write_bytes(tok_path.read_bytes())
     Path("models/report").mkdir(parents=True)
     Path("models/report/metrics.json").write_text(json.dumps(METRICS))
+    Path("models/report/licences.json").write_text(json.dumps(LICENCES))
     Path("data/licenses").mkdir(parents=True)
     Path("data/licenses/FMA_SONGS_LICENSE.md").write_text("# FMA songs\n")
     params = Params()
@@ -185,3 +192,5 @@ def test_export_stage_with_the_real_front_end(tmp_path: Path, monkeypatch, audio
         p.name for p in out.iterdir()
     }
     assert "licenses/FMA_SONGS_LICENSE.md" in (out / ex.CHECKSUMS).read_text()
+    card = (out / "README.md").read_text()
+    assert "| fma | CC0-1.0 | 9 | 6.0 |" in card and "track centred cosine" in card

@@ -12,7 +12,8 @@ Report sections
 - retrieval: text-to-music ranking agreement on the fixed eval prompts over the validation tracks,
   teacher-text x teacher-audio as reference vs the audio student, the text student and both.
 - tags: zero-shot tag accuracy with "This is a <tag> song." prompts where the manifest has tags.
-- licences: the licence audit's summary and the licences/minutes of the training tracks.
+- licences: the licence audit's verdict and totals; the per-source/licence tables (all cached
+  tracks, and the training split alone) go to models/report/licences.json for the model card.
 A student whose stage was disabled is left out and the section says so.
 """
 
@@ -362,34 +363,39 @@ def training_licences(manifest: dict[str, dict], durations: dict[str, float]) ->
 
 
 def licence_audit(manifest_path: Path, mels_path: Path, teacher_path: Path, audit_json: Path) -> dict[str, Any]:
-    """Run the licence audit (every cached track in the manifest with an allowed licence).
+    """Run the licence audit: every cached track must be in the manifest with an allowed licence.
 
-    The allowed-licence policy is ingest's: it is taken from what ingest recorded in audit.json,
-    so evaluate needs no ingest params.
+    The policy is ingest's, read from what ingest recorded in audit.json, so evaluate declares no
+    ingest params (and a policy tightened since the caches were built still flags old tracks).
     """
-    try:
-        from pipeline.audit import run_audit
-    except ImportError as exc:
-        return {"ran": False, "reason": f"licence audit unavailable: {exc}"}
+    from pipeline.audit import run_audit
+    from pipeline.params import LicensePolicyParams
+
     recorded = json.loads(audit_json.read_text(encoding="utf-8")) if audit_json.is_file() else {}
-    policy = recorded.get("policy") if isinstance(recorded, dict) else None
-    result = run_audit(manifest_path, mels_path, teacher_path, policy)
-    summary = result
-    for attr in ("summary", "as_dict", "to_dict"):
-        if hasattr(result, attr):
-            summary = getattr(result, attr)
-            summary = summary() if callable(summary) else summary
-            break
-    if not isinstance(summary, dict):
-        raise EvaluateError(f"licence audit returned {type(summary).__name__}, expected a JSON summary")
-    return {"ran": True, **summary}
+    policy_dict = recorded.get("policy") if isinstance(recorded, dict) else None
+    if policy_dict:
+        policy = LicensePolicyParams(**policy_dict)
+    else:
+        log.warning("%s records no licence policy: auditing against the default policy", audit_json)
+        policy = None
+    return run_audit(manifest_path, mels_path, teacher_path, policy).to_dict()
 
 
 def audit_failed(summary: dict[str, Any]) -> bool:
-    if summary.get("ok") is False or summary.get("passed") is False:
-        return True
-    violations = summary.get("violations")
-    return bool(violations) if isinstance(violations, (list, int)) else False
+    return summary.get("ok") is False or bool(summary.get("violations"))
+
+
+def licence_metrics(licences: dict[str, Any]) -> dict[str, Any]:
+    """The few licence figures that belong in metrics.json (details go to licences.json)."""
+    out: dict[str, Any] = {}
+    audit = licences.get("audit")
+    if audit is not None:
+        out.update(audit_ok=bool(audit.get("ok")), tracks=audit.get("tracks"), minutes=audit.get("minutes"),
+                   violations=len(audit.get("violations") or []))
+    training = licences.get("training", {}).get("by_license", {})
+    out["training_tracks"] = sum(v["tracks"] for v in training.values())
+    out["training_minutes"] = round(sum(v["minutes"] for v in training.values()), 2)
+    return out
 
 
 # --------------------------------------------------------------------------- report
@@ -447,8 +453,9 @@ def write_plots(out_dir: Path, audio: AudioResult, retrieval: dict[str, Any]) ->
 def build_report(
     p: EvaluateParams, manifest: dict[str, dict], mels, teacher, students: Students,
     audit: dict[str, Any] | None = None, plot_dir: Path | None = None,
-) -> dict[str, Any]:
-    """All sections of metrics.json from opened caches and loaded students."""
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(metrics.json, licences.json) from opened caches and loaded students; `audit` is the
+    licence audit's summary (`AuditReport.to_dict()`)."""
     train_ids = {tid for tid, r in manifest.items() if r.get("split") == "train"}
     val_ids = {tid for tid, r in manifest.items() if r.get("split") == "val"}
     log.info("evaluating on %d validation tracks (%d train tracks for centring)", len(val_ids), len(train_ids))
@@ -461,9 +468,10 @@ def build_report(
         "tags": evaluate_tags(students, audio, manifest),
     }
     durations = dict(zip(mels.track_ids, np.asarray(mels.durations, dtype=float)))
-    report["licences"] = {"training": training_licences(manifest, durations)}
+    licences: dict[str, Any] = {"training": training_licences(manifest, durations)}
     if audit is not None:
-        report["licences"]["audit"] = audit
+        licences["audit"] = audit
+    report["licences"] = licence_metrics(licences)
     notes = list(students.notes)
     for name, reason in (("audio", students.audio_skipped), ("text", students.text_skipped)):
         if reason:
@@ -474,7 +482,7 @@ def build_report(
     report["notes"] = notes
     if plot_dir is not None:
         report["plots"] = write_plots(plot_dir, audio, report["retrieval"])
-    return _finite(report)
+    return _finite(report), _finite(licences)
 
 
 def read_manifest_rows(path: Path) -> dict[str, dict]:
@@ -493,18 +501,22 @@ def run(params: Params, args: argparse.Namespace) -> int | None:
     # the teacher model is read only to embed zero-shot tag prompts (teacher.h5 holds no tag set)
     students = load_students(AUDIO_STUDENT, TEXT_STUDENT, TEXT_TOKENIZER, Path(params.teacher.model.dir))
     with MelCache(MELS) as mels, TeacherCache(TEACHER_CACHE) as teacher:
-        report = build_report(p, manifest, mels, teacher, students, audit, REPORT_DIR / "plots")
-    REPORT_DIR.mkdir(parents=True, exist_ok=True)
-    out = REPORT_DIR / "metrics.json"
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(out)
-    log.info("wrote %s", out)
+        report, licences = build_report(p, manifest, mels, teacher, students, audit, REPORT_DIR / "plots")
+    for name, data in (("metrics.json", report), ("licences.json", licences)):
+        _write_json(REPORT_DIR / name, data)
     _log_headline(report)
-    if audit.get("ran") and audit_failed(audit):
+    if audit_failed(audit):
         log.error("licence audit failed: a cached track is not in the manifest with an allowed licence")
         return 1
     return 0
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    tmp.replace(path)
+    log.info("wrote %s", path)
 
 
 def _log_headline(report: dict[str, Any]) -> None:

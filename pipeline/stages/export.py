@@ -43,6 +43,7 @@ AUDIO_STUDENT = Path("models/audio/student.pt")
 TEXT_STUDENT = Path("models/text/student.pt")
 TEXT_TOKENIZER = Path("models/text/tokenizer.json")
 METRICS = Path("models/report/metrics.json")
+LICENCE_REPORT = Path("models/report/licences.json")
 LICENSES = Path("data/licenses")
 EXPORT_DIR = Path("models/export")
 
@@ -321,8 +322,9 @@ def _export(params: Params, tmp_dir: Path) -> int:
                 shutil.copyfile(f, tmp_dir / "licenses" / f.name)
                 licence_files.append(f"licenses/{f.name}")
     metrics = json.loads(METRICS.read_text(encoding="utf-8")) if METRICS.is_file() else {}
+    licences = json.loads(LICENCE_REPORT.read_text(encoding="utf-8")) if LICENCE_REPORT.is_file() else {}
     card = model_card.render(
-        spec=spec, metrics=metrics, students=students, licence_files=licence_files,
+        spec=spec, metrics=metrics, students=students, licences=licences, licence_files=licence_files,
         params={"audio": as_dict(audio_p), "frontend.student": as_dict(fe), "export": as_dict(p)},
         file_sizes={f.name: f.stat().st_size for f in tmp_dir.glob("*.onnx")},
     )
