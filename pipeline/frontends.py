@@ -1,0 +1,160 @@
+"""Log-mel front-ends as torch modules that export to ONNX.
+
+- TeacherMel: the CLAP HTSAT front-end (laion_clap's torchlibrosa Spectrogram + LogmelFilterBank):
+  48 kHz, periodic Hann, n_fft 1024, hop 480, centre reflect padding, power spectrum, 64 Slaney
+  mels 50–14000 Hz, 10·log10(max(x, 1e-10)) (ref 1, no top_db). 480 000 samples -> [1001, 64].
+- StudentMel: EfficientAT's AugmentMelSTFT at evaluation: pre-emphasis (x[n+1] - 0.97·x[n]),
+  symmetric Hann of 800 samples centred in n_fft 1024, hop 320, centre reflect padding, power,
+  128 Kaldi mel bins 0–15000 Hz (plus the zero column for the Nyquist bin), log(x + 1e-5),
+  (x + 4.5) / 5. 320 000 samples -> [128, 1000].
+
+Eager mode uses torch.stft (FFT). While exporting to ONNX the STFT is a strided conv1d with a
+fixed windowed-DFT basis: same maths, and it exports cleanly at opset 17 without the deprecated
+real-valued stft output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from typing import Any
+
+import librosa
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.params import StudentFrontendParams, TeacherFrontendParams
+
+# Bump when the maths of a front-end changes, so caches built by older code are refused.
+FRONTEND_VERSION = 1
+
+
+def frontend_hash(params_section: Any) -> str:
+    """sha256 over the front-end params (a dataclass or mapping) and FRONTEND_VERSION."""
+    data = dataclasses.asdict(params_section) if dataclasses.is_dataclass(params_section) else dict(params_section)
+    blob = json.dumps({"version": FRONTEND_VERSION, "params": data}, sort_keys=True, default=float)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+# --------------------------------------------------------------------------- filter banks
+
+
+def slaney_mel_filterbank(sample_rate: int, n_fft: int, n_mels: int, f_min: float, f_max: float) -> np.ndarray:
+    """[n_fft // 2 + 1, n_mels] Slaney-scale, Slaney-normalised triangles (what torchlibrosa uses)."""
+    fb = librosa.filters.mel(sr=sample_rate, n_fft=n_fft, n_mels=n_mels, fmin=f_min, fmax=f_max, htk=False, norm="slaney")
+    return fb.T.astype(np.float32)
+
+
+def _kaldi_mel(freq: np.ndarray | float) -> np.ndarray:
+    return 1127.0 * np.log(1.0 + np.asarray(freq, dtype=np.float64) / 700.0)
+
+
+def kaldi_mel_banks(n_mels: int, n_fft: int, sample_rate: float, f_min: float, f_max: float) -> np.ndarray:
+    """[n_mels, n_fft // 2] Kaldi triangular mel banks (no VTLN warping), as torchaudio builds them.
+
+    Triangles are equally spaced on the 1127·ln(1 + f/700) scale between f_min and f_max
+    (f_max <= 0 counts down from Nyquist), unnormalised, evaluated at the first n_fft/2 FFT bins."""
+    nyquist = 0.5 * sample_rate
+    if f_max <= 0.0:
+        f_max += nyquist
+    if not (0.0 <= f_min < nyquist and 0.0 < f_max <= nyquist and f_min < f_max):
+        raise ValueError(f"mel range {f_min}-{f_max} Hz does not fit a {sample_rate} Hz signal")
+    mel_lo, mel_hi = _kaldi_mel(f_min), _kaldi_mel(f_max)
+    delta = (mel_hi - mel_lo) / (n_mels + 1)
+    idx = np.arange(n_mels, dtype=np.float64)[:, None]
+    left, centre, right = mel_lo + idx * delta, mel_lo + (idx + 1) * delta, mel_lo + (idx + 2) * delta
+    mel = _kaldi_mel(np.arange(n_fft // 2) * (sample_rate / n_fft))[None, :]
+    up = (mel - left) / (centre - left)
+    down = (right - mel) / (right - centre)
+    return np.maximum(0.0, np.minimum(up, down)).astype(np.float32)
+
+
+# --------------------------------------------------------------------------- STFT
+
+
+def _full_window(window: np.ndarray, n_fft: int) -> np.ndarray:
+    """Zero-pad a short window to n_fft, centred (torch.stft's convention)."""
+    left = (n_fft - len(window)) // 2
+    return np.pad(window, (left, n_fft - len(window) - left))
+
+
+class _PowerSTFT(nn.Module):
+    """|STFT|² with centre reflect padding: [B, N] -> [B, n_fft // 2 + 1, 1 + N // hop]."""
+
+    def __init__(self, n_fft: int, hop: int, window: np.ndarray) -> None:
+        super().__init__()
+        self.n_fft, self.hop, self.win_length = n_fft, hop, len(window)
+        self.register_buffer("window", torch.from_numpy(window.astype(np.float32)), persistent=False)
+        full = _full_window(window.astype(np.float64), n_fft)
+        k = np.arange(n_fft // 2 + 1)[:, None]
+        n = np.arange(n_fft)[None, :]
+        angle = 2.0 * np.pi * k * n / n_fft
+        basis = np.concatenate([np.cos(angle) * full, -np.sin(angle) * full])[:, None, :]
+        self.register_buffer("dft_basis", torch.from_numpy(basis.astype(np.float32)), persistent=False)
+        self.use_conv = False  # force the export path in eager mode (tests)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.use_conv or torch.onnx.is_in_onnx_export():
+            pad = self.n_fft // 2
+            x = F.pad(x.unsqueeze(1), (pad, pad), mode="reflect")
+            spec = F.conv1d(x, self.dft_basis, stride=self.hop)
+            real, imag = spec.chunk(2, dim=1)
+            return real * real + imag * imag
+        spec = torch.stft(x, self.n_fft, hop_length=self.hop, win_length=self.win_length, window=self.window,
+                          center=True, pad_mode="reflect", normalized=False, onesided=True, return_complex=True)
+        return spec.real.square() + spec.imag.square()
+
+
+# --------------------------------------------------------------------------- front-ends
+
+
+class TeacherMel(nn.Module):
+    """Waveform [B, N] at 48 kHz -> CLAP log-mel dB [B, 1 + N // hop, n_mels] (1001 x 64 for 10 s)."""
+
+    def __init__(self, p: TeacherFrontendParams | None = None) -> None:
+        super().__init__()
+        p = p or TeacherFrontendParams()
+        self.params = p
+        window = np.hanning(p.n_fft + 1)[:-1]  # periodic Hann, as librosa's get_window('hann')
+        self.stft = _PowerSTFT(p.n_fft, p.hop_length, window)
+        fb = slaney_mel_filterbank(p.sample_rate, p.n_fft, p.n_mels, p.f_min, p.f_max)
+        self.register_buffer("mel_fb", torch.from_numpy(fb), persistent=False)
+        self.amin = 1e-10
+
+    def forward(self, wave: torch.Tensor) -> torch.Tensor:
+        power = self.stft(wave)  # [B, F, T]
+        mel = torch.matmul(power.transpose(1, 2), self.mel_fb)  # [B, T, M]
+        return 10.0 * torch.log10(torch.clamp(mel, min=self.amin))
+
+
+class StudentMel(nn.Module):
+    """Waveform [B, N] at 32 kHz -> EfficientAT normalised log-mel [B, n_mels, 1 + (N - 1) // hop]."""
+
+    def __init__(self, p: StudentFrontendParams | None = None) -> None:
+        super().__init__()
+        p = p or StudentFrontendParams()
+        self.params = p
+        n = np.arange(p.win_length)
+        window = 0.5 - 0.5 * np.cos(2.0 * math.pi * n / (p.win_length - 1))  # symmetric Hann
+        self.stft = _PowerSTFT(p.n_fft, p.hop_length, window)
+        banks = kaldi_mel_banks(p.n_mels, p.n_fft, p.sample_rate, p.f_min, p.f_max)
+        banks = np.pad(banks, ((0, 0), (0, 1)))  # the Nyquist bin gets weight 0, as in EfficientAT
+        self.register_buffer("mel_banks", torch.from_numpy(banks), persistent=False)
+        emphasis = torch.tensor([[[-p.preemphasis, 1.0]]], dtype=torch.float32)
+        self.register_buffer("emphasis", emphasis, persistent=False)
+
+    def forward(self, wave: torch.Tensor) -> torch.Tensor:
+        x = F.conv1d(wave.unsqueeze(1), self.emphasis).squeeze(1)  # y[n] = x[n+1] - a·x[n]
+        mel = torch.matmul(self.mel_banks, self.stft(x))  # [B, M, T]
+        return (torch.log(mel + 1e-5) + 4.5) / 5.0
+
+
+def set_export_stft(module: nn.Module, enabled: bool = True) -> None:
+    """Make every STFT inside `module` use the conv1d (export) path even in eager mode."""
+    for m in module.modules():
+        if isinstance(m, _PowerSTFT):
+            m.use_conv = enabled
