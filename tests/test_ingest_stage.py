@@ -253,3 +253,22 @@ def test_download_missing_audio_from_local_server(tmp_path: Path) -> None:
     assert failed.reason == "audio missing" and "404" in failed.detail
     # only allowed tracks are fetched: the public-domain / BY rows without a server file stay missing
     assert report["excluded"]["audio missing"] == 1 + 4  # 6007 + four Wikimedia rows the server lacks
+
+
+def test_fma_list_and_metadata_csv_meet_by_page_url(tmp_path: Path) -> None:
+    lst = tmp_path / "FMA.md"
+    lst.write_text(
+        "SONG: Field Test - Rooftops, at Night\n"
+        "LINK: https://freemusicarchive.org/music/Field_Test/Demo_Album/Rooftops_at_Night/\n"
+        "LICENSE LINK: https://creativecommons.org/licenses/by/3.0/us/\n",
+        encoding="utf-8",
+    )
+    _touch(tmp_path / "audio" / "000" / "000140.mp3")  # FMA's own layout, known from the CSV
+    sp = SourceParams(lists=[str(lst)], metadata=[str(FIX / "native" / "raw_tracks.csv")], audio_root=str(tmp_path / "audio"))
+    rows, outcomes, report = stage.ingest(_params({"fma": sp}), progress=False)
+    (row,) = rows
+    assert row["track_id"] == "fma:Field_Test/Demo_Album/Rooftops_at_Night"  # the list entry came first
+    assert row["duration"] == 3725.0 and row["audio_path"].endswith("000/000140.mp3")  # merged from the CSV
+    dup = next(o for o in outcomes if o.track_id == "fma:140")
+    assert dup.reason == "duplicate" and "FMA.md:1" in dup.detail
+    assert report["excluded"]["licence not allowed"] == 1  # fma:2, BY-NC-SA

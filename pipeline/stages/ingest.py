@@ -20,7 +20,7 @@ import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import quote
+from urllib.parse import quote, unquote, urlsplit
 
 from tqdm import tqdm
 
@@ -132,6 +132,15 @@ def parse_source(name: str, sp: SourceParams) -> ParseResult:
     return res
 
 
+def _page_key(url: str | None) -> str:
+    """A song page URL without scheme, 'www.', case of the host and trailing slash ('' if none)."""
+    if not url:
+        return ""
+    parts = urlsplit(url.strip())
+    host = parts.netloc.lower().removeprefix("www.")
+    return f"{host}{unquote(parts.path).rstrip('/')}" if host else ""
+
+
 def _merge(first: Entry, later: Entry) -> None:
     """Fill what the first entry of a track lacks from a later one (tags are united)."""
     for attr in ("artist", "title", "url", "duration", "artist_key"):
@@ -173,6 +182,7 @@ def ingest(p: IngestParams, *, progress: bool = True) -> tuple[list[dict], list[
     """Decide every entry; returns (manifest rows, outcomes in list order, report)."""
     outcomes: list[Outcome] = []
     by_id: dict[str, Outcome] = {}
+    by_page: dict[str, Outcome] = {}
     metas: dict[str, dict] = {}
     for name, sp in p.sources.items():
         res = parse_source(name, sp)
@@ -180,16 +190,20 @@ def ingest(p: IngestParams, *, progress: bool = True) -> tuple[list[dict], list[
         for prob in res.problems:
             outcomes.append(_malformed(prob))
         for e in res.entries:
-            first = by_id.get(e.track_id)
+            # the same track under the same id, or under another id with the same page
+            # (an FMA list LINK and the metadata CSV's track_url)
+            first = by_id.get(e.track_id) or by_page.get(_page_key(e.url))
             if first is not None:
                 _merge(first.entry, e)
                 outcomes.append(
                     Outcome(e.source, e.file, e.line, e.track_id, reason=DUPLICATE, entry=e,
-                            detail=f"same track as {first.entry.where}; details merged there")
+                            detail=f"same track as {first.track_id} ({first.entry.where}); details merged there")
                 )
                 continue
             o = Outcome(e.source, e.file, e.line, e.track_id, entry=e)
             by_id[e.track_id] = o
+            if _page_key(e.url):
+                by_page[_page_key(e.url)] = o
             outcomes.append(o)
 
     # licences and policy
