@@ -84,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--mels", default="data/mels.h5")
     audit.add_argument("--teacher", default="data/teacher.h5")
     audit.add_argument("--json", dest="json_out", default=None, help="also write the summary as JSON here")
+    audit.add_argument("--params", default="params.yaml", help="licence policy from ingest.policy here (default: %(default)s)")
     audit.set_defaults(func=_call("pipeline.audit", "main"))
 
     mels = sub.add_parser("mels", help="mel cache tools")
