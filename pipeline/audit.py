@@ -126,6 +126,7 @@ def run_audit(
         rows = {r["track_id"]: r for r in read_manifest(manifest_path)}
     except ManifestError as exc:
         raise AuditError(str(exc)) from exc
+    excluded = _ingest_exclusions(Path(manifest_path).parent / "licenses" / "audit.json")
     report = AuditReport()
     seen: dict[str, float | None] = {}
     for path in (mels_path, teacher_path):
@@ -136,7 +137,8 @@ def run_audit(
         for i, tid in enumerate(ids):
             row = rows.get(tid)
             if row is None:
-                report.violations.append(Violation(tid, str(path), "not in the manifest"))
+                why = excluded.get(tid)
+                report.violations.append(Violation(tid, str(path), "not in the manifest" + (f" (ingest excluded it: {why})" if why else "")))
                 continue
             allowed, reason = decide(row["license"], policy)
             if not allowed:
@@ -154,6 +156,21 @@ def run_audit(
         else:
             cell["minutes"] += dur / 60.0
     return report
+
+
+def _ingest_exclusions(path: Path) -> dict[str, str]:
+    """track id -> why ingest left it out, from ingest's audit.json when it sits beside the manifest."""
+    if not path.is_file():
+        return {}
+    try:
+        entries = json.loads(path.read_text(encoding="utf-8")).get("entries", [])
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return {
+        e["track_id"]: e.get("detail") or e.get("reason") or "excluded"
+        for e in entries
+        if isinstance(e, dict) and e.get("track_id") and e.get("status") == "excluded"
+    }
 
 
 def _as_policy(policy: LicensePolicyParams | Mapping[str, bool] | None) -> LicensePolicyParams:

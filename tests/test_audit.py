@@ -81,6 +81,15 @@ def test_planted_unlicensed_track_fails(files, tmp_path: Path, capsys) -> None:
     assert json.loads(out.read_text())["ok"] is False
 
 
+def test_violation_names_why_ingest_left_the_track_out(files, tmp_path: Path) -> None:
+    (tmp_path / "licenses").mkdir()
+    entries = [{"track_id": "fma:nc", "status": "excluded", "reason": "licence not allowed",
+                "detail": "licence not allowed: CC-BY-NC-4.0 (allow_nc is false)"}]
+    (tmp_path / "licenses" / "audit.json").write_text(json.dumps({"entries": entries}))
+    rep = run_audit(files["manifest"], _cache(tmp_path / "m.h5", ["fma:nc"]), None)
+    assert rep.violations[0].problem == "not in the manifest (ingest excluded it: licence not allowed: CC-BY-NC-4.0 (allow_nc is false))"
+
+
 def test_main_passes_and_prints_minutes(files, capsys, tmp_path: Path) -> None:
     args = argparse.Namespace(manifest=str(files["manifest"]), mels=str(files["mels"]), teacher=str(files["teacher"]),
                               json_out=None, params=str(tmp_path / "absent.yaml"))
