@@ -139,6 +139,8 @@ class TeacherModelParams:
     )
     checkpoint_sha256: str = ""
     tokenizer_dir: str = "models/teacher_src/roberta-base"
+    # where `student-clap teacher fetch` gets roberta-base's vocab.json, merges.txt, tokenizer.json, config.json
+    tokenizer_url: str = "https://huggingface.co/FacebookAI/roberta-base/resolve/main"
     demo: DemoTeacherParams = field(default_factory=DemoTeacherParams)
 
 
