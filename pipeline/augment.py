@@ -1,0 +1,287 @@
+"""Training augmentations on cached log-mels, applied identically to the student and teacher mels.
+
+A batch holds S mel rows (10-s segments); each row belongs to an *item* (a single segment, or one
+segment of a track whose embedding is averaged). `Augmenter.draw()` makes a `Plan` — one random
+draw per batch from torch's global RNG, so a resumed run repeats it — and `apply_student()` /
+`apply_teacher()` apply the same plan to either front-end's representation, in this order:
+
+1. Gain, one level change per item (all segments of a track get the same gain), uniform in
+   ±`gain_db`. A level change multiplies the *power* spectrum by 10^(g/10). The student mel is
+   EfficientAT's ``(log(P + 1e-5) + 4.5) / 5``: that is not a constant shift, because of the
+   +1e-5 floor (at low energies the change is smaller than g), so the student mel is mapped back
+   to power, scaled and mapped forward again — exact up to float rounding (fp16 caches lose the
+   quietest bins, which sit at the floor anyway). The teacher mel is ``10·log10(max(P, 1e-10))``:
+   there a gain is an exact +g dB shift, floored at -100 dB.
+2. Mixup (probability `mixup` per single-segment row): the row is mixed with another
+   single-segment row of the batch, in the power domain (sounds add as powers, not as log
+   values), with weight lam = max(b, 1 - b), b ~ Beta(0.4, 0.4), so the row's own segment stays
+   dominant. Track items are never mixed.
+3. SpecAugment-style masks (`spec_masks`): one frequency band (up to `freq_mask` student mel bins)
+   and one time span (up to `time_mask` frames) per row, filled with the row's mean value — a
+   0 dB (or 0) fill would be a loud or silent hole far outside the data. Both front-ends hop
+   10 ms, so frame t is the same instant in both; a student band is carried to the teacher bins
+   whose centre frequencies fall inside it.
+
+Teacher targets from the embedding cache are not augmented (the cached teacher saw the clean
+segment); only mixup has an approximate cached target (the mix of the two raw teacher
+projections). With ``use_teacher_embedding_cache: false`` the teacher is run on the teacher mel
+augmented by the same plan, so its target matches what the student saw.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.params import AugmentParams
+
+STUDENT_LOG_OFFSET = 1e-5  # EfficientAT: log(mel + 1e-5)
+STUDENT_SHIFT, STUDENT_SCALE = 4.5, 5.0  # then (x + 4.5) / 5
+TEACHER_FLOOR_DB = -100.0  # power_to_db(amin=1e-10)
+MIXUP_ALPHA = 0.4
+
+
+# ----------------------------------------------------------------------------- domain maps
+
+
+def student_mel_to_power(x: torch.Tensor) -> torch.Tensor:
+    return (torch.exp(x * STUDENT_SCALE - STUDENT_SHIFT) - STUDENT_LOG_OFFSET).clamp_min(0.0)
+
+
+def power_to_student_mel(p: torch.Tensor) -> torch.Tensor:
+    return (torch.log(p + STUDENT_LOG_OFFSET) + STUDENT_SHIFT) / STUDENT_SCALE
+
+
+def teacher_db_to_power(db: torch.Tensor) -> torch.Tensor:
+    return torch.pow(10.0, db / 10.0)
+
+
+def power_to_teacher_db(p: torch.Tensor) -> torch.Tensor:
+    return 10.0 * torch.log10(p.clamp_min(10.0 ** (TEACHER_FLOOR_DB / 10.0)))
+
+
+def student_gain(x: torch.Tensor, gain_db: torch.Tensor) -> torch.Tensor:
+    """Level change of `gain_db` [S] on student mels [S, F, T] (exact, through the power domain)."""
+    factor = torch.pow(10.0, gain_db / 10.0).to(x.dtype)[:, None, None]
+    return power_to_student_mel(student_mel_to_power(x) * factor)
+
+
+def teacher_gain(db: torch.Tensor, gain_db: torch.Tensor) -> torch.Tensor:
+    """Level change of `gain_db` [S] on teacher log-mels in dB [S, T, F]."""
+    return (db + gain_db.to(db.dtype)[:, None, None]).clamp_min(TEACHER_FLOOR_DB)
+
+
+# ----------------------------------------------------------------------------- mel frequencies
+
+
+def kaldi_mel_centres(n_mels: int, f_min: float, f_max: float) -> np.ndarray:
+    """Centre frequencies (Hz) of Kaldi-style mel bins (EfficientAT's filterbank)."""
+    to_mel = lambda f: 1127.0 * np.log1p(np.asarray(f, dtype=np.float64) / 700.0)  # noqa: E731
+    lo, hi = to_mel(f_min), to_mel(f_max)
+    mels = lo + (hi - lo) * np.arange(1, n_mels + 1) / (n_mels + 1)
+    return 700.0 * np.expm1(mels / 1127.0)
+
+
+def slaney_mel_centres(n_mels: int, f_min: float, f_max: float) -> np.ndarray:
+    """Centre frequencies (Hz) of Slaney mel bins (CLAP's filterbank)."""
+    import librosa
+
+    return librosa.mel_frequencies(n_mels + 2, fmin=f_min, fmax=f_max, htk=False)[1:-1]
+
+
+# ----------------------------------------------------------------------------- the plan
+
+
+@dataclass
+class Plan:
+    gain_db: torch.Tensor  # [S] per row (equal within an item)
+    partner: torch.Tensor  # [S] row index mixed in, -1 = none
+    lam: torch.Tensor  # [S] weight of the row itself
+    f_lo: torch.Tensor  # [S] first masked student bin (f_lo == f_hi: no band)
+    f_hi: torch.Tensor
+    t_lo: torch.Tensor  # [S] first masked frame
+    t_hi: torch.Tensor
+
+    @property
+    def mixed(self) -> torch.Tensor:
+        return self.partner >= 0
+
+
+class Augmenter:
+    """Draw one plan per batch; apply it to student mels [S, F, T] or teacher mels [S, T, F]."""
+
+    def __init__(
+        self,
+        p: AugmentParams,
+        student_centres_hz: np.ndarray | None = None,
+        teacher_centres_hz: np.ndarray | None = None,
+    ) -> None:
+        if p.gain_db < 0 or not 0.0 <= p.mixup <= 1.0 or p.freq_mask < 0 or p.time_mask < 0:
+            raise ValueError(f"augment params out of range: {p}")
+        self.p = p
+        self.student_centres = student_centres_hz
+        self.teacher_centres = teacher_centres_hz
+
+    @property
+    def active(self) -> bool:
+        return self.p.gain_db > 0 or self.p.mixup > 0 or self.p.spec_masks
+
+    def draw(self, row_item: torch.Tensor, single_rows: torch.Tensor, n_bins: int, n_frames: int) -> Plan:
+        """`row_item` [S]: item of each row; `single_rows` [S] bool: rows of single-segment items."""
+        s = row_item.shape[0]
+        n_items = int(row_item.max()) + 1 if s else 0
+        p = self.p
+        item_gain = (torch.rand(n_items) * 2.0 - 1.0) * p.gain_db if p.gain_db > 0 else torch.zeros(n_items)
+        gain = item_gain[row_item]
+
+        partner = torch.full((s,), -1, dtype=torch.long)
+        lam = torch.ones(s)
+        singles = torch.nonzero(single_rows).flatten()
+        if p.mixup > 0 and len(singles) > 1:
+            chosen = torch.rand(len(singles)) < p.mixup
+            # a partner among the other single rows: shift by 1..n-1 positions in the singles list
+            shift = torch.randint(1, len(singles), (len(singles),))
+            other = singles[(torch.arange(len(singles)) + shift) % len(singles)]
+            b = torch.distributions.Beta(MIXUP_ALPHA, MIXUP_ALPHA).sample((len(singles),))
+            partner[singles[chosen]] = other[chosen]
+            lam[singles[chosen]] = torch.maximum(b, 1 - b)[chosen]
+
+        zeros = torch.zeros(s, dtype=torch.long)
+        f_lo = f_hi = t_lo = t_hi = zeros
+        if p.spec_masks:
+            fw = torch.randint(0, min(p.freq_mask, n_bins) + 1, (s,))
+            f_lo = (torch.rand(s) * (n_bins - fw + 1)).long()
+            f_hi = f_lo + fw
+            tw = torch.randint(0, min(p.time_mask, n_frames) + 1, (s,))
+            t_lo = (torch.rand(s) * (n_frames - tw + 1)).long()
+            t_hi = t_lo + tw
+        return Plan(gain, partner, lam, f_lo, f_hi, t_lo, t_hi)
+
+    # -- application ------------------------------------------------------------------------
+
+    def apply_student(self, mels: torch.Tensor, plan: Plan) -> torch.Tensor:
+        """Student mels [S, F, T] (EfficientAT normalised log-mel)."""
+        x = mels
+        if self.p.gain_db > 0:
+            x = student_gain(x, plan.gain_db.to(x.device))
+        if bool(plan.mixed.any()):
+            x = self._mix(x, plan, student_mel_to_power, power_to_student_mel)
+        if self.p.spec_masks:
+            x = self._mask(x, plan.f_lo, plan.f_hi, plan.t_lo, plan.t_hi, freq_axis=1)
+        return x
+
+    def apply_teacher(self, db: torch.Tensor, plan: Plan) -> torch.Tensor:
+        """Teacher log-mels in dB [S, T, F] (CLAP)."""
+        x = db
+        if self.p.gain_db > 0:
+            x = teacher_gain(x, plan.gain_db.to(x.device))
+        if bool(plan.mixed.any()):
+            x = self._mix(x, plan, teacher_db_to_power, power_to_teacher_db)
+        if self.p.spec_masks:
+            f_lo, f_hi = self._teacher_band(plan, x.shape[2])
+            x = self._mask(x, f_lo, f_hi, plan.t_lo, plan.t_hi, freq_axis=2)
+        return x
+
+    @staticmethod
+    def _mix(x: torch.Tensor, plan: Plan, to_power, from_power) -> torch.Tensor:
+        """Mix rows in the power domain; rows without a partner are left bit-identical."""
+        rows = torch.nonzero(plan.mixed).flatten().to(x.device)
+        partners = plan.partner.to(x.device)[rows]
+        lam = plan.lam.to(x.device, x.dtype)[rows][:, None, None]
+        out = x.clone()
+        out[rows] = from_power(lam * to_power(x[rows]) + (1 - lam) * to_power(x[partners]))
+        return out
+
+    @staticmethod
+    def _mask(x: torch.Tensor, f_lo, f_hi, t_lo, t_hi, freq_axis: int) -> torch.Tensor:
+        n_f = x.shape[freq_axis]
+        n_t = x.shape[3 - freq_axis]
+        dev = x.device
+        f = torch.arange(n_f, device=dev)[None, :]
+        t = torch.arange(n_t, device=dev)[None, :]
+        fmask = (f >= f_lo.to(dev)[:, None]) & (f < f_hi.to(dev)[:, None])  # [S, F]
+        tmask = (t >= t_lo.to(dev)[:, None]) & (t < t_hi.to(dev)[:, None])  # [S, T]
+        if freq_axis == 1:
+            hole = fmask[:, :, None] | tmask[:, None, :]
+        else:
+            hole = fmask[:, None, :] | tmask[:, :, None]
+        mean = x.mean(dim=(1, 2), keepdim=True)
+        return torch.where(hole, mean.expand_as(x), x)
+
+    def _teacher_band(self, plan: Plan, n_teacher_bins: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher bins whose centre lies inside the masked student band."""
+        if self.student_centres is None or self.teacher_centres is None:
+            raise ValueError("spectral masks on teacher mels need both front-ends' mel centre frequencies")
+        sc = torch.as_tensor(self.student_centres)
+        tc = torch.as_tensor(self.teacher_centres)
+        if len(tc) != n_teacher_bins:
+            raise ValueError(f"teacher mel has {n_teacher_bins} bins, its front-end params say {len(tc)}")
+        has = plan.f_hi > plan.f_lo
+        lo_hz = sc[plan.f_lo.clamp(max=len(sc) - 1)]
+        hi_hz = sc[(plan.f_hi - 1).clamp(min=0, max=len(sc) - 1)]
+        f_lo = torch.searchsorted(tc, lo_hz, right=False)
+        f_hi = torch.searchsorted(tc, hi_hz, right=True)
+        f_hi = torch.where(has, f_hi, f_lo)
+        return f_lo, f_hi
+
+
+def frontend_centres(attrs: Mapping[str, Any]) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(student, teacher) mel centre frequencies from a mel cache's front-end attributes.
+
+    Accepts either flat keys or nested "student"/"teacher" mappings; returns None for a side it
+    cannot find (masks then refuse to run in teacher-recompute mode, with a clear error)."""
+
+    def section(name: str) -> Mapping[str, Any] | None:
+        for key in (name, f"{name}_frontend", f"frontend_{name}"):
+            v = attrs.get(key)
+            if isinstance(v, str):
+                try:
+                    import json
+
+                    v = json.loads(v)
+                except ValueError:
+                    continue
+            if isinstance(v, Mapping):
+                return v
+        front = attrs.get("frontend")
+        if isinstance(front, str):
+            import json
+
+            try:
+                front = json.loads(front)
+            except ValueError:
+                front = None
+        if isinstance(front, Mapping) and isinstance(front.get(name), Mapping):
+            return front[name]
+        return None
+
+    s, t = section("student"), section("teacher")
+    sc = kaldi_mel_centres(int(s["n_mels"]), float(s["f_min"]), float(s["f_max"])) if s else None
+    tc = slaney_mel_centres(int(t["n_mels"]), float(t["f_min"]), float(t["f_max"])) if t else None
+    return sc, tc
+
+
+def mixup_targets(raw_rows: torch.Tensor, plan: Plan) -> torch.Tensor:
+    """Cached-teacher approximation for mixed rows: the same mix of the raw teacher projections."""
+    out = raw_rows.clone()
+    if bool(plan.mixed.any()):
+        rows = torch.nonzero(plan.mixed).flatten()
+        lam = plan.lam[rows][:, None].to(raw_rows.dtype)
+        out[rows] = lam * raw_rows[rows] + (1 - lam) * raw_rows[plan.partner[rows]]
+    return out
+
+
+__all__ = [
+    "Augmenter",
+    "Plan",
+    "frontend_centres",
+    "kaldi_mel_centres",
+    "mixup_targets",
+    "slaney_mel_centres",
+    "student_gain",
+    "teacher_gain",
+]

@@ -1,0 +1,269 @@
+"""distill_audio: batches for strategy "both", augmentations in the right domain, the stage's outputs,
+resume, the disabled-student markers."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from pipeline.augment import (
+    Augmenter,
+    kaldi_mel_centres,
+    mixup_targets,
+    power_to_student_mel,
+    slaney_mel_centres,
+    student_gain,
+    student_mel_to_power,
+    teacher_gain,
+)
+from pipeline.models.audio_student import load_audio_student
+from pipeline.params import AugmentParams, Params, params_from_dict
+from pipeline.stages import distill_audio as stage
+
+N_FRAMES = 48  # short mels keep the CPU tests fast; the network is length-agnostic
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+
+class FakeMelCache:
+    """In-memory stand-in with the MelCache reader API of the contract."""
+
+    def __init__(self, student: np.ndarray, teacher: np.ndarray, track_ids: list[str], counts: list[int]):
+        self._student, self._teacher = student, teacher
+        self.track_ids = track_ids
+        starts = np.cumsum([0] + counts)
+        self._ranges = {t: range(int(a), int(b)) for t, a, b in zip(track_ids, starts[:-1], starts[1:])}
+        self.n_segments = int(starts[-1])
+        self.segment_track = np.repeat(np.arange(len(track_ids)), counts)
+        self.attrs = {"frontend": json.dumps({
+            "student": {"n_mels": 128, "f_min": 0.0, "f_max": 15000.0},
+            "teacher": {"n_mels": 64, "f_min": 50.0, "f_max": 14000.0},
+        })}
+        self.reads = 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self) -> None:
+        pass
+
+    def track_segments(self, track_id: str) -> range:
+        return self._ranges[track_id]
+
+    def student_mels(self, idx) -> np.ndarray:
+        self.reads += 1
+        return self._student[np.asarray(idx)]
+
+    def teacher_mels(self, idx) -> np.ndarray:
+        return self._teacher[np.asarray(idx)]
+
+
+@pytest.fixture()
+def workspace(tmp_path: Path, monkeypatch):
+    """8 tracks (5 train, 3 val) of 1-3 segments; the teacher embedding depends on the mel's level
+    and spectral tilt around a large common direction, like a random CLAP teacher."""
+    rng = np.random.default_rng(0)
+    counts = [2, 1, 3, 2, 1, 2, 3, 1]
+    ids = [f"fma:{i}" for i in range(len(counts))]
+    n = sum(counts)
+    level = rng.uniform(-1.0, 1.0, n)
+    tilt = rng.uniform(-1.0, 1.0, n)
+    freq = np.linspace(-1, 1, 128)[:, None]
+    student = (-0.5 + 0.3 * level[:, None, None] + 0.2 * tilt[:, None, None] * freq[None]
+               + 0.05 * rng.standard_normal((n, 128, N_FRAMES))).astype(np.float32)
+    teacher_mels = rng.standard_normal((n, 1001, 64)).astype(np.float32) * 10 - 40
+    base, a, b = (rng.standard_normal(512) for _ in range(3))
+    raw = 5 * base + level[:, None] * a + tilt[:, None] * b
+    seg_norm = np.linalg.norm(raw, axis=1)
+    seg_emb = raw / seg_norm[:, None]
+    starts = np.cumsum([0] + counts)
+    trk = np.stack([raw[s:e].mean(0) for s, e in zip(starts[:-1], starts[1:])])
+    trk /= np.linalg.norm(trk, axis=1, keepdims=True)
+
+    teacher_h5 = tmp_path / "teacher.h5"
+    with h5py.File(teacher_h5, "w") as f:
+        f["segments/embedding"] = seg_emb.astype(np.float32)
+        f["segments/raw_norm"] = seg_norm.astype(np.float32)
+        f["tracks/track_id"] = np.array(ids, dtype=object).astype(h5py.string_dtype())
+        f["tracks/embedding"] = trk.astype(np.float32)
+        f.create_group("text")
+        f.attrs["teacher_sha256"] = json.dumps("0" * 64)
+    manifest = tmp_path / "manifest.jsonl"
+    splits = ["train", "train", "val", "train", "val", "train", "val", "train"]
+    rows = [{"track_id": t, "source": "fma", "artist": f"artist {i}", "title": f"song {i}", "audio_path": f"{i}.ogg",
+             "license": "CC0-1.0", "license_url": "https://creativecommons.org/publicdomain/zero/1.0/",
+             "url": f"https://example.org/{i}", "split": s, "tags": [], "duration": 20.0}
+            for i, (t, s) in enumerate(zip(ids, splits))]
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cache = FakeMelCache(student, teacher_mels, ids, counts)
+    monkeypatch.setattr(stage, "_open_mels", lambda path: cache)
+    return {"teacher": teacher_h5, "manifest": manifest, "cache": cache, "tmp": tmp_path}
+
+
+def _params(**over) -> Params:
+    section = {
+        "model": "mn04_as", "epochs": 2, "stage2_epochs": 1, "batch_size": 4, "lr": 0.003, "stage2_lr": 0.001,
+        "dropout": 0.0, "augment": {"gain_db": 3.0, "spec_masks": True, "freq_mask": 8, "time_mask": 8, "mixup": 0.5},
+        "device": "cpu",
+    }
+    section.update(over)
+    return params_from_dict({"distill_audio": section})
+
+
+def _train(ws, out: Path, resume: bool = False, **over):
+    return stage.train_audio_student(_params(**over).distill_audio, out, resume=resume, mels_path=Path("unused"),
+                                     teacher_path=ws["teacher"], manifest_path=ws["manifest"])
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+def test_both_strategy_mixes_segments_and_track_averages(workspace) -> None:
+    from pipeline.embedding_store import TeacherCache
+
+    cache = workspace["cache"]
+    with TeacherCache(workspace["teacher"]) as t:
+        train, val = stage.load_splits(cache, t, [json.loads(x) for x in workspace["manifest"].read_text().splitlines()])
+        seg_emb, seg_norm = t.segment_embeddings, t.segment_raw_norms
+    assert train.track_ids == ["fma:0", "fma:1", "fma:3", "fma:5", "fma:7"]
+    assert len(train.segments) == 8 and len(val.segments) == 7
+    items = stage.TrainItems(train, "both")
+    assert len(items) == 8 + 5
+    source = stage.MelSource(Path("unused"), train.segments, with_teacher=False)
+    collate = stage.Collate(train, source, seg_emb, seg_norm, items.n_seg)
+    batch = collate([0, 9])  # segment item 0 and track item 1 (fma:1... index 9 - 8 = 1)
+    assert batch["row_item"].tolist() == [0, 1]
+    assert batch["single_row"].tolist() == [True, False]
+    np.testing.assert_allclose(batch["teacher"][0], seg_emb[train.segments[0]], rtol=1e-6)
+    np.testing.assert_allclose(batch["teacher"][1], train.teacher_tracks[1], rtol=1e-6)
+    batch = collate([10])  # fma:3: two segments averaged into one item
+    assert batch["row_item"].tolist() == [0, 0] and batch["mels"].shape == (2, 128, N_FRAMES)
+    rows = torch.tensor([[1.0, 0.0], [3.0, 2.0], [5.0, 5.0]])
+    assert stage.average_rows(rows, torch.tensor([0, 0, 1]), 2).tolist() == [[2.0, 1.0], [5.0, 5.0]]
+    assert len(stage.TrainItems(train, "segments")) == 8 and len(stage.TrainItems(train, "tracks")) == 5
+
+
+# ----------------------------------------------------------------------------- augmentation
+
+
+def test_gain_is_a_power_change_in_the_efficientat_domain() -> None:
+    power = torch.tensor([[1e-7, 1e-5, 1e-3, 1.0, 50.0]]).reshape(1, 5, 1)
+    x = power_to_student_mel(power)
+    assert torch.allclose(student_mel_to_power(x), power, rtol=1e-4)
+    out = student_gain(x, torch.tensor([6.0]))
+    expected = (torch.log(power * 10 ** 0.6 + 1e-5) + 4.5) / 5
+    assert torch.allclose(out, expected, atol=1e-5)
+    shift = (out - x).flatten()
+    # loud bins move by log(10^0.6)/5, quiet ones (near the +1e-5 floor) by much less
+    assert shift[-1] == pytest.approx(np.log(10 ** 0.6) / 5, abs=1e-4)
+    assert shift[0] < 0.2 * shift[-1]
+    db = torch.tensor([[[-100.0, -30.0, 0.0]]])
+    assert teacher_gain(db, torch.tensor([-6.0])).flatten().tolist() == [-100.0, -36.0, -6.0]
+
+
+def test_masks_fill_with_the_mean_and_match_across_front_ends() -> None:
+    torch.manual_seed(0)
+    aug = Augmenter(AugmentParams(gain_db=0.0, spec_masks=True, freq_mask=20, time_mask=30, mixup=0.0),
+                    kaldi_mel_centres(128, 0.0, 15000.0), slaney_mel_centres(64, 50.0, 14000.0))
+    s = torch.randn(3, 128, 100)
+    t = torch.randn(3, 101, 64)
+    plan = aug.draw(torch.arange(3), torch.ones(3, dtype=torch.bool), 128, 100)
+    plan.f_lo[:] = 40
+    plan.f_hi[:] = 60
+    plan.t_lo[:] = 10
+    plan.t_hi[:] = 25
+    out_s, out_t = aug.apply_student(s, plan), aug.apply_teacher(t, plan)
+    for i in range(3):
+        assert torch.allclose(out_s[i, 40:60], s[i].mean().expand(20, 100))
+        assert torch.allclose(out_s[i, :, 10:25], s[i].mean().expand(128, 15))
+        assert torch.equal(out_s[i, :40, :10], s[i, :40, :10])
+        assert torch.allclose(out_t[i, 10:25], t[i].mean().expand(15, 64))
+    # the teacher band covers the same frequencies as student bins 40..59
+    sc, tc = kaldi_mel_centres(128, 0, 15000), slaney_mel_centres(64, 50, 14000)
+    masked = (out_t[0, 50] == t[0].mean()).numpy()
+    assert masked.any()
+    assert (tc[masked] >= sc[40] - 1e-6).all() and (tc[masked] <= sc[59] + 1e-6).all()
+
+
+def test_mixup_mixes_power_and_targets_the_same_way() -> None:
+    torch.manual_seed(1)
+    aug = Augmenter(AugmentParams(gain_db=0.0, mixup=1.0))
+    single = torch.tensor([True, True, True, False])
+    plan = aug.draw(torch.tensor([0, 1, 2, 3]), single, 128, 10)
+    assert plan.mixed[:3].all() and not plan.mixed[3]
+    assert (plan.partner[:3] != torch.arange(3)).all() and (plan.lam[:3] >= 0.5).all()
+    x = torch.randn(4, 128, 10) * 0.2 - 0.5
+    out = aug.apply_student(x, plan)
+    p = student_mel_to_power(x)
+    lam = plan.lam[0]
+    expected = power_to_student_mel(lam * p[0] + (1 - lam) * p[plan.partner[0]])
+    assert torch.allclose(out[0], expected, atol=1e-5)
+    assert torch.equal(out[3], x[3])
+    raw = torch.randn(4, 512)
+    tgt = mixup_targets(raw, plan)
+    assert torch.allclose(tgt[0], lam * raw[0] + (1 - lam) * raw[plan.partner[0]])
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def test_stage_writes_student_metrics_plots_and_resumes(workspace) -> None:
+    out = workspace["tmp"] / "audio"
+    report = _train(workspace, out)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["skipped"] is False and metrics["pretrained"] is False
+    assert metrics["params_count"] == 516128 + 384 * 512 + 512 * 512
+    for k in ("segment_cosine", "segment_cosine_centred", "track_cosine", "track_cosine_centred"):
+        assert -1.0 <= metrics["val"][k] <= 1.0
+    assert metrics["baseline"]["track_cosine_centred"] == 0.0
+    assert metrics["epochs"] == 3 and report["best_epoch"] >= 1
+    student = load_audio_student(out / "student.pt")
+    assert torch.load(out / "student.pt", weights_only=True)["metrics"]["pretrained"] is False
+    assert student(torch.randn(1, 128, N_FRAMES)).shape == (1, 512)
+    assert (out / "checkpoints" / "best.pt").is_file() and (out / "checkpoints" / "epoch_003.pt").is_file()
+    assert (out / "plots" / "plots" / "metrics" / "val" / "track_cosine_centred.tsv").is_file()
+
+    # one more stage-2 epoch, continued from the checkpoint
+    _train(workspace, out, resume=True, stage2_epochs=2)
+    assert json.loads((out / "metrics.json").read_text())["epochs"] == 4
+
+
+def test_teacher_recompute_mode_runs_teacher_on_augmented_input(workspace, monkeypatch) -> None:
+    seen = []
+
+    class EchoTeacher:
+        """Stand-in teacher: embedding = mean level per mel bin, tiled to 512."""
+
+        def embed_mels_raw(self, mels: torch.Tensor) -> torch.Tensor:
+            seen.append(mels.clone())
+            return mels.mean(dim=1).repeat(1, 8)
+
+    monkeypatch.setattr("pipeline.teacher.load_teacher", lambda *a, **k: EchoTeacher())
+    _train(workspace, workspace["tmp"] / "audio2", use_teacher_embedding_cache=False, epochs=1, stage2_epochs=0,
+           augment={"gain_db": 6.0, "spec_masks": False, "mixup": 0.0})
+    cache = workspace["cache"]
+    assert seen, "the teacher was not called"
+    # gains moved the teacher mels away from the cached clean ones
+    clean = cache._teacher.reshape(len(cache._teacher), -1)
+    first = seen[0].reshape(len(seen[0]), -1).numpy()
+    assert not any(np.allclose(row, c, atol=1e-3) for row in first for c in clean)
+
+
+def test_disabled_student_writes_markers(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    params = params_from_dict({"distillation": {"audio_enabled": False}})
+    assert stage.run(params, argparse.Namespace(resume=False, shard=None, params="params.yaml")) == 0
+    assert json.loads(Path("models/audio/metrics.json").read_text())["skipped"] is True
+    assert torch.load("models/audio/student.pt", weights_only=True)["skipped"] is True
+    with pytest.raises(ValueError, match="skipped"):
+        load_audio_student("models/audio/student.pt")
