@@ -12,10 +12,17 @@ import hashlib
 import unicodedata
 
 
+# Names that say "no artist known"; grouping all their songs together would make one huge group.
+PLACEHOLDER_ARTISTS = frozenset(
+    {"unknown", "unknown artist", "unknown author", "anonymous", "anon", "various", "various artists", "n/a", "none", "-"}
+)
+
+
 def artist_group(artist: str | None, track_id: str) -> str:
-    """Normalised grouping key: the same artist spelt with other case/spacing/accents-form matches."""
-    if artist and artist.strip():
-        return "artist:" + " ".join(unicodedata.normalize("NFKC", artist).casefold().split())
+    """Normalised grouping key: the same artist spelt with other case/spacing/Unicode form matches."""
+    name = " ".join(unicodedata.normalize("NFKC", artist or "").casefold().split())
+    if name and name not in PLACEHOLDER_ARTISTS:
+        return "artist:" + name
     return "track:" + track_id
 
 

@@ -103,8 +103,9 @@ def test_split_is_artist_disjoint_stable_and_near_ratio() -> None:
     assert 0.22 < share < 0.28
     # case/spacing variants of one artist land together
     assert artist_group("  Kettle   LANE ", "a:1") == artist_group("Kettle Lane", "b:2")
-    # no artist: each track is its own group
+    # no artist (or a placeholder such as Commons' "Unknown author"): each track is its own group
     assert artist_group(None, "a:1") != artist_group(None, "a:2")
+    assert artist_group("Unknown author", "a:1") != artist_group("unknown  AUTHOR", "a:2")
     # another salt reshuffles
     assert [split_of(g, 0.25, "other") for g in groups] != sides
     # stable: the decision for one artist does not depend on who else is there

@@ -180,6 +180,18 @@ def _download_url(name: str, sp: SourceParams, entry: Entry, meta: dict) -> str 
 
 def ingest(p: IngestParams, *, progress: bool = True) -> tuple[list[dict], list[Outcome], dict]:
     """Decide every entry; returns (manifest rows, outcomes in list order, report)."""
+    outcomes, unique, metas = _collect(p)
+    _apply_policy(unique, p)
+    _resolve_audio(unique, p, metas, progress)
+    _drop_shared_files(unique)
+    rows = [_manifest_row(o, p) for o in unique if not o.reason]
+    report = _report(p, outcomes, rows)
+    report["meta"] = metas
+    return rows, outcomes, report
+
+
+def _collect(p: IngestParams) -> tuple[list[Outcome], list[Outcome], dict[str, dict]]:
+    """Parse every source; merge repeated tracks into their first entry (the rest: duplicates)."""
     outcomes: list[Outcome] = []
     by_id: dict[str, Outcome] = {}
     by_page: dict[str, Outcome] = {}
@@ -187,8 +199,7 @@ def ingest(p: IngestParams, *, progress: bool = True) -> tuple[list[dict], list[
     for name, sp in p.sources.items():
         res = parse_source(name, sp)
         metas[name] = res.meta
-        for prob in res.problems:
-            outcomes.append(_malformed(prob))
+        outcomes += [_malformed(prob) for prob in res.problems]
         for e in res.entries:
             # the same track under the same id, or under another id with the same page
             # (an FMA list LINK and the metadata CSV's track_url)
@@ -205,9 +216,11 @@ def ingest(p: IngestParams, *, progress: bool = True) -> tuple[list[dict], list[
             if _page_key(e.url):
                 by_page[_page_key(e.url)] = o
             outcomes.append(o)
+    return outcomes, list(by_id.values()), metas
 
-    # licences and policy
-    for o in by_id.values():
+
+def _apply_policy(unique: list[Outcome], p: IngestParams) -> None:
+    for o in unique:
         e = o.entry
         o.license = licenses.normalize_license(e.license_text or e.license_url)
         allowed, why = licenses.decide(o.license, p.policy)
@@ -215,12 +228,13 @@ def ingest(p: IngestParams, *, progress: bool = True) -> tuple[list[dict], list[
             o.reason = UNKNOWN_LICENCE if o.license == licenses.UNKNOWN else LICENCE_NOT_ALLOWED
             o.detail = why if o.license != licenses.UNKNOWN else f"cannot read a licence from {e.license_text!r}"
 
-    # audio: local first, then (optionally) fetched
-    candidates = [o for o in by_id.values() if not o.reason]
+
+def _resolve_audio(unique: list[Outcome], p: IngestParams, metas: dict[str, dict], progress: bool) -> None:
+    """Local files first; with ingest.download, fetch what is missing (allowed tracks only)."""
+    candidates = [o for o in unique if not o.reason]
     missing: list[Outcome] = []
     for o in tqdm(candidates, desc="finding audio", unit="song", disable=not progress or len(candidates) < 1000):
-        root = Path(p.sources[o.source].audio_root)
-        found = _find_audio(root, o.entry)
+        found = _find_audio(Path(p.sources[o.source].audio_root), o.entry)
         if found is None:
             missing.append(o)
         else:
@@ -233,9 +247,11 @@ def ingest(p: IngestParams, *, progress: bool = True) -> tuple[list[dict], list[
             tried = ", ".join((Path(p.sources[o.source].audio_root) / c).as_posix() for c in o.entry.candidates[:3])
             o.detail = o.detail or f"no file at {tried}"
 
-    # the same audio file listed under two ids
+
+def _drop_shared_files(unique: list[Outcome]) -> None:
+    """The same audio file listed under two ids is one track: the later id is a duplicate."""
     by_file: dict[str, Outcome] = {}
-    for o in candidates:
+    for o in unique:
         if o.reason or o.audio_path is None:
             continue
         key = str(Path(o.audio_path).resolve())
@@ -244,33 +260,26 @@ def ingest(p: IngestParams, *, progress: bool = True) -> tuple[list[dict], list[
             continue
         by_file[key] = o
 
-    rows = []
-    for o in by_id.values():
-        if o.reason:
-            continue
-        e = o.entry
-        o.status = "included"
-        o.split = split_of(artist_group(e.artist_key or e.artist, e.track_id), p.val_ratio, p.split_salt)
-        rows.append(
-            {
-                "track_id": e.track_id,
-                "source": e.source,
-                "artist": e.artist,
-                "title": e.title,
-                "audio_path": o.audio_path,
-                "license": o.license,
-                "license_url": e.license_url or licenses.canonical_url(o.license) or None,
-                "url": e.url,
-                "split": o.split,
-                "tags": e.tags,
-                "duration": e.duration,
-                "source_path": e.source_path,
-                "sha256": o.sha256,
-            }
-        )
-    report = _report(p, outcomes, rows)
-    report["meta"] = metas
-    return rows, outcomes, report
+
+def _manifest_row(o: Outcome, p: IngestParams) -> dict:
+    e = o.entry
+    o.status = "included"
+    o.split = split_of(artist_group(e.artist_key or e.artist, e.track_id), p.val_ratio, p.split_salt)
+    return {
+        "track_id": e.track_id,
+        "source": e.source,
+        "artist": e.artist,
+        "title": e.title,
+        "audio_path": o.audio_path,
+        "license": o.license,
+        "license_url": e.license_url or licenses.canonical_url(o.license) or None,
+        "url": e.url,
+        "split": o.split,
+        "tags": e.tags,
+        "duration": e.duration,
+        "source_path": e.source_path,
+        "sha256": o.sha256,
+    }
 
 
 def _malformed(prob: Problem) -> Outcome:
