@@ -526,6 +526,9 @@ def fit(task: TrainTask, cfg: TrainConfig) -> TrainResult:
             )
     if live is not None:
         live.end()
+        # DVCLive's own summary duplicates what the stage writes to its metrics.json, and inside
+        # a plots folder DVC would list it as an (empty) plot
+        (Path(cfg.live_dir) / "metrics.json").unlink(missing_ok=True)
 
     best_state: dict[str, torch.Tensor]
     if dd.main and (ckpt_dir / "best.pt").is_file():
