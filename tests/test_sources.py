@@ -149,7 +149,8 @@ def test_fma_tracks_csv_multi_row_header() -> None:
     by_id = {e.track_id: e for e in res.entries}
     assert set(by_id) == {"fma:2", "fma:5", "fma:10"}
     assert (by_id["fma:2"].artist, by_id["fma:2"].title, by_id["fma:2"].duration) == ("Field Test", "Food", 168.0)
-    assert by_id["fma:2"].tags == ["punk", "Hip-Hop"]
+    assert by_id["fma:2"].tags == ["punk", "genre---hip-hop"]
+    assert by_id["fma:10"].tags == ["genre---pop"]
     assert normalize_license(by_id["fma:5"].license_text) == "LicenseRef-CC-BY"
     assert normalize_license(by_id["fma:10"].license_text) == "CC-BY-NC-ND-3.0"
     assert len(res.problems) == 1 and res.problems[0].line == 7

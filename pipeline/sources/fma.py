@@ -160,6 +160,12 @@ def _tag_list(text: str) -> list[str]:
     return [str(v).strip() for v in value if str(v).strip()] if isinstance(value, list) else []
 
 
+def _genre_tag(genre: str) -> list[str]:
+    """FMA's top genre as a tag in MTG-Jamendo's `genre---<name>` form, so both sources read alike."""
+    genre = genre.strip().lower()
+    return [f"genre---{genre}"] if genre else []
+
+
 def _metadata_entry(path: Path, line: int, track_id: str, artist: str, title: str, url: str,
                     lic_title: str, lic_url: str, duration: float | None, tags: list[str]) -> Entry | Problem:
     try:
@@ -249,7 +255,7 @@ def parse_tracks_csv(path: Path) -> ParseResult:
             got = _metadata_entry(
                 path, line, row[0], cell(row, ("artist", "name")), cell(row, ("track", "title")), "",
                 cell(row, ("track", "license")), "", _duration(cell(row, ("track", "duration"))),
-                _tag_list(cell(row, ("track", "tags"))) + ([g] if (g := cell(row, ("track", "genre_top"))) else []),
+                _tag_list(cell(row, ("track", "tags"))) + _genre_tag(cell(row, ("track", "genre_top"))),
             )
             (res.problems if isinstance(got, Problem) else res.entries).append(got)
     return res
