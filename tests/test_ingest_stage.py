@@ -76,7 +76,10 @@ def test_demo_ingest(demo_dir: Path) -> None:
     assert report["included"] == 17 and report["entries"] == 19
     assert report["excluded"]["licence_not_allowed"] == 1 and report["excluded"]["audio_missing"] == 1
     assert report["excluded"]["malformed"] == 0 and report["excluded"]["duplicate"] == 0
-    assert report["sources"]["wikimedia"]["included"] == 6
+    assert report["included_per_source"] == {"fma": 5, "jamendo": 6, "wikimedia": 6}
+    counts = json.loads(Path("data/licenses/audit.json").read_text())["counts"]
+    assert counts["sources"]["fma"]["excluded"]["licence not allowed"] == 1
+    assert counts["licenses"]["CC-BY-4.0"] == 6
     assert report["train"] + report["val"] == 17
 
     # attribution files list exactly the included tracks and parse back
@@ -187,7 +190,8 @@ def test_bad_input_is_audited_with_file_and_line(tmp_path: Path, monkeypatch: py
     assert any("UTF-8" in n for n in cafe["notes"])
     report = json.loads(Path("models/report/ingest.json").read_text())
     assert report["excluded"]["malformed"] == len(malformed) and report["included"] == 2
-    assert report["sources"]["wikimedia"]["excluded"]["unknown_licence"] == 1  # GFDL
+    counts = json.loads(Path("data/licenses/audit.json").read_text())["counts"]
+    assert counts["sources"]["wikimedia"]["excluded"]["unknown licence"] == 1  # GFDL
 
 
 def test_missing_list_file_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog) -> None:
