@@ -371,10 +371,21 @@ def fit(task: TrainTask, cfg: TrainConfig) -> TrainResult:
     encoder = make_encoder()
     if ckpt is not None:
         if ckpt.get("stage") == stage and start_epoch < total_epochs:
-            optimizer.load_state_dict(ckpt["optimizer"])
-            scheduler.load_state_dict(ckpt["scheduler"])
+            # `student-clap ckpt reset` may have removed either state: then it starts afresh
+            if ckpt.get("optimizer") is not None:
+                optimizer.load_state_dict(ckpt["optimizer"])
+            else:
+                log.info("checkpoint has no optimizer state: fresh AdamW at lr %g", optimizer.param_groups[0]["lr"])
+            if ckpt.get("scheduler") is not None:
+                scheduler.load_state_dict(ckpt["scheduler"])
+            else:
+                log.info("checkpoint has no scheduler state: fresh ReduceLROnPlateau")
         elif start_epoch < total_epochs:
             log.info("checkpoint was in stage %s, continuing in stage %d with a fresh optimizer", ckpt.get("stage"), stage)
+        if ckpt.get("lr_override") is not None and start_epoch < total_epochs:
+            for g in optimizer.param_groups:
+                g["lr"] = float(ckpt["lr_override"])
+            log.info("learning rate set to %g by `ckpt reset --lr`", float(ckpt["lr_override"]))
         rng = ckpt["rng"]
         _set_rng_state(rng[dd.rank] if dd.rank < len(rng) else rng[0])
 
