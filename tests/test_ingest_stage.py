@@ -238,9 +238,12 @@ def test_download_missing_audio_from_local_server(tmp_path: Path) -> None:
     }  # 07/6007.mp3 is absent: 404
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     base = f"http://127.0.0.1:{srv.server_address[1]}"
+    sums = tmp_path / "audio_sha256_tracks.txt"  # MTG-Jamendo's published checksum format
+    sums.write_text(f"{hashlib.sha256(b'a' * 3000).hexdigest()} 91/1091.mp3\n{'0' * 64} 93/1093.mp3\n")
     try:
         sources = {
-            "jamendo": SourceParams(lists=[str(FIX / "seed" / "MTG_JAMENDO_SONGS_LICENSE.md")], audio_root=str(tmp_path / "j"), download_base_url=f"{base}/mtg"),
+            "jamendo": SourceParams(lists=[str(FIX / "seed" / "MTG_JAMENDO_SONGS_LICENSE.md")], metadata=[str(sums)],
+                                    audio_root=str(tmp_path / "j"), download_base_url=f"{base}/mtg"),
             "wikimedia": SourceParams(lists=[str(FIX / "seed" / "WIKIMEDIA_SONGS_LICENSE.md")], audio_root=str(tmp_path / "w"), download_base_url=f"{base}/commons"),
         }
         p = _params(sources, download=True)
@@ -250,14 +253,17 @@ def test_download_missing_audio_from_local_server(tmp_path: Path) -> None:
         srv.shutdown()
         srv.server_close()
     by_id = {r["track_id"]: r for r in rows}
-    assert set(by_id) == {"jamendo:1091", "jamendo:1092", "jamendo:1093", "wikimedia:Trnecek_op_77.ogg"}
+    assert set(by_id) == {"jamendo:1091", "jamendo:1092", "wikimedia:Trnecek_op_77.ogg"}
+    bad = next(o for o in outcomes if o.track_id == "jamendo:1093")  # served bytes do not match the checksum
+    assert bad.reason == "audio missing" and "sha256" in bad.detail
+    assert not (tmp_path / "j" / "93" / "1093.mp3").exists()
     assert (tmp_path / "j" / "91" / "1091.mp3").read_bytes() == b"a" * 3000
     assert by_id["jamendo:1091"]["sha256"] == hashlib.sha256(b"a" * 3000).hexdigest()
     assert by_id["wikimedia:Trnecek_op_77.ogg"]["audio_path"].endswith("w/Trnecek_op_77.ogg")
     failed = next(o for o in outcomes if o.track_id == "jamendo:6007")
     assert failed.reason == "audio missing" and "404" in failed.detail
     # only allowed tracks are fetched: the public-domain / BY rows without a server file stay missing
-    assert report["excluded"]["audio missing"] == 1 + 4  # 6007 + four Wikimedia rows the server lacks
+    assert report["excluded"]["audio missing"] == 2 + 4  # 6007, 1093 + four Wikimedia rows the server lacks
 
 
 def test_fma_list_and_metadata_csv_meet_by_page_url(tmp_path: Path) -> None:

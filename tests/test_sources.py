@@ -254,3 +254,15 @@ def test_parsers_survive_mangled_input(parser, tmp_path: Path) -> None:
             assert e.track_id.startswith(e.source + ":") and e.line >= 1
         for p in res.problems:
             assert p.file == str(path) and p.line >= 1
+
+
+def test_checksum_list_format(tmp_path: Path) -> None:
+    from pipeline.sources.base import is_checksum_file, parse_checksums
+
+    path = tmp_path / "autotagging_moodtheme_audio_sha256_tracks.txt"
+    path.write_text(f"{'a' * 64} 63/1159663.mp3\n{'B' * 64} 77/1245177.mp3\nnot a checksum line\n")
+    assert is_checksum_file(path)
+    assert not is_checksum_file(FIX / "native" / "autotagging_moodtheme.tsv")
+    sums, problems = parse_checksums(path)
+    assert sums == {"63/1159663.mp3": "a" * 64, "77/1245177.mp3": "b" * 64}
+    assert [(p.line, p.text) for p in problems] == [(3, "not a checksum line")]

@@ -120,3 +120,28 @@ def strip_audio_ext(name: str) -> str:
 
 def has_audio_ext(name: str) -> bool:
     return bool(_EXT.search(name))
+
+
+_CHECKSUM_LINE = re.compile(r"^([0-9a-fA-F]{64})\s+\*?(\S.*?)\s*$")
+
+
+def is_checksum_file(path: Path) -> bool:
+    """A `sha256sum`-style list (`<hex> <relative path>` per line), as MTG-Jamendo publishes."""
+    with open(path, "rb") as fh:
+        first = fh.readline(4096).decode("utf-8", errors="replace").strip()
+    return bool(_CHECKSUM_LINE.match(first))
+
+
+def parse_checksums(path: Path) -> tuple[dict[str, str], list[Problem]]:
+    """relative path -> lower-case sha256, and the lines that do not fit the format."""
+    lines, _ = read_lines(path)
+    sums, problems = {}, []
+    for i, text in enumerate(lines, 1):
+        if not text.strip():
+            continue
+        m = _CHECKSUM_LINE.match(text.strip())
+        if m:
+            sums[m.group(2)] = m.group(1).lower()
+        else:
+            problems.append(Problem("checksums", str(path), i, "not a '<sha256> <path>' line", shorten(text)))
+    return sums, problems

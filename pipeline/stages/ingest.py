@@ -18,7 +18,7 @@ import argparse
 import json
 import logging
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import quote, unquote, urlsplit
 
@@ -29,7 +29,7 @@ from pipeline.download import DownloadJob, download_many
 from pipeline.manifest import write_manifest
 from pipeline.params import IngestParams, Params, SourceParams
 from pipeline.sources import fma, jamendo, wikimedia
-from pipeline.sources.base import Entry, ParseResult, Problem
+from pipeline.sources.base import Entry, ParseResult, Problem, is_checksum_file, parse_checksums
 from pipeline.split import artist_group, split_of
 
 log = logging.getLogger(__name__)
@@ -102,8 +102,24 @@ def _need(path: str, what: str) -> Path:
 
 
 def parse_source(name: str, sp: SourceParams) -> ParseResult:
-    """Every list and metadata file configured for one source."""
+    """Every list and metadata file configured for one source.
+
+    A metadata file in `sha256sum` format (MTG-Jamendo publishes one per subset) is not a song
+    list: it gives the expected sha256 of each audio path, checked when ingest downloads it.
+    """
     res = ParseResult()
+    sums: dict[str, str] = {}
+    metadata = []
+    for path in sp.metadata:
+        if is_checksum_file(_need(path, f"ingest.sources.{name}.metadata")):
+            got, problems = parse_checksums(Path(path))
+            sums.update(got)
+            for prob in problems:
+                prob.source = name
+            res.problems += problems
+        else:
+            metadata.append(path)
+    sp = replace(sp, metadata=metadata)
     if name == "fma":
         for path in sp.lists:
             res.extend(fma.parse_list(_need(path, f"ingest.sources.{name}.lists")))
@@ -128,6 +144,8 @@ def parse_source(name: str, sp: SourceParams) -> ParseResult:
             res.extend(wikimedia.parse_metadata(_need(path, f"ingest.sources.{name}.metadata")))
     else:
         raise IngestError(f"ingest.sources.{name}: unknown source (known: fma, jamendo, wikimedia)")
+    if sums:
+        res.meta["sha256"] = sums
     log.info("%s: %d entries, %d unusable records", name, len(res.entries), len(res.problems))
     return res
 
@@ -295,7 +313,8 @@ def _fetch(p: IngestParams, missing: list[Outcome], metas: dict[str, dict], prog
         if url is None:
             o.detail = f"no download URL for {o.source} (set ingest.sources.{o.source}.download_base_url)"
             continue
-        jobs.append(DownloadJob(url, Path(sp.audio_root) / o.entry.download_path))
+        expected = metas.get(o.source, {}).get("sha256", {}).get(o.entry.download_path)
+        jobs.append(DownloadJob(url, Path(sp.audio_root) / o.entry.download_path, expected))
         owners.append(o)
     if not jobs:
         return
