@@ -150,7 +150,7 @@ def render(
     descriptions = {
         "audio_student.onnx": "waveform segments -> embedding, embedding_raw",
         "audio_student_mel.onnx": "student log-mels -> embedding, embedding_raw",
-        "audio_student.int8.onnx": "int8 dynamic-quantised waveform model",
+        "audio_student.int8.onnx": "waveform model, projection head int8 (dynamic)",
         "text_student.onnx": "input_ids, attention_mask -> embedding",
     }
     for fname, what in descriptions.items():

@@ -141,11 +141,17 @@ def check_parity(
     return report
 
 
-def quantize_int8(src: str | Path, dst: str | Path, exclude_prefixes: Sequence[str] = ()) -> Path:
+def quantize_int8(
+    src: str | Path,
+    dst: str | Path,
+    exclude_prefixes: Sequence[str] = (),
+    op_types: Sequence[str] | None = None,
+) -> Path:
     """Dynamic int8 quantisation of the weights (activations stay float, quantised per batch).
 
     Nodes whose name starts with one of `exclude_prefixes` stay fp32 — e.g. the mel front-end,
-    whose fixed STFT/filterbank weights lose more to int8 than they save.
+    whose fixed STFT/filterbank weights lose more to int8 than they save. `op_types` limits which
+    operators are quantised (None: onnxruntime's default set, which includes Conv).
     """
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -158,7 +164,10 @@ def quantize_int8(src: str | Path, dst: str | Path, exclude_prefixes: Sequence[s
     # the quantiser first rewrites Gemm as MatMul + Add, naming the MatMul "<gemm>_MatMul"
     excluded += [f"{name}_MatMul" for name in excluded]
     log.info("quantising %s -> %s (dynamic int8, %d nodes kept fp32)", src, dst, len(excluded))
-    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, nodes_to_exclude=excluded)
+    quantize_dynamic(
+        str(src), str(dst), weight_type=QuantType.QInt8, nodes_to_exclude=excluded,
+        op_types_to_quantize=list(op_types) if op_types else None,
+    )
     return dst
 
 
