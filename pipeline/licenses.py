@@ -282,7 +282,7 @@ def render_attribution(source: str, rows: list[dict], *, jamendo_base_url: str =
         for r in rows:
             out += [
                 f"SONG: {_one_line(r.get('artist')) or 'Unknown artist'} - {_one_line(r.get('title'))}",
-                f"LINK: {r.get('url') or ''}",
+                f"LINK: {r.get('url') or r.get('track_id') or ''}",  # tracks.csv rows have no page URL
                 f"LICENSE LINK: {r.get('license_url') or canonical_url(r['license'])}",
                 "",
             ]
