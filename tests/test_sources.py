@@ -266,3 +266,10 @@ def test_checksum_list_format(tmp_path: Path) -> None:
     sums, problems = parse_checksums(path)
     assert sums == {"63/1159663.mp3": "a" * 64, "77/1245177.mp3": "b" * 64}
     assert [(p.line, p.text) for p in problems] == [(3, "not a checksum line")]
+
+
+def test_commons_names_normalise_like_commons_titles() -> None:
+    assert wikimedia.commons_name("File:harbour waltz.ogg") == "Harbour_waltz.ogg"
+    assert wikimedia.commons_name("https://commons.wikimedia.org/wiki/File:Caf%C3%A9_Tune.ogg") == "Café_Tune.ogg"
+    assert wikimedia.commons_name("https://upload.wikimedia.org/wikipedia/commons/a/ab/Harbour_Waltz.ogg") == "Harbour_Waltz.ogg"
+    assert wikimedia.commons_name('"Afghanistan"_(1920).mp3') == '"Afghanistan"_(1920).mp3'

@@ -32,7 +32,7 @@ _MD_LINK = re.compile(r"\[([^\]]*)\]\(([^)\s]*)\)")
 
 
 def commons_name(text: str) -> str:
-    """'File:Foo bar.ogg', a Commons page URL or an upload URL -> 'Foo_bar.ogg'."""
+    """'File:foo bar.ogg', a Commons page URL or an upload URL -> 'Foo_bar.ogg'."""
     text = text.strip()
     if "://" in text or text.startswith("//"):
         path = unquote(urlsplit(text).path)
@@ -40,7 +40,9 @@ def commons_name(text: str) -> str:
         if "File:" in path:
             text = path.split("File:", 1)[1]
     text = re.sub(r"^(?:File|Image|Datei|Fichier)\s*:", "", text, flags=re.I)
-    return "_".join(text.split())
+    name = "_".join(text.split())
+    # Commons titles always start with a capital letter: file:x.ogg and File:X.ogg are one page
+    return name[:1].upper() + name[1:] if name[:1].upper() != name[:1] and len(name[:1].upper()) == 1 else name
 
 
 def _title_from_name(name: str) -> str:
