@@ -42,7 +42,8 @@ def commons_name(text: str) -> str:
     text = re.sub(r"^(?:File|Image|Datei|Fichier)\s*:", "", text, flags=re.I)
     name = "_".join(text.split())
     # Commons titles always start with a capital letter: file:x.ogg and File:X.ogg are one page
-    return name[:1].upper() + name[1:] if name[:1].upper() != name[:1] and len(name[:1].upper()) == 1 else name
+    first = name[:1].upper()
+    return first + name[1:] if len(first) == 1 else name  # ('ß'.upper() is two letters: keep it)
 
 
 def _title_from_name(name: str) -> str:
