@@ -395,9 +395,15 @@ def run(params: Params, args: argparse.Namespace) -> int:
         return 2
     write_outputs(rows, outcomes, report, p)
     _log_summary(report)
+    shown: Counter = Counter()
     for o in outcomes:
         if o.status == "excluded" and o.reason != DUPLICATE:
-            log.info("excluded %s (%s:%d): %s", o.track_id or "-", o.file, o.line, o.detail or o.reason)
+            shown[o.reason] += 1
+            level = logging.INFO if shown[o.reason] <= 20 else logging.DEBUG  # the audit has them all
+            log.log(level, "excluded %s (%s:%d): %s", o.track_id or "-", o.file, o.line, o.detail or o.reason)
+    for reason, n in shown.items():
+        if n > 20:
+            log.info("… and %d more '%s' entries in %s", n - 20, reason, AUDIT)
     if not rows:
         log.error("no track passed the licence policy with its audio present; see %s", AUDIT)
         return 1
