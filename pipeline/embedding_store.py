@@ -9,8 +9,9 @@ Layout (all embeddings float32, 512-d):
     /tracks/n_segments    [N_tracks]
     /text/<set>/query     [n]           utf-8 strings (sets from pipeline.queries.build_query_sets)
     /text/<set>/embedding [n, 512]      L2-normalised
-    attrs: teacher_sha256, teacher_provenance (JSON), frontend_hash, mels (JSON identity of the
-           mel cache), params (JSON), dtype, format_version
+    attrs: teacher_sha256, teacher_provenance (JSON), frontend_hash (the mel cache's
+           teacher_frontend_hash), mels (JSON identity of the mel cache: segment count, track-id
+           and segment-map hashes, its attrs), params (JSON), dtype, format_version
 
 While a run is in progress the file is `<out>.partial` with an extra `/segments/done` mask, so an
 interrupted run continues where it stopped; a finished file is renamed into place atomically.
@@ -52,7 +53,8 @@ def shard_path(out: str | Path, k: int, n: int) -> Path:
 
 
 def _json_attr(value: object) -> str:
-    return json.dumps(value, sort_keys=True, default=str)
+    """Attribute encoding: strings as they are, anything else as sorted JSON."""
+    return value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
 
 
 # --------------------------------------------------------------------------- writing
@@ -95,7 +97,7 @@ class EmbeddingWriter:
         for k, v in want.items():
             f.attrs[k] = v
         for k, v in extra.items():
-            f.attrs[k] = v if isinstance(v, str) else _json_attr(v)
+            f.attrs[k] = _json_attr(v)
         f.flush()
         return f
 
@@ -202,7 +204,7 @@ def merge_shards(inputs: Sequence[str | Path], out: str | Path, track_ids: Seque
         tmp = partial_path(out).with_name(Path(out).name + ".merging")
         if tmp.exists():
             tmp.unlink()
-        writer = EmbeddingWriter(tmp, n, {k: json.loads(v) for k, v in identity.items()}, extra)
+        writer = EmbeddingWriter(tmp, n, identity, extra)  # attrs are already encoded
         text_done = False
         for p, f in zip(inputs, files):
             done = f["segments/done"][:]
@@ -274,7 +276,7 @@ class TeacherCache:
 
     @property
     def teacher_sha256(self) -> str:
-        return json.loads(self._file.attrs["teacher_sha256"])
+        return str(self._file.attrs["teacher_sha256"])
 
     @property
     def segment_embeddings(self) -> np.ndarray:

@@ -80,7 +80,7 @@ def test_layout_and_values(full: Path, teacher, mels: ArrayMelCache) -> None:
         np.testing.assert_allclose(sets["train"][1], teacher.embed_text(QUERIES["train"]).numpy(), atol=1e-5)
         np.testing.assert_array_equal(sets["train"][1][0], sets["eval_prompts"][1][0])  # "piano" twice
         assert cache.teacher_sha256 == teacher.sha256
-        assert "abc123" in cache.attrs["frontend_hash"]
+        assert cache.attrs["frontend_hash"] == "abc123"
         assert "teacher_provenance" in cache.attrs and "params" in cache.attrs
     with h5py.File(full) as f:
         assert "segments/done" not in f
@@ -179,3 +179,61 @@ def test_reader_errors_name_the_file(tmp_path: Path) -> None:
         f.create_dataset("segments/embedding", data=np.zeros((2, 512), "f4"))
     with pytest.raises(EmbeddingStoreError, match="half.h5: no /tracks/track_id"):
         TeacherCache(tmp_path / "half.h5")
+
+
+# --------------------------------------------------------------------------- the stage on a real mel cache
+
+
+def _write_mel_cache(path: Path, params, lengths=(2, 1, 3)) -> None:
+    """A data/mels.h5 in pipeline.store's layout (a published part file has exactly that layout)."""
+    from pipeline.store import Compression, PartWriter, TrackRecord, cache_params
+
+    rng = np.random.default_rng(5)
+    writer = PartWriter(path.parent / "parts", cache_params(params.audio, params.frontend), Compression())
+    for i, n in enumerate(lengths):
+        teacher_mels = (rng.standard_normal((n, 1001, 64)) * 15 - 40).astype(np.float32)
+        student_mels = rng.standard_normal((n, 128, 1000)).astype(np.float32)
+        writer.add_segments(teacher_mels, student_mels, np.arange(n) * 5.0)
+        writer.commit_track(TrackRecord(f"demo:{i}", n, 10.0 + 5 * n, "0" * 64, f"a/{i}.ogg", i))
+    writer.publish().rename(path)
+
+
+def test_stage_run_reads_the_mel_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, teacher) -> None:
+    import argparse
+    import json
+
+    from pipeline.params import Params
+    from pipeline.stages import teacher as stage
+    from pipeline.store import MelCache
+
+    monkeypatch.chdir(tmp_path)
+    params = Params()
+    (tmp_path / "data").mkdir()
+    terms = {"Genre": ["rock", "jazz", "pop", "folk"], "Instrument": ["piano", "guitar", "drums"], "Mood": ["calm", "sad"]}
+    (tmp_path / "data" / "terms.json").write_text(json.dumps(terms))
+    params.text_queries.terms = "data/terms.json"
+    params.text_queries.n_train, params.text_queries.n_val = 12, 4
+    params.text_queries.held_out_terms_per_category = 1
+    params.teacher.model.dir = "models/teacher"
+    build_demo_teacher(params.teacher.model, tmp_path / "models" / "teacher")
+    _write_mel_cache(tmp_path / "data" / "mels.h5", params)
+
+    assert stage.run(params, argparse.Namespace(shard=None, resume=False)) == 0
+    with MelCache("data/mels.h5") as mels, TeacherCache("data/teacher.h5") as cache:
+        expected = teacher.embed_mels(torch.from_numpy(mels.teacher_mels(np.arange(mels.n_segments)))).numpy()
+        np.testing.assert_allclose(cache.segment_embeddings, expected, atol=1e-5)
+        assert cache.track_ids == mels.track_ids
+        assert cache.attrs["frontend_hash"] == mels.attrs["teacher_frontend_hash"]
+        sets = cache.text_sets()
+        assert {"train", "val_combos", "val_terms", "val_free", "eval_prompts"} <= set(sets)
+        assert len(sets["train"][0]) == 12 and sets["eval_prompts"][0] == params.text_queries.eval_prompts
+        whole = cache.segment_embeddings.copy(), cache.track_embeddings.copy()
+
+    for k in range(2):
+        assert stage.run(params, argparse.Namespace(shard=(k, 2), resume=False)) == 0
+    merged = tmp_path / "merged.h5"
+    shards = [str(shard_path("data/teacher.h5", k, 2)) for k in range(2)]
+    assert stage.merge_main(argparse.Namespace(inputs=shards, out=str(merged), mels="data/mels.h5")) == 0
+    with TeacherCache(merged) as cache:
+        np.testing.assert_allclose(cache.segment_embeddings, whole[0], atol=1e-6)
+        np.testing.assert_allclose(cache.track_embeddings, whole[1], atol=1e-6)
