@@ -138,7 +138,7 @@ def test_perfect_students_score_one_and_the_baseline_zero_centred(tmp_path: Path
     assert set(report["plots"]) == {"track_cosine.csv", "track_cosine.png", "retrieval.json", "retrieval.png"}
     assert (tmp_path / "plots/track_cosine.png").read_bytes()[:4] == b"\x89PNG"
     rows = json.loads((tmp_path / "plots/retrieval.json").read_text())
-    assert {"comparison": "audio_student", "metric": "spearman", "value": 1.0} in rows
+    assert {"label": "audio_student spearman", "comparison": "audio_student", "metric": "spearman", "value": 1.0} in rows
     json.dumps(report, allow_nan=False)  # the DVC metric file must be plain JSON
 
 

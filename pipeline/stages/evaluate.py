@@ -440,7 +440,8 @@ def write_plots(out_dir: Path, audio: AudioResult, retrieval: dict[str, Any]) ->
         names = ("top_k_overlap", "spearman", "recall_at_k")
         plots.write_json(
             out_dir / "retrieval.json",
-            [{"comparison": c, "metric": m, "value": round(float(r[m]), 6)} for c, r in comparisons.items() for m in names],
+            [{"label": f"{c} {m}", "comparison": c, "metric": m, "value": round(float(r[m]), 6)}
+             for c, r in comparisons.items() for m in names],
         )
         plots.agreement_bars(
             out_dir / "retrieval.png", comparisons, names,
