@@ -86,7 +86,7 @@ def clones(tmp_path_factory: pytest.TempPathFactory, repo_root: Path, env: dict)
     _run(dvc + ["push"], a, env)
 
     _run(["git", "clone", "-q", str(a), str(b)], base, env)
-    _run(dvc + ["pull"], b, env)
+    _run(dvc + ["pull", "--with-deps", "teacher"], b, env)  # the teacher and everything it depends on
     return a, b
 
 
@@ -100,7 +100,7 @@ def test_pulled_embeddings_are_byte_identical(clones: tuple[Path, Path]) -> None
 def test_clone_sees_teacher_up_to_date_and_does_not_rerun_it(clones: tuple[Path, Path], env: dict) -> None:
     _, b = clones
     dvc = [sys.executable, "-m", "dvc"]
-    status = _run(dvc + ["status", "teacher"], b, env)
+    status = _run(dvc + ["status", "--with-deps", "teacher"], b, env)
     assert "changed" not in status and "up to date" in status, status
     before = (b / "data" / "teacher.h5").stat().st_mtime_ns
     out = _run(dvc + ["repro", "teacher"], b, env)
