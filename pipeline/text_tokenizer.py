@@ -9,6 +9,7 @@ This module needs only `tokenizers` and numpy (no torch), so ONNX inference can 
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -77,6 +78,8 @@ def load_tokenizer(path: str | Path, vocab_size: int | None = None) -> Tokenizer
     try:
         tok = Tokenizer.from_file(str(path))
     except Exception as exc:  # tokenizers raises a bare Exception on malformed JSON
+        if _skipped_marker(path):
+            raise TokenizerError(f"{path}: the text student was skipped, there is no tokenizer") from None
         raise TokenizerError(f"{path}: not a valid tokenizer.json: {exc}") from exc
     size = tok.get_vocab_size()
     if size < len(SPECIAL_TOKENS) + 1:
@@ -89,6 +92,14 @@ def load_tokenizer(path: str | Path, vocab_size: int | None = None) -> Tokenizer
     if vocab_size is not None and size != vocab_size:
         raise TokenizerError(f"{path}: vocabulary has {size} entries, the model expects {vocab_size}")
     return tok
+
+
+def _skipped_marker(path: Path) -> bool:
+    """distill_text writes {"skipped": true, ...} here when the text student is disabled."""
+    try:
+        return bool(json.loads(path.read_text(encoding="utf-8")).get("skipped"))
+    except (ValueError, AttributeError, OSError):
+        return False
 
 
 def encode(tok: Tokenizer, texts: Sequence[str], max_length: int) -> tuple[np.ndarray, np.ndarray]:

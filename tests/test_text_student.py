@@ -70,9 +70,24 @@ def test_positions_matter_and_length_is_checked() -> None:
         model(torch.ones(1, 17, dtype=torch.int64), torch.ones(1, 17, dtype=torch.int64))
 
 
+def test_calibration_is_identity_until_set_and_then_rescales_offsets() -> None:
+    torch.manual_seed(0)
+    model = build_text_student(SMALL).eval()
+    ids, mask = _batch(300, [4, 9, 6], 9)
+    unit = torch.nn.functional.normalize(model.embed_raw(ids, mask), dim=-1)
+    assert torch.allclose(model(ids, mask), unit, atol=1e-6)
+    anchor = torch.nn.functional.normalize(torch.randn(512), dim=0)
+    model.calibrate(anchor, 0.2)
+    expected = torch.nn.functional.normalize(anchor + 0.2 * (unit - anchor), dim=-1)
+    assert torch.allclose(model(ids, mask), expected, atol=1e-6)
+    # a small scale pulls every output towards the anchor
+    assert (model(ids, mask) @ anchor).min() > (unit @ anchor).max()
+
+
 def test_checkpoint_round_trip_weights_only(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = build_text_student(SMALL).eval()
+    model.calibrate(torch.nn.functional.normalize(torch.randn(512), dim=0), 0.3)
     path = save_text_student(model, tmp_path / "student.pt", metrics={"val_combos": {"cosine_mean": 0.5}})
     blob = torch.load(path, map_location="cpu", weights_only=True)
     assert set(blob) == {"state_dict", "config", "metrics"}
@@ -99,6 +114,7 @@ def test_onnx_matches_pytorch_with_dynamic_batch_and_length(tmp_path: Path) -> N
     ort = pytest.importorskip("onnxruntime")
     torch.manual_seed(0)
     model = build_text_student(SMALL).eval()
+    model.calibrate(torch.nn.functional.normalize(torch.randn(512), dim=0), 0.25)
     path = export_text_onnx(model, tmp_path / "text.onnx")
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     assert [i.name for i in session.get_inputs()] == ["input_ids", "attention_mask"]

@@ -1,7 +1,9 @@
 """The text student: a ~1M-parameter transformer encoder into the 512-d CLAP space.
 
 token + learned position embeddings -> pre-norm transformer layers -> final LayerNorm ->
-mean over the real (unpadded) tokens -> linear projection to 512 -> L2 normalisation.
+mean over the real (unpadded) tokens -> linear projection to 512 -> L2 normalisation ->
+output calibration (identity unless set: offsets from an anchor, the mean teacher embedding,
+rescaled by one fitted factor, then L2 again).
 
 It takes ``input_ids`` and ``attention_mask`` (int64 [B, L], from pipeline.text_tokenizer.encode)
 and exports to ONNX with a dynamic batch and length.
@@ -92,6 +94,11 @@ class TextStudent(nn.Module):
         )
         self.norm = nn.LayerNorm(config.dim)
         self.projection = nn.Linear(config.dim, config.out_dim)
+        # Output calibration, identity until `calibrate()`: out = L2(anchor + scale * (L2(raw) - anchor)).
+        # A student trained on centred targets gets the direction of each query's offset from the
+        # mean teacher embedding right but not its length; one fitted scale restores it.
+        self.register_buffer("anchor", torch.zeros(config.out_dim))
+        self.register_buffer("anchor_scale", torch.ones(()))
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.position_embedding.weight, std=0.02)
         with torch.no_grad():
@@ -119,7 +126,14 @@ class TextStudent(nn.Module):
         return self.projection(pooled)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.embed_raw(input_ids, attention_mask), dim=-1)
+        unit = F.normalize(self.embed_raw(input_ids, attention_mask), dim=-1)
+        return F.normalize(self.anchor + self.anchor_scale * (unit - self.anchor), dim=-1)
+
+    @torch.no_grad()
+    def calibrate(self, anchor: torch.Tensor, scale: float) -> None:
+        """Set the output calibration (see __init__); anchor = mean teacher embedding."""
+        self.anchor.copy_(torch.as_tensor(anchor, dtype=self.anchor.dtype).reshape(-1))
+        self.anchor_scale.fill_(float(scale))
 
     def count_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
