@@ -55,3 +55,23 @@ def test_two_gloo_processes_match_one(tmp_path: Path) -> None:
     b = torch.load(tmp_path / "two" / "ckpt" / "latest.pt", weights_only=True)["model"]
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-5), k
+
+
+def test_stage_relaunches_itself_under_torchrun(monkeypatch) -> None:
+    """distill_audio.nproc > 1 outside torchrun re-runs the same command through torch.distributed.run."""
+    import argparse
+    import subprocess
+
+    from pipeline.params import params_from_dict
+    from pipeline.stages import distill_audio
+
+    calls = []
+    monkeypatch.setattr(subprocess, "call", lambda cmd: calls.append(cmd) or 0)
+    for var in ("LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    params = params_from_dict({"distill_audio": {"nproc": 2}})
+    args = argparse.Namespace(params="exp.yaml", resume=True, shard=None)
+    assert distill_audio.run(params, args) == 0
+    (cmd,) = calls
+    assert cmd[1:3] == ["-m", "torch.distributed.run"] and "--nproc_per_node=2" in cmd
+    assert cmd[-6:] == ["pipeline.cli", "run", "distill_audio", "--params", "exp.yaml", "--resume"]
