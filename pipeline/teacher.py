@@ -249,7 +249,11 @@ def resolve_device(device: str) -> str:
 
 
 def load_tokenizer(path: Path):
-    """Tokenizer with laion's framing: max_length 77, truncation, padding to 77."""
+    """Tokenizer with laion's framing (<s> ... </s>, truncation at 77 tokens), padded per batch.
+
+    laion_clap pads every text to 77 tokens; padding only to the longest text of a batch gives the
+    same embeddings (padding is masked out) for a fraction of the compute.
+    """
     from tokenizers import Tokenizer
 
     if not path.exists():
@@ -262,7 +266,7 @@ def load_tokenizer(path: Path):
     if missing:
         raise TeacherError(f"{path}: tokenizer lacks the special tokens {missing}")
     tokenizer.enable_truncation(max_length=TEXT_MAX_LENGTH)
-    tokenizer.enable_padding(length=TEXT_MAX_LENGTH, pad_id=tokenizer.token_to_id("<pad>"), pad_token="<pad>")
+    tokenizer.enable_padding(pad_id=tokenizer.token_to_id("<pad>"), pad_token="<pad>")
     return tokenizer
 
 

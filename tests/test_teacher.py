@@ -78,7 +78,7 @@ def test_embed_mels_rejects_wrong_shape(teacher) -> None:
 
 def test_embed_text_tokenises_like_laion(teacher) -> None:
     ids, mask = teacher.tokenize(["a calm piano song", "rock " * 200])
-    assert ids.shape == (2, TEXT_MAX_LENGTH)
+    assert ids.shape == (2, TEXT_MAX_LENGTH)  # the long one is truncated, the short one padded to it
     assert ids[0, 0].item() == 0 and ids[0, int(mask[0].sum()) - 1].item() == 2  # <s> ... </s>
     assert (ids[0, int(mask[0].sum()) :] == 1).all()  # <pad>
     assert mask[1].sum() == TEXT_MAX_LENGTH and ids[1, -1].item() == 2  # truncated, still closed
@@ -87,6 +87,9 @@ def test_embed_text_tokenises_like_laion(teacher) -> None:
     torch.testing.assert_close(emb.norm(dim=-1), torch.ones(3))
     torch.testing.assert_close(emb[0], emb[2])
     assert (emb[0] - emb[1]).abs().max() > 1e-4
+    # padding is masked out: a text alone (no padding) embeds like inside a padded batch
+    assert teacher.tokenize(["a calm piano song"])[0].shape[1] < TEXT_MAX_LENGTH
+    torch.testing.assert_close(teacher.embed_text(["a calm piano song"])[0], emb[0], atol=1e-5, rtol=0)
 
 
 def test_sha256_mismatch_is_refused(tmp_path: Path, demo_dir: Path) -> None:

@@ -120,7 +120,8 @@ def embed_segments(teacher: Teacher, mels, writer: EmbeddingWriter, rows: np.nda
 
 def embed_query_sets(teacher: Teacher, sets: Mapping[str, Sequence[str]]) -> dict[str, tuple[list[str], np.ndarray]]:
     """Embed every distinct query once, then hand each set its rows."""
-    unique = list(dict.fromkeys(q for queries in sets.values() for q in queries))
+    # Batches of similar length waste little compute on padding.
+    unique = sorted(dict.fromkeys(q for queries in sets.values() for q in queries), key=lambda q: (len(q), q))
     rows = []
     for i in tqdm(range(0, len(unique), TEXT_BATCH), desc="text queries", unit="batch"):
         rows.append(teacher.embed_text(unique[i : i + TEXT_BATCH]).cpu().numpy())
