@@ -168,3 +168,23 @@ def test_cli_reports_bad_checkpoint(tmp_path: Path, tokenizer_dir: Path, caplog:
     empty.mkdir()
     args.tokenizer = str(empty)
     assert main(args) == 1 and "no roberta-base tokenizer" in caplog.text
+
+
+def test_teacher_model_stage_converts_and_verifies_sha256(
+    tmp_path: Path, tokenizer_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from pipeline.params import Params
+    from pipeline.stages import teacher_model
+
+    ckpt = tmp_path / "music.pt"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in laion_state(seed=3).items()}}, ckpt)
+    params = Params()
+    p = params.teacher.model
+    p.source, p.checkpoint, p.tokenizer_dir, p.dir = "checkpoint", str(ckpt), str(tokenizer_dir), str(tmp_path / "t")
+    p.checkpoint_sha256 = "f" * 64
+    ns = argparse.Namespace(shard=None, resume=False)
+    assert teacher_model.run(params, ns) == 1
+    assert "differs from teacher.model.checkpoint_sha256" in caplog.text and not (tmp_path / "t").exists()
+    p.checkpoint_sha256 = sha256_file(ckpt)
+    assert teacher_model.run(params, ns) == 0
+    assert json.loads((tmp_path / "t" / "teacher.json").read_text())["source_sha256"] == p.checkpoint_sha256
