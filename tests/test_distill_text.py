@@ -105,6 +105,7 @@ def test_stage_trains_scores_and_writes_outputs(workdir: Path) -> None:
             assert set(block[who]["cosine"]) == {"mean", "p10", "p50", "p90"}
             assert set(block[who]["retrieval"]) >= {"top_k_overlap", "spearman", "k"}
             assert block[who]["retrieval"]["k"] == 4  # 4 validation tracks in the manifest
+            assert block[who]["retrieval_all_tracks"]["k"] == 8
         assert block["mean_baseline"]["centred"]["mean"] == pytest.approx(0.0, abs=1e-9)
     # the student learnt the query-dependent part, not just the shared direction
     assert report["val_combos"]["student"]["centred"]["mean"] > 0.3
