@@ -1,0 +1,405 @@
+"""mels: manifest audio -> per-segment teacher (CLAP) and student (EfficientAT) log-mels in data/mels.h5.
+
+Reads params `audio`, `frontend` and `mels` only. Every track is decoded once at audio.sample_rate
+(48 kHz, int16 round trip), cut by the one segmentation rule into 10-s windows and turned into the
+teacher log-mel; the same int16 waveform resampled to the student rate is cut at the same times
+into the student log-mel. Workers write one crash-safe part file per finished track (see
+pipeline/store.py), so a killed run resumes where it stopped; the parts are merged into the cache
+in manifest order at the end.
+
+Bad tracks (missing, empty, non-audio, corrupt, silent) are reported in models/report/mels.json
+and skipped; the stage fails only when no track is usable or when more than
+mels.max_failure_ratio of the tracks failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import multiprocessing as mp
+import os
+import queue
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from pipeline import store
+from pipeline.audio import (
+    AudioDecodeError,
+    cut,
+    decode_int16,
+    file_sha256,
+    int16_to_float,
+    is_silent,
+    map_starts,
+    resample_int16,
+    segment_length,
+    segment_starts,
+)
+from pipeline.params import Params
+
+log = logging.getLogger(__name__)
+
+MANIFEST = Path("data/manifest.jsonl")
+CACHE = Path("data/mels.h5")
+REPORT = Path("models/report/mels.json")
+BATCH_SEGMENTS = 8  # segments per front-end call: bounded memory for hour-long tracks
+LOG_EVERY_SECONDS = 30.0
+
+
+@dataclass(frozen=True)
+class Task:
+    manifest_index: int
+    track_id: str
+    audio_path: str
+
+
+@dataclass
+class Result:
+    track_id: str
+    ok: bool
+    kind: str = ""  # failure kind: missing, empty, non-audio, corrupt, silent, error
+    reason: str = ""
+    audio_path: str = ""
+    n_segments: int = 0
+    duration: float = 0.0
+    seconds: float = 0.0
+
+
+# --------------------------------------------------------------------------- one track
+
+
+class TrackProcessor:
+    """Front-ends and settings for one worker process."""
+
+    def __init__(self, cfg: dict) -> None:
+        import torch
+
+        from pipeline.frontends import StudentMel, TeacherMel
+        from pipeline.params import StudentFrontendParams, TeacherFrontendParams
+
+        torch.set_num_threads(1)  # parallelism comes from the worker processes
+        self.torch = torch
+        self.cfg = cfg
+        params = cfg["params"]
+        self.audio = params["audio"]
+        self.teacher_p = TeacherFrontendParams(**params["frontend"]["teacher"])
+        self.student_p = StudentFrontendParams(**params["frontend"]["student"])
+        self.teacher = TeacherMel(self.teacher_p).eval()
+        self.student = StudentMel(self.student_p).eval()
+
+    def process(self, task: Task, writer: store.PartWriter) -> Result:
+        t0 = time.monotonic()
+        path = Path(task.audio_path)
+        sr = int(self.audio["sample_rate"])
+        seg_s, hop_s = float(self.audio["segment_seconds"]), float(self.audio["hop_seconds"])
+        max_minutes = float(self.cfg["params"]["max_track_minutes"])
+        try:
+            wave = decode_int16(path, sr, max_seconds=max_minutes * 60.0 if max_minutes > 0 else None)
+        except AudioDecodeError as exc:
+            return Result(task.track_id, False, exc.kind, exc.reason, task.audio_path, seconds=time.monotonic() - t0)
+        if is_silent(wave):
+            return Result(task.track_id, False, "silent", "the audio is digital silence", task.audio_path,
+                          seconds=time.monotonic() - t0)
+        duration = len(wave) / sr
+        starts = segment_starts(len(wave), sr, seg_s, hop_s)
+        t_rate, s_rate = self.teacher_p.sample_rate, self.student_p.sample_rate
+        t_wave = wave if t_rate == sr else resample_int16(wave, sr, t_rate)
+        s_wave = resample_int16(wave, sr, s_rate)
+        del wave
+        t_starts, s_starts = map_starts(starts, sr, t_rate), map_starts(starts, sr, s_rate)
+        t_len, s_len = segment_length(t_rate, seg_s), segment_length(s_rate, seg_s)
+        with self.torch.no_grad():
+            for i in range(0, len(starts), BATCH_SEGMENTS):
+                sl = slice(i, i + BATCH_SEGMENTS)
+                tw = self.torch.from_numpy(int16_to_float(cut(t_wave, t_starts[sl], t_len)))
+                sw = self.torch.from_numpy(int16_to_float(cut(s_wave, s_starts[sl], s_len)))
+                writer.add_segments(
+                    self.teacher(tw).numpy().astype(np.float16),
+                    self.student(sw).numpy().astype(np.float16),
+                    np.asarray(starts[sl], dtype=np.float64) / sr,
+                )
+        sha = file_sha256(path)
+        writer.commit_track(store.TrackRecord(task.track_id, len(starts), duration, sha, task.audio_path,
+                                              task.manifest_index))
+        return Result(task.track_id, True, audio_path=task.audio_path, n_segments=len(starts), duration=duration,
+                      seconds=time.monotonic() - t0)
+
+
+def _run_one(proc: TrackProcessor, task: Task, parts_dir: Path, compression: store.Compression, tag: str) -> Result:
+    """Process one track into its own part file; publish it only when the track is complete."""
+    writer = store.PartWriter(parts_dir, proc.cfg["params"], compression, tag=tag)
+    try:
+        result = proc.process(task, writer)
+    except Exception as exc:  # a bug or an exotic file must not stop the other tracks
+        log.exception("%s: unexpected error", task.audio_path)
+        writer.discard()
+        return Result(task.track_id, False, "error", f"{type(exc).__name__}: {exc}", task.audio_path)
+    if result.ok:
+        writer.publish()
+    else:
+        writer.discard()
+    return result
+
+
+def _worker(cfg: dict, tasks: Any, results: Any, wid: int) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    proc = TrackProcessor(cfg)
+    compression = store.Compression(**cfg["compression"])
+    parts_dir = Path(cfg["parts_dir"])
+    while True:
+        task = tasks.get()
+        if task is None:
+            return
+        results.put(("start", wid, task))
+        results.put(("done", wid, _run_one(proc, task, parts_dir, compression, f"w{wid}")))
+
+
+# --------------------------------------------------------------------------- scheduling
+
+
+class Progress:
+    """tqdm bar plus a periodic log line with throughput and ETA (logs survive in CI output)."""
+
+    def __init__(self, total: int) -> None:
+        self.bar = tqdm(total=total, desc="mels", unit="track", dynamic_ncols=True)
+        self.total, self.done, self.minutes = total, 0, 0.0
+        self.t0 = self.last_log = time.monotonic()
+
+    def update(self, r: Result) -> None:
+        self.done += 1
+        self.minutes += r.duration / 60.0
+        self.bar.update(1)
+        self.bar.set_postfix(audio_min=f"{self.minutes:.1f}")
+        now = time.monotonic()
+        if now - self.last_log >= LOG_EVERY_SECONDS or self.done == self.total:
+            self.last_log = now
+            elapsed = now - self.t0
+            eta = elapsed / self.done * (self.total - self.done) if self.done else 0.0
+            log.info("mels: %d/%d tracks, %.1f audio-min, %.2f audio-min/s, ETA %s", self.done, self.total,
+                     self.minutes, self.minutes / max(elapsed, 1e-9), _hms(eta))
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _hms(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+def _run_serial(cfg: dict, tasks: list[Task], progress: Progress) -> list[Result]:
+    proc = TrackProcessor(cfg)
+    compression = store.Compression(**cfg["compression"])
+    out = []
+    for task in tasks:
+        r = _run_one(proc, task, Path(cfg["parts_dir"]), compression, "w0")
+        out.append(r)
+        progress.update(r)
+    return out
+
+
+def _reap(procs: dict, current: dict, results: dict, progress: Progress, tasks: list[Task], start: Any,
+          task_q: Any) -> None:
+    """Handle workers that exited: a crash on a track fails that track and gets a replacement
+    worker; workers that die without having taken a track mean the pool cannot start."""
+    for wid, p in list(procs.items()):
+        if p.is_alive():
+            continue
+        task = current.pop(wid, None)
+        del procs[wid]
+        if p.exitcode == 0:
+            continue
+        if task is None:
+            raise RuntimeError(f"a mel worker exited with code {p.exitcode} before taking a track (see its log above)")
+        if task.track_id not in results:
+            r = Result(task.track_id, False, "corrupt", f"the decoder crashed (worker exit code {p.exitcode})",
+                       task.audio_path)
+            results[task.track_id] = r
+            progress.update(r)
+        if len(results) < len(tasks):
+            start()
+            task_q.put(None)
+    if not procs and len(results) < len(tasks):
+        raise RuntimeError("all mel workers exited with tracks left to do")
+
+
+def _run_parallel(cfg: dict, tasks: list[Task], workers: int, progress: Progress) -> list[Result]:
+    """Worker processes pull tracks from a queue; a worker that dies (a decoder crash) costs only
+    the track it was on, which is reported, and is replaced."""
+    ctx = mp.get_context("spawn")  # no fork after torch/h5py are loaded
+    task_q, result_q = ctx.Queue(), ctx.Queue()
+    for t in tasks:
+        task_q.put(t)
+    procs: dict[int, Any] = {}
+    current: dict[int, Task | None] = {}
+    next_id = 0
+
+    def start() -> None:
+        nonlocal next_id
+        p = ctx.Process(target=_worker, args=(cfg, task_q, result_q, next_id), daemon=True)
+        p.start()
+        procs[next_id], current[next_id] = p, None
+        next_id += 1
+
+    for _ in range(min(workers, len(tasks))):
+        start()
+    for _ in procs:
+        task_q.put(None)
+    results: dict[str, Result] = {}
+    try:
+        while len(results) < len(tasks):
+            try:
+                kind, wid, payload = result_q.get(timeout=1.0)
+            except queue.Empty:
+                _reap(procs, current, results, progress, tasks, start, task_q)
+                continue
+            if kind == "start":
+                current[wid] = payload
+            else:
+                current[wid] = None
+                results[payload.track_id] = payload
+                progress.update(payload)
+    finally:
+        for p in procs.values():
+            p.join(timeout=5)
+            if p.is_alive():
+                p.terminate()
+    return [results[t.track_id] for t in tasks]
+
+
+# --------------------------------------------------------------------------- stage
+
+
+def _load_manifest(path: Path) -> list[dict]:
+    try:
+        from pipeline.manifest import read_manifest
+    except ImportError:  # pragma: no cover - the manifest module ships with the package
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return read_manifest(path)
+
+
+def _outputs(args: argparse.Namespace) -> tuple[Path, Path]:
+    shard = getattr(args, "shard", None)
+    cache = Path(getattr(args, "mels_out", None) or CACHE)
+    report = Path(getattr(args, "report_out", None) or REPORT)
+    if shard:
+        k, n = shard
+        cache = cache.with_name(f"{cache.stem}.shard-{k}-of-{n}{cache.suffix}")
+        report = report.with_name(f"{report.stem}.shard-{k}-of-{n}{report.suffix}")
+    return cache, report
+
+
+def run(params: Params, args: argparse.Namespace) -> int:
+    t0 = time.monotonic()
+    p = params.mels
+    cache_path, report_path = _outputs(args)
+    manifest_path = Path(getattr(args, "manifest", None) or MANIFEST)
+    try:
+        rows = _load_manifest(manifest_path)
+    except (OSError, ValueError) as exc:  # ManifestError is a ValueError naming file and line
+        log.error("%s", exc)
+        return 1
+    tasks = [Task(i, str(r["track_id"]), str(r["audio_path"])) for i, r in enumerate(rows)]
+    shard = getattr(args, "shard", None)
+    if shard:
+        k, n = shard
+        tasks = [t for t in tasks if t.manifest_index % n == k]
+        log.info("shard %d/%d: %d of %d tracks", k, n, len(tasks), len(rows))
+    if len({t.track_id for t in tasks}) != len(tasks):
+        log.error("%s lists a track id more than once", manifest_path)
+        return 1
+
+    cparams = store.cache_params(params.audio, params.frontend, p.max_track_minutes)
+    compression = store.Compression(getattr(p, "compression", "gzip"), p.compression_level, True)
+    parts_dir = store.parts_dir_for(cache_path)
+    parts_dir.mkdir(parents=True, exist_ok=True)
+    stale = store.clean_temporaries(parts_dir)
+    if stale:
+        log.info("removed %d half-written part(s) of an interrupted run", stale)
+
+    # Resume: reuse tracks already in a published part or in the previous cache, if the audio is unchanged.
+    sources = sorted(parts_dir.glob("*.h5")) + ([cache_path] if cache_path.exists() else [])
+    done = store.completed_tracks(sources, cparams)
+    todo, reused = [], 0
+    for t in tasks:
+        prev = done.get(t.track_id)
+        if prev and Path(t.audio_path).is_file() and prev[0] == file_sha256(t.audio_path):
+            reused += 1
+        else:
+            todo.append(t)
+    if reused:
+        log.info("resuming: %d track(s) already done, %d to compute", reused, len(todo))
+    log.info("computing mels of %d track(s) with %d worker(s) into %s", len(todo), max(1, p.workers), cache_path)
+
+    cfg = {"params": cparams, "compression": asdict(compression), "parts_dir": str(parts_dir)}
+    progress = Progress(len(todo))
+    try:
+        if p.workers <= 1 or len(todo) <= 1:
+            results = _run_serial(cfg, todo, progress)
+        else:
+            results = _run_parallel(cfg, todo, p.workers, progress)
+    finally:
+        progress.close()
+
+    # Merge every finished track, in manifest order, into the cache (atomic rename).
+    sources = sorted(parts_dir.glob("*.h5")) + ([cache_path] if cache_path.exists() else [])
+    done = store.completed_tracks(sources, cparams)
+    failed = {r.track_id for r in results if not r.ok}
+    entries = [(done[t.track_id][1], done[t.track_id][2]) for t in tasks if t.track_id in done and t.track_id not in failed]
+    if entries:
+        store.write_cache(cache_path, cparams, compression, entries)
+        shutil.rmtree(parts_dir, ignore_errors=True)
+    failures = [r for r in results if not r.ok]
+    report = _report(tasks, entries, failures, reused, time.monotonic() - t0, cache_path, compression)
+    report_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = report_path.with_name(report_path.name + ".tmp")
+    tmp.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, report_path)
+    for r in failures:
+        log.warning("skipped %s (%s): %s", r.track_id, r.kind, r.reason)
+    log.info("mels: %d/%d tracks usable, %d segments, %.1f audio-minutes, %d failed; report in %s",
+             report["tracks_ok"], len(tasks), report["segments"], report["audio_minutes"], len(failures), report_path)
+
+    if not entries:
+        log.error("no usable track: nothing to train on (see %s)", report_path)
+        return 1
+    ratio = len(failures) / max(1, len(tasks))
+    if ratio > p.max_failure_ratio:
+        log.error("%.0f%% of the tracks failed, more than mels.max_failure_ratio=%.0f%% (see %s)",
+                  100 * ratio, 100 * p.max_failure_ratio, report_path)
+        return 1
+    return 0
+
+
+def _report(tasks: list[Task], entries: list, failures: list[Result], reused: int, seconds: float,
+            cache_path: Path, compression: store.Compression) -> dict:
+    by_kind: dict[str, int] = {}
+    for r in failures:
+        by_kind[r.kind] = by_kind.get(r.kind, 0) + 1
+    minutes = sum(rec.duration for _, rec in entries) / 60.0
+    size = cache_path.stat().st_size if cache_path.exists() and entries else 0
+    return {
+        "tracks_total": len(tasks),
+        "tracks_ok": len(entries),
+        "tracks_reused": reused,
+        "tracks_failed": len(failures),
+        "failure_ratio": round(len(failures) / max(1, len(tasks)), 4),
+        "failures_by_kind": by_kind,
+        "segments": int(sum(rec.n_segments for _, rec in entries)),
+        "audio_minutes": round(minutes, 3),
+        "seconds": round(seconds, 2),
+        "cache_bytes": size,
+        "bytes_per_audio_minute": round(size / minutes) if minutes else 0,
+        "compression": compression.describe(),
+        "failures": [
+            {"track_id": r.track_id, "audio_path": r.audio_path, "kind": r.kind, "reason": r.reason} for r in failures
+        ],
+    }
