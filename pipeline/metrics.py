@@ -139,7 +139,7 @@ def ranking_agreement(ref_scores: np.ndarray, test_scores: np.ndarray, k: int = 
     - spearman: rank correlation of the full item rankings;
     - recall_at_k: fraction of queries whose reference best item is in the test's top-k
       (R@k as CLAP retrieval benchmarks report it, with the reference standing in for labels);
-    - k: the effective k (clipped to the number of items).
+    - k: the effective k: at most half the number of items, so that the overlap means something.
     """
     ref = _as_2d(ref_scores, "ref_scores")
     test = _as_2d(test_scores, "test_scores")
@@ -148,7 +148,8 @@ def ranking_agreement(ref_scores: np.ndarray, test_scores: np.ndarray, k: int = 
     n_items = ref.shape[1]
     if n_items == 0 or ref.shape[0] == 0:
         raise ValueError("ranking_agreement: need at least one query and one item")
-    k_eff = max(1, min(int(k), n_items))
+    # with k >= the number of items every top-k is the whole set and overlap is trivially 1
+    k_eff = max(1, min(int(k), n_items // 2))
     ref_top, test_top = _top_k(ref, k_eff), _top_k(test, k_eff)
     overlap = np.array([len(np.intersect1d(a, b)) / k_eff for a, b in zip(ref_top, test_top)])
     hit = np.array([a[0] in set(b.tolist()) for a, b in zip(ref_top, test_top)], dtype=np.float64)

@@ -164,10 +164,16 @@ def quantize_int8(
     # the quantiser first rewrites Gemm as MatMul + Add, naming the MatMul "<gemm>_MatMul"
     excluded += [f"{name}_MatMul" for name in excluded]
     log.info("quantising %s -> %s (dynamic int8, %d nodes kept fp32)", src, dst, len(excluded))
-    quantize_dynamic(
-        str(src), str(dst), weight_type=QuantType.QInt8, nodes_to_exclude=excluded,
-        op_types_to_quantize=list(op_types) if op_types else None,
-    )
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # the quantiser logs every tensor at INFO on the root logger
+    try:
+        quantize_dynamic(
+            str(src), str(dst), weight_type=QuantType.QInt8, nodes_to_exclude=excluded,
+            op_types_to_quantize=list(op_types) if op_types else None,
+        )
+    finally:
+        root.setLevel(level)
     return dst
 
 

@@ -322,5 +322,5 @@ def search_main(args: argparse.Namespace) -> int:
         log.error("%s", exc)
         return 2
     for rank, (path, score) in enumerate(search(index, query, args.k)[0], start=1):
-        print(f"{rank:3d}  {score:+.4f}  {path}")
+        print(f"{rank:3d}  {score:+.5f}  {path}")
     return 0

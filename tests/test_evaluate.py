@@ -125,7 +125,8 @@ def test_perfect_students_score_one_and_the_baseline_zero_centred(tmp_path: Path
     assert report["text"]["val_free"]["cosine"] == pytest.approx(1.0)
     assert report["text"]["eval_prompts"]["centred"] == pytest.approx(1.0)
     r = report["retrieval"]
-    assert r["k"] == 3 and r["n_queries"] == 6 and r["n_tracks"] == 5
+    assert r["k"] == 2 and r["n_queries"] == 6 and r["n_tracks"] == 5  # k=3 clipped to half the tracks
+    assert "k clipped to 2" in r["note"]
     for c in ("audio_student", "text_student", "end_to_end"):
         assert r[c]["top_k_overlap"] == 1.0 and r[c]["spearman"] == pytest.approx(1.0)
     genre = report["tags"]["genre"]

@@ -164,9 +164,13 @@ def test_model_card_carries_the_figures():
     assert "[licenses/FMA_SONGS_LICENSE.md](licenses/FMA_SONGS_LICENSE.md)" in card
     assert "| CC0-1.0 | 7 | 4.5 |" in card and "**passed** (9 tracks, 6.0 minutes)" in card
     assert "| fma | CC0-1.0 | 9 | 6.0 |" in card
-    assert "0.9810 min" in card and "2.50 MB" in card
+    assert "0.981000 min" in card and "2.50 MB" in card
     assert "backbone=mn04_as" in card and "opset=17" in card
     assert "## Intended use and limits" in card
+    assert "LAION-CLAP music model (`music_audioset_epoch_15_esc_90.14.pt`" in card
+    demo = model_card.render(spec=spec, metrics={**METRICS, "teacher": {"kind": "demo"}}, students={},
+                             licences={}, licence_files=[], params={}, file_sizes={})
+    assert "offline demo teacher" in demo and "No licence audit was recorded." in demo
 
 
 def test_export_stage_with_the_real_front_end(tmp_path: Path, monkeypatch, audio_student, text_parts):

@@ -278,8 +278,8 @@ def evaluate_retrieval(
     report["k"] = report[comparisons[0]].pop("k")
     for c in comparisons[1:]:
         report[c].pop("k")
-    if report["n_tracks"] < k:
-        report["note"] = f"only {report['n_tracks']} validation tracks: k clipped to {report['k']}"
+    if report["k"] < k:
+        report["note"] = f"only {report['n_tracks']} validation tracks: k clipped to {report['k']} (half of them)"
     return report
 
 
@@ -486,6 +486,15 @@ def build_report(
     return _finite(report), _finite(licences)
 
 
+def teacher_identity(teacher_dir: Path) -> dict[str, Any]:
+    """Which teacher the figures are measured against (from its provenance file)."""
+    from pipeline.teacher import read_provenance
+
+    prov = read_provenance(teacher_dir)
+    return {"kind": prov.get("kind", "unknown"), "source": prov.get("source", ""),
+            "weights_sha256": prov.get("weights_sha256", "")}
+
+
 def read_manifest_rows(path: Path) -> dict[str, dict]:
     from pipeline.manifest import read_manifest
 
@@ -503,6 +512,7 @@ def run(params: Params, args: argparse.Namespace) -> int | None:
     students = load_students(AUDIO_STUDENT, TEXT_STUDENT, TEXT_TOKENIZER, Path(params.teacher.model.dir))
     with MelCache(MELS) as mels, TeacherCache(TEACHER_CACHE) as teacher:
         report, licences = build_report(p, manifest, mels, teacher, students, audit, REPORT_DIR / "plots")
+    report["teacher"] = teacher_identity(Path(params.teacher.model.dir))
     for name, data in (("metrics.json", report), ("licences.json", licences)):
         _write_json(REPORT_DIR / name, data)
     _log_headline(report)

@@ -167,7 +167,7 @@ def export_audio(
             wave_path, out_dir / AUDIO_INT8_ONNX, exclude_prefixes=("/frontend/",), op_types=INT8_OPS
         )
         loss = onnx_utils.quantization_loss(wave_path, int8_path, {"waveform": waves})
-        log.info("int8 audio model: cosine to fp32 min %.4f, mean %.4f", loss["cosine_min"], loss["cosine_mean"])
+        log.info("int8 audio model: cosine to fp32 min %.6f, mean %.6f", loss["cosine_min"], loss["cosine_mean"])
         info[AUDIO_INT8_ONNX] = loss
     return info
 
