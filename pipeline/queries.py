@@ -1,7 +1,9 @@
 """Text queries for the text student: sampled from a JSON file of terms per category.
 
 A query picks 1..4 categories in random order, one term from each, writes each term in a random
-case and joins them with a comma or a space ("Jazz, SAXOPHONE, relaxed"). Everything is drawn
+case and joins them, mostly with a comma or a space ("Jazz, SAXOPHONE, relaxed"), sometimes with
+"with"/"and" or inside a short frame ("a Jazz with piano song"), so the student also meets the
+small words people type around the terms. Everything is drawn
 from one `random.Random(seed)`, so the same params give the same sets on every machine.
 
 Sets returned by `build_query_sets` (the teacher stage embeds each one):
@@ -31,7 +33,10 @@ log = logging.getLogger(__name__)
 
 SET_NAMES = ("train", "val_combos", "val_terms", "val_free", "eval_prompts", "terms")
 HELD_OUT_SETS = ("val_combos", "val_terms", "val_free")
-SEPARATORS = (", ", " ")
+# how terms are joined, and the phrase around them, with their relative weights: mostly bare
+# term lists as the seed sampled them, sometimes a few connecting words as people type queries
+SEPARATORS = ((", ", 3), (" ", 3), (" with ", 1), (" and ", 1))
+FRAMES = (("{}", 6), ("a {} song", 1), ("{} music", 1), ("a {} track", 1))
 _MAX_TRIES_PER_QUERY = 50
 
 
@@ -118,8 +123,13 @@ def _combo_key(parts: Sequence[str]) -> frozenset[str]:
     return frozenset(p.lower() for p in parts)
 
 
+def _weighted(options: Sequence[tuple[str, int]], rng: random.Random) -> str:
+    return rng.choices([o for o, _ in options], weights=[w for _, w in options])[0]
+
+
 def _compose(parts: Sequence[str], rng: random.Random) -> str:
-    return rng.choice(SEPARATORS).join(_random_case(p, rng) for p in parts)
+    joined = _weighted(SEPARATORS, rng).join(_random_case(p, rng) for p in parts)
+    return _weighted(FRAMES, rng).format(joined)
 
 
 def _unique(items: Iterable[str]) -> list[str]:
@@ -145,6 +155,9 @@ def build_query_sets(p: TextQueryParams) -> dict[str, list[str]]:
     lo = min(p.min_categories, len(seen_cats))
     hi = min(p.max_categories, len(seen_cats))
 
+    # a sampled query that happens to equal a free phrasing would leak it into training
+    blocked = {q.lower() for q in _unique(p.free_phrasings)}
+
     def sample_seen() -> list[str]:
         chosen = rng.sample(seen_cats, rng.randint(lo, hi))
         return [rng.choice(seen_pool[c]) for c in chosen]
@@ -157,7 +170,7 @@ def build_query_sets(p: TextQueryParams) -> dict[str, list[str]]:
             break
         parts = sample_seen()
         query = _compose(parts, rng)
-        if query not in train:
+        if query not in train and query.lower() not in blocked:
             train[query] = None
             train_combos.add(_combo_key(parts))
 
@@ -167,9 +180,9 @@ def build_query_sets(p: TextQueryParams) -> dict[str, list[str]]:
         if len(val_combos) >= p.n_val:
             break
         parts = sample_seen()
-        if _combo_key(parts) in train_combos:
-            continue
-        val_combos.setdefault(_compose(parts, rng), None)
+        query = _compose(parts, rng)
+        if _combo_key(parts) not in train_combos and query.lower() not in blocked:
+            val_combos.setdefault(query, None)
 
     # val_terms: at least one held-out term, the rest drawn from all terms
     held_cats = [c for c in categories if held_pool[c]]
@@ -184,7 +197,9 @@ def build_query_sets(p: TextQueryParams) -> dict[str, list[str]]:
             chosen = [anchor] + rng.sample(others, max(0, n - 1))
             rng.shuffle(chosen)
             parts = [rng.choice(held_pool[c]) if c == anchor else rng.choice(terms[c]) for c in chosen]
-            val_terms.setdefault(_compose(parts, rng), None)
+            query = _compose(parts, rng)
+            if query.lower() not in blocked:
+                val_terms.setdefault(query, None)
 
     for name, got, want in (("train", train, p.n_train), ("val_combos", val_combos, p.n_val),
                             ("val_terms", val_terms, p.n_val)):
