@@ -110,7 +110,8 @@ class IngestParams:
 class MelsParams:
     workers: int = 2
     max_failure_ratio: float = 0.5
-    compression_level: int = 4
+    compression: Literal["gzip", "lzf", "none"] = "gzip"  # HDF5 filter for the mels (+ byte shuffle)
+    compression_level: int = 4  # gzip only
     max_track_minutes: float = 0.0  # 0 = whole track
 
 

@@ -318,7 +318,7 @@ def run(params: Params, args: argparse.Namespace) -> int:
         return 1
 
     cparams = store.cache_params(params.audio, params.frontend, p.max_track_minutes)
-    compression = store.Compression(getattr(p, "compression", "gzip"), p.compression_level, True)
+    compression = store.Compression(p.compression, p.compression_level, True)
     parts_dir = store.parts_dir_for(cache_path)
     parts_dir.mkdir(parents=True, exist_ok=True)
     stale = store.clean_temporaries(parts_dir)
