@@ -211,6 +211,8 @@ class DistillAudioParams:
     weight_decay: float = 1e-4
     grad_clip: float = 1.0
     strategy: Literal["segments", "tracks", "both"] = "both"
+    # tracks/both: segments drawn per track item and step (0 = all of the track's segments)
+    segments_per_track: int = 4
     use_teacher_embedding_cache: bool = True
     loss: LossParams = field(default_factory=LossParams)
     augment: AugmentParams = field(default_factory=AugmentParams)
