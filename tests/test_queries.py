@@ -134,3 +134,18 @@ def test_load_terms_errors_name_the_file(tmp_path: Path, content: str | None, me
 def test_shipped_terms_file_loads(repo_root: Path) -> None:
     terms = load_terms(repo_root / "data" / "text" / "query_terms.json")
     assert len(terms) >= 3 and all(terms.values())
+
+
+def test_free_phrasings_never_leak_into_sampled_sets(params: TextQueryParams) -> None:
+    # single terms are sampled often: a free phrasing equal to one must still stay out
+    sets = build_query_sets(replace(params, free_phrasings=["Rock", "jazz"]))
+    for name in ("train", "val_combos", "val_terms"):
+        assert not {q.lower() for q in sets[name]} & {"rock", "jazz"}, name
+    assert sets["val_free"] == ["Rock", "jazz"]
+
+
+def test_some_queries_read_like_phrases(params: TextQueryParams) -> None:
+    train = build_query_sets(params)["train"]
+    assert any(" with " in q for q in train) and any(" and " in q for q in train)
+    assert any(q.startswith("a ") and q.endswith((" song", " track")) for q in train)
+    assert sum("," in q for q in train) > len(train) / 5  # bare term lists stay the most common
