@@ -168,6 +168,7 @@ def retrieval_agreement(
     *,
     text_test: np.ndarray | None = None,
     k: int = 10,
+    text_mean: np.ndarray | None = None,
 ) -> dict[str, float]:
     """Text-to-music retrieval agreement of a student (or two) with the teacher.
 
@@ -176,6 +177,11 @@ def retrieval_agreement(
     given: `audio_test` (audio student), `text_test` (text student), or both (end to end).
     Rows need not be normalised: rankings per query only depend on the item side's norms, so the
     item side is L2-normalised here.
+
+    `text_mean` (the teacher's mean text embedding) gives the centred variant: it is subtracted
+    from every query, reference and test, so the rankings follow what distinguishes the queries
+    rather than the direction they all share. (Centring the items would shift each query's scores
+    by a constant and change no ranking.)
     """
     if audio_test is None and text_test is None:
         raise ValueError("retrieval_agreement: give audio_test and/or text_test")
@@ -187,6 +193,9 @@ def retrieval_agreement(
         raise ValueError(f"audio_test has {a_test.shape[0]} items, audio_ref {a_ref.shape[0]}")
     if t_test.shape[0] != t_ref.shape[0]:
         raise ValueError(f"text_test has {t_test.shape[0]} queries, text_ref {t_ref.shape[0]}")
+    if text_mean is not None:
+        mean = np.asarray(text_mean, dtype=np.float64).reshape(1, -1)
+        t_ref, t_test = t_ref - mean, t_test - mean
     return ranking_agreement(t_ref @ a_ref.T, t_test @ a_test.T, k=k)
 
 

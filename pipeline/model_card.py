@@ -48,9 +48,14 @@ def retrieval_table(retrieval: Mapping[str, Any]) -> str:
              "end_to_end": "text student + audio student"}
     rows = [[names[c], retrieval[c]["top_k_overlap"], retrieval[c]["spearman"], retrieval[c]["recall_at_k"]]
             for c in names if c in retrieval]
+    centred = retrieval.get("centred") or {}
+    rows += [[f"{names[c]}, centred", centred[c]["top_k_overlap"], centred[c]["spearman"], centred[c]["recall_at_k"]]
+             for c in names if c in centred]
     k = retrieval["k"]
     intro = (f"Text-to-music ranking of the {retrieval['n_tracks']} validation tracks for "
-             f"{retrieval['n_queries']} fixed prompts, compared with the teacher's ranking.")
+             f"{retrieval['n_queries']} fixed prompts, compared with the teacher's ranking. "
+             "Centred: the queries minus the teacher's mean text embedding, so only what tells the "
+             "prompts apart decides the ranking.")
     note = f"\n\n{retrieval['note']}." if retrieval.get("note") else ""
     return intro + "\n\n" + _table(["ranking by", f"top-{k} overlap", "Spearman", f"recall@{k} (teacher's best)"], rows) + note
 

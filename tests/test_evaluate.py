@@ -129,6 +129,7 @@ def test_perfect_students_score_one_and_the_baseline_zero_centred(tmp_path: Path
     assert "k clipped to 2" in r["note"]
     for c in ("audio_student", "text_student", "end_to_end"):
         assert r[c]["top_k_overlap"] == 1.0 and r[c]["spearman"] == pytest.approx(1.0)
+        assert r["centred"][c]["spearman"] == pytest.approx(1.0)
     genre = report["tags"]["genre"]
     assert genre["n_tags"] == 3 and genre["n_tracks"] == 5 and genre["chance"] == pytest.approx(1 / 3)
     assert genre["teacher_accuracy"] > genre["chance"]

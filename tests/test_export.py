@@ -141,7 +141,8 @@ METRICS = {
     },
     "text": {"skipped": True, "reason": "distillation.text_enabled: false"},
     "retrieval": {"n_queries": 8, "n_tracks": 4, "k": 4, "note": "only 4 validation tracks: k clipped to 4",
-                  "audio_student": {"top_k_overlap": 1.0, "spearman": 0.6, "recall_at_k": 1.0}},
+                  "audio_student": {"top_k_overlap": 1.0, "spearman": 0.6, "recall_at_k": 1.0},
+                  "centred": {"audio_student": {"top_k_overlap": 0.5, "spearman": 0.2, "recall_at_k": 0.25}}},
     "tags": {"skipped": True, "reason": "the manifest has no tags on validation tracks"},
     "licences": {"audit_ok": True, "tracks": 9, "minutes": 6.0, "violations": 0},
     "notes": ["text student skipped: distillation.text_enabled: false"],
@@ -161,6 +162,7 @@ def test_model_card_carries_the_figures():
     assert "| track centred cosine | 0.4200 | 0.3200 | 0.4200 | 0.4700 | 0.0000 |" in card
     assert "32000 Hz" in card and "320000 samples" in card
     assert "| audio student (teacher text) | 1.0000 | 0.6000 | 1.0000 |" in card
+    assert "| audio student (teacher text), centred | 0.5000 | 0.2000 | 0.2500 |" in card
     assert "[licenses/FMA_SONGS_LICENSE.md](licenses/FMA_SONGS_LICENSE.md)" in card
     assert "| CC0-1.0 | 7 | 4.5 |" in card and "**passed** (9 tracks, 6.0 minutes)" in card
     assert "| fma | CC0-1.0 | 9 | 6.0 |" in card

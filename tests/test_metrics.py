@@ -105,3 +105,20 @@ def test_zero_shot_accuracy():
     assert acc == 0.75
     with pytest.raises(ValueError, match="label sets"):
         metrics.zero_shot_accuracy(audio, prompts, [{0}])
+
+
+def test_retrieval_agreement_centred_on_the_text_mean():
+    # Queries that share one dominant direction: raw rankings are all the same ranking, so a
+    # student that only gets that direction right looks perfect raw and is exposed centred.
+    rng = np.random.default_rng(3)
+    audio = _unit(rng.normal(size=(30, 16)))
+    common = _unit(rng.normal(size=16))
+    text = common + 0.05 * rng.normal(size=(8, 16))
+    mean = metrics.mean_embedding(text)
+    lazy_text = np.tile(common, (8, 1))  # ignores what makes each query different
+    raw = metrics.retrieval_agreement(audio, text, text_test=lazy_text, k=5)
+    centred = metrics.retrieval_agreement(audio, text, text_test=lazy_text, k=5, text_mean=mean)
+    assert raw["spearman"] > 0.9
+    assert centred["spearman"] < 0.5
+    good = metrics.retrieval_agreement(audio, text, text_test=text * 2.0, k=5, text_mean=mean)
+    assert good["spearman"] > centred["spearman"]

@@ -275,6 +275,18 @@ def evaluate_retrieval(
     comparisons = [c for c in ("audio_student", "text_student", "end_to_end") if c in report]
     if not comparisons:
         return {"skipped": True, "reason": "both students are disabled"}
+    if TRAIN_TEXT_SET in text_sets:
+        # centred: queries minus the teacher's mean training text embedding (see retrieval_agreement)
+        text_mean = M.mean_embedding(text_sets[TRAIN_TEXT_SET][1])
+        tests = {"audio_student": (audio.student_tracks, None), "text_student": (None, student_text),
+                 "end_to_end": (audio.student_tracks, student_text)}
+        report["centred"] = {
+            c: M.retrieval_agreement(audio.teacher_tracks, teacher_text, tests[c][0], text_test=tests[c][1],
+                                     k=k, text_mean=text_mean)
+            for c in comparisons
+        }
+        for c in comparisons:
+            report["centred"][c].pop("k")
     report["k"] = report[comparisons[0]].pop("k")
     for c in comparisons[1:]:
         report[c].pop("k")
@@ -436,6 +448,7 @@ def write_plots(out_dir: Path, audio: AudioResult, retrieval: dict[str, Any]) ->
         )
         written += ["track_cosine.csv", "track_cosine.png"]
     comparisons = {c: retrieval[c] for c in ("audio_student", "text_student", "end_to_end") if c in retrieval}
+    comparisons.update({f"{c} centred": r for c, r in (retrieval.get("centred") or {}).items()})
     if comparisons:
         names = ("top_k_overlap", "spearman", "recall_at_k")
         plots.write_json(
