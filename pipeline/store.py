@@ -178,7 +178,7 @@ class PartWriter:
         name = f"part-{tag or 'w'}-{int(time.time() * 1000):013d}-{uuid.uuid4().hex[:8]}"
         self.tmp_path = self.parts_dir / f"{name}.h5.tmp"
         self.path = self.parts_dir / f"{name}.h5"
-        self.file = h5py.File(self.tmp_path, "w", locking=False)
+        self.file = h5py.File(self.tmp_path, "w")
         _create_layout(self.file, params, compression)
         self.committed_segments = 0
         self.n_tracks = 0
@@ -276,7 +276,7 @@ class _Source:
 
 def read_index(path: str | Path) -> dict[str, Any]:
     """Track index and params of a cache or part file (small; no mel data)."""
-    with h5py.File(path, "r", locking=False) as f:
+    with h5py.File(path, "r") as f:
         t = f["tracks"]
         return {
             "params": json.loads(f.attrs["params"]),
@@ -322,7 +322,7 @@ def write_cache(out: str | Path, params: dict, compression: Compression,
     out.parent.mkdir(parents=True, exist_ok=True)
     files: dict[Path, h5py.File] = {}
     try:
-        with h5py.File(tmp, "w", locking=False) as f:
+        with h5py.File(tmp, "w") as f:
             _create_layout(f, params, compression)
             total = sum(rec.n_segments for _, rec in entries)
             for name in ("teacher", "student", "segments/track", "segments/start"):
@@ -334,7 +334,7 @@ def write_cache(out: str | Path, params: dict, compression: Compression,
             for t, (src, rec) in enumerate(entries):
                 g = files.get(src.path)
                 if g is None:
-                    g = files[src.path] = h5py.File(src.path, "r", locking=False)
+                    g = files[src.path] = h5py.File(src.path, "r")
                 _copy_segments(g, f, src.first, pos, src.count)
                 f["segments/track"][pos : pos + src.count] = t
                 f["segments/start"][pos : pos + src.count] = g["segments/start"][src.first : src.first + src.count]
@@ -407,7 +407,7 @@ class MelCache:
 
     def _h5(self) -> h5py.File:
         if self._file is None or self._pid != os.getpid():
-            self._file = h5py.File(self.path, "r", locking=False)
+            self._file = h5py.File(self.path, "r")
             self._pid = os.getpid()
         return self._file
 
@@ -484,7 +484,7 @@ def merge_caches(inputs: Sequence[str | Path], out: str | Path, compression: Com
             entries.append((_Source(p, row, int(idx["first_segment"][row]), rec.n_segments), rec))
     entries.sort(key=lambda e: (e[1].manifest_index, e[1].track_id))
     if compression is None:
-        with h5py.File(inputs[0], "r", locking=False) as f:
+        with h5py.File(inputs[0], "r") as f:
             compression = _compression_of(f["teacher"])
     log.info("merging %d tracks from %d caches into %s", len(entries), len(inputs), out)
     return write_cache(out, first, compression, entries)
