@@ -12,10 +12,9 @@ draw per batch from torch's global RNG, so a resumed run repeats it — and `app
    to power, scaled and mapped forward again — exact up to float rounding (fp16 caches lose the
    quietest bins, which sit at the floor anyway). The teacher mel is ``10·log10(max(P, 1e-10))``:
    there a gain is an exact +g dB shift, floored at -100 dB.
-2. Mixup (probability `mixup` per single-segment row): the row is mixed with another
-   single-segment row of the batch, in the power domain (sounds add as powers, not as log
-   values), with weight lam = max(b, 1 - b), b ~ Beta(0.4, 0.4), so the row's own segment stays
-   dominant. Track items are never mixed.
+2. Mixup (probability `mixup` per row): the row is mixed with a row of another item of the
+   batch, in the power domain (sounds add as powers, not as log values), with weight
+   lam = max(b, 1 - b), b ~ Beta(0.4, 0.4), so the row's own segment stays dominant.
 3. SpecAugment-style masks (`spec_masks`): one frequency band (up to `freq_mask` student mel bins)
    and one time span (up to `time_mask` frames) per row, filled with the row's mean value — a
    0 dB (or 0) fill would be a loud or silent hole far outside the data. Both front-ends hop
@@ -30,6 +29,7 @@ augmented by the same plan, so its target matches what the student saw.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -110,6 +110,9 @@ class Plan:
     def mixed(self) -> torch.Tensor:
         return self.partner >= 0
 
+    def to(self, device: torch.device | str) -> Plan:
+        return Plan(*(getattr(self, f).to(device) for f in ("gain_db", "partner", "lam", "f_lo", "f_hi", "t_lo", "t_hi")))
+
 
 class Augmenter:
     """Draw one plan per batch; apply it to student mels [S, F, T] or teacher mels [S, T, F]."""
@@ -130,8 +133,8 @@ class Augmenter:
     def active(self) -> bool:
         return self.p.gain_db > 0 or self.p.mixup > 0 or self.p.spec_masks
 
-    def draw(self, row_item: torch.Tensor, single_rows: torch.Tensor, n_bins: int, n_frames: int) -> Plan:
-        """`row_item` [S]: item of each row; `single_rows` [S] bool: rows of single-segment items."""
+    def draw(self, row_item: torch.Tensor, n_bins: int, n_frames: int) -> Plan:
+        """`row_item` [S]: the item (segment or track) each mel row belongs to."""
         s = row_item.shape[0]
         n_items = int(row_item.max()) + 1 if s else 0
         p = self.p
@@ -140,15 +143,16 @@ class Augmenter:
 
         partner = torch.full((s,), -1, dtype=torch.long)
         lam = torch.ones(s)
-        singles = torch.nonzero(single_rows).flatten()
-        if p.mixup > 0 and len(singles) > 1:
-            chosen = torch.rand(len(singles)) < p.mixup
-            # a partner among the other single rows: shift by 1..n-1 positions in the singles list
-            shift = torch.randint(1, len(singles), (len(singles),))
-            other = singles[(torch.arange(len(singles)) + shift) % len(singles)]
-            b = torch.distributions.Beta(MIXUP_ALPHA, MIXUP_ALPHA).sample((len(singles),))
-            partner[singles[chosen]] = other[chosen]
-            lam[singles[chosen]] = torch.maximum(b, 1 - b)[chosen]
+        if p.mixup > 0 and s > 1:
+            chosen = torch.rand(s) < p.mixup
+            # partner: uniform over rows of other items (any other row when there is one item)
+            other = (row_item[:, None] != row_item[None, :]).float()
+            if not bool(other.any()):
+                other = 1.0 - torch.eye(s)
+            pick = torch.multinomial(other, 1).flatten()
+            b = torch.distributions.Beta(MIXUP_ALPHA, MIXUP_ALPHA).sample((s,))
+            partner[chosen] = pick[chosen]
+            lam[chosen] = torch.maximum(b, 1 - b)[chosen]
 
         zeros = torch.zeros(s, dtype=torch.long)
         f_lo = f_hi = t_lo = t_hi = zeros
@@ -230,38 +234,27 @@ class Augmenter:
 
 
 def frontend_centres(attrs: Mapping[str, Any]) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """(student, teacher) mel centre frequencies from a mel cache's front-end attributes.
+    """(student, teacher) mel centre frequencies from a mel cache's attributes.
 
-    Accepts either flat keys or nested "student"/"teacher" mappings; returns None for a side it
-    cannot find (masks then refuse to run in teacher-recompute mode, with a clear error)."""
-
-    def section(name: str) -> Mapping[str, Any] | None:
-        for key in (name, f"{name}_frontend", f"frontend_{name}"):
-            v = attrs.get(key)
-            if isinstance(v, str):
-                try:
-                    import json
-
-                    v = json.loads(v)
-                except ValueError:
-                    continue
-            if isinstance(v, Mapping):
-                return v
-        front = attrs.get("frontend")
-        if isinstance(front, str):
-            import json
-
+    The mel cache records its front-end params as JSON (``attrs["params"]["frontend"]``, or a
+    bare ``attrs["frontend"]``); a side that cannot be found gives None, and masks on teacher mels
+    then refuse to run with a clear error."""
+    front: Any = None
+    for key in ("params", "frontend"):
+        value = attrs.get(key)
+        if isinstance(value, (str, bytes)):
             try:
-                front = json.loads(front)
+                value = json.loads(value)
             except ValueError:
-                front = None
-        if isinstance(front, Mapping) and isinstance(front.get(name), Mapping):
-            return front[name]
-        return None
-
-    s, t = section("student"), section("teacher")
-    sc = kaldi_mel_centres(int(s["n_mels"]), float(s["f_min"]), float(s["f_max"])) if s else None
-    tc = slaney_mel_centres(int(t["n_mels"]), float(t["f_min"]), float(t["f_max"])) if t else None
+                continue
+        if isinstance(value, Mapping):
+            front = value.get("frontend", value) if key == "params" else value
+            break
+    if not isinstance(front, Mapping):
+        return None, None
+    s, t = front.get("student"), front.get("teacher")
+    sc = kaldi_mel_centres(int(s["n_mels"]), float(s["f_min"]), float(s["f_max"])) if isinstance(s, Mapping) else None
+    tc = slaney_mel_centres(int(t["n_mels"]), float(t["f_min"]), float(t["f_max"])) if isinstance(t, Mapping) else None
     return sc, tc
 
 

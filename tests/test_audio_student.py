@@ -55,8 +55,24 @@ def test_no_audioset_head_parameters() -> None:
     s = build_audio_student(CFG)
     assert not any("classifier" in k for k in s.state_dict())
     trunk = count_parameters(build_mobilenet("mn04_as", num_classes=0))
-    head = 384 * 512 + 512 * 512
+    head = 384 * 512 + 512 * 512 + 512  # embed1, embed2 (no biases), output bias
     assert s.num_parameters() == trunk + head
+    assert all(m.momentum == 0.1 for m in s.modules() if isinstance(m, torch.nn.BatchNorm2d))
+
+
+def test_output_bias_starts_on_the_teacher_mean() -> None:
+    torch.manual_seed(0)
+    s = build_audio_student(CFG)
+    mels = torch.randn(4, 128, 64)
+    direction = torch.nn.functional.normalize(torch.randn(512), dim=0)
+    length = s.init_output_bias(mels, direction, spread=0.2)
+    assert torch.allclose(s.output_bias / length, direction, atol=1e-6)
+    s.eval()
+    with torch.no_grad():
+        out = s(mels)
+    # outputs now sit around the mean direction, about atan(0.2) away from it
+    cos = out @ direction
+    assert cos.min() > 0.9 and cos.max() < 0.995
 
 
 def test_unknown_config_key() -> None:
@@ -118,6 +134,7 @@ def test_stage2_freezes_encoder_and_its_batchnorm() -> None:
     assert not s.encoder.training and s.projection.training
     assert all(not p.requires_grad for p in s.encoder.parameters())
     assert all(p.requires_grad for p in s.head_parameters())
+    assert any(p is s.output_bias for p in s.head_parameters())
 
 
 # ---------------------------------------------------------------- weights fetch

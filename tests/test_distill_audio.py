@@ -22,7 +22,7 @@ from pipeline.augment import (
     student_mel_to_power,
     teacher_gain,
 )
-from pipeline.models.audio_student import load_audio_student
+from pipeline.models.audio_student import build_audio_student, load_audio_student
 from pipeline.params import AugmentParams, Params, params_from_dict
 from pipeline.stages import distill_audio as stage
 
@@ -42,10 +42,10 @@ class FakeMelCache:
         self._ranges = {t: range(int(a), int(b)) for t, a, b in zip(track_ids, starts[:-1], starts[1:])}
         self.n_segments = int(starts[-1])
         self.segment_track = np.repeat(np.arange(len(track_ids)), counts)
-        self.attrs = {"frontend": json.dumps({
+        self.attrs = {"params": json.dumps({"frontend": {  # as pipeline.store records them
             "student": {"n_mels": 128, "f_min": 0.0, "f_max": 15000.0},
             "teacher": {"n_mels": 64, "f_min": 50.0, "f_max": 14000.0},
-        })}
+        }})}
         self.reads = 0
 
     def __enter__(self):
@@ -137,20 +137,41 @@ def test_both_strategy_mixes_segments_and_track_averages(workspace) -> None:
         seg_emb, seg_norm = t.segment_embeddings, t.segment_raw_norms
     assert train.track_ids == ["fma:0", "fma:1", "fma:3", "fma:5", "fma:7"]
     assert len(train.segments) == 8 and len(val.segments) == 7
-    items = stage.TrainItems(train, "both")
-    assert len(items) == 8 + 5
+    assert len(stage.TrainItems(train, "both")) == 5 and len(stage.TrainItems(train, "segments")) == 8
     source = stage.MelSource(Path("unused"), train.segments, with_teacher=False)
-    collate = stage.Collate(train, source, seg_emb, seg_norm, items.n_seg)
-    batch = collate([0, 9])  # segment item 0 and track item 1 (fma:1... index 9 - 8 = 1)
-    assert batch["row_item"].tolist() == [0, 1]
-    assert batch["single_row"].tolist() == [True, False]
-    np.testing.assert_allclose(batch["teacher"][0], seg_emb[train.segments[0]], rtol=1e-6)
-    np.testing.assert_allclose(batch["teacher"][1], train.teacher_tracks[1], rtol=1e-6)
-    batch = collate([10])  # fma:3: two segments averaged into one item
-    assert batch["row_item"].tolist() == [0, 0] and batch["mels"].shape == (2, 128, N_FRAMES)
-    rows = torch.tensor([[1.0, 0.0], [3.0, 2.0], [5.0, 5.0]])
-    assert stage.average_rows(rows, torch.tensor([0, 0, 1]), 2).tolist() == [[2.0, 1.0], [5.0, 5.0]]
-    assert len(stage.TrainItems(train, "segments")) == 8 and len(stage.TrainItems(train, "tracks")) == 5
+
+    p = _params(strategy="both", segments_per_track=0, augment={"gain_db": 0.0}).distill_audio
+    task = stage.AudioDistillTask(build_audio_student({"backbone": "mn04_as"}), train, val, source,
+                                  seg_emb, seg_norm, p, stage.Augmenter(p.augment))
+    batch = task.collate_fn([0, 2])  # fma:0 (2 segments) and fma:3 (2 segments)
+    assert batch["row_item"].tolist() == [0, 0, 1, 1]
+    assert batch["mels"].shape == (4, 128, N_FRAMES)
+
+    calls = []
+
+    def encode(mels):
+        calls.append(mels.shape[0])
+        return mels.mean(dim=2)[:, :64].repeat(1, 8)  # any deterministic [S, 512] map
+
+    student, target = task.embed_batch(encode, batch)
+    assert calls == [4]  # one forward pass serves segment and track rows
+    assert student.shape == target.shape == (4 + 2, 512)
+    segs = train.track_segments[0]
+    np.testing.assert_allclose(target[0].numpy(), seg_emb[segs[0]], rtol=1e-5, atol=1e-6)
+    # track row: L2(mean of raw teacher projections) over the drawn segments = the cached track vector
+    np.testing.assert_allclose(target[4].numpy(), train.teacher_tracks[0], rtol=1e-4, atol=1e-5)
+    rows = encode(batch["mels"])
+    assert torch.allclose(student[4], rows[:2].mean(0)) and torch.allclose(student[:4], rows)
+
+    # a cap on segments per track draws a subset; "tracks" keeps only the track rows
+    capped = stage.Collate(train, source, seg_emb, seg_norm, True, 1)([0, 2, 4])
+    assert capped["row_item"].tolist() == [0, 1, 2]
+    p_tr = _params(strategy="tracks", augment={"gain_db": 0.0}).distill_audio
+    task_tr = stage.AudioDistillTask(task.model, train, val, source, seg_emb, seg_norm, p_tr, stage.Augmenter(p_tr.augment))
+    s_tr, _ = task_tr.embed_batch(encode, task_tr.collate_fn([0, 2]))
+    assert s_tr.shape == (2, 512)
+    assert stage.average_rows(torch.tensor([[1.0, 0.0], [3.0, 2.0], [5.0, 5.0]]), torch.tensor([0, 0, 1]), 2).tolist() \
+        == [[2.0, 1.0], [5.0, 5.0]]
 
 
 # ----------------------------------------------------------------------------- augmentation
@@ -177,7 +198,7 @@ def test_masks_fill_with_the_mean_and_match_across_front_ends() -> None:
                     kaldi_mel_centres(128, 0.0, 15000.0), slaney_mel_centres(64, 50.0, 14000.0))
     s = torch.randn(3, 128, 100)
     t = torch.randn(3, 101, 64)
-    plan = aug.draw(torch.arange(3), torch.ones(3, dtype=torch.bool), 128, 100)
+    plan = aug.draw(torch.arange(3), 128, 100)
     plan.f_lo[:] = 40
     plan.f_hi[:] = 60
     plan.t_lo[:] = 10
@@ -198,20 +219,23 @@ def test_masks_fill_with_the_mean_and_match_across_front_ends() -> None:
 def test_mixup_mixes_power_and_targets_the_same_way() -> None:
     torch.manual_seed(1)
     aug = Augmenter(AugmentParams(gain_db=0.0, mixup=1.0))
-    single = torch.tensor([True, True, True, False])
-    plan = aug.draw(torch.tensor([0, 1, 2, 3]), single, 128, 10)
-    assert plan.mixed[:3].all() and not plan.mixed[3]
-    assert (plan.partner[:3] != torch.arange(3)).all() and (plan.lam[:3] >= 0.5).all()
+    row_item = torch.tensor([0, 0, 1, 2])
+    plan = aug.draw(row_item, 128, 10)
+    assert plan.mixed.all() and (plan.lam >= 0.5).all()
+    assert (row_item[plan.partner] != row_item).all()  # partners come from other items
     x = torch.randn(4, 128, 10) * 0.2 - 0.5
     out = aug.apply_student(x, plan)
     p = student_mel_to_power(x)
     lam = plan.lam[0]
     expected = power_to_student_mel(lam * p[0] + (1 - lam) * p[plan.partner[0]])
     assert torch.allclose(out[0], expected, atol=1e-5)
-    assert torch.equal(out[3], x[3])
     raw = torch.randn(4, 512)
     tgt = mixup_targets(raw, plan)
     assert torch.allclose(tgt[0], lam * raw[0] + (1 - lam) * raw[plan.partner[0]])
+    # rows without a partner are left bit-identical
+    plan.partner[3] = -1
+    assert torch.equal(aug.apply_student(x, plan)[3], x[3])
+    assert not Augmenter(AugmentParams(gain_db=0.0, mixup=0.0)).draw(row_item, 128, 10).mixed.any()
 
 
 # ----------------------------------------------------------------------------- the stage
@@ -222,7 +246,7 @@ def test_stage_writes_student_metrics_plots_and_resumes(workspace) -> None:
     report = _train(workspace, out)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["skipped"] is False and metrics["pretrained"] is False
-    assert metrics["params_count"] == 516128 + 384 * 512 + 512 * 512
+    assert metrics["params_count"] == 516128 + 384 * 512 + 512 * 512 + 512
     for k in ("segment_cosine", "segment_cosine_centred", "track_cosine", "track_cosine_centred"):
         assert -1.0 <= metrics["val"][k] <= 1.0
     assert metrics["baseline"]["track_cosine_centred"] == 0.0
@@ -232,6 +256,7 @@ def test_stage_writes_student_metrics_plots_and_resumes(workspace) -> None:
     assert student(torch.randn(1, 128, N_FRAMES)).shape == (1, 512)
     assert (out / "checkpoints" / "best.pt").is_file() and (out / "checkpoints" / "epoch_003.pt").is_file()
     assert (out / "plots" / "plots" / "metrics" / "val" / "track_cosine_centred.tsv").is_file()
+    assert not (out / "plots" / "metrics.json").exists()
 
     # one more stage-2 epoch, continued from the checkpoint
     _train(workspace, out, resume=True, stage2_epochs=2)

@@ -22,7 +22,10 @@ from pipeline.models.efficientat import MobileNetV3, count_parameters, width_of
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CONFIG: dict[str, Any] = {"backbone": "mn04_as", "embed_dim": 512, "dropout": 0.1, "n_mels": 128}
+# bn_momentum 0.1 rather than EfficientAT's 0.01: see MobileNetV3.set_bn_momentum
+DEFAULT_CONFIG: dict[str, Any] = {
+    "backbone": "mn04_as", "embed_dim": 512, "dropout": 0.1, "n_mels": 128, "bn_momentum": 0.1,
+}
 
 
 class ResidualProjection(nn.Module):
@@ -50,21 +53,39 @@ class AudioStudent(nn.Module):
         super().__init__()
         cfg = {**DEFAULT_CONFIG, **config}
         self.config = cfg
-        self.encoder = MobileNetV3(width_of(cfg["backbone"]), num_classes=0)
+        self.encoder = MobileNetV3(width_of(cfg["backbone"]), num_classes=0, bn_momentum=float(cfg["bn_momentum"]))
         self.projection = ResidualProjection(self.encoder.feature_dim, int(cfg["embed_dim"]), float(cfg["dropout"]))
+        # A learnable offset added after the projection. Teacher embeddings share a large common
+        # component (CLAP's cluster around one direction, a random teacher's almost entirely);
+        # starting this offset at that component (`init_output_bias`) lets training spend its
+        # steps on how inputs differ, instead of first rotating random outputs onto the mean.
+        self.output_bias = nn.Parameter(torch.zeros(int(cfg["embed_dim"])))
 
     def embed_raw(self, mel: torch.Tensor) -> torch.Tensor:
         """Projection output before L2 normalisation (track embeddings average these)."""
         if mel.dim() != 3:
             raise ValueError(f"AudioStudent expects a log-mel [B, n_mels, T], got shape {tuple(mel.shape)}")
-        return self.projection(self.encoder.embed(mel.unsqueeze(1)))
+        return self.projection(self.encoder.embed(mel.unsqueeze(1))) + self.output_bias
+
+    @torch.no_grad()
+    def init_output_bias(self, mels: torch.Tensor, direction: torch.Tensor, spread: float) -> float:
+        """Point the output bias along `direction` (unit mean teacher embedding) with a length that
+        makes the projection's current outputs on `mels` deviate from it by the ratio `spread`
+        (the teacher's typical |offset from the mean| / |component along it|). Returns the length."""
+        was_training = self.training
+        self.eval()
+        proj = self.projection(self.encoder.embed(mels.unsqueeze(1)))
+        self.train(was_training)
+        length = float(proj.norm(dim=-1).median()) / max(spread, 1e-3)
+        self.output_bias.copy_(F.normalize(direction.float().flatten(), dim=0) * length)
+        return length
 
     def forward(self, mel: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.embed_raw(mel), dim=-1)
 
     # ---- what the training loop's stage 2 needs
     def head_parameters(self) -> list[nn.Parameter]:
-        return list(self.projection.parameters())
+        return [*self.projection.parameters(), self.output_bias]
 
     def freeze_encoder(self) -> None:
         """Stage 2: encoder weights fixed and its BatchNorm statistics frozen (eval mode)."""

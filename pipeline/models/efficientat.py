@@ -185,7 +185,13 @@ class MobileNetV3(nn.Module):
     is what a distillation student wants; `num_classes=527` rebuilds the released AudioSet tagger.
     """
 
-    def __init__(self, width: float = 1.0, num_classes: int = AUDIOSET_CLASSES, dropout: float = 0.2) -> None:
+    def __init__(
+        self,
+        width: float = 1.0,
+        num_classes: int = AUDIOSET_CLASSES,
+        dropout: float = 0.2,
+        bn_momentum: float = BN_MOMENTUM,
+    ) -> None:
         super().__init__()
         blocks = block_configs(width)
         last_in = blocks[-1].cout
@@ -206,6 +212,15 @@ class MobileNetV3(nn.Module):
                 nn.Linear(hidden, num_classes),
             )
         self._init_weights()
+        self.set_bn_momentum(bn_momentum)
+
+    def set_bn_momentum(self, momentum: float) -> None:
+        """EfficientAT trains with 0.01 (long AudioSet runs). A short distillation run needs the
+        running statistics to follow the weights faster, or evaluation-mode outputs lag far behind
+        the training-mode ones."""
+        for m in self.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.momentum = momentum
 
     def _init_weights(self) -> None:
         for m in self.modules():

@@ -6,10 +6,12 @@ data/manifest.jsonl (the artist-disjoint `split`). Outputs under models/audio/: 
 epoch), metrics.json, plots/ (DVCLive), checkpoints/ (every epoch, latest, best; kept by DVC
 between runs so `student-clap run distill_audio --resume` continues).
 
-Strategy "both": the training items are every train segment *and* every train track, shuffled
-together, so each batch mixes single segments (target: the teacher segment embedding) with whole
-tracks (student track embedding = L2(mean of its raw segment embeddings), target: the teacher
-track embedding, built the same way). "segments" / "tracks" use one kind only.
+Strategy "both" (default): a training item is a track; each step draws up to
+`segments_per_track` of its segments, and the loss has one row per segment (target: the teacher
+segment embedding) *and* one row per track (student track embedding = L2(mean of the raw segment
+embeddings) against the teacher's L2(mean of the raw segment projections) over the same segments —
+exactly the cached track embedding when all segments are drawn). One forward pass serves both
+kinds of row. "segments": items are single segments; "tracks": track rows only.
 """
 
 from __future__ import annotations
@@ -157,58 +159,48 @@ def load_splits(mels, teacher, manifest: list[dict]) -> tuple[Split, Split]:
 
 
 class TrainItems(Dataset):
-    """Item i < n_segments: one train segment; otherwise one whole train track."""
+    """"segments": item i is train segment i; "tracks" / "both": item i is train track i."""
 
     def __init__(self, split: Split, strategy: str) -> None:
         self.split = split
-        self.n_seg = len(split.segments) if strategy in ("segments", "both") else 0
-        self.n_trk = len(split.tracks) if strategy in ("tracks", "both") else 0
+        self.by_track = strategy in ("tracks", "both")
 
     def __len__(self) -> int:
-        return self.n_seg + self.n_trk
+        return len(self.split.tracks) if self.by_track else len(self.split.segments)
 
     def __getitem__(self, i: int) -> int:
         return int(i)
 
 
 class Collate:
-    """Item ids -> one batch: the mel rows of every item, which item each row belongs to, and
-    the cached teacher targets (raw projections per row for mixup, one vector per item)."""
+    """Item ids -> one batch: the mel rows, the item of each row, and the cached raw teacher
+    projection of each row (embedding x its stored norm), from which any average is rebuilt."""
 
-    def __init__(self, split: Split, source: MelSource, seg_emb: np.ndarray, seg_norm: np.ndarray, n_seg_items: int):
+    def __init__(self, split: Split, source: MelSource, seg_emb: np.ndarray, seg_norm: np.ndarray,
+                 by_track: bool, segments_per_track: int) -> None:
         self.split = split
         self.source = source
         self.seg_emb = seg_emb
         self.seg_norm = seg_norm
-        self.n_seg_items = n_seg_items
+        self.by_track = by_track
+        self.per_track = segments_per_track
+
+    def _track_rows(self, t: int) -> np.ndarray:
+        segs = self.split.track_segments[t]
+        if self.per_track and len(segs) > self.per_track:
+            # torch's RNG: seeded per epoch in the main process, per worker in DataLoader workers
+            pick = torch.randperm(len(segs))[: self.per_track].sort().values.numpy()
+            segs = segs[pick]
+        return segs
 
     def __call__(self, items: list[int]) -> dict[str, torch.Tensor]:
-        rows: list[np.ndarray] = []
-        row_item: list[np.ndarray] = []
-        single: list[bool] = []
-        targets = []
-        for k, i in enumerate(items):
-            if i < self.n_seg_items:
-                seg = self.split.segments[i : i + 1]
-                targets.append(self.seg_emb[seg[0]])
-                single.append(True)
-            else:
-                t = i - self.n_seg_items
-                seg = self.split.track_segments[t]
-                targets.append(self.split.teacher_tracks[t])
-                single.append(False)
-            rows.append(seg)
-            row_item.append(np.full(len(seg), k, dtype=np.int64))
+        rows = [self._track_rows(i) if self.by_track else self.split.segments[i : i + 1] for i in items]
         segs = np.concatenate(rows)
-        item_of_row = np.concatenate(row_item)
+        item_of_row = np.concatenate([np.full(len(r), k, dtype=np.int64) for k, r in enumerate(rows)])
         batch = {
             "mels": torch.from_numpy(self.source.student(segs)),
             "row_item": torch.from_numpy(item_of_row),
-            "single_row": torch.from_numpy(np.asarray(single)[item_of_row]),
-            "teacher": torch.from_numpy(np.stack(targets).astype(np.float32)),
-            "teacher_raw_rows": torch.from_numpy(
-                (self.seg_emb[segs] * self.seg_norm[segs, None]).astype(np.float32)
-            ),
+            "teacher_raw_rows": torch.from_numpy((self.seg_emb[segs] * self.seg_norm[segs, None]).astype(np.float32)),
         }
         if self.source.with_teacher:
             batch["teacher_mels"] = torch.from_numpy(self.source.teacher(segs))
@@ -245,7 +237,9 @@ class AudioDistillTask:
         self.model = model
         self.p = p
         self.dataset = TrainItems(train, p.strategy)
-        self.collate_fn = Collate(train, source, seg_emb, seg_norm, self.dataset.n_seg)
+        self.collate_fn = Collate(train, source, seg_emb, seg_norm, self.dataset.by_track, p.segments_per_track)
+        self.segment_rows = p.strategy in ("segments", "both")
+        self.track_rows = p.strategy in ("tracks", "both")
         self.augmenter = augmenter
         self.teacher = teacher
         self.val = val
@@ -257,27 +251,29 @@ class AudioDistillTask:
 
     def embed_batch(self, encode, batch):
         mels, row_item = batch["mels"], batch["row_item"]
-        n_items = batch["teacher"].shape[0]
+        n_items = int(row_item.max()) + 1
         plan = None
         if self.augmenter.active:
-            plan = self.augmenter.draw(row_item.cpu(), batch["single_row"].cpu(), mels.shape[1], mels.shape[2])
+            plan = self.augmenter.draw(row_item.cpu(), mels.shape[1], mels.shape[2])
             mels = self.augmenter.apply_student(mels, plan)
-        student = average_rows(encode(mels), row_item, n_items)
-        if self.teacher is not None:
+        raw = encode(mels)
+        if self.teacher is not None:  # the teacher hears exactly what the student heard
             tmels = batch["teacher_mels"]
             if plan is not None:
                 tmels = self.augmenter.apply_teacher(tmels, plan)
-            raw_rows = self.teacher.embed_mels_raw(tmels).to(student.device)
-            target = average_rows(raw_rows, row_item, n_items)
-        elif plan is not None and bool(plan.mixed.any()):
-            # only single-segment items are mixed: rebuild their targets from the mixed raw rows
-            mixed_rows = mixup_targets(batch["teacher_raw_rows"], plan)
-            mixed_items = average_rows(mixed_rows, row_item, n_items)
-            single_item = average_rows(batch["single_row"].float()[:, None], row_item, n_items)[:, 0] > 0.5
-            target = torch.where(single_item[:, None], mixed_items, batch["teacher"])
+            t_raw = self.teacher.embed_mels_raw(tmels).clone().to(raw.device)
         else:
-            target = batch["teacher"]
-        return student, torch.nn.functional.normalize(target, dim=-1)
+            t_raw = batch["teacher_raw_rows"]
+            if plan is not None:
+                t_raw = mixup_targets(t_raw, plan.to(t_raw.device))
+        students, targets = [], []
+        if self.segment_rows:
+            students.append(raw)
+            targets.append(t_raw)
+        if self.track_rows:
+            students.append(average_rows(raw, row_item, n_items))
+            targets.append(average_rows(t_raw, row_item, n_items))
+        return torch.cat(students), torch.nn.functional.normalize(torch.cat(targets), dim=-1)
 
     @torch.no_grad()
     def embed_val_segments(self, model: AudioStudent) -> np.ndarray:
@@ -352,6 +348,19 @@ def write_skipped(out_dir: Path, reason: str) -> None:
     log.info("audio student skipped: %s", reason)
 
 
+def init_output_bias(model: AudioStudent, source: MelSource, train: Split, seg_emb: np.ndarray, n: int = 16) -> float:
+    """Start the student's output bias on the mean train teacher embedding, scaled so the student's
+    initial spread around it matches the teacher's (see AudioStudent.init_output_bias)."""
+    t = seg_emb[train.segments].astype(np.float64)
+    mean = M.l2_normalize(t.mean(axis=0))
+    along = t @ mean
+    across = np.linalg.norm(t - along[:, None] * mean[None], axis=1)
+    spread = float(np.median(across / np.maximum(along, 1e-6)))
+    segs = train.segments[np.linspace(0, len(train.segments) - 1, min(n, len(train.segments))).astype(int)]
+    mels = torch.from_numpy(source.student(segs))
+    return model.init_output_bias(mels, torch.from_numpy(mean), spread)
+
+
 def _model_config(p: DistillAudioParams) -> dict[str, Any]:
     return {"backbone": p.model, "embed_dim": 512, "dropout": p.dropout, "n_mels": 128}
 
@@ -367,7 +376,8 @@ def run(params: Params, args: argparse.Namespace) -> int | None:
         if getattr(args, "resume", False):
             argv.append("--resume")
         return relaunch_with_torchrun(p.nproc, argv)
-    return train_audio_student(p, out_dir, resume=bool(getattr(args, "resume", False)))
+    train_audio_student(p, out_dir, resume=bool(getattr(args, "resume", False)))
+    return 0
 
 
 def train_audio_student(
@@ -406,6 +416,9 @@ def train_audio_student(
     augmenter = Augmenter(p.augment, s_centres, t_centres)
 
     model, pretrained = init_audio_student(_model_config(p), p.pretrained or None)
+    if not resume or not (out_dir / "checkpoints" / "latest.pt").is_file():
+        length = init_output_bias(model, source, train, seg_emb)
+        log.info("output bias set along the mean train teacher embedding (length %.3g)", length)
     task = AudioDistillTask(model, train, val, source, seg_emb, seg_norm, p, augmenter, teacher, val_source.student,
                             eval_batch=p.batch_size)
     centre = torch.from_numpy(task.train_segment_mean.astype(np.float32)) if p.centred_loss else None
