@@ -4,12 +4,13 @@ This module must not import torch (directly or through another module): it is wh
 small machines with only the ONNX files of models/export. It reads models/export/student_clap.json
 for the sample rate, segment and hop and the tokenizer's maximum length.
 
-A song is embedded exactly as training saw it: decoded to mono at the student sample rate with
-the int16 round trip (pipeline.audio.decode), cut by the one segmentation rule
-(pipeline.audio.segments: 10-s windows, 50 % hop, short songs repeat-padded, a tail window only
-when it covers new audio), each window through the waveform ONNX model, and the song vector is
-the L2-normalised mean of the windows' *raw* (pre-normalisation) embeddings — the same rule the
-teacher cache uses for track embeddings.
+A song is embedded exactly as the mel cache saw it in training: decoded to mono int16 at the
+cache's decode rate (audio.sample_rate, 48 kHz), segment times found there by the one
+segmentation rule (10-s windows, 50 % hop, short songs repeat-padded, a tail window only when it
+covers new audio), the int16 audio resampled to the student rate (32 kHz) and cut at the same
+times; each window goes through the waveform ONNX model, and the song vector is the
+L2-normalised mean of the windows' *raw* (pre-normalisation) embeddings — the rule the teacher
+cache uses for track embeddings.
 """
 
 from __future__ import annotations
@@ -27,7 +28,16 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.audio import AudioDecodeError, decode, segments
+from pipeline.audio import (
+    AudioDecodeError,
+    cut,
+    decode_int16,
+    int16_to_float,
+    map_starts,
+    resample_int16,
+    segment_length,
+    segment_starts,
+)
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +102,7 @@ class AudioEmbedder:
         self.session = _session(self.model_path, threads)
         self.model_sha256 = _file_digest(self.model_path)
         self.sample_rate = int(audio["sample_rate"])
+        self.decode_sample_rate = int(audio.get("decode_sample_rate") or self.sample_rate)
         self.segment_seconds = float(audio["segment_seconds"])
         self.hop_seconds = float(audio["hop_seconds"])
         self.batch_size = max(1, int(batch_size))
@@ -108,17 +119,24 @@ class AudioEmbedder:
             out.append(self.session.run(None, {"waveform": batch})[self._raw_index])
         return np.concatenate(out)
 
-    def embed_wave(self, wave: np.ndarray) -> tuple[np.ndarray, int]:
-        """Mono waveform at `sample_rate` -> (unit song vector, number of segments)."""
-        windows = segments(wave, self.sample_rate, self.segment_seconds, self.hop_seconds)
-        if len(windows) == 0:
+    def windows(self, wave_int16: np.ndarray) -> np.ndarray:
+        """int16 mono at decode_sample_rate -> float32 [n_seg, segment_samples] at sample_rate."""
+        rate, out_rate = self.decode_sample_rate, self.sample_rate
+        starts = segment_starts(len(wave_int16), rate, self.segment_seconds, self.hop_seconds)
+        wave = resample_int16(wave_int16, rate, out_rate)
+        return int16_to_float(cut(wave, map_starts(starts, rate, out_rate), segment_length(out_rate, self.segment_seconds)))
+
+    def embed_wave(self, wave_int16: np.ndarray) -> tuple[np.ndarray, int]:
+        """int16 mono waveform at `decode_sample_rate` -> (unit song vector, number of segments)."""
+        if len(wave_int16) == 0:
             raise AudioDecodeError("<waveform>", "no audio samples", kind="empty")
+        windows = self.windows(wave_int16)
         raw = self.embed_segments(windows)
         return _unit(raw.astype(np.float64).mean(axis=0)).astype(np.float32), len(windows)
 
     def embed_file(self, path: str | Path) -> tuple[np.ndarray, int]:
         """Decode and embed one file; raises AudioDecodeError for unreadable files."""
-        wave = decode(path, self.sample_rate)
+        wave = decode_int16(path, self.decode_sample_rate)
         if len(wave) == 0:
             raise AudioDecodeError(path, "no audio samples", kind="empty")
         return self.embed_wave(wave)

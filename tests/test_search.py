@@ -14,7 +14,16 @@ import soundfile as sf
 import torch
 
 from pipeline import search as S
-from pipeline.audio import decode, segments
+from pipeline.audio import (
+    cut,
+    decode,
+    decode_int16,
+    int16_to_float,
+    map_starts,
+    resample_int16,
+    segment_starts,
+    segments,
+)
 from pipeline.models.audio_student import build_audio_student
 from pipeline.models.text_student import build_text_student
 from pipeline.stages import export as ex
@@ -22,6 +31,7 @@ from pipeline.text_tokenizer import save_tokenizer, train_tokenizer
 
 torch.set_num_threads(1)
 SR, SEG_S, HOP_S = 16000, 1.0, 0.5
+DECODE_SR = 24000  # like the pipeline: decode (and find segment times) at one rate, run the student at another
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -46,7 +56,7 @@ def exported(tmp_path_factory):
                            opset=17, min_cosine=0.9999, quantize=False)
     spec = {"version": ex.SPEC_VERSION, "embedding_dim": 512, "skipped": {},
             "audio": ex.audio_spec(info, sample_rate=SR, segment_seconds=SEG_S, hop_seconds=HOP_S,
-                                   segment_samples=int(SR * SEG_S), quantized=False)}
+                                   segment_samples=int(SR * SEG_S), quantized=False, decode_sample_rate=DECODE_SR)}
     corpus = [f"{a} {b}" for a in ("calm", "energetic", "sad") for b in ("piano", "guitar", "drums")] * 3
     tok = train_tokenizer(corpus, vocab_size=300)
     tok_path = save_tokenizer(tok, out / "src_tokenizer.json")
@@ -84,8 +94,11 @@ def _cli(*argv: str) -> subprocess.CompletedProcess:
 
 
 def _expected_vector(path: Path, audio, frontend) -> np.ndarray:
-    """The training rule in PyTorch: decode, segment, raw embeddings, mean, L2."""
-    windows = segments(decode(path, SR), SR, SEG_S, HOP_S)
+    """The mel cache's rule in PyTorch: int16 decode at DECODE_SR, segment times there, int16
+    resample to SR, cut; raw embeddings, mean, L2."""
+    wave = decode_int16(path, DECODE_SR)
+    starts = segment_starts(len(wave), DECODE_SR, SEG_S, HOP_S)
+    windows = int16_to_float(cut(resample_int16(wave, DECODE_SR, SR), map_starts(starts, DECODE_SR, SR), int(SR * SEG_S)))
     with torch.no_grad():
         raw = audio.embed_raw(frontend(torch.from_numpy(windows))).numpy()
     v = raw.mean(0)
@@ -104,6 +117,11 @@ def test_embed_without_torch_matches_the_training_rule(exported, songs, tmp_path
     assert list(data["n_segments"]) == [1, 4]  # 0.6 s -> one padded window; 2.3 s -> 0, .5, 1, 1.3
     for path, vec in zip(files[:2], data["vectors"]):
         assert np.dot(vec, _expected_vector(path, audio, frontend)) > 0.9999
+        # decoding straight at the student rate gives nearly, not exactly, the same vector
+        direct = segments(decode(path, SR), SR, SEG_S, HOP_S)
+        with torch.no_grad():
+            raw = audio.embed_raw(frontend(torch.from_numpy(direct))).numpy().mean(0)
+        assert np.dot(vec, raw / np.linalg.norm(raw)) > 0.99
 
 
 def test_embed_jsonl_and_npy_outputs(exported, songs, tmp_path):

@@ -523,6 +523,9 @@ def run(params: Params, args: argparse.Namespace) -> int | None:
     audit = licence_audit(MANIFEST, MELS, TEACHER_CACHE, AUDIT_JSON)
     # the teacher model is read only to embed zero-shot tag prompts (teacher.h5 holds no tag set)
     students = load_students(AUDIO_STUDENT, TEXT_STUDENT, TEXT_TOKENIZER, Path(params.teacher.model.dir))
+    import shutil
+
+    shutil.rmtree(REPORT_DIR / "plots", ignore_errors=True)  # no stale plot of a student since disabled
     with MelCache(MELS) as mels, TeacherCache(TEACHER_CACHE) as teacher:
         report, licences = build_report(p, manifest, mels, teacher, students, audit, REPORT_DIR / "plots")
     report["teacher"] = teacher_identity(Path(params.teacher.model.dir))

@@ -201,9 +201,14 @@ def export_text(
 
 
 def audio_spec(info: dict[str, Any], *, sample_rate: int, segment_seconds: float, hop_seconds: float,
-               segment_samples: int, quantized: bool) -> dict[str, Any]:
-    """The audio part of student_clap.json (pops `mel_shape` from `info`)."""
+               segment_samples: int, quantized: bool, decode_sample_rate: int | None = None) -> dict[str, Any]:
+    """The audio part of student_clap.json (pops `mel_shape` from `info`).
+
+    `decode_sample_rate` is the rate the mel cache decoded at (audio.sample_rate): segment times
+    are found there and the int16 audio resampled to `sample_rate`, as the mels stage does.
+    """
     return {
+        "decode_sample_rate": decode_sample_rate or sample_rate,
         "file": AUDIO_ONNX,
         "mel_file": AUDIO_MEL_ONNX,
         "int8_file": AUDIO_INT8_ONNX if quantized else None,
@@ -298,7 +303,7 @@ def _export(params: Params, tmp_dir: Path) -> int:
         )
         spec["audio"] = audio_spec(info, sample_rate=fe.sample_rate, segment_seconds=audio_p.segment_seconds,
                                    hop_seconds=audio_p.hop_seconds, segment_samples=segment_samples,
-                                   quantized=p.quantize_int8)
+                                   quantized=p.quantize_int8, decode_sample_rate=audio_p.sample_rate)
         parity.update(info)
         students["audio"] = _checkpoint_summary(AUDIO_STUDENT)
 
