@@ -115,8 +115,8 @@ def test_perfect_students_score_one_and_the_baseline_zero_centred(tmp_path: Path
         assert audio[level]["cosine"]["mean"] == pytest.approx(1.0)
         assert audio[level]["centred"]["p10"] == pytest.approx(1.0)
         # the random teacher: the mean baseline is close to 1 raw and exactly 0 centred
-        assert audio[level]["baseline_cosine"]["mean"] > 0.98
-        assert audio[level]["baseline_centred"] == {"mean": 0.0, "p10": 0.0, "p50": 0.0, "p90": 0.0}
+        assert audio[level]["baseline_cosine"] > 0.98
+        assert audio[level]["baseline_centred"] == 0.0
     # only validation segments were embedded, in batches of 2, each read sorted
     read = np.concatenate(mels.reads)
     assert max(len(r) for r in mels.reads) == 2
