@@ -62,12 +62,12 @@ def test_no_audioset_head_parameters() -> None:
 
 def test_output_bias_starts_on_the_teacher_mean() -> None:
     torch.manual_seed(0)
-    s = build_audio_student(CFG)
+    s = build_audio_student({**CFG, "dropout": 0.0})
     mels = torch.randn(4, 128, 64)
     direction = torch.nn.functional.normalize(torch.randn(512), dim=0)
     length = s.init_output_bias(mels, direction, spread=0.2)
     assert torch.allclose(s.output_bias / length, direction, atol=1e-6)
-    s.eval()
+    s.train()  # batch statistics, as the bias was measured
     with torch.no_grad():
         out = s(mels)
     # outputs now sit around the mean direction, about atan(0.2) away from it
@@ -181,3 +181,12 @@ def test_fetch_from_local_file(tmp_path: Path) -> None:
         weights.fetch_weights("mn10_as", tmp_path / "out", source=str(tmp_path / "nope.pt"))
     with pytest.raises(weights.WeightsError, match="mn99"):
         weights.asset_name("mn99_as")
+
+
+def test_output_bias_init_leaves_running_statistics_alone() -> None:
+    torch.manual_seed(0)
+    s = build_audio_student(CFG)
+    before = {k: v.clone() for k, v in s.state_dict().items() if "running" in k}
+    length = s.init_output_bias(torch.randn(4, 128, 64), torch.ones(512), spread=0.2)
+    assert length > 1e-2  # measured with batch statistics, not the untrained running ones
+    assert all(torch.equal(before[k], v) for k, v in s.state_dict().items() if "running" in k)

@@ -72,9 +72,19 @@ class AudioStudent(nn.Module):
         """Point the output bias along `direction` (unit mean teacher embedding) with a length that
         makes the projection's current outputs on `mels` deviate from it by the ratio `spread`
         (the teacher's typical |offset from the mean| / |component along it|). Returns the length."""
+        # Batch statistics, not the running ones: a fresh encoder's running statistics are still
+        # at their initial values and shrink eval-mode activations by orders of magnitude. The
+        # running statistics are left untouched (momentum 0 for this pass).
         was_training = self.training
-        self.eval()
+        bns = [m for m in self.encoder.modules() if isinstance(m, nn.BatchNorm2d)]
+        momenta = [m.momentum for m in bns]
+        for m in bns:
+            m.momentum = 0.0
+        self.encoder.train()
+        self.projection.eval()
         proj = self.projection(self.encoder.embed(mels.unsqueeze(1)))
+        for m, mom in zip(bns, momenta):
+            m.momentum = mom
         self.train(was_training)
         length = float(proj.norm(dim=-1).median()) / max(spread, 1e-3)
         self.output_bias.copy_(F.normalize(direction.float().flatten(), dim=0) * length)
