@@ -82,7 +82,12 @@ def results_markdown(metrics: Mapping[str, Any]) -> str:
     """All result tables; used by the model card and by `student-clap results --readme`."""
     if not metrics:
         return "No evaluation report yet (run `dvc repro evaluate`)."
-    parts = ["**Audio**", audio_table(metrics.get("audio", {"skipped": True, "reason": "not evaluated"})),
+    teacher = metrics.get("teacher") or {}
+    if teacher.get("kind") == "demo":
+        who = "the offline demo teacher (seeded random weights: these figures test the pipeline, not music understanding)"
+    else:
+        who = f"LAION-CLAP (`{teacher.get('source') or 'checkpoint'}`)" if teacher else "the teacher"
+    parts = [f"Measured against {who}.", "**Audio**", audio_table(metrics.get("audio", {"skipped": True, "reason": "not evaluated"})),
              "**Text-to-music retrieval agreement**", retrieval_table(metrics.get("retrieval", {"skipped": True})),
              "**Text student**", text_table(metrics.get("text", {"skipped": True})),
              "**Zero-shot tags**", tags_table(metrics.get("tags", {"skipped": True}))]

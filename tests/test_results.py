@@ -33,6 +33,7 @@ def test_block_is_rewritten_and_the_rest_kept(tmp_path: Path):
     assert "old figures" not in text
     assert "| val_free | 8 | 0.8123 | 0.3456 | 0.7900 |" in text
     assert "Audio student skipped: distillation.audio_enabled: false." in text
+    assert "Measured against the teacher." in text
     assert main([*args, "--check"]) == 0  # idempotent
     assert main(args) == 0 and readme.read_text() == text
 
