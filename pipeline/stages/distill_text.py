@@ -19,7 +19,8 @@ epoch. The held-out sets are then scored once each:
   maps every text to nearly the same direction; a constant student scores 0 centred);
 - retrieval agreement: validation tracks ranked by teacher-audio . teacher-text against
   teacher-audio . student-text (top-k overlap, Spearman, recall@k), and the same over all
-  tracks ("retrieval_all_tracks": the text student never sees audio);
+  tracks ("retrieval_all_tracks": the text student never sees audio); "*_centred" ranks by the
+  query's offset from the mean teacher embedding, the part of the ranking a query changes;
 - the same figures for two baselines: the mean train embedding, and bag-of-words (the mean of
   the teacher embeddings of the query's own terms, from the teacher's "terms" set).
 """
@@ -239,8 +240,9 @@ def _cosines(pred: np.ndarray, teacher: np.ndarray, mean: np.ndarray) -> dict[st
     }
 
 
-def _retrieval(tracks: np.ndarray, teacher: np.ndarray, pred: np.ndarray, k: int) -> dict[str, float]:
-    out = M.retrieval_agreement(tracks, teacher, text_test=pred, k=k)
+def _retrieval(tracks: np.ndarray, teacher: np.ndarray, pred: np.ndarray, k: int,
+               text_mean: np.ndarray | None = None) -> dict[str, float]:
+    out = M.retrieval_agreement(tracks, teacher, text_test=pred, k=k, text_mean=text_mean)
     out["top_k_overlap_chance"] = out["k"] / len(tracks)
     return out
 
@@ -259,11 +261,15 @@ def score_set(name: str, queries: list[str], teacher: np.ndarray, student: np.nd
     }
     if "terms" not in data.sets:
         report["bag_of_words"]["note"] = "teacher.h5 has no 'terms' set: every query falls back to the mean"
+    preds = {"student": student, "bag_of_words": bow, "mean_baseline": mean_pred}
     for key, items in tracks.items():
-        report["student"][key] = _retrieval(items, teacher, student, k)
-        report["bag_of_words"][key] = _retrieval(items, teacher, bow, k)
-        # one ranking for every query: how much of the agreement the shared direction alone explains
-        report["mean_baseline"][key] = _retrieval(items, teacher, mean_pred, k)
+        for who, pred in preds.items():
+            # the mean baseline ranks tracks the same for every query: it shows how much of the
+            # agreement the direction all queries share explains on its own
+            report[who][key] = _retrieval(items, teacher, pred, k)
+            # centred: rank by how each query moves the scores away from the mean query's, the
+            # part a query adds; the mean baseline has nothing to add (Spearman 0)
+            report[who][key + "_centred"] = _retrieval(items, teacher, pred, k, text_mean=teacher_mean)
     s, b = report["student"]["centred"]["mean"], report["bag_of_words"]["centred"]["mean"]
     log.info("%s (%d queries): centred cosine student %.3f, bag-of-words %.3f; raw cosine student %.4f",
              name, len(queries), s, b, report["student"]["cosine"]["mean"])
