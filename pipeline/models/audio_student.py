@@ -93,6 +93,33 @@ class AudioStudent(nn.Module):
     def forward(self, mel: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.embed_raw(mel), dim=-1)
 
+    @torch.no_grad()
+    def recalibrate_batchnorm(self, mel_batches) -> int:
+        """Set the encoder's BatchNorm running statistics to the population statistics of the
+        given mel batches under the current weights ("precise BN"); returns the rows seen.
+
+        With few optimisation steps the exponential running averages trail the weights, and the
+        evaluation-mode network then differs from the one the loss trained: on the demo that gap
+        alone took the validation centred cosine from ~0.4 (batch statistics) to ~0.1.
+        """
+        bns = [m for m in self.encoder.modules() if isinstance(m, nn.BatchNorm2d)]
+        if not bns:
+            return 0
+        saved = [(m.momentum, m.training) for m in bns]
+        was_training = self.training
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average over all batches
+        self.encoder.train()
+        rows = 0
+        for mels in mel_batches:
+            self.encoder.embed(mels.unsqueeze(1))
+            rows += mels.shape[0]
+        for m, (mom, _) in zip(bns, saved):
+            m.momentum = mom
+        self.train(was_training)
+        return rows
+
     # ---- what the training loop's stage 2 needs
     def head_parameters(self) -> list[nn.Parameter]:
         return [*self.projection.parameters(), self.output_bias]

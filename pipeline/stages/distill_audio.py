@@ -42,6 +42,9 @@ MELS = Path("data/mels.h5")
 TEACHER_CACHE = Path("data/teacher.h5")
 OUT_DIR = Path("models/audio")
 PRELOAD_LIMIT_BYTES = 1 << 30  # train mels up to 1 GiB (fp16) are held in memory
+# Before each stage-1 validation the encoder's BatchNorm statistics are recomputed on this many
+# train segments (see AudioStudent.recalibrate_batchnorm); stage 2 keeps them frozen.
+BN_CALIBRATION_SEGMENTS = 128
 
 
 def _open_mels(path: Path):
@@ -248,6 +251,8 @@ class AudioDistillTask:
         self.seg_emb = seg_emb
         self.train_segment_mean = M.l2_normalize(seg_emb[train.segments].astype(np.float64).mean(axis=0))
         self.train_track_mean = M.mean_embedding(train.teacher_tracks)
+        n_bn = min(BN_CALIBRATION_SEGMENTS, len(train.segments))
+        self.train_segments_for_bn = train.segments[np.linspace(0, len(train.segments) - 1, n_bn).astype(np.int64)]
 
     def embed_batch(self, encode, batch):
         mels, row_item = batch["mels"], batch["row_item"]
@@ -285,7 +290,16 @@ class AudioDistillTask:
             out.append(model.embed_raw(mels).float().cpu().numpy())
         return np.concatenate(out).astype(np.float64)
 
+    def recalibration_batches(self):
+        """Fixed, evenly spaced train segments (at most BN_CALIBRATION_SEGMENTS) in eval batches."""
+        segs = self.train_segments_for_bn
+        device = next(self.model.parameters()).device
+        for a in range(0, len(segs), self.eval_batch):
+            yield torch.from_numpy(self.collate_fn.source.student(segs[a : a + self.eval_batch])).to(device)
+
     def validate(self, model: AudioStudent) -> dict[str, float]:
+        if not getattr(model, "_encoder_frozen", False):
+            model.recalibrate_batchnorm(self.recalibration_batches())
         return validation_metrics(self.embed_val_segments(model), self.val, self.seg_emb,
                                   self.train_segment_mean, self.train_track_mean)
 
