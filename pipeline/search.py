@@ -119,20 +119,24 @@ class AudioEmbedder:
             out.append(self.session.run(None, {"waveform": batch})[self._raw_index])
         return np.concatenate(out)
 
-    def windows(self, wave_int16: np.ndarray) -> np.ndarray:
-        """int16 mono at decode_sample_rate -> float32 [n_seg, segment_samples] at sample_rate."""
-        rate, out_rate = self.decode_sample_rate, self.sample_rate
-        starts = segment_starts(len(wave_int16), rate, self.segment_seconds, self.hop_seconds)
-        wave = resample_int16(wave_int16, rate, out_rate)
-        return int16_to_float(cut(wave, map_starts(starts, rate, out_rate), segment_length(out_rate, self.segment_seconds)))
-
     def embed_wave(self, wave_int16: np.ndarray) -> tuple[np.ndarray, int]:
-        """int16 mono waveform at `decode_sample_rate` -> (unit song vector, number of segments)."""
+        """int16 mono waveform at `decode_sample_rate` -> (unit song vector, number of segments).
+
+        Windows are cut batch by batch, so a long recording never holds all of its overlapping
+        float windows at once (an hour would be ~0.9 GB of them).
+        """
         if len(wave_int16) == 0:
             raise AudioDecodeError("<waveform>", "no audio samples", kind="empty")
-        windows = self.windows(wave_int16)
-        raw = self.embed_segments(windows)
-        return _unit(raw.astype(np.float64).mean(axis=0)).astype(np.float32), len(windows)
+        rate, out_rate = self.decode_sample_rate, self.sample_rate
+        starts = map_starts(segment_starts(len(wave_int16), rate, self.segment_seconds, self.hop_seconds), rate, out_rate)
+        wave = resample_int16(wave_int16, rate, out_rate)
+        seg_len = segment_length(out_rate, self.segment_seconds)
+        total = None
+        for i in range(0, len(starts), self.batch_size):
+            windows = int16_to_float(cut(wave, starts[i : i + self.batch_size], seg_len))
+            raw = self.session.run(None, {"waveform": windows})[self._raw_index].astype(np.float64).sum(axis=0)
+            total = raw if total is None else total + raw
+        return _unit(total / len(starts)).astype(np.float32), len(starts)
 
     def embed_file(self, path: str | Path) -> tuple[np.ndarray, int]:
         """Decode and embed one file; raises AudioDecodeError for unreadable files."""
