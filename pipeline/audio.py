@@ -126,7 +126,12 @@ def stream_mono(path: str | Path, sample_rate: int, *, max_seconds: float | None
                     raise AudioDecodeError(path, f"decoding failed after {read} frames ({exc})", "corrupt") from None
             read += len(block)
             last = len(block) < want or want <= 0
-            mono = block.mean(axis=1, dtype=np.float32) if block.shape[1] > 1 else block[:, 0]
+            if block.shape[1] == 2:  # the common case, without a generic reduction
+                mono = (block[:, 0] + block[:, 1]) * np.float32(0.5)
+            elif block.shape[1] > 2:
+                mono = block.mean(axis=1, dtype=np.float32)
+            else:
+                mono = block[:, 0]
             # Broken float WAVs can carry NaN/inf; they would poison every mel frame.
             mono = np.nan_to_num(mono, nan=0.0, posinf=1.0, neginf=-1.0)
             out = resampler.resample_chunk(mono, last=last) if resampler is not None else mono

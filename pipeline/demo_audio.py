@@ -365,7 +365,11 @@ def write_song(song: Song, out_dir: Path) -> Path:
         kwargs["compression_level"] = song.compression
     if song.format == "MP3":
         kwargs["bitrate_mode"] = song.bitrate_mode
-    sf.write(path, wave, song.sample_rate, subtype=song.subtype, format=song.format, **kwargs)
+    # Written in blocks: libsndfile's MP3 encoder crashes on one very large write (minutes of audio).
+    with sf.SoundFile(path, "w", song.sample_rate, wave.shape[1], subtype=song.subtype, format=song.format,
+                      **kwargs) as f:
+        for pos in range(0, len(wave), 1 << 16):
+            f.write(wave[pos : pos + (1 << 16)])
     if song.format == "OGG":
         fix_ogg_serial(path, song.seed)
     return path

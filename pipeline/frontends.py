@@ -76,6 +76,12 @@ def kaldi_mel_banks(n_mels: int, n_fft: int, sample_rate: float, f_min: float, f
 # --------------------------------------------------------------------------- STFT
 
 
+def _used_bins(banks: np.ndarray) -> int:
+    """1 + the highest FFT bin any [n_mels, n_bins] filter gives non-zero weight."""
+    nonzero = np.flatnonzero(np.any(banks != 0, axis=0))
+    return int(nonzero[-1]) + 1 if len(nonzero) else 1
+
+
 def _full_window(window: np.ndarray, n_fft: int) -> np.ndarray:
     """Zero-pad a short window to n_fft, centred (torch.stft's convention)."""
     left = (n_fft - len(window)) // 2
@@ -83,14 +89,18 @@ def _full_window(window: np.ndarray, n_fft: int) -> np.ndarray:
 
 
 class _PowerSTFT(nn.Module):
-    """|STFT|² with centre reflect padding: [B, N] -> [B, n_fft // 2 + 1, 1 + N // hop]."""
+    """|STFT|² with centre reflect padding: [B, N] -> [B, n_bins, 1 + N // hop].
 
-    def __init__(self, n_fft: int, hop: int, window: np.ndarray) -> None:
+    Only the first n_bins frequency bins are kept (default all n_fft // 2 + 1): bins above the
+    mel filters' top frequency have zero weight, so skipping them changes nothing but the cost."""
+
+    def __init__(self, n_fft: int, hop: int, window: np.ndarray, n_bins: int | None = None) -> None:
         super().__init__()
         self.n_fft, self.hop, self.win_length = n_fft, hop, len(window)
+        self.n_bins = n_bins or n_fft // 2 + 1
         self.register_buffer("window", torch.from_numpy(window.astype(np.float32)), persistent=False)
         full = _full_window(window.astype(np.float64), n_fft)
-        k = np.arange(n_fft // 2 + 1)[:, None]
+        k = np.arange(self.n_bins)[:, None]
         n = np.arange(n_fft)[None, :]
         angle = 2.0 * np.pi * k * n / n_fft
         basis = np.concatenate([np.cos(angle) * full, -np.sin(angle) * full])[:, None, :]
@@ -106,6 +116,7 @@ class _PowerSTFT(nn.Module):
             return real * real + imag * imag
         spec = torch.stft(x, self.n_fft, hop_length=self.hop, win_length=self.win_length, window=self.window,
                           center=True, pad_mode="reflect", normalized=False, onesided=True, return_complex=True)
+        spec = spec[:, : self.n_bins]
         return spec.real.square() + spec.imag.square()
 
 
@@ -120,10 +131,13 @@ class TeacherMel(nn.Module):
         p = p or TeacherFrontendParams()
         self.params = p
         window = np.hanning(p.n_fft + 1)[:-1]  # periodic Hann, as librosa's get_window('hann')
-        self.stft = _PowerSTFT(p.n_fft, p.hop_length, window)
         fb = slaney_mel_filterbank(p.sample_rate, p.n_fft, p.n_mels, p.f_min, p.f_max)
-        self.register_buffer("mel_fb", torch.from_numpy(fb), persistent=False)
+        fb = fb[: _used_bins(fb.T)]
+        self.stft = _PowerSTFT(p.n_fft, p.hop_length, window, n_bins=len(fb))
+        self.register_buffer("mel_fb", torch.from_numpy(np.ascontiguousarray(fb)), persistent=False)
         self.amin = 1e-10
+        self.time_axis = 1  # output [B, T, M]
+        self.signal_offset = 0  # the STFT sees the waveform as it is
 
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
         power = self.stft(wave)  # [B, F, T]
@@ -140,11 +154,14 @@ class StudentMel(nn.Module):
         self.params = p
         n = np.arange(p.win_length)
         window = 0.5 - 0.5 * np.cos(2.0 * math.pi * n / (p.win_length - 1))  # symmetric Hann
-        self.stft = _PowerSTFT(p.n_fft, p.hop_length, window)
         banks = kaldi_mel_banks(p.n_mels, p.n_fft, p.sample_rate, p.f_min, p.f_max)
         banks = np.pad(banks, ((0, 0), (0, 1)))  # the Nyquist bin gets weight 0, as in EfficientAT
-        self.register_buffer("mel_banks", torch.from_numpy(banks), persistent=False)
+        banks = banks[:, : _used_bins(banks)]
+        self.stft = _PowerSTFT(p.n_fft, p.hop_length, window, n_bins=banks.shape[1])
+        self.register_buffer("mel_banks", torch.from_numpy(np.ascontiguousarray(banks)), persistent=False)
         self.preemphasis = float(p.preemphasis)
+        self.time_axis = 2  # output [B, M, T]
+        self.signal_offset = 1  # pre-emphasis makes the STFT input one sample shorter
 
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
         # EfficientAT applies this as conv1d with kernel [-a, 1]; the same two-tap filter written as
@@ -159,3 +176,60 @@ def set_export_stft(module: nn.Module, enabled: bool = True) -> None:
     for m in module.modules():
         if isinstance(m, _PowerSTFT):
             m.use_conv = enabled
+
+
+# --------------------------------------------------------------------------- overlapping segments
+
+
+def _n_frames(module: nn.Module, n_samples: int) -> int:
+    return 1 + (n_samples - module.signal_offset) // module.stft.hop
+
+
+def _take(x: torch.Tensor, axis: int, start: int, stop: int) -> torch.Tensor:
+    return x.narrow(axis, start, stop - start)
+
+
+def segment_mels(module: nn.Module, wave: np.ndarray, starts: list[int], seg_len: int, batch: int = 8) -> np.ndarray:
+    """module(wave[s : s + seg_len]) for every start s, each exactly as if computed on its own.
+
+    Segments overlap by half, so computing them one by one runs every STFT frame twice. Runs of
+    segments whose starts are a whole number of STFT hops apart share one STFT over their span;
+    only the frames whose window reaches a segment edge (where centre padding makes them differ)
+    are recomputed from short excerpts. Other segments (a tail window off the hop grid, a short
+    repeat-padded track) are computed directly. `wave` is a 1-D int16 or float32 array."""
+    from pipeline.audio import cut, int16_to_float
+
+    def as_float(x: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(int16_to_float(x) if x.dtype == np.int16 else np.ascontiguousarray(x, np.float32))
+
+    hop, half, ax = module.stft.hop, module.stft.n_fft // 2, module.time_axis
+    n_frames = _n_frames(module, seg_len)
+    sig_len = seg_len - module.signal_offset
+    head_bad = -(-half // hop)  # frames 0 .. head_bad-1 see the left padding
+    tail_bad = (sig_len - half) // hop + 1  # frames tail_bad .. n_frames-1 see the right padding
+    head_len = (head_bad + 2) * hop + 2 * half  # long enough that frames < head_bad are exact
+    tail_off = max(0, (tail_bad - head_bad - 1) * hop)
+    fits = [0 <= s and s + seg_len <= len(wave) for s in starts]
+
+    out: list[np.ndarray] = []
+    i = 0
+    while i < len(starts):
+        j = i + 1
+        while (j < len(starts) and j - i < batch and fits[j] and fits[i] and starts[j] > starts[j - 1]
+               and (starts[j] - starts[i]) % hop == 0 and starts[j] - starts[j - 1] < seg_len):
+            j += 1
+        group = starts[i:j]
+        if len(group) == 1 or tail_bad <= head_bad:
+            out.append(module(as_float(cut(wave, group, seg_len))).numpy())
+            i = j
+            continue
+        span = module(as_float(wave[group[0] : group[-1] + seg_len])[None])[0]
+        segs = torch.stack([_take(span, ax - 1, (s - group[0]) // hop, (s - group[0]) // hop + n_frames) for s in group])
+        heads = module(as_float(cut(wave, group, head_len)))
+        tails = module(as_float(cut(wave, [s + tail_off for s in group], seg_len - tail_off)))
+        _take(segs, ax, 0, head_bad).copy_(_take(heads, ax, 0, head_bad))
+        k = tail_bad - tail_off // hop
+        _take(segs, ax, tail_bad, n_frames).copy_(_take(tails, ax, k, k + n_frames - tail_bad))
+        out.append(segs.numpy())
+        i = j
+    return np.concatenate(out) if out else np.zeros((0,), np.float32)

@@ -154,3 +154,19 @@ def test_frontend_hash_tracks_every_field():
     assert h == frontend_hash(TeacherFrontendParams()) == frontend_hash(dataclasses.asdict(base))
     assert h != frontend_hash(dataclasses.replace(base, f_min=0.0))
     assert frontend_hash(StudentFrontendParams()) != frontend_hash(dataclasses.replace(StudentFrontendParams(), preemphasis=0.0))
+
+
+@pytest.mark.parametrize("cls,sr", [(TeacherMel, 48000), (StudentMel, 32000)])
+def test_shared_stft_over_overlapping_segments_equals_one_by_one(cls, sr):
+    from pipeline.audio import cut, int16_to_float, segment_starts, to_int16
+    from pipeline.frontends import segment_mels
+
+    m = cls()
+    for seconds in (27.3, 10.0, 4.2):  # hop-grid windows plus an off-grid tail; one window; a short track
+        wave = to_int16(music_like(int(seconds * sr), sr, seed=int(seconds)))
+        starts = segment_starts(len(wave), sr, 10.0, 5.0)
+        direct = run(m, int16_to_float(cut(wave, starts, 10 * sr)))
+        with torch.no_grad():
+            shared = segment_mels(m, wave, starts, 10 * sr, batch=3)
+        assert shared.shape == direct.shape
+        np.testing.assert_allclose(shared, direct, atol=1e-5)

@@ -32,10 +32,8 @@ from tqdm import tqdm
 from pipeline import store
 from pipeline.audio import (
     AudioDecodeError,
-    cut,
     decode_int16,
     file_sha256,
-    int16_to_float,
     is_silent,
     map_starts,
     resample_int16,
@@ -49,7 +47,7 @@ log = logging.getLogger(__name__)
 MANIFEST = Path("data/manifest.jsonl")
 CACHE = Path("data/mels.h5")
 REPORT = Path("models/report/mels.json")
-BATCH_SEGMENTS = 8  # segments per front-end call: bounded memory for hour-long tracks
+BATCH_SEGMENTS = 16  # segments per front-end span (~85 s of audio): bounded memory for hour-long tracks
 LOG_EVERY_SECONDS = 30.0
 
 
@@ -81,7 +79,7 @@ class TrackProcessor:
     def __init__(self, cfg: dict) -> None:
         import torch
 
-        from pipeline.frontends import StudentMel, TeacherMel
+        from pipeline.frontends import StudentMel, TeacherMel, segment_mels
         from pipeline.params import StudentFrontendParams, TeacherFrontendParams
 
         torch.set_num_threads(1)  # parallelism comes from the worker processes
@@ -91,6 +89,7 @@ class TrackProcessor:
         self.audio = params["audio"]
         self.teacher_p = TeacherFrontendParams(**params["frontend"]["teacher"])
         self.student_p = StudentFrontendParams(**params["frontend"]["student"])
+        self.segment_mels = segment_mels
         self.teacher = TeacherMel(self.teacher_p).eval()
         self.student = StudentMel(self.student_p).eval()
 
@@ -118,11 +117,9 @@ class TrackProcessor:
         with self.torch.no_grad():
             for i in range(0, len(starts), BATCH_SEGMENTS):
                 sl = slice(i, i + BATCH_SEGMENTS)
-                tw = self.torch.from_numpy(int16_to_float(cut(t_wave, t_starts[sl], t_len)))
-                sw = self.torch.from_numpy(int16_to_float(cut(s_wave, s_starts[sl], s_len)))
                 writer.add_segments(
-                    self.teacher(tw).numpy().astype(np.float16),
-                    self.student(sw).numpy().astype(np.float16),
+                    self.segment_mels(self.teacher, t_wave, t_starts[sl], t_len, BATCH_SEGMENTS).astype(np.float16),
+                    self.segment_mels(self.student, s_wave, s_starts[sl], s_len, BATCH_SEGMENTS).astype(np.float16),
                     np.asarray(starts[sl], dtype=np.float64) / sr,
                 )
         sha = file_sha256(path)

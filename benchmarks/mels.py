@@ -1,0 +1,240 @@
+"""Mel cache speed and size: this project's mels stage against the seed's approach, in one run.
+
+    python benchmarks/mels.py [--audio data/demo/audio | --song-seconds 180 --songs 8] [--rounds 3]
+                              [--compression gzip|lzf --level N] [--long-minutes 60] [--json out.json]
+
+Tracks: the demo songs (mp3, Ogg Vorbis, Opus, FLAC, WAV; mono/stereo; 22.05–48 kHz), synthesised
+into a temporary folder when --audio does not exist. Both contenders run on one core
+(OMP_NUM_THREADS=1, torch threads 1) and compute the same two log-mels per 10-s segment (teacher
+CLAP 64 x 1001 and student EfficientAT 128 x 1000) by the same segmentation:
+
+- ours:  the mels stage's TrackProcessor (streamed decode, soxr, int16, torch front-ends) writing
+         fp16 chunked, compressed HDF5 part files, merged into one cache;
+- seed:  librosa.load + librosa.feature.melspectrogram per segment, float32 arrays compressed with
+         zlib and stored as BLOBs in SQLite (the seed's cache format).
+
+Printed: audio-minutes per CPU-second (= per second per core) and per wall-second, bytes of cache
+per audio-minute, and ratios. Targets: >= 100x real time per core (1.67 audio-min/s), >= 2x the
+seed's speed, <= half its bytes per minute.
+
+--long-minutes N additionally builds an N-minute MP3 and processes it in a fresh subprocess,
+reporting that process's peak RSS (target: about 1 GB for 60 minutes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+import zlib
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+
+from pipeline import store  # noqa: E402
+from pipeline.params import Params  # noqa: E402
+
+AUDIO_EXT = {".mp3", ".ogg", ".opus", ".flac", ".wav"}
+
+
+def find_tracks(root: Path) -> list[Path]:
+    import soundfile as sf
+
+    out = []
+    for p in sorted(root.rglob("*")):
+        if p.suffix.lower() in AUDIO_EXT:
+            try:
+                sf.info(p)
+            except Exception:  # the demo's deliberately corrupt file
+                continue
+            out.append(p)
+    return out
+
+
+def cpu_seconds() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def run_ours(tracks: list[Path], work: Path, params: Params) -> dict:
+    import torch
+
+    from pipeline.stages.mels import Task, TrackProcessor, _run_one
+
+    torch.set_num_threads(1)
+    cparams = store.cache_params(params.audio, params.frontend, 0.0)
+    compression = store.Compression(params.mels.compression, params.mels.compression_level, True)
+    proc = TrackProcessor({"params": cparams})
+    parts = work / "ours.h5.parts"
+    c0, w0 = cpu_seconds(), time.perf_counter()
+    minutes = 0.0
+    for i, path in enumerate(tracks):
+        r = _run_one(proc, Task(i, f"bench:{i}", str(path)), parts, compression, "b")
+        if not r.ok:
+            raise RuntimeError(f"{path}: {r.reason}")
+        minutes += r.duration / 60.0
+    done = store.completed_tracks(sorted(parts.glob("*.h5")), cparams)
+    entries = [(done[f"bench:{i}"][1], done[f"bench:{i}"][2]) for i in range(len(tracks))]
+    out = store.write_cache(work / "ours.h5", cparams, compression, entries)
+    cpu, wall = cpu_seconds() - c0, time.perf_counter() - w0
+    return {"audio_minutes": minutes, "cpu_s": cpu, "wall_s": wall, "bytes": out.stat().st_size,
+            "compression": compression.describe()}
+
+
+def run_seed(tracks: list[Path], work: Path, params: Params) -> dict:
+    """The seed's way: librosa per segment, float32 zlib blobs in SQLite."""
+    import librosa
+
+    from pipeline.audio import segment_starts
+
+    a, t, s = params.audio, params.frontend.teacher, params.frontend.student
+    db_path = work / "seed.sqlite"
+    db = sqlite3.connect(db_path)
+    db.execute("CREATE TABLE mels (track TEXT, segment INTEGER, teacher BLOB, student BLOB, PRIMARY KEY (track, segment))")
+    c0, w0 = cpu_seconds(), time.perf_counter()
+    minutes = 0.0
+    for path in tracks:
+        y, sr = librosa.load(path, sr=a.sample_rate, mono=True)
+        y32 = librosa.resample(y, orig_sr=sr, target_sr=s.sample_rate)
+        minutes += len(y) / sr / 60.0
+        starts = segment_starts(len(y), sr, a.segment_seconds, a.hop_seconds)
+        seg, seg32 = int(a.segment_seconds * sr), int(a.segment_seconds * s.sample_rate)
+        for k, st in enumerate(starts):
+            x = np.resize(y[st : st + seg], seg)
+            st32 = int(round(st * s.sample_rate / sr))
+            x32 = np.resize(y32[st32 : st32 + seg32], seg32)
+            tm = librosa.power_to_db(librosa.feature.melspectrogram(
+                y=x, sr=sr, n_fft=t.n_fft, hop_length=t.hop_length, n_mels=t.n_mels, fmin=t.f_min, fmax=t.f_max,
+                pad_mode="reflect"), ref=1.0, amin=1e-10, top_db=None).T.astype(np.float32)
+            sm = np.log(librosa.feature.melspectrogram(
+                y=x32, sr=s.sample_rate, n_fft=s.n_fft, win_length=s.win_length, hop_length=s.hop_length,
+                n_mels=s.n_mels, fmin=s.f_min, fmax=s.f_max, pad_mode="reflect") + 1e-5).astype(np.float32)
+            db.execute("INSERT INTO mels VALUES (?, ?, ?, ?)",
+                       (str(path), k, zlib.compress(tm.tobytes()), zlib.compress(sm.tobytes())))
+        db.commit()
+    db.close()
+    cpu, wall = cpu_seconds() - c0, time.perf_counter() - w0
+    return {"audio_minutes": minutes, "cpu_s": cpu, "wall_s": wall, "bytes": db_path.stat().st_size,
+            "compression": "float32 zlib blobs in SQLite"}
+
+
+def long_track_memory(minutes: float, work: Path, src: Path) -> dict:
+    """Build an N-minute mono 22.05 kHz MP3 by repeating a demo song; process it in a fresh process."""
+    import soundfile as sf
+
+    from pipeline.audio import decode
+
+    path = work / f"long_{int(minutes)}min.mp3"
+    piece = decode(src, 22050)
+    total = int(minutes * 60 * 22050)
+    with sf.SoundFile(path, "w", 22050, 1, format="MP3", subtype="MPEG_LAYER_III") as f:
+        written = 0
+        while written < total:
+            n = min(len(piece), total - written)
+            f.write(piece[:n])
+            written += n
+    code = (
+        "import sys, resource, time, json; sys.path.insert(0, %r)\n"
+        "from pathlib import Path\n"
+        "from pipeline import store\n"
+        "from pipeline.params import Params\n"
+        "from pipeline.stages.mels import Task, TrackProcessor, _run_one\n"
+        "p = Params(); cp = store.cache_params(p.audio, p.frontend, 0.0)\n"
+        "t = time.perf_counter()\n"
+        "r = _run_one(TrackProcessor({'params': cp}), Task(0, 'long', %r), Path(%r), store.Compression(), 'L')\n"
+        "print(json.dumps({'ok': r.ok, 'reason': r.reason, 'segments': r.n_segments, 'seconds': time.perf_counter() - t,\n"
+        "                  'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))\n"
+    ) % (str(Path(__file__).resolve().parents[1]), str(path), str(work / "long.parts"))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    res["minutes"] = minutes
+    res["file_mb"] = path.stat().st_size / 1e6
+    return res
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--audio", default="data/demo/audio", help="folder of tracks (synthesised when absent)")
+    ap.add_argument("--repeat", type=int, default=1, help="process the track list this many times")
+    ap.add_argument("--song-seconds", type=float, default=0.0,
+                    help="instead of --audio, synthesise --songs demo recipes at this length (e.g. 180)")
+    ap.add_argument("--songs", type=int, default=8, help="how many songs with --song-seconds")
+    ap.add_argument("--rounds", type=int, default=3, help="timed rounds per contender (best is kept)")
+    ap.add_argument("--long-minutes", type=float, default=0.0, help="also measure peak memory on an N-minute track")
+    ap.add_argument("--compression", default=None, help="override mels.compression (gzip, lzf, none)")
+    ap.add_argument("--level", type=int, default=None, help="override mels.compression_level (gzip)")
+    ap.add_argument("--json", default=None, help="write the figures here too")
+    a = ap.parse_args()
+
+    params = Params()
+    if a.compression:
+        params.mels.compression = a.compression
+    if a.level is not None:
+        params.mels.compression_level = a.level
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        root = Path(a.audio)
+        if a.song_seconds > 0:  # full-length songs: the demo songs' recipes, longer
+            import dataclasses
+
+            from pipeline.demo_audio import SONGS, write_song
+
+            root = work / "songs"
+            for song in SONGS[: a.songs]:
+                write_song(dataclasses.replace(song, seconds=a.song_seconds), root)
+        elif not root.exists():
+            from pipeline.demo_audio import synthesize_all
+
+            root = work / "audio"
+            synthesize_all(root)
+        tracks = find_tracks(root) * a.repeat
+        print(f"{len(tracks)} tracks from {root}; {a.rounds} alternating round(s), best CPU time kept")
+        contenders = {"ours": run_ours, "seed": run_seed}
+        results: dict = {}
+        for name, fn in contenders.items():  # warm-up: lazy imports, FFT plans
+            with tempfile.TemporaryDirectory(dir=work) as scratch:
+                fn(tracks[:1], Path(scratch), params)
+        for _ in range(a.rounds):  # alternate so both see the same machine load
+            for name, fn in contenders.items():
+                with tempfile.TemporaryDirectory(dir=work) as scratch:
+                    r = fn(tracks, Path(scratch), params)
+                if name not in results or r["cpu_s"] < results[name]["cpu_s"]:
+                    results[name] = r
+        for r in results.values():
+            r["audio_min_per_cpu_s"] = r["audio_minutes"] / r["cpu_s"]
+            r["audio_min_per_wall_s"] = r["audio_minutes"] / r["wall_s"]
+            r["realtime_x_per_core"] = 60.0 * r["audio_min_per_cpu_s"]
+            r["bytes_per_audio_minute"] = r["bytes"] / r["audio_minutes"]
+        o, s = results["ours"], results["seed"]
+        results["speedup_vs_seed"] = o["audio_min_per_cpu_s"] / s["audio_min_per_cpu_s"]
+        results["bytes_ratio_vs_seed"] = o["bytes_per_audio_minute"] / s["bytes_per_audio_minute"]
+        print(f"{'':6} {'audio-min':>9} {'min/s/core':>10} {'x realtime':>10} {'min/s wall':>10} {'MB/audio-min':>12}  format")
+        for name in ("ours", "seed"):
+            r = results[name]
+            print(f"{name:6} {r['audio_minutes']:9.2f} {r['audio_min_per_cpu_s']:10.2f} {r['realtime_x_per_core']:10.0f} "
+                  f"{r['audio_min_per_wall_s']:10.2f} {r['bytes_per_audio_minute'] / 1e6:12.2f}  {r['compression']}")
+        print(f"speed vs seed: {results['speedup_vs_seed']:.2f}x (target >= 2x); "
+              f"bytes per minute vs seed: {results['bytes_ratio_vs_seed']:.2f} (target <= 0.5); "
+              f"real time per core: {o['realtime_x_per_core']:.0f}x (target >= 100x)")
+        if a.long_minutes > 0:
+            results["long_track"] = long_track_memory(a.long_minutes, work, tracks[0])
+            lt = results["long_track"]
+            print(f"{lt['minutes']:.0f}-minute track ({lt['file_mb']:.0f} MB mp3): {lt['segments']} segments in "
+                  f"{lt['seconds']:.0f} s, peak RSS {lt['peak_rss_mb']:.0f} MB (target about 1 GB)")
+    if a.json:
+        Path(a.json).write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
