@@ -27,9 +27,9 @@ BLOCK_FRAMES = 1152 * 256  # frames read per block (~6.7 s at 44.1 kHz)
 # first frames of the next MP3 block would decode as garbage. Each MP3 block therefore starts this
 # many frames early (enough for the 511-byte reservoir even at 8 kbit/s) and the overlap is dropped.
 MP3_PREROLL = 1152 * 16
-# ... and most MP3s are read in one call (up to this many samples, 128 MB as float32), which
-# avoids the reset altogether; only longer files pay the pre-roll.
-MP3_SINGLE_READ_SAMPLES = 1 << 25
+# ... and most MP3s are read in one call (up to this many samples), which avoids the reset
+# altogether; only longer files pay the pre-roll.
+MP3_SINGLE_READ_SAMPLES = 1 << 24  # 64 MB: a 3-minute stereo 44.1 kHz song
 RESAMPLE_QUALITY = "HQ"  # soxr "high quality", librosa's default resampler
 
 # First bytes of the containers we can decode; used only to word error messages.
@@ -134,9 +134,15 @@ def stream_mono(path: str | Path, sample_rate: int, *, max_seconds: float | None
                 mono = block[:, 0]
             # Broken float WAVs can carry NaN/inf; they would poison every mel frame.
             mono = np.nan_to_num(mono, nan=0.0, posinf=1.0, neginf=-1.0)
-            out = resampler.resample_chunk(mono, last=last) if resampler is not None else mono
-            if len(out):
-                yield np.ascontiguousarray(out, dtype=np.float32)
+            del block
+            # Resample in sub-blocks so a large (single-read MP3) block has small temporaries.
+            step = BLOCK_FRAMES
+            for pos in range(0, max(len(mono), 1), step):
+                piece = mono[pos : pos + step]
+                final = last and pos + step >= len(mono)
+                out = resampler.resample_chunk(piece, last=final) if resampler is not None else piece
+                if len(out):
+                    yield np.ascontiguousarray(out, dtype=np.float32)
             if last:
                 break
 
@@ -198,6 +204,42 @@ def resample_int16(wave: np.ndarray, in_rate: int, out_rate: int, block: int = 1
         out[n : n + len(res)] = to_int16(res)
         n += len(res)
     return out[:n]
+
+
+class ResampledWindow:
+    """The int16 waveform resampled to another rate, produced lazily and kept only from a moving
+    start: the same samples resample_int16 gives for the whole track, without holding all of them.
+
+    `view(start, stop)` returns (array, offset) where array[offset + i] is output sample start + i
+    (samples past the end of the track are simply absent); `release(before)` drops older samples."""
+
+    def __init__(self, wave: np.ndarray, in_rate: int, out_rate: int, block: int = 1 << 18) -> None:
+        self.wave, self.block = wave, block
+        self.stream = soxr.ResampleStream(in_rate, out_rate, 1, dtype="float32", quality=RESAMPLE_QUALITY)
+        self.buf = np.zeros(0, dtype=np.int16)
+        self.base = 0  # output index of buf[0]
+        self.fed = 0  # input samples consumed
+        self.done = in_rate == out_rate
+        if self.done:
+            self.buf = wave
+
+    def _pull(self) -> None:
+        chunk = int16_to_float(self.wave[self.fed : self.fed + self.block])
+        self.fed += len(chunk)
+        self.done = self.fed >= len(self.wave)
+        out = to_int16(self.stream.resample_chunk(chunk, last=self.done))
+        self.buf = np.concatenate([self.buf, out]) if len(self.buf) else out
+
+    def view(self, start: int, stop: int) -> tuple[np.ndarray, int]:
+        while not self.done and self.base + len(self.buf) < stop:
+            self._pull()
+        return self.buf, self.base
+
+    def release(self, before: int) -> None:
+        drop = min(max(0, before - self.base), len(self.buf))
+        if drop and not (self.done and self.buf is self.wave):
+            self.buf = self.buf[drop:].copy()
+            self.base += drop
 
 
 def is_silent(wave: np.ndarray) -> bool:

@@ -336,3 +336,16 @@ def test_synthesis_is_deterministic():
     np.testing.assert_array_equal(a, b)
     other = synthesize(dataclasses.replace(song, seed=song.seed + 1))
     assert not np.allclose(a, other)
+
+
+def test_resampled_window_gives_the_whole_track_resample_piece_by_piece():
+    rng = np.random.default_rng(3)
+    wave = audio.to_int16(0.3 * rng.standard_normal(48000 * 7).astype(np.float32))
+    whole = audio.resample_int16(wave, 48000, 32000)
+    win = audio.ResampledWindow(wave, 48000, 32000, block=10_000)
+    for start in range(0, len(whole), 50_000):
+        buf, base = win.view(start, start + 60_000)
+        piece = buf[start - base : start + 60_000 - base]
+        np.testing.assert_array_equal(piece, whole[start : start + 60_000])
+        win.release(start + 40_000)
+    assert base > 0 and len(buf) < len(whole)  # old samples were dropped

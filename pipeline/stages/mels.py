@@ -32,6 +32,7 @@ from tqdm import tqdm
 from pipeline import store
 from pipeline.audio import (
     AudioDecodeError,
+    ResampledWindow,
     decode_int16,
     file_sha256,
     is_silent,
@@ -109,19 +110,25 @@ class TrackProcessor:
         duration = len(wave) / sr
         starts = segment_starts(len(wave), sr, seg_s, hop_s)
         t_rate, s_rate = self.teacher_p.sample_rate, self.student_p.sample_rate
+        # The student waveform is resampled from the same int16 samples as the run goes, keeping
+        # only what the next batch needs (a 60-minute track never holds a second full copy).
         t_wave = wave if t_rate == sr else resample_int16(wave, sr, t_rate)
-        s_wave = resample_int16(wave, sr, s_rate)
-        del wave
+        s_window = ResampledWindow(wave, sr, s_rate)
         t_starts, s_starts = map_starts(starts, sr, t_rate), map_starts(starts, sr, s_rate)
         t_len, s_len = segment_length(t_rate, seg_s), segment_length(s_rate, seg_s)
         with self.torch.no_grad():
             for i in range(0, len(starts), BATCH_SEGMENTS):
                 sl = slice(i, i + BATCH_SEGMENTS)
+                batch = s_starts[sl]
+                s_wave, base = s_window.view(min(batch), max(batch) + s_len)
                 writer.add_segments(
                     self.segment_mels(self.teacher, t_wave, t_starts[sl], t_len, BATCH_SEGMENTS).astype(np.float16),
-                    self.segment_mels(self.student, s_wave, s_starts[sl], s_len, BATCH_SEGMENTS).astype(np.float16),
+                    self.segment_mels(self.student, s_wave, [s - base for s in batch], s_len,
+                                      BATCH_SEGMENTS).astype(np.float16),
                     np.asarray(starts[sl], dtype=np.float64) / sr,
                 )
+                if i + BATCH_SEGMENTS < len(starts):
+                    s_window.release(min(s_starts[i + BATCH_SEGMENTS:]) - 1)  # keep relative starts > 0
         sha = file_sha256(path)
         writer.commit_track(store.TrackRecord(task.track_id, len(starts), duration, sha, task.audio_path,
                                               task.manifest_index))
