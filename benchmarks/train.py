@@ -5,7 +5,8 @@
 Prints, per backbone, training samples (10-s segments) per second for one optimisation step
 (forward + backward + AdamW, negative-cosine loss with the centred term) at the given batch, on
 CPU or on CUDA when available (with peak GPU memory; utilisation from nvidia-smi when present).
-Then the data loader alone (the stage's `Collate` over its `MelSource`): from data/mels.h5 when
+Then the data loader alone (the stage's `Collate` over its `MelSource`, strategy "both" with 4
+segments per track): from data/mels.h5 when
 the demo caches exist — both held in memory and streamed from HDF5 — otherwise from synthetic
 in-memory mels. The loader must deliver at least 3x what training consumes.
 """
@@ -110,12 +111,13 @@ def loader_rate(batch: int, seconds: float, stream: bool) -> dict:
                             [segs[i * per:(i + 1) * per] for i in range(n_tracks)], segs, seg_emb[:n_tracks])
         origin = "synthetic in-memory mels"
     items = stage.TrainItems(train, "both")
-    collate = stage.Collate(train, source, seg_emb, seg_norm, items.n_seg)
+    collate = stage.Collate(train, source, seg_emb, seg_norm, items.by_track, 4)
     rng = np.random.default_rng(0)
     rows = 0
     t0 = time.perf_counter()
     while time.perf_counter() - t0 < seconds:
-        b = collate([int(i) for i in rng.integers(0, len(items), batch)])
+        # `batch` training rows: tracks of up to 4 segments each, as the default strategy draws them
+        b = collate([int(i) for i in rng.integers(0, len(items), max(1, batch // 4))])
         rows += b["mels"].shape[0]
     dt = time.perf_counter() - t0
     return {"source": origin, "segments_per_s": rows / dt}
