@@ -79,7 +79,7 @@ class MelSource:
             self._student_arr = cache.student_mels(order).astype(np.float16)
             if with_teacher:
                 self._teacher_arr = cache.teacher_mels(order).astype(np.float16)
-            log.info("holding %d training segments in memory (%.0f MB)", len(order), len(order) * per_row / 1e6)
+            log.info("holding %d segments in memory (%.0f MB)", len(order), len(order) * per_row / 1e6)
             self.close()
 
     def _handle(self):
