@@ -178,3 +178,14 @@ def test_mel_cache_pickles_for_dataloader_workers(tmp_path):
 def test_missing_cache_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="run mels|student-clap run mels"):
         MelCache(tmp_path / "nope.h5")
+
+
+def test_merge_command_writes_a_readable_cache(tmp_path):
+    params = small_params()
+    a, _ = write_part(tmp_path / "s0", params, [("j:1", 2, 1)], seed=3)
+    b, _ = write_part(tmp_path / "s1", params, [("j:0", 1, 0)], seed=4)
+    out = tmp_path / "mels.h5"
+    assert store.merge_main(argparse.Namespace(inputs=[str(a), str(b)], out=str(out))) == 0
+    with MelCache(out) as c:
+        assert c.track_ids == ["j:0", "j:1"] and c.n_segments == 3
+    assert not (tmp_path / "mels.h5.tmp").exists()
