@@ -304,3 +304,17 @@ def test_bias_length_search_finds_the_raw_cosine_optimum() -> None:
     target /= np.linalg.norm(target, axis=1, keepdims=True)
     length = stage.best_bias_length(offsets, mean, target, start=1.0)
     assert 8.0 < length < 12.0
+
+
+def test_stage_resume_reproduces_the_straight_run(workspace) -> None:
+    """Augmentation, segment draws and BatchNorm recalibration included: 2 epochs straight equal
+    1 epoch + --resume + 1 epoch, weight for weight."""
+    kw = dict(epochs=2, stage2_epochs=0)
+    _train(workspace, workspace["tmp"] / "a", **kw)
+    _train(workspace, workspace["tmp"] / "b", epochs=1, stage2_epochs=0)
+    _train(workspace, workspace["tmp"] / "b", resume=True, **kw)
+    a = torch.load(workspace["tmp"] / "a" / "checkpoints" / "latest.pt", weights_only=True)
+    b = torch.load(workspace["tmp"] / "b" / "checkpoints" / "latest.pt", weights_only=True)
+    assert a["epoch"] == b["epoch"] == 2
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
