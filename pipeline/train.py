@@ -256,6 +256,18 @@ def _save_atomic(obj: Any, path: Path) -> None:
     tmp.replace(path)
 
 
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """latest.pt / best.pt as hard links to the epoch file (no extra disk), atomically replaced;
+    a copy where links are not possible. Editing tools replace files, never write through links."""
+    tmp = dst.with_name(dst.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    tmp.replace(dst)
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a training checkpoint (weights_only) and check its format."""
     path = Path(path)
@@ -513,11 +525,9 @@ def fit(task: TrainTask, cfg: TrainConfig) -> TrainResult:
             }
             epoch_path = ckpt_dir / f"epoch_{epoch + 1:03d}.pt"
             _save_atomic(state, epoch_path)
-            shutil.copyfile(epoch_path, ckpt_dir / "latest.pt.tmp")
-            (ckpt_dir / "latest.pt.tmp").replace(latest)
+            _link_or_copy(epoch_path, latest)
             if is_best:
-                shutil.copyfile(epoch_path, ckpt_dir / "best.pt.tmp")
-                (ckpt_dir / "best.pt.tmp").replace(ckpt_dir / "best.pt")
+                _link_or_copy(epoch_path, ckpt_dir / "best.pt")
             if not cfg.keep_epoch_checkpoints:
                 epoch_path.unlink()
 

@@ -88,6 +88,7 @@ def test_learns_and_writes_checkpoints_and_plots(tmp_path: Path) -> None:
     assert [h["epoch"] for h in res.history] == list(range(1, 7))
     ck = tmp_path / "ckpt"
     assert sorted(p.name for p in ck.glob("*.pt")) == ["best.pt"] + [f"epoch_{i:03d}.pt" for i in range(1, 7)] + ["latest.pt"]
+    assert (ck / "latest.pt").samefile(ck / "epoch_006.pt")  # a link, not a third copy
     latest = load_checkpoint(ck / "latest.pt")  # weights_only=True
     for key in ("model", "optimizer", "scheduler", "epoch", "metrics", "params", "rng", "config", "history"):
         assert key in latest
