@@ -9,7 +9,8 @@ rest the same way for every student:
   (freeze the encoder), and trains the returned parameters with a fresh optimizer at `stage2_lr`;
 - ReduceLROnPlateau on a validation metric (`monitor`, a key of `task.validate()`), with mode,
   factor, patience, threshold and min_lr from a `PlateauParams` section;
-- the loss from a `LossParams` section (`pipeline.losses.DistillLoss`);
+- the loss from a `LossParams` section (`pipeline.losses.DistillLoss`), plus the centred cosine
+  term around `TrainConfig.centre` when one is given (the mean train teacher embedding);
 - after every epoch a checkpoint ``epoch_NNN.pt`` plus ``latest.pt`` and, when the monitored
   metric improved, ``best.pt``. A checkpoint holds model, loss (learnable logit scale), optimizer
   and scheduler state, the epoch, its metrics and the history, the params, the task's model
