@@ -182,14 +182,14 @@ def run(params: Params, args: argparse.Namespace) -> int | None:
 
     tp = params.teacher
     teacher = load_teacher(tp.model.dir, device=tp.device, dtype=tp.dtype)
-    torch.set_grad_enabled(False)
     shard = getattr(args, "shard", None)
     query_sets = build_query_sets(params.text_queries) if shard is None or shard[0] == 0 else None
     recorded = {
         "teacher": {"batch_size": tp.batch_size, "device": tp.device, "dtype": tp.dtype},
         "text_queries": as_dict(params.text_queries),
     }
-    with MelCache(MELS) as mels:
+    # Scoped, not torch.set_grad_enabled(False): the stage also runs inside other processes (tests).
+    with torch.no_grad(), MelCache(MELS) as mels:
         build_embeddings(teacher, mels, OUT, query_sets, batch_size=tp.batch_size, params=recorded, shard=shard)
     return 0
 
