@@ -10,7 +10,6 @@ downmixes each block to mono, resamples it with a streaming soxr resampler and s
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 from collections.abc import Iterator
@@ -247,14 +246,6 @@ def is_silent(wave: np.ndarray) -> bool:
     if wave.dtype == np.int16:
         return not np.any(wave)
     return float(np.max(np.abs(wave), initial=0.0)) < 0.5 / 32767.0
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while data := fh.read(chunk):
-            h.update(data)
-    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------- segmentation

@@ -9,7 +9,6 @@ Only when the whole body has arrived and its sha256 matches is the `.part` file 
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import re
@@ -23,6 +22,8 @@ from pathlib import Path
 import requests
 import urllib3
 from tqdm import tqdm
+
+from pipeline.hashing import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -50,15 +51,6 @@ class _Retryable(Exception):
         super().__init__(reason)
         self.reason = reason
         self.wait = wait
-
-
-def sha256_file(path: Path | str) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def part_path(dest: Path) -> Path:

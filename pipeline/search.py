@@ -16,7 +16,6 @@ cache uses for track embeddings.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import os
@@ -38,6 +37,7 @@ from pipeline.audio import (
     segment_length,
     segment_starts,
 )
+from pipeline.hashing import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -78,14 +78,6 @@ def _session(path: Path, threads: int | None):
     return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 class AudioEmbedder:
     """Songs -> 512-d vectors with the waveform ONNX audio student."""
 
@@ -100,7 +92,7 @@ class AudioEmbedder:
             raise SearchError(f"{Path(models_dir) / SPEC_FILE}: no int8 audio model was exported")
         self.model_path = Path(models_dir) / name
         self.session = _session(self.model_path, threads)
-        self.model_sha256 = _file_digest(self.model_path)
+        self.model_sha256 = sha256_file(self.model_path)
         self.sample_rate = int(audio["sample_rate"])
         self.decode_sample_rate = int(audio.get("decode_sample_rate") or self.sample_rate)
         self.segment_seconds = float(audio["segment_seconds"])
@@ -333,7 +325,7 @@ def search_main(args: argparse.Namespace) -> int:
         index = load_index(args.index)
         spec_audio = load_spec(args.models).get("audio") or {}
         names = [spec_audio.get("file"), spec_audio.get("int8_file")]
-        digests = {_file_digest(Path(args.models) / n) for n in names if n and (Path(args.models) / n).is_file()}
+        digests = {sha256_file(Path(args.models) / n) for n in names if n and (Path(args.models) / n).is_file()}
         if digests and index.audio_model_sha256 not in digests:
             log.warning("%s was built with another audio model than %s: scores may be meaningless; re-index",
                         args.index, args.models)

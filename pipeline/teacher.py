@@ -13,7 +13,6 @@ A teacher folder holds, whether it was converted from the LAION checkpoint
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -25,6 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from pipeline.hashing import sha256_file
 from pipeline.params import TeacherModelParams, as_dict
 
 log = logging.getLogger(__name__)
@@ -41,14 +41,6 @@ MEL_BINS = 64
 
 class TeacherError(RuntimeError):
     """A teacher folder is missing files or holds something unusable; the message names the file."""
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------- configs

@@ -24,7 +24,6 @@ fails on a mismatch. A disabled student is left out and the card says so.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import shutil
@@ -36,6 +35,7 @@ import torch
 from torch import nn
 
 from pipeline import onnx as onnx_utils
+from pipeline.hashing import sha256_file
 from pipeline.params import Params, as_dict
 
 log = logging.getLogger(__name__)
@@ -229,18 +229,10 @@ def text_spec(info: dict[str, Any]) -> dict[str, Any]:
             "inputs": ["input_ids", "attention_mask"], "output": "embedding"}
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def write_checksums(out_dir: Path) -> Path:
     """`sha256sum -c`-compatible list of every file in out_dir (except the list itself)."""
     lines = [
-        f"{file_sha256(p)}  {p.relative_to(out_dir).as_posix()}"
+        f"{sha256_file(p)}  {p.relative_to(out_dir).as_posix()}"
         for p in sorted(out_dir.rglob("*"))
         if p.is_file() and p.name != CHECKSUMS
     ]

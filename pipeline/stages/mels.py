@@ -34,13 +34,13 @@ from pipeline.audio import (
     AudioDecodeError,
     ResampledWindow,
     decode_int16,
-    file_sha256,
     is_silent,
     map_starts,
     resample_int16,
     segment_length,
     segment_starts,
 )
+from pipeline.hashing import sha256_file
 from pipeline.params import Params
 
 log = logging.getLogger(__name__)
@@ -129,7 +129,7 @@ class TrackProcessor:
                 )
                 if i + BATCH_SEGMENTS < len(starts):
                     s_window.release(min(s_starts[i + BATCH_SEGMENTS:]) - 1)  # keep relative starts > 0
-        sha = file_sha256(path)
+        sha = sha256_file(path)
         writer.commit_track(store.TrackRecord(task.track_id, len(starts), duration, sha, task.audio_path,
                                               task.manifest_index))
         return Result(task.track_id, True, audio_path=task.audio_path, n_segments=len(starts), duration=duration,
@@ -335,7 +335,7 @@ def run(params: Params, args: argparse.Namespace) -> int:
     todo, reused = [], 0
     for t in tasks:
         prev = done.get(t.track_id)
-        if prev and Path(t.audio_path).is_file() and prev[0] == file_sha256(t.audio_path):
+        if prev and Path(t.audio_path).is_file() and prev[0] == sha256_file(t.audio_path):
             reused += 1
         else:
             todo.append(t)
