@@ -224,7 +224,6 @@ class DistillAudioParams:
     monitor: Literal["track_cosine", "track_cosine_centred", "segment_cosine", "segment_cosine_centred"] = (
         "track_cosine_centred"
     )
-    teacher_dir: str = "models/teacher"  # only read when use_teacher_embedding_cache is false
     device: str = "auto"  # auto | cpu | cuda
     num_workers: int = 0
     nproc: int = 1

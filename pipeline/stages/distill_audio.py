@@ -429,7 +429,7 @@ def run(params: Params, args: argparse.Namespace) -> int | None:
         if getattr(args, "resume", False):
             argv.append("--resume")
         return relaunch_with_torchrun(p.nproc, argv)
-    train_audio_student(p, out_dir, resume=bool(getattr(args, "resume", False)))
+    train_audio_student(p, out_dir, resume=bool(getattr(args, "resume", False)), teacher_dir=Path(params.teacher.model.dir))
     return 0
 
 
@@ -441,6 +441,7 @@ def train_audio_student(
     mels_path: Path = MELS,
     teacher_path: Path = TEACHER_CACHE,
     manifest_path: Path = MANIFEST,
+    teacher_dir: Path = Path("models/teacher"),
 ) -> dict[str, Any]:
     """Train and write student.pt, metrics.json, plots/ and checkpoints/ under `out_dir`."""
     from pipeline.embedding_store import TeacherCache
@@ -463,8 +464,8 @@ def train_audio_student(
     if recompute:
         from pipeline.teacher import load_teacher
 
-        teacher = load_teacher(p.teacher_dir, device="cpu" if p.device == "cpu" else "auto")
-        log.info("teacher recomputed on the augmented input (use_teacher_embedding_cache: false): %s", p.teacher_dir)
+        teacher = load_teacher(teacher_dir, device="cpu" if p.device == "cpu" else "auto")
+        log.info("teacher recomputed on the augmented input (use_teacher_embedding_cache: false): %s", teacher_dir)
     s_centres, t_centres = frontend_centres(attrs)
     augmenter = Augmenter(p.augment, s_centres, t_centres)
 
