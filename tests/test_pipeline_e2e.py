@@ -61,7 +61,7 @@ def project(tmp_path_factory: pytest.TempPathFactory, repo_root: Path) -> Path:
     params = yaml.safe_load((dest / "params.yaml").read_text())
     _deep_update(params, TINY)
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = _env()
+    env = _env(dest)
     for cmd in (
         ["git", "init", "-q", "-b", "main"],
         ["git", "add", "-A"],
@@ -71,17 +71,18 @@ def project(tmp_path_factory: pytest.TempPathFactory, repo_root: Path) -> Path:
     return dest
 
 
-def _env() -> dict:
+def _env(project: Path) -> dict:
     env = dict(os.environ)
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", DVC_NO_ANALYTICS="1", OMP_NUM_THREADS="2")
     # The console script lives beside this interpreter; dvc runs `student-clap ...` from PATH.
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env["PYTHONPATH"] = ""  # the copy's own `pipeline` must not be shadowed
+    # The copy's own `pipeline` package runs, not an editable install of another checkout.
+    env["PYTHONPATH"] = str(project)
     return env
 
 
 def _dvc(project: Path, *args: str) -> str:
-    return _run([sys.executable, "-m", "dvc", *args], project, _env()).stdout
+    return _run([sys.executable, "-m", "dvc", *args], project, _env(project)).stdout
 
 
 def test_repro_runs_every_stage_and_leaves_real_outputs(project: Path) -> None:
@@ -115,8 +116,8 @@ def test_second_repro_runs_nothing(project: Path) -> None:
 
 
 def test_experiment_on_audio_param_reruns_only_its_dependents(project: Path) -> None:
-    _run(["git", "add", "-A"], project, _env())
-    _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "lock"], project, _env())
+    _run(["git", "add", "-A"], project, _env(project))
+    _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "lock"], project, _env(project))
     out = _dvc(project, "exp", "run", "-S", "distill_audio.epochs=2")
     ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
     assert ran == {"distill_audio", "evaluate", "export"}, out
