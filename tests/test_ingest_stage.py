@@ -73,9 +73,15 @@ def test_demo_ingest(demo_dir: Path) -> None:
     assert all(len(s) == 1 for s in sides.values())
 
     report = json.loads(Path("models/report/ingest.json").read_text())
-    assert report["included"] == 17 and report["entries"] == 19
+    # 19 list entries + 5 rows of the demo's MTG-Jamendo tag TSV, which merge into their list entries
+    assert report["included"] == 17 and report["entries"] == 24
     assert report["excluded"]["licence_not_allowed"] == 1 and report["excluded"]["audio_missing"] == 1
-    assert report["excluded"]["malformed"] == 0 and report["excluded"]["duplicate"] == 0
+    assert report["excluded"]["malformed"] == 0 and report["excluded"]["duplicate"] == 5
+    by_id = {r["track_id"]: r for r in rows}
+    assert by_id["jamendo:1001"]["tags"] == [
+        "genre---reggae", "instrument---electricpiano", "instrument---bass", "mood/theme---relaxing"]
+    # known by id in the TSV and by name in the list: still beside the artist's other song
+    assert by_id["jamendo:1005"]["split"] == by_id["jamendo:1006"]["split"]
     assert report["included_per_source"] == {"fma": 5, "jamendo": 6, "wikimedia": 6}
     counts = json.loads(Path("data/licenses/audit.json").read_text())["counts"]
     assert counts["sources"]["fma"]["excluded"]["licence not allowed"] == 1

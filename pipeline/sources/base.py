@@ -30,7 +30,7 @@ class Entry:
     candidates: list[str] = field(default_factory=list)  # audio paths relative to audio_root, in order
     download_path: str | None = None  # relative path fetched from a mirror laid out like audio_root
     download_url: str | None = None  # exact file URL when the metadata names one
-    artist_key: str | None = None  # split grouping; defaults to the artist name
+    artist_key: str | None = None  # dataset artist id: groups the split only when no name is known
     tags: list[str] = field(default_factory=list)
     duration: float | None = None
     notes: list[str] = field(default_factory=list)  # non-fatal oddities (bad bytes, missing fields)

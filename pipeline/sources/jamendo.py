@@ -165,6 +165,4 @@ def join_licenses(tsv: ParseResult, licenses: ParseResult) -> ParseResult:
             continue
         e.title, e.artist, e.url = lic.title, lic.artist, lic.url
         e.license_text, e.license_url = lic.license_text, lic.license_url
-        if lic.artist:  # group the split by name, as list entries of the same artist are
-            e.artist_key = None
     return tsv

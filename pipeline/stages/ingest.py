@@ -279,10 +279,21 @@ def _drop_shared_files(unique: list[Outcome]) -> None:
         by_file[key] = o
 
 
+def _split_group(e: Entry) -> str:
+    """The artist's name groups the split; a dataset's artist id only when no name is known.
+
+    Names are what every list and metadata file share (ids exist only in some of them), so a song
+    known by name in one list and by id in another still lands beside the artist's other songs."""
+    group = artist_group(e.artist, e.track_id)
+    if group.startswith("track:") and e.artist_key:
+        group = artist_group(e.artist_key, e.track_id)
+    return group
+
+
 def _manifest_row(o: Outcome, p: IngestParams) -> dict:
     e = o.entry
     o.status = "included"
-    o.split = split_of(artist_group(e.artist_key or e.artist, e.track_id), p.val_ratio, p.split_salt)
+    o.split = split_of(_split_group(e), p.val_ratio, p.split_salt)
     return {
         "track_id": e.track_id,
         "source": e.source,
