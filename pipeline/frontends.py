@@ -8,9 +8,9 @@
   128 Kaldi mel bins 0–15000 Hz (plus the zero column for the Nyquist bin), log(x + 1e-5),
   (x + 4.5) / 5. 320 000 samples -> [128, 1000].
 
-Eager mode uses torch.stft (FFT). While exporting to ONNX the STFT is a strided conv1d with a
-fixed windowed-DFT basis: same maths, and it exports cleanly at opset 17 without the deprecated
-real-valued stft output.
+Eager mode uses torch.stft (FFT). While exporting to ONNX the STFT is a two-stage DFT made of
+reshapes, slices and two batched matmuls with fixed bases (see _PowerSTFT): same maths, it exports
+cleanly at opset 17 without the deprecated real-valued stft output, and onnxruntime runs it fast.
 """
 
 from __future__ import annotations
@@ -88,11 +88,31 @@ def _full_window(window: np.ndarray, n_fft: int) -> np.ndarray:
     return np.pad(window, (left, n_fft - len(window) - left))
 
 
+def _block_size(n_fft: int, hop: int) -> int:
+    """The largest divisor P of both n_fft and hop with P² <= n_fft (0 if below 8: not worth factorising)."""
+    g = math.gcd(n_fft, hop)
+    best = max(d for d in range(1, g + 1) if g % d == 0 and d * d <= n_fft)
+    return best if best >= 8 else 0
+
+
 class _PowerSTFT(nn.Module):
     """|STFT|² with centre reflect padding: [B, N] -> [B, n_bins, 1 + N // hop].
 
     Only the first n_bins frequency bins are kept (default all n_fft // 2 + 1): bins above the
-    mel filters' top frequency have zero weight, so skipping them changes nothing but the cost."""
+    mel filters' top frequency have zero weight, so skipping them changes nothing but the cost.
+
+    Eager mode uses torch.stft. The export path (ONNX export, or `use_conv`) is a two-stage
+    (Cooley–Tukey) DFT written as two batched matmuls, which onnxruntime runs several times faster
+    than one conv1d with the full [n_bins, n_fft] windowed-DFT basis: with the taps n = s0 + P·a + b
+    over the window's non-zero span and the bins k = k1 + Q·k2 (Q = n_fft / P),
+
+        X[k] · e^{2πi·k·s0/n_fft} = Σ_b e^{-2πi·k·b/n_fft} · Σ_a w[n]·x[n]·e^{-2πi·k1·a/Q},
+
+    and the unit phase on the left vanishes in |X|². Stage 1 (the inner sum, real input) needs only
+    k1 <= Q/2, the rest being complex conjugates; stage 2 (one small matrix per k1, twiddles folded
+    in) serves k1 and Q - k1 together. Blocks of P samples are framed by reshapes and slices (hop is
+    a multiple of P), keeping time innermost so no costly transpose is needed. When hop and n_fft
+    share no block size >= 8 the export path falls back to a strided conv1d with the DFT basis."""
 
     def __init__(self, n_fft: int, hop: int, window: np.ndarray, n_bins: int | None = None) -> None:
         super().__init__()
@@ -100,15 +120,81 @@ class _PowerSTFT(nn.Module):
         self.n_bins = n_bins or n_fft // 2 + 1
         self.register_buffer("window", torch.from_numpy(window.astype(np.float32)), persistent=False)
         full = _full_window(window.astype(np.float64), n_fft)
-        k = np.arange(self.n_bins)[:, None]
-        n = np.arange(n_fft)[None, :]
-        angle = 2.0 * np.pi * k * n / n_fft
-        basis = np.concatenate([np.cos(angle) * full, -np.sin(angle) * full])[:, None, :]
-        self.register_buffer("dft_basis", torch.from_numpy(basis.astype(np.float32)), persistent=False)
         self.use_conv = False  # force the export path in eager mode (tests)
+        self.block = _block_size(n_fft, hop)
+        if self.block:
+            self._init_factorised(full)
+        else:
+            k = np.arange(self.n_bins)[:, None]
+            n = np.arange(n_fft)[None, :]
+            angle = 2.0 * np.pi * k * n / n_fft
+            basis = np.concatenate([np.cos(angle) * full, -np.sin(angle) * full])[:, None, :]
+            self.register_buffer("dft_basis", torch.from_numpy(basis.astype(np.float32)), persistent=False)
+
+    def _init_factorised(self, full: np.ndarray) -> None:
+        n_fft, P = self.n_fft, self.block
+        Q = n_fft // P
+        nonzero = np.flatnonzero(full)
+        lo, hi = (int(nonzero[0]), int(nonzero[-1]) + 1) if len(nonzero) else (0, 1)
+        s0 = min(lo, n_fft // 2)  # first tap used (<= n_fft/2 so reflect padding can start there)
+        A = -(-(hi - s0) // P)  # blocks of P taps covering the window's support
+        s0 = min(s0, n_fft - A * P)  # stay inside the frame; taps outside [lo, hi) have weight 0
+        J = Q // 2 + 1  # stage-1 frequencies k1 = 0 .. Q/2
+        K2 = -(-self.n_bins // Q)
+        self.taps_start, self.n_blocks, self.n_k1, self.n_k2 = s0, A, J, K2
+        taps = s0 + P * np.arange(A)[:, None] + np.arange(P)[None, :]  # [A, P]
+        self.register_buffer("block_window", torch.from_numpy(full[taps][:, :, None].astype(np.float32)), persistent=False)
+        angle = 2.0 * np.pi * np.arange(J)[:, None] * np.arange(A)[None, :] / Q
+        stage1 = np.stack([np.cos(angle), -np.sin(angle)], axis=1).reshape(2 * J, A)  # rows (k1, re/im)
+        self.register_buffer("stage1", torch.from_numpy(stage1.astype(np.float32)), persistent=False)
+        # stage 2, per k1 = j: rows (re/im of X, partner p (k1 = j or Q - j), k2), columns (re/im of Y, b)
+        stage2 = np.zeros((J, 2, 2, K2, 2, P))
+        for j in range(J):
+            for p, k1 in enumerate((j, (Q - j) % Q)):
+                conj = 1.0 if p == 0 else -1.0  # Y[Q - j] = conj(Y[j])
+                angle = 2.0 * np.pi * (k1 + Q * np.arange(K2))[:, None] * np.arange(P)[None, :] / n_fft
+                cos, sin = np.cos(angle), -np.sin(angle)  # e^{-iθ} = cos + i·sin
+                stage2[j, 0, p, :, 0], stage2[j, 0, p, :, 1] = cos, -conj * sin
+                stage2[j, 1, p, :, 0], stage2[j, 1, p, :, 1] = sin, conj * cos
+        self.register_buffer("stage2", torch.from_numpy(stage2.reshape(J, 4 * K2, 2 * P).astype(np.float32)),
+                             persistent=False)
+        order = []
+        for k in range(self.n_bins):  # where bin k sits among the [k1 = j, partner, k2] power rows
+            k1, k2 = k % Q, k // Q
+            p, j = (0, k1) if k1 < J else (1, Q - k1)
+            order.append((j * 2 + p) * K2 + k2)
+        self.register_buffer("bin_order", torch.tensor(order, dtype=torch.long), persistent=False)
+
+    def _factorised(self, x: torch.Tensor) -> torch.Tensor:
+        P, A, s0 = self.block, self.n_blocks, self.taps_start
+        H = self.hop // P  # hop in blocks
+        n_samples = x.shape[-1]
+        n_frames = 1 + n_samples // self.hop
+        pieces = -(-A // H)
+        rows = n_frames + pieces - 1  # rows of H blocks, enough for every frame's A blocks
+        half = self.n_fft // 2
+        # Reflect-pad so the signal starts at tap s0 of frame 0 and holds rows·H·P samples; any
+        # samples past the true padding feed only taps of weight 0 (or blocks beyond A).
+        length = rows * H * P
+        right = length - (n_samples + half - s0)
+        xp = F.pad(x.unsqueeze(1), (half - s0, max(0, min(right, half))), mode="reflect")
+        if right > half:
+            xp = F.pad(xp, (0, right - half))
+        elif right < 0:
+            xp = xp[..., :length]
+        g = xp.reshape(-1, rows, H * P).transpose(1, 2).reshape(-1, H, P, rows)  # [B, r, b, row]
+        frames = torch.cat([g[:, : min(H, A - q * H), :, q : q + n_frames] for q in range(pieces)], dim=1)
+        frames = (frames * self.block_window).reshape(-1, A, P * n_frames)  # [B, a, (b, t)]
+        y = torch.matmul(self.stage1, frames).reshape(-1, self.n_k1, 2 * P, n_frames)  # [B, k1, (re/im, b), t]
+        z = torch.matmul(self.stage2, y)  # [B, k1, (re/im, partner, k2), t]
+        real, imag = z.chunk(2, dim=2)
+        power = (real * real + imag * imag).reshape(-1, self.n_k1 * 2 * self.n_k2, n_frames)
+        return power.index_select(1, self.bin_order)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.use_conv or torch.onnx.is_in_onnx_export():
+            if self.block:
+                return self._factorised(x)
             pad = self.n_fft // 2
             x = F.pad(x.unsqueeze(1), (pad, pad), mode="reflect")
             spec = F.conv1d(x, self.dft_basis, stride=self.hop)

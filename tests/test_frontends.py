@@ -170,3 +170,26 @@ def test_shared_stft_over_overlapping_segments_equals_one_by_one(cls, sr):
             shared = segment_mels(m, wave, starts, 10 * sr, batch=3)
         assert shared.shape == direct.shape
         np.testing.assert_allclose(shared, direct, atol=1e-5)
+
+
+@pytest.mark.parametrize("n_fft,hop,win_length,n_bins", [
+    (1024, 320, 800, 481),  # the student's block layout: 32 blocks of 32 taps, 25 of them in the window
+    (1024, 480, 1024, None),  # the teacher's
+    (400, 160, 400, None),  # blocks of 20 (not a power of two)
+    (512, 128, 300, 200),  # a short window off the block grid, bins trimmed
+    (256, 100, 256, None),  # hop and n_fft share no block >= 8: the conv1d fallback
+])
+def test_export_stft_matches_torch_stft_for_other_layouts(n_fft, hop, win_length, n_bins):
+    from pipeline.frontends import _PowerSTFT
+
+    window = np.hanning(win_length + 2)[1:-1]  # no zero end taps
+    stft = _PowerSTFT(n_fft, hop, window, n_bins=n_bins)
+    rng = np.random.default_rng(n_fft + hop)
+    for n in (5 * hop + 1, 7 * hop - 1, 7 * hop, 3 * n_fft + 17):  # frames that end at, near or past the padding
+        x = torch.from_numpy(rng.standard_normal((2, n)).astype(np.float32))
+        stft.use_conv = False
+        ref = stft(x)
+        stft.use_conv = True
+        out = stft(x)
+        assert out.shape == ref.shape == (2, n_bins or n_fft // 2 + 1, 1 + n // hop)
+        np.testing.assert_allclose(out.numpy(), ref.numpy(), atol=2e-5 * float(ref.max()))
