@@ -142,6 +142,8 @@ class _PowerSTFT(nn.Module):
         J = Q // 2 + 1  # stage-1 frequencies k1 = 0 .. Q/2
         K2 = -(-self.n_bins // Q)
         self.taps_start, self.n_blocks, self.n_k1, self.n_k2 = s0, A, J, K2
+        # the blocks of the last frame reach at most this far past the reflect padding
+        self.tail_zeros = max(0, -(-A // (self.hop // P)) * self.hop + s0 - n_fft)
         taps = s0 + P * np.arange(A)[:, None] + np.arange(P)[None, :]  # [A, P]
         self.register_buffer("block_window", torch.from_numpy(full[taps][:, :, None].astype(np.float32)), persistent=False)
         angle = 2.0 * np.pi * np.arange(J)[:, None] * np.arange(A)[None, :] / Q
@@ -168,20 +170,18 @@ class _PowerSTFT(nn.Module):
     def _factorised(self, x: torch.Tensor) -> torch.Tensor:
         P, A, s0 = self.block, self.n_blocks, self.taps_start
         H = self.hop // P  # hop in blocks
-        n_samples = x.shape[-1]
-        n_frames = 1 + n_samples // self.hop
         pieces = -(-A // H)
-        rows = n_frames + pieces - 1  # rows of H blocks, enough for every frame's A blocks
+        # Sizes stay tensor arithmetic while tracing, so an export with a dynamic length axis holds.
+        n_samples = x.shape[-1]
+        n_frames = n_samples // self.hop + 1
+        rows = n_frames + (pieces - 1)  # rows of H blocks, enough for every frame's A blocks
         half = self.n_fft // 2
-        # Reflect-pad so the signal starts at tap s0 of frame 0 and holds rows·H·P samples; any
-        # samples past the true padding feed only taps of weight 0 (or blocks beyond A).
-        length = rows * H * P
-        right = length - (n_samples + half - s0)
-        xp = F.pad(x.unsqueeze(1), (half - s0, max(0, min(right, half))), mode="reflect")
-        if right > half:
-            xp = F.pad(xp, (0, right - half))
-        elif right < 0:
-            xp = xp[..., :length]
+        # torch.stft's reflect padding, started at tap s0 of frame 0; the zeros after it feed only
+        # taps of weight 0 or blocks past A.
+        xp = F.pad(x.unsqueeze(1), (half - s0, half), mode="reflect")
+        if self.tail_zeros:
+            xp = F.pad(xp, (0, self.tail_zeros))
+        xp = xp[..., : rows * (H * P)]
         g = xp.reshape(-1, rows, H * P).transpose(1, 2).reshape(-1, H, P, rows)  # [B, r, b, row]
         frames = torch.cat([g[:, : min(H, A - q * H), :, q : q + n_frames] for q in range(pieces)], dim=1)
         frames = (frames * self.block_window).reshape(-1, A, P * n_frames)  # [B, a, (b, t)]

@@ -193,3 +193,18 @@ def test_export_stft_matches_torch_stft_for_other_layouts(n_fft, hop, win_length
         out = stft(x)
         assert out.shape == ref.shape == (2, n_bins or n_fft // 2 + 1, 1 + n // hop)
         np.testing.assert_allclose(out.numpy(), ref.numpy(), atol=2e-5 * float(ref.max()))
+
+
+def test_onnx_export_with_a_dynamic_length_axis():
+    m = StudentMel().eval()
+    buf = io.BytesIO()
+    torch.onnx.export(
+        m, (torch.zeros(1, 64000),), buf, dynamo=False, opset_version=17, input_names=["wave"], output_names=["mel"],
+        dynamic_axes={"wave": {0: "batch", 1: "samples"}, "mel": {0: "batch", 2: "frames"}},
+    )
+    session = ort.InferenceSession(buf.getvalue(), providers=["CPUExecutionProvider"])
+    for n in (64000, 40321, 97000):  # the traced length, one off the hop grid, a longer one
+        x = music_like(n, 32000, seed=n)[None]
+        out = session.run(None, {"wave": x})[0]
+        assert out.shape == (1, 128, 1 + (n - 1) // 320)
+        np.testing.assert_allclose(out, run(m, x), atol=5e-4)
