@@ -18,20 +18,14 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.profiles import deep_update
+
 pytestmark = pytest.mark.slow
 
 TINY = {
     "mels": {"max_track_minutes": 0.25, "workers": 1},
     "text_queries": {"n_train": 40, "n_val": 10},
 }
-
-
-def _deep_update(base: dict, new: dict) -> None:
-    for key, value in new.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            _deep_update(base[key], value)
-        else:
-            base[key] = value
 
 
 def _sha256(path: Path) -> str:
@@ -71,7 +65,7 @@ def clones(tmp_path_factory: pytest.TempPathFactory, repo_root: Path, env: dict)
         (a / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(repo_root / rel, a / rel)
     params = yaml.safe_load((a / "params.yaml").read_text())
-    _deep_update(params, TINY)
+    deep_update(params, TINY)
     (a / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     dvc = [sys.executable, "-m", "dvc"]
     _run(["git", "init", "-q", "-b", "main"], a, env)

@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.profiles import deep_update
+
 pytestmark = pytest.mark.slow
 
 # Small numbers so the whole pipeline runs in a couple of minutes on two cores.
@@ -24,14 +26,6 @@ TINY = {
     "distill_text": {"epochs": 2, "stage2_epochs": 0},
     "text_queries": {"n_train": 300, "n_val": 60},
 }
-
-
-def _deep_update(base: dict, new: dict) -> None:
-    for key, value in new.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            _deep_update(base[key], value)
-        else:
-            base[key] = value
 
 
 def _project_files(root: Path) -> list[str]:
@@ -59,7 +53,7 @@ def project(tmp_path_factory: pytest.TempPathFactory, repo_root: Path) -> Path:
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(repo_root / rel, target)
     params = yaml.safe_load((dest / "params.yaml").read_text())
-    _deep_update(params, TINY)
+    deep_update(params, TINY)
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = _env(dest)
     for cmd in (
