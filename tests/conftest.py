@@ -29,3 +29,17 @@ def shared_dir() -> Path:
     if not SHARED.is_dir():
         pytest.skip(f"{SHARED} not found: the shared sample data sits beside the clone only in CI")
     return SHARED
+
+
+def _deep_update(base: dict, new: dict) -> None:
+    for key, value in new.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _deep_update(base[key], value)
+        else:
+            base[key] = value
+
+
+@pytest.fixture(scope="session")
+def deep_update():
+    """Merge a nested params profile into a parsed params.yaml in place (like `dvc exp run -S`)."""
+    return _deep_update

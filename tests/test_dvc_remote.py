@@ -18,8 +18,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.profiles import deep_update
-
 pytestmark = pytest.mark.slow
 
 TINY = {
@@ -55,7 +53,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 
 @pytest.fixture(scope="module")
-def clones(tmp_path_factory: pytest.TempPathFactory, repo_root: Path, env: dict) -> tuple[Path, Path]:
+def clones(tmp_path_factory: pytest.TempPathFactory, repo_root: Path, env: dict, deep_update) -> tuple[Path, Path]:
     base = tmp_path_factory.mktemp("dvc_remote")
     a, b, remote = base / "A", base / "B", base / "remote"
     files = _run(["git", "ls-files", "-co", "--exclude-standard"], repo_root, env).split("\n")

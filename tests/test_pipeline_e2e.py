@@ -16,8 +16,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.profiles import deep_update
-
 pytestmark = pytest.mark.slow
 
 # Small numbers so the whole pipeline runs in a couple of minutes on two cores.
@@ -43,7 +41,7 @@ def _run(cmd: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory: pytest.TempPathFactory, repo_root: Path) -> Path:
+def project(tmp_path_factory: pytest.TempPathFactory, repo_root: Path, deep_update) -> Path:
     """A git copy of the working tree (tracked and new files, no outputs) with the tiny profile."""
     dest = tmp_path_factory.mktemp("e2e") / "project"
     for rel in _project_files(repo_root):
