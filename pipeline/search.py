@@ -154,7 +154,9 @@ class TextEmbedder:
         except ValueError as exc:  # TokenizerError: missing, malformed or empty vocabulary
             raise SearchError(str(exc)) from exc
         self.max_length = int(text["max_length"])
-        self.session = _session(Path(models_dir) / text["file"], threads)
+        # A query is a handful of tokens through a ~1M-parameter model: more threads gain nothing
+        # measurable (benchmarks/text.py times both) and would take cores from the host server.
+        self.session = _session(Path(models_dir) / text["file"], 1 if threads is None else threads)
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         from pipeline.text_tokenizer import encode
