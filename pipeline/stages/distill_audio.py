@@ -33,13 +33,11 @@ from pipeline.augment import Augmenter, frontend_centres, mixup_targets
 from pipeline.manifest import read_manifest
 from pipeline.models.audio_student import AudioStudent, init_audio_student, save_audio_student
 from pipeline.params import DistillAudioParams, Params
+from pipeline.paths import MANIFEST, MELS, TEACHER_CACHE
 from pipeline.train import TrainConfig, fit, relaunch_with_torchrun, under_torchrun
 
 log = logging.getLogger(__name__)
 
-MANIFEST = Path("data/manifest.jsonl")
-MELS = Path("data/mels.h5")
-TEACHER_CACHE = Path("data/teacher.h5")
 OUT_DIR = Path("models/audio")
 PRELOAD_LIMIT_BYTES = 1 << 30  # train mels up to 1 GiB (fp16) are held in memory
 # Before each stage-1 validation the encoder's BatchNorm statistics are recomputed on this many

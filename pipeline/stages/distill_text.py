@@ -42,12 +42,12 @@ from torch.utils.data import TensorDataset
 
 from pipeline import metrics as M
 from pipeline.params import DistillTextParams, Params
+from pipeline.paths import MANIFEST
 from pipeline.queries import HELD_OUT_SETS, split_into_terms
 
 log = logging.getLogger(__name__)
 
 TEACHER_H5 = Path("data/teacher.h5")
-MANIFEST = Path("data/manifest.jsonl")
 OUT_DIR = Path("models/text")
 MONITOR = "monitor_centred"
 EVAL_BATCH = 256

@@ -34,16 +34,11 @@ from tqdm import tqdm
 
 from pipeline import metrics as M
 from pipeline.params import EvaluateParams, Params
+from pipeline.paths import AUDIO_STUDENT, MANIFEST, MELS, TEACHER_CACHE, TEXT_STUDENT, TEXT_TOKENIZER
+from pipeline.paths import AUDIT as AUDIT_JSON
 
 log = logging.getLogger(__name__)
 
-MANIFEST = Path("data/manifest.jsonl")
-MELS = Path("data/mels.h5")
-TEACHER_CACHE = Path("data/teacher.h5")
-AUDIT_JSON = Path("data/licenses/audit.json")
-AUDIO_STUDENT = Path("models/audio/student.pt")
-TEXT_STUDENT = Path("models/text/student.pt")
-TEXT_TOKENIZER = Path("models/text/tokenizer.json")
 REPORT_DIR = Path("models/report")
 
 EVAL_PROMPT_SET = "eval_prompts"

@@ -37,15 +37,12 @@ from torch import nn
 from pipeline import onnx as onnx_utils
 from pipeline.hashing import sha256_file
 from pipeline.params import Params, as_dict
+from pipeline.paths import AUDIO_STUDENT, LICENSES, TEXT_STUDENT, TEXT_TOKENIZER
 
 log = logging.getLogger(__name__)
 
-AUDIO_STUDENT = Path("models/audio/student.pt")
-TEXT_STUDENT = Path("models/text/student.pt")
-TEXT_TOKENIZER = Path("models/text/tokenizer.json")
 METRICS = Path("models/report/metrics.json")
 LICENCE_REPORT = Path("models/report/licences.json")
-LICENSES = Path("data/licenses")
 EXPORT_DIR = Path("models/export")
 
 AUDIO_ONNX = "audio_student.onnx"

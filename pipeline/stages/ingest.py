@@ -28,15 +28,14 @@ from pipeline import licenses
 from pipeline.download import DownloadJob, download_many
 from pipeline.manifest import write_manifest
 from pipeline.params import IngestParams, Params, SourceParams
+from pipeline.paths import AUDIT, MANIFEST
+from pipeline.paths import LICENSES as LICENSES_DIR
 from pipeline.sources import fma, jamendo, wikimedia
 from pipeline.sources.base import Entry, ParseResult, Problem, is_checksum_file, parse_checksums
 from pipeline.split import artist_group, split_of
 
 log = logging.getLogger(__name__)
 
-MANIFEST = Path("data/manifest.jsonl")
-LICENSES_DIR = Path("data/licenses")
-AUDIT = LICENSES_DIR / "audit.json"
 REPORT = Path("models/report/ingest.json")
 
 LICENCE_NOT_ALLOWED = "licence not allowed"

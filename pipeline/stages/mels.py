@@ -42,11 +42,11 @@ from pipeline.audio import (
 )
 from pipeline.hashing import sha256_file
 from pipeline.params import Params
+from pipeline.paths import MANIFEST
+from pipeline.paths import MELS as CACHE
 
 log = logging.getLogger(__name__)
 
-MANIFEST = Path("data/manifest.jsonl")
-CACHE = Path("data/mels.h5")
 REPORT = Path("models/report/mels.json")
 BATCH_SEGMENTS = 16  # segments per front-end span (~85 s of audio): bounded memory for hour-long tracks
 LOG_EVERY_SECONDS = 30.0

@@ -24,12 +24,12 @@ from tqdm import tqdm
 
 from pipeline.embedding_store import EmbeddingWriter, finalize, merge_shards, partial_path, shard_path
 from pipeline.params import Params, as_dict
+from pipeline.paths import MELS
+from pipeline.paths import TEACHER_CACHE as OUT
 from pipeline.teacher import Teacher, load_teacher
 
 log = logging.getLogger(__name__)
 
-MELS = Path("data/mels.h5")
-OUT = Path("data/teacher.h5")
 TEXT_BATCH = 64
 LOG_EVERY_S = 30.0
 

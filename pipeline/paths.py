@@ -1,0 +1,18 @@
+"""Where the stages hand artefacts to each other: the file contract that dvc.yaml's deps and outs name.
+
+Stages import these instead of spelling the paths again, so one edit here (and in dvc.yaml)
+moves an artefact. Paths are relative to the project root, where dvc runs every stage.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+MANIFEST = Path("data/manifest.jsonl")
+LICENSES = Path("data/licenses")
+AUDIT = LICENSES / "audit.json"
+MELS = Path("data/mels.h5")
+TEACHER_CACHE = Path("data/teacher.h5")
+AUDIO_STUDENT = Path("models/audio/student.pt")
+TEXT_STUDENT = Path("models/text/student.pt")
+TEXT_TOKENIZER = Path("models/text/tokenizer.json")
