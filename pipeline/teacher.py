@@ -240,6 +240,20 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def check_tokenizer(tokenizer, where: str | Path, error: type[TeacherError] = TeacherError):
+    """Refuse a RoBERTa-style tokenizer that lost its vocabulary or special tokens (`where` names it).
+
+    Missing vocabulary files do not always fail loudly (transformers 5 returns an empty tokenizer),
+    so the size and the special tokens are checked wherever a teacher tokenizer is loaded."""
+    size = tokenizer.get_vocab_size()
+    if size < MIN_VOCAB:
+        raise error(f"{where}: tokenizer has only {size} tokens; its vocabulary files are missing or broken")
+    missing = [t for t in SPECIAL_TOKENS if tokenizer.token_to_id(t) is None]
+    if missing:
+        raise error(f"{where}: tokenizer lacks RoBERTa's special tokens {missing}")
+    return tokenizer
+
+
 def load_tokenizer(path: Path):
     """Tokenizer with laion's framing (<s> ... </s>, truncation at 77 tokens), padded per batch.
 
@@ -250,13 +264,7 @@ def load_tokenizer(path: Path):
 
     if not path.exists():
         raise TeacherError(f"{path}: tokenizer file missing (rebuild the teacher folder)")
-    tokenizer = Tokenizer.from_file(str(path))
-    size = tokenizer.get_vocab_size()
-    if size < MIN_VOCAB:
-        raise TeacherError(f"{path}: tokenizer has only {size} tokens; its vocabulary files are missing or broken")
-    missing = [t for t in SPECIAL_TOKENS if tokenizer.token_to_id(t) is None]
-    if missing:
-        raise TeacherError(f"{path}: tokenizer lacks the special tokens {missing}")
+    tokenizer = check_tokenizer(Tokenizer.from_file(str(path)), path)
     tokenizer.enable_truncation(max_length=TEXT_MAX_LENGTH)
     tokenizer.enable_padding(pad_id=tokenizer.token_to_id("<pad>"), pad_token="<pad>")
     return tokenizer

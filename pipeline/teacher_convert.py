@@ -33,9 +33,8 @@ from pathlib import Path
 import torch
 
 from pipeline.teacher import (
-    MIN_VOCAB,
-    SPECIAL_TOKENS,
     TeacherError,
+    check_tokenizer,
     clap_config,
     htsat_base_audio_config,
     roberta_base_text_config,
@@ -198,12 +197,7 @@ def load_roberta_tokenizer(tokenizer_dir: str | Path):
         )
     else:
         raise ConversionError(f"{d}: no roberta-base tokenizer (tokenizer.json, or vocab.json + merges.txt)")
-    size = tokenizer.get_vocab_size()
-    if size < MIN_VOCAB:
-        raise ConversionError(f"{d}: tokenizer has only {size} tokens; the vocabulary files are incomplete")
-    missing = [t for t in SPECIAL_TOKENS if tokenizer.token_to_id(t) is None]
-    if missing:
-        raise ConversionError(f"{d}: tokenizer lacks RoBERTa's special tokens {missing}")
+    check_tokenizer(tokenizer, d, ConversionError)
     tokenizer.no_padding()
     tokenizer.no_truncation()
     return tokenizer
