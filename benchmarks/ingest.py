@@ -18,9 +18,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.licenses import normalize_license  # noqa: E402
+from pipeline.data.licenses import normalize_license  # noqa: E402
 from pipeline.params import IngestParams, SourceParams  # noqa: E402
-from pipeline.sources import fma, jamendo, wikimedia  # noqa: E402
+from pipeline.data.sources import fma, jamendo, wikimedia  # noqa: E402
 from pipeline.stages.ingest import ingest  # noqa: E402
 
 FILES = {

@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from pipeline import store  # noqa: E402
+from pipeline.data import mel_cache  # noqa: E402
 from pipeline.params import Params  # noqa: E402
 
 AUDIO_EXT = {".mp3", ".ogg", ".opus", ".flac", ".wav"}
@@ -71,8 +71,8 @@ def run_ours(tracks: list[Path], work: Path, params: Params) -> dict:
     from pipeline.stages.mels import Task, TrackProcessor, _run_one
 
     torch.set_num_threads(1)
-    cparams = store.cache_params(params.audio, params.frontend, 0.0)
-    compression = store.Compression(params.mels.compression, params.mels.compression_level, True)
+    cparams = mel_cache.cache_params(params.audio, params.frontend, 0.0)
+    compression = mel_cache.Compression(params.mels.compression, params.mels.compression_level, True)
     proc = TrackProcessor({"params": cparams})
     parts = work / "ours.h5.parts"
     c0, w0 = cpu_seconds(), time.perf_counter()
@@ -82,9 +82,9 @@ def run_ours(tracks: list[Path], work: Path, params: Params) -> dict:
         if not r.ok:
             raise RuntimeError(f"{path}: {r.reason}")
         minutes += r.duration / 60.0
-    done = store.completed_tracks(sorted(parts.glob("*.h5")), cparams)
+    done = mel_cache.completed_tracks(sorted(parts.glob("*.h5")), cparams)
     entries = [(done[f"bench:{i}"][1], done[f"bench:{i}"][2]) for i in range(len(tracks))]
-    out = store.write_cache(work / "ours.h5", cparams, compression, entries)
+    out = mel_cache.write_cache(work / "ours.h5", cparams, compression, entries)
     cpu, wall = cpu_seconds() - c0, time.perf_counter() - w0
     return {"audio_minutes": minutes, "cpu_s": cpu, "wall_s": wall, "bytes": out.stat().st_size,
             "compression": compression.describe()}
@@ -94,7 +94,7 @@ def run_seed(tracks: list[Path], work: Path, params: Params) -> dict:
     """The seed's way: librosa per segment, float32 zlib blobs in SQLite."""
     import librosa
 
-    from pipeline.audio import segment_starts
+    from pipeline.data.audio import segment_starts
 
     a, t, s = params.audio, params.frontend.teacher, params.frontend.student
     db_path = work / "seed.sqlite"
@@ -131,7 +131,7 @@ def long_track_memory(minutes: float, work: Path, src: Path) -> dict:
     """Build an N-minute mono 22.05 kHz MP3 by repeating a demo song; process it in a fresh process."""
     import soundfile as sf
 
-    from pipeline.audio import decode
+    from pipeline.data.audio import decode
 
     path = work / f"long_{int(minutes)}min.mp3"
     piece = decode(src, 22050)
@@ -145,12 +145,12 @@ def long_track_memory(minutes: float, work: Path, src: Path) -> dict:
     code = (
         "import sys, resource, time, json; sys.path.insert(0, %r)\n"
         "from pathlib import Path\n"
-        "from pipeline import store\n"
+        "from pipeline.data import mel_cache\n"
         "from pipeline.params import Params\n"
         "from pipeline.stages.mels import Task, TrackProcessor, _run_one\n"
-        "p = Params(); cp = store.cache_params(p.audio, p.frontend, 0.0)\n"
+        "p = Params(); cp = mel_cache.cache_params(p.audio, p.frontend, 0.0)\n"
         "t = time.perf_counter()\n"
-        "r = _run_one(TrackProcessor({'params': cp}), Task(0, 'long', %r), Path(%r), store.Compression(), 'L')\n"
+        "r = _run_one(TrackProcessor({'params': cp}), Task(0, 'long', %r), Path(%r), mel_cache.Compression(), 'L')\n"
         "print(json.dumps({'ok': r.ok, 'reason': r.reason, 'segments': r.n_segments, 'seconds': time.perf_counter() - t,\n"
         "                  'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))\n"
     ) % (str(Path(__file__).resolve().parents[1]), str(path), str(work / "long.parts"))
@@ -187,13 +187,13 @@ def main() -> int:
         if a.song_seconds > 0:  # full-length songs: the demo songs' recipes, longer
             import dataclasses
 
-            from pipeline.demo_audio import SONGS, write_song
+            from pipeline.data.demo_audio import SONGS, write_song
 
             root = work / "songs"
             for song in SONGS[: a.songs]:
                 write_song(dataclasses.replace(song, seconds=a.song_seconds), root)
         elif not root.exists():
-            from pipeline.demo_audio import synthesize_all
+            from pipeline.data.demo_audio import synthesize_all
 
             root = work / "audio"
             synthesize_all(root)

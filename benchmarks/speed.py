@@ -68,10 +68,10 @@ def bench_teacher(song: Path, threads: int, repeats: int) -> dict:
     import torch
     from transformers import ClapAudioConfig, ClapAudioModelWithProjection
 
-    from pipeline.audio import decode, segments
-    from pipeline.frontends import TeacherMel
+    from pipeline.data.audio import decode, segments
+    from pipeline.data.frontends import TeacherMel
     from pipeline.params import TeacherFrontendParams
-    from pipeline.teacher import htsat_base_audio_config
+    from pipeline.teacher.model import htsat_base_audio_config
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -105,7 +105,7 @@ def bench_teacher(song: Path, threads: int, repeats: int) -> dict:
 def export_student(backbone: str, out_dir: Path, int8: bool) -> tuple[Path, int]:
     import torch
 
-    from pipeline.frontends import StudentMel
+    from pipeline.data.frontends import StudentMel
     from pipeline.models.audio_student import build_audio_student
     from pipeline.params import StudentFrontendParams
     from pipeline.stages import export as ex
@@ -127,8 +127,8 @@ def export_student(backbone: str, out_dir: Path, int8: bool) -> tuple[Path, int]
 
 def bench_student(onnx_path: Path, params: int, label: str, song: Path, threads: int, repeats: int) -> dict:
     # onnxruntime only, the code path of `student-clap embed` (no torch in this process)
-    from pipeline.audio import decode_int16
-    from pipeline.search import AudioEmbedder
+    from pipeline.data.audio import decode_int16
+    from pipeline.runtime.search import AudioEmbedder
 
     embedder = AudioEmbedder(onnx_path.parent, int8="int8" in onnx_path.name, batch_size=BATCH, threads=threads)
     assert embedder.model_path == onnx_path

@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from pipeline.teacher import Teacher, clap_config, htsat_base_audio_config, roberta_base_text_config
+from pipeline.teacher.model import Teacher, clap_config, htsat_base_audio_config, roberta_base_text_config
 
 
 def build(device: str, dtype: torch.dtype) -> Teacher:

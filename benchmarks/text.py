@@ -66,7 +66,7 @@ def student_model(args: argparse.Namespace):
 
 def student_inputs(model, args: argparse.Namespace) -> dict[str, np.ndarray]:
     if args.tokenizer:
-        from pipeline.text_tokenizer import encode, load_tokenizer
+        from pipeline.models.text_tokenizer import encode, load_tokenizer
 
         ids, mask = encode(load_tokenizer(args.tokenizer, vocab_size=model.config.vocab_size), [QUERY], model.config.max_length)
     else:  # about one token per word plus <s> and </s>
@@ -79,7 +79,7 @@ def student_inputs(model, args: argparse.Namespace) -> dict[str, np.ndarray]:
 def teacher_tower() -> torch.nn.Module:
     from transformers import ClapTextConfig, ClapTextModelWithProjection
 
-    from pipeline.teacher import roberta_base_text_config
+    from pipeline.teacher.model import roberta_base_text_config
 
     torch.manual_seed(0)
     cfg = ClapTextConfig(**roberta_base_text_config(), projection_dim=512)

@@ -26,7 +26,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.losses import DistillLoss  # noqa: E402
+from pipeline.training.losses import DistillLoss  # noqa: E402
 from pipeline.models.audio_student import build_audio_student  # noqa: E402
 from pipeline.params import LossParams  # noqa: E402
 
@@ -77,8 +77,8 @@ def loader_rate(batch: int, seconds: float, stream: bool) -> dict:
     mels_path, teacher_path, manifest_path = (ROOT / p for p in (stage.MELS, stage.TEACHER_CACHE, stage.MANIFEST))
     have_demo = mels_path.is_file() and teacher_path.is_file() and manifest_path.is_file()
     if have_demo:
-        from pipeline.embedding_store import TeacherCache
-        from pipeline.manifest import read_manifest
+        from pipeline.data.teacher_cache import TeacherCache
+        from pipeline.data.manifest import read_manifest
 
         with stage._open_mels(mels_path) as mels, TeacherCache(teacher_path) as tc:
             train, _ = stage.load_splits(mels, tc, read_manifest(manifest_path))

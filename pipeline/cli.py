@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo_sub = demo.add_subparsers(dest="demo_command", required=True)
     synth = demo_sub.add_parser("synth", help="(re)generate the CC0 demo songs deterministically")
     synth.add_argument("--out", default="data/demo/audio", help="output folder (default: %(default)s)")
-    synth.set_defaults(func=_call("pipeline.demo_audio", "main"))
+    synth.set_defaults(func=_call("pipeline.data.demo_audio", "main"))
 
     lic = sub.add_parser("licenses", help="licence tools")
     lic_sub = lic.add_subparsers(dest="licenses_command", required=True)
@@ -85,26 +85,26 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--teacher", default="data/teacher.h5")
     audit.add_argument("--json", dest="json_out", default=None, help="also write the summary as JSON here")
     audit.add_argument("--params", default="params.yaml", help="licence policy from ingest.policy here (default: %(default)s)")
-    audit.set_defaults(func=_call("pipeline.audit", "main"))
+    audit.set_defaults(func=_call("pipeline.data.audit", "main"))
 
     mels = sub.add_parser("mels", help="mel cache tools")
     mels_sub = mels.add_subparsers(dest="mels_command", required=True)
     merge = mels_sub.add_parser("merge", help="merge --shard k/n caches into one")
     merge.add_argument("inputs", nargs="+")
     merge.add_argument("--out", required=True)
-    merge.set_defaults(func=_call("pipeline.store", "merge_main"))
+    merge.set_defaults(func=_call("pipeline.data.mel_cache", "merge_main"))
 
     # ---- teacher tools
     teacher = sub.add_parser("teacher", help="teacher checkpoint tools")
     t_sub = teacher.add_subparsers(dest="teacher_command", required=True)
     fetch = t_sub.add_parser("fetch", help="download the LAION-CLAP checkpoint and roberta-base tokenizer")
     fetch.add_argument("--params", default="params.yaml")
-    fetch.set_defaults(func=_call("pipeline.teacher_fetch", "main"))
+    fetch.set_defaults(func=_call("pipeline.teacher.fetch", "main"))
     conv = t_sub.add_parser("convert", help="LAION .pt checkpoint -> ClapModel safetensors + config + tokenizer")
     conv.add_argument("checkpoint")
     conv.add_argument("--tokenizer", required=True, help="folder with roberta-base tokenizer files")
     conv.add_argument("--out", required=True)
-    conv.set_defaults(func=_call("pipeline.teacher_convert", "main"))
+    conv.set_defaults(func=_call("pipeline.teacher.convert", "main"))
     tmerge = t_sub.add_parser("merge", help="join `run teacher --shard k/n` files into one teacher.h5")
     tmerge.add_argument("inputs", nargs="+")
     tmerge.add_argument("--out", default="data/teacher.h5")
@@ -132,20 +132,20 @@ def build_parser() -> argparse.ArgumentParser:
     c_reset.add_argument("--optimizer", action="store_true")
     c_reset.add_argument("--scheduler", action="store_true")
     for p in (c_ls, c_show, c_reset):
-        p.set_defaults(func=_call("pipeline.checkpoints", "main"))
+        p.set_defaults(func=_call("pipeline.training.checkpoint", "main"))
 
     # ---- use the exported models (onnxruntime only)
     embed = sub.add_parser("embed", help="embed audio files with the exported ONNX student")
     embed.add_argument("files", nargs="+")
     embed.add_argument("--out", required=True, help=".npz (paths + vectors), .npy (+ .paths.txt) or .jsonl output")
     embed.add_argument("--models", default="models/export")
-    embed.set_defaults(func=_call("pipeline.search", "embed_main"))
+    embed.set_defaults(func=_call("pipeline.runtime.search", "embed_main"))
 
     index = sub.add_parser("index", help="embed a folder of songs into a search index")
     index.add_argument("dir")
     index.add_argument("--out", required=True, help="index file (.npz)")
     index.add_argument("--models", default="models/export")
-    index.set_defaults(func=_call("pipeline.search", "index_main"))
+    index.set_defaults(func=_call("pipeline.runtime.search", "index_main"))
     for p in (embed, index):
         p.add_argument("--batch-size", type=int, default=8, help="10-s segments per ONNX call (default: %(default)s)")
         p.add_argument("--int8", action="store_true", help="use the int8-quantised audio model")
@@ -155,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--index", required=True)
     search.add_argument("-k", type=int, default=10)
     search.add_argument("--models", default="models/export")
-    search.set_defaults(func=_call("pipeline.search", "search_main"))
+    search.set_defaults(func=_call("pipeline.runtime.search", "search_main"))
     for p in (embed, index, search):
         p.add_argument("--threads", type=int, default=None, help="onnxruntime threads (default: all cores)")
 
@@ -163,7 +163,12 @@ def build_parser() -> argparse.ArgumentParser:
     results.add_argument("--readme", default="README.md")
     results.add_argument("--metrics", default="models/report/metrics.json")
     results.add_argument("--check", action="store_true", help="exit 1 if the block is out of date instead of writing")
-    results.set_defaults(func=_call("pipeline.results", "main"))
+    results.set_defaults(func=_call("pipeline.evaluation.results", "main"))
+
+    deps = sub.add_parser("deps", help="check that each stage's dvc.yaml deps cover the code it runs")
+    deps.add_argument("--root", default=".")
+    deps.add_argument("--write", action="store_true", help="rewrite the pipeline/ entries of every stage's deps from the code")
+    deps.set_defaults(func=_call("pipeline.deps", "main"))
 
     return parser
 

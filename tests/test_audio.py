@@ -1,4 +1,4 @@
-"""Decoding, resampling, int16 round trip, bad input and the segmentation rule (pipeline/audio.py),
+"""Decoding, resampling, int16 round trip, bad input and the segmentation rule (pipeline/data/audio.py),
 plus the demo songs the synthesiser commits."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import pytest
 import soundfile as sf
 import soxr
 
-from pipeline import audio
-from pipeline.audio import AudioDecodeError, decode, segment_starts, segments
+from pipeline.data import audio
+from pipeline.data.audio import AudioDecodeError, decode, segment_starts, segments
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "data" / "demo" / "audio"
@@ -290,7 +290,7 @@ def test_mapped_starts_cover_the_same_times():
 
 
 def test_demo_songs_decode_and_match_the_demo_table():
-    from pipeline.demo_audio import CORRUPT_FILES, SONGS
+    from pipeline.data.demo_audio import CORRUPT_FILES, SONGS
 
     if not DEMO.exists():
         pytest.skip(f"{DEMO} not generated")
@@ -312,7 +312,7 @@ def test_demo_songs_decode_and_match_the_demo_table():
 def test_demo_songs_differ_spectrally():
     import librosa
 
-    from pipeline.demo_audio import SONGS
+    from pipeline.data.demo_audio import SONGS
 
     if not DEMO.exists():
         pytest.skip(f"{DEMO} not generated")
@@ -329,7 +329,7 @@ def test_demo_songs_differ_spectrally():
 
 
 def test_synthesis_is_deterministic():
-    from pipeline.demo_audio import SONGS, synthesize
+    from pipeline.data.demo_audio import SONGS, synthesize
 
     song = dataclasses.replace(SONGS[0], seconds=3.0, sample_rate=8000, channels=2)
     a, b = synthesize(song), synthesize(song)

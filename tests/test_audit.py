@@ -10,8 +10,8 @@ import h5py
 import numpy as np
 import pytest
 
-from pipeline.audit import AuditError, main, run_audit
-from pipeline.manifest import write_manifest
+from pipeline.data.audit import AuditError, main, run_audit
+from pipeline.data.manifest import write_manifest
 from pipeline.params import LicensePolicyParams
 
 

@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.checkpoints import describe, list_checkpoints, parameter_count, reset
+from pipeline.training.checkpoint import describe, list_checkpoints, parameter_count, reset
 from pipeline.cli import main as cli_main
 from pipeline.models.audio_student import build_audio_student, save_audio_student
 from pipeline.params import PlateauParams
-from pipeline.train import TrainConfig, fit, load_checkpoint
+from pipeline.training.loop import TrainConfig, fit, load_checkpoint
 
 from test_train import ToyTask  # the loop tests' toy student (tests/ is on sys.path under pytest)
 

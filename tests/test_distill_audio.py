@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.augment import (
+from pipeline.training.augment import (
     Augmenter,
     kaldi_mel_centres,
     mixup_targets,
@@ -42,7 +42,7 @@ class FakeMelCache:
         self._ranges = {t: range(int(a), int(b)) for t, a, b in zip(track_ids, starts[:-1], starts[1:])}
         self.n_segments = int(starts[-1])
         self.segment_track = np.repeat(np.arange(len(track_ids)), counts)
-        self.attrs = {"params": json.dumps({"frontend": {  # as pipeline.store records them
+        self.attrs = {"params": json.dumps({"frontend": {  # as pipeline.data.mel_cache records them
             "student": {"n_mels": 128, "f_min": 0.0, "f_max": 15000.0},
             "teacher": {"n_mels": 64, "f_min": 50.0, "f_max": 14000.0},
         }})}
@@ -129,7 +129,7 @@ def _train(ws, out: Path, resume: bool = False, **over):
 
 
 def test_both_strategy_mixes_segments_and_track_averages(workspace) -> None:
-    from pipeline.embedding_store import TeacherCache
+    from pipeline.data.teacher_cache import TeacherCache
 
     cache = workspace["cache"]
     with TeacherCache(workspace["teacher"]) as t:
@@ -273,7 +273,7 @@ def test_teacher_recompute_mode_runs_teacher_on_augmented_input(workspace, monke
             seen.append(mels.clone())
             return mels.mean(dim=1).repeat(1, 8)
 
-    monkeypatch.setattr("pipeline.teacher.load_teacher", lambda *a, **k: EchoTeacher())
+    monkeypatch.setattr("pipeline.teacher.model.load_teacher", lambda *a, **k: EchoTeacher())
     _train(workspace, workspace["tmp"] / "audio2", use_teacher_embedding_cache=False, epochs=1, stage2_epochs=0,
            augment={"gain_db": 6.0, "spec_masks": False, "mixup": 0.0})
     cache = workspace["cache"]

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from pipeline.params import Params, TextQueryParams, params_from_dict
-from pipeline.queries import build_query_sets, split_into_terms
+from pipeline.data.queries import build_query_sets, split_into_terms
 from pipeline.stages import distill_text as stage
 
 TERMS = {
@@ -117,7 +117,7 @@ def test_stage_trains_scores_and_writes_outputs(workdir: Path) -> None:
 
     # what was saved reproduces the reported figures
     from pipeline.models.text_student import load_text_student
-    from pipeline.text_tokenizer import encode, load_tokenizer
+    from pipeline.models.text_tokenizer import encode, load_tokenizer
 
     model = load_text_student(out / "student.pt")
     tok = load_tokenizer(out / "tokenizer.json", vocab_size=model.config.vocab_size)
@@ -127,7 +127,7 @@ def test_stage_trains_scores_and_writes_outputs(workdir: Path) -> None:
     ids, mask = encode(tok, sets["val_combos"], model.config.max_length)
     with torch.no_grad():
         student = model(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
-    from pipeline.metrics import centred_cosine_rows, mean_embedding
+    from pipeline.evaluation.metrics import centred_cosine_rows, mean_embedding
 
     centred = centred_cosine_rows(student, teacher, mean_embedding(train)).mean()
     assert centred == pytest.approx(report["val_combos"]["student"]["centred"]["mean"], abs=1e-4)
@@ -169,7 +169,7 @@ def test_disabled_stage_writes_skipped_markers(workdir: Path) -> None:
     assert torch.load(out / "student.pt", weights_only=True)["skipped"] is True
     assert (out / "checkpoints").is_dir() and (out / "plots").is_dir()
     from pipeline.models.text_student import load_text_student
-    from pipeline.text_tokenizer import TokenizerError, load_tokenizer
+    from pipeline.models.text_tokenizer import TokenizerError, load_tokenizer
 
     with pytest.raises(ValueError, match="skipped"):
         load_text_student(out / "student.pt")

@@ -1,4 +1,4 @@
-"""pipeline.download against a small HTTP server on 127.0.0.1 started by the test."""
+"""pipeline.data.download against a small HTTP server on 127.0.0.1 started by the test."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.download import DownloadError, DownloadJob, download, download_many, part_path
+from pipeline.data.download import DownloadError, DownloadJob, download, download_many, part_path
 
 DATA = bytes((i * 7 + 3) % 251 for i in range(50_000))
 SHA = hashlib.sha256(DATA).hexdigest()

@@ -1,7 +1,7 @@
 """evaluate: report sections on small in-memory caches with known answers.
 
-The caches below implement the reader APIs of pipeline.store.MelCache and
-pipeline.embedding_store.TeacherCache; their student "mels" carry the global segment index, so a
+The caches below implement the reader APIs of pipeline.data.mel_cache.MelCache and
+pipeline.data.teacher_cache.TeacherCache; their student "mels" carry the global segment index, so a
 test student can look up what it should output and the expected figures are known exactly.
 """
 
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import metrics as M
+from pipeline.evaluation import metrics as M
 from pipeline.params import EvaluateParams
 from pipeline.stages import evaluate as ev
 

@@ -2,7 +2,7 @@
 
 Small shapes keep it quick: a 1-s segment at 16 kHz through a conv front-end stands in for the
 10-s EfficientAT mel in the export plumbing tests; the stage test with the real front-end runs
-when pipeline.frontends is present.
+when pipeline.data.frontends is present.
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from pipeline import model_card
+from pipeline.evaluation import model_card
 from pipeline.models.audio_student import build_audio_student
 from pipeline.models.text_student import build_text_student
 from pipeline.stages import export as ex
-from pipeline.text_tokenizer import save_tokenizer, train_tokenizer
+from pipeline.models.text_tokenizer import save_tokenizer, train_tokenizer
 
 torch.set_num_threads(1)
 SR, SEG = 16000, 16000
@@ -103,7 +103,7 @@ def test_text_export_dynamic_batch_and_length(tmp_path: Path, text_parts):
     info = ex.export_text(model, tok_path, tmp_path, opset=17, min_cosine=0.9999)
     assert info[ex.TEXT_ONNX]["min_cosine"] > 0.9999 and info["max_length"] == 12
     assert (tmp_path / ex.TOKENIZER).read_bytes() == tok_path.read_bytes()
-    from pipeline.text_tokenizer import encode, load_tokenizer
+    from pipeline.models.text_tokenizer import encode, load_tokenizer
 
     ids, mask = encode(load_tokenizer(tmp_path / ex.TOKENIZER), ["calm piano music", "drums"], 12)
     sess = ort.InferenceSession(str(tmp_path / ex.TEXT_ONNX), providers=["CPUExecutionProvider"])
@@ -177,7 +177,7 @@ def test_model_card_carries_the_figures():
 
 
 def test_export_stage_with_the_real_front_end(tmp_path: Path, monkeypatch, audio_student, text_parts):
-    pytest.importorskip("pipeline.frontends", reason="pipeline.frontends (StudentMel) not available")
+    pytest.importorskip("pipeline.data.frontends", reason="pipeline.data.frontends (StudentMel) not available")
     from pipeline.models.audio_student import save_audio_student
     from pipeline.models.text_student import save_text_student
     from pipeline.params import Params

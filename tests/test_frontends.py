@@ -12,7 +12,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from pipeline.frontends import StudentMel, TeacherMel, frontend_hash, kaldi_mel_banks, set_export_stft
+from pipeline.data.frontends import StudentMel, TeacherMel, frontend_hash, kaldi_mel_banks, set_export_stft
 from pipeline.params import StudentFrontendParams, TeacherFrontendParams
 
 torch.set_num_threads(1)
@@ -158,8 +158,8 @@ def test_frontend_hash_tracks_every_field():
 
 @pytest.mark.parametrize("cls,sr", [(TeacherMel, 48000), (StudentMel, 32000)])
 def test_shared_stft_over_overlapping_segments_equals_one_by_one(cls, sr):
-    from pipeline.audio import cut, int16_to_float, segment_starts, to_int16
-    from pipeline.frontends import segment_mels
+    from pipeline.data.audio import cut, int16_to_float, segment_starts, to_int16
+    from pipeline.data.frontends import segment_mels
 
     m = cls()
     for seconds in (27.3, 10.0, 4.2):  # hop-grid windows plus an off-grid tail; one window; a short track
@@ -180,7 +180,7 @@ def test_shared_stft_over_overlapping_segments_equals_one_by_one(cls, sr):
     (256, 100, 256, None),  # hop and n_fft share no block >= 8: the conv1d fallback
 ])
 def test_export_stft_matches_torch_stft_for_other_layouts(n_fft, hop, win_length, n_bins):
-    from pipeline.frontends import _PowerSTFT
+    from pipeline.data.frontends import _PowerSTFT
 
     window = np.hanning(win_length + 2)[1:-1]  # no zero end taps
     stft = _PowerSTFT(n_fft, hop, window, n_bins=n_bins)

@@ -13,12 +13,12 @@ from urllib.parse import unquote
 
 import pytest
 
-from pipeline.licenses import ATTRIBUTION_FILES, normalize_license
-from pipeline.manifest import read_manifest
+from pipeline.data.licenses import ATTRIBUTION_FILES, normalize_license
+from pipeline.data.manifest import read_manifest
 from pipeline.params import IngestParams, LicensePolicyParams, SourceParams, load_params
-from pipeline.sources import fma, jamendo, wikimedia
-from pipeline.sources.base import Entry
-from pipeline.split import artist_group, split_of
+from pipeline.data.sources import fma, jamendo, wikimedia
+from pipeline.data.sources.base import Entry
+from pipeline.data.split import artist_group, split_of
 from pipeline.stages import ingest as stage
 
 REPO = Path(__file__).resolve().parents[1]

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import licenses
-from pipeline.licenses import canonical_url, decide, family, normalize_license, render_attribution, short_name
+from pipeline.data import licenses
+from pipeline.data.licenses import canonical_url, decide, family, normalize_license, render_attribution, short_name
 from pipeline.params import LicensePolicyParams
-from pipeline.sources import fma, jamendo, wikimedia
+from pipeline.data.sources import fma, jamendo, wikimedia
 
 TABLE = [
     # CC0 and public domain

@@ -17,9 +17,9 @@ import pytest
 import soundfile as sf
 import torch
 
-from pipeline import store
-from pipeline.audio import cut, decode_int16, int16_to_float, map_starts, resample_int16, segment_starts
-from pipeline.frontends import StudentMel, TeacherMel
+from pipeline.data import mel_cache
+from pipeline.data.audio import cut, decode_int16, int16_to_float, map_starts, resample_int16, segment_starts
+from pipeline.data.frontends import StudentMel, TeacherMel
 from pipeline.params import Params
 from pipeline.stages import mels as stage
 
@@ -106,7 +106,7 @@ def test_stage_computes_both_mels_and_reports_bad_input(tmp_path, monkeypatch):
     assert all(f["reason"] for f in report["failures"])
     assert report["audio_minutes"] == pytest.approx((25 + 3 + 12) / 60, abs=0.01)
 
-    with store.MelCache(tmp_path / "data/mels.h5", expect=store.cache_params(p.audio, p.frontend, 0.0)) as c:
+    with mel_cache.MelCache(tmp_path / "data/mels.h5", expect=mel_cache.cache_params(p.audio, p.frontend, 0.0)) as c:
         assert c.track_ids == ["t:long", "t:short", "t:mid"]  # manifest order
         assert [len(c.track_segments(t)) for t in c.track_ids] == [4, 1, 2]
         assert report["segments"] == c.n_segments == 7
@@ -148,7 +148,7 @@ def test_rerun_reuses_finished_tracks_and_recomputes_changed_audio(tmp_path, mon
     monkeypatch.chdir(tmp_path)
     write_manifest(tmp_path, good_tracks(tmp_path))
     assert stage.run(params(), args()) == 0
-    with store.MelCache("data/mels.h5") as c:
+    with mel_cache.MelCache("data/mels.h5") as c:
         before = c.student_mels(slice(0, c.n_segments))
     assert stage.run(params(), args()) == 0
     report = json.loads(Path("models/report/mels.json").read_text())
@@ -157,7 +157,7 @@ def test_rerun_reuses_finished_tracks_and_recomputes_changed_audio(tmp_path, mon
     assert stage.run(params(), args()) == 0
     report = json.loads(Path("models/report/mels.json").read_text())
     assert report["tracks_reused"] == 2
-    with store.MelCache("data/mels.h5") as c:
+    with mel_cache.MelCache("data/mels.h5") as c:
         after = c.student_mels(slice(0, c.n_segments))
         short = list(c.track_segments("t:short"))
     keep = [i for i in range(len(before)) if i not in short]
@@ -191,13 +191,13 @@ def test_sigkill_mid_run_then_resume_loses_and_duplicates_nothing(tmp_path):
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     assert old.read_bytes() == old_bytes  # the previous cache is untouched and readable
-    with store.MelCache(old) as c:
+    with mel_cache.MelCache(old) as c:
         assert c.track_ids == ["k:0", "k:1"]
     published = sorted(parts.glob("*.h5"))
     assert len(published) >= 2
     finished = set()
     for part in published:  # every published part is a complete, readable cache
-        idx = store.read_index(part)
+        idx = mel_cache.read_index(part)
         finished.update(idx["track_id"])
     # resume: finished tracks are not recomputed, the rest are, nothing twice
     os.chdir(tmp_path)
@@ -208,7 +208,7 @@ def test_sigkill_mid_run_then_resume_loses_and_duplicates_nothing(tmp_path):
         os.chdir(REPO)
     report = json.loads((tmp_path / "models/report/mels.json").read_text())
     assert report["tracks_reused"] == len(finished | {"k:0", "k:1"})
-    with store.MelCache(old) as c:
+    with mel_cache.MelCache(old) as c:
         assert c.track_ids == [f"k:{i}" for i in range(8)]
         assert c.n_segments == 8 * 3 and np.array_equal(np.bincount(c.segment_track), [3] * 8)
         t, s = expected_mels(audio / "5.wav", p)
@@ -226,8 +226,8 @@ def test_parallel_workers_and_shards_give_the_same_cache(tmp_path, monkeypatch):
     shards = [tmp_path / f"data/mels.shard-{k}-of-2.h5" for k in range(2)]
     assert all(s.exists() for s in shards)
     assert (tmp_path / "models/report/mels.shard-1-of-2.json").exists()
-    merged = store.merge_caches(shards, tmp_path / "merged.h5")
-    with store.MelCache(whole) as a, store.MelCache(merged) as b:
+    merged = mel_cache.merge_caches(shards, tmp_path / "merged.h5")
+    with mel_cache.MelCache(whole) as a, mel_cache.MelCache(merged) as b:
         assert a.track_ids == b.track_ids == ["t:long", "t:short", "t:mid"]
         np.testing.assert_array_equal(a.segment_track, b.segment_track)
         np.testing.assert_array_equal(a.teacher_mels(slice(0, a.n_segments)), b.teacher_mels(slice(0, b.n_segments)))

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import onnx as onnx_utils
+from pipeline.runtime import export as onnx_utils
 
 torch.set_num_threads(1)
 

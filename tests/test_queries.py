@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.params import TextQueryParams
-from pipeline.queries import (
+from pipeline.data.queries import (
     QueryTermsError,
     build_query_sets,
     case_variants,

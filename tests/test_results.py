@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from pipeline.cli import main
-from pipeline.results import END, START
+from pipeline.evaluation.results import END, START
 
 METRICS = {
     "audio": {"skipped": True, "reason": "distillation.audio_enabled: false"},

@@ -13,8 +13,8 @@ import pytest
 import soundfile as sf
 import torch
 
-from pipeline import search as S
-from pipeline.audio import (
+from pipeline.runtime import search as S
+from pipeline.data.audio import (
     cut,
     decode,
     decode_int16,
@@ -27,7 +27,7 @@ from pipeline.audio import (
 from pipeline.models.audio_student import build_audio_student
 from pipeline.models.text_student import build_text_student
 from pipeline.stages import export as ex
-from pipeline.text_tokenizer import save_tokenizer, train_tokenizer
+from pipeline.models.text_tokenizer import save_tokenizer, train_tokenizer
 
 torch.set_num_threads(1)
 SR, SEG_S, HOP_S = 16000, 1.0, 0.5

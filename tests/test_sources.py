@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.licenses import normalize_license
-from pipeline.sources import fma, jamendo, wikimedia
+from pipeline.data.licenses import normalize_license
+from pipeline.data.sources import fma, jamendo, wikimedia
 
 FIX = Path(__file__).resolve().parent / "fixtures" / "ingest"
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -257,7 +257,7 @@ def test_parsers_survive_mangled_input(parser, tmp_path: Path) -> None:
 
 
 def test_checksum_list_format(tmp_path: Path) -> None:
-    from pipeline.sources.base import is_checksum_file, parse_checksums
+    from pipeline.data.sources.base import is_checksum_file, parse_checksums
 
     path = tmp_path / "autotagging_moodtheme_audio_sha256_tracks.txt"
     path.write_text(f"{'a' * 64} 63/1159663.mp3\n{'B' * 64} 77/1245177.mp3\nnot a checksum line\n")

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pipeline.params import DemoTeacherParams, Params, TeacherModelParams
-from pipeline.teacher import (
+from pipeline.teacher.model import (
     TEXT_MAX_LENGTH,
     TeacherError,
     build_demo_teacher,

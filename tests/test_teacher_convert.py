@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.teacher import build_demo_tokenizer, clap_config, htsat_base_audio_config, load_teacher, sha256_file
-from pipeline.teacher_convert import (
+from pipeline.teacher.model import build_demo_tokenizer, clap_config, htsat_base_audio_config, load_teacher, sha256_file
+from pipeline.teacher.convert import (
     ConversionError,
     convert_checkpoint,
     load_into,

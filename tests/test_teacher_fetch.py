@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.teacher import build_demo_tokenizer
-from pipeline.teacher_fetch import main
+from pipeline.teacher.model import build_demo_tokenizer
+from pipeline.teacher.fetch import main
 
 CHECKPOINT_BYTES = b"not really a checkpoint, but bytes with a known sha256\n" * 1000
 

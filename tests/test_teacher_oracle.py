@@ -2,7 +2,7 @@
 
 A randomly initialised HTSAT-base + RoBERTa CLAP_Module from laion_clap itself is saved in the
 original checkpoint format; laion_clap loads it (load_ckpt) and embeds 10-s waveforms and texts;
-we convert the same file and embed through pipeline.frontends.TeacherMel and pipeline.teacher.
+we convert the same file and embed through pipeline.data.frontends.TeacherMel and pipeline.teacher.model.
 laion_clap runs in a subprocess with the offline harness in tests/laion_oracle/.
 
 laion_clap is a test-only dependency; install it without its pins (numpy<2) with
@@ -80,19 +80,19 @@ def oracle(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 @pytest.fixture(scope="module")
 def teacher(oracle: dict):
-    from pipeline.teacher import load_teacher
-    from pipeline.teacher_convert import convert_checkpoint
+    from pipeline.teacher.model import load_teacher
+    from pipeline.teacher.convert import convert_checkpoint
 
     out = convert_checkpoint(oracle["work"] / "laion_ckpt.pt", oracle["tokenizer_dir"], oracle["work"] / "teacher")
     return load_teacher(out)
 
 
 def test_audio_embeddings_match_laion_clap(oracle: dict, teacher) -> None:
-    from pipeline.audio import int16_to_float, to_int16
-    from pipeline.frontends import TeacherMel
+    from pipeline.data.audio import int16_to_float, to_int16
+    from pipeline.data.frontends import TeacherMel
     from pipeline.params import TeacherFrontendParams
 
-    waves = int16_to_float(to_int16(_waves()))  # what pipeline.audio.decode hands the mel stage
+    waves = int16_to_float(to_int16(_waves()))  # what pipeline.data.audio.decode hands the mel stage
     mels = TeacherMel(TeacherFrontendParams())(torch.from_numpy(waves))
     assert tuple(mels.shape) == (len(waves), 1001, 64)
     ours = teacher.embed_mels(mels).numpy()

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.embedding_store import EmbeddingStoreError, TeacherCache, merge_shards, partial_path, shard_path
+from pipeline.data.teacher_cache import EmbeddingStoreError, TeacherCache, merge_shards, partial_path, shard_path
 from pipeline.params import TeacherModelParams
 from pipeline.stages.teacher import build_embeddings
-from pipeline.teacher import build_demo_teacher, load_teacher
+from pipeline.teacher.model import build_demo_teacher, load_teacher
 
 TRACK_LENGTHS = (2, 1, 4, 3)  # segments per track
 QUERIES = {"train": ["piano", "calm rock", "jazz, SAX"], "eval_prompts": ["piano", "drums"], "val_free": []}
@@ -20,7 +20,7 @@ PARAMS = {"teacher": {"batch_size": 3}}
 
 
 class ArrayMelCache:
-    """In-memory stand-in with the pipeline.store.MelCache read API (the teacher stage's only view)."""
+    """In-memory stand-in with the pipeline.data.mel_cache.MelCache read API (the teacher stage's only view)."""
 
     def __init__(self, seed: int = 0, lengths: tuple[int, ...] = TRACK_LENGTHS):
         rng = np.random.default_rng(seed)
@@ -185,8 +185,8 @@ def test_reader_errors_name_the_file(tmp_path: Path) -> None:
 
 
 def _write_mel_cache(path: Path, params, lengths=(2, 1, 3)) -> None:
-    """A data/mels.h5 in pipeline.store's layout (a published part file has exactly that layout)."""
-    from pipeline.store import Compression, PartWriter, TrackRecord, cache_params
+    """A data/mels.h5 in pipeline.data.mel_cache's layout (a published part file has exactly that layout)."""
+    from pipeline.data.mel_cache import Compression, PartWriter, TrackRecord, cache_params
 
     rng = np.random.default_rng(5)
     writer = PartWriter(path.parent / "parts", cache_params(params.audio, params.frontend), Compression())
@@ -204,7 +204,7 @@ def test_stage_run_reads_the_mel_cache(tmp_path: Path, monkeypatch: pytest.Monke
 
     from pipeline.params import Params
     from pipeline.stages import teacher as stage
-    from pipeline.store import MelCache
+    from pipeline.data.mel_cache import MelCache
 
     monkeypatch.chdir(tmp_path)
     params = Params()

@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from pipeline.losses import DistillLoss
+from pipeline.training.losses import DistillLoss
 from pipeline.params import LossParams, PlateauParams
-from pipeline.train import TrainConfig, fit, load_checkpoint
+from pipeline.training.loop import TrainConfig, fit, load_checkpoint
 
 
 class ToyStudent(nn.Module):

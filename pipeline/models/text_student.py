@@ -5,7 +5,7 @@ mean over the real (unpadded) tokens -> linear projection to 512 -> L2 normalisa
 output calibration (identity unless set: offsets from an anchor, the mean teacher embedding,
 rescaled by one fitted factor, then L2 again).
 
-It takes ``input_ids`` and ``attention_mask`` (int64 [B, L], from pipeline.text_tokenizer.encode)
+It takes ``input_ids`` and ``attention_mask`` (int64 [B, L], from pipeline.models.text_tokenizer.encode)
 and exports to ONNX with a dynamic batch and length.
 """
 
@@ -193,7 +193,7 @@ def export_text_onnx(model: TextStudent, path: str | Path, opset: int = 17) -> P
 
     The example batch holds a padded row, so the traced graph contains the masked path.
     """
-    from pipeline.onnx import export_module
+    from pipeline.runtime.export import export_module
 
     ids = torch.tensor([[1, 5, 6, 7, 2], [1, 8, 2, 0, 0]], dtype=torch.int64) % model.config.vocab_size
     mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=torch.int64)

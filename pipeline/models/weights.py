@@ -1,7 +1,7 @@
 """`student-clap weights fetch <name>`: get a released EfficientAT AudioSet checkpoint.
 
 The release (v0.0.1 of fschmid56/EfficientAT) names its files ``<model>_mAP_<score>.pt``. We download
-with pipeline.download (resume, retries, atomic rename) and keep the sha256 beside the file
+with pipeline.data.download (resume, retries, atomic rename) and keep the sha256 beside the file
 (``<file>.sha256``): a later fetch or a copy from elsewhere is checked against it, so a truncated
 or swapped file is caught. ``--from`` takes a local file or another base URL (a mirror).
 """
@@ -13,7 +13,7 @@ import logging
 import shutil
 from pathlib import Path
 
-from pipeline.download import download, sha256_file
+from pipeline.data.download import download, sha256_file
 
 log = logging.getLogger(__name__)
 

@@ -28,13 +28,13 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from pipeline import metrics as M
-from pipeline.augment import Augmenter, frontend_centres, mixup_targets
-from pipeline.manifest import read_manifest
+from pipeline.evaluation import metrics as M
+from pipeline.training.augment import Augmenter, frontend_centres, mixup_targets
+from pipeline.data.manifest import read_manifest
 from pipeline.models.audio_student import AudioStudent, init_audio_student, save_audio_student
 from pipeline.params import DistillAudioParams, Params
 from pipeline.paths import MANIFEST, MELS, TEACHER_CACHE
-from pipeline.train import TrainConfig, fit, relaunch_with_torchrun, under_torchrun
+from pipeline.training.loop import TrainConfig, fit, relaunch_with_torchrun, under_torchrun
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ BN_CALIBRATION_SEGMENTS = 128
 
 
 def _open_mels(path: Path):
-    from pipeline.store import MelCache
+    from pipeline.data.mel_cache import MelCache
 
     return MelCache(path)
 
@@ -219,7 +219,7 @@ def average_rows(rows: torch.Tensor, row_item: torch.Tensor, n_items: int) -> to
 
 
 class AudioDistillTask:
-    """The `pipeline.train.TrainTask` of the audio student."""
+    """The `pipeline.training.loop.TrainTask` of the audio student."""
 
     def __init__(
         self,
@@ -442,7 +442,7 @@ def train_audio_student(
     teacher_dir: Path = Path("models/teacher"),
 ) -> dict[str, Any]:
     """Train and write student.pt, metrics.json, plots/ and checkpoints/ under `out_dir`."""
-    from pipeline.embedding_store import TeacherCache
+    from pipeline.data.teacher_cache import TeacherCache
 
     torch.manual_seed(p.seed)  # the student's initial weights
     rank = int(os.environ.get("RANK", "0"))
@@ -460,7 +460,7 @@ def train_audio_student(
     val_source = MelSource(mels_path, val.segments, with_teacher=False)
     teacher = None
     if recompute:
-        from pipeline.teacher import load_teacher
+        from pipeline.teacher.model import load_teacher
 
         teacher = load_teacher(teacher_dir, device="cpu" if p.device == "cpu" else "auto")
         log.info("teacher recomputed on the augmented input (use_teacher_embedding_cache: false): %s", teacher_dir)

@@ -40,10 +40,10 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-from pipeline import metrics as M
+from pipeline.evaluation import metrics as M
 from pipeline.params import DistillTextParams, Params
 from pipeline.paths import MANIFEST
-from pipeline.queries import HELD_OUT_SETS, split_into_terms
+from pipeline.data.queries import HELD_OUT_SETS, split_into_terms
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ class TextData:
 
 
 def read_teacher_text(path: Path) -> TextData:
-    from pipeline.embedding_store import TeacherCache
+    from pipeline.data.teacher_cache import TeacherCache
 
     with TeacherCache(path) as cache:
         sets = {k: (list(q), np.asarray(e, dtype=np.float32)) for k, (q, e) in cache.text_sets().items()}
@@ -80,7 +80,7 @@ def read_teacher_text(path: Path) -> TextData:
 
 def validation_tracks(manifest: Path, track_ids: list[str]) -> list[int]:
     """Rows of teacher.h5 tracks whose manifest split is "val"."""
-    from pipeline.manifest import read_manifest
+    from pipeline.data.manifest import read_manifest
 
     val = {row["track_id"] for row in read_manifest(manifest) if row.get("split") == "val"}
     return [i for i, t in enumerate(track_ids) if t in val]
@@ -139,7 +139,7 @@ def _trim_collate(items: list[tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, 
 
 
 class TextTask:
-    """What pipeline.train.fit needs for the text student."""
+    """What pipeline.training.loop.fit needs for the text student."""
 
     def __init__(self, model, ids: np.ndarray, mask: np.ndarray, targets: np.ndarray,
                  teacher_mean: np.ndarray, centred: bool, validation: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]):
@@ -291,8 +291,8 @@ def distill_text(p: DistillTextParams, teacher_h5: Path, manifest: Path, out_dir
                  resume: bool = False, top_k: int = 10) -> dict[str, Any]:
     """Train tokenizer and student, score them, write every output; returns the metrics."""
     from pipeline.models.text_student import build_text_student, save_text_student
-    from pipeline.text_tokenizer import encode, save_tokenizer, train_tokenizer
-    from pipeline.train import TrainConfig, fit
+    from pipeline.models.text_tokenizer import encode, save_tokenizer, train_tokenizer
+    from pipeline.training.loop import TrainConfig, fit
 
     torch.manual_seed(p.seed)
     data = read_teacher_text(teacher_h5)
@@ -391,7 +391,7 @@ def distill_text(p: DistillTextParams, teacher_h5: Path, manifest: Path, out_dir
 
 def _summary_plot(path: Path, report: dict[str, Any]) -> None:
     """Bars: centred cosine of the student and both baselines on every held-out set."""
-    from pipeline.plots import agreement_bars
+    from pipeline.evaluation.plots import agreement_bars
 
     names = [n for n in HELD_OUT_SETS if n in report]
     if not names:

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from pipeline import metrics as M
+from pipeline.evaluation import metrics as M
 from pipeline.params import EvaluateParams, Params
 from pipeline.paths import AUDIO_STUDENT, MANIFEST, MELS, TEACHER_CACHE, TEXT_STUDENT, TEXT_TOKENIZER
 from pipeline.paths import AUDIT as AUDIT_JSON
@@ -97,7 +97,7 @@ def load_students(audio_path: Path, text_path: Path, tokenizer_path: Path, teach
     out.text_skipped = student_skip_reason(text_path)
     if not out.text_skipped:
         from pipeline.models.text_student import load_text_student
-        from pipeline.text_tokenizer import encode, load_tokenizer
+        from pipeline.models.text_tokenizer import encode, load_tokenizer
 
         text = load_text_student(text_path).eval()
         tok = load_tokenizer(tokenizer_path, vocab_size=text.config.vocab_size)
@@ -109,7 +109,7 @@ def load_students(audio_path: Path, text_path: Path, tokenizer_path: Path, teach
 
         out.text_embed = text_embed
     if teacher_dir is not None and teacher_dir.is_dir():
-        from pipeline.teacher import load_teacher
+        from pipeline.teacher.model import load_teacher
 
         teacher = None
 
@@ -376,7 +376,7 @@ def licence_audit(manifest_path: Path, mels_path: Path, teacher_path: Path, audi
     The policy is ingest's, read from what ingest recorded in audit.json, so evaluate declares no
     ingest params (and a policy tightened since the caches were built still flags old tracks).
     """
-    from pipeline.audit import run_audit
+    from pipeline.data.audit import run_audit
     from pipeline.params import LicensePolicyParams
 
     recorded = json.loads(audit_json.read_text(encoding="utf-8")) if audit_json.is_file() else {}
@@ -423,7 +423,7 @@ def _finite(obj: Any) -> Any:
 
 
 def write_plots(out_dir: Path, audio: AudioResult, retrieval: dict[str, Any]) -> list[str]:
-    from pipeline import plots
+    from pipeline.evaluation import plots
 
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
@@ -497,7 +497,7 @@ def build_report(
 
 def teacher_identity(teacher_dir: Path) -> dict[str, Any]:
     """Which teacher the figures are measured against (from its provenance file)."""
-    from pipeline.teacher import read_provenance
+    from pipeline.teacher.model import read_provenance
 
     prov = read_provenance(teacher_dir)
     return {"kind": prov.get("kind", "unknown"), "source": prov.get("source", ""),
@@ -505,15 +505,15 @@ def teacher_identity(teacher_dir: Path) -> dict[str, Any]:
 
 
 def read_manifest_rows(path: Path) -> dict[str, dict]:
-    from pipeline.manifest import read_manifest
+    from pipeline.data.manifest import read_manifest
 
     return {row["track_id"]: row for row in read_manifest(path)}
 
 
 def run(params: Params, args: argparse.Namespace) -> int | None:
     p = params.evaluate
-    from pipeline.embedding_store import TeacherCache
-    from pipeline.store import MelCache
+    from pipeline.data.teacher_cache import TeacherCache
+    from pipeline.data.mel_cache import MelCache
 
     manifest = read_manifest_rows(MANIFEST)
     audit = licence_audit(MANIFEST, MELS, TEACHER_CACHE, AUDIT_JSON)

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline import onnx as onnx_utils
+from pipeline.runtime import export as onnx_utils
 from pipeline.hashing import sha256_file
 from pipeline.params import Params, as_dict
 from pipeline.paths import AUDIO_STUDENT, LICENSES, TEXT_STUDENT, TEXT_TOKENIZER
@@ -173,7 +173,7 @@ def export_text(
     student: nn.Module, tokenizer_path: Path, out_dir: Path, *, opset: int, min_cosine: float
 ) -> dict[str, Any]:
     """Text ONNX (dynamic batch and length) + tokenizer.json, parity-checked on PARITY_TEXTS."""
-    from pipeline.text_tokenizer import encode, load_tokenizer
+    from pipeline.models.text_tokenizer import encode, load_tokenizer
 
     student = student.eval()
     max_length = int(student.config.max_length)
@@ -263,7 +263,7 @@ def run(params: Params, args: argparse.Namespace) -> int | None:
 
 
 def _export(params: Params, tmp_dir: Path) -> int:
-    from pipeline import model_card
+    from pipeline.evaluation import model_card
 
     p = params.export
     fe = params.frontend.student
@@ -282,7 +282,7 @@ def _export(params: Params, tmp_dir: Path) -> int:
         skipped["audio"] = reason
         log.warning("audio student skipped: %s", reason)
     else:
-        from pipeline.frontends import StudentMel
+        from pipeline.data.frontends import StudentMel
         from pipeline.models.audio_student import load_audio_student
 
         student = load_audio_student(AUDIO_STUDENT)

@@ -4,7 +4,7 @@ Reads only `params.ingest`. For every configured source it parses the seed-forma
 native metadata files, normalises each licence, applies the policy, finds (or, with
 `ingest.download`, fetches) the audio under the source's audio_root, splits by artist and writes
 
-    data/manifest.jsonl                      tracks that may be used (schema: pipeline/manifest.py)
+    data/manifest.jsonl                      tracks that may be used (schema: pipeline/data/manifest.py)
     data/licenses/<SOURCE>_SONGS_LICENSE.md  attribution for exactly those tracks
     data/licenses/audit.json                 every entry: included, or excluded with its reason
     models/report/ingest.json                counts per source and reason (a DVC metric)
@@ -24,15 +24,15 @@ from urllib.parse import quote, unquote, urlsplit
 
 from tqdm import tqdm
 
-from pipeline import licenses
-from pipeline.download import DownloadJob, download_many
-from pipeline.manifest import write_manifest
+from pipeline.data import licenses
+from pipeline.data.download import DownloadJob, download_many
+from pipeline.data.manifest import write_manifest
 from pipeline.params import IngestParams, Params, SourceParams
 from pipeline.paths import AUDIT, MANIFEST
 from pipeline.paths import LICENSES as LICENSES_DIR
-from pipeline.sources import fma, jamendo, wikimedia
-from pipeline.sources.base import Entry, ParseResult, Problem, is_checksum_file, parse_checksums
-from pipeline.split import artist_group, split_of
+from pipeline.data.sources import fma, jamendo, wikimedia
+from pipeline.data.sources.base import Entry, ParseResult, Problem, is_checksum_file, parse_checksums
+from pipeline.data.split import artist_group, split_of
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ Reads params `audio`, `frontend` and `mels` only. Every track is decoded once at
 (48 kHz, int16 round trip), cut by the one segmentation rule into 10-s windows and turned into the
 teacher log-mel; the same int16 waveform resampled to the student rate is cut at the same times
 into the student log-mel. Workers write one crash-safe part file per finished track (see
-pipeline/store.py), so a killed run resumes where it stopped; the parts are merged into the cache
+pipeline/data/mel_cache.py), so a killed run resumes where it stopped; the parts are merged into the cache
 in manifest order at the end.
 
 Bad tracks (missing, empty, non-audio, corrupt, silent) are reported in models/report/mels.json
@@ -29,8 +29,8 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from pipeline import store
-from pipeline.audio import (
+from pipeline.data import mel_cache
+from pipeline.data.audio import (
     AudioDecodeError,
     ResampledWindow,
     decode_int16,
@@ -80,7 +80,7 @@ class TrackProcessor:
     def __init__(self, cfg: dict) -> None:
         import torch
 
-        from pipeline.frontends import StudentMel, TeacherMel, segment_mels
+        from pipeline.data.frontends import StudentMel, TeacherMel, segment_mels
         from pipeline.params import StudentFrontendParams, TeacherFrontendParams
 
         torch.set_num_threads(1)  # parallelism comes from the worker processes
@@ -94,7 +94,7 @@ class TrackProcessor:
         self.teacher = TeacherMel(self.teacher_p).eval()
         self.student = StudentMel(self.student_p).eval()
 
-    def process(self, task: Task, writer: store.PartWriter) -> Result:
+    def process(self, task: Task, writer: mel_cache.PartWriter) -> Result:
         t0 = time.monotonic()
         path = Path(task.audio_path)
         sr = int(self.audio["sample_rate"])
@@ -130,15 +130,15 @@ class TrackProcessor:
                 if i + BATCH_SEGMENTS < len(starts):
                     s_window.release(min(s_starts[i + BATCH_SEGMENTS:]) - 1)  # keep relative starts > 0
         sha = sha256_file(path)
-        writer.commit_track(store.TrackRecord(task.track_id, len(starts), duration, sha, task.audio_path,
+        writer.commit_track(mel_cache.TrackRecord(task.track_id, len(starts), duration, sha, task.audio_path,
                                               task.manifest_index))
         return Result(task.track_id, True, audio_path=task.audio_path, n_segments=len(starts), duration=duration,
                       seconds=time.monotonic() - t0)
 
 
-def _run_one(proc: TrackProcessor, task: Task, parts_dir: Path, compression: store.Compression, tag: str) -> Result:
+def _run_one(proc: TrackProcessor, task: Task, parts_dir: Path, compression: mel_cache.Compression, tag: str) -> Result:
     """Process one track into its own part file; publish it only when the track is complete."""
-    writer = store.PartWriter(parts_dir, proc.cfg["params"], compression, tag=tag)
+    writer = mel_cache.PartWriter(parts_dir, proc.cfg["params"], compression, tag=tag)
     try:
         result = proc.process(task, writer)
     except Exception as exc:  # a bug or an exotic file must not stop the other tracks
@@ -155,7 +155,7 @@ def _run_one(proc: TrackProcessor, task: Task, parts_dir: Path, compression: sto
 def _worker(cfg: dict, tasks: Any, results: Any, wid: int) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     proc = TrackProcessor(cfg)
-    compression = store.Compression(**cfg["compression"])
+    compression = mel_cache.Compression(**cfg["compression"])
     parts_dir = Path(cfg["parts_dir"])
     while True:
         task = tasks.get()
@@ -201,7 +201,7 @@ def _hms(seconds: float) -> str:
 
 def _run_serial(cfg: dict, tasks: list[Task], progress: Progress) -> list[Result]:
     proc = TrackProcessor(cfg)
-    compression = store.Compression(**cfg["compression"])
+    compression = mel_cache.Compression(**cfg["compression"])
     out = []
     for task in tasks:
         r = _run_one(proc, task, Path(cfg["parts_dir"]), compression, "w0")
@@ -284,7 +284,7 @@ def _run_parallel(cfg: dict, tasks: list[Task], workers: int, progress: Progress
 
 def _load_manifest(path: Path) -> list[dict]:
     try:
-        from pipeline.manifest import read_manifest
+        from pipeline.data.manifest import read_manifest
     except ImportError:  # pragma: no cover - the manifest module ships with the package
         return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     return read_manifest(path)
@@ -321,17 +321,17 @@ def run(params: Params, args: argparse.Namespace) -> int:
         log.error("%s lists a track id more than once", manifest_path)
         return 1
 
-    cparams = store.cache_params(params.audio, params.frontend, p.max_track_minutes)
-    compression = store.Compression(p.compression, p.compression_level, True)
-    parts_dir = store.parts_dir_for(cache_path)
+    cparams = mel_cache.cache_params(params.audio, params.frontend, p.max_track_minutes)
+    compression = mel_cache.Compression(p.compression, p.compression_level, True)
+    parts_dir = mel_cache.parts_dir_for(cache_path)
     parts_dir.mkdir(parents=True, exist_ok=True)
-    stale = store.clean_temporaries(parts_dir)
+    stale = mel_cache.clean_temporaries(parts_dir)
     if stale:
         log.info("removed %d half-written part(s) of an interrupted run", stale)
 
     # Resume: reuse tracks already in a published part or in the previous cache, if the audio is unchanged.
     sources = sorted(parts_dir.glob("*.h5")) + ([cache_path] if cache_path.exists() else [])
-    done = store.completed_tracks(sources, cparams)
+    done = mel_cache.completed_tracks(sources, cparams)
     todo, reused = [], 0
     for t in tasks:
         prev = done.get(t.track_id)
@@ -355,11 +355,11 @@ def run(params: Params, args: argparse.Namespace) -> int:
 
     # Merge every finished track, in manifest order, into the cache (atomic rename).
     sources = sorted(parts_dir.glob("*.h5")) + ([cache_path] if cache_path.exists() else [])
-    done = store.completed_tracks(sources, cparams)
+    done = mel_cache.completed_tracks(sources, cparams)
     failed = {r.track_id for r in results if not r.ok}
     entries = [(done[t.track_id][1], done[t.track_id][2]) for t in tasks if t.track_id in done and t.track_id not in failed]
     if entries:
-        store.write_cache(cache_path, cparams, compression, entries)
+        mel_cache.write_cache(cache_path, cparams, compression, entries)
         shutil.rmtree(parts_dir, ignore_errors=True)
     failures = [r for r in results if not r.ok]
     report = _report(tasks, entries, failures, reused, time.monotonic() - t0, cache_path, compression)
@@ -384,7 +384,7 @@ def run(params: Params, args: argparse.Namespace) -> int:
 
 
 def _report(tasks: list[Task], entries: list, failures: list[Result], reused: int, seconds: float,
-            cache_path: Path, compression: store.Compression) -> dict:
+            cache_path: Path, compression: mel_cache.Compression) -> dict:
     by_kind: dict[str, int] = {}
     for r in failures:
         by_kind[r.kind] = by_kind.get(r.kind, 0) + 1

@@ -22,11 +22,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline.embedding_store import EmbeddingWriter, finalize, merge_shards, partial_path, shard_path
+from pipeline.data.teacher_cache import EmbeddingWriter, finalize, merge_shards, partial_path, shard_path
 from pipeline.params import Params, as_dict
 from pipeline.paths import MELS
 from pipeline.paths import TEACHER_CACHE as OUT
-from pipeline.teacher import Teacher, load_teacher
+from pipeline.teacher.model import Teacher, load_teacher
 
 log = logging.getLogger(__name__)
 
@@ -177,8 +177,8 @@ def build_embeddings(
 
 
 def run(params: Params, args: argparse.Namespace) -> int | None:
-    from pipeline.queries import build_query_sets
-    from pipeline.store import MelCache
+    from pipeline.data.queries import build_query_sets
+    from pipeline.data.mel_cache import MelCache
 
     tp = params.teacher
     teacher = load_teacher(tp.model.dir, device=tp.device, dtype=tp.dtype)
@@ -196,7 +196,7 @@ def run(params: Params, args: argparse.Namespace) -> int | None:
 
 def merge_main(args: argparse.Namespace) -> int:
     """`student-clap teacher merge SHARD... --out data/teacher.h5 [--mels data/mels.h5]`."""
-    from pipeline.store import MelCache
+    from pipeline.data.mel_cache import MelCache
 
     with MelCache(getattr(args, "mels", None) or MELS) as mels:
         ranges = [mels.track_segments(t) for t in mels.track_ids]

@@ -12,14 +12,14 @@ import logging
 from pathlib import Path
 
 from pipeline.params import Params
-from pipeline.teacher import build_demo_teacher, sha256_file
+from pipeline.teacher.model import build_demo_teacher, sha256_file
 
 log = logging.getLogger(__name__)
 
 
 def missing_files_message(checkpoint: Path, tokenizer_dir: Path, url: str) -> str | None:
     """What to place where before a checkpoint teacher can be converted; None when all is there."""
-    from pipeline.teacher_convert import tokenizer_files_present
+    from pipeline.teacher.convert import tokenizer_files_present
 
     problems = []
     if not checkpoint.is_file():
@@ -61,7 +61,7 @@ def run(params: Params, args: argparse.Namespace) -> int | None:
             return 1
     else:
         log.warning("teacher.model.checkpoint_sha256 is empty: %s is used unverified", checkpoint)
-    from pipeline.teacher_convert import convert_checkpoint
+    from pipeline.teacher.convert import convert_checkpoint
 
     convert_checkpoint(checkpoint, tokenizer_dir, out_dir)
     return 0

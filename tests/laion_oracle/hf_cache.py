@@ -46,7 +46,7 @@ def _snapshot(cache: Path, repo_id: str) -> Path:
 
 def _write_bpe(snap: Path, tokenizer_class: str) -> int:
     """Byte-level BPE files as the hub repos of roberta-base / bart-base hold them."""
-    from pipeline.teacher import build_demo_tokenizer, write_tokenizer_config
+    from pipeline.teacher.model import build_demo_tokenizer, write_tokenizer_config
 
     tokenizer = build_demo_tokenizer(700)
     tokenizer.model.save(str(snap))  # vocab.json + merges.txt

@@ -36,7 +36,7 @@ def manual_instructions(p: TeacherModelParams) -> str:
 
 def fetch(p: TeacherModelParams, d: DownloadParams | None = None, progress: bool = True) -> dict[str, str]:
     """Download every missing file; returns {destination: sha256}. Raises DownloadError."""
-    from pipeline.download import download
+    from pipeline.data.download import download
 
     d = d or DownloadParams()
     digests = {}
@@ -49,9 +49,9 @@ def fetch(p: TeacherModelParams, d: DownloadParams | None = None, progress: bool
 
 
 def main(args: argparse.Namespace) -> int:
-    from pipeline.download import DownloadError
-    from pipeline.teacher import TeacherError
-    from pipeline.teacher_convert import load_roberta_tokenizer
+    from pipeline.data.download import DownloadError
+    from pipeline.teacher.model import TeacherError
+    from pipeline.teacher.convert import load_roberta_tokenizer
 
     params = load_params(getattr(args, "params", "params.yaml"))
     p = params.teacher.model

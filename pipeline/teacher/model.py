@@ -2,7 +2,7 @@
 
 The teacher runs on the `transformers` ClapModel (HTSAT audio tower + RoBERTa text tower).
 A teacher folder holds, whether it was converted from the LAION checkpoint
-(pipeline.teacher_convert) or built as the seeded random demo (build_demo_teacher):
+(pipeline.teacher.convert) or built as the seeded random demo (build_demo_teacher):
 
     config.json            ClapConfig
     model.safetensors      weights

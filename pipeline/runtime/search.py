@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.audio import (
+from pipeline.data.audio import (
     AudioDecodeError,
     cut,
     decode_int16,
@@ -142,7 +142,7 @@ class TextEmbedder:
     """Texts -> 512-d vectors with the text ONNX student and its tokenizer."""
 
     def __init__(self, models_dir: str | Path, threads: int | None = None):
-        from pipeline.text_tokenizer import load_tokenizer
+        from pipeline.models.text_tokenizer import load_tokenizer
 
         spec = load_spec(models_dir)
         text = spec.get("text")
@@ -159,7 +159,7 @@ class TextEmbedder:
         self.session = _session(Path(models_dir) / text["file"], 1 if threads is None else threads)
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
-        from pipeline.text_tokenizer import encode
+        from pipeline.models.text_tokenizer import encode
 
         texts = [t.strip() for t in texts]
         if not all(texts):

@@ -14,7 +14,7 @@ audio tower and RoBERTa text tower map one to one onto transformers' ClapModel:
     blocks.N.attn.relative_position_* -> blocks.N.attention.self.relative_position_*
     blocks.N.mlp.fc1 / fc2         -> blocks.N.intermediate.dense / output.dense
 
-Dropped on purpose (no counterpart; the log-mel is computed by pipeline.frontends instead):
+Dropped on purpose (no counterpart; the log-mel is computed by pipeline.data.frontends instead):
 the STFT / mel filter buffers, the Swin `attn_mask` buffers, the AudioSet `tscam_conv` and `head`,
 the `*_transform` MLPs (used only in contrastive training) and the text position/token-type id
 buffers. The load is strict: every ClapModel weight must come from the checkpoint with the same
@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.teacher import (
+from pipeline.teacher.model import (
     TeacherError,
     check_tokenizer,
     clap_config,
@@ -220,7 +220,7 @@ def text_config_from(tokenizer_dir: str | Path) -> dict:
 
 
 def convert_checkpoint(checkpoint: str | Path, tokenizer_dir: str | Path, out_dir: str | Path) -> Path:
-    """Convert a LAION-CLAP HTSAT-base checkpoint into a teacher folder (see pipeline.teacher)."""
+    """Convert a LAION-CLAP HTSAT-base checkpoint into a teacher folder (see pipeline.teacher.model)."""
     from transformers import ClapModel
 
     checkpoint, tokenizer_dir, out_dir = Path(checkpoint), Path(tokenizer_dir), Path(out_dir)

@@ -18,7 +18,7 @@ import logging
 import re
 from pathlib import Path
 
-from pipeline.sources.base import Entry, ParseResult, Problem, clean, read_lines, shorten
+from pipeline.data.sources.base import Entry, ParseResult, Problem, clean, read_lines, shorten
 
 log = logging.getLogger(__name__)
 SOURCE = "jamendo"

@@ -22,7 +22,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from pipeline.sources.base import Entry, ParseResult, Problem, clean, read_lines, shorten, strip_audio_ext
+from pipeline.data.sources.base import Entry, ParseResult, Problem, clean, read_lines, shorten, strip_audio_ext
 
 log = logging.getLogger(__name__)
 SOURCE = "wikimedia"

@@ -1,6 +1,6 @@
 """`student-clap ckpt ls | show | reset`: inspect and edit training checkpoints.
 
-Works on any checkpoint written by `pipeline.train.fit` (audio and text students alike) and, for
+Works on any checkpoint written by `pipeline.training.loop.fit` (audio and text students alike) and, for
 `show`, on a final ``student.pt``. `reset` always copies the file to ``<file>.bak`` before writing.
 
 - ``ckpt ls [DIR]``: one line per epoch: stage, learning rate, train loss/cosine, validation

@@ -7,7 +7,7 @@ Layout (all embeddings float32, 512-d):
     /tracks/track_id      [N_tracks]    utf-8 strings, mels.h5 track order
     /tracks/embedding     [N_tracks, 512]  L2(mean of the raw segment projections)
     /tracks/n_segments    [N_tracks]
-    /text/<set>/query     [n]           utf-8 strings (sets from pipeline.queries.build_query_sets)
+    /text/<set>/query     [n]           utf-8 strings (sets from pipeline.data.queries.build_query_sets)
     /text/<set>/embedding [n, 512]      L2-normalised
     attrs: teacher_sha256, teacher_provenance (JSON), frontend_hash (the mel cache's
            teacher_frontend_hash), mels (JSON identity of the mel cache: segment count, track-id

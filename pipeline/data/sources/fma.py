@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from pipeline.sources.base import (
+from pipeline.data.sources.base import (
     AUDIO_EXTENSIONS,
     Entry,
     ParseResult,

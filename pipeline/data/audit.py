@@ -19,8 +19,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from pipeline.licenses import decide
-from pipeline.manifest import ManifestError, read_manifest
+from pipeline.data.licenses import decide
+from pipeline.data.manifest import ManifestError, read_manifest
 from pipeline.params import LicensePolicyParams
 
 log = logging.getLogger(__name__)

@@ -9,7 +9,7 @@ rest the same way for every student:
   (freeze the encoder), and trains the returned parameters with a fresh optimizer at `stage2_lr`;
 - ReduceLROnPlateau on a validation metric (`monitor`, a key of `task.validate()`), with mode,
   factor, patience, threshold and min_lr from a `PlateauParams` section;
-- the loss from a `LossParams` section (`pipeline.losses.DistillLoss`), plus the centred cosine
+- the loss from a `LossParams` section (`pipeline.training.losses.DistillLoss`), plus the centred cosine
   term around `TrainConfig.centre` when one is given (the mean train teacher embedding);
 - after every epoch a checkpoint ``epoch_NNN.pt`` plus ``latest.pt`` and, when the monitored
   metric improved, ``best.pt``. A checkpoint holds model, loss (learnable logit scale), optimizer
@@ -27,7 +27,7 @@ rest the same way for every student:
 
 Minimal use::
 
-    from pipeline.train import TrainConfig, fit
+    from pipeline.training.loop import TrainConfig, fit
 
     class MyTask:
         model = MyStudent(...)                       # nn.Module with embed_raw(...) (or forward)
@@ -76,7 +76,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
-from pipeline.losses import DistillLoss
+from pipeline.training.losses import DistillLoss
 from pipeline.params import LossParams, PlateauParams
 
 log = logging.getLogger(__name__)

@@ -152,7 +152,7 @@ def _create_layout(f: h5py.File, params: dict, compression: Compression) -> None
         ("tracks/audio_path", str_t), ("tracks/manifest_index", np.int64),
     ):
         f.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(1024,))
-    from pipeline.frontends import frontend_hash  # torch import only where caches are written
+    from pipeline.data.frontends import frontend_hash  # torch import only where caches are written
 
     f.attrs["format_version"] = FORMAT_VERSION
     f.attrs["params"] = json.dumps(params, sort_keys=True)
