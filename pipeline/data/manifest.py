@@ -19,8 +19,9 @@ and sha256 (hex, for files this run downloaded; null otherwise).
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
+
+from pipeline.atomic import write_text
 
 REQUIRED = ("track_id", "source", "artist", "title", "audio_path", "license", "license_url", "url", "split", "tags", "duration")
 SPLITS = ("train", "val")
@@ -79,9 +80,4 @@ def write_manifest(path: str | Path, rows: list[dict]) -> None:
         if row["track_id"] in seen:
             raise ManifestError(f"row {i}: track_id {row['track_id']} appears twice")
         seen.add(row["track_id"])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        for row in rows:
-            fh.write(json.dumps(row, ensure_ascii=False, sort_keys=False) + "\n")
-    os.replace(tmp, path)
+    write_text(path, "".join(json.dumps(row, ensure_ascii=False, sort_keys=False) + "\n" for row in rows))

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.atomic import atomic_path
 from pipeline.models.efficientat import MobileNetV3, count_parameters, width_of
 
 log = logging.getLogger(__name__)
@@ -204,16 +205,13 @@ def init_audio_student(cfg: dict[str, Any], pretrained: str | Path | None) -> tu
 
 def save_audio_student(path: str | Path, student: AudioStudent, metrics: dict[str, Any] | None = None) -> None:
     """Write the {"state_dict", "config", "metrics"} file atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "state_dict": {k: v.detach().cpu().clone() for k, v in student.state_dict().items()},
         "config": dict(student.config),
         "metrics": dict(metrics or {}),
     }
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
 
 
 def load_audio_student(path: str | Path, map_location: str = "cpu") -> AudioStudent:

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.atomic import atomic_path
+
 log = logging.getLogger(__name__)
 
 OUTPUT_DIM = 512
@@ -150,17 +152,15 @@ def build_text_student(cfg: dict[str, Any] | TextStudentConfig) -> TextStudent:
 def save_text_student(model: TextStudent, path: str | Path, metrics: dict[str, Any] | None = None) -> Path:
     """Write {"state_dict", "config", "metrics"} atomically; loadable with weights_only=True."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(
-        {
-            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-            "config": dataclasses.asdict(model.config),
-            "metrics": metrics or {},
-        },
-        tmp,
-    )
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        torch.save(
+            {
+                "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                "config": dataclasses.asdict(model.config),
+                "metrics": metrics or {},
+            },
+            tmp,
+        )
     return path
 
 
