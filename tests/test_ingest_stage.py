@@ -13,12 +13,12 @@ from urllib.parse import unquote
 
 import pytest
 
-from pipeline.data.licenses import ATTRIBUTION_FILES, normalize_license
+from pipeline.data.licenses import normalize_license
 from pipeline.data.manifest import read_manifest
-from pipeline.params import IngestParams, LicensePolicyParams, SourceParams, load_params
-from pipeline.data.sources import fma, jamendo, wikimedia
+from pipeline.data.sources import SOURCES, fma, jamendo, wikimedia
 from pipeline.data.sources.base import Entry
 from pipeline.data.split import artist_group, split_of
+from pipeline.params import IngestParams, LicensePolicyParams, SourceParams, load_params
 from pipeline.stages import ingest as stage
 
 REPO = Path(__file__).resolve().parents[1]
@@ -89,8 +89,8 @@ def test_demo_ingest(demo_dir: Path) -> None:
     assert report["train"] + report["val"] == 17
 
     # attribution files list exactly the included tracks and parse back
-    for source, name in ATTRIBUTION_FILES.items():
-        parsed = PARSERS[source](Path("data/licenses") / name)
+    for source, song_source in SOURCES.items():
+        parsed = PARSERS[source](Path("data/licenses") / song_source.attribution_file)
         assert parsed.problems == []
         mine = [r for r in rows if r["source"] == source]
         assert [e.track_id for e in parsed.entries] == [r["track_id"] for r in mine]

@@ -6,10 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.data import licenses
-from pipeline.data.licenses import canonical_url, decide, family, normalize_license, render_attribution, short_name
+from pipeline.data.licenses import canonical_url, decide, family, normalize_license, short_name
+from pipeline.data.sources import SOURCES, fma, jamendo, song_source, wikimedia
 from pipeline.params import LicensePolicyParams
-from pipeline.data.sources import fma, jamendo, wikimedia
 
 TABLE = [
     # CC0 and public domain
@@ -145,8 +144,8 @@ PARSERS = {"fma": fma.parse_list, "jamendo": jamendo.parse_list, "wikimedia": wi
 @pytest.mark.parametrize("source", sorted(ROWS))
 def test_attribution_file_parses_back(source: str, tmp_path: Path) -> None:
     rows = ROWS[source]
-    text = render_attribution(source, rows, jamendo_base_url="https://cdn.example.org/audio")
-    path = tmp_path / licenses.ATTRIBUTION_FILES[source]
+    text = SOURCES[source].attribution(rows, "https://cdn.example.org/audio")
+    path = tmp_path / SOURCES[source].attribution_file
     path.write_text(text, encoding="utf-8")
     parsed = PARSERS[source](path)
     assert parsed.problems == []
@@ -159,6 +158,6 @@ def test_attribution_file_parses_back(source: str, tmp_path: Path) -> None:
         assert parsed.meta["download_base_url"] == "https://cdn.example.org/audio"
 
 
-def test_unknown_source_has_no_attribution_format() -> None:
-    with pytest.raises(ValueError, match="ccmixter"):
-        render_attribution("ccmixter", [])
+def test_unknown_source_is_refused_by_name() -> None:
+    with pytest.raises(ValueError, match="unknown song source 'ccmixter' \\(known: fma, jamendo, wikimedia\\)"):
+        song_source("ccmixter")

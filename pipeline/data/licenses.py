@@ -260,52 +260,7 @@ def decide(license_id: str, policy) -> Decision:
 
 # --------------------------------------------------------------------------- attribution files
 
-ATTRIBUTION_FILES = {
-    "fma": "FMA_SONGS_LICENSE.md",
-    "jamendo": "MTG_JAMENDO_SONGS_LICENSE.md",
-    "wikimedia": "WIKIMEDIA_SONGS_LICENSE.md",
-}
 
-
-def _one_line(text: str | None) -> str:
+def one_line(text: str | None) -> str:
+    """Attribution fields on one line (a stray newline would break the list format)."""
     return " ".join((text or "").split())
-
-
-def render_attribution(source: str, rows: list[dict], *, jamendo_base_url: str = "") -> str:
-    """Attribution file for the included `rows` of one source, in the seed's list format.
-
-    The output parses back with the same source's list parser, so it is both human-readable
-    credit and a machine-readable record of what was used.
-    """
-    if source == "fma":
-        out = ["## Training Dataset Songs - FMA", ""]
-        for r in rows:
-            out += [
-                f"SONG: {_one_line(r.get('artist')) or 'Unknown artist'} - {_one_line(r.get('title'))}",
-                f"LINK: {r.get('url') or r.get('track_id') or ''}",  # tracks.csv rows have no page URL
-                f"LICENSE LINK: {r.get('license_url') or canonical_url(r['license'])}",
-                "",
-            ]
-        return "\n".join(out)
-    if source == "jamendo":
-        out = ["## Training Dataset Songs - MTG JAMENDO"]
-        if jamendo_base_url:
-            out.append(f"The MTG-Jamendo dataset was downloaded from freesound.org: {jamendo_base_url}")
-        out += ["Below the list of the specific songs used and their license.", ""]
-        for r in rows:
-            out += [
-                r.get("source_path") or "",
-                f"{_one_line(r.get('title'))} by {_one_line(r.get('artist')) or 'Unknown artist'} from Jamendo: {r.get('url') or ''}",
-                f"Available under a {long_name(r['license'])} license: {r.get('license_url') or canonical_url(r['license'])}",
-                "",
-            ]
-        return "\n".join(out)
-    if source == "wikimedia":
-        out = ["### Training Dataset Songs - Wikimedia", "", "| FILENAME | URL | LICENSE |", "| --- | --- | --- |"]
-        for r in rows:
-            name = (r.get("source_path") or "").replace("|", "%7C")
-            url = (r.get("url") or "").replace("|", "%7C")
-            lic_url = r.get("license_url") or canonical_url(r["license"])
-            out.append(f"| {name} | {url} | [{short_name(r['license'])}]({lic_url}) |")
-        return "\n".join(out) + "\n"
-    raise ValueError(f"no attribution format for source {source!r} (known: {', '.join(ATTRIBUTION_FILES)})")

@@ -18,7 +18,7 @@ import argparse
 import json
 import logging
 from collections import Counter
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote, unquote, urlsplit
 
@@ -27,12 +27,12 @@ from tqdm import tqdm
 from pipeline.data import licenses
 from pipeline.data.download import DownloadJob, download_many
 from pipeline.data.manifest import write_manifest
+from pipeline.data.sources import SOURCES
+from pipeline.data.sources.base import Entry, ParseResult, Problem, SourceFiles, is_checksum_file, parse_checksums
+from pipeline.data.split import artist_group, split_of
 from pipeline.params import IngestParams, Params, SourceParams
 from pipeline.paths import AUDIT, MANIFEST
 from pipeline.paths import LICENSES as LICENSES_DIR
-from pipeline.data.sources import fma, jamendo, wikimedia
-from pipeline.data.sources.base import Entry, ParseResult, Problem, is_checksum_file, parse_checksums
-from pipeline.data.split import artist_group, split_of
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +44,6 @@ AUDIO_MISSING = "audio missing"
 DUPLICATE = "duplicate"
 MALFORMED = "malformed"
 REASONS = (LICENCE_NOT_ALLOWED, UNKNOWN_LICENCE, AUDIO_MISSING, DUPLICATE, MALFORMED)
-
-DEFAULT_DOWNLOAD_BASE = {"wikimedia": "https://commons.wikimedia.org/wiki/Special:FilePath"}
 
 
 class IngestError(RuntimeError):
@@ -106,6 +104,8 @@ def parse_source(name: str, sp: SourceParams) -> ParseResult:
     A metadata file in `sha256sum` format (MTG-Jamendo publishes one per subset) is not a song
     list: it gives the expected sha256 of each audio path, checked when ingest downloads it.
     """
+    if name not in SOURCES:
+        raise IngestError(f"ingest.sources.{name}: unknown source (known: {', '.join(SOURCES)})")
     res = ParseResult()
     sums: dict[str, str] = {}
     metadata = []
@@ -118,31 +118,12 @@ def parse_source(name: str, sp: SourceParams) -> ParseResult:
             res.problems += problems
         else:
             metadata.append(path)
-    sp = replace(sp, metadata=metadata)
-    if name == "fma":
-        for path in sp.lists:
-            res.extend(fma.parse_list(_need(path, f"ingest.sources.{name}.lists")))
-        for path in sp.metadata:
-            res.extend(fma.parse_metadata(_need(path, f"ingest.sources.{name}.metadata")))
-    elif name == "jamendo":
-        for path in sp.lists:
-            res.extend(jamendo.parse_list(_need(path, f"ingest.sources.{name}.lists")))
-        if sp.metadata:
-            lic = ParseResult()
-            if sp.licenses_file:
-                lic = jamendo.parse_list(_need(sp.licenses_file, f"ingest.sources.{name}.licenses_file"))
-                res.problems += lic.problems
-            else:
-                log.warning("ingest.sources.jamendo.licenses_file is empty: TSV tracks have no licence and are excluded")
-            for path in sp.metadata:
-                res.extend(jamendo.join_licenses(jamendo.parse_tsv(_need(path, f"ingest.sources.{name}.metadata")), lic))
-    elif name == "wikimedia":
-        for path in sp.lists:
-            res.extend(wikimedia.parse_list(_need(path, f"ingest.sources.{name}.lists")))
-        for path in sp.metadata:
-            res.extend(wikimedia.parse_metadata(_need(path, f"ingest.sources.{name}.metadata")))
-    else:
-        raise IngestError(f"ingest.sources.{name}: unknown source (known: fma, jamendo, wikimedia)")
+    files = SourceFiles(
+        lists=[_need(path, f"ingest.sources.{name}.lists") for path in sp.lists],
+        metadata=[Path(path) for path in metadata],
+        licenses_file=_need(sp.licenses_file, f"ingest.sources.{name}.licenses_file") if sp.licenses_file else None,
+    )
+    res.extend(SOURCES[name].parse(files))
     if sums:
         res.meta["sha256"] = sums
     log.info("%s: %d entries, %d unusable records", name, len(res.entries), len(res.problems))
@@ -186,7 +167,7 @@ def _download_url(name: str, sp: SourceParams, entry: Entry, meta: dict) -> str 
     elif entry.download_url:
         return entry.download_url
     else:
-        base = meta.get("download_base_url") or DEFAULT_DOWNLOAD_BASE.get(name)
+        base = meta.get("download_base_url") or SOURCES[name].download_base
     if not base or not entry.download_path:
         return None
     return base.rstrip("/") + "/" + quote(entry.download_path, safe="/")
@@ -372,12 +353,10 @@ def write_outputs(rows: list[dict], outcomes: list[Outcome], report: dict, p: In
     write_manifest(manifest, rows)
     licenses_dir.mkdir(parents=True, exist_ok=True)
     for name in p.sources:
-        if name not in licenses.ATTRIBUTION_FILES:
-            continue
+        source = SOURCES[name]
         mine = [r for r in rows if r["source"] == name]
-        base = report.get("meta", {}).get(name, {}).get("download_base_url", "")
-        text = licenses.render_attribution(name, mine, jamendo_base_url=p.sources[name].download_base_url or base)
-        (licenses_dir / licenses.ATTRIBUTION_FILES[name]).write_text(text, encoding="utf-8")
+        base = p.sources[name].download_base_url or report.get("meta", {}).get(name, {}).get("download_base_url", "")
+        (licenses_dir / source.attribution_file).write_text(source.attribution(mine, base), encoding="utf-8")
     audit = {
         "policy": {k: getattr(p.policy, k) for k in vars(p.policy)},
         "counts": {k: v for k, v in report.items() if k != "meta"},

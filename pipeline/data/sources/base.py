@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -65,6 +66,27 @@ class ParseResult:
         self.entries += other.entries
         self.problems += other.problems
         self.meta.update(other.meta)
+
+
+@dataclass(frozen=True)
+class SourceFiles:
+    """The files params name for one source (already checked to exist)."""
+
+    lists: list[Path]
+    metadata: list[Path]  # checksum lists removed: ingest reads those itself
+    licenses_file: Path | None = None
+
+
+@dataclass(frozen=True)
+class SongSource:
+    """Everything ingest needs from one corpus. A new corpus is one module defining one of these
+    plus one line in `pipeline.data.sources.SOURCES`."""
+
+    name: str
+    attribution_file: str  # data/licenses/<attribution_file>, in the seed's list format
+    parse: Callable[[SourceFiles], ParseResult]  # lists + native metadata -> entries and problems
+    attribution: Callable[[list[dict], str], str]  # included manifest rows, mirror URL -> file text
+    download_base: str = ""  # where missing audio is fetched from when params name no mirror
 
 
 def read_lines(path: Path) -> tuple[list[str], set[int]]:

@@ -15,11 +15,14 @@ import re
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
+from pipeline.data.licenses import canonical_url, one_line
 from pipeline.data.sources.base import (
     AUDIO_EXTENSIONS,
     Entry,
     ParseResult,
     Problem,
+    SongSource,
+    SourceFiles,
     clean,
     has_audio_ext,
     read_lines,
@@ -268,3 +271,28 @@ def parse_metadata(path: Path) -> ParseResult:
     if first.startswith("track_id,") or ",track_id," in first:
         return parse_raw_tracks(path)
     return parse_tracks_csv(path)
+
+
+def parse(files: SourceFiles) -> ParseResult:
+    res = ParseResult()
+    for path in files.lists:
+        res.extend(parse_list(path))
+    for path in files.metadata:
+        res.extend(parse_metadata(path))
+    return res
+
+
+def attribution(rows: list[dict], base_url: str = "") -> str:
+    """The seed's FMA list format; parses back with `parse_list`."""
+    out = ["## Training Dataset Songs - FMA", ""]
+    for r in rows:
+        out += [
+            f"SONG: {one_line(r.get('artist')) or 'Unknown artist'} - {one_line(r.get('title'))}",
+            f"LINK: {r.get('url') or r.get('track_id') or ''}",  # tracks.csv rows have no page URL
+            f"LICENSE LINK: {r.get('license_url') or canonical_url(r['license'])}",
+            "",
+        ]
+    return "\n".join(out)
+
+
+SONG_SOURCE = SongSource(SOURCE, "FMA_SONGS_LICENSE.md", parse, attribution)

@@ -18,7 +18,8 @@ import logging
 import re
 from pathlib import Path
 
-from pipeline.data.sources.base import Entry, ParseResult, Problem, clean, read_lines, shorten
+from pipeline.data.licenses import canonical_url, long_name, one_line
+from pipeline.data.sources.base import Entry, ParseResult, Problem, SongSource, SourceFiles, clean, read_lines, shorten
 
 log = logging.getLogger(__name__)
 SOURCE = "jamendo"
@@ -166,3 +167,39 @@ def join_licenses(tsv: ParseResult, licenses: ParseResult) -> ParseResult:
         e.title, e.artist, e.url = lic.title, lic.artist, lic.url
         e.license_text, e.license_url = lic.license_text, lic.license_url
     return tsv
+
+
+def parse(files: SourceFiles) -> ParseResult:
+    """Seed lists, plus TSV metadata whose licences are joined from `licenses_file` by track id."""
+    res = ParseResult()
+    for path in files.lists:
+        res.extend(parse_list(path))
+    if files.metadata:
+        lic = ParseResult()
+        if files.licenses_file is not None:
+            lic = parse_list(files.licenses_file)
+            res.problems += lic.problems
+        else:
+            log.warning("ingest.sources.jamendo.licenses_file is empty: TSV tracks have no licence and are excluded")
+        for path in files.metadata:
+            res.extend(join_licenses(parse_tsv(path), lic))
+    return res
+
+
+def attribution(rows: list[dict], base_url: str = "") -> str:
+    """The dataset's `audio_licenses.txt` block format; parses back with `parse_list`."""
+    out = ["## Training Dataset Songs - MTG JAMENDO"]
+    if base_url:
+        out.append(f"The MTG-Jamendo dataset was downloaded from freesound.org: {base_url}")
+    out += ["Below the list of the specific songs used and their license.", ""]
+    for r in rows:
+        out += [
+            r.get("source_path") or "",
+            f"{one_line(r.get('title'))} by {one_line(r.get('artist')) or 'Unknown artist'} from Jamendo: {r.get('url') or ''}",
+            f"Available under a {long_name(r['license'])} license: {r.get('license_url') or canonical_url(r['license'])}",
+            "",
+        ]
+    return "\n".join(out)
+
+
+SONG_SOURCE = SongSource(SOURCE, "MTG_JAMENDO_SONGS_LICENSE.md", parse, attribution)

@@ -22,7 +22,18 @@ from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from pipeline.data.sources.base import Entry, ParseResult, Problem, clean, read_lines, shorten, strip_audio_ext
+from pipeline.data.licenses import canonical_url, short_name
+from pipeline.data.sources.base import (
+    Entry,
+    ParseResult,
+    Problem,
+    SongSource,
+    SourceFiles,
+    clean,
+    read_lines,
+    shorten,
+    strip_audio_ext,
+)
 
 log = logging.getLogger(__name__)
 SOURCE = "wikimedia"
@@ -235,3 +246,29 @@ def parse_imageinfo(path: Path) -> ParseResult:
 
 def parse_metadata(path: Path) -> ParseResult:
     return parse_imageinfo(path)
+
+
+def parse(files: SourceFiles) -> ParseResult:
+    res = ParseResult()
+    for path in files.lists:
+        res.extend(parse_list(path))
+    for path in files.metadata:
+        res.extend(parse_metadata(path))
+    return res
+
+
+def attribution(rows: list[dict], base_url: str = "") -> str:
+    """The seed's markdown table; parses back with `parse_list`."""
+    out = ["### Training Dataset Songs - Wikimedia", "", "| FILENAME | URL | LICENSE |", "| --- | --- | --- |"]
+    for r in rows:
+        name = (r.get("source_path") or "").replace("|", "%7C")
+        url = (r.get("url") or "").replace("|", "%7C")
+        lic_url = r.get("license_url") or canonical_url(r["license"])
+        out.append(f"| {name} | {url} | [{short_name(r['license'])}]({lic_url}) |")
+    return "\n".join(out) + "\n"
+
+
+SONG_SOURCE = SongSource(
+    SOURCE, "WIKIMEDIA_SONGS_LICENSE.md", parse, attribution,
+    download_base="https://commons.wikimedia.org/wiki/Special:FilePath",
+)
