@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.atomic import atomic_path
-from pipeline.models.efficientat import MobileNetV3, count_parameters, width_of
+from pipeline.models.efficientat import count_parameters
+from pipeline.models.registry import build_backbone
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ class AudioStudent(nn.Module):
         super().__init__()
         cfg = {**DEFAULT_CONFIG, **config}
         self.config = cfg
-        self.encoder = MobileNetV3(width_of(cfg["backbone"]), num_classes=0, bn_momentum=float(cfg["bn_momentum"]))
+        self.encoder = build_backbone(cfg["backbone"], bn_momentum=float(cfg["bn_momentum"]))
         self.projection = ResidualProjection(self.encoder.feature_dim, int(cfg["embed_dim"]), float(cfg["dropout"]))
         # A learnable offset added after the projection. Teacher embeddings share a large common
         # component (CLAP's cluster around one direction, a random teacher's almost entirely);
