@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -140,7 +141,9 @@ def _open(path: Path) -> sf.SoundFile:
     except OSError as exc:  # permission denied, I/O error: this file only, the caller goes on
         raise AudioDecodeError(path, f"cannot read the file ({exc.strerror or exc})", "unreadable") from None
     try:
-        return sf.SoundFile(path)
+        # bytes on POSIX: soundfile encodes a str name strictly, which fails for names that are
+        # not valid UTF-8 (Python holds those bytes as lone surrogates)
+        return sf.SoundFile(os.fsencode(path) if os.name == "posix" else path)
     except (sf.LibsndfileError, RuntimeError, TypeError) as exc:
         reason = _describe_non_audio(head)
         if reason:

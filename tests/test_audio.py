@@ -220,8 +220,8 @@ def test_truncated_mp3_is_kept_and_flagged(tmp_path, name, kwargs):
     _, cut_file = truncated(tmp_path, name, **kwargs)
     track = audio.decode_track(cut_file, 48000)
     assert 9.0 < len(track.wave) / 48000 < 10.5
-    assert track.notes == [f"partial decode: decoded {track.report.decoded_seconds:.1f} of 20.0 s; "
-                           "the stream ends before the length its header gives; a truncated file?"]
+    assert track.notes == [(f"partial decode: decoded {track.report.decoded_seconds:.1f} of 20.0 s; "
+                            "the stream ends before the length its header gives; a truncated file?")]
 
 
 def test_whole_files_carry_no_notes(tmp_path):
