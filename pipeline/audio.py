@@ -170,6 +170,9 @@ def stream_mono(path: str | Path, sample_rate: int, *, max_seconds: float | None
             cap = int(round(max_seconds * in_rate))
             limit = cap if limit is None else min(limit, cap)
         report.expected_seconds = limit / in_rate if limit else None
+        # A CBR MP3 without a Xing/Info/VBRI tag has only a length estimated from the file size:
+        # a short read there is the estimate's error, and a cut file's estimate shrinks with it.
+        exact_length = f.format != "MP3" or _mp3_has_length_tag(path)
         resampler = (
             soxr.ResampleStream(in_rate, sample_rate, 1, dtype="float32", quality=RESAMPLE_QUALITY)
             if in_rate != sample_rate
@@ -199,7 +202,7 @@ def stream_mono(path: str | Path, sample_rate: int, *, max_seconds: float | None
             last = len(block) < want or want <= 0 or bool(failed)
             if failed:
                 report.stopped_early = f"the decoder failed: {failed}"
-            elif last and limit is not None and limit - read > PARTIAL_TOLERANCE_SECONDS * in_rate:
+            elif last and exact_length and limit is not None and limit - read > PARTIAL_TOLERANCE_SECONDS * in_rate:
                 report.stopped_early = "the stream ends before the length its header gives; a truncated file?"
             report.source_samples += block.size
             if not np.isfinite(block).all():
@@ -228,6 +231,26 @@ def stream_mono(path: str | Path, sample_rate: int, *, max_seconds: float | None
             if last:
                 break
         report.decoded_seconds = read / in_rate
+
+
+def _mp3_has_length_tag(path: Path) -> bool:
+    """Whether the first MPEG frame (after any ID3v2 tag) carries a Xing, Info or VBRI header,
+    i.e. whether the decoder's frame count is exact rather than estimated from the file size."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(10)
+            if head[:3] == b"ID3" and len(head) == 10:  # skip the tag: 4 syncsafe size bytes
+                size = (head[6] & 0x7F) << 21 | (head[7] & 0x7F) << 14 | (head[8] & 0x7F) << 7 | (head[9] & 0x7F)
+                fh.seek(10 + size + (10 if head[5] & 0x10 else 0))  # + footer
+                head = b""
+            data = head + fh.read(8192)
+    except OSError:
+        return False
+    for i in range(len(data) - 1):
+        if data[i] == 0xFF and data[i + 1] & 0xE0 == 0xE0:  # first frame sync
+            frame = data[i : i + 64]
+            return any(tag in frame for tag in (b"Xing", b"Info", b"VBRI"))
+    return False
 
 
 def _decoder_message(exc: Exception) -> str:
