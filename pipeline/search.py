@@ -441,6 +441,7 @@ class IndexUpdate:
     unchanged since the previous index (row there) and those to embed, and indexed files now gone."""
 
     files: list[str]
+    stamps: dict[str, Stamp | None] = field(default_factory=dict)  # taken at the scan, before any decoding
     reuse: dict[str, int] = field(default_factory=dict)  # path -> row of the previous index
     reuse_failed: dict[str, int] = field(default_factory=dict)  # path -> previous failure, not retried
     todo: list[str] = field(default_factory=list)
@@ -450,16 +451,18 @@ class IndexUpdate:
 def plan_update(previous: Index | None, files: Sequence[str]) -> IndexUpdate:
     """Match files to the previous index by path + size + modification time."""
     plan = IndexUpdate(list(files))
+    for f in files:
+        try:
+            plan.stamps[f] = file_stamp(f)
+        except OSError:
+            plan.stamps[f] = None  # never matches: embedding it reports what is wrong
     if previous is None:
         plan.todo = list(files)
         return plan
     rows = {p: i for i, p in enumerate(previous.paths)}
     failed_rows = {p: i for i, (p, _) in enumerate(previous.failed)}
     for f in files:
-        try:
-            stamp: Stamp | None = file_stamp(f)
-        except OSError:
-            stamp = None
+        stamp = plan.stamps[f]
         if stamp is not None and f in rows and previous.stamps[rows[f]] == stamp:
             plan.reuse[f] = rows[f]
         elif stamp is not None and f in failed_rows and previous.failed_stamps[failed_rows[f]] == stamp:
@@ -487,7 +490,9 @@ def previous_index(out: Path, model_sha256: str) -> tuple[Index | None, str]:
 
 
 def merge_update(previous: Index | None, plan: IndexUpdate, fresh: EmbedResult) -> EmbedResult:
-    """The new index's rows, in `plan.files` order: reused rows of the previous index and fresh ones."""
+    """The new index's rows, in `plan.files` order: reused rows of the previous index and fresh
+    ones. Fresh rows get the stamps of the scan (whatever embedded them); a fresh failure keeps
+    its stamp only when embed_files marked it as not worth retrying."""
     fresh_rows = {p: i for i, p in enumerate(fresh.paths)}
     fresh_failed = {p: i for i, (p, _) in enumerate(fresh.failed)}
     paths, vectors, counts, notes, stamps, failed, failed_stamps = [], [], [], [], [], [], []
@@ -497,16 +502,17 @@ def merge_update(previous: Index | None, plan: IndexUpdate, fresh: EmbedResult) 
             row = (previous.vectors[i], previous.n_segments[i], previous.notes[i], previous.stamps[i])
         elif f in fresh_rows:
             i = fresh_rows[f]
-            row = (fresh.vectors[i], fresh.n_segments[i], fresh.notes[i], fresh.stamps[i])
+            row = (fresh.vectors[i], fresh.n_segments[i], fresh.notes[i], plan.stamps.get(f, fresh.stamps[i]))
         elif f in plan.reuse_failed and previous is not None:
             failed.append(previous.failed[plan.reuse_failed[f]])
             failed_stamps.append(previous.failed_stamps[plan.reuse_failed[f]])
             continue
         elif f in fresh_failed:
             failed.append(fresh.failed[fresh_failed[f]])
-            failed_stamps.append(fresh.failed_stamps[fresh_failed[f]])
+            keep = fresh.failed_stamps[fresh_failed[f]] is not None
+            failed_stamps.append(plan.stamps.get(f) if keep else None)
             continue
-        else:
+        else:  # neither embedded nor reported: tried again next time
             continue
         paths.append(f)
         vectors.append(row[0])

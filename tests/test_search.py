@@ -242,6 +242,24 @@ def test_reindexing_embeds_only_new_and_changed_files(exported, songs, tmp_path,
                            first.vectors[first.paths.index(str(lib / "long.wav"))], atol=1e-3)
 
 
+def test_index_stamps_come_from_the_scan_whatever_embeds(tmp_path):
+    """Any embedding path can fill an update (it need not stamp files); failures it does not mark
+    as final are tried again."""
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    files = []
+    for name in ("a.wav", "b.wav", "c.wav"):
+        (lib / name).write_bytes(name.encode() * 10)
+        files.append(str(lib / name))
+    plan = S.plan_update(None, files)
+    assert plan.todo == files and plan.stamps[files[0]] == S.file_stamp(files[0])
+    fresh = S.EmbedResult(files[:2], np.eye(2, 4, dtype=np.float32), [1, 2], [(files[2], "bad")])
+    S.save_index(tmp_path / "i.npz", S.merge_update(None, plan, fresh), "sha", str(lib))
+    (lib / "b.wav").write_bytes(b"changed")
+    again = S.plan_update(S.load_index(tmp_path / "i.npz"), files + [str(lib / "new.wav")])
+    assert again.reuse == {files[0]: 0} and again.todo == [files[1], files[2], str(lib / "new.wav")]
+
+
 def test_reindexing_with_another_model_embeds_everything(exported, songs, tmp_path, counting, caplog):
     models, _, _ = exported
     out = tmp_path / "i.npz"
