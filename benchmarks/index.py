@@ -29,7 +29,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.speed import export_student, make_song  # noqa: E402
+from benchmarks.speed import export_student, make_song
 
 
 def _child_cpu() -> float:
