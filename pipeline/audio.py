@@ -218,7 +218,7 @@ def stream_mono(path: str | Path, sample_rate: int, *, max_seconds: float | None
             else:
                 mono = block[:, 0]
             if len(mono):
-                report.peak = max(report.peak, float(np.max(np.abs(mono))))
+                report.peak = max(report.peak, float(mono.max()), -float(mono.min()))  # no |x| copy
             del block
             # Resample in sub-blocks so a large (single-read MP3) block has small temporaries.
             step = BLOCK_FRAMES
