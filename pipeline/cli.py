@@ -137,13 +137,14 @@ def build_parser() -> argparse.ArgumentParser:
     # ---- use the exported models (onnxruntime only)
     embed = sub.add_parser("embed", help="embed audio files with the exported ONNX student")
     embed.add_argument("files", nargs="+")
-    embed.add_argument("--out", required=True, help=".npz (paths + vectors), .npy (+ .paths.txt) or .jsonl output")
+    embed.add_argument("--out", required=True, help=".npz (paths + vectors), .npy (+ .paths.jsonl naming its rows) or .jsonl output")
     embed.add_argument("--models", default="models/export")
     embed.set_defaults(func=_call("pipeline.runtime.search", "embed_main"))
 
     index = sub.add_parser("index", help="embed a folder of songs into a search index")
     index.add_argument("dir")
-    index.add_argument("--out", required=True, help="index file (.npz)")
+    index.add_argument("--out", required=True,
+                       help="index file (.npz); an existing one is updated: only new or changed files are embedded")
     index.add_argument("--models", default="models/export")
     index.set_defaults(func=_call("pipeline.runtime.search", "index_main"))
     for p in (embed, index):
@@ -155,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--index", required=True)
     search.add_argument("-k", type=int, default=10)
     search.add_argument("--models", default="models/export")
+    search.add_argument("--force", action="store_true",
+                        help="search an index built by another audio model than --models' (scores may mean nothing)")
     search.set_defaults(func=_call("pipeline.runtime.search", "search_main"))
     for p in (embed, index, search):
         p.add_argument("--threads", type=int, default=None, help="onnxruntime threads (default: all cores)")

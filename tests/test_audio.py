@@ -85,6 +85,11 @@ def test_mp3_with_id3v24_tag_and_cover_art(tmp_path):
     wave = decode(path, 48000)
     assert abs(len(wave) / 48000 - 2.0) < 0.1
     assert abs(peak_hz(wave, 48000) - 440.0) < 2.0
+    # the length tag is found behind the ID3 tag: cut in the audio, the file is flagged
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - len(buf.getvalue()) // 2])
+    (note,) = audio.decode_track(path, 48000).notes
+    assert note.startswith("partial decode: decoded 0.9 of 2.0 s; the stream ends")
 
 
 def test_mp3_read_in_blocks_equals_one_read(tmp_path, monkeypatch):
@@ -190,17 +195,122 @@ def test_random_bytes_are_corrupt(tmp_path):
     assert err.value.kind in ("corrupt", "non-audio") and str(path) in str(err.value)
 
 
-def test_truncated_flac_fails_cleanly_or_decodes_a_prefix(tmp_path):
-    path = tmp_path / "cut.flac"
-    sf.write(path, tone(22050, 3.0), 22050, subtype="PCM_16")
-    data = path.read_bytes()
-    path.write_bytes(data[: len(data) // 2])
-    try:
-        wave = decode(path, 48000)
-    except AudioDecodeError as exc:
-        assert exc.kind == "corrupt"
-    else:
-        assert 0 < len(wave) <= 3.0 * 48000 + 10
+def truncated(tmp_path: Path, name: str, seconds: float = 20.0, **kwargs) -> tuple[Path, Path]:
+    """A noisy tone written whole to `name` and cut to its first half (bytes) in `cut_<name>`."""
+    sr = 22050
+    x = tone(sr, seconds)[:, 0] + 0.05 * np.random.default_rng(0).standard_normal(int(sr * seconds)).astype(np.float32)
+    whole, cut_file = tmp_path / name, tmp_path / f"cut_{name}"
+    sf.write(whole, x, sr, **kwargs)
+    data = whole.read_bytes()
+    cut_file.write_bytes(data[: len(data) // 2])
+    return whole, cut_file
+
+
+def test_truncated_flac_keeps_what_decoded_and_says_so(tmp_path):
+    whole, cut_file = truncated(tmp_path, "a.flac", subtype="PCM_16")
+    track = audio.decode_track(cut_file, 22050)  # the file's rate: no resampler tail to compare around
+    full = audio.decode_int16(whole, 22050)
+    # about half of the 20 s decodes (all but less than one 4096-frame FLAC block of it) and is
+    # sample for sample the start of the whole file
+    assert 9.0 < len(track.wave) / 22050 < 10.5
+    np.testing.assert_array_equal(track.wave, full[: len(track.wave)])
+    assert track.report.partial
+    (note,) = track.notes
+    assert note.startswith(f"partial decode: decoded {track.report.decoded_seconds:.1f} of 20.0 s")
+    assert "the decoder failed" in note
+
+
+@pytest.mark.parametrize("name,kwargs", [("a.mp3", {}), ("v.mp3", {"bitrate_mode": "VARIABLE"})])
+def test_truncated_mp3_is_kept_and_flagged(tmp_path, name, kwargs):
+    _, cut_file = truncated(tmp_path, name, **kwargs)
+    track = audio.decode_track(cut_file, 48000)
+    assert 9.0 < len(track.wave) / 48000 < 10.5
+    assert track.notes == [(f"partial decode: decoded {track.report.decoded_seconds:.1f} of 20.0 s; "
+                            "the stream ends before the length its header gives; a truncated file?")]
+
+
+def test_whole_files_carry_no_notes(tmp_path):
+    # a CBR MP3 has no length tag: its frame count is an estimate the decode may fall short of
+    for name, kwargs in (("a.mp3", {}), ("c.mp3", {"bitrate_mode": "CONSTANT"}), ("a.flac", {}), ("a.ogg", {}),
+                         ("a.wav", {"subtype": "FLOAT"})):
+        whole, _ = truncated(tmp_path, name, seconds=4.0, **kwargs)
+        track = audio.decode_track(whole, 48000)
+        assert track.notes == [] and not track.report.partial, name
+        assert abs(len(track.wave) - 4 * 48000) < 100
+
+
+def test_truncated_ogg_keeps_what_decoded(tmp_path):
+    # Ogg's length comes from its last page, so a cut file looks whole: kept, not flagged (a known limit)
+    _, cut_file = truncated(tmp_path, "a.ogg")
+    assert 8.0 < len(audio.decode_track(cut_file, 48000).wave) / 48000 < 10.5
+
+
+def test_nan_and_inf_samples_are_counted_and_reported(tmp_path):
+    path = tmp_path / "holes.wav"
+    x = tone(22050, 2.0, channels=2)
+    x[100:103, 0] = np.nan
+    x[500, 1] = np.inf
+    x[600, :] = -np.inf
+    sf.write(path, x, 22050, subtype="FLOAT")
+    track = audio.decode_track(path, 22050)
+    assert track.report.nonfinite == 6 and track.report.source_samples == x.size
+    assert track.notes == [f"6 of {x.size} samples were NaN/inf (replaced by 0/+-1)"]
+    assert abs(int(track.wave[101]) - int(0.5 * x[101, 1] * 32767)) <= 1  # the NaN counts as 0, the other channel stays
+    assert abs(int(track.wave[500]) - int(0.5 * (x[500, 0] + 1.0) * 32767)) <= 1  # +inf counts as +1
+    assert track.wave[600] == -32767  # -inf clipped to -1
+
+
+def one_sample_wav(tmp_path: Path) -> Path:
+    path = tmp_path / "one.wav"
+    sf.write(path, np.array([0.5], np.float32), 22050, subtype="PCM_16")
+    return path
+
+
+def unusable_files(tmp_path: Path) -> dict[str, tuple[Path, str, str]]:
+    """File -> (path, kind, exact reason) of the usability rule's refusals."""
+    zeros, nan, hum = tmp_path / "zeros.wav", tmp_path / "nan.wav", tmp_path / "hum.wav"
+    sf.write(zeros, np.zeros(44100, np.float32), 22050, subtype="PCM_16")
+    sf.write(nan, np.full((22050, 2), np.nan, np.float32), 22050, subtype="FLOAT")
+    sf.write(hum, np.full(44100, 2 / 32767, np.float32), 22050, subtype="PCM_16")  # 2 LSB: -84.3 dBFS
+    return {
+        "one": (one_sample_wav(tmp_path), "too-short", "too short: 0.000 s of audio, the minimum is 0.5 s"),
+        "zeros": (zeros, "silent", "silent: every sample is zero (the threshold is -80 dBFS)"),
+        "nan": (nan, "non-finite", "no usable samples: all 44100 samples are NaN or infinite"),
+        "hum": (hum, "silent", "silent: the loudest sample is -84.3 dBFS (the threshold is -80 dBFS)"),
+    }
+
+
+@pytest.mark.parametrize("rate", [48000, 24000, 22050])
+def test_one_usability_rule_refuses_short_silent_and_nan_files(tmp_path, rate):
+    for name, (path, kind, reason) in unusable_files(tmp_path).items():
+        with pytest.raises(AudioDecodeError) as err:
+            audio.decode_track(path, rate)
+        assert (err.value.kind, err.value.reason) == (kind, reason), name
+        assert str(path) in str(err.value)
+    quiet = tmp_path / "quiet.wav"  # -60 dBFS is quiet music, not silence
+    sf.write(quiet, tone(22050, 1.0, amp=0.001), 22050, subtype="PCM_16")
+    assert len(audio.decode_track(quiet, rate).wave) == rate
+
+
+def test_plain_decode_still_returns_short_and_silent_audio(tmp_path):
+    # decode/decode_int16 only decode; the rule lives in decode_track (and check_usable)
+    assert len(decode(one_sample_wav(tmp_path), 22050)) == 1
+
+
+def test_unreadable_file_is_reported_as_unreadable(tmp_path, monkeypatch):
+    path = tmp_path / "locked.wav"
+    sf.write(path, tone(22050, 1.0), 22050, subtype="PCM_16")
+    real_open = open
+
+    def guarded(file, *a, **kw):  # what a 0000-mode file gives a non-root user
+        if Path(file) == path:
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, *a, **kw)
+
+    monkeypatch.setattr(audio, "open", guarded, raising=False)
+    with pytest.raises(AudioDecodeError) as err:
+        audio.decode_track(path, 48000)
+    assert err.value.kind == "unreadable" and err.value.reason == "cannot read the file (Permission denied)"
 
 
 def test_silence_decodes_and_is_flagged_silent(tmp_path):
@@ -300,6 +410,7 @@ def test_demo_songs_decode_and_match_the_demo_table():
         info = sf.info(path)
         assert (info.samplerate, info.channels) == (song.sample_rate, song.channels), song.path
         assert 20.0 <= info.duration <= 61.0
+        assert audio.decode_track(path, 48000).notes == [], song.path  # whole files: nothing to flag
     for rel in CORRUPT_FILES:
         with pytest.raises(AudioDecodeError) as err:
             decode(DEMO / rel, 48000)

@@ -144,6 +144,73 @@ def test_bad_manifest_is_a_clear_error(tmp_path, monkeypatch, caplog):
     assert "manifest.jsonl:1" in caplog.text
 
 
+def flagged_and_refused_tracks(root: Path) -> list[tuple[str, str]]:
+    """A truncated MP3 and a float WAV with NaN/inf (kept, flagged); a 1-sample WAV, silence and an
+    all-NaN file (refused by the usability rule)."""
+    audio = root / "audio"
+    audio.mkdir(parents=True, exist_ok=True)
+    sf.write(audio / "whole.mp3", music(22050, 24.0, 4), 22050, format="MP3")
+    data = (audio / "whole.mp3").read_bytes()
+    (audio / "cut.mp3").write_bytes(data[: len(data) // 2])
+    holes = music(22050, 6.0, 5)
+    holes[1000:1010] = np.nan
+    holes[2000] = np.inf
+    sf.write(audio / "holes.wav", holes, 22050, subtype="FLOAT")
+    sf.write(audio / "one.wav", np.array([0.5], np.float32), 22050, subtype="PCM_16")
+    sf.write(audio / "silent.wav", np.zeros(22050 * 3, np.float32), 22050, subtype="PCM_16")
+    sf.write(audio / "nan.wav", np.full(22050 * 3, np.nan, np.float32), 22050, subtype="FLOAT")
+    return [("t:cut", "audio/cut.mp3"), ("t:holes", "audio/holes.wav"), ("t:one", "audio/one.wav"),
+            ("t:silent", "audio/silent.wav"), ("t:nan", "audio/nan.wav")]
+
+
+def test_partial_and_nan_tracks_are_kept_and_flagged_short_silent_nan_refused(tmp_path, monkeypatch):
+    from pipeline.data.audio import AudioDecodeError, decode_track
+
+    monkeypatch.chdir(tmp_path)
+    tracks = flagged_and_refused_tracks(tmp_path)
+    write_manifest(tmp_path, tracks)
+    assert stage.run(params(max_failure_ratio=0.7), args()) == 0
+    report = json.loads(Path("models/report/mels.json").read_text())
+    assert report["tracks_ok"] == 2 and report["tracks_flagged"] == 2
+    flags = {f["track_id"]: f["notes"] for f in report["flagged"]}
+    (partial,) = flags["t:cut"]
+    assert partial.startswith("partial decode: decoded 1") and " of 24.0 s; " in partial
+    assert flags["t:holes"] == [f"11 of {22050 * 6} samples were NaN/inf (replaced by 0/+-1)"]
+    with store.MelCache("data/mels.h5") as c:
+        assert c.track_ids == ["t:cut", "t:holes"]
+        assert len(c.track_segments("t:cut")) == 2  # the ~12 s that decoded (the whole 24 s would give 4)
+    # refusals carry exactly the reason every command gives (pipeline.data.audio.decode_track's)
+    failures = {f["track_id"]: (f["kind"], f["reason"]) for f in report["failures"]}
+    for tid, rel in tracks[2:]:
+        with pytest.raises(AudioDecodeError) as err:
+            decode_track(rel, 32000)
+        assert failures[tid] == (err.value.kind, err.value.reason)
+    assert {k for k, _ in failures.values()} == {"too-short", "silent", "non-finite"}
+
+    # a second run reuses the cached mels and still reports the flags
+    assert stage.run(params(max_failure_ratio=0.7), args()) == 0
+    again = json.loads(Path("models/report/mels.json").read_text())
+    assert again["tracks_reused"] == 2 and again["flagged"] == report["flagged"]
+
+
+def test_flags_survive_a_killed_run(tmp_path):
+    """Notes saved beside the part files of an interrupted run reach the report of the resumed
+    run; a track computed again replaces (or clears) its older notes."""
+    from pipeline.data import decode_notes as dn
+
+    parts = tmp_path / "parts"
+    dn.save_track_notes(parts, "t:a", "a.mp3", ["partial decode: decoded 1.0 of 2.0 s; x"])
+    dn.save_track_notes(parts, "t:b", "b.mp3", ["3 of 9 samples were NaN/inf (replaced by 0/+-1)"])
+    dn.save_track_notes(parts, "t:c", "c.mp3", [])  # nothing to say: no file
+    assert sorted(dn.saved_notes(parts)) == ["t:a", "t:b"]
+    previous = {"t:d": {"track_id": "t:d", "audio_path": "d.mp3", "notes": ["old"]},
+                "t:e": {"track_id": "t:e", "audio_path": "moved.mp3", "notes": ["other file"]}}
+    kept = [("t:a", "a.mp3"), ("t:b", "b.mp3"), ("t:c", "c.mp3"), ("t:d", "d.mp3"), ("t:e", "e.mp3")]
+    flagged = dn.flagged_tracks(kept, {"t:b": []}, dn.saved_notes(parts), previous)
+    assert [(f["track_id"], f["notes"]) for f in flagged] == [
+        ("t:a", ["partial decode: decoded 1.0 of 2.0 s; x"]), ("t:d", ["old"])]
+
+
 def test_rerun_reuses_finished_tracks_and_recomputes_changed_audio(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     write_manifest(tmp_path, good_tracks(tmp_path))

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import logging
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -135,7 +138,8 @@ def test_embed_jsonl_and_npy_outputs(exported, songs, tmp_path):
     assert len(result.failed) == 1 and "notes.txt" in result.failed[0][0]
     S._write_embeddings(tmp_path / "e.npy", result)
     assert np.load(tmp_path / "e.npy").shape == (1, 512)
-    assert (tmp_path / "e.paths.txt").read_text().strip().endswith("long.wav")
+    (rec,) = [json.loads(line) for line in (tmp_path / "e.paths.jsonl").read_text().splitlines()]
+    assert rec["row"] == 0 and rec["path"].endswith("long.wav") and rec["n_segments"] == 5
     with pytest.raises(S.SearchError, match="npz"):
         S._write_embeddings(tmp_path / "e.csv", result)
 
@@ -177,3 +181,288 @@ def test_clear_errors(exported, tmp_path):
         S.load_index(tmp_path / "bad.npz")
     with pytest.raises(S.SearchError, match="empty query"):
         S.TextEmbedder(models).embed(["  "])
+
+
+# --------------------------------------------------------------------------- robustness (issue 16)
+
+
+def _index_args(root: Path, out: Path, models: Path) -> argparse.Namespace:
+    return argparse.Namespace(dir=str(root), out=str(out), models=str(models), int8=False, batch_size=8, threads=1)
+
+
+@pytest.fixture
+def counting(monkeypatch):
+    """Records every file the audio embedder decodes."""
+    seen: list[str] = []
+    real = S.AudioEmbedder.embed_track
+
+    def embed_track(self, path):
+        seen.append(Path(path).name)
+        return real(self, path)
+
+    monkeypatch.setattr(S.AudioEmbedder, "embed_track", embed_track)
+    return seen
+
+
+def test_reindexing_embeds_only_new_and_changed_files(exported, songs, tmp_path, counting, caplog):
+    models, _, _ = exported
+    lib, out = tmp_path / "lib", tmp_path / "lib.npz"
+    shutil.copytree(songs, lib)
+    assert S.index_main(_index_args(lib, out, models)) == 0
+    assert sorted(counting) == ["broken.mp3", "long.wav", "mid.flac", "short.wav"]
+    first = S.load_index(out)
+
+    shutil.copy(lib / "long.wav", lib / "album" / "added.wav")  # one new song
+    counting.clear()
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="pipeline.runtime.search"):
+        assert S.index_main(_index_args(lib, out, models)) == 0
+    assert counting == ["added.wav"]  # the broken file, unchanged, is not tried again
+    assert "reused 3, embedded 1, removed 0; 1 file(s) skipped" in caplog.text
+    second = S.load_index(out)
+    assert len(second.paths) == 4 and second.failed == first.failed
+    for path, vec in zip(first.paths, first.vectors):
+        np.testing.assert_array_equal(second.vectors[second.paths.index(path)], vec)
+    np.testing.assert_allclose(second.vectors[second.paths.index(str(lib / "album" / "added.wav"))],
+                               first.vectors[first.paths.index(str(lib / "long.wav"))], atol=1e-6)
+
+    (lib / "short.wav").unlink()  # one deleted, one rewritten, one only touched
+    sf.write(lib / "long.wav", 0.3 * np.sin(np.arange(16000 * 2) / 7.0), 16000)
+    st = os.stat(lib / "album" / "mid.flac")
+    os.utime(lib / "album" / "mid.flac", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    counting.clear()
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="pipeline.runtime.search"):
+        assert S.index_main(_index_args(lib, out, models)) == 0
+    assert sorted(counting) == ["long.wav", "mid.flac"]
+    assert "reused 1, embedded 2, removed 1" in caplog.text
+    third = S.load_index(out)
+    assert sorted(Path(p).name for p in third.paths) == ["added.wav", "long.wav", "mid.flac"]
+    assert not np.allclose(third.vectors[third.paths.index(str(lib / "long.wav"))],
+                           first.vectors[first.paths.index(str(lib / "long.wav"))], atol=1e-3)
+
+
+def test_index_stamps_come_from_the_scan_whatever_embeds(tmp_path):
+    """Any embedding path can fill an update (it need not stamp files); failures it does not mark
+    as final are tried again."""
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    files = []
+    for name in ("a.wav", "b.wav", "c.wav"):
+        (lib / name).write_bytes(name.encode() * 10)
+        files.append(str(lib / name))
+    plan = S.plan_update(None, files)
+    assert plan.todo == files and plan.stamps[files[0]] == S.file_stamp(files[0])
+    fresh = S.EmbedResult(files[:2], np.eye(2, 4, dtype=np.float32), [1, 2], [(files[2], "bad")])
+    S.save_index(tmp_path / "i.npz", S.merge_update(None, plan, fresh), "sha", str(lib))
+    (lib / "b.wav").write_bytes(b"changed")
+    again = S.plan_update(S.load_index(tmp_path / "i.npz"), files + [str(lib / "new.wav")])
+    assert again.reuse == {files[0]: 0} and again.todo == [files[1], files[2], str(lib / "new.wav")]
+
+
+def test_reindexing_with_another_model_embeds_everything(exported, songs, tmp_path, counting, caplog):
+    models, _, _ = exported
+    out = tmp_path / "i.npz"
+    assert S.index_main(_index_args(songs, out, models)) == 0
+    _rewrite_index(out, audio_model_sha256="0" * 64)
+    counting.clear()
+    assert S.index_main(_index_args(songs, out, models)) == 0
+    assert len(counting) == 4 and "built with another audio model; embedding every file again" in caplog.text
+
+
+def _rewrite_index(path: Path, **changes) -> None:
+    with np.load(path, allow_pickle=False) as data:
+        arrays = {k: data[k] for k in data.files}
+    arrays.update({k: np.asarray(v) for k, v in changes.items()})
+    with open(path, "wb") as fh:
+        np.savez(fh, **arrays)
+
+
+def test_index_records_model_and_search_refuses_another_unless_forced(exported, songs, tmp_path):
+    models, _, _ = exported
+    out = tmp_path / "i.npz"
+    assert _cli("index", str(songs), "--out", str(out), "--models", str(models)).returncode == 0
+    idx = S.load_index(out)
+    assert idx.embedding_dim == 512 and idx.vectors.shape == (3, 512)
+    assert idx.audio_model_sha256 == S.sha256_file(models / "audio_student.onnx")
+
+    _rewrite_index(out, audio_model_sha256="ab" * 32)
+    proc = _cli("search", "calm piano", "--index", str(out), "--models", str(models))
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert "was built by another audio model (sha256 abababababab...)" in proc.stderr and "--force" in proc.stderr
+    proc = _cli("search", "calm piano", "--index", str(out), "--models", str(models), "--force", "-k", "2")
+    assert proc.returncode == 0 and len(proc.stdout.splitlines()) == 2
+    assert "searching anyway (--force)" in proc.stderr
+
+
+def test_an_index_of_another_dimension_is_a_clear_error(exported, tmp_path):
+    models, _, _ = exported
+    out = tmp_path / "small.npz"
+    vectors = np.eye(3, 256, dtype=np.float32)
+    S.save_index(out, S.EmbedResult(["a.wav", "b.wav", "c.wav"], vectors, [1, 1, 1], []),
+                 S.sha256_file(models / "audio_student.onnx"), "lib")
+    for extra in ((), ("--force",)):
+        proc = _cli("search", "calm piano", "--index", str(out), "--models", str(models), *extra)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr
+        assert "holds 256-d vectors but the text model" in proc.stderr and "gives 512-d ones" in proc.stderr
+    with pytest.raises(S.SearchError, match="256-d vectors, the query is 512-d"):
+        S.search(S.load_index(out), np.ones((1, 512), np.float32), 1)
+
+
+def test_npy_rows_stay_aligned_with_odd_file_names(exported, songs, tmp_path):
+    models, _, _ = exported
+    odd = [tmp_path / "new\nline.wav", tmp_path / "tab\tand \u00e9.flac", Path(os.fsdecode(bytes(tmp_path) + b"/latin1-\xe9.wav"))]
+    shutil.copy(songs / "long.wav", odd[0])
+    shutil.copy(songs / "album/mid.flac", odd[1])
+    shutil.copy(songs / "short.wav", odd[2])
+    files = [odd[0], songs / "broken.mp3", odd[1], odd[2]]
+    assert _cli("embed", *map(str, files), "--out", str(tmp_path / "x.npy"), "--models", str(models)).returncode == 0
+    assert _cli("embed", *map(str, files), "--out", str(tmp_path / "x.npz"), "--models", str(models)).returncode == 0
+    vectors = np.load(tmp_path / "x.npy")
+    lines = (tmp_path / "x.paths.jsonl").read_bytes().decode("ascii").splitlines()
+    records = [json.loads(line) for line in lines]
+    assert len(records) == len(vectors) == 3
+    assert [r["path"] for r in records] == [str(odd[0]), str(odd[1]), str(odd[2])]
+    assert [r["row"] for r in records] == [0, 1, 2] and [r["n_segments"] for r in records] == [5, 4, 1]
+    npz = np.load(tmp_path / "x.npz")
+    assert list(npz["paths"]) == [r["path"] for r in records]
+    np.testing.assert_array_equal(npz["vectors"], vectors)
+
+
+def test_out_is_checked_before_any_work(exported, songs, tmp_path):
+    models, _, _ = exported
+    (tmp_path / "file").write_text("a file, not a folder")
+    bad = tmp_path / "file" / "out.npz"
+    # the models folder does not even exist: the --out check comes first
+    for cmd in (("embed", str(songs / "long.wav")), ("index", str(songs))):
+        proc = _cli(*cmd, "--out", str(bad), "--models", str(tmp_path / "no-models"))
+        assert proc.returncode == 2 and f"--out {bad}: cannot write in {bad.parent}" in proc.stderr
+    (tmp_path / "dir.npz").mkdir()
+    proc = _cli("embed", str(songs / "long.wav"), "--out", str(tmp_path / "dir.npz"), "--models", str(models))
+    assert proc.returncode == 2 and "is a folder, give a file name" in proc.stderr
+    assert not list(tmp_path.glob(".*probe"))
+
+
+def test_os_errors_on_one_file_are_reported_and_skipped(exported, songs, tmp_path, monkeypatch):
+    from pipeline.data import audio
+
+    models, _, _ = exported
+    locked = songs / "album/mid.flac"
+    real_open = open
+
+    def guarded(file, *a, **kw):  # what a file without read permission gives a non-root user
+        if Path(file) == locked:
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, *a, **kw)
+
+    monkeypatch.setattr(audio, "open", guarded, raising=False)
+    result = S.embed_files(S.AudioEmbedder(models), [songs / "short.wav", locked, songs / "long.wav"], progress=False)
+    assert [Path(p).name for p in result.paths] == ["short.wav", "long.wav"]
+    assert result.failed == [(str(locked), "cannot read the file (Permission denied)")]
+    assert result.failed_stamps == [None]  # retried on the next index run
+
+
+def _permissions_bind(folder: Path) -> bool:
+    """Whether a mode-0000 file is unreadable here (not for root with CAP_DAC_OVERRIDE)."""
+    probe = folder / "probe"
+    probe.write_text("x")
+    os.chmod(probe, 0)
+    try:
+        probe.read_text()
+        return False
+    except PermissionError:
+        return True
+    finally:
+        probe.unlink()
+
+
+def test_unreadable_file_and_folder_in_a_library(exported, songs, tmp_path):
+    if os.name != "posix" or not _permissions_bind(tmp_path):
+        pytest.skip("file permissions do not bind this user (root); the test above covers the same path")
+    models, _, _ = exported
+    lib = tmp_path / "lib"
+    shutil.copytree(songs, lib)
+    (lib / "sub").mkdir()
+    shutil.copy(lib / "long.wav", lib / "sub" / "hidden.wav")
+    os.chmod(lib / "short.wav", 0)
+    os.chmod(lib / "sub", 0)
+    try:
+        proc = _cli("index", str(lib), "--out", str(tmp_path / "i.npz"), "--models", str(models))
+    finally:
+        os.chmod(lib / "short.wav", 0o644)
+        os.chmod(lib / "sub", 0o755)
+    assert proc.returncode == 0
+    assert "short.wav: cannot read the file (Permission denied)" in proc.stderr
+    assert "cannot list" in proc.stderr and "sub" in proc.stderr
+    assert sorted(Path(p).name for p in S.load_index(tmp_path / "i.npz").paths) == ["long.wav", "mid.flac"]
+
+
+def test_files_refused_by_the_mel_cache_are_refused_by_embed_and_index_alike(exported, tmp_path):
+    from pipeline.data.audio import AudioDecodeError, decode_track
+
+    models, _, _ = exported
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    sf.write(lib / "one.wav", np.array([0.5], np.float32), 22050, subtype="PCM_16")
+    sf.write(lib / "silence.wav", np.zeros(44100, np.float32), 22050, subtype="PCM_16")
+    sf.write(lib / "nan.wav", np.full(44100, np.nan, np.float32), 22050, subtype="FLOAT")
+    sf.write(lib / "ok.wav", 0.3 * np.sin(np.arange(22050) / 5.0), 22050)
+    expected = {}
+    for name in ("one.wav", "silence.wav", "nan.wav"):
+        with pytest.raises(AudioDecodeError) as err:
+            decode_track(lib / name, 48000)  # what the mels stage calls
+        expected[name] = err.value.reason
+    assert len(set(expected.values())) == 3
+    for proc in (_cli("index", str(lib), "--out", str(tmp_path / "i.npz"), "--models", str(models)),
+                 _cli("embed", *sorted(map(str, lib.iterdir())), "--out", str(tmp_path / "e.npz"), "--models", str(models))):
+        assert proc.returncode == 0, proc.stderr
+        for name, reason in expected.items():
+            assert f"{lib / name}: {reason}" in proc.stderr
+    assert [Path(p).name for p in S.load_index(tmp_path / "i.npz").paths] == ["ok.wav"]
+
+
+def test_partial_decode_is_kept_and_noted_in_the_index(exported, tmp_path):
+    models, _, _ = exported
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    sf.write(tmp_path / "whole.mp3", 0.3 * np.sin(np.arange(22050 * 6) / 5.0), 22050, format="MP3")
+    data = (tmp_path / "whole.mp3").read_bytes()
+    (lib / "cut.mp3").write_bytes(data[: len(data) // 2])
+    proc = _cli("index", str(lib), "--out", str(tmp_path / "i.npz"), "--models", str(models))
+    assert proc.returncode == 0 and "kept with notes" in proc.stderr
+    idx = S.load_index(tmp_path / "i.npz")
+    (note,) = idx.notes[0]
+    assert note.startswith("partial decode: decoded") and "of 6.0 s" in note and note in proc.stderr
+
+
+@pytest.mark.parametrize("query,ok,message", [
+    (b"caf\xe9 music", False, "the query is not valid UTF-8 text (byte(s) e9 at character 3)"),
+    (b"", False, "empty query text"),
+    (b"   \t ", False, "empty query text"),
+    ("caf\u00e9 \u266b \U0001f3b9 \u97f3\u697d".encode(), True, ""),
+    (b"piano " * 2000, True, ""),
+    (b"-- !?", True, ""),
+])
+def test_any_query_is_accepted_or_refused_clearly(exported, songs, tmp_path, query, ok, message):
+    models, _, _ = exported
+    out = tmp_path / "i.npz"
+    assert _cli("index", str(songs), "--out", str(out), "--models", str(models)).returncode == 0
+    proc = _cli("search", "--index", str(out), "--models", str(models), "-k", "1", "--", query)
+    assert "Traceback" not in proc.stderr
+    if ok:
+        assert proc.returncode == 0 and len(proc.stdout.splitlines()) == 1, proc.stderr
+    else:
+        assert proc.returncode == 2 and message in proc.stderr and proc.stdout == ""
+
+
+def test_version_1_index_is_still_searched_and_rebuilt_on_reindex(exported, songs, tmp_path, counting, caplog):
+    models, _, _ = exported
+    out = tmp_path / "old.npz"
+    sha = S.sha256_file(models / "audio_student.onnx")
+    with open(out, "wb") as fh:
+        np.savez(fh, version=np.array(1), paths=np.array(["a.wav"]), vectors=np.ones((1, 512), np.float32) / 512**0.5,
+                 n_segments=np.array([1]), audio_model_sha256=np.array(sha), root=np.array("lib"))
+    assert S.load_index(out).paths == ["a.wav"]
+    assert S.index_main(_index_args(songs, out, models)) == 0
+    assert len(counting) == 4 and "without file stamps (version 1)" in caplog.text
+    assert S.load_index(out).version == S.INDEX_VERSION

@@ -6,13 +6,20 @@ Decoding streams the file in blocks (libsndfile reads MP3, Ogg Vorbis, Opus, FLA
 downmixes each block to mono, resamples it with a streaming soxr resampler and stores it as int16
 — the same int16 round trip CLAP applies — so a 60-minute track costs 2 bytes per output sample
 (about 350 MB at 48 kHz) instead of a float64 copy of the whole file.
+
+What the decoder had to do to a file is recorded in a DecodeReport: a stream that ends before its
+header's length (a truncated download) is kept as far as it decoded and flagged; NaN/inf samples
+are counted. `decode_track` adds the one usability rule (too short, silent, nothing finite) that
+the mels stage, `embed` and `index` all apply, so a file is refused everywhere with one reason.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -31,18 +38,69 @@ MP3_PREROLL = 1152 * 16
 MP3_SINGLE_READ_SAMPLES = 1 << 24  # 64 MB: a 3-minute stereo 44.1 kHz song
 RESAMPLE_QUALITY = "HQ"  # soxr "high quality", librosa's default resampler
 
+# A stream counts as cut short only when it misses more than this: MP3 headers count encoder padding.
+PARTIAL_TOLERANCE_SECONDS = 0.1
+# When a decoder fails mid-block, the frames before the failure are recovered in steps this small
+# (a FLAC block is 4096 frames, so at most one block of good audio is lost).
+SALVAGE_FRAMES = 1024
+# The one usability rule (decode_track): shorter tracks are refused (a 1-sample file would become
+# a 10-s window of one repeated value), and so are tracks whose loudest sample is below this
+# level (digital silence and dither-level noise: about 3 int16 steps).
+MIN_AUDIO_SECONDS = 0.5
+SILENCE_PEAK_DBFS = -80.0
+
 # First bytes of the containers we can decode; used only to word error messages.
 _AUDIO_MAGIC = (b"ID3", b"OggS", b"fLaC", b"RIFF", b"RF64", b"FORM", b".snd", b"caff", b"wvpk")
 
 
 class AudioDecodeError(Exception):
-    """A file that cannot be turned into audio; `kind` is one of missing, empty, non-audio, corrupt."""
+    """A file that cannot be turned into usable audio; `kind` is one of missing, unreadable, empty,
+    non-audio, corrupt (the decoder's verdicts) or too-short, silent, non-finite (the usability rule)."""
 
     def __init__(self, path: str | Path, reason: str, kind: str = "corrupt") -> None:
         self.path = str(path)
         self.reason = reason
         self.kind = kind
         super().__init__(f"{path}: {reason}")
+
+
+@dataclass
+class DecodeReport:
+    """What decoding one file found, beyond its samples."""
+
+    expected_seconds: float | None = None  # the header's length (after any max_seconds cap)
+    decoded_seconds: float = 0.0
+    stopped_early: str = ""  # why the stream ended before the header's length, if it did
+    source_samples: int = 0  # samples read from the file, all channels
+    nonfinite: int = 0  # of those, NaN or +-inf (replaced by 0 / +-1)
+    peak: float = 0.0  # loudest mono sample before resampling: the silence test, whatever the output rate
+
+    @property
+    def partial(self) -> bool:
+        return bool(self.stopped_early)
+
+    def notes(self) -> list[str]:
+        """Human-readable flags for a kept file (empty when nothing is worth saying)."""
+        out = []
+        if self.partial:
+            of = f" of {self.expected_seconds:.1f}" if self.expected_seconds else ""
+            out.append(f"partial decode: decoded {self.decoded_seconds:.1f}{of} s; {self.stopped_early}")
+        if self.nonfinite:
+            out.append(f"{self.nonfinite} of {self.source_samples} samples were NaN/inf (replaced by 0/+-1)")
+        return out
+
+
+@dataclass
+class DecodedTrack:
+    """An int16 mono waveform that passed the usability rule, and its decode report."""
+
+    wave: np.ndarray
+    sample_rate: int
+    report: DecodeReport = field(default_factory=DecodeReport)
+
+    @property
+    def notes(self) -> list[str]:
+        return self.report.notes()
 
 
 # --------------------------------------------------------------------------- decoding
@@ -75,12 +133,17 @@ def _open(path: Path) -> sf.SoundFile:
         raise AudioDecodeError(path, "file not found", "missing")
     if not path.is_file():
         raise AudioDecodeError(path, "not a regular file", "missing")
-    if path.stat().st_size == 0:
-        raise AudioDecodeError(path, "file is empty (0 bytes)", "empty")
-    with open(path, "rb") as fh:
-        head = fh.read(512)
     try:
-        return sf.SoundFile(path)
+        if path.stat().st_size == 0:
+            raise AudioDecodeError(path, "file is empty (0 bytes)", "empty")
+        with open(path, "rb") as fh:
+            head = fh.read(512)
+    except OSError as exc:  # permission denied, I/O error: this file only, the caller goes on
+        raise AudioDecodeError(path, f"cannot read the file ({exc.strerror or exc})", "unreadable") from None
+    try:
+        # bytes on POSIX: soundfile encodes a str name strictly, which fails for names that are
+        # not valid UTF-8 (Python holds those bytes as lone surrogates)
+        return sf.SoundFile(os.fsencode(path) if os.name == "posix" else path)
     except (sf.LibsndfileError, RuntimeError, TypeError) as exc:
         reason = _describe_non_audio(head)
         if reason:
@@ -89,9 +152,13 @@ def _open(path: Path) -> sf.SoundFile:
 
 
 def stream_mono(path: str | Path, sample_rate: int, *, max_seconds: float | None = None,
-                block_frames: int = BLOCK_FRAMES) -> Iterator[np.ndarray]:
-    """Yield float32 mono blocks of `path` resampled to `sample_rate` (no int16 rounding yet)."""
+                block_frames: int = BLOCK_FRAMES, report: DecodeReport | None = None) -> Iterator[np.ndarray]:
+    """Yield float32 mono blocks of `path` resampled to `sample_rate` (no int16 rounding yet).
+
+    A decoder error after some audio ends the stream there (the good part is kept) and is noted
+    in `report`, as is a stream shorter than its header and every NaN/inf sample."""
     path = Path(path)
+    report = report if report is not None else DecodeReport()
     with _open(path) as f:
         in_rate = int(f.samplerate)
         if in_rate <= 0 or f.channels <= 0:
@@ -102,6 +169,10 @@ def stream_mono(path: str | Path, sample_rate: int, *, max_seconds: float | None
         if max_seconds:
             cap = int(round(max_seconds * in_rate))
             limit = cap if limit is None else min(limit, cap)
+        report.expected_seconds = limit / in_rate if limit else None
+        # A CBR MP3 without a Xing/Info/VBRI tag has only a length estimated from the file size:
+        # a short read there is the estimate's error, and a cut file's estimate shrinks with it.
+        exact_length = f.format != "MP3" or _mp3_has_length_tag(path)
         resampler = (
             soxr.ResampleStream(in_rate, sample_rate, 1, dtype="float32", quality=RESAMPLE_QUALITY)
             if in_rate != sample_rate
@@ -113,26 +184,41 @@ def stream_mono(path: str | Path, sample_rate: int, *, max_seconds: float | None
         read = 0
         while True:
             want = block_frames if limit is None else min(block_frames, limit - read)
+            failed = ""
             if want <= 0:
                 block = np.zeros((0, f.channels), dtype=np.float32)
             else:
+                pre = min(read, MP3_PREROLL) if is_mp3 and read > 0 else 0
                 try:
-                    pre = min(read, MP3_PREROLL) if is_mp3 and read > 0 else 0
                     if pre:
                         f.seek(read - pre)
                     block = f.read(want + pre, dtype="float32", always_2d=True)[pre:]
                 except (sf.LibsndfileError, RuntimeError) as exc:
-                    raise AudioDecodeError(path, f"decoding failed after {read} frames ({exc})", "corrupt") from None
+                    failed = _decoder_message(exc)
+                    block = _salvage(f, read, want, pre)
+                    if read + len(block) == 0:
+                        raise AudioDecodeError(path, f"cannot decode any audio ({failed})", "corrupt") from None
             read += len(block)
-            last = len(block) < want or want <= 0
+            last = len(block) < want or want <= 0 or bool(failed)
+            if failed:
+                report.stopped_early = f"the decoder failed: {failed}"
+            elif last and exact_length and limit is not None and limit - read > PARTIAL_TOLERANCE_SECONDS * in_rate:
+                report.stopped_early = "the stream ends before the length its header gives; a truncated file?"
+            report.source_samples += block.size
+            if not np.isfinite(block).all():
+                # Broken float files carry NaN/inf, which would poison every mel frame: count them
+                # for the report, then replace them (before the downmix, so the other channels of
+                # the frame survive) and keep the rest of the file.
+                report.nonfinite += int(np.count_nonzero(~np.isfinite(block)))
+                block = np.nan_to_num(block, nan=0.0, posinf=1.0, neginf=-1.0)
             if block.shape[1] == 2:  # the common case, without a generic reduction
                 mono = (block[:, 0] + block[:, 1]) * np.float32(0.5)
             elif block.shape[1] > 2:
                 mono = block.mean(axis=1, dtype=np.float32)
             else:
                 mono = block[:, 0]
-            # Broken float WAVs can carry NaN/inf; they would poison every mel frame.
-            mono = np.nan_to_num(mono, nan=0.0, posinf=1.0, neginf=-1.0)
+            if len(mono):
+                report.peak = max(report.peak, float(mono.max()), -float(mono.min()))  # no |x| copy
             del block
             # Resample in sub-blocks so a large (single-read MP3) block has small temporaries.
             step = BLOCK_FRAMES
@@ -144,6 +230,51 @@ def stream_mono(path: str | Path, sample_rate: int, *, max_seconds: float | None
                     yield np.ascontiguousarray(out, dtype=np.float32)
             if last:
                 break
+        report.decoded_seconds = read / in_rate
+
+
+def _mp3_has_length_tag(path: Path) -> bool:
+    """Whether the first MPEG frame (after any ID3v2 tag) carries a Xing, Info or VBRI header,
+    i.e. whether the decoder's frame count is exact rather than estimated from the file size."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(10)
+            if head[:3] == b"ID3" and len(head) == 10:  # skip the tag: 4 syncsafe size bytes
+                size = (head[6] & 0x7F) << 21 | (head[7] & 0x7F) << 14 | (head[8] & 0x7F) << 7 | (head[9] & 0x7F)
+                fh.seek(10 + size + (10 if head[5] & 0x10 else 0))  # + footer
+                head = b""
+            data = head + fh.read(8192)
+    except OSError:
+        return False
+    for i in range(len(data) - 1):
+        if data[i] == 0xFF and data[i + 1] & 0xE0 == 0xE0:  # first frame sync
+            frame = data[i : i + 64]
+            return any(tag in frame for tag in (b"Xing", b"Info", b"VBRI"))
+    return False
+
+
+def _decoder_message(exc: Exception) -> str:
+    text = str(exc).strip().removeprefix("Error :").strip()
+    return text or type(exc).__name__
+
+
+def _salvage(f: sf.SoundFile, start: int, want: int, pre: int) -> np.ndarray:
+    """The frames from `start` that still decode after a failed read of `want` frames, read again
+    in small steps until the decoder fails again (so a truncated FLAC keeps all but < 1 block)."""
+    pieces, got = [], 0
+    try:
+        f.seek(start - pre)
+        if pre:
+            f.read(pre, dtype="float32", always_2d=True)
+        while got < want:
+            piece = f.read(min(SALVAGE_FRAMES, want - got), dtype="float32", always_2d=True)
+            pieces.append(piece)
+            got += len(piece)
+            if len(piece) < SALVAGE_FRAMES:
+                break
+    except (sf.LibsndfileError, RuntimeError):
+        pass
+    return np.concatenate(pieces) if pieces else np.zeros((0, f.channels), dtype=np.float32)
 
 
 def to_int16(x: np.ndarray) -> np.ndarray:
@@ -155,12 +286,11 @@ def int16_to_float(x: np.ndarray) -> np.ndarray:
     return x.astype(np.float32) / np.float32(32767.0)
 
 
-def decode_int16(path: str | Path, sample_rate: int, *, max_seconds: float | None = None) -> np.ndarray:
-    """Decode to int16 mono at `sample_rate` with memory bounded by the output size.
+def _decode_into_int16(path: Path, sample_rate: int, max_seconds: float | None, report: DecodeReport) -> np.ndarray:
+    """int16 mono at `sample_rate`, possibly empty; memory bounded by the output size.
 
     The output buffer is sized from the header's frame count and grown by a quarter when a
     header under-reports (VBR MP3 without a seek table)."""
-    path = Path(path)
     with _open(path) as f:
         frames, in_rate = int(f.frames), int(f.samplerate)
     if max_seconds:
@@ -168,16 +298,68 @@ def decode_int16(path: str | Path, sample_rate: int, *, max_seconds: float | Non
     expect = int(math.ceil(max(frames, 0) * sample_rate / max(in_rate, 1))) + 64
     buf = np.empty(expect, dtype=np.int16)
     n = 0
-    for block in stream_mono(path, sample_rate, max_seconds=max_seconds):
+    for block in stream_mono(path, sample_rate, max_seconds=max_seconds, report=report):
         if n + len(block) > len(buf):
             grown = np.empty(max(n + len(block), len(buf) + len(buf) // 4 + 1), dtype=np.int16)
             grown[:n] = buf[:n]
             buf = grown
         buf[n : n + len(block)] = to_int16(block)
         n += len(block)
-    if n == 0:
-        raise AudioDecodeError(path, "no audio frames (zero-length audio stream)", "empty")
     return buf[:n]
+
+
+def decode_int16(path: str | Path, sample_rate: int, *, max_seconds: float | None = None,
+                 report: DecodeReport | None = None) -> np.ndarray:
+    """Decode to int16 mono at `sample_rate`; `report` (if given) receives what the decoder found.
+
+    Raises AudioDecodeError for missing, unreadable, empty, non-audio and corrupt files; does not
+    apply the usability rule (see decode_track)."""
+    path = Path(path)
+    wave = _decode_into_int16(path, sample_rate, max_seconds, report if report is not None else DecodeReport())
+    if len(wave) == 0:
+        raise AudioDecodeError(path, "no audio frames (zero-length audio stream)", "empty")
+    return wave
+
+
+def decode_track(path: str | Path, sample_rate: int, *, max_seconds: float | None = None) -> DecodedTrack:
+    """Decode a song for the mel cache, `embed` or `index`: decode_int16 plus the one usability
+    rule (check_usable), so every command keeps or refuses a file alike and for the same reason."""
+    path = Path(path)
+    report = DecodeReport()
+    wave = _decode_into_int16(path, sample_rate, max_seconds, report)
+    check_usable(wave, sample_rate, report, path)
+    return DecodedTrack(wave, sample_rate, report)
+
+
+def _dbfs(peak: float) -> float:
+    return 20.0 * math.log10(peak) if peak > 0 else -math.inf
+
+
+def peak_dbfs(wave: np.ndarray) -> float:
+    """Loudest sample in dB relative to full scale (-inf for all zeros); int16 or float input."""
+    if wave.dtype == np.int16:
+        return _dbfs(float(np.max(np.abs(wave.astype(np.int32)), initial=0)) / 32767.0)
+    return _dbfs(float(np.max(np.abs(wave), initial=0.0)))
+
+
+def check_usable(wave: np.ndarray, sample_rate: int, report: DecodeReport | None = None,
+                 path: str | Path = "<waveform>") -> None:
+    """THE usability rule: raise AudioDecodeError (kind non-finite, empty, too-short or silent)
+    for audio no command should embed. With a report, length and loudness are measured on the
+    file's own samples, so the verdict and its wording do not depend on the rate a command decodes at."""
+    if report is not None and report.source_samples and report.nonfinite >= report.source_samples:
+        raise AudioDecodeError(path, f"no usable samples: all {report.source_samples} samples are NaN or infinite",
+                               "non-finite")
+    if len(wave) == 0 and (report is None or report.source_samples == 0):
+        raise AudioDecodeError(path, "no audio frames (zero-length audio stream)", "empty")
+    seconds = report.decoded_seconds if report is not None else len(wave) / sample_rate
+    if seconds < MIN_AUDIO_SECONDS or len(wave) == 0:
+        raise AudioDecodeError(path, f"too short: {seconds:.3f} s of audio, the minimum is {MIN_AUDIO_SECONDS} s",
+                               "too-short")
+    peak = _dbfs(report.peak) if report is not None else peak_dbfs(wave)
+    if peak < SILENCE_PEAK_DBFS:
+        what = "every sample is zero" if peak == -math.inf else f"the loudest sample is {peak:.1f} dBFS"
+        raise AudioDecodeError(path, f"silent: {what} (the threshold is {SILENCE_PEAK_DBFS:.0f} dBFS)", "silent")
 
 
 def decode(path: str | Path, sample_rate: int, *, max_seconds: float | None = None) -> np.ndarray:
@@ -242,10 +424,8 @@ class ResampledWindow:
 
 
 def is_silent(wave: np.ndarray) -> bool:
-    """True when nothing survives the int16 round trip (all samples zero)."""
-    if wave.dtype == np.int16:
-        return not np.any(wave)
-    return float(np.max(np.abs(wave), initial=0.0)) < 0.5 / 32767.0
+    """True when the loudest sample is below SILENCE_PEAK_DBFS (the silence half of check_usable)."""
+    return peak_dbfs(wave) < SILENCE_PEAK_DBFS
 
 
 # --------------------------------------------------------------------------- segmentation

@@ -7,8 +7,10 @@ into the student log-mel. Workers write one crash-safe part file per finished tr
 pipeline/data/mel_cache.py), so a killed run resumes where it stopped; the parts are merged into the cache
 in manifest order at the end.
 
-Bad tracks (missing, empty, non-audio, corrupt, silent) are reported in models/report/mels.json
-and skipped; the stage fails only when no track is usable or when more than
+Bad tracks (missing, unreadable, empty, non-audio, corrupt, and by the one usability rule of
+pipeline/data/audio.py too short, silent or all NaN) are reported in models/report/mels.json and
+skipped; kept tracks the decoder had to patch (a partial decode, NaN/inf samples) are listed there
+as flagged. The stage fails only when no track is usable or when more than
 mels.max_failure_ratio of the tracks failed.
 """
 
@@ -22,7 +24,7 @@ import os
 import queue
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,13 +35,13 @@ from pipeline.data import mel_cache
 from pipeline.data.audio import (
     AudioDecodeError,
     ResampledWindow,
-    decode_int16,
-    is_silent,
+    decode_track,
     map_starts,
     resample_int16,
     segment_length,
     segment_starts,
 )
+from pipeline.data import decode_notes
 from pipeline.hashing import sha256_file
 from pipeline.params import Params
 from pipeline.paths import MANIFEST
@@ -69,6 +71,7 @@ class Result:
     n_segments: int = 0
     duration: float = 0.0
     seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)  # a kept track's decode flags (partial, NaN/inf)
 
 
 # --------------------------------------------------------------------------- one track
@@ -101,12 +104,10 @@ class TrackProcessor:
         seg_s, hop_s = float(self.audio["segment_seconds"]), float(self.audio["hop_seconds"])
         max_minutes = float(self.cfg["params"]["max_track_minutes"])
         try:
-            wave = decode_int16(path, sr, max_seconds=max_minutes * 60.0 if max_minutes > 0 else None)
+            track = decode_track(path, sr, max_seconds=max_minutes * 60.0 if max_minutes > 0 else None)
         except AudioDecodeError as exc:
             return Result(task.track_id, False, exc.kind, exc.reason, task.audio_path, seconds=time.monotonic() - t0)
-        if is_silent(wave):
-            return Result(task.track_id, False, "silent", "the audio is digital silence", task.audio_path,
-                          seconds=time.monotonic() - t0)
+        wave = track.wave
         duration = len(wave) / sr
         starts = segment_starts(len(wave), sr, seg_s, hop_s)
         t_rate, s_rate = self.teacher_p.sample_rate, self.student_p.sample_rate
@@ -133,7 +134,7 @@ class TrackProcessor:
         writer.commit_track(mel_cache.TrackRecord(task.track_id, len(starts), duration, sha, task.audio_path,
                                               task.manifest_index))
         return Result(task.track_id, True, audio_path=task.audio_path, n_segments=len(starts), duration=duration,
-                      seconds=time.monotonic() - t0)
+                      seconds=time.monotonic() - t0, notes=track.notes)
 
 
 def _run_one(proc: TrackProcessor, task: Task, parts_dir: Path, compression: mel_cache.Compression, tag: str) -> Result:
@@ -146,6 +147,8 @@ def _run_one(proc: TrackProcessor, task: Task, parts_dir: Path, compression: mel
         writer.discard()
         return Result(task.track_id, False, "error", f"{type(exc).__name__}: {exc}", task.audio_path)
     if result.ok:
+        # notes first: a kill between the two leaves the track to redo, never a note lost
+        decode_notes.save_track_notes(parts_dir, task.track_id, task.audio_path, result.notes)
         writer.publish()
     else:
         writer.discard()
@@ -358,17 +361,23 @@ def run(params: Params, args: argparse.Namespace) -> int:
     done = mel_cache.completed_tracks(sources, cparams)
     failed = {r.track_id for r in results if not r.ok}
     entries = [(done[t.track_id][1], done[t.track_id][2]) for t in tasks if t.track_id in done and t.track_id not in failed]
+    kept = [(t.track_id, t.audio_path) for t in tasks if t.track_id in done and t.track_id not in failed]
+    flagged = decode_notes.flagged_tracks(kept, {r.track_id: r.notes for r in results if r.ok},
+                                          decode_notes.saved_notes(parts_dir), decode_notes.previous_flags(report_path))
     if entries:
         mel_cache.write_cache(cache_path, cparams, compression, entries)
         shutil.rmtree(parts_dir, ignore_errors=True)
     failures = [r for r in results if not r.ok]
     report = _report(tasks, entries, failures, reused, time.monotonic() - t0, cache_path, compression)
+    report["tracks_flagged"], report["flagged"] = len(flagged), flagged
     report_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = report_path.with_name(report_path.name + ".tmp")
     tmp.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     os.replace(tmp, report_path)
     for r in failures:
         log.warning("skipped %s (%s): %s", r.track_id, r.kind, r.reason)
+    for f in flagged:
+        log.warning("kept %s, flagged: %s", f["track_id"], "; ".join(f["notes"]))
     log.info("mels: %d/%d tracks usable, %d segments, %.1f audio-minutes, %d failed; report in %s",
              report["tracks_ok"], len(tasks), report["segments"], report["audio_minutes"], len(failures), report_path)
 
