@@ -176,7 +176,7 @@ def test_partial_and_nan_tracks_are_kept_and_flagged_short_silent_nan_refused(tm
     (partial,) = flags["t:cut"]
     assert partial.startswith("partial decode: decoded 1") and " of 24.0 s; " in partial
     assert flags["t:holes"] == [f"11 of {22050 * 6} samples were NaN/inf (replaced by 0/+-1)"]
-    with store.MelCache("data/mels.h5") as c:
+    with mel_cache.MelCache("data/mels.h5") as c:
         assert c.track_ids == ["t:cut", "t:holes"]
         assert len(c.track_segments("t:cut")) == 2  # the ~12 s that decoded (the whole 24 s would give 4)
     # refusals carry exactly the reason every command gives (pipeline.data.audio.decode_track's)
