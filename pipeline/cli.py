@@ -104,6 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("checkpoint")
     conv.add_argument("--tokenizer", required=True, help="folder with roberta-base tokenizer files")
     conv.add_argument("--out", required=True)
+    conv.add_argument("--sha256", default=None, help="expected sha256 of CHECKPOINT (default: the published one for its name)")
+    conv.add_argument(
+        "--trust", action="store_true",
+        help="accept a checkpoint with no sha256 to check (recorded in teacher.json; it is still never unpickled)",
+    )
     conv.set_defaults(func=_call("pipeline.teacher_convert", "main"))
     tmerge = t_sub.add_parser("merge", help="join `run teacher --shard k/n` files into one teacher.h5")
     tmerge.add_argument("inputs", nargs="+")

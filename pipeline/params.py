@@ -138,7 +138,10 @@ class TeacherModelParams:
     checkpoint_url: str = (
         "https://huggingface.co/lukewys/laion_clap/resolve/main/music_audioset_epoch_15_esc_90.14.pt"
     )
-    checkpoint_sha256: str = ""
+    # the published digest of music_audioset_epoch_15_esc_90.14.pt; a file that differs is refused
+    checkpoint_sha256: str = "fae3e9c087f2909c28a09dc31c8dfcdacbc42ba44c70e972b58c1bd1caf6dedd"
+    # accept a checkpoint with an empty checkpoint_sha256 (recorded in teacher.json)
+    trust_unverified: bool = False
     tokenizer_dir: str = "models/teacher_src/roberta-base"
     # where `student-clap teacher fetch` gets roberta-base's vocab.json, merges.txt, tokenizer.json, config.json
     tokenizer_url: str = "https://huggingface.co/FacebookAI/roberta-base/resolve/main"
