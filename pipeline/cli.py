@@ -119,7 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
     # ---- student tools
     weights = sub.add_parser("weights", help="EfficientAT pretrained weights")
     w_sub = weights.add_subparsers(dest="weights_command", required=True)
-    wf = w_sub.add_parser("fetch", help="download a released EfficientAT checkpoint (sha256 checked)")
+    wf = w_sub.add_parser(
+        "fetch",
+        help="download a released EfficientAT checkpoint (checked to load as that model's state dict; its "
+        "sha256 is recorded beside it and enforced on later fetches)",
+    )
     wf.add_argument("name", help="e.g. mn10_as")
     wf.add_argument("--out", default="models/pretrained")
     wf.add_argument("--from", dest="source", default=None, help="local file or base URL instead of the release")

@@ -94,6 +94,8 @@ class DownloadParams:
     retries: int = 3
     backoff_seconds: float = 1.0
     timeout_seconds: float = 30.0
+    # a response larger than this is cut off and refused (a file of known size is capped at that size)
+    max_megabytes: float = 1024.0
 
 
 @dataclass

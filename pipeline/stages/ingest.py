@@ -370,7 +370,7 @@ def _fetch(p: IngestParams, missing: list[Outcome], metas: dict[str, dict], prog
     d = p.downloads
     log.info("fetching %d missing audio files (%d at a time)", len(jobs), d.concurrency)
     results = download_many(jobs, d.concurrency, retries=d.retries, backoff=d.backoff_seconds,
-                            timeout=d.timeout_seconds, progress=progress)
+                            timeout=d.timeout_seconds, progress=progress, max_bytes=int(d.max_megabytes * 2**20))
     for o, r in zip(owners, results):
         if r.ok:
             o.audio_path, o.sha256 = r.job.dest.as_posix(), r.sha256
