@@ -46,8 +46,9 @@ def _call(module: str, func: str) -> Callable[[argparse.Namespace], int | None]:
 
 
 def _stage_runner(args: argparse.Namespace) -> int | None:
-    params = load_params(args.params)
     declared = declared_params(Path(args.params).resolve().parent / "dvc.yaml", args.stage)
+    # what dvc.yaml says the stage reads must be written in params.yaml, not taken from defaults
+    params = load_params(args.params, require=declared or ())
     if declared is not None:
         params = restrict(params, declared, args.stage)
     module = importlib.import_module(f"pipeline.stages.{args.stage}")
@@ -69,6 +70,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--shard", type=parse_shard, default=None, help="k/n: compute slice k of n (mels, teacher)")
     run.add_argument("--resume", action="store_true", help="continue training from the latest checkpoint")
     run.set_defaults(func=_stage_runner)
+
+    check = sub.add_parser(
+        "check",
+        help="validate params and inputs (lists, audio roots, teacher files) without running a stage; "
+        "run it before `dvc repro`, which deletes a stage's outputs before running it",
+    )
+    check.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
+    check.set_defaults(func=_call("pipeline.check", "main"))
 
     # ---- data tools
     demo = sub.add_parser("demo", help="the embedded offline demo")
