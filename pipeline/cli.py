@@ -193,11 +193,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    from pipeline.data.cache_files import UnreadableCacheError
+
     try:
         code = args.func(args)
     except ParamsError as exc:
         log.error("%s", exc)
         return 2
+    except UnreadableCacheError as exc:  # a truncated mels.h5 / teacher.h5: the message names it
+        log.error("%s", exc)
+        return 1
     return int(code or 0)
 
 
