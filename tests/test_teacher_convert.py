@@ -172,6 +172,25 @@ def test_convert_file_end_to_end(tmp_path: Path, tokenizer_dir: Path, caplog: py
     assert teacher.embed_text(["a calm piano song"]).shape == (1, 512)
 
 
+def test_numpy_scalars_under_numpy1_names_load(tmp_path: Path) -> None:
+    """LAION's files were written with numpy 1: their pickle names numpy.core.multiarray.scalar."""
+    import zipfile
+
+    import numpy as np
+
+    new = tmp_path / "new.pt"
+    torch.save({"epoch": 15, "acc": np.float64(0.9), "state_dict": {"module.a": torch.ones(3)}}, new)
+    old = tmp_path / "old.pt"
+    with zipfile.ZipFile(new) as zin, zipfile.ZipFile(old, "w", zipfile.ZIP_STORED) as zout:
+        for name in zin.namelist():
+            data = zin.read(name)
+            if name.endswith("data.pkl"):
+                data = data.replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
+                assert b"numpy.core.multiarray" in data
+            zout.writestr(name, data)
+    assert torch.equal(load_checkpoint_state(old)["a"], torch.ones(3))
+
+
 def test_published_sha256_is_checked_by_file_name(tmp_path: Path) -> None:
     ckpt = tmp_path / "music_audioset_epoch_15_esc_90.14.pt"
     torch.save({"state_dict": {"module.x": torch.zeros(1)}}, ckpt)
