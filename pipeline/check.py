@@ -67,7 +67,11 @@ def teacher_problems(params: Params) -> list[str]:
     if p.source != "checkpoint":
         return []
     from pipeline.teacher import TeacherError
-    from pipeline.teacher_convert import load_roberta_tokenizer, tokenizer_files_present, verify_checkpoint
+    from pipeline.teacher_convert import (
+        load_roberta_tokenizer,
+        tokenizer_files_present,
+        verify_checkpoint,
+    )
 
     problems = []
     if not Path(p.checkpoint).is_file():

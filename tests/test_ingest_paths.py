@@ -91,7 +91,7 @@ class _Any(BaseHTTPRequestHandler):
     def log_message(self, *args) -> None:
         pass
 
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         self.server.hits.append(self.path)
         body = b"OggS" + b"\0" * 200
         self.send_response(200)

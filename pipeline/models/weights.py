@@ -61,7 +61,7 @@ def check_release_file(path: Path, name: str) -> None:
 
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises several types for junk, truncated or pickled-object files
+    except Exception as exc:  # noqa: BLE001 (torch raises many types for junk, truncated or pickled files)
         raise WeightsError(f"{path}: not a loadable state dict ({str(exc).splitlines()[0][:200]})") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
