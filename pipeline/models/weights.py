@@ -5,8 +5,8 @@ with pipeline.download (resume, retries, atomic rename) and keep the sha256 besi
 (``<file>.sha256``): a later fetch or a copy from elsewhere is checked against it, so a truncated
 or swapped file is caught. ``--from`` takes a local file or another base URL (a mirror).
 
-No sha256 of the release assets is pinned here (none is published beside them), so a first fetch
-cannot be verified by digest: instead the file must load with torch's weights-only loader as a
+No sha256 of the release assets is pinned here (none could be established from a public record),
+so a first fetch cannot be verified by digest: instead the file must load with torch's weights-only loader as a
 state dict whose ``features.*`` tensors have exactly the names and shapes of that model. Anything
 else (an error page, junk, another model) is deleted and refused.
 """
