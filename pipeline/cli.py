@@ -46,8 +46,9 @@ def _call(module: str, func: str) -> Callable[[argparse.Namespace], int | None]:
 
 
 def _stage_runner(args: argparse.Namespace) -> int | None:
-    params = load_params(args.params)
     declared = declared_params(Path(args.params).resolve().parent / "dvc.yaml", args.stage)
+    # what dvc.yaml says the stage reads must be written in params.yaml, not taken from defaults
+    params = load_params(args.params, require=declared or ())
     if declared is not None:
         params = restrict(params, declared, args.stage)
     module = importlib.import_module(f"pipeline.stages.{args.stage}")
@@ -69,6 +70,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--shard", type=parse_shard, default=None, help="k/n: compute slice k of n (mels, teacher)")
     run.add_argument("--resume", action="store_true", help="continue training from the latest checkpoint")
     run.set_defaults(func=_stage_runner)
+
+    check = sub.add_parser(
+        "check",
+        help="validate params and inputs (lists, audio roots, teacher files) without running a stage; "
+        "run it before `dvc repro`, which deletes a stage's outputs before running it",
+    )
+    check.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
+    check.set_defaults(func=_call("pipeline.check", "main"))
 
     # ---- data tools
     demo = sub.add_parser("demo", help="the embedded offline demo")
@@ -104,6 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("checkpoint")
     conv.add_argument("--tokenizer", required=True, help="folder with roberta-base tokenizer files")
     conv.add_argument("--out", required=True)
+    conv.add_argument("--sha256", default=None, help="expected sha256 of CHECKPOINT (default: the published one for its name)")
+    conv.add_argument(
+        "--trust", action="store_true",
+        help="accept a checkpoint with no sha256 to check (recorded in teacher.json; it is still never unpickled)",
+    )
     conv.set_defaults(func=_call("pipeline.teacher.convert", "main"))
     tmerge = t_sub.add_parser("merge", help="join `run teacher --shard k/n` files into one teacher.h5")
     tmerge.add_argument("inputs", nargs="+")
@@ -114,7 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
     # ---- student tools
     weights = sub.add_parser("weights", help="EfficientAT pretrained weights")
     w_sub = weights.add_subparsers(dest="weights_command", required=True)
-    wf = w_sub.add_parser("fetch", help="download a released EfficientAT checkpoint (sha256 checked)")
+    wf = w_sub.add_parser(
+        "fetch",
+        help="download a released EfficientAT checkpoint (checked to load as that model's state dict; its "
+        "sha256 is recorded beside it and enforced on later fetches)",
+    )
     wf.add_argument("name", help="e.g. mn10_as")
     wf.add_argument("--out", default="models/pretrained")
     wf.add_argument("--from", dest="source", default=None, help="local file or base URL instead of the release")
@@ -183,11 +201,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    from pipeline.data.cache_files import UnreadableCacheError
+
     try:
         code = args.func(args)
     except ParamsError as exc:
         log.error("%s", exc)
         return 2
+    except UnreadableCacheError as exc:  # a truncated mels.h5 / teacher.h5: the message names it
+        log.error("%s", exc)
+        return 1
     return int(code or 0)
 
 

@@ -94,6 +94,8 @@ class DownloadParams:
     retries: int = 3
     backoff_seconds: float = 1.0
     timeout_seconds: float = 30.0
+    # a response larger than this is cut off and refused (a file of known size is capped at that size)
+    max_megabytes: float = 1024.0
 
 
 @dataclass
@@ -138,7 +140,10 @@ class TeacherModelParams:
     checkpoint_url: str = (
         "https://huggingface.co/lukewys/laion_clap/resolve/main/music_audioset_epoch_15_esc_90.14.pt"
     )
-    checkpoint_sha256: str = ""
+    # the published digest of music_audioset_epoch_15_esc_90.14.pt; a file that differs is refused
+    checkpoint_sha256: str = "fae3e9c087f2909c28a09dc31c8dfcdacbc42ba44c70e972b58c1bd1caf6dedd"
+    # accept a checkpoint with an empty checkpoint_sha256 (recorded in teacher.json)
+    trust_unverified: bool = False
     tokenizer_dir: str = "models/teacher_src/roberta-base"
     # where `student-clap teacher fetch` gets roberta-base's vocab.json, merges.txt, tokenizer.json, config.json
     tokenizer_url: str = "https://huggingface.co/FacebookAI/roberta-base/resolve/main"
@@ -362,12 +367,37 @@ def _build(cls: type, data: dict, where: str) -> Any:
 
 
 def params_from_dict(data: dict | None) -> Params:
-    """Build validated Params from a parsed params.yaml mapping (missing keys take defaults)."""
-    return _build(Params, data or {}, "")
+    """Build validated Params from a parsed params.yaml mapping (missing keys take defaults).
+
+    Types, then ranges and relations (RANGES, RELATIONS below): every problem is reported with
+    its dotted name, e.g. `distill_audio.epochs: must be >= 1, got -1`.
+    """
+    params = _build(Params, data or {}, "")
+    problems = check_ranges(params)
+    if problems:
+        raise ParamsError("\n".join(problems))
+    return params
 
 
-def load_params(path: str | Path = "params.yaml") -> Params:
-    """Read and validate params.yaml; errors name the file and the dotted key."""
+def missing_sections(data: dict | None, names: typing.Iterable[str]) -> list[str]:
+    """The dotted names (e.g. 'distill_audio', 'teacher.model') absent from a parsed params mapping."""
+    missing = []
+    for name in names:
+        node: Any = data or {}
+        for part in name.split("."):
+            if not isinstance(node, dict) or part not in node:
+                missing.append(name)
+                break
+            node = node[part]
+    return missing
+
+
+def load_params(path: str | Path = "params.yaml", require: typing.Iterable[str] = ()) -> Params:
+    """Read and validate params.yaml; errors name the file and the dotted key.
+
+    `require`: dotted sections that must be written in the file (a stage's declared params), so a
+    missing section is an error instead of a silent fall-back to the defaults.
+    """
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -377,6 +407,12 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         raise ParamsError(f"{path}: not valid YAML: {exc}") from exc
     if data is not None and not isinstance(data, dict):
         raise ParamsError(f"{path}: the top level must be a mapping")
+    absent = missing_sections(data, require)
+    if absent:
+        raise ParamsError(
+            f"{path}: missing section(s) {', '.join(absent)} (the defaults are not used silently; "
+            "copy them from the project's params.yaml)"
+        )
     try:
         return params_from_dict(data)
     except ParamsError as exc:
@@ -445,3 +481,166 @@ def declared_params(dvc_yaml: str | Path, stage: str) -> list[str] | None:
             for keys in entry.values():
                 names.extend(keys or [])
     return names
+
+
+# --------------------------------------------------------------------------- ranges and relations
+
+
+@dataclass(frozen=True)
+class Range:
+    """Allowed interval of a number: lo/hi None = unbounded; *_open excludes the bound."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def problem(self, value: float) -> str | None:
+        lo_bad = self.lo is not None and (value <= self.lo if self.lo_open else value < self.lo)
+        hi_bad = self.hi is not None and (value >= self.hi if self.hi_open else value > self.hi)
+        if not (lo_bad or hi_bad):
+            return None
+        if self.lo is not None and self.hi is not None:
+            left, right = "(" if self.lo_open else "[", ")" if self.hi_open else "]"
+            return f"must be in {left}{self.lo:g}, {self.hi:g}{right}"
+        if self.lo is not None:
+            return f"must be {'>' if self.lo_open else '>='} {self.lo:g}"
+        return f"must be {'<' if self.hi_open else '<='} {self.hi:g}"
+
+
+AT_LEAST_1 = Range(1)
+NON_NEGATIVE = Range(0)
+POSITIVE = Range(0, lo_open=True)
+FRACTION = Range(0, 1, hi_open=True)  # [0, 1)
+PROBABILITY = Range(0, 1)  # [0, 1]
+
+# (section class, field) -> allowed range; a class used in several places (LossParams under both
+# students) is checked wherever it appears. New numeric knobs: add a line here.
+RANGES: dict[tuple[type, str], Range] = {
+    (AudioParams, "sample_rate"): AT_LEAST_1,
+    (AudioParams, "segment_seconds"): POSITIVE,
+    (AudioParams, "hop_seconds"): POSITIVE,
+    (TeacherFrontendParams, "sample_rate"): AT_LEAST_1,
+    (TeacherFrontendParams, "n_fft"): AT_LEAST_1,
+    (TeacherFrontendParams, "hop_length"): AT_LEAST_1,
+    (TeacherFrontendParams, "n_mels"): AT_LEAST_1,
+    (TeacherFrontendParams, "f_min"): NON_NEGATIVE,
+    (StudentFrontendParams, "sample_rate"): AT_LEAST_1,
+    (StudentFrontendParams, "n_fft"): AT_LEAST_1,
+    (StudentFrontendParams, "win_length"): AT_LEAST_1,
+    (StudentFrontendParams, "hop_length"): AT_LEAST_1,
+    (StudentFrontendParams, "n_mels"): AT_LEAST_1,
+    (StudentFrontendParams, "preemphasis"): FRACTION,
+    (StudentFrontendParams, "f_min"): NON_NEGATIVE,
+    (DownloadParams, "concurrency"): AT_LEAST_1,
+    (DownloadParams, "retries"): NON_NEGATIVE,
+    (DownloadParams, "backoff_seconds"): NON_NEGATIVE,
+    (DownloadParams, "timeout_seconds"): POSITIVE,
+    (DownloadParams, "max_megabytes"): POSITIVE,
+    (IngestParams, "val_ratio"): FRACTION,
+    (MelsParams, "workers"): NON_NEGATIVE,
+    (MelsParams, "max_failure_ratio"): PROBABILITY,
+    (MelsParams, "compression_level"): Range(0, 9),
+    (MelsParams, "max_track_minutes"): NON_NEGATIVE,
+    (DemoTeacherParams, "audio_patch_hidden"): AT_LEAST_1,
+    (DemoTeacherParams, "text_hidden"): AT_LEAST_1,
+    (DemoTeacherParams, "text_layers"): AT_LEAST_1,
+    (DemoTeacherParams, "text_heads"): AT_LEAST_1,
+    (DemoTeacherParams, "text_intermediate"): AT_LEAST_1,
+    (DemoTeacherParams, "vocab_size"): Range(10),
+    (TeacherParams, "batch_size"): AT_LEAST_1,
+    (TextQueryParams, "n_train"): AT_LEAST_1,
+    (TextQueryParams, "n_val"): NON_NEGATIVE,
+    (TextQueryParams, "min_categories"): AT_LEAST_1,
+    (TextQueryParams, "max_categories"): AT_LEAST_1,
+    (TextQueryParams, "held_out_terms_per_category"): NON_NEGATIVE,
+    (PlateauParams, "factor"): Range(0, 1, lo_open=True, hi_open=True),
+    (PlateauParams, "patience"): NON_NEGATIVE,
+    (PlateauParams, "threshold"): NON_NEGATIVE,
+    (PlateauParams, "min_lr"): NON_NEGATIVE,
+    (AugmentParams, "gain_db"): NON_NEGATIVE,
+    (AugmentParams, "freq_mask"): NON_NEGATIVE,
+    (AugmentParams, "time_mask"): NON_NEGATIVE,
+    (AugmentParams, "mixup"): PROBABILITY,
+    (LossParams, "temperature"): POSITIVE,
+    (LossParams, "contrastive_weight"): NON_NEGATIVE,
+    (DistillAudioParams, "dropout"): FRACTION,
+    (DistillAudioParams, "epochs"): AT_LEAST_1,
+    (DistillAudioParams, "stage2_epochs"): NON_NEGATIVE,
+    (DistillAudioParams, "batch_size"): AT_LEAST_1,
+    (DistillAudioParams, "lr"): POSITIVE,
+    (DistillAudioParams, "stage2_lr"): POSITIVE,
+    (DistillAudioParams, "weight_decay"): NON_NEGATIVE,
+    (DistillAudioParams, "grad_clip"): NON_NEGATIVE,
+    (DistillAudioParams, "segments_per_track"): NON_NEGATIVE,
+    (DistillAudioParams, "num_workers"): NON_NEGATIVE,
+    (DistillAudioParams, "nproc"): AT_LEAST_1,
+    (TextStudentModelParams, "vocab_size"): Range(10),
+    (TextStudentModelParams, "dim"): AT_LEAST_1,
+    (TextStudentModelParams, "layers"): AT_LEAST_1,
+    (TextStudentModelParams, "heads"): AT_LEAST_1,
+    (TextStudentModelParams, "ff_dim"): AT_LEAST_1,
+    (TextStudentModelParams, "max_length"): Range(2),
+    (TextStudentModelParams, "dropout"): FRACTION,
+    (DistillTextParams, "epochs"): AT_LEAST_1,
+    (DistillTextParams, "stage2_epochs"): NON_NEGATIVE,
+    (DistillTextParams, "batch_size"): AT_LEAST_1,
+    (DistillTextParams, "lr"): POSITIVE,
+    (DistillTextParams, "stage2_lr"): POSITIVE,
+    (DistillTextParams, "weight_decay"): NON_NEGATIVE,
+    (DistillTextParams, "grad_clip"): NON_NEGATIVE,
+    (DistillTextParams, "monitor_fraction"): FRACTION,
+    (EvaluateParams, "top_k"): AT_LEAST_1,
+    (EvaluateParams, "batch_size"): AT_LEAST_1,
+    (ExportParams, "opset"): Range(11),
+    (ExportParams, "parity_min_cosine"): Range(-1, 1),
+}
+
+# (section class, field named in the message, test, what it must satisfy) for rules between fields.
+RELATIONS: list[tuple[type, str, typing.Callable[[Any], bool], typing.Callable[[Any], str]]] = [
+    (AudioParams, "hop_seconds", lambda a: a.hop_seconds <= a.segment_seconds,
+     lambda a: f"must be <= segment_seconds ({a.segment_seconds:g}), got {a.hop_seconds:g}"),
+    (TeacherFrontendParams, "f_max", lambda f: f.f_min < f.f_max <= f.sample_rate / 2,
+     lambda f: f"must be above f_min ({f.f_min:g}) and at most sample_rate / 2 ({f.sample_rate / 2:g}), got {f.f_max:g}"),
+    (StudentFrontendParams, "f_max", lambda f: f.f_min < f.f_max <= f.sample_rate / 2,
+     lambda f: f"must be above f_min ({f.f_min:g}) and at most sample_rate / 2 ({f.sample_rate / 2:g}), got {f.f_max:g}"),
+    (StudentFrontendParams, "win_length", lambda f: f.win_length <= f.n_fft,
+     lambda f: f"must be <= n_fft ({f.n_fft}), got {f.win_length}"),
+    (TextQueryParams, "max_categories", lambda q: q.max_categories >= q.min_categories,
+     lambda q: f"must be >= min_categories ({q.min_categories}), got {q.max_categories}"),
+    (DemoTeacherParams, "audio_heads", lambda d: len(d.audio_heads) == len(d.audio_depths),
+     lambda d: f"must have one entry per audio_depths entry ({len(d.audio_depths)}), got {len(d.audio_heads)}"),
+    (TextStudentModelParams, "heads", lambda m: m.dim % m.heads == 0 if m.heads >= 1 else True,
+     lambda m: f"must divide dim ({m.dim}), got {m.heads}"),
+    (TeacherModelParams, "checkpoint_sha256",
+     lambda t: not t.checkpoint_sha256 or (len(t.checkpoint_sha256) == 64
+                                           and all(c in "0123456789abcdefABCDEF" for c in t.checkpoint_sha256)),
+     lambda t: f"must be empty or 64 hex digits, got {t.checkpoint_sha256!r}"),
+]
+
+
+def check_ranges(obj: Any, where: str = "") -> list[str]:
+    """Every range or relation `obj` (Params or any section) breaks, as 'dotted.name: problem' lines."""
+    problems: list[str] = []
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            problems += check_ranges(value, f"{where}.{key}" if where else str(key))
+        return problems
+    if not dataclasses.is_dataclass(obj):
+        return problems
+    cls = type(obj)
+    prefix = f"{where}." if where else ""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        rule = RANGES.get((cls, f.name))
+        if rule is not None and isinstance(value, (int, float)) and not isinstance(value, bool):
+            why = rule.problem(value)
+            if why:
+                problems.append(f"{prefix}{f.name}: {why}, got {value!r}")
+        if dataclasses.is_dataclass(value) or isinstance(value, dict):
+            problems += check_ranges(value, prefix + f.name)
+    if not problems:  # relations assume each field is in range on its own
+        for rel_cls, name, ok, message in RELATIONS:
+            if rel_cls is cls and not ok(obj):
+                problems.append(f"{prefix}{name}: {message(obj)}")
+    return problems

@@ -75,6 +75,27 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(DATA[:10_000])
             self.wfile.flush()
             time.sleep(1.5)
+        elif path == "/endless":  # no length, never ends (until the client hangs up)
+            self.send_response(200)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.end_headers()
+            try:
+                while True:
+                    self.wfile.write(DATA)
+            except OSError:
+                pass
+        elif path == "/huge":  # announces more than any cap
+            self.send_response(200)
+            self.send_header("Content-Length", str(1 << 40))
+            self.end_headers()
+        elif path == "/html":
+            self._send_body(b"<!DOCTYPE html><html><body>Sign in</body></html>", extra={"Content-Type": "text/html; charset=utf-8"})
+        elif path == "/html-as-json":  # the type says JSON, the body is a web page
+            self._send_body(b"\n  <html><head><title>404</title></head></html>", extra={"Content-Type": "application/json"})
+        elif path == "/to-file":
+            self._send_body(b"", 302, {"Location": "file:///etc/passwd"})
+        elif path == "/loop":
+            self._send_body(b"", 302, {"Location": "/loop"})
         elif path == "/slow":
             time.sleep(1.5)
             self._send_body(DATA)
@@ -198,3 +219,47 @@ def test_download_many_reports_each_job(server, tmp_path: Path) -> None:
     assert results[0].sha256 == SHA and results[2].sha256 == SHA
     assert "404" in results[1].error
     assert (tmp_path / "1.bin").read_bytes() == DATA and not (tmp_path / "2.bin").exists()
+
+
+def test_endless_response_stops_at_the_cap(server, tmp_path: Path) -> None:
+    dest = tmp_path / "a.bin"
+    with pytest.raises(DownloadError, match=r"/endless -> .*a\.bin failed: the body exceeds the cap of 200000 bytes"):
+        download(f"{server.base}/endless", dest, max_bytes=200_000, **FAST)
+    assert not dest.exists() and not part_path(dest).exists()
+    assert server.hits["/endless"] == 1  # a refusal is not retried
+
+
+def test_expected_size_is_the_cap_and_announced_sizes_are_checked(server, tmp_path: Path) -> None:
+    with pytest.raises(DownloadError, match="exceeds the cap of 1000 bytes"):
+        download(f"{server.base}/endless", tmp_path / "a.bin", expected_size=1000, **FAST)
+    with pytest.raises(DownloadError, match="announces 1099511627776 bytes"):
+        download(f"{server.base}/huge", tmp_path / "b.bin", **FAST)
+    with pytest.raises(DownloadError, match=f"{len(DATA)} bytes arrived, expected {len(DATA) + 1}"):
+        download(f"{server.base}/file", tmp_path / "c.bin", expected_size=len(DATA) + 1, **FAST)
+    assert not list(tmp_path.iterdir())
+    assert download(f"{server.base}/file", tmp_path / "d.bin", expected_size=len(DATA), **FAST) == SHA
+
+
+@pytest.mark.parametrize("route", ["/html", "/html-as-json"])
+def test_html_page_is_refused_naming_url_and_file(server, tmp_path: Path, route: str) -> None:
+    dest = tmp_path / "tokenizer.json"
+    with pytest.raises(DownloadError, match=rf"{route} -> .*tokenizer\.json failed: the server sent an HTML page"):
+        download(f"{server.base}{route}", dest, **FAST)
+    assert not dest.exists() and not part_path(dest).exists()
+    assert server.hits[route] == 1
+
+
+@pytest.mark.parametrize(("route", "reason"), [("/to-file", "not http"), ("/loop", "redirect loop")])
+def test_bad_redirects_fail_without_retries(server, tmp_path: Path, route: str, reason: str) -> None:
+    dest = tmp_path / "a.bin"
+    with pytest.raises(DownloadError, match=reason):
+        download(f"{server.base}{route}", dest, **FAST)
+    assert not dest.exists() and not part_path(dest).exists()
+    assert server.hits[route] == (1 if route == "/to-file" else 11)  # one attempt (a loop: 1 + 10 redirects)
+
+
+def test_non_http_url_is_refused_before_any_io(tmp_path: Path) -> None:
+    for url in ("file:///etc/passwd", "ftp://127.0.0.1/x", "127.0.0.1/x"):
+        with pytest.raises(DownloadError, match="only http"):
+            download(url, tmp_path / "sub" / "a.bin", **FAST)
+    assert not (tmp_path / "sub").exists()

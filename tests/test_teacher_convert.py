@@ -11,19 +11,25 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import stat
 from pathlib import Path
 
 import pytest
 import torch
 
 from pipeline.teacher.model import build_demo_tokenizer, clap_config, htsat_base_audio_config, load_teacher, sha256_file
+from pipeline.cli import main as cli_main
 from pipeline.teacher.convert import (
+    PUBLISHED_SHA256,
     ConversionError,
     convert_checkpoint,
+    load_checkpoint_state,
     load_into,
     main,
     map_state_dict,
     text_config_from,
+    verify_checkpoint,
 )
 
 KEYS = Path(__file__).resolve().parent / "fixtures" / "teacher" / "laion_htsat_base_keys.txt"
@@ -138,15 +144,24 @@ def test_unknown_key_is_refused(model) -> None:
 
 
 def test_convert_file_end_to_end(tmp_path: Path, tokenizer_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import numpy as np
+
     ckpt = tmp_path / "music.pt"
-    # like a training checkpoint: DataParallel prefix, plus a non-tensor object in the pickle
-    torch.save({"epoch": 15, "args": argparse.Namespace(lr=1e-4),
+    # like LAION's training checkpoints: DataParallel prefix, numpy scalars in the epoch record
+    torch.save({"epoch": 15, "esc_acc": np.float64(0.9014), "steps": np.int64(3),
                 "state_dict": {f"module.{k}": v for k, v in laion_state().items()}}, ckpt)
+    with pytest.raises(ConversionError, match=r"music\.pt: no sha256 to verify it against.*--trust"):
+        convert_checkpoint(ckpt, tokenizer_dir, tmp_path / "teacher")
+    assert not (tmp_path / "teacher").exists()
     with caplog.at_level(logging.WARNING):
-        out = convert_checkpoint(ckpt, tokenizer_dir, tmp_path / "teacher")
-    assert "safe loader refused" in caplog.text and "trusted source" in caplog.text
+        out = convert_checkpoint(ckpt, tokenizer_dir, tmp_path / "teacher", trust=True)
+    assert "used unverified" in caplog.text
     record = json.loads((out / "teacher.json").read_text())
     assert record["kind"] == "checkpoint" and record["source_sha256"] == sha256_file(ckpt)
+    assert record["trusted_unverified"] is True and record["verified"] == "no"
+    from pipeline.stages.evaluate import teacher_identity
+
+    assert teacher_identity(out)["trusted_unverified"] is True  # carried into models/report/metrics.json
     config = json.loads((out / "config.json").read_text())
     assert config["audio_config"]["depths"] == [2, 2, 12, 2]
     assert config["text_config"]["layer_norm_eps"] == 1e-5
@@ -157,10 +172,92 @@ def test_convert_file_end_to_end(tmp_path: Path, tokenizer_dir: Path, caplog: py
     assert teacher.embed_text(["a calm piano song"]).shape == (1, 512)
 
 
+def test_numpy_scalars_under_numpy1_names_load(tmp_path: Path) -> None:
+    """LAION's files were written with numpy 1: their pickle names numpy.core.multiarray.scalar."""
+    import zipfile
+
+    import numpy as np
+
+    new = tmp_path / "new.pt"
+    torch.save({"epoch": 15, "acc": np.float64(0.9), "state_dict": {"module.a": torch.ones(3)}}, new)
+    old = tmp_path / "old.pt"
+    with zipfile.ZipFile(new) as zin, zipfile.ZipFile(old, "w", zipfile.ZIP_STORED) as zout:
+        for name in zin.namelist():
+            data = zin.read(name)
+            if name.endswith("data.pkl"):
+                data = data.replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
+                assert b"numpy.core.multiarray" in data
+            zout.writestr(name, data)
+    assert torch.equal(load_checkpoint_state(old)["a"], torch.ones(3))
+
+
+def test_published_sha256_is_checked_by_file_name(tmp_path: Path) -> None:
+    ckpt = tmp_path / "music_audioset_epoch_15_esc_90.14.pt"
+    torch.save({"state_dict": {"module.x": torch.zeros(1)}}, ckpt)
+    # a file under the published name that is not the published file is refused even with trust
+    with pytest.raises(ConversionError, match=f"differs from the expected {PUBLISHED_SHA256[ckpt.name]}"):
+        verify_checkpoint(ckpt, trust=True)
+    assert verify_checkpoint(ckpt, sha256_file(ckpt).upper())["verified"] == "pinned sha256"
+
+
+class _Payload:
+    """Pickles as a call that creates `marker`: what a hostile checkpoint would do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.makedirs, (self.marker,))
+
+
+def _hostile_checkpoint(path: Path, marker: Path) -> str:
+    torch.save({"epoch": _Payload(marker), "state_dict": {f"module.{k}": v for k, v in laion_state().items()}}, path)
+    return sha256_file(path)
+
+
+def test_hostile_pickle_never_runs_through_convert(
+    tmp_path: Path, tokenizer_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    marker = tmp_path / "pwned"
+    ckpt = tmp_path / "evil.pt"
+    sha = _hostile_checkpoint(ckpt, marker)
+    assert not marker.exists()
+    # through the CLI, trusted and with its own sha256 pinned: still refused, nothing executed
+    for extra in ([], ["--trust"], ["--sha256", sha]):
+        assert cli_main(["teacher", "convert", str(ckpt), "--tokenizer", str(tokenizer_dir),
+                         "--out", str(tmp_path / "out"), *extra]) == 1
+    assert not marker.exists() and not (tmp_path / "out").exists()
+    assert f"{ckpt}: refused" in caplog.text and "never does" in caplog.text
+    with pytest.raises(ConversionError, match="refused"):
+        load_checkpoint_state(ckpt)
+    assert not marker.exists()
+
+
+def test_hostile_pickle_never_runs_through_the_stage(
+    tmp_path: Path, tokenizer_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from pipeline.params import Params
+    from pipeline.stages import teacher_model
+
+    marker = tmp_path / "pwned"
+    ckpt = tmp_path / "evil.pt"
+    sha = _hostile_checkpoint(ckpt, marker)
+    params = Params()
+    p = params.teacher.model
+    p.source, p.checkpoint, p.tokenizer_dir, p.dir = "checkpoint", str(ckpt), str(tokenizer_dir), str(tmp_path / "t")
+    ns = argparse.Namespace(shard=None, resume=False)
+    for sha256, trust in (("", False), ("", True), (sha, False)):
+        p.checkpoint_sha256, p.trust_unverified = sha256, trust
+        assert teacher_model.run(params, ns) == 1
+    assert not marker.exists() and not (tmp_path / "t").exists()
+    assert "no sha256 to verify it against" in caplog.text and f"{ckpt}: refused" in caplog.text
+
+
 def test_cli_reports_bad_checkpoint(tmp_path: Path, tokenizer_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
     ckpt = tmp_path / "bad.pt"
     torch.save({"state_dict": {"module.visual.proj.weight": torch.zeros(2)}}, ckpt)
-    args = argparse.Namespace(checkpoint=str(ckpt), tokenizer=str(tokenizer_dir), out=str(tmp_path / "out"))
+    args = argparse.Namespace(checkpoint=str(ckpt), tokenizer=str(tokenizer_dir), out=str(tmp_path / "out"),
+                              sha256=None, trust=True)
     assert main(args) == 1
     assert "visual.proj.weight: unknown checkpoint key" in caplog.text
     assert not (tmp_path / "out").exists()
@@ -168,6 +265,10 @@ def test_cli_reports_bad_checkpoint(tmp_path: Path, tokenizer_dir: Path, caplog:
     empty.mkdir()
     args.tokenizer = str(empty)
     assert main(args) == 1 and "no roberta-base tokenizer" in caplog.text
+    truncated = tmp_path / "cut.pt"
+    truncated.write_bytes(ckpt.read_bytes()[:200])
+    args.checkpoint, args.tokenizer = str(truncated), str(tokenizer_dir)
+    assert main(args) == 1 and f"{truncated}: not a readable PyTorch checkpoint" in caplog.text
 
 
 def test_teacher_model_stage_converts_and_verifies_sha256(
@@ -184,7 +285,19 @@ def test_teacher_model_stage_converts_and_verifies_sha256(
     p.checkpoint_sha256 = "f" * 64
     ns = argparse.Namespace(shard=None, resume=False)
     assert teacher_model.run(params, ns) == 1
-    assert "differs from teacher.model.checkpoint_sha256" in caplog.text and not (tmp_path / "t").exists()
+    assert f"differs from the expected {'f' * 64}" in caplog.text and not (tmp_path / "t").exists()
+    p.checkpoint_sha256, p.trust_unverified = "", False
+    assert teacher_model.run(params, ns) == 1
+    assert "trust_unverified: true" in caplog.text and not (tmp_path / "t").exists()
     p.checkpoint_sha256 = sha256_file(ckpt)
     assert teacher_model.run(params, ns) == 0
-    assert json.loads((tmp_path / "t" / "teacher.json").read_text())["source_sha256"] == p.checkpoint_sha256
+    record = json.loads((tmp_path / "t" / "teacher.json").read_text())
+    assert record["source_sha256"] == p.checkpoint_sha256 and record["verified"] == "pinned sha256"
+    # an ordinary output folder: 0755 / 0644 under the usual umask, not a temp dir's 0700 / 0600
+    old = os.umask(0o022)
+    try:
+        assert teacher_model.run(params, ns) == 0
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "t").stat().st_mode) == 0o755
+    assert stat.S_IMODE((tmp_path / "t" / "teacher.json").stat().st_mode) == 0o644

@@ -5,6 +5,12 @@ next attempt (in this run or a later one) asks the server for the remaining byte
 `Range` header; servers that ignore `Range` answer 200 and the file is restarted from zero.
 Only when the whole body has arrived and its sha256 matches is the `.part` file renamed onto
 `dest`, so `dest` either does not exist or is complete.
+
+Guards against hostile or broken servers: only http(s) URLs are fetched (a redirect elsewhere,
+e.g. to file://, or a redirect loop fails at once, without retries); a body larger than
+`max_bytes` (the expected size when known) is cut off at the cap; an HTML page where a file is
+expected is refused. Such refusals remove the partial file. A transfer that merely broke off
+keeps its `.part` so a later run resumes it.
 """
 
 from __future__ import annotations
@@ -32,6 +38,11 @@ CHUNK_BYTES = 1 << 16
 # Client errors that may succeed later; every other 4xx is final.
 _RETRYABLE_4XX = {408, 425, 429}
 _MAX_RETRY_AFTER = 60.0
+MAX_REDIRECTS = 10
+# The largest file this project fetches is the 2.35 GB LAION checkpoint; callers that know the
+# size pass it (expected_size), ingest passes ingest.downloads.max_megabytes.
+DEFAULT_MAX_BYTES = 4 << 30
+_HTML_START = (b"<!doctype html", b"<html", b"<head", b"<!--")
 
 
 class DownloadError(RuntimeError):
@@ -41,6 +52,14 @@ class DownloadError(RuntimeError):
         super().__init__(f"download of {url} -> {dest} failed: {reason}")
         self.url = url
         self.dest = Path(dest)
+        self.reason = reason
+
+
+class _Refused(Exception):
+    """Internal: a permanent refusal; the partial file is removed and nothing is retried."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
         self.reason = reason
 
 
@@ -86,16 +105,31 @@ def _chunks(resp: requests.Response) -> Iterator[bytes]:
         yield chunk
 
 
+def _check_scheme(url: str) -> None:
+    scheme = url.split(":", 1)[0].lower() if ":" in url else ""
+    if scheme not in ("http", "https"):
+        raise _Refused(f"only http(s) URLs are fetched, not {scheme or 'a URL without scheme'!r}")
+
+
+def _looks_like_html(resp: requests.Response, first: bytes) -> bool:
+    ctype = resp.headers.get("Content-Type", "").split(";")[0].strip().lower()
+    return ctype in ("text/html", "application/xhtml+xml") or first.lstrip()[:16].lower().startswith(_HTML_START)
+
+
 def _attempt(
-    session: requests.Session, url: str, dest: Path, part: Path, timeout: float, progress: bool
+    session: requests.Session, url: str, dest: Path, part: Path, timeout: float, progress: bool, max_bytes: int
 ) -> None:
-    """One GET into `part`, continuing where it stopped. Raises _Retryable or DownloadError."""
+    """One GET into `part`, continuing where it stopped. Raises _Retryable, _Refused or DownloadError."""
     offset = part.stat().st_size if part.exists() else 0
     headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}
     if offset:
         headers["Range"] = f"bytes={offset}-"
     try:
         resp = session.get(url, headers=headers, stream=True, timeout=(timeout, timeout))
+    except requests.TooManyRedirects as exc:
+        raise _Refused(f"more than {MAX_REDIRECTS} redirects (a redirect loop?)") from exc
+    except (requests.exceptions.InvalidSchema, requests.exceptions.MissingSchema, requests.exceptions.InvalidURL) as exc:
+        raise _Refused(f"redirected to a URL that is not http(s): {exc}") from exc
     except requests.Timeout as exc:
         raise _Retryable(f"no answer within {timeout:g} s ({type(exc).__name__})") from exc
     except requests.RequestException as exc:
@@ -131,6 +165,8 @@ def _attempt(
             length = resp.headers.get("Content-Length")
             total = offset + int(length) if length and length.isdigit() else None
 
+        if total is not None and total > max_bytes:
+            raise _Refused(f"the server announces {total} bytes, more than the cap of {max_bytes}")
         received = offset
         bar = tqdm(
             total=total,
@@ -145,6 +181,10 @@ def _attempt(
         try:
             with open(part, mode) as fh:
                 for chunk in _chunks(resp):
+                    if received == 0 and _looks_like_html(resp, chunk):
+                        raise _Refused("the server sent an HTML page, not the file (an error or login page?)")
+                    if received + len(chunk) > max_bytes:
+                        raise _Refused(f"the body exceeds the cap of {max_bytes} bytes; stopped there")
                     fh.write(chunk)
                     received += len(chunk)
                     bar.update(len(chunk))
@@ -170,8 +210,13 @@ def download(
     timeout: float = 30.0,
     progress: bool = True,
     session: requests.Session | None = None,
+    max_bytes: int | None = None,
+    expected_size: int | None = None,
 ) -> str:
     """Fetch `url` into `dest` and return the file's hex sha256.
+
+    At most `max_bytes` are accepted (default: `expected_size` when known, else DEFAULT_MAX_BYTES);
+    with `expected_size`, a file of any other size is refused.
 
     An existing `dest` whose hash matches (or any existing `dest` when no hash is given) is kept
     as it is. `retries` extra attempts follow a network error, timeout, 5xx, 408 or 429, waiting
@@ -188,15 +233,24 @@ def download(
         log.warning("%s exists but its sha256 %s is not the expected %s; fetching again", dest, digest, expected)
         dest.unlink()
 
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    cap = max_bytes or expected_size or DEFAULT_MAX_BYTES
     part = part_path(dest)
+    try:
+        _check_scheme(url)
+    except _Refused as exc:
+        raise DownloadError(url, dest, exc.reason) from None
+    dest.parent.mkdir(parents=True, exist_ok=True)
     own_session = session is None
     session = session or requests.Session()
+    session.max_redirects = MAX_REDIRECTS
     try:
         for attempt in range(retries + 1):
             try:
-                _attempt(session, url, dest, part, timeout, progress)
+                _attempt(session, url, dest, part, timeout, progress, cap)
                 break
+            except _Refused as exc:
+                part.unlink(missing_ok=True)
+                raise DownloadError(url, dest, exc.reason) from None
             except _Retryable as exc:
                 if attempt >= retries:
                     raise DownloadError(url, dest, f"{exc.reason} (gave up after {attempt + 1} attempts)") from exc
@@ -207,6 +261,10 @@ def download(
         if own_session:
             session.close()
 
+    size = part.stat().st_size
+    if expected_size is not None and size != expected_size:
+        part.unlink(missing_ok=True)
+        raise DownloadError(url, dest, f"{size} bytes arrived, expected {expected_size}")
     digest = sha256_file(part)
     if expected is not None and digest != expected:
         part.unlink(missing_ok=True)
@@ -242,6 +300,7 @@ def download_many(
     backoff: float = 1.0,
     timeout: float = 30.0,
     progress: bool = True,
+    max_bytes: int | None = None,
 ) -> list[DownloadResult]:
     """Run several downloads, at most `concurrency` at a time; one failure never stops the rest.
 
@@ -269,6 +328,7 @@ def download_many(
                 timeout=timeout,
                 progress=progress and concurrency == 1,
                 session=local.session,
+                max_bytes=max_bytes,
             )
         except DownloadError as exc:
             results[i].error = str(exc)

@@ -42,6 +42,8 @@ from typing import Any
 import h5py
 import numpy as np
 
+from pipeline.data.cache_files import unreadable
+
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
@@ -385,7 +387,10 @@ class MelCache:
             raise FileNotFoundError(f"{self.path}: mel cache not found (run `student-clap run mels`)")
         self._file: h5py.File | None = None
         self._pid = -1
-        f = self._h5()
+        try:
+            f = self._h5()
+        except OSError as exc:
+            raise unreadable(self.path, "mel cache", "student-clap run mels", exc) from None
         try:
             t = f["tracks"]
             self.track_ids: list[str] = [s.decode() if isinstance(s, bytes) else s for s in t["track_id"][:]]
@@ -399,6 +404,8 @@ class MelCache:
             self.attrs: dict[str, Any] = {k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()}
         except KeyError as exc:
             raise ValueError(f"{self.path}: not a mel cache (missing {exc})") from None
+        except OSError as exc:  # the index opened but its data is cut off
+            raise unreadable(self.path, "mel cache", "student-clap run mels", exc) from None
         self.params = json.loads(self.attrs["params"])
         self.n_segments = int(len(self.segment_track))
         self._row = {tid: i for i, tid in enumerate(self.track_ids)}

@@ -29,6 +29,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from pipeline.data.cache_files import unreadable
+
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
@@ -249,7 +251,7 @@ class TeacherCache:
         except FileNotFoundError:
             raise EmbeddingStoreError(f"{self.path}: not found (run `student-clap run teacher`)") from None
         except OSError as exc:
-            raise EmbeddingStoreError(f"{self.path}: not a readable HDF5 file: {exc}") from exc
+            raise unreadable(self.path, "teacher cache", "student-clap run teacher", exc) from None
         for name in ("segments/embedding", "tracks/track_id", "tracks/embedding", "text"):
             if name not in self._file:
                 self._file.close()

@@ -4,6 +4,11 @@ The release (v0.0.1 of fschmid56/EfficientAT) names its files ``<model>_mAP_<sco
 with pipeline.data.download (resume, retries, atomic rename) and keep the sha256 beside the file
 (``<file>.sha256``): a later fetch or a copy from elsewhere is checked against it, so a truncated
 or swapped file is caught. ``--from`` takes a local file or another base URL (a mirror).
+
+No sha256 of the release assets is pinned here (none could be established from a public record),
+so a first fetch cannot be verified by digest: instead the file must load with torch's weights-only loader as a
+state dict whose ``features.*`` tensors have exactly the names and shapes of that model. Anything
+else (an error page, junk, another model) is deleted and refused.
 """
 
 from __future__ import annotations
@@ -46,6 +51,31 @@ def asset_name(name: str) -> str:
 def default_path(name: str, out_dir: str | Path = "models/pretrained") -> Path:
     """Where `weights fetch` puts `name` (what distill_audio.pretrained should point at)."""
     return Path(out_dir) / asset_name(name)
+
+
+def check_release_file(path: Path, name: str) -> None:
+    """Refuse a file that is not an EfficientAT `name` state dict (never unpickles objects)."""
+    import torch
+
+    from pipeline.models.efficientat import build_mobilenet
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 (torch raises many types for junk, truncated or pickled files)
+        raise WeightsError(f"{path}: not a loadable state dict ({str(exc).splitlines()[0][:200]})") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightsError(f"{path}: not a state dict of tensors")
+    want = {k: tuple(v.shape) for k, v in build_mobilenet(name).state_dict().items() if k.startswith("features.")}
+    got = {k: tuple(v.shape) for k, v in state.items() if k.startswith("features.")}
+    if got != want:
+        missing = sorted(set(want) - set(got))
+        wrong = sorted(k for k in set(want) & set(got) if want[k] != got[k])
+        raise WeightsError(
+            f"{path}: not an EfficientAT {name} checkpoint ({len(missing)} feature tensors missing, "
+            f"{len(wrong)} of another shape{', e.g. ' + (missing + wrong)[0] if missing or wrong else ''})"
+        )
 
 
 def _recorded_sha(path: Path) -> str | None:
@@ -93,6 +123,7 @@ def fetch_weights(
             raise WeightsError(f"{src}: sha256 {digest} does not match the expected {expected}")
         tmp = dest.with_name(dest.name + ".part")
         shutil.copyfile(src, tmp)
+        _checked(tmp, name, expected)
         tmp.replace(dest)
         log.info("copied %s -> %s", src, dest)
     else:
@@ -100,9 +131,21 @@ def fetch_weights(
         url = base.rstrip("/") + "/" + asset_name(name)
         log.info("downloading %s -> %s", url, dest)
         digest = download(url, dest, sha256=expected, retries=retries, timeout=timeout, progress=progress)
+        _checked(dest, name, expected)
     _record_sha(dest, digest)
     log.info("%s ready (sha256 %s); set distill_audio.pretrained: %s", dest, digest, dest)
     return dest
+
+
+def _checked(path: Path, name: str, expected: str | None) -> None:
+    """Without a digest to trust, the file must at least be the right model's state dict."""
+    if expected:
+        return
+    try:
+        check_release_file(path, name)
+    except WeightsError:
+        path.unlink(missing_ok=True)
+        raise
 
 
 def main(args: argparse.Namespace) -> int:

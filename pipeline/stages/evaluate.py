@@ -500,8 +500,11 @@ def teacher_identity(teacher_dir: Path) -> dict[str, Any]:
     from pipeline.teacher.model import read_provenance
 
     prov = read_provenance(teacher_dir)
-    return {"kind": prov.get("kind", "unknown"), "source": prov.get("source", ""),
-            "weights_sha256": prov.get("weights_sha256", "")}
+    identity = {"kind": prov.get("kind", "unknown"), "source": prov.get("source", ""),
+                "weights_sha256": prov.get("weights_sha256", "")}
+    # a converted checkpoint: how its file was verified, or that it was trusted unverified
+    identity.update({k: prov[k] for k in ("source_sha256", "verified", "trusted_unverified") if k in prov})
+    return identity
 
 
 def read_manifest_rows(path: Path) -> dict[str, dict]:

@@ -28,7 +28,15 @@ from pipeline.data import licenses
 from pipeline.data.download import DownloadJob, download_many
 from pipeline.data.manifest import write_manifest
 from pipeline.data.sources import SOURCES
-from pipeline.data.sources.base import Entry, ParseResult, Problem, SourceFiles, is_checksum_file, parse_checksums
+from pipeline.data.sources.base import (
+    Entry,
+    ParseResult,
+    Problem,
+    SourceFiles,
+    escapes_root,
+    is_checksum_file,
+    parse_checksums,
+)
 from pipeline.data.split import artist_group, split_of
 from pipeline.params import IngestParams, Params, SourceParams
 from pipeline.paths import AUDIT, MANIFEST
@@ -43,7 +51,8 @@ UNKNOWN_LICENCE = "unknown licence"
 AUDIO_MISSING = "audio missing"
 DUPLICATE = "duplicate"
 MALFORMED = "malformed"
-REASONS = (LICENCE_NOT_ALLOWED, UNKNOWN_LICENCE, AUDIO_MISSING, DUPLICATE, MALFORMED)
+PATH_OUTSIDE = "path outside audio root"
+REASONS = (LICENCE_NOT_ALLOWED, UNKNOWN_LICENCE, AUDIO_MISSING, DUPLICATE, MALFORMED, PATH_OUTSIDE)
 
 
 class IngestError(RuntimeError):
@@ -179,6 +188,8 @@ def _download_url(name: str, sp: SourceParams, entry: Entry, meta: dict) -> str 
 def ingest(p: IngestParams, *, progress: bool = True) -> tuple[list[dict], list[Outcome], dict]:
     """Decide every entry; returns (manifest rows, outcomes in list order, report)."""
     outcomes, unique, metas = _collect(p)
+    check_audio_roots(p)
+    _exclude_paths_outside(unique, p)
     _apply_policy(unique, p)
     _resolve_audio(unique, p, metas, progress)
     _drop_shared_files(unique)
@@ -217,8 +228,41 @@ def _collect(p: IngestParams) -> tuple[list[Outcome], list[Outcome], dict[str, d
     return outcomes, list(by_id.values()), metas
 
 
+def check_audio_roots(p: IngestParams) -> None:
+    """Every source needs an existing audio_root (created when ingest.download fetches into it)."""
+    for name, sp in p.sources.items():
+        root = Path(sp.audio_root) if sp.audio_root else None
+        if root is None:
+            raise IngestError(f"ingest.sources.{name}.audio_root is empty")
+        if root.is_dir():
+            continue
+        if root.exists():
+            raise IngestError(f"ingest.sources.{name}.audio_root: {root} is not a folder")
+        if p.download:
+            log.info("ingest.sources.%s.audio_root %s does not exist yet: created for the downloads", name, root)
+            root.mkdir(parents=True, exist_ok=True)
+            continue
+        log.warning("ingest.sources.%s.audio_root: %s does not exist", name, root)
+        raise IngestError(
+            f"ingest.sources.{name}.audio_root: {root} does not exist (every track would be 'audio missing'); "
+            "fix the path, or set ingest.download: true to fetch the audio there"
+        )
+
+
+def _exclude_paths_outside(unique: list[Outcome], p: IngestParams) -> None:
+    """An entry whose audio path (or download target) could leave its audio_root is never used."""
+    for o in unique:
+        root = p.sources[o.source].audio_root
+        paths = list(o.entry.candidates) + ([o.entry.download_path] if o.entry.download_path else [])
+        bad = next((rel for rel in paths if escapes_root(root, rel)), None)
+        if bad is not None:
+            o.reason, o.detail = PATH_OUTSIDE, f"{bad!r} resolves outside {root}"
+
+
 def _apply_policy(unique: list[Outcome], p: IngestParams) -> None:
     for o in unique:
+        if o.reason:
+            continue
         e = o.entry
         o.license = licenses.normalize_license(e.license_text or e.license_url)
         allowed, why = licenses.decide(o.license, p.policy)
@@ -240,7 +284,7 @@ def _resolve_audio(unique: list[Outcome], p: IngestParams, metas: dict[str, dict
     if p.download and missing:
         _fetch(p, missing, metas, progress)
     for o in missing:
-        if o.audio_path is None:
+        if o.audio_path is None and not o.reason:
             o.reason = AUDIO_MISSING
             tried = ", ".join((Path(p.sources[o.source].audio_root) / c).as_posix() for c in o.entry.candidates[:3])
             o.detail = o.detail or f"no file at {tried}"
@@ -304,6 +348,9 @@ def _fetch(p: IngestParams, missing: list[Outcome], metas: dict[str, dict], prog
         if url is None:
             o.detail = f"no download URL for {o.source} (set ingest.sources.{o.source}.download_base_url)"
             continue
+        if escapes_root(sp.audio_root, o.entry.download_path):  # (excluded earlier; never write outside)
+            o.reason, o.detail = PATH_OUTSIDE, f"{o.entry.download_path!r} resolves outside {sp.audio_root}"
+            continue
         expected = metas.get(o.source, {}).get("sha256", {}).get(o.entry.download_path)
         jobs.append(DownloadJob(url, Path(sp.audio_root) / o.entry.download_path, expected))
         owners.append(o)
@@ -312,7 +359,7 @@ def _fetch(p: IngestParams, missing: list[Outcome], metas: dict[str, dict], prog
     d = p.downloads
     log.info("fetching %d missing audio files (%d at a time)", len(jobs), d.concurrency)
     results = download_many(jobs, d.concurrency, retries=d.retries, backoff=d.backoff_seconds,
-                            timeout=d.timeout_seconds, progress=progress)
+                            timeout=d.timeout_seconds, progress=progress, max_bytes=int(d.max_megabytes * 2**20))
     for o, r in zip(owners, results):
         if r.ok:
             o.audio_path, o.sha256 = r.job.dest.as_posix(), r.sha256

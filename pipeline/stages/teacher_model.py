@@ -12,7 +12,7 @@ import logging
 from pathlib import Path
 
 from pipeline.params import Params
-from pipeline.teacher.model import build_demo_teacher, sha256_file
+from pipeline.teacher.model import build_demo_teacher
 
 log = logging.getLogger(__name__)
 
@@ -50,18 +50,14 @@ def run(params: Params, args: argparse.Namespace) -> int | None:
     if message:
         log.error("%s", message)
         return 1
-    if p.checkpoint_sha256:
-        log.info("verifying sha256 of %s", checkpoint)
-        actual = sha256_file(checkpoint)
-        if actual != p.checkpoint_sha256.lower():
-            log.error(
-                "%s: sha256 %s differs from teacher.model.checkpoint_sha256 %s (corrupt or a different file)",
-                checkpoint, actual, p.checkpoint_sha256,
-            )
-            return 1
-    else:
-        log.warning("teacher.model.checkpoint_sha256 is empty: %s is used unverified", checkpoint)
+    from pipeline.teacher.model import TeacherError
     from pipeline.teacher.convert import convert_checkpoint
 
-    convert_checkpoint(checkpoint, tokenizer_dir, out_dir)
+    try:
+        convert_checkpoint(
+            checkpoint, tokenizer_dir, out_dir, sha256=p.checkpoint_sha256 or None, trust=p.trust_unverified
+        )
+    except TeacherError as exc:
+        log.error("%s", exc)
+        return 1
     return 0

@@ -81,24 +81,53 @@ class ConversionError(TeacherError):
 # --------------------------------------------------------------------------- reading the checkpoint
 
 
+# Published sha256 of the LAION-CLAP checkpoints this converter is meant for (file name -> digest).
+# music_audioset_epoch_15_esc_90.14.pt as served by huggingface.co/lukewys/laion_clap
+# (2 352 471 003 bytes, the training checkpoint with its optimiser state).
+PUBLISHED_SHA256 = {
+    "music_audioset_epoch_15_esc_90.14.pt": "fae3e9c087f2909c28a09dc31c8dfcdacbc42ba44c70e972b58c1bd1caf6dedd",
+}
+PUBLISHED_SIZE = {"music_audioset_epoch_15_esc_90.14.pt": 2_352_471_003}  # bytes: the download cap
+
+
+def _allowed_globals() -> list:
+    """The few non-tensor classes a LAION training checkpoint's pickle names, all plain data.
+
+    Its epoch record holds numpy scalars, pickled as `numpy.core.multiarray.scalar(dtype, bytes)`;
+    numpy 2 moved that function to numpy._core, so it is allowed under its old name too.
+    Nothing here can call arbitrary code: anything else in the pickle is refused.
+    """
+    import numpy as np
+
+    core = getattr(np, "_core", None) or np.core
+    allowed: list = [core.multiarray.scalar, (core.multiarray.scalar, "numpy.core.multiarray.scalar"), np.dtype]
+    dtypes = getattr(np, "dtypes", None)
+    for name in ("Float64DType", "Float32DType", "Float16DType", "Int64DType", "Int32DType", "BoolDType"):
+        if dtypes is not None and hasattr(dtypes, name):
+            allowed.append(getattr(dtypes, name))
+    return allowed
+
+
 def load_checkpoint_state(path: str | Path) -> dict[str, torch.Tensor]:
-    """The `state_dict` of a LAION .pt file, `module.` prefix removed."""
+    """The `state_dict` of a LAION .pt file, `module.` prefix removed.
+
+    Never unpickles arbitrary objects: the file is read with torch's weights-only loader and the
+    allow-list above, so a pickle that would call a function is refused, naming the file.
+    """
     path = Path(path)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(_allowed_globals()):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise ConversionError(f"{path}: checkpoint not found") from None
     except pickle.UnpicklingError as exc:
-        # Training checkpoints may pickle more than tensors (e.g. numpy scalars in the epoch
-        # record). weights_only refuses those; a full unpickle runs code from the file, so it is
-        # done only after saying so - convert only files whose sha256 you have checked.
-        log.warning(
-            "%s holds objects besides tensors, so the safe loader refused it (%s). Loading it with "
-            "full unpickling, which executes code stored in the file: only convert checkpoints from "
-            "a trusted source whose sha256 you have verified.",
-            path, str(exc).splitlines()[0],
-        )
-        obj = torch.load(path, map_location="cpu", weights_only=False)
+        raise ConversionError(
+            f"{path}: refused - the file holds objects besides tensors and plain numbers "
+            f"({str(exc).splitlines()[0]}). Loading them would run code stored in the file, which "
+            "this converter never does; re-save the checkpoint as a plain state_dict of tensors."
+        ) from None
+    except (RuntimeError, EOFError, ValueError) as exc:  # not a zip / truncated / old tar format
+        raise ConversionError(f"{path}: not a readable PyTorch checkpoint ({str(exc).splitlines()[0]})") from None
     state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
     if not isinstance(state, dict) or not state:
         raise ConversionError(f"{path}: no state_dict found (expected a LAION-CLAP training checkpoint)")
@@ -106,8 +135,37 @@ def load_checkpoint_state(path: str | Path) -> dict[str, torch.Tensor]:
     for key, value in state.items():
         if not isinstance(value, torch.Tensor):
             raise ConversionError(f"{path}: state_dict entry {key} is not a tensor")
-        out[key.removeprefix("module.")] = value
+        out[str(key).removeprefix("module.")] = value
     return out
+
+
+def verify_checkpoint(path: str | Path, sha256: str | None = None, trust: bool = False) -> dict:
+    """Check the file's sha256 against `sha256` or the published digest for its name.
+
+    Returns the provenance fields to record. A mismatch is always an error; a file with nothing
+    to compare against is refused unless `trust` (the user vouches for it), and that is recorded.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConversionError(f"{path}: checkpoint not found")
+    actual = sha256_file(path)
+    expected = (sha256 or "").strip().lower() or PUBLISHED_SHA256.get(path.name)
+    if expected:
+        if actual != expected:
+            raise ConversionError(
+                f"{path}: sha256 {actual} differs from the expected {expected} (corrupt or a different file)"
+            )
+        how = "pinned sha256" if sha256 else "published sha256"
+        log.info("%s: sha256 matches the %s", path, how)
+        return {"source_sha256": actual, "verified": how, "trusted_unverified": False}
+    if not trust:
+        raise ConversionError(
+            f"{path}: no sha256 to verify it against (its sha256 is {actual}). Put that value into "
+            "teacher.model.checkpoint_sha256 (or pass --sha256) once you know the file is the one you "
+            "meant, or accept it unverified with teacher.model.trust_unverified: true (or --trust)."
+        )
+    log.warning("%s: used unverified on the user's word (sha256 %s); recorded in teacher.json", path, actual)
+    return {"source_sha256": actual, "verified": "no", "trusted_unverified": True}
 
 
 # --------------------------------------------------------------------------- key mapping
@@ -219,11 +277,22 @@ def text_config_from(tokenizer_dir: str | Path) -> dict:
 # --------------------------------------------------------------------------- conversion
 
 
-def convert_checkpoint(checkpoint: str | Path, tokenizer_dir: str | Path, out_dir: str | Path) -> Path:
-    """Convert a LAION-CLAP HTSAT-base checkpoint into a teacher folder (see pipeline.teacher.model)."""
+def convert_checkpoint(
+    checkpoint: str | Path,
+    tokenizer_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    sha256: str | None = None,
+    trust: bool = False,
+) -> Path:
+    """Convert a LAION-CLAP HTSAT-base checkpoint into a teacher folder (see pipeline.teacher.model).
+
+    The file must match `sha256` (or the published digest for its name) unless `trust`.
+    """
     from transformers import ClapModel
 
     checkpoint, tokenizer_dir, out_dir = Path(checkpoint), Path(tokenizer_dir), Path(out_dir)
+    verification = verify_checkpoint(checkpoint, sha256, trust)
     tokenizer = load_roberta_tokenizer(tokenizer_dir)
     log.info("reading %s", checkpoint)
     laion = load_checkpoint_state(checkpoint)
@@ -241,7 +310,7 @@ def convert_checkpoint(checkpoint: str | Path, tokenizer_dir: str | Path, out_di
     provenance = {
         "kind": "checkpoint",
         "source": checkpoint.name,
-        "source_sha256": sha256_file(checkpoint),
+        **verification,
         "tokenizer_source": str(tokenizer_dir),
         "dropped_keys": sorted({re.sub(r"\.\d+\.", ".N.", k) for k in dropped}),
     }
@@ -251,9 +320,12 @@ def convert_checkpoint(checkpoint: str | Path, tokenizer_dir: str | Path, out_di
 
 
 def main(args: argparse.Namespace) -> int:
-    """`student-clap teacher convert CKPT --tokenizer DIR --out DIR`."""
+    """`student-clap teacher convert CKPT --tokenizer DIR --out DIR [--sha256 HEX] [--trust]`."""
     try:
-        convert_checkpoint(args.checkpoint, args.tokenizer, args.out)
+        convert_checkpoint(
+            args.checkpoint, args.tokenizer, args.out,
+            sha256=getattr(args, "sha256", None), trust=getattr(args, "trust", False),
+        )
     except TeacherError as exc:
         log.error("%s", exc)
         return 1
@@ -268,4 +340,5 @@ __all__ = [
     "main",
     "map_state_dict",
     "tokenizer_files_present",
+    "verify_checkpoint",
 ]

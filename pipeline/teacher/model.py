@@ -171,6 +171,15 @@ def write_tokenizer_config(out_dir: Path) -> None:
 # --------------------------------------------------------------------------- writing a teacher folder
 
 
+def _ordinary_permissions(folder: Path) -> None:
+    """mkdtemp makes a private 0700 folder; the teacher is an ordinary output (0755/0644 under umask 022)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    folder.chmod(0o777 & ~mask)
+    for path in folder.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+
+
 def write_teacher_dir(model, tokenizer, out_dir: Path, provenance: dict) -> Path:
     """Save model + tokenizer + teacher.json into out_dir atomically (a sibling temp dir, then rename)."""
     out_dir = Path(out_dir)
@@ -187,6 +196,7 @@ def write_teacher_dir(model, tokenizer, out_dir: Path, provenance: dict) -> Path
         record["tokenizer_sha256"] = sha256_file(tmp / TOKENIZER)
         record["vocab_size"] = tokenizer.get_vocab_size()
         (tmp / PROVENANCE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+        _ordinary_permissions(tmp)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)

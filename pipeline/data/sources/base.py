@@ -6,7 +6,7 @@ import logging
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from urllib.parse import unquote, urlsplit
 
 log = logging.getLogger(__name__)
@@ -167,3 +167,32 @@ def parse_checksums(path: Path) -> tuple[dict[str, str], list[Problem]]:
         else:
             problems.append(Problem("checksums", str(path), i, "not a '<sha256> <path>' line", shorten(text)))
     return sums, problems
+
+
+def _fully_unquoted(text: str) -> str:
+    """Percent-decode until stable, so '%252F' (an encoded '%2F') cannot hide a separator."""
+    for _ in range(4):
+        decoded = unquote(text)
+        if decoded == text:
+            break
+        text = decoded
+    return text
+
+
+def escapes_root(root: str | Path, rel: str) -> bool:
+    """True when the relative audio path `rel` could name a file outside `root`.
+
+    Checked on the text as written and percent-decoded (`..%2F..%2Fx`), with backslashes read as
+    separators: absolute paths, drive letters and `..` segments are refused outright; what
+    remains must still lie under `root` once symlinks are followed (a link inside the root that
+    points elsewhere escapes it too).
+    """
+    for text in {rel, _fully_unquoted(rel)}:
+        if not text or "\x00" in text:
+            return True
+        posix = text.replace("\\", "/")
+        parts = PurePosixPath(posix).parts
+        if posix.startswith("/") or re.match(r"^[A-Za-z]:", posix) or ".." in parts:
+            return True
+    base = Path(root).resolve()
+    return not (Path(root) / rel).resolve().is_relative_to(base)

@@ -1,0 +1,112 @@
+"""`student-clap check`: validate params.yaml and the inputs it names, without running a stage.
+
+`dvc repro` deletes a stage's outputs before running it, so a typo found by the stage itself
+costs the previous outputs (`dvc checkout` restores them from the cache). This command finds
+such problems first: the params (types, ranges, relations, missing sections) and every input
+file or folder they name: song lists and metadata, audio roots, the query terms, the pretrained
+EfficientAT file, and for a checkpoint teacher its file, sha256 and tokenizer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+from pathlib import Path
+
+import yaml
+
+from pipeline.params import Params, ParamsError, declared_params, load_params
+
+log = logging.getLogger(__name__)
+
+
+def required_sections(params_path: Path) -> list[str]:
+    """Every top-level section, plus whatever dvc.yaml beside the params declares for its stages."""
+    names = [f.name for f in dataclasses.fields(Params)]
+    dvc_yaml = params_path.resolve().parent / "dvc.yaml"
+    if dvc_yaml.is_file():
+        stages = (yaml.safe_load(dvc_yaml.read_text(encoding="utf-8")) or {}).get("stages") or {}
+        for stage in stages:
+            names += declared_params(dvc_yaml, stage) or []
+    return list(dict.fromkeys(names))
+
+
+def input_problems(params: Params) -> list[str]:
+    """Missing or unusable inputs, each naming the param and the path."""
+    problems: list[str] = []
+
+    def need_file(path: str, name: str) -> None:
+        if path and not Path(path).is_file():
+            problems.append(f"{name}: {path} not found")
+
+    ing = params.ingest
+    if not ing.sources:
+        problems.append("ingest.sources: no song source configured")
+    for src, sp in ing.sources.items():
+        where = f"ingest.sources.{src}"
+        for i, path in enumerate(sp.lists):
+            need_file(path, f"{where}.lists[{i}]")
+        for i, path in enumerate(sp.metadata):
+            need_file(path, f"{where}.metadata[{i}]")
+        need_file(sp.licenses_file, f"{where}.licenses_file")
+        if not sp.audio_root:
+            problems.append(f"{where}.audio_root: empty")
+        elif not Path(sp.audio_root).is_dir() and not ing.download:
+            problems.append(f"{where}.audio_root: {sp.audio_root} does not exist (or set ingest.download: true)")
+    need_file(params.text_queries.terms, "text_queries.terms")
+    if params.distillation.audio_enabled:
+        need_file(params.distill_audio.pretrained, "distill_audio.pretrained")
+    problems += teacher_problems(params)
+    return problems
+
+
+def teacher_problems(params: Params) -> list[str]:
+    """A checkpoint teacher: its file (verified as the stage would), and the tokenizer."""
+    p = params.teacher.model
+    if p.source != "checkpoint":
+        return []
+    from pipeline.teacher.model import TeacherError
+    from pipeline.teacher.convert import (
+        load_roberta_tokenizer,
+        tokenizer_files_present,
+        verify_checkpoint,
+    )
+
+    problems = []
+    if not Path(p.checkpoint).is_file():
+        problems.append(f"teacher.model.checkpoint: {p.checkpoint} not found (`student-clap teacher fetch`)")
+    else:
+        try:
+            verify_checkpoint(p.checkpoint, p.checkpoint_sha256 or None, p.trust_unverified)
+        except TeacherError as exc:
+            problems.append(f"teacher.model.checkpoint: {exc}")
+    if not tokenizer_files_present(p.tokenizer_dir):
+        problems.append(f"teacher.model.tokenizer_dir: no roberta-base tokenizer files in {p.tokenizer_dir}")
+    else:
+        try:
+            load_roberta_tokenizer(p.tokenizer_dir)
+        except TeacherError as exc:
+            problems.append(f"teacher.model.tokenizer_dir: {exc}")
+    return problems
+
+
+def check(params_path: str | Path) -> list[str]:
+    """All problems found (an empty list: ready for `dvc repro`)."""
+    params_path = Path(params_path)
+    try:
+        params = load_params(params_path, require=required_sections(params_path))
+    except ParamsError as exc:
+        return str(exc).splitlines()
+    return input_problems(params)
+
+
+def main(args: argparse.Namespace) -> int:
+    problems = check(args.params)
+    for line in problems:
+        print(f"problem: {line}")
+    if problems:
+        print(f"{len(problems)} problem(s) in {args.params} or the inputs it names; nothing was run")
+        return 1
+    print(f"{args.params}: params and inputs look usable")
+    return 0

@@ -1,0 +1,106 @@
+"""Ranges and relations of params are checked at load and name the dotted field; a missing section
+is an error; `student-clap check` validates params and inputs without running a stage."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import typing
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.cli import main as cli_main
+from pipeline.params import RANGES, RELATIONS, ParamsError, params_from_dict
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"distill_audio": {"epochs": -1}}, "distill_audio.epochs: must be >= 1, got -1"),
+        ({"distill_audio": {"batch_size": 0}}, "distill_audio.batch_size: must be >= 1, got 0"),
+        ({"distill_audio": {"lr": -1}}, "distill_audio.lr: must be > 0, got -1.0"),
+        ({"distill_text": {"loss": {"temperature": 0}}}, "distill_text.loss.temperature: must be > 0, got 0.0"),
+        ({"audio": {"segment_seconds": 0}}, "audio.segment_seconds: must be > 0, got 0.0"),
+        ({"audio": {"hop_seconds": 0}}, "audio.hop_seconds: must be > 0, got 0.0"),
+        ({"audio": {"hop_seconds": 12}}, "audio.hop_seconds: must be <= segment_seconds (10), got 12"),
+        ({"ingest": {"val_ratio": 1.5}}, "ingest.val_ratio: must be in [0, 1), got 1.5"),
+        ({"ingest": {"val_ratio": 1}}, "ingest.val_ratio: must be in [0, 1), got 1.0"),
+        ({"ingest": {"downloads": {"max_megabytes": 0}}}, "ingest.downloads.max_megabytes: must be > 0"),
+        ({"mels": {"workers": -1}}, "mels.workers: must be >= 0, got -1"),
+        ({"distill_audio": {"scheduler": {"factor": 1.0}}}, "distill_audio.scheduler.factor: must be in (0, 1)"),
+        ({"distill_text": {"model": {"dim": 130, "heads": 4}}}, "distill_text.model.heads: must divide dim (130)"),
+        ({"text_queries": {"min_categories": 3, "max_categories": 2}}, "text_queries.max_categories: must be >= min_categories (3)"),
+        ({"teacher": {"model": {"checkpoint_sha256": "abc"}}}, "teacher.model.checkpoint_sha256: must be empty or 64 hex digits"),
+    ],
+)
+def test_out_of_range_values_name_themselves(data: dict, message: str) -> None:
+    with pytest.raises(ParamsError) as err:
+        params_from_dict(data)
+    assert message in str(err.value)
+
+
+def test_every_problem_is_reported_at_once() -> None:
+    with pytest.raises(ParamsError) as err:
+        params_from_dict({"distill_audio": {"epochs": 0, "lr": 0}, "evaluate": {"top_k": 0}})
+    assert len(str(err.value).splitlines()) == 3
+
+
+def test_range_table_names_real_numeric_fields() -> None:
+    """A renamed or retyped field must not leave a rule that silently checks nothing."""
+    for cls, name in list(RANGES) + [(cls, name) for cls, name, _, _ in RELATIONS]:
+        fields = {f.name for f in dataclasses.fields(cls)}
+        assert name in fields, f"{cls.__name__}.{name}"
+    for cls, name in RANGES:
+        assert typing.get_type_hints(cls)[name] in (int, float), f"{cls.__name__}.{name}"
+
+
+def _project(tmp_path: Path, repo_root: Path, edit=None) -> Path:
+    shutil.copy(repo_root / "dvc.yaml", tmp_path / "dvc.yaml")
+    data = yaml.safe_load((repo_root / "params.yaml").read_text())
+    if edit:
+        edit(data)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(data))
+    return tmp_path / "params.yaml"
+
+
+def test_run_refuses_a_missing_section(tmp_path: Path, repo_root: Path, monkeypatch, caplog) -> None:
+    monkeypatch.chdir(tmp_path)
+    params = _project(tmp_path, repo_root, lambda d: d.pop("distill_text"))
+    assert cli_main(["run", "distill_text", "--params", str(params)]) == 2
+    assert "missing section(s) distill_text" in caplog.text
+    assert not (tmp_path / "models").exists()  # nothing ran
+
+
+def test_check_lists_every_problem_without_running(tmp_path: Path, repo_root: Path, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(tmp_path)
+
+    def edit(d: dict) -> None:
+        d["ingest"]["sources"]["fma"]["lists"] = ["data/nope.md"]
+        d["teacher"]["model"].update(source="checkpoint", checkpoint="ckpt/none.pt", tokenizer_dir="tok")
+
+    params = _project(tmp_path, repo_root, edit)
+    assert cli_main(["check", "--params", str(params)]) == 1
+    out = capsys.readouterr().out
+    assert "ingest.sources.fma.lists[0]: data/nope.md not found" in out
+    assert "ingest.sources.jamendo.audio_root: data/demo/audio/jamendo does not exist" in out
+    assert "teacher.model.checkpoint: ckpt/none.pt not found" in out
+    assert "teacher.model.tokenizer_dir: no roberta-base tokenizer files in tok" in out
+    assert "text_queries.terms: data/text/query_terms.json not found" in out
+    assert not (tmp_path / "data").exists() and not (tmp_path / "models").exists()
+
+    params = _project(tmp_path, repo_root, lambda d: d.pop("mels"))
+    assert cli_main(["check", "--params", str(params)]) == 1
+    assert "missing section(s) mels" in capsys.readouterr().out
+    params = _project(tmp_path, repo_root, lambda d: d["distill_audio"].update(epochs=-1))
+    assert cli_main(["check", "--params", str(params)]) == 1
+    assert "distill_audio.epochs: must be >= 1, got -1" in capsys.readouterr().out
+
+
+def test_check_passes_on_the_demo_project(repo_root: Path, monkeypatch, capsys) -> None:
+    if not (repo_root / "data" / "demo" / "audio").is_dir():
+        pytest.skip("data/demo/audio not generated (student-clap demo synth)")
+    monkeypatch.chdir(repo_root)
+    assert cli_main(["check"]) == 0
+    assert "look usable" in capsys.readouterr().out
