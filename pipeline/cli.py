@@ -9,11 +9,14 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from pipeline.params import ParamsError, declared_params, load_params, restrict
+# No pipeline.params import up here: it needs pyyaml, which the runtime-only install
+# (`embed`, `index`, `search`) does not have. Stage commands import it when they run.
 
 log = logging.getLogger("student_clap")
 
 STAGES = (
+    "fetch_teacher",
+    "fetch_weights",
     "ingest",
     "teacher_model",
     "mels",
@@ -46,6 +49,8 @@ def _call(module: str, func: str) -> Callable[[argparse.Namespace], int | None]:
 
 
 def _stage_runner(args: argparse.Namespace) -> int | None:
+    from pipeline.params import declared_params, load_params, restrict
+
     params = load_params(args.params)
     declared = declared_params(Path(args.params).resolve().parent / "dvc.yaml", args.stage)
     if declared is not None:
@@ -99,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     t_sub = teacher.add_subparsers(dest="teacher_command", required=True)
     fetch = t_sub.add_parser("fetch", help="download the LAION-CLAP checkpoint and roberta-base tokenizer")
     fetch.add_argument("--params", default="params.yaml")
+    fetch.add_argument("--trust", action="store_true",
+                       help="accept files whose sha256 is not pinned in params (or differs); recorded as trusted")
     fetch.set_defaults(func=_call("pipeline.teacher_fetch", "main"))
     conv = t_sub.add_parser("convert", help="LAION .pt checkpoint -> ClapModel safetensors + config + tokenizer")
     conv.add_argument("checkpoint")
@@ -177,9 +184,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         code = args.func(args)
-    except ParamsError as exc:
-        log.error("%s", exc)
-        return 2
+    except Exception as exc:
+        # A ParamsError can only come from pipeline.params, so it is loaded whenever one is raised.
+        params_mod = sys.modules.get("pipeline.params")
+        if params_mod is not None and isinstance(exc, params_mod.ParamsError):
+            log.error("%s", exc)
+            return 2
+        raise
     return int(code or 0)
 
 
