@@ -43,3 +43,60 @@ def _deep_update(base: dict, new: dict) -> None:
 def deep_update():
     """Merge a nested params profile into a parsed params.yaml in place (like `dvc exp run -S`)."""
     return _deep_update
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A models/export-like folder with small real ONNX students (1-s segments at 16 kHz, decoded at 24 kHz)."""
+    import json
+
+    import torch
+
+    from pipeline.models.audio_student import build_audio_student
+    from pipeline.models.text_student import build_text_student
+    from pipeline.stages import export as ex
+    from pipeline.text_tokenizer import save_tokenizer, train_tokenizer
+
+    class ConvMel(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.filters = torch.nn.Conv1d(1, 128, kernel_size=400, stride=160, bias=False)
+
+        def forward(self, wave: torch.Tensor) -> torch.Tensor:
+            return torch.log(self.filters(wave.unsqueeze(1)) ** 2 + 1e-5)
+
+    out = tmp_path_factory.mktemp("tiny_export")
+    torch.manual_seed(0)
+    rate, seg_s, hop_s = 16000, 1.0, 0.5
+    audio = build_audio_student({"backbone": "mn04_as"}).eval()
+    info = ex.export_audio(audio, ConvMel().eval(), out, segment_samples=int(rate * seg_s), sample_rate=rate,
+                           opset=17, min_cosine=0.9999, quantize=False)
+    spec = {"version": ex.SPEC_VERSION, "embedding_dim": 512, "skipped": {},
+            "audio": ex.audio_spec(info, sample_rate=rate, segment_seconds=seg_s, hop_seconds=hop_s,
+                                   segment_samples=int(rate * seg_s), quantized=False, decode_sample_rate=24000)}
+    corpus = [f"{a} {b}" for a in ("calm", "energetic", "sad") for b in ("piano", "guitar", "drums")] * 3
+    tok = train_tokenizer(corpus, vocab_size=300)
+    tok_path = save_tokenizer(tok, out / "src_tokenizer.json")
+    text = build_text_student({"vocab_size": tok.get_vocab_size(), "dim": 32, "layers": 1, "heads": 2, "ff_dim": 64, "max_length": 8})
+    spec["text"] = ex.text_spec(ex.export_text(text.eval(), tok_path, out, opset=17, min_cosine=0.9999))
+    (out / ex.SPEC).write_text(json.dumps(spec))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_songs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Three short songs at different rates (one stereo FLAC) and one file that is not audio."""
+    import numpy as np
+    import soundfile as sf
+
+    root = tmp_path_factory.mktemp("tiny_songs")
+    rng = np.random.default_rng(0)
+    (root / "album").mkdir()
+    for name, rate, seconds, channels, freq in (
+        ("low.wav", 22050, 1.4, 1, 220.0), ("album/mid.flac", 44100, 2.3, 2, 440.0), ("high.wav", 16000, 3.0, 1, 1760.0),
+    ):
+        t = np.arange(int(rate * seconds)) / rate
+        x = 0.4 * np.sin(2 * np.pi * freq * t) + 0.05 * rng.standard_normal(t.size)
+        sf.write(root / name, np.stack([x, 0.5 * x], axis=1) if channels == 2 else x, rate)
+    (root / "notes.mp3").write_bytes(b"this is text, not audio")
+    return root
