@@ -161,7 +161,10 @@ def fetch_file(f: PlannedFile, d: DownloadParams, *, trust: bool = False, progre
         if not f.sha256 and trust:
             log.info("%s already present (unpinned, trusted)", f.dest)
             return _judge(f, f.dest, trust, digest)
-        log.warning("%s does not match %s; fetching it again", f.dest, f.pin_param)
+        if f.sha256:  # pinned and different: never leave the wrong bytes where the teacher looks
+            log.warning("%s has sha256 %s, not the pinned %s (%s); removed, fetching it again",
+                        f.dest, digest, f.sha256, f.pin_param)
+            f.dest.unlink()
     if not f.sha256 and not trust:
         # refuse before transferring bytes nobody can verify (the checkpoint is 2.3 GB)
         raise FetchError(f"{f.dest} from {f.source}: no sha256 pinned ({f.pin_param} is empty); refused. Pin it, "

@@ -100,3 +100,68 @@ def tiny_songs(tmp_path_factory: pytest.TempPathFactory) -> Path:
         sf.write(root / name, np.stack([x, 0.5 * x], axis=1) if channels == 2 else x, rate)
     (root / "notes.mp3").write_bytes(b"this is text, not audio")
     return root
+
+
+# --------------------------------------------------------------------------- DVC in throw-away clones
+
+TINY_PIPELINE = {
+    "mels": {"max_track_minutes": 0.25, "workers": 1},
+    "text_queries": {"n_train": 40, "n_val": 10},
+}
+
+
+def _run_cmd(cmd: list[str], cwd: Path, env: dict) -> str:
+    import subprocess
+
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}) in {cwd}:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+    return proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope="session")
+def run_cmd():
+    """run_cmd(cmd, cwd, env) -> stdout + stderr; fails the test with both when the command fails."""
+    return _run_cmd
+
+
+@pytest.fixture(scope="session")
+def dvc_env(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Environment for `dvc` in a clone: `student-clap` on PATH runs the checkout dvc runs it in
+    (python -m pipeline.cli from the clone's root), offline, with a git identity."""
+    import stat
+    import sys
+
+    bin_dir = tmp_path_factory.mktemp("bin")
+    shim = bin_dir / "student-clap"
+    shim.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m pipeline.cli "$@"\n')
+    shim.chmod(shim.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    env = dict(os.environ)
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", DVC_NO_ANALYTICS="1", OMP_NUM_THREADS="2",
+               GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
+    env["PATH"] = f"{bin_dir}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHONPATH"] = ""
+    return env
+
+
+@pytest.fixture(scope="session")
+def tiny_repo(repo_root: Path, dvc_env: dict):
+    """tiny_repo(dest) -> dest: a git repo holding this checkout's files with the tiny pipeline profile."""
+    import shutil
+
+    import yaml
+
+    def make(dest: Path) -> Path:
+        files = _run_cmd(["git", "ls-files", "-co", "--exclude-standard"], repo_root, dvc_env).split("\n")
+        for rel in files:
+            if not rel or rel.startswith((".dvc/cache", ".dvc/tmp")) or not (repo_root / rel).is_file():
+                continue
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(repo_root / rel, dest / rel)
+        params = yaml.safe_load((dest / "params.yaml").read_text())
+        _deep_update(params, TINY_PIPELINE)
+        (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        _run_cmd(["git", "init", "-q", "-b", "main"], dest, dvc_env)
+        return dest
+
+    return make

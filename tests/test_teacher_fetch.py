@@ -259,3 +259,14 @@ def test_stage_refuses_files_outside_the_tracked_folder(tmp_path: Path) -> None:
     p.source, p.checkpoint = "checkpoint", str(tmp_path / "elsewhere" / "music.pt")
     with pytest.raises(FetchError, match=r"teacher\.model\.checkpoint: .* is outside"):
         fetch_stage(p, params.ingest.downloads, tmp_path / "teacher_src")
+
+
+def test_a_wrong_file_in_place_is_replaced_by_the_pinned_one(
+    tmp_path: Path, in_process_hub, hub_files, caplog: pytest.LogCaptureFixture
+) -> None:
+    dest = tmp_path / "src" / "music.pt"
+    dest.parent.mkdir(parents=True)
+    dest.write_bytes(b"a swapped checkpoint")
+    assert main(argparse.Namespace(params=str(_params(tmp_path, hub_files)), trust=False)) == 0, caplog.text
+    assert dest.read_bytes() == CHECKPOINT_BYTES
+    assert "not the pinned" in caplog.text and "removed, fetching it again" in caplog.text
