@@ -9,11 +9,14 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from pipeline.params import ParamsError, declared_params, load_params, restrict
+# No pipeline.params import up here: it needs pyyaml, which the runtime-only install
+# (`embed`, `index`, `search`) does not have. Stage commands import it when they run.
 
 log = logging.getLogger("student_clap")
 
 STAGES = (
+    "fetch_teacher",
+    "fetch_weights",
     "ingest",
     "teacher_model",
     "mels",
@@ -46,6 +49,8 @@ def _call(module: str, func: str) -> Callable[[argparse.Namespace], int | None]:
 
 
 def _stage_runner(args: argparse.Namespace) -> int | None:
+    from pipeline.params import declared_params, load_params, restrict
+
     declared = declared_params(Path(args.params).resolve().parent / "dvc.yaml", args.stage)
     # what dvc.yaml says the stage reads must be written in params.yaml, not taken from defaults
     params = load_params(args.params, require=declared or ())
@@ -108,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     t_sub = teacher.add_subparsers(dest="teacher_command", required=True)
     fetch = t_sub.add_parser("fetch", help="download the LAION-CLAP checkpoint and roberta-base tokenizer")
     fetch.add_argument("--params", default="params.yaml")
+    fetch.add_argument("--trust", action="store_true",
+                       help="accept files whose sha256 is not pinned in params (or differs); recorded as trusted")
     fetch.set_defaults(func=_call("pipeline.teacher.fetch", "main"))
     conv = t_sub.add_parser("convert", help="LAION .pt checkpoint -> ClapModel safetensors + config + tokenizer")
     conv.add_argument("checkpoint")
@@ -201,16 +208,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    from pipeline.data.cache_files import UnreadableCacheError
-
     try:
         code = args.func(args)
-    except ParamsError as exc:
-        log.error("%s", exc)
-        return 2
-    except UnreadableCacheError as exc:  # a truncated mels.h5 / teacher.h5: the message names it
-        log.error("%s", exc)
-        return 1
+    except Exception as exc:
+        # These errors come from modules only the pipeline commands load (the runtime install has
+        # neither yaml nor h5py), so they are looked up where raised instead of imported here.
+        for module, name, status in (
+            ("pipeline.params", "ParamsError", 2),
+            ("pipeline.data.cache_files", "UnreadableCacheError", 1),  # a truncated mels.h5 / teacher.h5
+        ):
+            mod = sys.modules.get(module)
+            if mod is not None and isinstance(exc, getattr(mod, name)):
+                log.error("%s", exc)
+                return status
+        raise
     return int(code or 0)
 
 

@@ -133,20 +133,38 @@ class DemoTeacherParams:
 
 
 @dataclass
+class HubFileParams:
+    """A file in a Hugging Face Hub repository, at a pinned revision (a commit hash, so it cannot move)."""
+
+    repo_id: str = ""
+    filename: str = ""  # empty for a repository whose files are listed elsewhere (the tokenizer's)
+    revision: str = ""
+
+
+@dataclass
 class TeacherModelParams:
     source: Literal["demo", "checkpoint"] = "demo"
     dir: str = "models/teacher"
     checkpoint: str = "models/teacher_src/music_audioset_epoch_15_esc_90.14.pt"
-    checkpoint_url: str = (
-        "https://huggingface.co/lukewys/laion_clap/resolve/main/music_audioset_epoch_15_esc_90.14.pt"
-    )
-    # the published digest of music_audioset_epoch_15_esc_90.14.pt; a file that differs is refused
+    # `teacher fetch` / the fetch_teacher stage get it from the Hub with huggingface_hub ...
+    checkpoint_hub: HubFileParams = field(default_factory=lambda: HubFileParams(
+        "lukewys/laion_clap", "music_audioset_epoch_15_esc_90.14.pt", "b3708341862f581175dba5c356a4ebf74a9b6651"))
+    # ... or, when set, from this non-Hub URL (a mirror) with the project's downloader
+    checkpoint_url: str = ""
+    # the published LAION-CLAP music checkpoint (2 352 471 003 bytes)
     checkpoint_sha256: str = "fae3e9c087f2909c28a09dc31c8dfcdacbc42ba44c70e972b58c1bd1caf6dedd"
-    # accept a checkpoint with an empty checkpoint_sha256 (recorded in teacher.json)
-    trust_unverified: bool = False
     tokenizer_dir: str = "models/teacher_src/roberta-base"
-    # where `student-clap teacher fetch` gets roberta-base's vocab.json, merges.txt, tokenizer.json, config.json
-    tokenizer_url: str = "https://huggingface.co/FacebookAI/roberta-base/resolve/main"
+    tokenizer_hub: HubFileParams = field(default_factory=lambda: HubFileParams(
+        "FacebookAI/roberta-base", "", "e2da8e2f811d1448a5b465c236feacd80ffbac7b"))
+    tokenizer_url: str = ""  # a non-Hub base URL holding the tokenizer files instead
+    tokenizer_sha256: dict[str, str] = field(default_factory=lambda: {
+        "vocab.json": "9e7f63c2d15d666b52e21d250d2e513b87c9b713cfa6987a82ed89e5e6e50655",
+        "merges.txt": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+        "tokenizer.json": "847bbeab6174d66a88898f729d52fa8d355fafe1bea101cf960dd404581df70e",
+        "config.json": "ef0185e2aae6e06c5f105a285006952c340e20c7dbf43c86ec82601b13fc45e9",
+    })
+    # accept fetched files without a pinned sha256 or with another one (recorded as trusted)
+    trust_unverified: bool = False
     demo: DemoTeacherParams = field(default_factory=DemoTeacherParams)
 
 

@@ -43,3 +43,125 @@ def _deep_update(base: dict, new: dict) -> None:
 def deep_update():
     """Merge a nested params profile into a parsed params.yaml in place (like `dvc exp run -S`)."""
     return _deep_update
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A models/export-like folder with small real ONNX students (1-s segments at 16 kHz, decoded at 24 kHz)."""
+    import json
+
+    import torch
+
+    from pipeline.models.audio_student import build_audio_student
+    from pipeline.models.text_student import build_text_student
+    from pipeline.stages import export as ex
+    from pipeline.models.text_tokenizer import save_tokenizer, train_tokenizer
+
+    class ConvMel(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.filters = torch.nn.Conv1d(1, 128, kernel_size=400, stride=160, bias=False)
+
+        def forward(self, wave: torch.Tensor) -> torch.Tensor:
+            return torch.log(self.filters(wave.unsqueeze(1)) ** 2 + 1e-5)
+
+    out = tmp_path_factory.mktemp("tiny_export")
+    torch.manual_seed(0)
+    rate, seg_s, hop_s = 16000, 1.0, 0.5
+    audio = build_audio_student({"backbone": "mn04_as"}).eval()
+    info = ex.export_audio(audio, ConvMel().eval(), out, segment_samples=int(rate * seg_s), sample_rate=rate,
+                           opset=17, min_cosine=0.9999, quantize=False)
+    spec = {"version": ex.SPEC_VERSION, "embedding_dim": 512, "skipped": {},
+            "audio": ex.audio_spec(info, sample_rate=rate, segment_seconds=seg_s, hop_seconds=hop_s,
+                                   segment_samples=int(rate * seg_s), quantized=False, decode_sample_rate=24000)}
+    corpus = [f"{a} {b}" for a in ("calm", "energetic", "sad") for b in ("piano", "guitar", "drums")] * 3
+    tok = train_tokenizer(corpus, vocab_size=300)
+    tok_path = save_tokenizer(tok, out / "src_tokenizer.json")
+    text = build_text_student({"vocab_size": tok.get_vocab_size(), "dim": 32, "layers": 1, "heads": 2, "ff_dim": 64, "max_length": 8})
+    spec["text"] = ex.text_spec(ex.export_text(text.eval(), tok_path, out, opset=17, min_cosine=0.9999))
+    (out / ex.SPEC).write_text(json.dumps(spec))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_songs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Three short songs at different rates (one stereo FLAC) and one file that is not audio."""
+    import numpy as np
+    import soundfile as sf
+
+    root = tmp_path_factory.mktemp("tiny_songs")
+    rng = np.random.default_rng(0)
+    (root / "album").mkdir()
+    for name, rate, seconds, channels, freq in (
+        ("low.wav", 22050, 1.4, 1, 220.0), ("album/mid.flac", 44100, 2.3, 2, 440.0), ("high.wav", 16000, 3.0, 1, 1760.0),
+    ):
+        t = np.arange(int(rate * seconds)) / rate
+        x = 0.4 * np.sin(2 * np.pi * freq * t) + 0.05 * rng.standard_normal(t.size)
+        sf.write(root / name, np.stack([x, 0.5 * x], axis=1) if channels == 2 else x, rate)
+    (root / "notes.mp3").write_bytes(b"this is text, not audio")
+    return root
+
+
+# --------------------------------------------------------------------------- DVC in throw-away clones
+
+TINY_PIPELINE = {
+    "mels": {"max_track_minutes": 0.25, "workers": 1},
+    "text_queries": {"n_train": 40, "n_val": 10},
+}
+
+
+def _run_cmd(cmd: list[str], cwd: Path, env: dict) -> str:
+    import subprocess
+
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}) in {cwd}:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+    return proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope="session")
+def run_cmd():
+    """run_cmd(cmd, cwd, env) -> stdout + stderr; fails the test with both when the command fails."""
+    return _run_cmd
+
+
+@pytest.fixture(scope="session")
+def dvc_env(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Environment for `dvc` in a clone: `student-clap` on PATH runs the checkout dvc runs it in
+    (python -m pipeline.cli from the clone's root), offline, with a git identity."""
+    import stat
+    import sys
+
+    bin_dir = tmp_path_factory.mktemp("bin")
+    shim = bin_dir / "student-clap"
+    shim.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m pipeline.cli "$@"\n')
+    shim.chmod(shim.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    env = dict(os.environ)
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", DVC_NO_ANALYTICS="1", OMP_NUM_THREADS="2",
+               GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
+    env["PATH"] = f"{bin_dir}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHONPATH"] = ""
+    return env
+
+
+@pytest.fixture(scope="session")
+def tiny_repo(repo_root: Path, dvc_env: dict):
+    """tiny_repo(dest) -> dest: a git repo holding this checkout's files with the tiny pipeline profile."""
+    import shutil
+
+    import yaml
+
+    def make(dest: Path) -> Path:
+        files = _run_cmd(["git", "ls-files", "-co", "--exclude-standard"], repo_root, dvc_env).split("\n")
+        for rel in files:
+            if not rel or rel.startswith((".dvc/cache", ".dvc/tmp")) or not (repo_root / rel).is_file():
+                continue
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(repo_root / rel, dest / rel)
+        params = yaml.safe_load((dest / "params.yaml").read_text())
+        _deep_update(params, TINY_PIPELINE)
+        (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        _run_cmd(["git", "init", "-q", "-b", "main"], dest, dvc_env)
+        return dest
+
+    return make

@@ -8,77 +8,36 @@ and holds byte-identical embeddings.
 from __future__ import annotations
 
 import hashlib
-import os
-import shutil
-import stat
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 pytestmark = pytest.mark.slow
-
-TINY = {
-    "mels": {"max_track_minutes": 0.25, "workers": 1},
-    "text_queries": {"n_train": 40, "n_val": 10},
-}
 
 
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _run(cmd: list[str], cwd: Path, env: dict) -> str:
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}) in {cwd}:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
-    return proc.stdout + proc.stderr
-
-
 @pytest.fixture(scope="module")
-def env(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """`student-clap` on PATH runs the checkout dvc runs it in (python -m pipeline.cli from the repo root)."""
-    bin_dir = tmp_path_factory.mktemp("bin")
-    shim = bin_dir / "student-clap"
-    shim.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m pipeline.cli "$@"\n')
-    shim.chmod(shim.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
-    env = dict(os.environ)
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", DVC_NO_ANALYTICS="1", OMP_NUM_THREADS="2",
-               GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
-    env["PATH"] = f"{bin_dir}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env["PYTHONPATH"] = ""
-    return env
-
-
-@pytest.fixture(scope="module")
-def clones(tmp_path_factory: pytest.TempPathFactory, repo_root: Path, env: dict, deep_update) -> tuple[Path, Path]:
+def clones(tmp_path_factory: pytest.TempPathFactory, tiny_repo, dvc_env: dict, run_cmd) -> tuple[Path, Path]:
     base = tmp_path_factory.mktemp("dvc_remote")
     a, b, remote = base / "A", base / "B", base / "remote"
-    files = _run(["git", "ls-files", "-co", "--exclude-standard"], repo_root, env).split("\n")
-    for rel in files:
-        if not rel or rel.startswith((".dvc/cache", ".dvc/tmp")) or not (repo_root / rel).is_file():
-            continue
-        (a / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(repo_root / rel, a / rel)
-    params = yaml.safe_load((a / "params.yaml").read_text())
-    deep_update(params, TINY)
-    (a / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    tiny_repo(a)
     dvc = [sys.executable, "-m", "dvc"]
-    _run(["git", "init", "-q", "-b", "main"], a, env)
-    _run(dvc + ["remote", "add", "-d", "shared", str(remote)], a, env)
-    _run(["git", "add", "-A"], a, env)
-    _run(["git", "commit", "-qm", "tiny profile"], a, env)
+    run_cmd(dvc + ["remote", "add", "-d", "shared", str(remote)], a, dvc_env)
+    run_cmd(["git", "add", "-A"], a, dvc_env)
+    run_cmd(["git", "commit", "-qm", "tiny profile"], a, dvc_env)
 
-    out = _run(dvc + ["repro", "teacher"], a, env)
+    out = run_cmd(dvc + ["repro", "teacher"], a, dvc_env)
     assert "Running stage 'teacher'" in out, out
-    _run(["git", "add", "-A"], a, env)
-    _run(["git", "commit", "-qm", "teacher embeddings"], a, env)
-    _run(dvc + ["push"], a, env)
+    run_cmd(["git", "add", "-A"], a, dvc_env)
+    run_cmd(["git", "commit", "-qm", "teacher embeddings"], a, dvc_env)
+    run_cmd(dvc + ["push"], a, dvc_env)
 
-    _run(["git", "clone", "-q", str(a), str(b)], base, env)
-    _run(dvc + ["pull", "--with-deps", "teacher"], b, env)  # the teacher and everything it depends on
+    run_cmd(["git", "clone", "-q", str(a), str(b)], base, dvc_env)
+    run_cmd(dvc + ["pull", "--with-deps", "teacher"], b, dvc_env)  # the teacher and everything it depends on
     return a, b
 
 
@@ -89,12 +48,12 @@ def test_pulled_embeddings_are_byte_identical(clones: tuple[Path, Path]) -> None
     assert _sha256(a / "models" / "teacher" / "model.safetensors") == _sha256(b / "models" / "teacher" / "model.safetensors")
 
 
-def test_clone_sees_teacher_up_to_date_and_does_not_rerun_it(clones: tuple[Path, Path], env: dict) -> None:
+def test_clone_sees_teacher_up_to_date_and_does_not_rerun_it(clones: tuple[Path, Path], dvc_env: dict, run_cmd) -> None:
     _, b = clones
     dvc = [sys.executable, "-m", "dvc"]
-    status = _run(dvc + ["status", "--with-deps", "teacher"], b, env)
+    status = run_cmd(dvc + ["status", "--with-deps", "teacher"], b, dvc_env)
     assert "changed" not in status and "up to date" in status, status
     before = (b / "data" / "teacher.h5").stat().st_mtime_ns
-    out = _run(dvc + ["repro", "teacher"], b, env)
+    out = run_cmd(dvc + ["repro", "teacher"], b, dvc_env)
     assert "Running stage" not in out, out
     assert (b / "data" / "teacher.h5").stat().st_mtime_ns == before

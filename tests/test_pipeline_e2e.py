@@ -79,8 +79,12 @@ def _dvc(project: Path, *args: str) -> str:
 
 def test_repro_runs_every_stage_and_leaves_real_outputs(project: Path) -> None:
     out = _dvc(project, "repro")
-    for stage in ("ingest", "teacher_model", "mels", "teacher", "distill_audio", "distill_text", "evaluate", "export"):
+    for stage in ("fetch_teacher", "fetch_weights", "ingest", "teacher_model", "mels", "teacher", "distill_audio",
+                  "distill_text", "evaluate", "export"):
         assert f"Running stage '{stage}'" in out, f"stage {stage} did not run:\n{out}"
+    # the demo fetches nothing: the fetch stages only record that
+    assert sorted(p.name for p in (project / "models/teacher_src").iterdir()) == ["fetch.json"]
+    assert json.loads((project / "models/pretrained/fetch.json").read_text())["pretrained"] is None
 
     manifest = [json.loads(line) for line in (project / "data/manifest.jsonl").read_text().splitlines() if line]
     audit = json.loads((project / "data/licenses/audit.json").read_text())

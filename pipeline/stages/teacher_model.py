@@ -33,7 +33,7 @@ def missing_files_message(checkpoint: Path, tokenizer_dir: Path, url: str) -> st
     return (
         "teacher.model.source is 'checkpoint' but files are missing:\n"
         + "\n".join(problems)
-        + "\nRun `student-clap teacher fetch` (needs network) or place the files there by hand."
+        + "\nRun `dvc repro fetch_teacher` or `student-clap teacher fetch` (needs network), or place the files there by hand."
     )
 
 
@@ -46,7 +46,9 @@ def run(params: Params, args: argparse.Namespace) -> int | None:
         return 0
 
     checkpoint, tokenizer_dir = Path(p.checkpoint), Path(p.tokenizer_dir)
-    message = missing_files_message(checkpoint, tokenizer_dir, p.checkpoint_url)
+    hub = p.checkpoint_hub
+    source = p.checkpoint_url or f"hf://{hub.repo_id}@{hub.revision}/{hub.filename}"
+    message = missing_files_message(checkpoint, tokenizer_dir, source)
     if message:
         log.error("%s", message)
         return 1

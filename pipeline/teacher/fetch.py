@@ -1,77 +1,260 @@
-"""`student-clap teacher fetch`: download the LAION-CLAP checkpoint and the roberta-base tokenizer.
+"""Get the real teacher's inputs: the LAION-CLAP checkpoint and the roberta-base tokenizer.
 
-Files land where the teacher_model stage looks for them (teacher.model.checkpoint and
-teacher.model.tokenizer_dir). Downloads resume, retry and verify the checkpoint's sha256 when
-teacher.model.checkpoint_sha256 is set. Without network the command fails with a message naming
-each file and where to place it by hand.
+Used by `student-clap teacher fetch` and by the fetch_teacher stage (which DVC-tracks the files,
+so dvc.lock holds their hashes and a remote can share them).
+
+Files hosted on the Hugging Face Hub are fetched with `huggingface_hub.hf_hub_download` at the
+revision pinned in params (a commit hash) into the Hugging Face cache, so the usual environment
+applies: HF_HOME / HF_HUB_CACHE (where), HF_ENDPOINT (a mirror), HF_TOKEN or a stored login
+(gated or private copies) and HF_HUB_OFFLINE (cache only). The cached file is then copied to
+teacher.model.checkpoint / tokenizer_dir. A non-Hub URL (checkpoint_url, tokenizer_url) is
+fetched with pipeline.data.download instead.
+
+Trust: every file's sha256 must equal the one pinned in params (checkpoint_sha256,
+tokenizer_sha256). A file without a pin, or with another digest, is refused and not placed
+unless the user trusts it explicitly (`--trust` or teacher.model.trust_unverified); then it is
+kept and `fetch.json` beside the checkpoint records it as trusted, not verified.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.params import DownloadParams, TeacherModelParams, load_params
+from pipeline.hashing import sha256_file
+from pipeline.params import DownloadParams, TeacherModelParams
 
 log = logging.getLogger(__name__)
 
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "config.json")
+RECORD_NAME = "fetch.json"
+DEFAULT_ENDPOINT = "https://huggingface.co"
 
 
-def planned_files(p: TeacherModelParams) -> list[tuple[str, Path, str | None]]:
-    """(url, destination, expected sha256 or None) for every file the real teacher needs."""
-    base = p.tokenizer_url.rstrip("/")
-    files = [(p.checkpoint_url, Path(p.checkpoint), p.checkpoint_sha256 or None)]
-    files += [(f"{base}/{name}", Path(p.tokenizer_dir) / name, None) for name in TOKENIZER_FILES]
+class FetchError(RuntimeError):
+    """One or more teacher files could not be fetched or verified; the message names each."""
+
+
+@dataclass(frozen=True)
+class PlannedFile:
+    dest: Path
+    sha256: str  # pinned digest, "" when params pin none
+    pin_param: str  # the param that pins it, for messages
+    repo_id: str = ""  # Hub location (when url is empty)
+    filename: str = ""
+    revision: str = ""
+    url: str = ""  # a non-Hub URL
+
+    @property
+    def source(self) -> str:
+        """Where the file comes from, as recorded and shown to the user."""
+        return self.url or f"hf://{self.repo_id}@{self.revision}/{self.filename}"
+
+    def download_url(self) -> str:
+        """A plain URL for copying the file by hand."""
+        if self.url:
+            return self.url
+        endpoint = (os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
+        return f"{endpoint}/{self.repo_id}/resolve/{self.revision}/{self.filename}"
+
+
+def planned_files(p: TeacherModelParams) -> list[PlannedFile]:
+    """Every file the real teacher needs, with its source and pinned sha256."""
+    ckpt = p.checkpoint_hub
+    files = [PlannedFile(Path(p.checkpoint), p.checkpoint_sha256.lower(), "teacher.model.checkpoint_sha256",
+                         ckpt.repo_id, ckpt.filename, ckpt.revision, p.checkpoint_url)]
+    tok = p.tokenizer_hub
+    for name in TOKENIZER_FILES:
+        url = f"{p.tokenizer_url.rstrip('/')}/{name}" if p.tokenizer_url else ""
+        files.append(PlannedFile(Path(p.tokenizer_dir) / name, p.tokenizer_sha256.get(name, "").lower(),
+                                 f"teacher.model.tokenizer_sha256.{name}", tok.repo_id, name, tok.revision, url))
+    for f in files:
+        if not f.url and not (f.repo_id and f.filename and f.revision):
+            raise FetchError(f"{f.dest}: no source: set the Hub repo_id and revision (or a URL) in teacher.model")
     return files
+
+
+def record_path(p: TeacherModelParams) -> Path:
+    return Path(p.checkpoint).parent / RECORD_NAME
 
 
 def manual_instructions(p: TeacherModelParams) -> str:
     lines = ["Place these files by hand (e.g. copied from a machine with network access):"]
-    lines += [f"  {dest}  <-  {url}" for url, dest, _ in planned_files(p)]
+    lines += [f"  {f.dest}  <-  {f.download_url()}" for f in planned_files(p)]
     lines.append("then run `dvc repro` (teacher.model.source must be 'checkpoint').")
     return "\n".join(lines)
 
 
-def fetch(p: TeacherModelParams, d: DownloadParams | None = None, progress: bool = True) -> dict[str, str]:
-    """Download every missing file; returns {destination: sha256}. Raises DownloadError."""
-    from pipeline.data.download import download
+def _hub_offline() -> bool:
+    # read at call time: huggingface_hub reads it once at import, which may predate the caller's setting
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
 
-    d = d or DownloadParams()
-    digests = {}
-    for url, dest, sha in planned_files(p):
-        log.info("fetching %s -> %s", url, dest)
-        digests[str(dest)] = download(
-            url, dest, sha, retries=d.retries, backoff=d.backoff_seconds, timeout=d.timeout_seconds, progress=progress
+
+def _from_hub(f: PlannedFile) -> Path:
+    """The file in the Hugging Face cache (downloaded there when missing). Raises FetchError."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    offline = _hub_offline()
+    try:
+        cached = hf_hub_download(
+            f.repo_id, f.filename, revision=f.revision,
+            endpoint=os.environ.get("HF_ENDPOINT") or None,  # honoured even if set after import
+            local_files_only=offline,
         )
-    return digests
+    except LocalEntryNotFoundError as exc:
+        if offline:
+            raise FetchError(f"{f.source} -> {f.dest}: HF_HUB_OFFLINE is set and the file is not in the "
+                             "Hugging Face cache") from exc
+        raise FetchError(f"{f.source} -> {f.dest}: the Hub cannot be reached ({exc})") from exc
+    except (HfHubHTTPError, OSError, ValueError) as exc:
+        raise FetchError(f"{f.source} -> {f.dest}: {type(exc).__name__}: {exc}") from exc
+    return Path(cached)
+
+
+def _from_url(f: PlannedFile, d: DownloadParams, progress: bool) -> Path:
+    from pipeline.data.download import DownloadError, download
+
+    try:
+        download(f.url, f.dest, f.sha256 or None, retries=d.retries, backoff=d.backoff_seconds,
+                 timeout=d.timeout_seconds, progress=progress)
+    except DownloadError as exc:
+        raise FetchError(str(exc)) from exc
+    return f.dest
+
+
+def _place(src: Path, dest: Path) -> None:
+    """Copy `src` onto `dest` atomically (a reader never sees half a file)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(dest.name + ".part")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dest)
+
+
+def _judge(f: PlannedFile, path: Path, trust: bool, digest: str | None = None) -> dict:
+    """Check `path` against the pin; returns its record entry or raises FetchError."""
+    digest = digest or sha256_file(path)
+    verified = bool(f.sha256) and digest == f.sha256
+    if not verified:
+        problem = (f"sha256 {digest} differs from the pinned {f.sha256} ({f.pin_param})" if f.sha256
+                   else f"sha256 {digest} is not pinned ({f.pin_param} is empty)")
+        if not trust:
+            raise FetchError(f"{f.dest} from {f.source}: {problem}; refused. Pin the digest you expect, or pass "
+                             "--trust (teacher.model.trust_unverified: true) to accept it unverified")
+        log.warning("%s: %s; kept because it is trusted explicitly (recorded in %s)", f.dest, problem, RECORD_NAME)
+    return {"path": str(f.dest), "source": f.source, "sha256": digest, "size": path.stat().st_size,
+            "pinned_sha256": f.sha256 or None, "verified": verified, "trusted": not verified}
+
+
+def fetch_file(f: PlannedFile, d: DownloadParams, *, trust: bool = False, progress: bool = True) -> dict:
+    """Make `f.dest` hold the verified (or explicitly trusted) file; returns its record entry."""
+    if f.dest.is_file():
+        digest = sha256_file(f.dest)
+        if f.sha256 and digest == f.sha256:
+            log.info("%s already present and verified", f.dest)
+            return _judge(f, f.dest, trust, digest)
+        if not f.sha256 and trust:
+            log.info("%s already present (unpinned, trusted)", f.dest)
+            return _judge(f, f.dest, trust, digest)
+        if f.sha256:  # pinned and different: never leave the wrong bytes where the teacher looks
+            log.warning("%s has sha256 %s, not the pinned %s (%s); removed, fetching it again",
+                        f.dest, digest, f.sha256, f.pin_param)
+            f.dest.unlink()
+    if not f.sha256 and not trust:
+        # refuse before transferring bytes nobody can verify (the checkpoint is 2.3 GB)
+        raise FetchError(f"{f.dest} from {f.source}: no sha256 pinned ({f.pin_param} is empty); refused. Pin it, "
+                         "or pass --trust (teacher.model.trust_unverified: true) to accept the file unverified")
+    if f.url:
+        if f.sha256 and not trust:
+            _from_url(f, d, progress)  # the downloader checks the digest and removes a bad file
+            return _judge(f, f.dest, trust)
+        # trusted: fetch without the pin, then judge (and record) what arrived
+        tmp = PlannedFile(f.dest, "", f.pin_param, url=f.url)
+        _from_url(tmp, d, progress)
+        return _judge(f, f.dest, trust)
+    log.info("fetching %s -> %s", f.source, f.dest)
+    cached = _from_hub(f)
+    entry = _judge(f, cached, trust)  # before placing: a refused file never reaches dest
+    _place(cached, f.dest)
+    entry["path"] = str(f.dest)
+    return entry
+
+
+def write_record(path: Path, entries: list[dict], source: str) -> None:
+    """fetch.json: what was fetched from where, its sha256, and whether it was verified or trusted."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    body = {"teacher_source": source, "files": entries,
+            "trusted_unverified": [e["path"] for e in entries if e["trusted"]]}
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(body, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def fetch(p: TeacherModelParams, d: DownloadParams | None = None, *, trust: bool = False,
+          progress: bool = True) -> list[dict]:
+    """Fetch and verify every file; writes fetch.json and returns its entries.
+
+    Every file is tried; a FetchError listing each failed file is raised at the end."""
+    d = d or DownloadParams()
+    entries, errors = [], []
+    for f in planned_files(p):
+        try:
+            entries.append(fetch_file(f, d, trust=trust, progress=progress))
+        except FetchError as exc:
+            errors.append(str(exc))
+    if errors:
+        raise FetchError(f"{len(errors)} teacher file(s) not fetched:\n  " + "\n  ".join(errors))
+    write_record(record_path(p), entries, "checkpoint")
+    return entries
 
 
 def main(args: argparse.Namespace) -> int:
-    from pipeline.data.download import DownloadError
+    from pipeline.params import load_params
     from pipeline.teacher.model import TeacherError
     from pipeline.teacher.convert import load_roberta_tokenizer
 
     params = load_params(getattr(args, "params", "params.yaml"))
     p = params.teacher.model
+    trust = bool(getattr(args, "trust", False)) or p.trust_unverified
     try:
-        digests = fetch(p, params.ingest.downloads)
+        entries = fetch(p, params.ingest.downloads, trust=trust)
         load_roberta_tokenizer(p.tokenizer_dir)  # refuses truncated or empty vocabulary files
-    except DownloadError as exc:
+    except (FetchError, TeacherError) as exc:
         log.error("%s\n%s", exc, manual_instructions(p))
         return 1
-    except TeacherError as exc:
-        log.error("%s\n%s", exc, manual_instructions(p))
-        return 1
-    checkpoint_sha = digests[str(Path(p.checkpoint))]
-    if not p.checkpoint_sha256:
-        log.warning(
-            "teacher.model.checkpoint_sha256 is empty; the file fetched has sha256 %s - put it into "
-            "params.yaml so later runs verify it", checkpoint_sha,
-        )
+    trusted = [e["path"] for e in entries if e["trusted"]]
+    if trusted:
+        log.warning("trusted without verification: %s (see %s)", ", ".join(trusted), record_path(p))
     log.info(
-        "teacher files ready: %s and %s/. Set teacher.model.source: checkpoint and run `dvc repro`.",
-        p.checkpoint, p.tokenizer_dir,
+        "teacher files ready: %s and %s/ (sha256 in %s). Set teacher.model.source: checkpoint and run `dvc repro`.",
+        p.checkpoint, p.tokenizer_dir, record_path(p),
     )
     return 0
+
+
+def fetch_stage(p: TeacherModelParams, d: DownloadParams, out_dir: str | Path) -> None:
+    """The fetch_teacher stage: `out_dir` (DVC-tracked) ends up holding the teacher's inputs and fetch.json.
+
+    With teacher.model.source 'demo' nothing is fetched (the demo teacher is built from params)
+    and fetch.json says so; the stage then needs no network. Raises FetchError or TeacherError."""
+    out_dir = Path(out_dir)
+    if p.source == "demo":
+        log.info("teacher.model.source is 'demo': nothing to fetch")
+        write_record(out_dir / RECORD_NAME, [], "demo")
+        return
+    root = out_dir.resolve()
+    for name, value in (("teacher.model.checkpoint", p.checkpoint), ("teacher.model.tokenizer_dir", p.tokenizer_dir)):
+        if not Path(value).resolve().is_relative_to(root):
+            raise FetchError(f"{name}: {value} is outside {out_dir}/, the folder the fetch_teacher stage tracks; "
+                             f"keep the fetched files under it")
+    if Path(p.checkpoint).parent.resolve() != root:
+        raise FetchError(f"teacher.model.checkpoint: {p.checkpoint} must sit directly in {out_dir}/ (fetch.json goes beside it)")
+    from pipeline.teacher.convert import load_roberta_tokenizer
+
+    fetch(p, d, trust=p.trust_unverified)
+    load_roberta_tokenizer(p.tokenizer_dir)  # refuses truncated or empty vocabulary files
