@@ -132,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     c_reset.add_argument("--optimizer", action="store_true")
     c_reset.add_argument("--scheduler", action="store_true")
     for p in (c_ls, c_show, c_reset):
-        p.set_defaults(func=_call("pipeline.checkpoints", "main"))
+        p.set_defaults(func=_call("pipeline.training.checkpoint", "main"))
 
     # ---- use the exported models (onnxruntime only)
     embed = sub.add_parser("embed", help="embed audio files with the exported ONNX student")

@@ -11,7 +11,7 @@ import torch
 import torch.multiprocessing as mp
 
 from pipeline.params import PlateauParams
-from pipeline.train import TrainConfig, fit
+from pipeline.training.loop import TrainConfig, fit
 
 from test_train import ToyTask  # same toy student as the loop tests (tests/ is on sys.path under pytest)
 

@@ -14,7 +14,8 @@ from torch.utils.data import TensorDataset
 
 from pipeline.losses import DistillLoss
 from pipeline.params import LossParams, PlateauParams
-from pipeline.train import TrainConfig, fit, load_checkpoint
+from pipeline.training.checkpoint import CheckpointError, load_checkpoint
+from pipeline.training.loop import TrainConfig, fit
 
 
 class ToyStudent(nn.Module):
@@ -118,6 +119,32 @@ def test_resume_is_exact(tmp_path: Path) -> None:
     # the DVCLive series continues instead of restarting
     tsv = tmp_path / "b" / "live" / "plots" / "metrics" / "train" / "loss.tsv"
     assert len(tsv.read_text().strip().splitlines()) == 1 + 4
+
+
+def test_resume_falls_back_to_the_newest_readable_checkpoint(tmp_path: Path, caplog) -> None:
+    """A truncated latest.pt (and the epoch file it links to) is skipped with a warning; the run
+    continues from the previous epoch and still matches an uninterrupted one."""
+    fit(ToyTask(), _cfg(tmp_path / "a", epochs=4, stage2_epochs=0))
+    fit(ToyTask(), _cfg(tmp_path / "b", epochs=3, stage2_epochs=0))
+    latest = tmp_path / "b" / "ckpt" / "latest.pt"
+    with open(latest, "r+b") as f:  # truncates epoch_003.pt too: the same file under two names
+        f.truncate(latest.stat().st_size // 2)
+    with caplog.at_level("WARNING"):
+        resumed = fit(ToyTask(), _cfg(tmp_path / "b", epochs=4, stage2_epochs=0, resume=True))
+    assert "latest.pt: not a readable checkpoint" in caplog.text
+    assert "resuming from" in caplog.text and "epoch_002.pt (epoch 2) instead" in caplog.text
+    assert [h["epoch"] for h in resumed.history] == [1, 2, 3, 4]
+    a = load_checkpoint(tmp_path / "a" / "ckpt" / "latest.pt")["model"]
+    b = load_checkpoint(tmp_path / "b" / "ckpt" / "latest.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_with_no_readable_checkpoint_names_the_files(tmp_path: Path) -> None:
+    ck = tmp_path / "ckpt"
+    ck.mkdir()
+    (ck / "latest.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match=r"no readable checkpoint.*latest\.pt"):
+        fit(ToyTask(), _cfg(tmp_path, epochs=1, stage2_epochs=0, resume=True))
 
 
 def test_stage2_trains_head_only(tmp_path: Path) -> None:

@@ -139,7 +139,7 @@ def _trim_collate(items: list[tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, 
 
 
 class TextTask:
-    """What pipeline.train.fit needs for the text student."""
+    """What pipeline.training.loop.fit needs for the text student."""
 
     def __init__(self, model, ids: np.ndarray, mask: np.ndarray, targets: np.ndarray,
                  teacher_mean: np.ndarray, centred: bool, validation: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]):
@@ -292,7 +292,7 @@ def distill_text(p: DistillTextParams, teacher_h5: Path, manifest: Path, out_dir
     """Train tokenizer and student, score them, write every output; returns the metrics."""
     from pipeline.models.text_student import build_text_student, save_text_student
     from pipeline.text_tokenizer import encode, save_tokenizer, train_tokenizer
-    from pipeline.train import TrainConfig, fit
+    from pipeline.training.loop import TrainConfig, fit
 
     torch.manual_seed(p.seed)
     data = read_teacher_text(teacher_h5)
