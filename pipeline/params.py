@@ -225,7 +225,8 @@ class DistillAudioParams:
         "track_cosine_centred"
     )
     device: str = "auto"  # auto | cpu | cuda
-    # DataLoader worker processes per rank; "auto": the CPUs per rank minus one, 1..8
+    # DataLoader worker processes per rank; "auto": none when the mels are held in memory,
+    # else the CPUs per rank minus one, 1..8
     num_workers: int | Literal["auto"] = "auto"
     # train/val mels are held in memory (float16) up to this many GiB per rank, else streamed
     # from data/mels.h5; "auto": half the available memory, shared by the ranks

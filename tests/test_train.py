@@ -15,7 +15,8 @@ from torch.utils.data import TensorDataset
 from pipeline.losses import DistillLoss
 from pipeline.params import LossParams, PlateauParams
 from pipeline.training.checkpoint import CheckpointError, load_checkpoint
-from pipeline.training.loop import TrainConfig, fit
+from pipeline.training import schedule
+from pipeline.training.loop import TrainConfig, fit, resolve_num_workers
 
 
 class ToyStudent(nn.Module):
@@ -166,6 +167,16 @@ def test_plateau_halves_lr_down_to_min(tmp_path: Path) -> None:
 def test_resume_without_checkpoint_starts_fresh(tmp_path: Path) -> None:
     res = fit(ToyTask(), _cfg(tmp_path, epochs=1, stage2_epochs=0, resume=True))
     assert len(res.history) == 1
+
+
+def test_schedule_and_worker_count() -> None:
+    assert [schedule.get_lr(0.1, s, 4, True) for s in range(4)] == pytest.approx([0.025, 0.05, 0.075, 0.1])
+    assert schedule.get_lr(0.1, 2, 4, False) is None
+    assert schedule.improved(0.5, None, "max") and not schedule.improved(float("nan"), None, "max")
+    assert schedule.improved(0.4, 0.5, "min") and not schedule.improved(0.4, 0.5, "max")
+    assert 1 <= resolve_num_workers("auto") <= 8 and resolve_num_workers(3) == 3
+    with pytest.raises(ValueError, match="num_workers"):
+        resolve_num_workers(-1)
 
 
 def test_batch_must_split_over_ranks_and_epochs_needed(tmp_path: Path) -> None:

@@ -7,7 +7,8 @@
   `pipeline.store.MelCache`'s public API only, one slice per run of consecutive segments (HDF5
   point selections cost ~6x more per segment), with the file opened once per process;
 - `TrainItems` + `Collate`: a training item is a track (strategy tracks/both) or a segment; a
-  batch holds the mel rows, the item of each row and the raw teacher projection of each row.
+  batch holds the mel rows (float16, as stored; the task casts them on the device), the item of
+  each row and the raw teacher projection of each row.
   The segments a track item draws come from (seed, epoch, track), never from a process RNG, so
   any number of DataLoader workers and a resumed run draw the same ones;
 - `monitor_subset`: the fixed, bounded slice of the validation split watched every epoch.
@@ -23,14 +24,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, get_worker_info
 
 from pipeline.paths import MANIFEST, MELS, TEACHER_CACHE
 
 log = logging.getLogger(__name__)
-
-TEACHER_SEGMENT_BYTES = 1001 * 64 * 2  # one float16 teacher log-mel
-
 
 def open_mels(path: Path) -> Any:
     """The mel cache reader (a module-level hook so tests can hand in an in-memory stand-in)."""
@@ -70,13 +68,35 @@ def contiguous_runs(sorted_unique: np.ndarray) -> list[tuple[int, int]]:
     return [(int(sorted_unique[a]), int(sorted_unique[b - 1]) + 1) for a, b in zip(starts, stops)]
 
 
-def read_runs(read, segs: np.ndarray) -> np.ndarray:
-    """`read(slice)` over every run of consecutive segments of `segs` -> rows in `segs` order."""
+def read_runs(read: Any, segs: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """`read(slice)` over every run of consecutive segments of `segs` -> rows in `segs` order,
+    written into `out` when given (cast to its dtype on the way), else a new float32 array."""
     segs = np.asarray(segs, dtype=np.int64)
-    uniq, inverse = np.unique(segs, return_inverse=True)
-    blocks = [read(slice(a, b)) for a, b in contiguous_runs(uniq)]
-    data = blocks[0] if len(blocks) == 1 else np.concatenate(blocks)
-    return data[inverse.reshape(-1)]
+    uniq = np.unique(segs)
+    for a, b in contiguous_runs(uniq):
+        block = read(slice(a, b))
+        if out is None:
+            out = np.empty((len(segs), *block.shape[1:]), dtype=np.float32)
+        for r in np.flatnonzero((segs >= a) & (segs < b)):  # row by row: no temporary copies
+            out[r] = block[segs[r] - a]
+    return out if out is not None else np.zeros((0,), dtype=np.float32)
+
+
+def batch_buffer(shape: tuple[int, ...], dtype: torch.dtype = torch.float16) -> torch.Tensor:
+    """An uninitialised batch tensor. In a DataLoader worker it is allocated in shared memory,
+    as torch's own default_collate does, so handing it to the training process costs no copy
+    (`share_memory_()` on a finished tensor would copy it: ~2x the CPU per segment)."""
+    if get_worker_info() is None or not hasattr(torch.UntypedStorage, "_new_shared"):
+        return torch.empty(shape, dtype=dtype)
+    numel = int(np.prod(shape))
+    storage = torch.UntypedStorage._new_shared(numel * torch.empty((), dtype=dtype).element_size())
+    return torch.empty(0, dtype=dtype).set_(storage).view(shape)
+
+
+def loader_workers(requested: int | str, source: MelSource) -> int | str:
+    """`auto` means no worker process when the mels are held in memory: gathering rows there costs
+    ~0.03 CPU-ms per segment, handing a batch over from a worker ~0.4 (benchmarks/train.py)."""
+    return 0 if requested == "auto" and source.in_memory else requested
 
 
 class MelSource:
@@ -94,13 +114,16 @@ class MelSource:
         self._row_of: np.ndarray | None = None  # segment index -> row of the in-memory arrays
         self._student_arr: np.ndarray | None = None
         self._teacher_arr: np.ndarray | None = None
+        self.shapes: dict[str, tuple[int, ...]] = {}  # per-segment shape of "student" / "teacher" mels
         segments = np.asarray(segments, dtype=np.int64)
         if not len(segments):
             return
         cache = self._handle()
-        per_row = int(np.prod(cache.student_mels(segments[:1]).shape[1:])) * 2
+        self.shapes["student"] = tuple(cache.student_mels(segments[:1]).shape[1:])
+        per_row = int(np.prod(self.shapes["student"])) * 2
         if with_teacher:
-            per_row += TEACHER_SEGMENT_BYTES
+            self.shapes["teacher"] = tuple(cache.teacher_mels(segments[:1]).shape[1:])
+            per_row += int(np.prod(self.shapes["teacher"])) * 2
         if len(segments) * per_row <= memory_limit:
             order = np.unique(segments)
             self._row_of = np.full(int(order[-1]) + 1, -1, dtype=np.int64)
@@ -113,6 +136,18 @@ class MelSource:
         else:
             log.info("streaming %d segments from %s (%.0f MB > in-memory limit %.0f MB)", len(segments), path,
                      len(segments) * per_row / 1e6, memory_limit / 1e6)
+
+    @classmethod
+    def from_arrays(cls, student: np.ndarray, teacher: np.ndarray | None = None) -> MelSource:
+        """A source over mels already in memory (row i = segment i), e.g. synthetic benchmark data."""
+        src = cls(Path("<memory>"), np.zeros(0, dtype=np.int64), with_teacher=teacher is not None)
+        src._row_of = np.arange(len(student), dtype=np.int64)
+        src._student_arr = np.asarray(student, dtype=np.float16)
+        src.shapes["student"] = tuple(student.shape[1:])
+        if teacher is not None:
+            src._teacher_arr = np.asarray(teacher, dtype=np.float16)
+            src.shapes["teacher"] = tuple(teacher.shape[1:])
+        return src
 
     @property
     def in_memory(self) -> bool:
@@ -135,19 +170,29 @@ class MelSource:
         state["_pid"] = None
         return state
 
-    def _read(self, segs: np.ndarray, teacher: bool) -> np.ndarray:
+    def _read(self, segs: np.ndarray, teacher: bool, out: np.ndarray | None) -> np.ndarray:
         segs = np.asarray(segs, dtype=np.int64)
         if self._row_of is not None:
             arr = self._teacher_arr if teacher else self._student_arr
-            return arr[self._row_of[segs]].astype(np.float32)
+            if out is None:
+                return arr[self._row_of[segs]].astype(np.float32)
+            return np.take(arr, self._row_of[segs], axis=0, out=out)
         cache = self._handle()
-        return read_runs(cache.teacher_mels if teacher else cache.student_mels, segs).astype(np.float32, copy=False)
+        return read_runs(cache.teacher_mels if teacher else cache.student_mels, segs, out)
 
-    def student(self, segs: np.ndarray) -> np.ndarray:
-        return self._read(segs, teacher=False)
+    def student(self, segs: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """float32 [n, 128, frames], or written into `out` (e.g. a float16 batch buffer)."""
+        return self._read(segs, teacher=False, out=out)
 
-    def teacher(self, segs: np.ndarray) -> np.ndarray:
-        return self._read(segs, teacher=True)
+    def teacher(self, segs: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        return self._read(segs, teacher=True, out=out)
+
+    def batch(self, segs: np.ndarray, teacher: bool = False) -> torch.Tensor:
+        """float16 tensor of the segments' mels (the stored precision: values as in the file),
+        in shared memory when built in a DataLoader worker."""
+        out = batch_buffer((len(segs), *self.shapes["teacher" if teacher else "student"]))
+        self._read(segs, teacher, out.numpy())
+        return out
 
 
 @dataclass
@@ -260,12 +305,12 @@ class Collate:
         segs = np.concatenate(rows)
         item_of_row = np.concatenate([np.full(len(r), k, dtype=np.int64) for k, r in enumerate(rows)])
         batch = {
-            "mels": torch.from_numpy(self.source.student(segs)),
+            "mels": self.source.batch(segs),
             "row_item": torch.from_numpy(item_of_row),
             "teacher_raw_rows": torch.from_numpy((self.seg_emb[segs] * self.seg_norm[segs, None]).astype(np.float32)),
         }
         if self.source.with_teacher:
-            batch["teacher_mels"] = torch.from_numpy(self.source.teacher(segs))
+            batch["teacher_mels"] = self.source.batch(segs, teacher=True)
         return batch
 
 

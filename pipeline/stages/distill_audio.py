@@ -37,6 +37,7 @@ from pipeline.data.datasets import (
     average_rows,
     in_memory_limit,
     load_splits,
+    loader_workers,
     monitor_subset,
 )
 from pipeline.manifest import read_manifest
@@ -97,7 +98,7 @@ class AudioDistillTask:
         self.train_segments_for_bn = train.segments[np.linspace(0, len(train.segments) - 1, n_bn).astype(np.int64)]
 
     def embed_batch(self, encode, batch):
-        mels, row_item = batch["mels"], batch["row_item"]
+        mels, row_item = batch["mels"].float(), batch["row_item"]  # float16 from the loader
         n_items = int(row_item.max()) + 1
         plan = None
         if self.augmenter.active:
@@ -105,7 +106,7 @@ class AudioDistillTask:
             mels = self.augmenter.apply_student(mels, plan)
         raw = encode(mels)
         if self.teacher is not None:  # the teacher hears exactly what the student heard
-            tmels = batch["teacher_mels"]
+            tmels = batch["teacher_mels"].float()
             if plan is not None:
                 tmels = self.augmenter.apply_teacher(tmels, plan)
             t_raw = self.teacher.embed_mels_raw(tmels).clone().to(raw.device)
@@ -326,6 +327,7 @@ def train_audio_student(
         monitor=p.monitor,
         resume=resume,
         device=p.device,
+        num_workers=loader_workers(p.num_workers, source),
         centre=centre,
     )
     result = fit(task, cfg)
