@@ -161,9 +161,10 @@ class TextQueryParams:
 @dataclass
 class TeacherParams:
     model: TeacherModelParams = field(default_factory=TeacherModelParams)
-    batch_size: int = 8
+    batch_size: int = 8  # segments per forward pass on CPU
+    cuda_batch_size: int = 256  # segments per forward pass on CUDA
     device: str = "auto"  # auto | cpu | cuda
-    dtype: Literal["fp32", "bf16"] = "fp32"
+    dtype: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
 
 
 @dataclass
