@@ -41,9 +41,10 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
 
 
 def init_ranks(device: torch.device) -> Ranks:
-    """Join the process group torchrun set up (WORLD_SIZE > 1), else a single process."""
+    """Join the process group torchrun set up (also for one process: DDP then runs as asked),
+    else a plain single process."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    if world <= 1 and not under_torchrun():
         return Ranks()
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
@@ -84,7 +85,7 @@ def wrap_encoder(model: nn.Module, ranks: Ranks, device: torch.device, compile_m
     Rebuilt when stage 2 freezes the encoder: DDP registers hooks on the parameters that require
     grad at construction time."""
     enc: nn.Module = RawEncoder(model)
-    if ranks.world > 1:
+    if ranks.world > 1 or dist.is_initialized():
         enc = nn.parallel.DistributedDataParallel(enc, device_ids=[device.index] if device.type == "cuda" else None)
     if compile_model:
         enc = torch.compile(enc)

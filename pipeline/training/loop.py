@@ -400,7 +400,8 @@ def _check(cfg: TrainConfig, ranks: D.Ranks) -> None:
         raise ValueError(f"need at least one epoch (epochs={cfg.epochs}, stage2_epochs={cfg.stage2_epochs})")
 
 
-def _prepare_model(task: Distillation, cfg: TrainConfig, device: torch.device) -> nn.Module:
+def prepare_model(task: Distillation, cfg: TrainConfig, device: torch.device) -> nn.Module:
+    """The task's model on `device` (channels_last weights on CUDA when asked)."""
     model = task.model.to(device)
     if cfg.channels_last and device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
@@ -423,7 +424,7 @@ def fit(task: Distillation, cfg: TrainConfig) -> TrainResult:
     ranks = D.init_ranks(device)
     _check(cfg, ranks)
     ckpt_io.seed_everything(cfg.seed + ranks.rank)
-    model = _prepare_model(task, cfg, device)
+    model = prepare_model(task, cfg, device)
     loss_fn = DistillLoss(cfg.loss, centre=cfg.centre).to(device)
 
     ckpt = restore(cfg, ranks)
