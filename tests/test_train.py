@@ -140,6 +140,22 @@ def test_resume_falls_back_to_the_newest_readable_checkpoint(tmp_path: Path, cap
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_unreadable_best_is_pointed_back_at_the_recorded_best_epoch(tmp_path: Path) -> None:
+    from pipeline.training.checkpoint import repair_best
+
+    fit(ToyTask(), _cfg(tmp_path, epochs=3, stage2_epochs=0))
+    ck = tmp_path / "ckpt"
+    (ck / "best.pt").unlink()
+    (ck / "best.pt").write_bytes(b"truncated")
+    epoch2 = load_checkpoint(ck / "epoch_002.pt")
+    repair_best(ck, epoch2)
+    assert (ck / "best.pt").samefile(ck / f"epoch_{epoch2['best']['epoch']:03d}.pt")
+    (ck / "best.pt").unlink()
+    (ck / "best.pt").write_bytes(b"truncated")
+    repair_best(ck, {"best": {"epoch": 9}})  # no such epoch file: removed rather than left broken
+    assert not (ck / "best.pt").exists()
+
+
 def test_resume_with_no_readable_checkpoint_names_the_files(tmp_path: Path) -> None:
     ck = tmp_path / "ckpt"
     ck.mkdir()

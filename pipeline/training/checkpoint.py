@@ -128,6 +128,28 @@ def find_resumable(ckpt_dir: Path) -> tuple[Path, dict[str, Any]] | None:
     return None
 
 
+def repair_best(ckpt_dir: Path, ckpt: dict[str, Any]) -> None:
+    """After resuming from an older file than latest.pt: when best.pt is unreadable too (the same
+    file under another name), point it at the epoch `ckpt` records as best, or remove it."""
+    best = ckpt_dir / BEST
+    if not best.exists():
+        return
+    try:
+        load_checkpoint(best)
+        return
+    except CheckpointError:
+        pass
+    src = epoch_path(ckpt_dir, int(ckpt.get("best", {}).get("epoch", 0)))
+    try:
+        load_checkpoint(src)
+    except CheckpointError:
+        best.unlink()
+        log.warning("%s was unreadable and %s is not there to replace it: removed", best, src.name)
+        return
+    _link_or_copy(src, best)
+    log.warning("%s was unreadable: now %s again", best, src.name)
+
+
 # ------------------------------------------------------------------------- writing
 
 

@@ -215,6 +215,8 @@ def restore(cfg: TrainConfig, ranks: D.Ranks) -> dict[str, Any] | None:
         log.warning("--resume: no checkpoint in %s, starting from scratch", ckpt_dir)
     if ranks.main:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
+        if found is not None and found[0].name != ckpt_io.LATEST:
+            ckpt_io.repair_best(ckpt_dir, found[1])
         if found is None:
             n = ckpt_io.remove_all(ckpt_dir)
             if n:
