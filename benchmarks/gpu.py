@@ -106,7 +106,7 @@ class SyntheticDistillation:
     def __init__(self, backbone: str, n_segments: int, frames: int) -> None:
         rng = np.random.default_rng(0)
         segs = np.arange(n_segments)
-        mels = (rng.standard_normal((n_segments, 128, frames)) * 0.3 - 0.5).astype(np.float16)
+        mels = (rng.standard_normal((n_segments, 128, frames), dtype=np.float32) * 0.3 - 0.5).astype(np.float16)
         emb = rng.standard_normal((n_segments, 512)).astype(np.float32)
         emb /= np.linalg.norm(emb, axis=1, keepdims=True)
         split = Split(segs, [str(i) for i in segs], [segs[i:i + 1] for i in segs], segs, emb)

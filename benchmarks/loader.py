@@ -45,7 +45,7 @@ def training_data(root: Path, mode: str, synthetic_tracks: int = 40, frames: int
     else:
         per = 12  # segments per synthetic track (a 1-minute song)
         segs = np.arange(synthetic_tracks * per)
-        mels = np.random.default_rng(0).standard_normal((len(segs), 128, frames)) * 0.3 - 0.5
+        mels = np.random.default_rng(0).standard_normal((len(segs), 128, frames), dtype=np.float32) * 0.3 - 0.5
         source = MelSource.from_arrays(mels.astype(np.float16))
         rng = np.random.default_rng(1)
         seg_emb = rng.standard_normal((len(segs), 512)).astype(np.float32)
