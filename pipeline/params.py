@@ -184,9 +184,10 @@ class TextQueryParams:
 @dataclass
 class TeacherParams:
     model: TeacherModelParams = field(default_factory=TeacherModelParams)
-    batch_size: int = 8
+    batch_size: int = 8  # segments per forward pass on CPU
+    cuda_batch_size: int = 256  # segments per forward pass on CUDA
     device: str = "auto"  # auto | cpu | cuda
-    dtype: Literal["fp32", "bf16"] = "fp32"
+    dtype: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
 
 
 @dataclass
@@ -248,7 +249,18 @@ class DistillAudioParams:
         "track_cosine_centred"
     )
     device: str = "auto"  # auto | cpu | cuda
-    num_workers: int = 0
+    # DataLoader worker processes per rank; "auto": none when the mels are held in memory,
+    # else the CPUs per rank minus one, 1..8
+    num_workers: int | Literal["auto"] = "auto"
+    # train/val mels are held in memory (float16) up to this many GiB per rank, else streamed
+    # from data/mels.h5; "auto": half the available memory, shared by the ranks
+    in_memory_gb: float | Literal["auto"] = "auto"
+    # per-epoch validation: every validation track, at most this many segments (evenly spaced
+    # within each track); the whole split is scored once after training
+    val_max_segments: int = 2048
+    precision: Literal["bf16", "fp32"] = "bf16"  # bf16 autocast on CUDA; CPU always trains in fp32
+    channels_last: bool = True  # CUDA only
+    compile: bool = False  # torch.compile the student for training
     nproc: int = 1
     seed: int = 0
 

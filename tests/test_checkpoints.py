@@ -7,11 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.training.checkpoint import describe, list_checkpoints, parameter_count, reset
+from pipeline.training.checkpoint import CheckpointError, describe, list_checkpoints, parameter_count, reset
 from pipeline.cli import main as cli_main
 from pipeline.models.audio_student import build_audio_student, save_audio_student
 from pipeline.params import PlateauParams
-from pipeline.training.loop import TrainConfig, fit, load_checkpoint
+from pipeline.training.checkpoint import load_checkpoint
+from pipeline.training.loop import TrainConfig, fit
 
 from test_train import ToyTask  # the loop tests' toy student (tests/ is on sys.path under pytest)
 
@@ -73,10 +74,10 @@ def test_reset_lr_keeps_optimizer_moments(trained: Path) -> None:
 
 
 def test_reset_refuses_nonsense(trained: Path, tmp_path: Path) -> None:
-    with pytest.raises(SystemExit, match="nothing to reset"):
+    with pytest.raises(CheckpointError, match="nothing to reset"):
         reset(trained / "latest.pt")
     save_audio_student(tmp_path / "student.pt", build_audio_student({}), {})
-    with pytest.raises(SystemExit, match="not a training checkpoint"):
+    with pytest.raises(CheckpointError, match="not a training checkpoint"):
         reset(tmp_path / "student.pt", lr=0.1)
-    with pytest.raises(SystemExit, match="no such file"):
+    with pytest.raises(CheckpointError, match="no such file"):
         describe(tmp_path / "missing.pt")

@@ -24,6 +24,7 @@ from pipeline.training.augment import (
 )
 from pipeline.models.audio_student import build_audio_student, load_audio_student
 from pipeline.params import AugmentParams, Params, params_from_dict
+from pipeline.data import datasets
 from pipeline.stages import distill_audio as stage
 
 N_FRAMES = 48  # short mels keep the CPU tests fast; the network is length-agnostic
@@ -62,10 +63,10 @@ class FakeMelCache:
 
     def student_mels(self, idx) -> np.ndarray:
         self.reads += 1
-        return self._student[np.asarray(idx)]
+        return self._student[idx if isinstance(idx, slice) else np.asarray(idx)]
 
     def teacher_mels(self, idx) -> np.ndarray:
-        return self._teacher[np.asarray(idx)]
+        return self._teacher[idx if isinstance(idx, slice) else np.asarray(idx)]
 
 
 @pytest.fixture()
@@ -106,7 +107,7 @@ def workspace(tmp_path: Path, monkeypatch):
             for i, (t, s) in enumerate(zip(ids, splits))]
     manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
     cache = FakeMelCache(student, teacher_mels, ids, counts)
-    monkeypatch.setattr(stage, "_open_mels", lambda path: cache)
+    monkeypatch.setattr(datasets, "open_mels", lambda path: cache)
     return {"teacher": teacher_h5, "manifest": manifest, "cache": cache, "tmp": tmp_path}
 
 
@@ -114,7 +115,7 @@ def _params(**over) -> Params:
     section = {
         "model": "mn04_as", "epochs": 2, "stage2_epochs": 1, "batch_size": 4, "lr": 0.003, "stage2_lr": 0.001,
         "dropout": 0.0, "augment": {"gain_db": 3.0, "spec_masks": True, "freq_mask": 8, "time_mask": 8, "mixup": 0.5},
-        "device": "cpu",
+        "device": "cpu", "num_workers": 0,
     }
     section.update(over)
     return params_from_dict({"distill_audio": section})
@@ -133,19 +134,19 @@ def test_both_strategy_mixes_segments_and_track_averages(workspace) -> None:
 
     cache = workspace["cache"]
     with TeacherCache(workspace["teacher"]) as t:
-        train, val = stage.load_splits(cache, t, [json.loads(x) for x in workspace["manifest"].read_text().splitlines()])
+        train, val = datasets.load_splits(cache, t, [json.loads(x) for x in workspace["manifest"].read_text().splitlines()])
         seg_emb, seg_norm = t.segment_embeddings, t.segment_raw_norms
     assert train.track_ids == ["fma:0", "fma:1", "fma:3", "fma:5", "fma:7"]
     assert len(train.segments) == 8 and len(val.segments) == 7
-    assert len(stage.TrainItems(train, "both")) == 5 and len(stage.TrainItems(train, "segments")) == 8
-    source = stage.MelSource(Path("unused"), train.segments, with_teacher=False)
+    assert len(datasets.TrainItems(train, "both")) == 5 and len(datasets.TrainItems(train, "segments")) == 8
+    source = datasets.MelSource(Path("unused"), train.segments, with_teacher=False)
 
     p = _params(strategy="both", segments_per_track=0, augment={"gain_db": 0.0}).distill_audio
     task = stage.AudioDistillTask(build_audio_student({"backbone": "mn04_as"}), train, val, source,
                                   seg_emb, seg_norm, p, stage.Augmenter(p.augment))
     batch = task.collate_fn([0, 2])  # fma:0 (2 segments) and fma:3 (2 segments)
     assert batch["row_item"].tolist() == [0, 0, 1, 1]
-    assert batch["mels"].shape == (4, 128, N_FRAMES)
+    assert batch["mels"].shape == (4, 128, N_FRAMES) and batch["mels"].dtype == torch.float16
 
     calls = []
 
@@ -160,17 +161,17 @@ def test_both_strategy_mixes_segments_and_track_averages(workspace) -> None:
     np.testing.assert_allclose(target[0].numpy(), seg_emb[segs[0]], rtol=1e-5, atol=1e-6)
     # track row: L2(mean of raw teacher projections) over the drawn segments = the cached track vector
     np.testing.assert_allclose(target[4].numpy(), train.teacher_tracks[0], rtol=1e-4, atol=1e-5)
-    rows = encode(batch["mels"])
+    rows = encode(batch["mels"].float())  # the loader hands float16, as stored
     assert torch.allclose(student[4], rows[:2].mean(0)) and torch.allclose(student[:4], rows)
 
     # a cap on segments per track draws a subset; "tracks" keeps only the track rows
-    capped = stage.Collate(train, source, seg_emb, seg_norm, True, 1)([0, 2, 4])
+    capped = datasets.Collate(train, source, seg_emb, seg_norm, True, 1)([0, 2, 4])
     assert capped["row_item"].tolist() == [0, 1, 2]
     p_tr = _params(strategy="tracks", augment={"gain_db": 0.0}).distill_audio
     task_tr = stage.AudioDistillTask(task.model, train, val, source, seg_emb, seg_norm, p_tr, stage.Augmenter(p_tr.augment))
     s_tr, _ = task_tr.embed_batch(encode, task_tr.collate_fn([0, 2]))
     assert s_tr.shape == (2, 512)
-    assert stage.average_rows(torch.tensor([[1.0, 0.0], [3.0, 2.0], [5.0, 5.0]]), torch.tensor([0, 0, 1]), 2).tolist() \
+    assert datasets.average_rows(torch.tensor([[1.0, 0.0], [3.0, 2.0], [5.0, 5.0]]), torch.tensor([0, 0, 1]), 2).tolist() \
         == [[2.0, 1.0], [5.0, 5.0]]
 
 
@@ -307,14 +308,96 @@ def test_bias_length_search_finds_the_raw_cosine_optimum() -> None:
 
 
 def test_stage_resume_reproduces_the_straight_run(workspace) -> None:
-    """Augmentation, segment draws and BatchNorm recalibration included: 2 epochs straight equal
-    1 epoch + --resume + 1 epoch, weight for weight."""
+    """Augmentation, segment draws and BatchNorm recalibration included: 2 epochs straight (no
+    loader workers) equal 1 epoch + --resume + 1 epoch (2 workers), weight for weight."""
     kw = dict(epochs=2, stage2_epochs=0)
     _train(workspace, workspace["tmp"] / "a", **kw)
-    _train(workspace, workspace["tmp"] / "b", epochs=1, stage2_epochs=0)
-    _train(workspace, workspace["tmp"] / "b", resume=True, **kw)
+    # the interrupted run uses 2 loader workers: segment draws come from (seed, epoch, track),
+    # not from a worker's RNG, so neither the worker count nor the restart changes them
+    _train(workspace, workspace["tmp"] / "b", epochs=1, stage2_epochs=0, num_workers=2)
+    _train(workspace, workspace["tmp"] / "b", resume=True, num_workers=2, **kw)
     a = torch.load(workspace["tmp"] / "a" / "checkpoints" / "latest.pt", weights_only=True)
     b = torch.load(workspace["tmp"] / "b" / "checkpoints" / "latest.pt", weights_only=True)
     assert a["epoch"] == b["epoch"] == 2
     for k, v in a["model"].items():
         assert torch.equal(v, b["model"][k]), k
+
+
+# ----------------------------------------------------------------------------- loader and validation subset
+
+
+def test_streamed_reads_one_slice_per_run_and_match_memory(workspace) -> None:
+    cache = workspace["cache"]
+    # the real cache stores float16, so holding it in memory as float16 loses nothing
+    cache._student = cache._student.astype(np.float16).astype(np.float32)
+    cache._teacher = cache._teacher.astype(np.float16).astype(np.float32)
+    assert datasets.contiguous_runs(np.array([0, 1, 2, 5, 7, 8])) == [(0, 3), (5, 6), (7, 9)]
+    segs = np.array([7, 0, 1, 2, 5, 8, 1])  # any order, repeats allowed
+    streamed = datasets.MelSource(Path("unused"), np.arange(15), with_teacher=True, memory_limit=0)
+    in_memory = datasets.MelSource(Path("unused"), np.arange(15), with_teacher=True, memory_limit=1 << 30)
+    assert not streamed.in_memory and in_memory.in_memory
+    cache.reads = 0
+    rows = streamed.student(segs)
+    assert cache.reads == 3  # runs 0-2, 5, 7-8: one slice each
+    np.testing.assert_array_equal(rows, cache._student[segs])
+    np.testing.assert_array_equal(in_memory.student(segs), rows)
+    np.testing.assert_array_equal(in_memory.teacher(segs), streamed.teacher(segs))
+    assert datasets.loader_workers("auto", in_memory) == 0 and datasets.loader_workers(3, in_memory) == 3
+    assert datasets.loader_workers("auto", streamed) == "auto"
+    assert datasets.in_memory_limit(0) == 0 and datasets.in_memory_limit(1.5) == 3 << 29
+    # auto: a quarter of the available memory for each of 2 ranks (which moves a little meanwhile)
+    assert 0.5 < 4 * datasets.in_memory_limit("auto", world=2) / datasets.available_memory_bytes() < 1.5
+
+
+def test_segment_draws_depend_on_seed_epoch_and_track_only(workspace) -> None:
+    from pipeline.data.teacher_cache import TeacherCache
+
+    with TeacherCache(workspace["teacher"]) as t:
+        train, _ = datasets.load_splits(workspace["cache"], t, [json.loads(x) for x in workspace["manifest"].read_text().splitlines()])
+        seg_emb, seg_norm = t.segment_embeddings, t.segment_raw_norms
+    source = datasets.MelSource(Path("unused"), train.segments, with_teacher=False)
+    collate = datasets.Collate(train, source, seg_emb, seg_norm, True, 1, seed=4)
+    assert datasets.TrainItems(train, "both")[(3, 1)] == (3, 1)
+
+    def drawn(epoch: int) -> list[float]:
+        return collate([(epoch, 0), (epoch, 2)])["teacher_raw_rows"][:, 0].tolist()
+
+    torch.manual_seed(0)
+    first = drawn(1)
+    torch.manual_seed(99)  # no process RNG is involved
+    assert drawn(1) == first
+    assert any(drawn(e) != first for e in range(2, 8))  # other epochs draw other segments
+
+
+def test_per_epoch_validation_watches_a_bounded_subset_of_every_track(workspace) -> None:
+    from pipeline.data.teacher_cache import TeacherCache
+
+    with TeacherCache(workspace["teacher"]) as t:
+        _, val = datasets.load_splits(workspace["cache"], t, [json.loads(x) for x in workspace["manifest"].read_text().splitlines()])
+        seg_emb, seg_norm = np.asarray(t.segment_embeddings), np.asarray(t.segment_raw_norms)
+    assert [len(s) for s in val.track_segments] == [3, 1, 3]
+    assert datasets.monitor_subset(val, 7, seg_emb, seg_norm) is val  # fits: the whole split
+    sub = datasets.monitor_subset(val, 4, seg_emb, seg_norm)  # 1 per track (4 // 3)
+    assert sub.track_ids == val.track_ids and len(sub.segments) == 3
+    assert [s.tolist() for s in sub.track_segments] == [[val.track_segments[0][0]], val.track_segments[1].tolist(),
+                                                         [val.track_segments[2][0]]]
+    np.testing.assert_allclose(sub.teacher_tracks[0], seg_emb[val.track_segments[0][0]], atol=1e-6)
+    np.testing.assert_array_equal(sub.teacher_tracks[1], val.teacher_tracks[1])  # complete track: cached vector
+    sub2 = datasets.monitor_subset(val, 6, seg_emb, seg_norm)  # 2 per track: first and last
+    assert [s.tolist() for s in sub2.track_segments][0] == [val.track_segments[0][0], val.track_segments[0][2]]
+    with pytest.raises(ValueError, match="val_max_segments"):
+        datasets.monitor_subset(val, 0, seg_emb, seg_norm)
+
+
+def test_stage_validates_on_the_subset_and_reports_the_full_split(workspace, monkeypatch) -> None:
+    scored = []
+    real = stage.validation_metrics
+
+    def spy(raw, val, *args):
+        scored.append((len(raw), len(val.track_ids)))
+        return real(raw, val, *args)
+
+    monkeypatch.setattr(stage, "validation_metrics", spy)
+    _train(workspace, workspace["tmp"] / "audio_sub", epochs=2, stage2_epochs=0, val_max_segments=3)
+    # every epoch: 1 segment of each of the 3 validation tracks; after training: all 7 segments
+    assert scored == [(3, 3), (3, 3), (7, 3)]

@@ -128,6 +128,9 @@ def test_bf16_on_cpu_falls_back_to_fp32(demo_dir: Path, caplog: pytest.LogCaptur
     t = load_teacher(demo_dir, device="cpu", dtype="bf16", verify=False)
     assert t.dtype == torch.float32
     assert "bf16 is for GPUs" in caplog.text
+    caplog.clear()
+    auto = load_teacher(demo_dir, device="cpu", dtype="auto", verify=False)  # auto: fp32 off CUDA, quietly
+    assert auto.dtype == torch.float32 and "bf16" not in caplog.text
 
 
 def test_teacher_model_stage_builds_demo(tmp_path: Path, demo_dir: Path) -> None:

@@ -14,7 +14,9 @@ from torch.utils.data import TensorDataset
 
 from pipeline.training.losses import DistillLoss
 from pipeline.params import LossParams, PlateauParams
-from pipeline.training.loop import TrainConfig, fit, load_checkpoint
+from pipeline.training.checkpoint import CheckpointError, load_checkpoint
+from pipeline.training import schedule
+from pipeline.training.loop import TrainConfig, fit, resolve_num_workers
 
 
 class ToyStudent(nn.Module):
@@ -120,6 +122,48 @@ def test_resume_is_exact(tmp_path: Path) -> None:
     assert len(tsv.read_text().strip().splitlines()) == 1 + 4
 
 
+def test_resume_falls_back_to_the_newest_readable_checkpoint(tmp_path: Path, caplog) -> None:
+    """A truncated latest.pt (and the epoch file it links to) is skipped with a warning; the run
+    continues from the previous epoch and still matches an uninterrupted one."""
+    fit(ToyTask(), _cfg(tmp_path / "a", epochs=4, stage2_epochs=0))
+    fit(ToyTask(), _cfg(tmp_path / "b", epochs=3, stage2_epochs=0))
+    latest = tmp_path / "b" / "ckpt" / "latest.pt"
+    with open(latest, "r+b") as f:  # truncates epoch_003.pt too: the same file under two names
+        f.truncate(latest.stat().st_size // 2)
+    with caplog.at_level("WARNING"):
+        resumed = fit(ToyTask(), _cfg(tmp_path / "b", epochs=4, stage2_epochs=0, resume=True))
+    assert "latest.pt: not a readable checkpoint" in caplog.text
+    assert "resuming from" in caplog.text and "epoch_002.pt (epoch 2) instead" in caplog.text
+    assert [h["epoch"] for h in resumed.history] == [1, 2, 3, 4]
+    a = load_checkpoint(tmp_path / "a" / "ckpt" / "latest.pt")["model"]
+    b = load_checkpoint(tmp_path / "b" / "ckpt" / "latest.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_unreadable_best_is_pointed_back_at_the_recorded_best_epoch(tmp_path: Path) -> None:
+    from pipeline.training.checkpoint import repair_best
+
+    fit(ToyTask(), _cfg(tmp_path, epochs=3, stage2_epochs=0))
+    ck = tmp_path / "ckpt"
+    (ck / "best.pt").unlink()
+    (ck / "best.pt").write_bytes(b"truncated")
+    epoch2 = load_checkpoint(ck / "epoch_002.pt")
+    repair_best(ck, epoch2)
+    assert (ck / "best.pt").samefile(ck / f"epoch_{epoch2['best']['epoch']:03d}.pt")
+    (ck / "best.pt").unlink()
+    (ck / "best.pt").write_bytes(b"truncated")
+    repair_best(ck, {"best": {"epoch": 9}})  # no such epoch file: removed rather than left broken
+    assert not (ck / "best.pt").exists()
+
+
+def test_resume_with_no_readable_checkpoint_names_the_files(tmp_path: Path) -> None:
+    ck = tmp_path / "ckpt"
+    ck.mkdir()
+    (ck / "latest.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match=r"no readable checkpoint.*latest\.pt"):
+        fit(ToyTask(), _cfg(tmp_path, epochs=1, stage2_epochs=0, resume=True))
+
+
 def test_stage2_trains_head_only(tmp_path: Path) -> None:
     fit(ToyTask(), _cfg(tmp_path, epochs=2, stage2_epochs=2))
     e2 = load_checkpoint(tmp_path / "ckpt" / "epoch_002.pt")
@@ -139,6 +183,16 @@ def test_plateau_halves_lr_down_to_min(tmp_path: Path) -> None:
 def test_resume_without_checkpoint_starts_fresh(tmp_path: Path) -> None:
     res = fit(ToyTask(), _cfg(tmp_path, epochs=1, stage2_epochs=0, resume=True))
     assert len(res.history) == 1
+
+
+def test_schedule_and_worker_count() -> None:
+    assert [schedule.get_lr(0.1, s, 4, True) for s in range(4)] == pytest.approx([0.025, 0.05, 0.075, 0.1])
+    assert schedule.get_lr(0.1, 2, 4, False) is None
+    assert schedule.improved(0.5, None, "max") and not schedule.improved(float("nan"), None, "max")
+    assert schedule.improved(0.4, 0.5, "min") and not schedule.improved(0.4, 0.5, "max")
+    assert 1 <= resolve_num_workers("auto") <= 8 and resolve_num_workers(3) == 3
+    with pytest.raises(ValueError, match="num_workers"):
+        resolve_num_workers(-1)
 
 
 def test_batch_must_split_over_ranks_and_epochs_needed(tmp_path: Path) -> None:

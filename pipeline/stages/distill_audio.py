@@ -20,206 +20,49 @@ import argparse
 import json
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
 from pipeline.evaluation import metrics as M
 from pipeline.training.augment import Augmenter, frontend_centres, mixup_targets
+from pipeline.data import datasets
+from pipeline.data.datasets import (
+    Collate,
+    MelSource,
+    Split,
+    TrainItems,
+    average_rows,
+    in_memory_limit,
+    load_splits,
+    loader_workers,
+    monitor_subset,
+)
 from pipeline.data.manifest import read_manifest
 from pipeline.models.audio_student import AudioStudent, init_audio_student, save_audio_student
 from pipeline.params import DistillAudioParams, Params
 from pipeline.paths import MANIFEST, MELS, TEACHER_CACHE
-from pipeline.training.loop import TrainConfig, fit, relaunch_with_torchrun, under_torchrun
+from pipeline.training.distributed import relaunch_with_torchrun, under_torchrun
+from pipeline.training.loop import TrainConfig, fit
 
 log = logging.getLogger(__name__)
 
 OUT_DIR = Path("models/audio")
-PRELOAD_LIMIT_BYTES = 1 << 30  # train mels up to 1 GiB (fp16) are held in memory
 # Before each stage-1 validation the encoder's BatchNorm statistics are recomputed on this many
 # train segments (see AudioStudent.recalibrate_batchnorm); stage 2 keeps them frozen.
 BN_CALIBRATION_SEGMENTS = 128
-
-
-def _open_mels(path: Path):
-    from pipeline.data.mel_cache import MelCache
-
-    return MelCache(path)
-
-
-# ----------------------------------------------------------------------------- data
-
-
-class MelSource:
-    """Student (and optionally teacher) mels of given segments: from memory when small, otherwise
-    read from the HDF5 file, opened once per process (DataLoader workers must not share handles)."""
-
-    def __init__(self, path: Path, segments: np.ndarray, with_teacher: bool) -> None:
-        self.path = path
-        self.with_teacher = with_teacher
-        self._pid: int | None = None
-        self._cache = None
-        self._student: dict[int, int] | None = None
-        self._student_arr: np.ndarray | None = None
-        self._teacher_arr: np.ndarray | None = None
-        cache = self._handle()
-        shape = cache.student_mels(np.asarray(segments[:1], dtype=np.int64)).shape if len(segments) else (0, 0, 0)
-        per_row = int(np.prod(shape[1:])) * 2
-        if with_teacher:
-            per_row += 1001 * 64 * 2
-        if len(segments) and len(segments) * per_row <= PRELOAD_LIMIT_BYTES:
-            order = np.sort(np.asarray(segments, dtype=np.int64))
-            self._student = {int(s): i for i, s in enumerate(order)}
-            self._student_arr = cache.student_mels(order).astype(np.float16)
-            if with_teacher:
-                self._teacher_arr = cache.teacher_mels(order).astype(np.float16)
-            log.info("holding %d segments in memory (%.0f MB)", len(order), len(order) * per_row / 1e6)
-            self.close()
-
-    def _handle(self):
-        if self._cache is None or self._pid != os.getpid():
-            self._cache = _open_mels(self.path)
-            self._pid = os.getpid()
-        return self._cache
-
-    def close(self) -> None:
-        if self._cache is not None and self._pid == os.getpid():
-            self._cache.close()
-        self._cache = None
-
-    def __getstate__(self) -> dict[str, Any]:  # workers reopen the file themselves
-        state = dict(self.__dict__)
-        state["_cache"] = None
-        state["_pid"] = None
-        return state
-
-    def _read(self, segs: np.ndarray, teacher: bool) -> np.ndarray:
-        if self._student is not None:
-            rows = np.fromiter((self._student[int(s)] for s in segs), dtype=np.int64, count=len(segs))
-            arr = self._teacher_arr if teacher else self._student_arr
-            return arr[rows].astype(np.float32)
-        order = np.argsort(segs, kind="stable")
-        uniq, inverse = np.unique(segs[order], return_inverse=True)
-        cache = self._handle()
-        data = cache.teacher_mels(uniq) if teacher else cache.student_mels(uniq)
-        out = np.empty((len(segs), *data.shape[1:]), dtype=np.float32)
-        out[order] = data[inverse]
-        return out
-
-    def student(self, segs: np.ndarray) -> np.ndarray:
-        return self._read(segs, teacher=False)
-
-    def teacher(self, segs: np.ndarray) -> np.ndarray:
-        return self._read(segs, teacher=True)
-
-
-@dataclass
-class Split:
-    """Segment and track indices of one split, with the teacher targets."""
-
-    tracks: np.ndarray  # mel-cache track indices
-    track_ids: list[str]
-    track_segments: list[np.ndarray]  # per track, its global segment indices
-    segments: np.ndarray  # all segments of these tracks
-    teacher_tracks: np.ndarray  # [n_tracks, 512]
-
-
-def load_splits(mels, teacher, manifest: list[dict]) -> tuple[Split, Split]:
-    """Train/val from the manifest's `split`; tracks missing from either cache are left out (logged)."""
-    split_of = {r["track_id"]: r.get("split") for r in manifest}
-    t_row = {tid: i for i, tid in enumerate(teacher.track_ids)}
-    t_emb = np.asarray(teacher.track_embeddings, dtype=np.float32)
-    parts: dict[str, list[int]] = {"train": [], "val": []}
-    missing = 0
-    for i, tid in enumerate(mels.track_ids):
-        s = split_of.get(tid)
-        if s not in parts or tid not in t_row:
-            missing += 1
-            continue
-        parts[s].append(i)
-    if missing:
-        log.warning("%d tracks of the mel cache are not in the manifest or the teacher cache; left out", missing)
-
-    def build(idx: list[int]) -> Split:
-        ids = [mels.track_ids[i] for i in idx]
-        segs = [np.asarray(mels.track_segments(t), dtype=np.int64) for t in ids]
-        flat = np.concatenate(segs) if segs else np.zeros(0, dtype=np.int64)
-        teach = t_emb[[t_row[t] for t in ids]] if ids else np.zeros((0, t_emb.shape[1]), dtype=np.float32)
-        return Split(np.asarray(idx, dtype=np.int64), ids, segs, flat, teach)
-
-    train, val = build(parts["train"]), build(parts["val"])
-    if not len(train.tracks):
-        raise ValueError(f"{MANIFEST}: no track with split 'train' is in {MELS} and {TEACHER_CACHE}")
-    if not len(val.tracks):
-        raise ValueError(f"{MANIFEST}: no track with split 'val' is in {MELS} and {TEACHER_CACHE}")
-    return train, val
-
-
-class TrainItems(Dataset):
-    """"segments": item i is train segment i; "tracks" / "both": item i is train track i."""
-
-    def __init__(self, split: Split, strategy: str) -> None:
-        self.split = split
-        self.by_track = strategy in ("tracks", "both")
-
-    def __len__(self) -> int:
-        return len(self.split.tracks) if self.by_track else len(self.split.segments)
-
-    def __getitem__(self, i: int) -> int:
-        return int(i)
-
-
-class Collate:
-    """Item ids -> one batch: the mel rows, the item of each row, and the cached raw teacher
-    projection of each row (embedding x its stored norm), from which any average is rebuilt."""
-
-    def __init__(self, split: Split, source: MelSource, seg_emb: np.ndarray, seg_norm: np.ndarray,
-                 by_track: bool, segments_per_track: int) -> None:
-        self.split = split
-        self.source = source
-        self.seg_emb = seg_emb
-        self.seg_norm = seg_norm
-        self.by_track = by_track
-        self.per_track = segments_per_track
-
-    def _track_rows(self, t: int) -> np.ndarray:
-        segs = self.split.track_segments[t]
-        if self.per_track and len(segs) > self.per_track:
-            # torch's RNG: seeded per epoch in the main process, per worker in DataLoader workers
-            pick = torch.randperm(len(segs))[: self.per_track].sort().values.numpy()
-            segs = segs[pick]
-        return segs
-
-    def __call__(self, items: list[int]) -> dict[str, torch.Tensor]:
-        rows = [self._track_rows(i) if self.by_track else self.split.segments[i : i + 1] for i in items]
-        segs = np.concatenate(rows)
-        item_of_row = np.concatenate([np.full(len(r), k, dtype=np.int64) for k, r in enumerate(rows)])
-        batch = {
-            "mels": torch.from_numpy(self.source.student(segs)),
-            "row_item": torch.from_numpy(item_of_row),
-            "teacher_raw_rows": torch.from_numpy((self.seg_emb[segs] * self.seg_norm[segs, None]).astype(np.float32)),
-        }
-        if self.source.with_teacher:
-            batch["teacher_mels"] = torch.from_numpy(self.source.teacher(segs))
-        return batch
-
-
-def average_rows(rows: torch.Tensor, row_item: torch.Tensor, n_items: int) -> torch.Tensor:
-    """Mean of the rows of each item -> [n_items, D]."""
-    sums = torch.zeros(n_items, rows.shape[1], dtype=rows.dtype, device=rows.device).index_add_(0, row_item, rows)
-    counts = torch.bincount(row_item, minlength=n_items).clamp_min(1).to(rows.dtype)
-    return sums / counts[:, None]
 
 
 # ----------------------------------------------------------------------------- the task
 
 
 class AudioDistillTask:
-    """The `pipeline.training.loop.TrainTask` of the audio student."""
+    """The `pipeline.training.loop.Distillation` of the audio student.
+
+    Validation during training watches `monitor` (all validation tracks, at most
+    `val_max_segments` segments); the stage scores the whole split once after training."""
 
     def __init__(
         self,
@@ -238,12 +81,14 @@ class AudioDistillTask:
         self.model = model
         self.p = p
         self.dataset = TrainItems(train, p.strategy)
-        self.collate_fn = Collate(train, source, seg_emb, seg_norm, self.dataset.by_track, p.segments_per_track)
+        self.collate_fn = Collate(train, source, seg_emb, seg_norm, self.dataset.by_track, p.segments_per_track,
+                                  seed=p.seed)
         self.segment_rows = p.strategy in ("segments", "both")
         self.track_rows = p.strategy in ("tracks", "both")
         self.augmenter = augmenter
         self.teacher = teacher
         self.val = val
+        self.monitor = monitor_subset(val, p.val_max_segments, seg_emb, seg_norm)
         self.val_mels = val_mels  # callable segs -> np.ndarray student mels
         self.eval_batch = eval_batch
         self.seg_emb = seg_emb
@@ -253,7 +98,7 @@ class AudioDistillTask:
         self.train_segments_for_bn = train.segments[np.linspace(0, len(train.segments) - 1, n_bn).astype(np.int64)]
 
     def embed_batch(self, encode, batch):
-        mels, row_item = batch["mels"], batch["row_item"]
+        mels, row_item = batch["mels"].float(), batch["row_item"]  # float16 from the loader
         n_items = int(row_item.max()) + 1
         plan = None
         if self.augmenter.active:
@@ -261,7 +106,7 @@ class AudioDistillTask:
             mels = self.augmenter.apply_student(mels, plan)
         raw = encode(mels)
         if self.teacher is not None:  # the teacher hears exactly what the student heard
-            tmels = batch["teacher_mels"]
+            tmels = batch["teacher_mels"].float()
             if plan is not None:
                 tmels = self.augmenter.apply_teacher(tmels, plan)
             t_raw = self.teacher.embed_mels_raw(tmels).clone().to(raw.device)
@@ -279,9 +124,9 @@ class AudioDistillTask:
         return torch.cat(students), torch.nn.functional.normalize(torch.cat(targets), dim=-1)
 
     @torch.no_grad()
-    def embed_val_segments(self, model: AudioStudent) -> np.ndarray:
+    def embed_val_segments(self, model: AudioStudent, split: Split | None = None) -> np.ndarray:
         device = next(model.parameters()).device
-        segs = self.val.segments
+        segs = (split or self.val).segments
         out = []
         for a in range(0, len(segs), self.eval_batch):
             mels = torch.from_numpy(self.val_mels(segs[a : a + self.eval_batch])).to(device)
@@ -298,7 +143,7 @@ class AudioDistillTask:
     def validate(self, model: AudioStudent) -> dict[str, float]:
         if not getattr(model, "_encoder_frozen", False):
             model.recalibrate_batchnorm(self.recalibration_batches())
-        return validation_metrics(self.embed_val_segments(model), self.val, self.seg_emb,
+        return validation_metrics(self.embed_val_segments(model, self.monitor), self.monitor, self.seg_emb,
                                   self.train_segment_mean, self.train_track_mean)
 
     def enter_stage2(self, model: AudioStudent):
@@ -447,7 +292,7 @@ def train_audio_student(
     torch.manual_seed(p.seed)  # the student's initial weights
     rank = int(os.environ.get("RANK", "0"))
     manifest = read_manifest(manifest_path)
-    with _open_mels(mels_path) as mels, TeacherCache(teacher_path) as tcache:
+    with datasets.open_mels(mels_path) as mels, TeacherCache(teacher_path) as tcache:
         train, val = load_splits(mels, tcache, manifest)
         seg_emb = np.asarray(tcache.segment_embeddings, dtype=np.float32)
         seg_norm = np.asarray(tcache.segment_raw_norms, dtype=np.float32)
@@ -456,8 +301,9 @@ def train_audio_student(
              len(train.tracks), len(train.segments), len(val.tracks), len(val.segments))
 
     recompute = not p.use_teacher_embedding_cache
-    source = MelSource(mels_path, train.segments, with_teacher=recompute)
-    val_source = MelSource(mels_path, val.segments, with_teacher=False)
+    memory = in_memory_limit(p.in_memory_gb, max(1, p.nproc))
+    source = MelSource(mels_path, train.segments, with_teacher=recompute, memory_limit=memory)
+    val_source = MelSource(mels_path, val.segments, with_teacher=False, memory_limit=memory)
     teacher = None
     if recompute:
         from pipeline.teacher.model import load_teacher
@@ -481,6 +327,7 @@ def train_audio_student(
         monitor=p.monitor,
         resume=resume,
         device=p.device,
+        num_workers=loader_workers(p.num_workers, source),
         centre=centre,
     )
     result = fit(task, cfg)

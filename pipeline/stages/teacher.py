@@ -1,9 +1,9 @@
 """Stage teacher: embed every cached segment and every text query with the teacher -> data/teacher.h5.
 
-Reads the params teacher.batch_size, teacher.device, teacher.dtype and text_queries, plus the
-teacher folder (teacher.model.dir, a dvc dependency). Resumable: an interrupted run leaves
-data/teacher.h5.partial and the next run continues it. `--shard k/n` embeds slice k of the
-segments into data/teacher.h5.shard-k-of-n (shard 0 also embeds the text queries);
+Reads the params teacher.batch_size (CPU), teacher.cuda_batch_size, teacher.device, teacher.dtype
+and text_queries, plus the teacher folder (teacher.model.dir, a dvc dependency). Resumable: an
+interrupted run leaves data/teacher.h5.partial and the next run continues it. `--shard k/n` embeds
+slice k of the segments into data/teacher.h5.shard-k-of-n (shard 0 also embeds the text queries);
 `student-clap teacher merge` joins the shards.
 """
 
@@ -184,13 +184,15 @@ def run(params: Params, args: argparse.Namespace) -> int | None:
     teacher = load_teacher(tp.model.dir, device=tp.device, dtype=tp.dtype)
     shard = getattr(args, "shard", None)
     query_sets = build_query_sets(params.text_queries) if shard is None or shard[0] == 0 else None
+    batch_size = tp.cuda_batch_size if teacher.device.startswith("cuda") else tp.batch_size
     recorded = {
-        "teacher": {"batch_size": tp.batch_size, "device": tp.device, "dtype": tp.dtype},
+        "teacher": {"batch_size": tp.batch_size, "cuda_batch_size": tp.cuda_batch_size, "device": tp.device,
+                    "dtype": tp.dtype},
         "text_queries": as_dict(params.text_queries),
     }
     # Scoped, not torch.set_grad_enabled(False): the stage also runs inside other processes (tests).
     with torch.no_grad(), MelCache(MELS) as mels:
-        build_embeddings(teacher, mels, OUT, query_sets, batch_size=tp.batch_size, params=recorded, shard=shard)
+        build_embeddings(teacher, mels, OUT, query_sets, batch_size=batch_size, params=recorded, shard=shard)
     return 0
 
 

@@ -334,7 +334,8 @@ def read_provenance(model_dir: str | Path) -> dict:
 
 
 def load_teacher(dir: str | Path, device: str = "cpu", dtype: str = "fp32", verify: bool = True) -> Teacher:
-    """Load a teacher folder; `device` may be "auto"; `dtype` "bf16" only on CUDA (else fp32 with a warning)."""
+    """Load a teacher folder; `device` may be "auto"; `dtype` "bf16" only on CUDA (else fp32 with a
+    warning), "auto" = bf16 on CUDA and fp32 elsewhere."""
     from transformers import ClapModel
 
     model_dir = Path(dir)
@@ -362,13 +363,15 @@ def load_teacher(dir: str | Path, device: str = "cpu", dtype: str = "fp32", veri
 
     device = resolve_device(device)
     torch_dtype = torch.float32
+    if dtype == "auto":
+        dtype = "bf16" if device.startswith("cuda") else "fp32"
     if dtype == "bf16":
         if device.startswith("cuda"):
             torch_dtype = torch.bfloat16
         else:
             log.warning("teacher.dtype bf16 is for GPUs; running fp32 on %s", device)
     elif dtype != "fp32":
-        raise TeacherError(f"teacher.dtype must be fp32 or bf16, got {dtype!r}")
+        raise TeacherError(f"teacher.dtype must be auto, fp32 or bf16, got {dtype!r}")
     model = model.to(device=device, dtype=torch_dtype).eval()
     log.info(
         "teacher %s (%s) on %s/%s, weights sha256 %s",
