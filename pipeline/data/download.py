@@ -116,16 +116,13 @@ def _looks_like_html(resp: requests.Response, first: bytes) -> bool:
     return ctype in ("text/html", "application/xhtml+xml") or first.lstrip()[:16].lower().startswith(_HTML_START)
 
 
-def _attempt(
-    session: requests.Session, url: str, dest: Path, part: Path, timeout: float, progress: bool, max_bytes: int
-) -> None:
-    """One GET into `part`, continuing where it stopped. Raises _Retryable, _Refused or DownloadError."""
-    offset = part.stat().st_size if part.exists() else 0
+def _get(session: requests.Session, url: str, offset: int, timeout: float) -> requests.Response:
+    """Send the GET (from byte `offset`); network failures become _Retryable, bad redirects _Refused."""
     headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}
     if offset:
         headers["Range"] = f"bytes={offset}-"
     try:
-        resp = session.get(url, headers=headers, stream=True, timeout=(timeout, timeout))
+        return session.get(url, headers=headers, stream=True, timeout=(timeout, timeout))
     except requests.TooManyRedirects as exc:
         raise _Refused(f"more than {MAX_REDIRECTS} redirects (a redirect loop?)") from exc
     except (requests.exceptions.InvalidSchema, requests.exceptions.MissingSchema, requests.exceptions.InvalidURL) as exc:
@@ -135,69 +132,79 @@ def _attempt(
     except requests.RequestException as exc:
         raise _Retryable(f"connection failed: {exc}") from exc
 
-    with resp:
-        status = resp.status_code
-        if status == 416 and offset:
-            # Nothing left to send: either the .part is already complete or it is longer than
-            # the file (stale from another version) and must be restarted.
-            _, total = _content_range(resp)
-            if total == offset:
-                return
+
+def _plan_body(resp: requests.Response, url: str, dest: Path, part: Path, offset: int) -> tuple[int, str, int | None] | None:
+    """From the status: (offset to write from, file mode, total bytes or None), or None when the
+    partial file is already complete. Raises _Retryable or DownloadError."""
+    status = resp.status_code
+    if status == 416 and offset:
+        # Nothing left to send: either the .part is already complete or it is longer than
+        # the file (stale from another version) and must be restarted.
+        _, total = _content_range(resp)
+        if total == offset:
+            return None
+        part.unlink(missing_ok=True)
+        raise _Retryable(f"stale partial file ({offset} bytes) rejected by the server", wait=0.0)
+    if status in _RETRYABLE_4XX or status >= 500:
+        raise _Retryable(f"HTTP {status}", wait=_retry_after(resp))
+    if status >= 400:
+        raise DownloadError(url, dest, f"HTTP {status} {resp.reason or ''}".strip())
+    if status not in (200, 206):
+        raise _Retryable(f"unexpected HTTP {status}")
+    if status == 206:
+        start, total = _content_range(resp)
+        if start != offset:
             part.unlink(missing_ok=True)
-            raise _Retryable(f"stale partial file ({offset} bytes) rejected by the server", wait=0.0)
-        if status in _RETRYABLE_4XX or status >= 500:
-            raise _Retryable(f"HTTP {status}", wait=_retry_after(resp))
-        if status >= 400:
-            raise DownloadError(url, dest, f"HTTP {status} {resp.reason or ''}".strip())
-        if status not in (200, 206):
-            raise _Retryable(f"unexpected HTTP {status}")
+            raise _Retryable(f"server resumed at byte {start}, expected {offset}", wait=0.0)
+        return offset, "ab", total
+    if offset:
+        log.info("%s ignores Range requests; restarting from the first byte", url)
+    length = resp.headers.get("Content-Length")
+    return 0, "wb", int(length) if length and length.isdigit() else None
 
-        if status == 206:
-            start, total = _content_range(resp)
-            if start != offset:
-                part.unlink(missing_ok=True)
-                raise _Retryable(f"server resumed at byte {start}, expected {offset}", wait=0.0)
-            mode = "ab"
-        else:
-            if offset:
-                log.info("%s ignores Range requests; restarting from the first byte", url)
-            offset, mode = 0, "wb"
-            length = resp.headers.get("Content-Length")
-            total = offset + int(length) if length and length.isdigit() else None
 
-        if total is not None and total > max_bytes:
-            raise _Refused(f"the server announces {total} bytes, more than the cap of {max_bytes}")
-        received = offset
-        bar = tqdm(
-            total=total,
-            initial=offset,
-            unit="B",
-            unit_scale=True,
-            unit_divisor=1024,
-            desc=dest.name[:40],
-            disable=not progress,
-            leave=False,
-        )
-        try:
-            with open(part, mode) as fh:
-                for chunk in _chunks(resp):
-                    if received == 0 and _looks_like_html(resp, chunk):
-                        raise _Refused("the server sent an HTML page, not the file (an error or login page?)")
-                    if received + len(chunk) > max_bytes:
-                        raise _Refused(f"the body exceeds the cap of {max_bytes} bytes; stopped there")
-                    fh.write(chunk)
-                    received += len(chunk)
-                    bar.update(len(chunk))
-        except (requests.Timeout, urllib3.exceptions.TimeoutError) as exc:
-            raise _Retryable(f"transfer stalled for {timeout:g} s at byte {received}") from exc
-        except (requests.RequestException, urllib3.exceptions.HTTPError) as exc:  # broken or stalled
-            raise _Retryable(f"transfer broke off at byte {received}: {exc}") from exc
-        except OSError as exc:  # the local disk, not the network
-            raise DownloadError(url, dest, f"cannot write {part}: {exc}") from exc
-        finally:
-            bar.close()
-        if total is not None and received < total:
-            raise _Retryable(f"transfer ended at byte {received} of {total}")
+def _write_body(
+    resp: requests.Response, url: str, dest: Path, part: Path, plan: tuple[int, str, int | None],
+    timeout: float, progress: bool, max_bytes: int,
+) -> None:
+    """Stream the body into `part`, refusing HTML and anything past the cap."""
+    offset, mode, total = plan
+    if total is not None and total > max_bytes:
+        raise _Refused(f"the server announces {total} bytes, more than the cap of {max_bytes}")
+    received = offset
+    bar = tqdm(total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024,
+               desc=dest.name[:40], disable=not progress, leave=False)
+    try:
+        with open(part, mode) as fh:
+            for chunk in _chunks(resp):
+                if received == 0 and _looks_like_html(resp, chunk):
+                    raise _Refused("the server sent an HTML page, not the file (an error or login page?)")
+                if received + len(chunk) > max_bytes:
+                    raise _Refused(f"the body exceeds the cap of {max_bytes} bytes; stopped there")
+                fh.write(chunk)
+                received += len(chunk)
+                bar.update(len(chunk))
+    except (requests.Timeout, urllib3.exceptions.TimeoutError) as exc:
+        raise _Retryable(f"transfer stalled for {timeout:g} s at byte {received}") from exc
+    except (requests.RequestException, urllib3.exceptions.HTTPError) as exc:  # broken or stalled
+        raise _Retryable(f"transfer broke off at byte {received}: {exc}") from exc
+    except OSError as exc:  # the local disk, not the network
+        raise DownloadError(url, dest, f"cannot write {part}: {exc}") from exc
+    finally:
+        bar.close()
+    if total is not None and received < total:
+        raise _Retryable(f"transfer ended at byte {received} of {total}")
+
+
+def _attempt(
+    session: requests.Session, url: str, dest: Path, part: Path, timeout: float, progress: bool, max_bytes: int
+) -> None:
+    """One GET into `part`, continuing where it stopped. Raises _Retryable, _Refused or DownloadError."""
+    offset = part.stat().st_size if part.exists() else 0
+    with _get(session, url, offset, timeout) as resp:
+        plan = _plan_body(resp, url, dest, part, offset)
+        if plan is not None:
+            _write_body(resp, url, dest, part, plan, timeout, progress, max_bytes)
 
 
 def download(

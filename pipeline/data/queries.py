@@ -24,7 +24,7 @@ import json
 import logging
 import random
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from pipeline.params import TextQueryParams
@@ -136,6 +136,21 @@ def _unique(items: Iterable[str]) -> list[str]:
     return list(dict.fromkeys(s for s in (" ".join(x.split()) for x in items) if s))
 
 
+def _draw(
+    n: int, sample: Callable[[], list[str]], keep: Callable[[str, list[str]], bool], rng: random.Random
+) -> dict[str, list[str]]:
+    """Up to `n` unique queries (query -> its terms), composed from `sample()` and kept when `keep` says so."""
+    got: dict[str, list[str]] = {}
+    for _ in range(n * _MAX_TRIES_PER_QUERY):
+        if len(got) >= n:
+            break
+        parts = sample()
+        query = _compose(parts, rng)
+        if query not in got and keep(query, parts):
+            got[query] = parts
+    return got
+
+
 def build_query_sets(p: TextQueryParams) -> dict[str, list[str]]:
     """All query sets (see the module doc), deterministic from ``p.seed``."""
     if not 1 <= p.min_categories <= p.max_categories:
@@ -162,44 +177,24 @@ def build_query_sets(p: TextQueryParams) -> dict[str, list[str]]:
         chosen = rng.sample(seen_cats, rng.randint(lo, hi))
         return [rng.choice(seen_pool[c]) for c in chosen]
 
+    def sample_held() -> list[str]:
+        anchor = rng.choice(held_cats)
+        n = rng.randint(min(p.min_categories, len(categories)), min(p.max_categories, len(categories)))
+        others = [c for c in categories if c != anchor]
+        chosen = [anchor] + rng.sample(others, max(0, n - 1))
+        rng.shuffle(chosen)
+        return [rng.choice(held_pool[c]) if c == anchor else rng.choice(terms[c]) for c in chosen]
+
     # train: seen terms only, unique query strings
-    train: dict[str, None] = {}
-    train_combos: set[frozenset[str]] = set()
-    for _ in range(p.n_train * _MAX_TRIES_PER_QUERY):
-        if len(train) >= p.n_train:
-            break
-        parts = sample_seen()
-        query = _compose(parts, rng)
-        if query not in train and query.lower() not in blocked:
-            train[query] = None
-            train_combos.add(_combo_key(parts))
-
+    train = _draw(p.n_train, sample_seen, lambda q, parts: q.lower() not in blocked, rng)
+    train_combos = {_combo_key(parts) for parts in train.values()}
     # val_combos: seen terms, but a combination no train query used
-    val_combos: dict[str, None] = {}
-    for _ in range(p.n_val * _MAX_TRIES_PER_QUERY):
-        if len(val_combos) >= p.n_val:
-            break
-        parts = sample_seen()
-        query = _compose(parts, rng)
-        if _combo_key(parts) not in train_combos and query.lower() not in blocked:
-            val_combos.setdefault(query, None)
-
+    val_combos = _draw(
+        p.n_val, sample_seen, lambda q, parts: _combo_key(parts) not in train_combos and q.lower() not in blocked, rng
+    )
     # val_terms: at least one held-out term, the rest drawn from all terms
     held_cats = [c for c in categories if held_pool[c]]
-    val_terms: dict[str, None] = {}
-    if held_cats:
-        for _ in range(p.n_val * _MAX_TRIES_PER_QUERY):
-            if len(val_terms) >= p.n_val:
-                break
-            anchor = rng.choice(held_cats)
-            n = rng.randint(min(p.min_categories, len(categories)), min(p.max_categories, len(categories)))
-            others = [c for c in categories if c != anchor]
-            chosen = [anchor] + rng.sample(others, max(0, n - 1))
-            rng.shuffle(chosen)
-            parts = [rng.choice(held_pool[c]) if c == anchor else rng.choice(terms[c]) for c in chosen]
-            query = _compose(parts, rng)
-            if query.lower() not in blocked:
-                val_terms.setdefault(query, None)
+    val_terms = _draw(p.n_val, sample_held, lambda q, parts: q.lower() not in blocked, rng) if held_cats else {}
 
     for name, got, want in (("train", train, p.n_train), ("val_combos", val_combos, p.n_val),
                             ("val_terms", val_terms, p.n_val)):
