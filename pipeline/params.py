@@ -98,11 +98,11 @@ class DownloadParams:
     max_megabytes: float = 1024.0
 
 
-@dataclass
+@dataclass(kw_only=True)
 class IngestParams:
-    sources: dict[str, SourceParams] = field(default_factory=dict)
+    sources: dict[str, SourceParams]  # no default: which corpora to read is always written down
     policy: LicensePolicyParams = field(default_factory=LicensePolicyParams)
-    val_ratio: float = 0.2
+    val_ratio: float = 0.25
     split_salt: str = "student-clap"
     download: bool = False
     downloads: DownloadParams = field(default_factory=DownloadParams)
@@ -168,7 +168,7 @@ class TeacherModelParams:
     demo: DemoTeacherParams = field(default_factory=DemoTeacherParams)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TextQueryParams:
     terms: str = "data/text/query_terms.json"
     n_train: int = 2000
@@ -177,8 +177,8 @@ class TextQueryParams:
     max_categories: int = 4
     held_out_terms_per_category: int = 2
     seed: int = 0
-    free_phrasings: list[str] = field(default_factory=list)
-    eval_prompts: list[str] = field(default_factory=list)
+    free_phrasings: list[str]  # no default: the held-out phrasings and prompts live in params.yaml only
+    eval_prompts: list[str]
 
 
 @dataclass
@@ -207,7 +207,7 @@ class PlateauParams:
 
 @dataclass
 class AugmentParams:
-    gain_db: float = 0.0  # +/- range of a random level change, 0 = off
+    gain_db: float = 6.0  # +/- range of a random level change, 0 = off
     spec_masks: bool = False
     freq_mask: int = 16
     time_mask: int = 64
@@ -227,11 +227,11 @@ class DistillAudioParams:
     model: str = "mn04_as"
     pretrained: str = ""  # path to EfficientAT .pt, empty = random init
     dropout: float = 0.1
-    epochs: int = 4
-    stage2_epochs: int = 1
-    batch_size: int = 16
-    lr: float = 1e-3
-    stage2_lr: float = 1e-4
+    epochs: int = 16
+    stage2_epochs: int = 2
+    batch_size: int = 4
+    lr: float = 2e-3
+    stage2_lr: float = 5e-4
     weight_decay: float = 1e-4
     grad_clip: float = 1.0
     strategy: Literal["segments", "tracks", "both"] = "both"
@@ -311,14 +311,34 @@ class ExportParams:
     parity_min_cosine: float = 0.9999
 
 
+class MissingSection:
+    """Stands in for a section that params.yaml lacks and that has no defaults of its own: reading
+    from it fails naming the section, so nothing runs on values nobody wrote down."""
+
+    def __init__(self, name: str) -> None:
+        object.__setattr__(self, "_name", name)
+
+    def __getattr__(self, key: str) -> Any:
+        if key.startswith("__"):
+            raise AttributeError(key)
+        raise ParamsError(f"{self._name}.{key}: the {self._name} section is missing from params.yaml")
+
+    def __repr__(self) -> str:
+        return f"<missing params section {self._name}>"
+
+
+def _missing(name: str) -> Any:
+    return field(default_factory=lambda: MissingSection(name))
+
+
 @dataclass
 class Params:
     audio: AudioParams = field(default_factory=AudioParams)
     frontend: FrontendParams = field(default_factory=FrontendParams)
-    ingest: IngestParams = field(default_factory=IngestParams)
+    ingest: IngestParams = _missing("ingest")
     mels: MelsParams = field(default_factory=MelsParams)
     teacher: TeacherParams = field(default_factory=TeacherParams)
-    text_queries: TextQueryParams = field(default_factory=TextQueryParams)
+    text_queries: TextQueryParams = _missing("text_queries")
     distillation: DistillationParams = field(default_factory=DistillationParams)
     distill_audio: DistillAudioParams = field(default_factory=DistillAudioParams)
     distill_text: DistillTextParams = field(default_factory=DistillTextParams)
@@ -390,6 +410,13 @@ def _build(cls: type, data: dict, where: str) -> Any:
             f"unknown key(s) {', '.join(prefix + k for k in unknown)}; "
             f"known keys here: {', '.join(sorted(names))}"
         )
+    required = [
+        f.name for f in dataclasses.fields(cls)
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name not in data
+    ]
+    if required:
+        prefix = f"{where}." if where else ""
+        raise ParamsError(f"missing key(s) {', '.join(prefix + k for k in required)}: params.yaml must set them")
     kwargs = {}
     for key, value in data.items():
         kwargs[key] = _convert(hints[key], value, f"{where}.{key}" if where else key)

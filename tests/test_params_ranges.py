@@ -25,13 +25,13 @@ from pipeline.params import RANGES, RELATIONS, ParamsError, params_from_dict
         ({"audio": {"segment_seconds": 0}}, "audio.segment_seconds: must be > 0, got 0.0"),
         ({"audio": {"hop_seconds": 0}}, "audio.hop_seconds: must be > 0, got 0.0"),
         ({"audio": {"hop_seconds": 12}}, "audio.hop_seconds: must be <= segment_seconds (10), got 12"),
-        ({"ingest": {"val_ratio": 1.5}}, "ingest.val_ratio: must be in [0, 1), got 1.5"),
-        ({"ingest": {"val_ratio": 1}}, "ingest.val_ratio: must be in [0, 1), got 1.0"),
-        ({"ingest": {"downloads": {"max_megabytes": 0}}}, "ingest.downloads.max_megabytes: must be > 0"),
+        ({"ingest": {"sources": {}, "val_ratio": 1.5}}, "ingest.val_ratio: must be in [0, 1), got 1.5"),
+        ({"ingest": {"sources": {}, "val_ratio": 1}}, "ingest.val_ratio: must be in [0, 1), got 1.0"),
+        ({"ingest": {"sources": {}, "downloads": {"max_megabytes": 0}}}, "ingest.downloads.max_megabytes: must be > 0"),
         ({"mels": {"workers": -1}}, "mels.workers: must be >= 0, got -1"),
         ({"distill_audio": {"scheduler": {"factor": 1.0}}}, "distill_audio.scheduler.factor: must be in (0, 1)"),
         ({"distill_text": {"model": {"dim": 130, "heads": 4}}}, "distill_text.model.heads: must divide dim (130)"),
-        ({"text_queries": {"min_categories": 3, "max_categories": 2}}, "text_queries.max_categories: must be >= min_categories (3)"),
+        ({"text_queries": {"min_categories": 3, "max_categories": 2, "free_phrasings": [], "eval_prompts": []}}, "text_queries.max_categories: must be >= min_categories (3)"),
         ({"teacher": {"model": {"checkpoint_sha256": "abc"}}}, "teacher.model.checkpoint_sha256: must be empty or 64 hex digits"),
     ],
 )
@@ -53,7 +53,21 @@ def test_range_table_names_real_numeric_fields() -> None:
         fields = {f.name for f in dataclasses.fields(cls)}
         assert name in fields, f"{cls.__name__}.{name}"
     for cls, name in RANGES:
-        assert typing.get_type_hints(cls)[name] in (int, float), f"{cls.__name__}.{name}"
+        hint = typing.get_type_hints(cls)[name]
+        numeric = {hint} if hint in (int, float) else set(typing.get_args(hint)) & {int, float}
+        assert numeric, f"{cls.__name__}.{name}"
+
+
+def test_keys_without_a_default_must_be_written() -> None:
+    with pytest.raises(ParamsError, match=r"missing key\(s\) ingest\.sources: params.yaml must set them"):
+        params_from_dict({"ingest": {"val_ratio": 0.1}})
+
+
+def test_a_missing_section_without_defaults_fails_when_read() -> None:
+    params = params_from_dict({"audio": {"sample_rate": 48000}})
+    assert params.audio.sample_rate == 48000
+    with pytest.raises(ParamsError, match=r"text_queries\.terms: the text_queries section is missing"):
+        params.text_queries.terms
 
 
 def _project(tmp_path: Path, repo_root: Path, edit=None) -> Path:
