@@ -77,7 +77,7 @@ def test_every_dvc_stage_declares_params_that_exist(repo_root: Path) -> None:
     from pipeline.params import declared_params
 
     spec = yaml.safe_load((repo_root / "dvc.yaml").read_text())
-    params = Params()
+    params = load_params(repo_root / "params.yaml")
     for stage in spec["stages"]:
         for dotted in declared_params(repo_root / "dvc.yaml", stage) or []:
             obj = params
