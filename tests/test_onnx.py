@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.runtime import export as onnx_utils
+from pipeline.models import onnx_export as onnx_utils
 
 torch.set_num_threads(1)
 

@@ -193,7 +193,7 @@ def export_text_onnx(model: TextStudent, path: str | Path, opset: int = 17) -> P
 
     The example batch holds a padded row, so the traced graph contains the masked path.
     """
-    from pipeline.runtime.export import export_module
+    from pipeline.models.onnx_export import export_module
 
     ids = torch.tensor([[1, 5, 6, 7, 2], [1, 8, 2, 0, 0]], dtype=torch.int64) % model.config.vocab_size
     mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=torch.int64)

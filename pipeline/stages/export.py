@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.runtime import export as onnx_utils
+from pipeline.models import onnx_export as onnx_utils
 from pipeline.hashing import sha256_file
 from pipeline.params import Params, as_dict
 from pipeline.paths import AUDIO_STUDENT, LICENSES, TEXT_STUDENT, TEXT_TOKENIZER
