@@ -285,10 +285,17 @@ def _report_failures(result: EmbedResult) -> None:
             print(f"  {path}: {reason}", file=sys.stderr)
 
 
+def _audio_embedder(args: argparse.Namespace):
+    """The song-level path (pipeline.runtime.song) when the export has it, unless --segment-wise."""
+    from pipeline.runtime.song import open_audio_embedder
+
+    return open_audio_embedder(args.models, int8=getattr(args, "int8", False), batch_size=getattr(args, "batch_size", 8),
+                               threads=getattr(args, "threads", None), segment_wise=getattr(args, "segment_wise", False))
+
+
 def embed_main(args: argparse.Namespace) -> int:
     try:
-        embedder = AudioEmbedder(args.models, int8=getattr(args, "int8", False),
-                                 batch_size=getattr(args, "batch_size", 8), threads=getattr(args, "threads", None))
+        embedder = _audio_embedder(args)
         out = Path(args.out)
         if out.suffix.lower() not in (".npz", ".npy", ".jsonl"):
             raise SearchError(f"--out {out}: use a .npz, .npy or .jsonl file name")
@@ -304,8 +311,7 @@ def embed_main(args: argparse.Namespace) -> int:
 
 def index_main(args: argparse.Namespace) -> int:
     try:
-        embedder = AudioEmbedder(args.models, int8=getattr(args, "int8", False),
-                                 batch_size=getattr(args, "batch_size", 8), threads=getattr(args, "threads", None))
+        embedder = _audio_embedder(args)
         files = find_audio(args.dir)
         if not files:
             raise SearchError(f"{args.dir}: no audio files ({', '.join(AUDIO_EXTENSIONS)})")

@@ -1,0 +1,1 @@
+"""What runs on small machines: onnxruntime, numpy and soundfile only, never torch."""
