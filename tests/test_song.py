@@ -215,3 +215,28 @@ def test_runtime_modules_never_import_torch():
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
                           env={**__import__("os").environ, "PYTHONPATH": str(REPO)})
     assert proc.returncode == 0, proc.stderr
+
+
+def test_int8_calibration_takes_training_mels_and_holds_out_validation_mels(tmp_path):
+    from pipeline import store
+    from pipeline.manifest import write_manifest
+    from pipeline.params import AudioParams, FrontendParams
+
+    params = store.cache_params(AudioParams(segment_seconds=0.1, hop_seconds=0.05), FrontendParams(), 0.0)
+    (tf, tm), (sm, sf_) = store.mel_shapes(params)
+    w = store.PartWriter(tmp_path / "parts", params, store.Compression())
+    rows = []
+    for i, (tid, split, n) in enumerate((("t:1", "train", 5), ("v:1", "val", 3), ("t:2", "train", 4))):
+        student = np.full((n, sm, sf_), i, np.float32)  # every segment carries its track's number
+        w.add_segments(np.zeros((n, tf, tm), np.float32), student, np.arange(n) * 0.05)
+        w.commit_track(store.TrackRecord(tid, n, 1.0, f"{i:064x}", f"audio/{tid}.mp3", i))
+        rows.append({"track_id": tid, "source": "fma", "artist": f"a{i}", "title": "t", "audio_path": f"audio/{tid}.mp3",
+                     "license": "CC0-1.0", "license_url": "", "url": "", "split": split, "tags": [], "duration": 1.0})
+    done = store.completed_tracks([w.publish()], params)
+    cache = store.write_cache(tmp_path / "mels.h5", params, store.Compression(), [done[r["track_id"]][1:] for r in rows])
+    write_manifest(tmp_path / "manifest.jsonl", rows)
+    calib, held, tracks = ex.calibration_mels(cache, tmp_path / "manifest.jsonl", 6)
+    assert len(calib) == 6 and set(np.unique(calib)) <= {0.0, 2.0}  # training tracks only, spread over both
+    assert {0.0, 2.0} <= set(np.unique(calib))
+    assert len(held) == 3 and set(np.unique(held)) == {1.0} and set(tracks) == {1}
+    assert ex.calibration_mels(tmp_path / "missing.h5", tmp_path / "manifest.jsonl", 6) == (None, None, None)
