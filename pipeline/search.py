@@ -11,6 +11,10 @@ covers new audio), the int16 audio resampled to the student rate (32 kHz) and cu
 times; each window goes through the waveform ONNX model, and the song vector is the
 L2-normalised mean of the windows' *raw* (pre-normalisation) embeddings — the rule the teacher
 cache uses for track embeddings.
+
+That is AudioEmbedder here, the `--segment-wise` path. By default `embed` and `index` use the
+song-level path of pipeline.runtime.song (one decode at the student rate, the overlap of windows
+computed once), which gives the same vectors within the tolerance stated there.
 """
 
 from __future__ import annotations
