@@ -45,6 +45,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 SEGMENT_SECONDS, HOP_SECONDS, BATCH = 10.0, 5.0, 8
+PATH_LABELS = {"old": "old (segment-wise)", "new": "new fp32", "new_int8": "new int8"}
 FORMATS = {"mp3": ("MP3", None, 44100), "ogg": ("OGG", "VORBIS", 44100), "opus": ("OGG", "OPUS", 48000),
            "flac": ("FLAC", None, 44100), "wav": ("WAV", "PCM_16", 44100)}
 
@@ -211,7 +212,7 @@ def export_student(backbone: str, out_dir: Path, song: Path) -> dict:
     song_fe = ex.song_frontend(fe)
     for run in _runs(starts, len(wave), seg, hop, g["hop_columns"] > 0, SPAN_WINDOWS):
         n = run[-1] - run[0] + seg
-        new_song += flops(lambda: trunk(song_fe(torch.zeros(1, n))))
+        new_song += flops(lambda n=n: trunk(song_fe(torch.zeros(1, n))))
     with torch.no_grad():
         fmap = torch.zeros(1, *trunk(fe(torch.zeros(1, seg))).shape[1:])
     head_one = flops(lambda: head(fmap))
@@ -268,8 +269,12 @@ def bench_decode(folder: Path, repeats: int) -> dict:
     out = {}
     for fmt in FORMATS:
         path = folder / f"song.{fmt}"
-        old_fn = lambda: resample_int16(decode_int16(path, 48000), 48000, 32000)  # noqa: E731
-        new_fn = lambda: decode_student(path, 32000)  # noqa: E731
+        def old_fn(path=path):
+            return resample_int16(decode_int16(path, 48000), 48000, 32000)
+
+        def new_fn(path=path):
+            return decode_student(path, 32000)
+
         old_fn(), new_fn()
         old_cpu, new_cpu = [], []
         for _ in range(repeats):
@@ -307,7 +312,7 @@ def _run_child(meta: dict, song: Path, args: argparse.Namespace) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
     cmd = [sys.executable, __file__, "--one", json.dumps(meta), "--song", str(song), "--threads", str(args.threads),
            "--repeats", str(args.repeats)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         raise SystemExit(f"benchmark child {meta!r} failed:\n{proc.stderr[-3000:]}")
@@ -372,13 +377,14 @@ def report(results: dict, args: argparse.Namespace) -> None:
               f"{d['max_diff_steps']:>9d} {d['snr_db']:>7.1f}")
 
     print(f"\nper {args.song_seconds:.0f}-s MP3, CPU-s (median of {args.repeats}); network = song - decode")
-    header = (f"{'model / path':<28} {'decode':>7} {'network':>8} {'song':>7} {'/old':>6} {'wall s':>7} "
+    header = (f"{'model / path':<34} {'decode':>7} {'network':>8} {'song':>7} {'/old':>6} {'wall s':>7} "
               f"{'ms/seg':>7} {'GFLOP/s':>8} {'% GEMM':>7} {'cos old':>9}")
     print(header + "\n" + "-" * len(header))
     teacher = results.get("teacher")
     if teacher:
-        print(f"{teacher['name']:<28} {teacher['decode_cpu']:>7.3f} {teacher['song_cpu'] - teacher['decode_cpu']:>8.3f} "
-              f"{teacher['song_cpu']:>7.3f} {'':>6} {'':>7} {teacher['segment_ms']:>7.1f}")
+        net = teacher["song_cpu"] - teacher["decode_cpu"]
+        print(f"{teacher['name']:<34} {teacher['decode_cpu']:>7.3f} {net:>8.3f} {teacher['song_cpu']:>7.3f} {'':>6} "
+              f"{'':>7} {1000.0 * net / teacher['segments']:>7.1f}")
     for r in results["students"]:
         old = r["paths"]["old"]
         for name, p in r["paths"].items():
@@ -386,8 +392,8 @@ def report(results: dict, args: argparse.Namespace) -> None:
             flop = r["old_flops_per_window"] * windows if name == "old" else r["new_flops_per_song"]
             gflops = flop / p["network_cpu"] / 1e9
             per_seg = 1000.0 * p["network_cpu"] / windows
-            label = f"{r['name']} {dict(old='old (segment-wise)', new='new fp32', new_int8='new int8')[name]}"
-            print(f"{label:<28} {p['decode_cpu']:>7.3f} {p['network_cpu']:>8.3f} {p['song_cpu']:>7.3f} "
+            label = f"{r['name']} {PATH_LABELS[name]}"
+            print(f"{label:<34} {p['decode_cpu']:>7.3f} {p['network_cpu']:>8.3f} {p['song_cpu']:>7.3f} "
                   f"{p['song_cpu'] / old['song_cpu']:>6.2f} {p['song_wall']:>7.3f} {per_seg:>7.1f} {gflops:>8.1f} "
                   f"{100 * gflops / rate:>6.1f}% {p['cosine_to_old']:>9.6f}")
         print(f"  {r['name']}: {r['params']:,} parameters, {r['windows']} windows, "
@@ -395,7 +401,8 @@ def report(results: dict, args: argparse.Namespace) -> None:
               f"{r['new_flops_per_song'] / r['windows'] / 1e9:.3f} per window (new); export-time fidelity "
               + ", ".join(f"{k} {v:.6f}" for k, v in r["fidelity"].items() if isinstance(v, float)))
     print("(ms/seg: network CPU-ms per window within the song; old model on one window alone, wall: "
-          + ", ".join(f"{r['name']} {r['segment_ms']:.1f} ms" for r in results["students"]) + ". "
+          + ", ".join(f"{r['name']} {r['segment_ms']:.1f} ms" for r in ([teacher] if teacher else []) + results["students"])
+          + ". "
           "% GEMM: share of the machine's best GEMM rate per CPU-s. Weights are random, BatchNorm set on the song.)")
     print(f"load average during the run: {', '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs")
 

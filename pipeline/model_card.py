@@ -204,7 +204,8 @@ def render(
             inputs.append(
                 "- Song level (`student-clap embed/index` by default): the front-end and the trunk run once over "
                 f"runs of consecutive windows, each window takes {song['window_columns']} feature-map columns every "
-                f"{song['hop_columns']}, the head runs per window. Measured against the segment-wise model: {figures}."
+                f"{song['hop_columns']}, the head runs per window. Measured against the segment-wise fp32 model (synthetic_song: a 60-s "
+                f"test song of tones, chirps, noise and near-silence; segment_/track_: held-out validation mels): {figures}."
             )
     if text:
         inputs.append(f"- Text: `tokenizer.json` (byte-level BPE), at most {text['max_length']} tokens; "

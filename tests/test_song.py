@@ -21,7 +21,13 @@ import soundfile as sf
 import torch
 
 from pipeline import search as S
-from pipeline.audio import AudioDecodeError, decode_int16, int16_to_float, resample_int16, segments
+from pipeline.audio import (
+    AudioDecodeError,
+    decode_int16,
+    int16_to_float,
+    resample_int16,
+    segments,
+)
 from pipeline.frontends import StudentMel
 from pipeline.models.audio_student import build_audio_student
 from pipeline.params import StudentFrontendParams
@@ -115,7 +121,7 @@ def test_geometry_and_split_of_the_exported_student(exported):
     song = S.load_spec(exported)["audio"]["song"]
     # mn04: stem + 3 blocks before the first squeeze-excitation, stride 4; 5 s = 500 frames = 125 columns
     assert (song["split_block"], song["trunk_stride"], song["window_columns"], song["hop_columns"]) == (4, 4, 250, 125)
-    assert song["fidelity"]["song_cosine_fp32"] >= 0.999
+    assert song["fidelity"]["synthetic_song_cosine_fp32"] >= 0.999
     assert {song["frontend_file"], song["head_file"], song["head_int8_file"]} <= {p.name for p in exported.iterdir()}
 
 
@@ -212,7 +218,7 @@ def test_runtime_modules_never_import_torch():
 
     code = ("import sys, pipeline.runtime.song, pipeline.runtime.decode, pipeline.search; "
             "assert 'torch' not in sys.modules, 'torch imported'")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=False,
                           env={**__import__("os").environ, "PYTHONPATH": str(REPO)})
     assert proc.returncode == 0, proc.stderr
 

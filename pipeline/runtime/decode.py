@@ -21,7 +21,13 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.audio import AudioDecodeError, decode_int16, resample_int16, segment_length, segment_starts
+from pipeline.audio import (
+    AudioDecodeError,
+    decode_int16,
+    resample_int16,
+    segment_length,
+    segment_starts,
+)
 
 
 def decode_student(path: str | Path, sample_rate: int, *, max_seconds: float | None = None) -> np.ndarray:
@@ -32,7 +38,7 @@ def decode_student(path: str | Path, sample_rate: int, *, max_seconds: float | N
 
     try:
         source_rate = int(sf.info(str(path)).samplerate)
-    except Exception:  # unreadable: let the decoder raise its worded AudioDecodeError
+    except (sf.LibsndfileError, RuntimeError, TypeError, OSError):  # let the decoder word the error
         source_rate = sample_rate
     # int16 at the file's own rate first (no resampling: the decoder's float output rounded, as the
     # 48-kHz decode rounds), then one resampling to the student's rate.

@@ -46,7 +46,14 @@ from torch import nn
 from pipeline import onnx as onnx_utils
 from pipeline.hashing import sha256_file
 from pipeline.params import Params, as_dict
-from pipeline.paths import AUDIO_STUDENT, LICENSES, MANIFEST, MELS, TEXT_STUDENT, TEXT_TOKENIZER
+from pipeline.paths import (
+    AUDIO_STUDENT,
+    LICENSES,
+    MANIFEST,
+    MELS,
+    TEXT_STUDENT,
+    TEXT_TOKENIZER,
+)
 
 log = logging.getLogger(__name__)
 
@@ -343,7 +350,7 @@ def export_song(
     convolutions and the trunk stay fp32; see pipeline.onnx.quantize_static_int8).
 
     Measured and returned: the song-vector cosine of the song path (fp32 and int8) to the
-    segment-wise waveform model (audio_student.onnx, already in `out_dir`) on a synthetic song,
+    segment-wise waveform model (audio_student.onnx, already in `out_dir`) on a synthetic 60-s song,
     and the int8 loss on `eval_mels` (per segment and, with `eval_tracks`, per track mean)."""
     from pipeline.runtime.song import SongEmbedder, SongGeometry
 
@@ -376,14 +383,14 @@ def export_song(
         dynamic_axes={"fmap": {0: "batch"}, **_dynamic(outputs, {0: "batch"})}, opset=opset)
     info[AUDIO_HEAD_ONNX] = onnx_utils.check_parity(head, head_path, {"fmap": fmaps}, min_cosine).as_dict()
 
-    # song-level fidelity to the segment-wise waveform model on a synthetic 40-s song
+    # song-level fidelity to the segment-wise waveform model on a synthetic 60-s song
     spec_geometry = SongGeometry(sample_rate, segment_samples / sample_rate, hop_samples / sample_rate,
                                  geometry["window_columns"], geometry["hop_columns"])
     song = parity_song(4 * (segment_samples + hop_samples) / sample_rate, sample_rate)
     reference = _segment_song_vector(onnx_utils.session(out_dir / AUDIO_ONNX), song, sample_rate,
                                      spec_geometry.segment_seconds, spec_geometry.hop_seconds)
     fp32_vec, _ = SongEmbedder(fe_path, trunk_path, head_path, spec_geometry).embed_wave(song)
-    fidelity = {"song_cosine_fp32": float(fp32_vec @ reference)}
+    fidelity = {"synthetic_song_cosine_fp32": float(fp32_vec @ reference)}
 
     if quantize:
         calib = _calibration_mels(calibration_mels, frontend, segment_samples, sample_rate)
@@ -395,13 +402,13 @@ def export_song(
         head8 = onnx_utils.quantize_static_int8(head_path, out_dir / AUDIO_HEAD_INT8_ONNX, head_batches,
                                                 STATIC_INT8_OPS, keep_fp32_convs=True)
         int8_vec, _ = SongEmbedder(fe_path, trunk_path, head8, spec_geometry).embed_wave(song)
-        fidelity["song_cosine_int8"] = float(int8_vec @ reference)
+        fidelity["synthetic_song_cosine_int8"] = float(int8_vec @ reference)
         if eval_mels is not None and len(eval_mels):
             fidelity.update(_int8_loss(trunk_path, head_path, trunk_path, head8, np.asarray(eval_mels, np.float32),
                                        eval_tracks))
-        log.info("int8 head: song cosine to the segment-wise fp32 path %.6f%s", fidelity["song_cosine_int8"],
+        log.info("int8 head: synthetic test song cosine to the segment-wise fp32 path %.6f%s", fidelity["synthetic_song_cosine_int8"],
                  "".join(f", {k} {v:.6f}" for k, v in fidelity.items() if k.startswith(("segment_", "track_"))))
-    log.info("song path (fp32): song cosine to the segment-wise path %.7f", fidelity["song_cosine_fp32"])
+    log.info("song path (fp32): synthetic test song cosine to the segment-wise path %.7f", fidelity["synthetic_song_cosine_fp32"])
     info["song"] = {**geometry, "split_block": split, "fidelity": fidelity}
     return info
 
@@ -419,14 +426,14 @@ def _int8_loss(trunk: Path, head: Path, trunk8: Path, head8: Path, mels: np.ndar
     ref, got = raw(trunk, head), raw(trunk8, head8)
     seg = cosine_rows(ref, got)
     out = {"segment_cosine_min_int8": float(seg.min()), "segment_cosine_mean_int8": float(seg.mean()),
-           "eval_segments": int(len(mels))}
+           "eval_segments": len(mels)}
     if tracks is not None and len(tracks) == len(mels):
         ids = np.unique(tracks)
         ref_t = np.stack([ref[tracks == t].mean(axis=0) for t in ids])
         got_t = np.stack([got[tracks == t].mean(axis=0) for t in ids])
         trk = cosine_rows(ref_t, got_t)
         out.update({"track_cosine_min_int8": float(trk.min()), "track_cosine_mean_int8": float(trk.mean()),
-                    "eval_tracks": int(len(ids))})
+                    "eval_tracks": len(ids)})
     return out
 
 
