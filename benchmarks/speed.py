@@ -1,16 +1,30 @@
-"""CPU speed of the teacher audio tower against the exported ONNX students.
+"""CPU cost of embedding songs: the teacher, today's segment-wise students and the song-level path.
 
-    python benchmarks/speed.py [--threads 2] [--song-seconds 240] [--repeats 5] [--json out.json]
+    OMP_NUM_THREADS=2 python benchmarks/speed.py [--threads 2] [--song-seconds 240] [--repeats 5]
+                                                 [--students mn10_as,mn04_as] [--no-teacher] [--json out.json]
 
-In one run, each contender is measured in its own subprocess (so peak memory is its own):
-- teacher: the LAION-CLAP HTSAT-base audio tower (transformers ClapAudioModelWithProjection,
-  random weights, PyTorch fp32) with the CLAP log-mel front-end at 48 kHz;
-- mn10 / mn04 (and their int8 variants): the waveform-input student ONNX files (random weights,
-  exported by pipeline.stages.export, EfficientAT mel front-end inside) on onnxruntime at 32 kHz.
-Per 10-s segment: median of --repeats single-segment calls after a warm-up. Whole song: decode an
-MP3 of --song-seconds, segment by the one rule, embed in batches of 8, average (one timed run).
-Reported: ms, speed-up over the teacher, parameters, model file size, peak RSS.
-Weights are random: speed does not depend on their values.
+One run measures everything side by side; each contender runs in its own subprocess (its own
+peak memory), and inside a student's process the old and new paths alternate run by run, so they
+share the machine's load. The machine is shared: the figures that count are CPU-seconds
+(user + system of the process, `resource.getrusage`) and ratios from the same run; wall times are
+shown for reference only.
+
+- teacher: LAION-CLAP HTSAT-base audio tower (random weights, PyTorch fp32), CLAP log-mel at 48 kHz.
+- per student (random weights exported by pipeline.stages.export, BatchNorm statistics set on the
+  benchmark song's own mels so activations have realistic scales):
+  * old: `student-clap embed --segment-wise`: decode at 48 kHz, resample the int16 audio to 32 kHz,
+    every 10-s window through the waveform model (pipeline.runtime.search.AudioEmbedder);
+  * new: the default: decode straight to 32 kHz, front-end and trunk once per run of windows, head
+    per window (pipeline.runtime.song), fp32 and the static-int8 trunk and head.
+  Per song: the song's decode alone, then decode + embed, CPU-s median over --repeats; the network
+  share is the difference. Per segment: the old model on one window (median of --repeats); for the
+  new path the song's network CPU-s divided by its windows. GFLOP/s: the network's floating-point
+  operations (counted with torch's FlopCounterMode on the export-path graphs, multiply-add = 2)
+  per network CPU-second, against the machine's own float32 GEMM rate (numpy and onnxruntime
+  MatMul, 1024^3, per CPU-second). Cosine: the new song vector against the old one.
+- decode per format (mp3, ogg, opus, flac, wav of the same song): old (48 kHz, then int16 resampled
+  to 32 kHz) against new (one resampling to 32 kHz), CPU-s, and their difference in int16 steps
+  (max) and as a signal-to-difference ratio.
 """
 
 from __future__ import annotations
@@ -31,10 +45,25 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 SEGMENT_SECONDS, HOP_SECONDS, BATCH = 10.0, 5.0, 8
+PATH_LABELS = {"old": "old (segment-wise)", "new": "new fp32", "new_int8": "new int8"}
+FORMATS = {"mp3": ("MP3", None, 44100), "ogg": ("OGG", "VORBIS", 44100), "opus": ("OGG", "OPUS", 48000),
+           "flac": ("FLAC", None, 44100), "wav": ("WAV", "PCM_16", 44100)}
+
+
+def _cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
 
 
 def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+def _timed(fn) -> tuple[float, float, object]:
+    """(CPU-s, wall-s, result) of one call."""
+    c, t = _cpu(), time.perf_counter()
+    out = fn()
+    return _cpu() - c, time.perf_counter() - t, out
 
 
 def _median_ms(fn, repeats: int) -> float:
@@ -47,18 +76,54 @@ def _median_ms(fn, repeats: int) -> float:
     return float(np.median(times))
 
 
-def make_song(path: Path, seconds: float) -> Path:
-    """A deterministic stereo 44.1-kHz MP3: chords, a bass line and noise bursts."""
-    import soundfile as sf
-
-    sr = 44100
+def song_signal(seconds: float, sr: int) -> np.ndarray:
+    """A deterministic stereo song: chords, a stepping bass line and noise bursts."""
     t = np.arange(int(sr * seconds)) / sr
     rng = np.random.default_rng(0)
     x = sum(0.15 * np.sin(2 * np.pi * f * t) for f in (220.0, 277.2, 329.6))
     x += 0.2 * np.sin(2 * np.pi * 55.0 * (1 + (t // 2) % 4 / 4) * t)
     x += 0.1 * rng.standard_normal(t.size) * (np.sin(2 * np.pi * 2 * t) > 0.9)
-    sf.write(path, np.stack([x, 0.9 * x], axis=1).astype(np.float32), sr, format="MP3")
+    return np.stack([x, 0.9 * x], axis=1).astype(np.float32)
+
+
+def make_song(path: Path, seconds: float, fmt: str = "mp3") -> Path:
+    import soundfile as sf
+
+    container, subtype, sr = FORMATS[fmt]
+    x = song_signal(seconds, sr)
+    # in blocks: libsndfile's Vorbis encoder crashes on one large write
+    with sf.SoundFile(path, "w", sr, 2, format=container, subtype=subtype) as f:
+        for i in range(0, len(x), 1 << 16):
+            f.write(x[i : i + (1 << 16)])
     return path
+
+
+# --------------------------------------------------------------------------- machine GEMM rate
+
+
+def gemm_rates(n: int = 1024, repeats: int = 5) -> dict:
+    """float32 [n, n] @ [n, n]: GFLOP per CPU-second and per wall-second, numpy and onnxruntime."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((n, n), dtype=np.float32), rng.standard_normal((n, n), dtype=np.float32)
+    flop = 2.0 * n ** 3
+    graph = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["c"])], "gemm",
+                              [helper.make_tensor_value_info(k, TensorProto.FLOAT, [n, n]) for k in "ab"],
+                              [helper.make_tensor_value_info("c", TensorProto.FLOAT, [n, n])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = int(os.environ.get("OMP_NUM_THREADS", "2"))
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    out = {}
+    for name, fn in (("numpy", lambda: a @ b), ("onnxruntime", lambda: sess.run(None, {"a": a, "b": b}))):
+        fn()
+        runs = [_timed(fn)[:2] for _ in range(repeats)]
+        cpu, wall = np.median([r[0] for r in runs]), np.median([r[1] for r in runs])
+        out[name] = {"gflops_per_cpu_s": flop / cpu / 1e9, "gflops_per_wall_s": flop / wall / 1e9}
+    return out
 
 
 # --------------------------------------------------------------------------- contenders (child processes)
@@ -79,9 +144,6 @@ def bench_teacher(song: Path, threads: int, repeats: int) -> dict:
     model = ClapAudioModelWithProjection(cfg).eval()
     frontend = TeacherMel(TeacherFrontendParams()).eval()
     params = sum(p.numel() for p in model.parameters())
-    with tempfile.TemporaryDirectory() as tmp:
-        torch.save(model.state_dict(), Path(tmp) / "w.pt")
-        size = (Path(tmp) / "w.pt").stat().st_size
 
     def embed(wave: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
@@ -91,82 +153,169 @@ def bench_teacher(song: Path, threads: int, repeats: int) -> dict:
 
     segment = np.random.default_rng(1).uniform(-0.5, 0.5, (1, int(48000 * SEGMENT_SECONDS))).astype(np.float32)
     seg_ms = _median_ms(lambda: embed(segment), repeats)
-    t0 = time.perf_counter()
-    wave = decode(song, 48000)
-    decode_ms = (time.perf_counter() - t0) * 1000.0
+    dec_cpu, _, wave = _timed(lambda: decode(song, 48000))
     windows = segments(wave, 48000, SEGMENT_SECONDS, HOP_SECONDS)
-    out = np.concatenate([embed(windows[i : i + BATCH]) for i in range(0, len(windows), BATCH)])
-    song_ms = (time.perf_counter() - t0) * 1000.0
+    net_cpu, _, out = _timed(lambda: np.concatenate([embed(windows[i : i + BATCH]) for i in range(0, len(windows), BATCH)]))
     assert out.shape == (len(windows), 512)
-    return {"name": "teacher HTSAT-base (PyTorch fp32)", "segment_ms": seg_ms, "song_ms": song_ms, "decode_ms": decode_ms,
-            "segments": len(windows), "parameters": params, "file_mb": size / 1e6, "peak_mb": _peak_mb()}
+    return {"name": "teacher HTSAT-base (PyTorch fp32)", "segment_ms": seg_ms, "decode_cpu": dec_cpu,
+            "song_cpu": dec_cpu + net_cpu, "segments": len(windows), "parameters": params, "peak_mb": _peak_mb()}
 
 
-def export_student(backbone: str, out_dir: Path, int8: bool) -> tuple[Path, int]:
+def export_student(backbone: str, out_dir: Path, song: Path) -> dict:
+    """Export a random-weight student (all files of the export stage) and count its FLOPs."""
     import torch
+    from torch.utils.flop_counter import FlopCounterMode
 
-    from pipeline.data.frontends import StudentMel
+    from pipeline.data.audio import decode_int16, int16_to_float, segments
+    from pipeline.data.frontends import StudentMel, set_export_stft
     from pipeline.models.audio_student import build_audio_student
     from pipeline.params import StudentFrontendParams
+    from pipeline.runtime.song import SPAN_WINDOWS, _runs
     from pipeline.stages import export as ex
 
     torch.manual_seed(0)
     student = build_audio_student({"backbone": backbone}).eval()
-    fe = StudentFrontendParams()
-    segment_samples = int(fe.sample_rate * SEGMENT_SECONDS)
-    info = ex.export_audio(student, StudentMel(fe), out_dir, segment_samples=segment_samples,
-                           sample_rate=fe.sample_rate, opset=17, min_cosine=0.9999, quantize=int8)
-    spec = {"version": ex.SPEC_VERSION, "embedding_dim": 512, "skipped": {},
-            "audio": ex.audio_spec(info, sample_rate=fe.sample_rate, segment_seconds=SEGMENT_SECONDS,
-                                   hop_seconds=HOP_SECONDS, segment_samples=segment_samples, quantized=int8,
-                                   decode_sample_rate=48000)}
-    (out_dir / ex.SPEC).write_text(json.dumps(spec))
-    path = out_dir / (ex.AUDIO_INT8_ONNX if int8 else ex.AUDIO_ONNX)
-    return path, sum(p.numel() for p in student.parameters())
+    fe = StudentMel(StudentFrontendParams()).eval()
+    sr = fe.params.sample_rate
+    seg, hop = int(sr * SEGMENT_SECONDS), int(sr * HOP_SECONDS)
+    wave = decode_int16(song, sr)
+    with torch.no_grad():
+        mels = fe(torch.from_numpy(int16_to_float(segments(wave, sr, SEGMENT_SECONDS, HOP_SECONDS))))
+    student.recalibrate_batchnorm([mels[i : i + 8] for i in range(0, len(mels), 8)])
+    info = ex.export_audio(student, fe, out_dir, segment_samples=seg, sample_rate=sr, opset=17, min_cosine=0.9999,
+                           quantize=True)
+    song_info = ex.export_song(student, fe, out_dir, segment_samples=seg, hop_samples=hop, sample_rate=sr, opset=17,
+                               min_cosine=0.9999, quantize=True, calibration_mels=mels[::2].numpy(),
+                               eval_mels=mels[1::2].numpy())
+    audio = ex.audio_spec(info, sample_rate=sr, segment_seconds=SEGMENT_SECONDS, hop_seconds=HOP_SECONDS,
+                          segment_samples=seg, quantized=True, decode_sample_rate=48000)
+    audio["song"] = ex.song_spec(song_info, True)
+    (out_dir / ex.SPEC).write_text(json.dumps({"version": ex.SPEC_VERSION, "embedding_dim": 512, "skipped": {},
+                                               "audio": audio}))
+
+    # FLOPs on the graphs onnxruntime runs (the matmul STFT, not torch's FFT)
+    set_export_stft(fe, True)
+    split = ex.trunk_split(student.encoder)
+    trunk, head = ex.SongTrunk(student, split), ex.SongHead(student, split)
+    g = audio["song"]
+
+    def flops(fn) -> float:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            fn()
+        return float(counter.get_total_flops())
+
+    old_window = flops(lambda: student.embed_raw(fe(torch.zeros(1, seg))))
+    starts = list(range(0, len(wave) - seg + 1, hop))
+    if starts[-1] + seg < len(wave):
+        starts.append(len(wave) - seg)
+    new_song = 0.0
+    song_fe = ex.song_frontend(fe)
+    for run in _runs(starts, len(wave), seg, hop, g["hop_columns"] > 0, SPAN_WINDOWS):
+        n = run[-1] - run[0] + seg
+        new_song += flops(lambda n=n: trunk(song_fe(torch.zeros(1, n))))
+    with torch.no_grad():
+        fmap = torch.zeros(1, *trunk(fe(torch.zeros(1, seg))).shape[1:])
+    head_one = flops(lambda: head(fmap))
+    new_song += head_one * len(starts)
+    return {"params": sum(p.numel() for p in student.parameters()), "old_flops_per_window": old_window,
+            "new_flops_per_song": new_song, "windows": len(starts), "fidelity": g["fidelity"]}
 
 
-def bench_student(onnx_path: Path, params: int, label: str, song: Path, threads: int, repeats: int) -> dict:
+def bench_student(models: Path, label: str, song: Path, threads: int, repeats: int) -> dict:
     # onnxruntime only, the code path of `student-clap embed` (no torch in this process)
-    from pipeline.data.audio import decode_int16
+    from pipeline.data.audio import decode_int16, resample_int16
+    from pipeline.runtime.decode import decode_student
+    from pipeline.runtime.song import SongEmbedder, open_audio_embedder
     from pipeline.runtime.search import AudioEmbedder
 
-    embedder = AudioEmbedder(onnx_path.parent, int8="int8" in onnx_path.name, batch_size=BATCH, threads=threads)
-    assert embedder.model_path == onnx_path
-    segment = np.random.default_rng(1).uniform(-0.5, 0.5, (1, embedder.sample_rate * int(SEGMENT_SECONDS)))
-    segment = segment.astype(np.float32)
-    seg_ms = _median_ms(lambda: embedder.embed_segments(segment), repeats)
-    t0 = time.perf_counter()
-    decode_int16(song, embedder.decode_sample_rate)
-    decode_ms = (time.perf_counter() - t0) * 1000.0
-    t0 = time.perf_counter()
-    vec, n_segments = embedder.embed_file(song)  # decode 48 kHz, segment, resample to 32 kHz, embed, average
-    song_ms = (time.perf_counter() - t0) * 1000.0
+    old = open_audio_embedder(models, batch_size=BATCH, threads=threads, segment_wise=True)
+    new = open_audio_embedder(models, batch_size=BATCH, threads=threads)
+    new8 = open_audio_embedder(models, batch_size=BATCH, threads=threads, int8=True)
+    assert isinstance(old, AudioEmbedder) and isinstance(new, SongEmbedder) and isinstance(new8, SongEmbedder)
+    segment = np.random.default_rng(1).uniform(-0.5, 0.5, (1, old.sample_rate * int(SEGMENT_SECONDS)))
+    seg_ms = _median_ms(lambda: old.embed_segments(segment.astype(np.float32)), repeats)
+
+    paths = {
+        "old": (lambda: resample_int16(decode_int16(song, old.decode_sample_rate), old.decode_sample_rate, old.sample_rate),
+                lambda: old.embed_file(song)),
+        "new": (lambda: decode_student(song, new.sample_rate), lambda: new.embed_file(song)),
+        "new_int8": (lambda: decode_student(song, new8.sample_rate), lambda: new8.embed_file(song)),
+    }
+    runs: dict[str, dict[str, list]] = {k: {"decode": [], "song": [], "song_wall": []} for k in paths}
+    vectors = {}
+    for _, embed in paths.values():
+        embed()  # warm-up
+    for _ in range(repeats):
+        for name, (decode, embed) in paths.items():
+            runs[name]["decode"].append(_timed(decode)[0])
+            cpu, wall, (vec, n) = _timed(embed)
+            runs[name]["song"].append(cpu)
+            runs[name]["song_wall"].append(wall)
+            vectors[name] = vec
     assert "torch" not in sys.modules
-    return {"name": label, "segment_ms": seg_ms, "song_ms": song_ms, "decode_ms": decode_ms, "segments": n_segments,
-            "parameters": params, "file_mb": onnx_path.stat().st_size / 1e6, "peak_mb": _peak_mb()}
+    out = {"name": label, "segment_ms": seg_ms, "segments": int(n), "peak_mb": _peak_mb(), "paths": {}}
+    for name, r in runs.items():
+        dec, total = float(np.median(r["decode"])), float(np.median(r["song"]))
+        out["paths"][name] = {"decode_cpu": dec, "song_cpu": total, "network_cpu": max(total - dec, 1e-9),
+                              "song_wall": float(np.median(r["song_wall"])),
+                              "cosine_to_old": float(vectors[name] @ vectors["old"])}
+    return out
+
+
+def bench_decode(folder: Path, repeats: int) -> dict:
+    from pipeline.data.audio import decode_int16, resample_int16
+    from pipeline.runtime.decode import decode_student
+
+    out = {}
+    for fmt in FORMATS:
+        path = folder / f"song.{fmt}"
+        def old_fn(path=path):
+            return resample_int16(decode_int16(path, 48000), 48000, 32000)
+
+        def new_fn(path=path):
+            return decode_student(path, 32000)
+
+        old_fn(), new_fn()
+        old_cpu, new_cpu = [], []
+        for _ in range(repeats):
+            c, _, a = _timed(old_fn)
+            old_cpu.append(c)
+            c, _, b = _timed(new_fn)
+            new_cpu.append(c)
+        n = min(len(a), len(b))
+        diff = a[:n].astype(np.float64) - b[:n]
+        power = float(np.mean(a[:n].astype(np.float64) ** 2))
+        out[fmt] = {"old_cpu": float(np.median(old_cpu)), "new_cpu": float(np.median(new_cpu)),
+                    "max_diff_steps": int(np.abs(diff).max()), "snr_db": 10 * np.log10(power / max(np.mean(diff ** 2), 1e-12)),
+                    "length_diff": int(len(a) - len(b))}
+    return out
 
 
 def _child(args: argparse.Namespace) -> None:
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
-    if args.one == "teacher":
+    meta = json.loads(args.one)
+    if meta["kind"] == "teacher":
         result = bench_teacher(Path(args.song), args.threads, args.repeats)
+    elif meta["kind"] == "decode":
+        result = bench_decode(Path(meta["folder"]), args.repeats)
+    elif meta["kind"] == "gemm":
+        result = gemm_rates()
     else:
-        meta = json.loads(args.one)
-        result = bench_student(Path(meta["path"]), meta["params"], meta["label"], Path(args.song), args.threads, args.repeats)
+        result = bench_student(Path(meta["models"]), meta["label"], Path(args.song), args.threads, args.repeats)
     print("RESULT " + json.dumps(result))
 
 
 # --------------------------------------------------------------------------- driver
 
 
-def _run_child(one: str, song: Path, args: argparse.Namespace) -> dict:
+def _run_child(meta: dict, song: Path, args: argparse.Namespace) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
-    cmd = [sys.executable, __file__, "--one", one, "--song", str(song), "--threads", str(args.threads),
+    cmd = [sys.executable, __file__, "--one", json.dumps(meta), "--song", str(song), "--threads", str(args.threads),
            "--repeats", str(args.repeats)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
-        raise SystemExit(f"benchmark child {one!r} failed:\n{proc.stderr[-3000:]}")
+        raise SystemExit(f"benchmark child {meta!r} failed:\n{proc.stderr[-3000:]}")
     return json.loads(lines[-1][len("RESULT "):])
 
 
@@ -176,7 +325,7 @@ def main() -> None:
     parser.add_argument("--song-seconds", type=float, default=240.0)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--students", default="mn10_as,mn04_as")
-    parser.add_argument("--no-int8", action="store_true", help="skip the int8 student variants")
+    parser.add_argument("--no-teacher", action="store_true", help="skip the teacher (slow)")
     parser.add_argument("--json", default=None, help="also write the results here")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--song", default=None, help=argparse.SUPPRESS)
@@ -185,36 +334,77 @@ def main() -> None:
         _child(args)
         return
 
+    results: dict = {"students": []}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        song = make_song(tmp / "song.mp3", args.song_seconds)
-        print(f"song: {args.song_seconds:.0f} s MP3; CPU threads: {args.threads}; repeats: {args.repeats}", flush=True)
-        results = [_run_child("teacher", song, args)]
-        print(f"  measured {results[-1]['name']}", flush=True)
+        for fmt in FORMATS:
+            make_song(tmp / f"song.{fmt}", args.song_seconds, fmt)
+        song = tmp / "song.mp3"
+        print(f"song: {args.song_seconds:.0f} s; CPU threads: {args.threads}; repeats: {args.repeats}", flush=True)
+        results["gemm"] = _run_child({"kind": "gemm"}, song, args)
+        results["decode"] = _run_child({"kind": "decode", "folder": str(tmp)}, song, args)
+        print("  measured decoding", flush=True)
+        if not args.no_teacher:
+            results["teacher"] = _run_child({"kind": "teacher"}, song, args)
+            print(f"  measured {results['teacher']['name']}", flush=True)
         for backbone in args.students.split(","):
-            for int8 in (False,) if args.no_int8 else (False, True):
-                out = tmp / f"{backbone}{'_int8' if int8 else ''}"
-                path, params = export_student(backbone, out, int8)
-                label = f"student {backbone.split('_')[0]} (ONNX {'int8' if int8 else 'fp32'})"
-                results.append(_run_child(json.dumps({"path": str(path), "params": params, "label": label}), song, args))
-                print(f"  measured {label}", flush=True)
-
-    teacher = results[0]
-    header = (f"{'model':<34} {'ms/segment':>10} {'x':>6} {'ms/song':>9} {'x':>6} {'decode ms':>9} "
-              f"{'params':>11} {'file MB':>8} {'peak MB':>8}")
-    print(header)
-    print("-" * len(header))
-    for r in results:
-        r["segment_speedup"] = teacher["segment_ms"] / r["segment_ms"]
-        r["song_speedup"] = teacher["song_ms"] / r["song_ms"]
-        print(f"{r['name']:<34} {r['segment_ms']:>10.1f} {r['segment_speedup']:>6.1f} {r['song_ms']:>9.0f} "
-              f"{r['song_speedup']:>6.1f} {r['decode_ms']:>9.0f} {r['parameters']:>11,} {r['file_mb']:>8.1f} "
-              f"{r['peak_mb']:>8.0f}")
-    print(f"(song: {teacher['segments']} segments of {SEGMENT_SECONDS:g} s, hop {HOP_SECONDS:g} s; "
-          "'x' = speed-up over the teacher; song time includes the MP3 decode (also shown alone) and resampling)")
-    print(f"load average during the run: {', '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs")
+            out = tmp / backbone
+            out.mkdir()
+            exported = export_student(backbone, out, song)
+            label = f"student {backbone.split('_')[0]}"
+            r = _run_child({"kind": "student", "models": str(out), "label": label}, song, args)
+            r.update(exported)
+            results["students"].append(r)
+            print(f"  measured {label}", flush=True)
+    report(results, args)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+
+
+def report(results: dict, args: argparse.Namespace) -> None:
+    gemm = results["gemm"]
+    rate = max(gemm["numpy"]["gflops_per_cpu_s"], gemm["onnxruntime"]["gflops_per_cpu_s"])
+    print(f"\nmachine float32 GEMM 1024^3 (GFLOP per CPU-s / per wall-s): "
+          f"numpy {gemm['numpy']['gflops_per_cpu_s']:.1f} / {gemm['numpy']['gflops_per_wall_s']:.1f}, "
+          f"onnxruntime {gemm['onnxruntime']['gflops_per_cpu_s']:.1f} / {gemm['onnxruntime']['gflops_per_wall_s']:.1f}")
+
+    print(f"\ndecode of the {args.song_seconds:.0f}-s song to int16 at 32 kHz, CPU-s "
+          "(old: 48 kHz then resampled; new: one resampling)")
+    header = f"{'format':<6} {'old':>7} {'new':>7} {'new/old':>8} {'max diff':>9} {'SNR dB':>7}"
+    print(header + "\n" + "-" * len(header))
+    for fmt, d in results["decode"].items():
+        print(f"{fmt:<6} {d['old_cpu']:>7.3f} {d['new_cpu']:>7.3f} {d['new_cpu'] / d['old_cpu']:>8.2f} "
+              f"{d['max_diff_steps']:>9d} {d['snr_db']:>7.1f}")
+
+    print(f"\nper {args.song_seconds:.0f}-s MP3, CPU-s (median of {args.repeats}); network = song - decode")
+    header = (f"{'model / path':<34} {'decode':>7} {'network':>8} {'song':>7} {'/old':>6} {'wall s':>7} "
+              f"{'ms/seg':>7} {'GFLOP/s':>8} {'% GEMM':>7} {'cos old':>9}")
+    print(header + "\n" + "-" * len(header))
+    teacher = results.get("teacher")
+    if teacher:
+        net = teacher["song_cpu"] - teacher["decode_cpu"]
+        print(f"{teacher['name']:<34} {teacher['decode_cpu']:>7.3f} {net:>8.3f} {teacher['song_cpu']:>7.3f} {'':>6} "
+              f"{'':>7} {1000.0 * net / teacher['segments']:>7.1f}")
+    for r in results["students"]:
+        old = r["paths"]["old"]
+        for name, p in r["paths"].items():
+            windows = r["segments"]
+            flop = r["old_flops_per_window"] * windows if name == "old" else r["new_flops_per_song"]
+            gflops = flop / p["network_cpu"] / 1e9
+            per_seg = 1000.0 * p["network_cpu"] / windows
+            label = f"{r['name']} {PATH_LABELS[name]}"
+            print(f"{label:<34} {p['decode_cpu']:>7.3f} {p['network_cpu']:>8.3f} {p['song_cpu']:>7.3f} "
+                  f"{p['song_cpu'] / old['song_cpu']:>6.2f} {p['song_wall']:>7.3f} {per_seg:>7.1f} {gflops:>8.1f} "
+                  f"{100 * gflops / rate:>6.1f}% {p['cosine_to_old']:>9.6f}")
+        print(f"  {r['name']}: {r['params']:,} parameters, {r['windows']} windows, "
+              f"{r['old_flops_per_window'] / 1e9:.3f} GFLOP per window (old), "
+              f"{r['new_flops_per_song'] / r['windows'] / 1e9:.3f} per window (new); export-time fidelity "
+              + ", ".join(f"{k} {v:.6f}" for k, v in r["fidelity"].items() if isinstance(v, float)))
+    print("(ms/seg: network CPU-ms per window within the song; old model on one window alone, wall: "
+          + ", ".join(f"{r['name']} {r['segment_ms']:.1f} ms" for r in ([teacher] if teacher else []) + results["students"])
+          + ". "
+          "% GEMM: share of the machine's best GEMM rate per CPU-s. Weights are random, BatchNorm set on the song.)")
+    print(f"load average during the run: {', '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs")
 
 
 if __name__ == "__main__":

@@ -175,6 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     for p in (embed, index):
         p.add_argument("--batch-size", type=int, default=8, help="10-s segments per ONNX call (default: %(default)s)")
         p.add_argument("--int8", action="store_true", help="use the int8-quantised audio model")
+        p.add_argument("--segment-wise", action="store_true",
+                       help="run every 10-s window through the whole model (the slower path before song-level inference)")
 
     search = sub.add_parser("search", help="text-to-music search over an index")
     search.add_argument("query")

@@ -309,6 +309,7 @@ class ExportParams:
     opset: int = 17
     quantize_int8: bool = True
     parity_min_cosine: float = 0.9999
+    int8_calibration_segments: int = 64  # training mels for the static int8 calibration (and as many held out)
 
 
 class MissingSection:

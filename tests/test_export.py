@@ -199,6 +199,10 @@ def test_export_stage_with_the_real_front_end(tmp_path: Path, monkeypatch, audio
     spec = json.loads((out / ex.SPEC).read_text())
     assert spec["audio"]["segment_samples"] == 320000 and spec["audio"]["mel_shape"][0] == 128
     assert spec["text"]["max_length"] == 12
+    song = spec["audio"]["song"]  # the song-level files, parity-checked, with their fidelity figures
+    assert (song["window_columns"], song["hop_columns"]) == (250, 125) and song["head_int8_file"] is None
+    assert {ex.AUDIO_FRONTEND_ONNX, ex.AUDIO_TRUNK_ONNX, ex.AUDIO_HEAD_ONNX} <= set(spec["parity"])
+    assert song["fidelity"]["synthetic_song_cosine_fp32"] >= 0.999
     assert {ex.AUDIO_ONNX, ex.AUDIO_MEL_ONNX, ex.TEXT_ONNX, ex.TOKENIZER, "README.md", ex.CHECKSUMS} <= {
         p.name for p in out.iterdir()
     }

@@ -169,6 +169,10 @@ def render(
         "audio_student.onnx": "waveform segments -> embedding, embedding_raw",
         "audio_student_mel.onnx": "student log-mels -> embedding, embedding_raw",
         "audio_student.int8.onnx": "waveform model, projection head int8 (dynamic)",
+        "audio_student_frontend.onnx": "song level: waveform (any length) -> student log-mel",
+        "audio_student_trunk.onnx": "song level: log-mel (any length) -> feature map of the local blocks",
+        "audio_student_head.onnx": "song level: one window's feature map -> embedding, embedding_raw",
+        "audio_student_head.int8.onnx": "head, static int8 pointwise convolutions (calibrated on training mels)",
         "text_student.onnx": "input_ids, attention_mask -> embedding",
     }
     for fname, what in descriptions.items():
@@ -193,6 +197,16 @@ def render(
             "the L2-normalised mean of the segments' `embedding_raw`. The mel variant takes "
             f"[batch, {audio['mel_shape'][0]}, frames] EfficientAT log-mels."
         )
+        song = audio.get("song")
+        if song:
+            fid = song.get("fidelity", {})
+            figures = ", ".join(f"{k} {v:.6f}" for k, v in fid.items() if isinstance(v, float))
+            inputs.append(
+                "- Song level (`student-clap embed/index` by default): the front-end and the trunk run once over "
+                f"runs of consecutive windows, each window takes {song['window_columns']} feature-map columns every "
+                f"{song['hop_columns']}, the head runs per window. Measured against the segment-wise fp32 model (synthetic_song: a 60-s "
+                f"test song of tones, chirps, noise and near-silence; segment_/track_: held-out validation mels): {figures}."
+            )
     if text:
         inputs.append(f"- Text: `tokenizer.json` (byte-level BPE), at most {text['max_length']} tokens; "
                       "int64 `input_ids` and `attention_mask` [batch, length].")

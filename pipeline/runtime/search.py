@@ -17,6 +17,10 @@ cache (pipeline.data.audio.decode_track); partial decodes are kept and their not
 the files it could not read), so re-indexing a library embeds only new or changed files, drops
 deleted ones and reuses the rest. It also records the audio model's sha256 and the embedding
 dimension, which `search` checks before comparing vectors.
+
+That is AudioEmbedder here, the `--segment-wise` path. By default `embed` and `index` use the
+song-level path of pipeline.runtime.song (one decode at the student rate, the overlap of windows
+computed once), which gives the same vectors within the tolerance stated there.
 """
 
 from __future__ import annotations
@@ -583,9 +587,12 @@ def _report_failures(result: EmbedResult) -> None:
             print(f"  {printable(path)}: {'; '.join(notes)}", file=sys.stderr)
 
 
-def _embedder(args: argparse.Namespace) -> AudioEmbedder:
-    return AudioEmbedder(args.models, int8=getattr(args, "int8", False), batch_size=getattr(args, "batch_size", 8),
-                         threads=getattr(args, "threads", None))
+def _embedder(args: argparse.Namespace):
+    """The song-level path (pipeline.runtime.song) when the export has it, unless --segment-wise."""
+    from pipeline.runtime.song import open_audio_embedder
+
+    return open_audio_embedder(args.models, int8=getattr(args, "int8", False), batch_size=getattr(args, "batch_size", 8),
+                               threads=getattr(args, "threads", None), segment_wise=getattr(args, "segment_wise", False))
 
 
 def embed_main(args: argparse.Namespace) -> int:

@@ -1,0 +1,235 @@
+"""Song-level inference: each second of audio through the convolutional trunk once, not twice.
+
+The exported audio student is cut in three ONNX files (see pipeline.stages.export):
+
+- front-end: waveform [batch, samples] at the student rate -> log-mel [batch, mels, frames], any length;
+- trunk: log-mel -> feature map [batch, channels, mel/stride, frames/stride], any length: the
+  EfficientAT blocks before the first squeeze-excitation, which are convolutions only (local);
+- head: one window's feature map -> (embedding, embedding_raw): the remaining blocks, whose
+  squeeze-excitation gates average over the whole window, global pooling and the projection.
+
+Windows overlap by half (10 s every 5 s). Today's path runs every window from scratch, so every
+second of audio goes through the whole network twice. Here a run of consecutive windows (up to
+`span_windows`) is one excerpt: front-end and trunk run over it once and each window's columns
+are cut from the trunk's feature map (the hop is a whole number of columns: 5 s = 500 mel frames
+= 125 columns at the trunk's stride 4). Only the head runs per window. The head cannot be shared:
+its gates depend on the whole window.
+
+What differs from the segment-wise path is only at window edges inside an excerpt: there the STFT
+and the convolutions see the real neighbouring audio instead of reflect/zero padding (the trunk's
+receptive field is 19 mel frames, ~0.2 s). Excerpt ends are window ends, so the first and last
+window of an excerpt see the same padding as before. Windows off the hop grid (the tail window
+aligned to the song's end, a short repeat-padded song) run as excerpts of one window: exactly the
+segment-wise computation. Heads run in batches that mix windows of several songs (`embed_waves`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.data.audio import AudioDecodeError, cut, int16_to_float
+from pipeline.runtime.decode import decode_student, decode_student_track, window_starts
+
+log = logging.getLogger(__name__)
+
+SPAN_WINDOWS = 16  # windows per excerpt: (k + 1) / (2k) of the segment-wise trunk work (0.53 at 16)
+
+
+@dataclass(frozen=True)
+class SongGeometry:
+    """How windows map onto the trunk's feature map (student_clap.json, audio.song)."""
+
+    sample_rate: int
+    segment_seconds: float
+    hop_seconds: float
+    window_columns: int  # trunk feature-map columns of one window
+    hop_columns: int  # columns between consecutive windows; 0: windows cannot share the trunk
+
+    @classmethod
+    def from_spec(cls, audio: dict) -> SongGeometry:
+        song = audio["song"]
+        return cls(int(audio["sample_rate"]), float(audio["segment_seconds"]), float(audio["hop_seconds"]),
+                   int(song["window_columns"]), int(song["hop_columns"]))
+
+
+def _session(path: Path, threads: int | None):
+    import onnxruntime as ort
+
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: ONNX model not found")
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    # Three sessions take turns; a pool spinning after its turn would only burn the others' cores.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+def _runs(starts: list[int], n_samples: int, seg_len: int, hop: int, shared: bool, span: int) -> list[list[int]]:
+    """Group window starts into excerpts: consecutive on-grid windows inside the song share one."""
+    runs: list[list[int]] = []
+    for s in starts:
+        inside = shared and s + seg_len <= n_samples
+        last = runs[-1] if runs else None
+        if (last is not None and inside and last[-1] + seg_len <= n_samples and s - last[-1] == hop
+                and len(last) < span):
+            last.append(s)
+        else:
+            runs.append([s])
+    return runs
+
+
+class SongEmbedder:
+    """Songs -> 512-d vectors through front-end + shared trunk + per-window head (onnxruntime only)."""
+
+    def __init__(self, frontend: str | Path, trunk: str | Path, head: str | Path, geometry: SongGeometry, *,
+                 batch_size: int = 16, threads: int | None = None, span_windows: int = SPAN_WINDOWS) -> None:
+        self.geometry = geometry
+        self.model_paths = [Path(frontend), Path(trunk), Path(head)]
+        self.frontend = _session(self.model_paths[0], threads)
+        self.trunk = _session(self.model_paths[1], threads)
+        self.head = _session(self.model_paths[2], threads)
+        self.session = self.head  # its outputs are the embeddings (callers read their width here)
+        self.sample_rate = geometry.sample_rate
+        self.batch_size = max(1, int(batch_size))
+        self.span_windows = max(1, int(span_windows))
+        outputs = [o.name for o in self.head.get_outputs()]
+        if "embedding_raw" not in outputs:
+            raise ValueError(f"{self.model_paths[2]}: output 'embedding_raw' missing (outputs: {outputs})")
+        self._raw_index = outputs.index("embedding_raw")
+
+    # ---- windows -> feature maps
+    def _maps(self, wave: np.ndarray) -> tuple[list[np.ndarray], int]:
+        """Each window's trunk feature map [C, F, window_columns] (views into per-excerpt maps)."""
+        g = self.geometry
+        starts, seg_len, hop = window_starts(len(wave), g.sample_rate, g.segment_seconds, g.hop_seconds)
+        maps: list[np.ndarray] = []
+        for run in _runs(starts, len(wave), seg_len, hop, g.hop_columns > 0, self.span_windows):
+            if len(run) == 1:
+                excerpt = cut(wave, run, seg_len)  # repeat-pads a short song, as the segment path does
+            else:
+                excerpt = wave[None, run[0] : run[-1] + seg_len]
+            (mel,) = self.frontend.run(None, {"waveform": int16_to_float(excerpt)})
+            (fmap,) = self.trunk.run(None, {"mel": mel})
+            need = (len(run) - 1) * g.hop_columns + g.window_columns
+            if fmap.shape[-1] < need:
+                raise ValueError(f"trunk gave {fmap.shape[-1]} columns for {len(run)} windows, expected {need}")
+            maps += [fmap[0, ..., i * g.hop_columns : i * g.hop_columns + g.window_columns] for i in range(len(run))]
+        return maps, len(starts)
+
+    def _heads(self, maps: list[np.ndarray]) -> np.ndarray:
+        (raw,) = self.head.run(["embedding_raw"], {"fmap": np.ascontiguousarray(np.stack(maps))})
+        return raw.astype(np.float64)
+
+    # ---- songs
+    def embed_waves(self, waves: Iterable[np.ndarray | BaseException]) -> Iterator[tuple[np.ndarray, int] | BaseException]:
+        """int16 mono waves at the student rate -> (unit song vector, windows), in order.
+
+        Head batches mix windows of consecutive songs, so short songs still fill a batch. An
+        exception in the input stream (a file that did not decode) is passed through in its place."""
+        pending: list[tuple[int, np.ndarray]] = []  # (song, window map) not yet through the head
+        sums: dict[int, np.ndarray] = {}
+        left: dict[int, int] = {}
+        counts: dict[int, int] = {}
+        done: dict[int, tuple[np.ndarray, int] | BaseException] = {}
+        next_out = 0
+
+        def flush(all_rows: bool) -> None:
+            while len(pending) >= self.batch_size or (all_rows and pending):
+                batch = pending[: self.batch_size]
+                del pending[: self.batch_size]
+                raw = self._heads([m for _, m in batch])
+                for (song, _), row in zip(batch, raw):
+                    sums[song] = sums[song] + row if song in sums else row.copy()
+                    left[song] -= 1
+                    if left[song] == 0:
+                        vec = sums.pop(song) / counts[song]
+                        done[song] = ((vec / max(np.linalg.norm(vec), 1e-12)).astype(np.float32), counts[song])
+
+        for song, wave in enumerate(waves):
+            if isinstance(wave, BaseException):
+                done[song] = wave
+            elif len(wave) == 0:
+                done[song] = AudioDecodeError("<waveform>", "no audio samples", kind="empty")
+            else:
+                maps, n = self._maps(wave)
+                counts[song], left[song] = n, n
+                pending += [(song, m) for m in maps]
+                flush(False)
+            while next_out in done:
+                yield done.pop(next_out)
+                next_out += 1
+        flush(True)
+        while next_out in done:
+            yield done.pop(next_out)
+            next_out += 1
+
+    def embed_wave(self, wave_int16: np.ndarray) -> tuple[np.ndarray, int]:
+        """One int16 mono wave at the student rate -> (unit song vector, number of windows)."""
+        (out,) = list(self.embed_waves([wave_int16]))
+        if isinstance(out, BaseException):
+            raise out
+        return out
+
+    def embed_track(self, path: str | Path):
+        """Decode (straight to the student rate, the usability rule applied) and embed one file,
+        with its decode notes: a SongEmbedding, as the segment-wise AudioEmbedder returns."""
+        from pipeline.runtime.search import SongEmbedding
+
+        track = decode_student_track(path, self.sample_rate)
+        vector, n = self.embed_wave(track.wave)
+        return SongEmbedding(vector, n, track.notes)
+
+    def embed_file(self, path: str | Path) -> tuple[np.ndarray, int]:
+        """Decode (straight to the student rate) and embed one file; AudioDecodeError when unreadable."""
+        return self.embed_wave(decode_student(path, self.sample_rate))
+
+    def embed_paths(self, paths: Iterable[str | Path]) -> Iterator[tuple[str, tuple[np.ndarray, int] | AudioDecodeError]]:
+        """(path, (vector, windows)) or (path, AudioDecodeError) per file, heads batched across songs."""
+        paths = [str(p) for p in paths]
+
+        def decoded() -> Iterator[np.ndarray | AudioDecodeError]:
+            for p in paths:
+                try:
+                    yield decode_student(p, self.sample_rate)
+                except AudioDecodeError as exc:
+                    yield exc
+
+        yield from zip(paths, self.embed_waves(decoded()))
+
+
+def open_audio_embedder(models_dir: str | Path, *, int8: bool = False, batch_size: int = 16,
+                        threads: int | None = None, segment_wise: bool = False):
+    """The embedder `embed` and `index` use: the song-level path when the export has one (fp32, or
+    int8 trunk and head with `int8`), else — or with `segment_wise` — the segment-wise waveform
+    model (pipeline.runtime.search.AudioEmbedder). Raises SearchError naming a missing file."""
+    from pipeline.hashing import sha256_file
+    from pipeline.runtime.search import SPEC_FILE, AudioEmbedder, SearchError, load_spec
+
+    models_dir = Path(models_dir)
+    audio = load_spec(models_dir).get("audio") or {}
+    song = audio.get("song") or {}
+    names = [song.get("frontend_file"), song.get("trunk_int8_file" if int8 else "trunk_file"),
+             song.get("head_int8_file" if int8 else "head_file")]
+    if segment_wise or not all(names):
+        if not segment_wise and song:
+            log.warning("%s: no %s song-level model; using the segment-wise one", models_dir / SPEC_FILE,
+                        "int8" if int8 else "fp32")
+        return AudioEmbedder(models_dir, int8=int8, batch_size=batch_size, threads=threads)
+    try:
+        embedder = SongEmbedder(*(models_dir / n for n in names), SongGeometry.from_spec(audio),
+                                batch_size=batch_size, threads=threads)
+    except (FileNotFoundError, ValueError, KeyError) as exc:
+        raise SearchError(f"{models_dir / SPEC_FILE}: song-level model unusable: {exc}") from exc
+    # The index records which student built it; the song path runs the same student as audio["file"].
+    embedder.model_path = models_dir / audio["file"]
+    embedder.model_sha256 = sha256_file(embedder.model_path) if embedder.model_path.is_file() else sha256_file(
+        embedder.model_paths[2])
+    return embedder

@@ -1,0 +1,248 @@
+"""Song-level inference (pipeline.runtime.song) against today's segment-wise path.
+
+The student is an mn04 with random weights whose BatchNorm statistics are set on the mels of the
+songs below ("precise BN"), exported by the export stage's own functions. Why not a trained one:
+no trained student exists in a fresh checkout (it is a DVC output) and a brief training run needs
+the teacher cache. Why not a plain random one: its eval-mode BatchNorm uses the initial running
+statistics, activations collapse and every song gets nearly the same vector, so any cosine would
+pass. With the statistics set, activations have the scales a trained network sees, and the test
+first checks that different songs get clearly different vectors (mean pairwise cosine well
+below the bars), so the fidelity bars (0.999 fp32, 0.995 int8) measure something.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from pipeline.runtime import search as S
+from pipeline.data.audio import (
+    AudioDecodeError,
+    decode_int16,
+    int16_to_float,
+    resample_int16,
+    segments,
+)
+from pipeline.data.frontends import StudentMel
+from pipeline.models.audio_student import build_audio_student
+from pipeline.params import StudentFrontendParams
+from pipeline.runtime import song as song_rt
+from pipeline.runtime.decode import decode_student
+from pipeline.stages import export as ex
+
+torch.set_num_threads(1)
+REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "data" / "demo" / "audio"
+SR, SEG_S, HOP_S = 32000, 10.0, 5.0
+
+
+def _recording(seconds: float, sr: int, seed: int, channels: int = 2) -> np.ndarray:
+    """A recording-like signal: plucked notes with harmonics and decay, a kick on the beat, room
+    noise, a slow level change."""
+    rng = np.random.default_rng(seed)
+    n = int(seconds * sr)
+    t = np.arange(n) / sr
+    x = 0.003 * rng.standard_normal(n)
+    beat = 60.0 / rng.uniform(80, 140)
+    for start in np.arange(0.0, seconds, beat / 2):
+        f0 = 110.0 * 2 ** (rng.integers(0, 24) / 12)
+        i = int(start * sr)
+        tt = t[: min(n - i, int(1.5 * sr))]
+        note = sum(np.sin(2 * np.pi * f0 * h * tt) / h for h in range(1, 6)) * np.exp(-3.0 * tt)
+        x[i : i + len(tt)] += 0.15 * note
+    for start in np.arange(0.0, seconds, beat):
+        i = int(start * sr)
+        tt = t[: min(n - i, int(0.2 * sr))]
+        x[i : i + len(tt)] += 0.4 * np.sin(2 * np.pi * 60 * tt * np.exp(-8 * tt)) * np.exp(-15 * tt)
+    x *= 0.6 + 0.4 * np.sin(2 * np.pi * t / max(seconds, 1.0))
+    x = np.clip(x, -1, 1)
+    return np.stack([x, np.roll(x, 7) * 0.9], axis=1)[:, :channels].astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def songs(tmp_path_factory) -> list[Path]:
+    """The demo songs (all formats) and recordings made here: a 47-s stereo MP3 at 44.1 kHz (off the
+    hop grid, so a tail window), a 7-s mono OGG (repeat-padded), a 33-s FLAC at 48 kHz."""
+    root = tmp_path_factory.mktemp("recordings")
+    made = []
+    for name, seconds, sr, fmt, sub, ch in (("take1.mp3", 47.3, 44100, "MP3", None, 2),
+                                            ("short.ogg", 7.0, 22050, "OGG", "VORBIS", 1),
+                                            ("live.flac", 33.0, 48000, "FLAC", None, 2)):
+        x = _recording(seconds, sr, seed=len(made), channels=ch)
+        with sf.SoundFile(root / name, "w", sr, ch, format=fmt, subtype=sub) as f:
+            for i in range(0, len(x), 1 << 16):  # libsndfile's Vorbis encoder crashes on one large write
+                f.write(x[i : i + (1 << 16)])
+        made.append(root / name)
+    demo = []
+    for p in sorted(DEMO.rglob("*")) if DEMO.is_dir() else []:
+        if p.suffix.lower() in S.AUDIO_EXTENSIONS:
+            try:
+                decode_int16(p, SR, max_seconds=1.0)
+                demo.append(p)
+            except AudioDecodeError:
+                pass  # the demo deliberately holds a broken file
+    return made + demo
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, songs) -> Path:
+    out = tmp_path_factory.mktemp("export")
+    torch.manual_seed(0)
+    student = build_audio_student({"backbone": "mn04_as"}).eval()
+    fe = StudentMel(StudentFrontendParams()).eval()
+    with torch.no_grad():
+        mels = torch.cat([fe(torch.from_numpy(int16_to_float(segments(decode_int16(p, SR), SR, SEG_S, HOP_S))))
+                          for p in songs])
+    student.recalibrate_batchnorm([mels[i : i + 8] for i in range(0, len(mels), 8)])
+    seg, hop = int(SR * SEG_S), int(SR * HOP_S)
+    info = ex.export_audio(student, fe, out, segment_samples=seg, sample_rate=SR, opset=17, min_cosine=0.9999,
+                           quantize=False)
+    song_info = ex.export_song(student, fe, out, segment_samples=seg, hop_samples=hop, sample_rate=SR, opset=17,
+                               min_cosine=0.9999, quantize=True, calibration_mels=mels[::3].numpy(),
+                               eval_mels=mels[1::3].numpy())
+    audio = ex.audio_spec(info, sample_rate=SR, segment_seconds=SEG_S, hop_seconds=HOP_S, segment_samples=seg,
+                          quantized=False, decode_sample_rate=48000)
+    audio["song"] = ex.song_spec(song_info, True)
+    (out / ex.SPEC).write_text(__import__("json").dumps({"version": ex.SPEC_VERSION, "embedding_dim": 512,
+                                                         "skipped": {}, "audio": audio}))
+    return out
+
+
+def _vectors(embedder, songs: list[Path]) -> np.ndarray:
+    return np.stack([embedder.embed_file(p)[0] for p in songs]).astype(np.float64)
+
+
+def test_geometry_and_split_of_the_exported_student(exported):
+    song = S.load_spec(exported)["audio"]["song"]
+    # mn04: stem + 3 blocks before the first squeeze-excitation, stride 4; 5 s = 500 frames = 125 columns
+    assert (song["split_block"], song["trunk_stride"], song["window_columns"], song["hop_columns"]) == (4, 4, 250, 125)
+    assert song["fidelity"]["synthetic_song_cosine_fp32"] >= 0.999
+    assert {song["frontend_file"], song["head_file"], song["head_int8_file"]} <= {p.name for p in exported.iterdir()}
+
+
+def test_song_path_matches_the_segment_wise_path(exported, songs):
+    assert len(songs) >= 10, "the demo songs should be in data/demo/audio"
+    old = song_rt.open_audio_embedder(exported, segment_wise=True)
+    new = song_rt.open_audio_embedder(exported)
+    new8 = song_rt.open_audio_embedder(exported, int8=True)
+    assert isinstance(old, S.AudioEmbedder) and isinstance(new, song_rt.SongEmbedder)
+    assert new8.model_paths[2].name == ex.AUDIO_HEAD_INT8_ONNX
+    ref, fp32, int8 = _vectors(old, songs), _vectors(new, songs), _vectors(new8, songs)
+    # the bars mean something only if songs differ: different songs are far below them
+    pairwise = ref @ ref.T
+    assert pairwise[np.triu_indices(len(songs), 1)].mean() < 0.9
+    # the network change alone (old decode, shared trunk and per-window head)
+    shared = np.stack([new.embed_wave(resample_int16(decode_int16(p, 48000), 48000, SR))[0] for p in songs])
+    names = [p.name for p in songs]
+    cos_net, cos32, cos8 = (np.sum(ref * v, axis=1) for v in (shared, fp32, int8))
+    assert cos_net.min() >= 0.999, dict(zip(names, cos_net.round(6)))
+    # The whole new path, one-pass decode included. From a 48-kHz file it decodes the same int16
+    # samples as before; from other rates the int16 rounding noise falls elsewhere. The synthetic
+    # demo songs have empty high mel bands holding nothing but that noise, and this student's
+    # statistics, set on those songs, give such bands a large gain: there it costs up to ~0.0015.
+    # The recordings made here have a noise floor of their own, as real recordings do.
+    made = slice(0, 3)
+    assert cos32[made].min() >= 0.999, dict(zip(names, cos32.round(6)))
+    assert cos32.min() >= 0.998, dict(zip(names, cos32.round(6)))
+    assert cos8.min() >= 0.995, dict(zip(names, cos8.round(6)))
+    assert cos32.min() < 1.0 - 1e-7  # really another computation (decode rate, shared trunk)
+    for p in songs[:3]:  # same windows as before: tail window and repeat padding kept
+        assert new.embed_file(p)[1] == old.embed_file(p)[1]
+
+
+def test_heads_batched_across_songs_give_the_same_vectors(exported, songs):
+    one = song_rt.open_audio_embedder(exported, batch_size=16)
+    waves = [decode_student(p, SR) for p in songs[:4]]
+    alone = [one.embed_wave(w) for w in waves]
+    broken = AudioDecodeError("x.mp3", "cannot decode")
+    mixed = list(one.embed_waves([waves[0], broken, *waves[1:]]))
+    assert mixed[1] is broken
+    for (vec, n), (got, m) in zip(alone, [mixed[0], *mixed[2:]]):
+        assert n == m and np.allclose(vec, got, atol=1e-5)
+    # embed_paths: an unreadable file is reported in its place, the others embedded
+    bad = songs[0].parent / "not_audio.mp3"
+    bad.write_text("<html>not found</html>")
+    out = dict(one.embed_paths([songs[1], bad, songs[2]]))
+    assert isinstance(out[str(bad)], AudioDecodeError)
+    assert np.allclose(out[str(songs[1])][0], alone[1][0], atol=1e-5)
+
+
+def test_windows_grouped_into_excerpts():
+    seg, hop = 10, 5
+    # on-grid windows share excerpts of at most `span`; the tail window (off the grid) is alone
+    starts = [0, 5, 10, 15, 20, 23]
+    assert song_rt._runs(starts, 33, seg, hop, True, 3) == [[0, 5, 10], [15, 20], [23]]
+    assert song_rt._runs(starts, 33, seg, hop, False, 3) == [[s] for s in starts]
+    assert song_rt._runs([0], 7, seg, hop, True, 3) == [[0]]  # a short, repeat-padded song
+
+
+def test_index_uses_the_song_path_by_default(exported, songs, tmp_path):
+    folder = tmp_path / "lib"
+    folder.mkdir()
+    for p in songs[:3]:
+        (folder / p.name).write_bytes(p.read_bytes())
+    for segment_wise, name in ((False, "song.npz"), (True, "segments.npz")):
+        args = argparse.Namespace(dir=str(folder), out=str(tmp_path / name), models=str(exported), int8=False,
+                                  batch_size=8, threads=1, segment_wise=segment_wise)
+        assert S.index_main(args) == 0
+    song_index, seg_index = S.load_index(tmp_path / "song.npz"), S.load_index(tmp_path / "segments.npz")
+    new = song_rt.open_audio_embedder(exported)
+    expect = np.stack([new.embed_file(p)[0] for p in song_index.paths])
+    assert np.allclose(song_index.vectors, expect, atol=1e-6)
+    assert not np.allclose(song_index.vectors, seg_index.vectors, atol=1e-6)
+    assert song_index.audio_model_sha256 == seg_index.audio_model_sha256  # same student for `search`
+
+
+@pytest.mark.parametrize("fmt,sub,rate", [("MP3", None, 44100), ("OGG", "VORBIS", 22050), ("OGG", "OPUS", 48000),
+                                          ("FLAC", None, 44100), ("WAV", "PCM_16", 44100)])
+def test_one_pass_decode_equals_the_two_pass_decode(tmp_path, fmt, sub, rate):
+    path = tmp_path / f"take.{'opus' if sub == 'OPUS' else fmt.lower()}"
+    sf.write(path, _recording(12.0, rate, seed=5), rate, format=fmt, subtype=sub)
+    old = resample_int16(decode_int16(path, 48000), 48000, SR)
+    new = decode_student(path, SR)
+    assert abs(len(old) - len(new)) <= 2
+    n = min(len(old), len(new))
+    diff = old[:n].astype(np.float64) - new[:n]
+    snr = 10 * np.log10(np.mean(old[:n].astype(np.float64) ** 2) / max(np.mean(diff ** 2), 1e-12))
+    assert snr >= 60.0 and np.abs(diff).max() <= 64  # stated tolerance: resampler rounding only
+
+
+def test_runtime_modules_never_import_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, pipeline.runtime.song, pipeline.runtime.decode, pipeline.runtime.search; "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=False,
+                          env={**__import__("os").environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_int8_calibration_takes_training_mels_and_holds_out_validation_mels(tmp_path):
+    from pipeline.data import mel_cache as store
+    from pipeline.data.manifest import write_manifest
+    from pipeline.params import AudioParams, FrontendParams
+
+    params = store.cache_params(AudioParams(segment_seconds=0.1, hop_seconds=0.05), FrontendParams(), 0.0)
+    (tf, tm), (sm, sf_) = store.mel_shapes(params)
+    w = store.PartWriter(tmp_path / "parts", params, store.Compression())
+    rows = []
+    for i, (tid, split, n) in enumerate((("t:1", "train", 5), ("v:1", "val", 3), ("t:2", "train", 4))):
+        student = np.full((n, sm, sf_), i, np.float32)  # every segment carries its track's number
+        w.add_segments(np.zeros((n, tf, tm), np.float32), student, np.arange(n) * 0.05)
+        w.commit_track(store.TrackRecord(tid, n, 1.0, f"{i:064x}", f"audio/{tid}.mp3", i))
+        rows.append({"track_id": tid, "source": "fma", "artist": f"a{i}", "title": "t", "audio_path": f"audio/{tid}.mp3",
+                     "license": "CC0-1.0", "license_url": "", "url": "", "split": split, "tags": [], "duration": 1.0})
+    done = store.completed_tracks([w.publish()], params)
+    cache = store.write_cache(tmp_path / "mels.h5", params, store.Compression(), [done[r["track_id"]][1:] for r in rows])
+    write_manifest(tmp_path / "manifest.jsonl", rows)
+    calib, held, tracks = ex.calibration_mels(cache, tmp_path / "manifest.jsonl", 6)
+    assert len(calib) == 6 and set(np.unique(calib)) <= {0.0, 2.0}  # training tracks only, spread over both
+    assert {0.0, 2.0} <= set(np.unique(calib))
+    assert len(held) == 3 and set(np.unique(held)) == {1.0} and set(tracks) == {1}
+    assert ex.calibration_mels(tmp_path / "missing.h5", tmp_path / "manifest.jsonl", 6) == (None, None, None)
