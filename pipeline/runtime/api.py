@@ -35,6 +35,7 @@ from pipeline.runtime.search import (
     save_index,
     search,
 )
+from pipeline.runtime.song import open_audio_embedder
 
 __all__ = ["AudioDecodeError", "EmbedResult", "Index", "SearchError", "StudentClap"]
 
@@ -58,9 +59,10 @@ class StudentClap:
     """The exported audio and text students of one export folder (models/export)."""
 
     def __init__(self, models_dir: str | Path = "models/export", *, int8: bool = False, batch_size: int = 8,
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, segment_wise: bool = False) -> None:
         self.models_dir = Path(models_dir)
         self._int8, self._batch_size, self._threads = int8, batch_size, threads
+        self._segment_wise = segment_wise
         self._audio: AudioEmbedder | None = None
         self._text: TextEmbedder | None = None
 
@@ -68,8 +70,9 @@ class StudentClap:
     def audio(self) -> AudioEmbedder:
         """The audio student (loaded on first use). Raises SearchError when the export has none."""
         if self._audio is None:
-            self._audio = AudioEmbedder(self.models_dir, int8=self._int8, batch_size=self._batch_size,
-                                        threads=self._threads)
+            # the path `student-clap index` takes: song-level when exported, else segment-wise
+            self._audio = open_audio_embedder(self.models_dir, int8=self._int8, batch_size=self._batch_size,
+                                              threads=self._threads, segment_wise=self._segment_wise)
         return self._audio
 
     @property

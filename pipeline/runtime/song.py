@@ -34,6 +34,7 @@ import numpy as np
 
 from pipeline.data.audio import AudioDecodeError, cut, int16_to_float
 from pipeline.runtime.decode import decode_student, decode_student_track, window_starts
+from pipeline.space import EMBED_DIM
 
 log = logging.getLogger(__name__)
 
@@ -98,12 +99,15 @@ class SongEmbedder:
         self.head = _session(self.model_paths[2], threads)
         self.session = self.head  # its outputs are the embeddings (callers read their width here)
         self.sample_rate = geometry.sample_rate
+        self.decode_sample_rate = geometry.sample_rate  # waves for embed_wave come at the student rate
         self.batch_size = max(1, int(batch_size))
         self.span_windows = max(1, int(span_windows))
         outputs = [o.name for o in self.head.get_outputs()]
         if "embedding_raw" not in outputs:
             raise ValueError(f"{self.model_paths[2]}: output 'embedding_raw' missing (outputs: {outputs})")
         self._raw_index = outputs.index("embedding_raw")
+        width = self.head.get_outputs()[self._raw_index].shape[-1]
+        self.dim = int(width) if isinstance(width, int) else EMBED_DIM
 
     # ---- windows -> feature maps
     def _maps(self, wave: np.ndarray) -> tuple[list[np.ndarray], int]:
