@@ -349,12 +349,10 @@ class _TrackFrames:
 
     def finish(self) -> tuple[int, int]:
         """Write the rest, zero-padded to whole chunks; returns the track's (first row, row count)."""
-        pad = -len(self.buf) % self.chunk
-        if len(self.buf) or self.end == self.base:
-            rest = np.concatenate([self.buf, np.zeros((pad, self.lay.n_mels), np.float16)])
-            if len(rest):
-                _write_frames(self.ds, self.written, rest)
-                self.written += len(rest)
+        rest = np.concatenate([self.buf, np.zeros((-len(self.buf) % self.chunk, self.lay.n_mels), np.float16)])
+        if len(rest):
+            _write_frames(self.ds, self.written, rest)
+            self.written += len(rest)
         first, count = self.base, self.written - self.base
         self.reset(self.written)
         return first, count

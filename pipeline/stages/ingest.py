@@ -377,12 +377,15 @@ def write_outputs(rows: list[dict], outcomes: list[Outcome], report: dict, p: In
         mine = [r for r in rows if r["source"] == name]
         base = report.get("meta", {}).get(name, {}).get("download_base_url", "")
         text = licenses.render_attribution(name, mine, jamendo_base_url=p.sources[name].download_base_url or base)
-        (licenses_dir / licenses.ATTRIBUTION_FILES[name]).write_text(text, encoding="utf-8")
+        target = licenses_dir / licenses.ATTRIBUTION_FILES[name]
+        target.unlink(missing_ok=True)  # may be a link into DVC's cache: never write through it
+        target.write_text(text, encoding="utf-8")
     audit = {
         "policy": {k: getattr(p.policy, k) for k in vars(p.policy)},
         "counts": {k: v for k, v in report.items() if k != "meta"},
         "entries": [o.audit_record() for o in outcomes],
     }
+    (licenses_dir / "audit.json").unlink(missing_ok=True)
     (licenses_dir / "audit.json").write_text(json.dumps(audit, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     report_path.parent.mkdir(parents=True, exist_ok=True)
     metric = metric_view(report)
