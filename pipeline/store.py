@@ -782,7 +782,7 @@ class MelCache:
                 out[j] = block[o : o + n] if lay.time_axis == 0 else block[:, o : o + n]
         head, tail = f[f"{name}/head"], f[f"{name}/tail"]
         for p0, p1 in _runs(rows):
-            r0, r1 = int(rows[p0]), int(rows[p1 - 1]) + 1
+            r0, r1 = rows[p0], rows[p1 - 1] + 1
             out[p0:p1][lay.sel(0, lay.head)] = head[r0:r1]
             out[p0:p1][lay.sel(n - lay.tail, n)] = tail[r0:r1]
         return out
