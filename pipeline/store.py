@@ -64,10 +64,11 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 2  # format 1 stored every segment whole; it is refused rather than read
 FRONT_ENDS = ("teacher", "student")
 DEFAULT_CHUNK_FRAMES = 1024
-# The first format stored every segment whole; it is refused rather than read.
+# Fixed file-format bounds and no link-creation order tracking: nothing in the file depends on when
+# or with which library build it was written (h5py writes no timestamps with track_times=False).
 _H5_OPTS = {"libver": ("earliest", "v110"), "track_order": False}
 
 
