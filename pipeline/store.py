@@ -497,6 +497,12 @@ class _Source:
     row: int  # row in /tracks of that file
     first: int
     count: int
+    frames: dict[str, tuple[int, int]]  # front-end -> (first frame, frame count) of the track in that file
+
+
+def _source(path: Path, idx: dict[str, Any], row: int) -> _Source:
+    return _Source(path, row, int(idx["first_segment"][row]), int(idx["n_segments"][row]),
+                   {name: (int(idx[f"{name}_frames"][row][0]), int(idx[f"{name}_frames"][row][1])) for name in FRONT_ENDS})
 
 
 def _strings(ds: h5py.Dataset) -> list[str]:
@@ -530,6 +536,7 @@ def read_index(path: str | Path) -> dict[str, Any]:
             "sha256": _strings(t["sha256"]),
             "audio_path": _strings(t["audio_path"]),
             "manifest_index": t["manifest_index"][:],
+            **{f"{name}_frames": t[f"{name}_frames"][:] for name in FRONT_ENDS},
         }
 
 
@@ -552,7 +559,7 @@ def completed_tracks(sources: Iterable[Path], params: dict) -> dict[str, tuple[s
         for row, tid in enumerate(idx["track_id"]):
             rec = TrackRecord(tid, int(idx["n_segments"][row]), float(idx["duration"][row]), idx["sha256"][row],
                               idx["audio_path"][row], int(idx["manifest_index"][row]))
-            done.setdefault(tid, (rec.sha256, _Source(Path(path), row, int(idx["first_segment"][row]), rec.n_segments), rec))
+            done.setdefault(tid, (rec.sha256, _source(Path(path), idx, row), rec))
     return done
 
 
@@ -561,89 +568,94 @@ def _same_filters(a: h5py.Dataset, b: h5py.Dataset) -> bool:
             and a.compression_opts == b.compression_opts and a.shuffle == b.shuffle)
 
 
-def _copy_frames(src: h5py.File, dst: h5py.File, lay: FrameLayout, row: int, pos: int, chunk: int) -> tuple[int, int]:
-    """Copy track `row`'s frames of `src` to frame position `pos` of dst (chunk aligned); returns
-    (pos, count in dst). Compressed chunks are copied verbatim when the filters agree."""
-    first, count = (int(v) for v in src[f"tracks/{lay.name}_frames"][row])
-    a, b = src[f"{lay.name}/frames"], dst[f"{lay.name}/frames"]
+def _copy_frames(a: h5py.Dataset, b: h5py.Dataset, first: int, count: int, pos: int, chunk: int) -> int:
+    """Copy frames first .. first + count of dataset a to frame position pos of b (chunk aligned);
+    returns the frame count written to b. Compressed chunks are copied verbatim when the filters agree."""
     if _same_filters(a, b):
         for k in range(0, count, chunk):
             mask, data = a.id.read_direct_chunk((0, first + k))
             b.id.write_direct_chunk((0, pos + k), data, mask)
-        return pos, count
+        return count
     out_count = -(-count // chunk) * chunk
     for k in range(0, out_count, chunk):
-        block = np.zeros((lay.n_mels, chunk), np.float16)
+        block = np.zeros((a.shape[0], chunk), np.float16)
         n = max(0, min(chunk, count - k))
         block[:, :n] = a[:, first + k : first + k + n]
         b[:, pos + k : pos + k + chunk] = block
-    return pos, out_count
+    return out_count
+
+
+_FLUSH_SEGMENTS = 4096  # segment-level rows gathered before one write per dataset
 
 
 def write_cache(out: str | Path, params: dict, compression: Compression,
                 entries: Sequence[tuple[_Source, TrackRecord]], chunk_frames: int = DEFAULT_CHUNK_FRAMES) -> Path:
     """Build a cache from track entries (in the order given) at `<out>.tmp`, then rename to out.
 
-    The output depends only on the entries' data and order, never on which part file held them."""
+    The output depends only on the entries' data and order, never on which part file held them.
+    One source file is open at a time (a corpus has one part file per track); segment-level rows
+    are written in large slices, so each chunk is compressed once."""
     out = Path(out)
     tmp = out.with_name(out.name + ".tmp")
     tmp.unlink(missing_ok=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     layouts = frame_layouts(params)
-    files: dict[Path, h5py.File] = {}
-
-    def source(p: Path) -> h5py.File:
-        if p not in files:
-            files[p] = h5py.File(p, "r")
-            check_format(p, files[p])
-        return files[p]
-
-    # Frame extents first, so every dataset is sized once and written front to back.
-    totals = {lay.name: 0 for lay in layouts}
-    for src, _ in entries:
-        g = source(src.path)
-        for lay in layouts:
-            totals[lay.name] += -(-int(g[f"tracks/{lay.name}_frames"][src.row][1]) // chunk_frames) * chunk_frames
+    frame_sets = [f"{lay.name}/frames" for lay in layouts]
+    patch_sets = [f"{lay.name}/{part}" for lay in layouts for part in ("head", "tail")]
+    row_sets = patch_sets + list(_SEGMENT_DATASETS)
+    totals = {lay.name: sum(-(-src.frames[lay.name][1] // chunk_frames) * chunk_frames for src, _ in entries)
+              for lay in layouts}
+    n_seg = sum(rec.n_segments for _, rec in entries)
+    g: h5py.File | None = None
     try:
-        # A large chunk cache lets the small per-track writes of the head/tail datasets fill each
-        # chunk before it is compressed (once).
-        with h5py.File(tmp, "w", rdcc_nbytes=64 << 20, rdcc_nslots=100_003, **_H5_OPTS) as f:
+        with h5py.File(tmp, "w", **_H5_OPTS) as f:
             _create_layout(f, params, compression, chunk_frames)
-            n_seg = sum(rec.n_segments for _, rec in entries)
+            d = {name: f[name] for name in frame_sets + row_sets + list(_TRACK_DATASETS)}
             for lay in layouts:
-                f[f"{lay.name}/frames"].resize(totals[lay.name], axis=1)
-                for part in ("head", "tail"):
-                    f[f"{lay.name}/{part}"].resize(n_seg, axis=0)
-            for name in _SEGMENT_DATASETS:
-                f[name].resize(n_seg, axis=0)
-            for name in _TRACK_DATASETS:
-                f[name].resize(len(entries), axis=0)
-            pos = 0
+                d[f"{lay.name}/frames"].resize(totals[lay.name], axis=1)
+            for name in row_sets:
+                d[name].resize(n_seg, axis=0)
+            rows: dict[str, list] = {name: [] for name in row_sets}
+            tracks: dict[str, list] = {name: [] for name in _TRACK_DATASETS}
+            written = pos = 0
             frame_pos = {lay.name: 0 for lay in layouts}
+            current: Path | None = None
             for t, (src, rec) in enumerate(entries):
-                g = source(src.path)
+                if src.path != current:
+                    if g is not None:
+                        g.close()
+                    g, current = h5py.File(src.path, "r"), src.path
+                    check_format(src.path, g)
+                    gd = {name: g[name] for name in frame_sets + row_sets}
                 seg = slice(src.first, src.first + src.count)
-                dst = slice(pos, pos + src.count)
                 for lay in layouts:
-                    first, count = _copy_frames(g, f, lay, src.row, frame_pos[lay.name], chunk_frames)
-                    shift = first - int(g[f"tracks/{lay.name}_frames"][src.row][0])
-                    f[f"segments/{lay.name}_frame"][dst] = g[f"segments/{lay.name}_frame"][seg] + shift
-                    f[f"tracks/{lay.name}_frames"][t] = (first, count)
-                    for part in ("head", "tail"):
-                        f[f"{lay.name}/{part}"][dst] = g[f"{lay.name}/{part}"][seg]
-                    frame_pos[lay.name] += count
-                f["segments/track"][dst] = t
-                f["segments/start"][dst] = g["segments/start"][seg]
-                f["tracks/track_id"][t] = rec.track_id
-                f["tracks/first_segment"][t] = pos
-                f["tracks/n_segments"][t] = rec.n_segments
-                f["tracks/duration"][t] = rec.duration
-                f["tracks/sha256"][t] = rec.sha256.encode("ascii")
-                f["tracks/audio_path"][t] = rec.audio_path
-                f["tracks/manifest_index"][t] = rec.manifest_index
+                    first, count = src.frames[lay.name]
+                    dst_first = frame_pos[lay.name]
+                    dst_count = _copy_frames(gd[f"{lay.name}/frames"], d[f"{lay.name}/frames"], first, count,
+                                             dst_first, chunk_frames)
+                    frame_pos[lay.name] += dst_count
+                    rows[f"segments/{lay.name}_frame"].append(gd[f"segments/{lay.name}_frame"][seg] + (dst_first - first))
+                    tracks[f"tracks/{lay.name}_frames"].append((dst_first, dst_count))
+                for name in patch_sets + ["segments/start"]:
+                    rows[name].append(gd[name][seg])
+                rows["segments/track"].append(np.full(src.count, t, dtype=np.int32))
+                for name, value in (("track_id", rec.track_id), ("first_segment", pos), ("n_segments", rec.n_segments),
+                                    ("duration", rec.duration), ("sha256", rec.sha256.encode("ascii")),
+                                    ("audio_path", rec.audio_path), ("manifest_index", rec.manifest_index)):
+                    tracks[f"tracks/{name}"].append(value)
                 pos += src.count
+                if pos - written >= _FLUSH_SEGMENTS or t == len(entries) - 1:
+                    for name in row_sets:
+                        d[name][written:pos] = np.concatenate(rows[name])
+                        rows[name].clear()
+                    written = pos
+            for name in _TRACK_DATASETS:
+                d[name].resize(len(entries), axis=0)
+                if entries:
+                    values = tracks[name]
+                    d[name][:] = np.array(values, dtype=object) if d[name].dtype.kind == "O" else np.array(values)
     finally:
-        for g in files.values():
+        if g is not None:
             g.close()
     with open(tmp, "rb") as fh:
         os.fsync(fh.fileno())
@@ -832,7 +844,7 @@ def merge_caches(inputs: Sequence[str | Path], out: str | Path, compression: Com
             seen[tid] = p
             rec = TrackRecord(tid, int(idx["n_segments"][row]), float(idx["duration"][row]), idx["sha256"][row],
                               idx["audio_path"][row], int(idx["manifest_index"][row]))
-            entries.append((_Source(p, row, int(idx["first_segment"][row]), rec.n_segments), rec))
+            entries.append((_source(p, idx, row), rec))
     entries.sort(key=lambda e: (e[1].manifest_index, e[1].track_id))
     with h5py.File(inputs[0], "r") as f:
         chunk_frames = int(f.attrs["chunk_frames"])
