@@ -1,7 +1,8 @@
-"""Mel cache speed and size: this project's mels stage against the seed's approach, in one run.
+"""Mel cache speed and size: the mels stage against its per-segment predecessor and the seed, in one run.
 
     python benchmarks/mels.py [--audio data/demo/audio | --song-seconds 180 --songs 8] [--rounds 3]
-                              [--compression gzip|lzf --level N] [--long-minutes 60] [--json out.json]
+                              [--compression gzip|lzf --level N] [--no-seed] [--long-minutes 60]
+                              [--sweep] [--json out.json]
 
 Tracks: the demo songs (mp3, Ogg Vorbis, Opus, FLAC, WAV; mono/stereo; 22.05–48 kHz), synthesised
 into a temporary folder when --audio does not exist. Both contenders run on one core
@@ -9,13 +10,20 @@ into a temporary folder when --audio does not exist. Both contenders run on one 
 CLAP 64 x 1001 and student EfficientAT 128 x 1000) by the same segmentation:
 
 - ours:  the mels stage's TrackProcessor (streamed decode, soxr, int16, torch front-ends) writing
-         fp16 chunked, compressed HDF5 part files, merged into one cache;
+         fp16 chunked, compressed HDF5 part files (frames stored once per track), merged into one cache;
+- old:   the same computation written as the previous cache format did: every 10-s segment stored
+         whole (one chunk per segment), one part per track, merged by copying chunks;
 - seed:  librosa.load + librosa.feature.melspectrogram per segment, float32 arrays compressed with
          zlib and stored as BLOBs in SQLite (the seed's cache format).
 
 Printed: audio-minutes per CPU-second (= per second per core) and per wall-second, bytes of cache
 per audio-minute, and ratios. Targets: >= 100x real time per core (1.67 audio-min/s), >= 2x the
-seed's speed, <= half its bytes per minute.
+seed's speed, <= half its bytes per minute; no slower than `old` at about half its bytes
+(<= 1.5 MB per audio-minute on real music, where the old format took 3.5).
+
+--sweep computes the tracks' segments once, then writes and reads the cache with each compression
+(gzip levels, lzf, with/without byte shuffle, none) and chunk length, printing bytes per audio-minute,
+write CPU seconds per audio-minute and read speeds (whole tracks, and random single segments).
 
 --long-minutes N additionally builds an N-minute MP3 and processes it in a fresh subprocess,
 reporting that process's peak RSS (target: about 1 GB for 60 minutes).
@@ -73,7 +81,7 @@ def run_ours(tracks: list[Path], work: Path, params: Params) -> dict:
     torch.set_num_threads(1)
     cparams = mel_cache.cache_params(params.audio, params.frontend, 0.0)
     compression = mel_cache.Compression(params.mels.compression, params.mels.compression_level, True)
-    proc = TrackProcessor({"params": cparams})
+    proc = TrackProcessor({"params": cparams, "chunk_frames": params.mels.chunk_frames})
     parts = work / "ours.h5.parts"
     c0, w0 = cpu_seconds(), time.perf_counter()
     minutes = 0.0
@@ -84,10 +92,76 @@ def run_ours(tracks: list[Path], work: Path, params: Params) -> dict:
         minutes += r.duration / 60.0
     done = mel_cache.completed_tracks(sorted(parts.glob("*.h5")), cparams)
     entries = [(done[f"bench:{i}"][1], done[f"bench:{i}"][2]) for i in range(len(tracks))]
-    out = mel_cache.write_cache(work / "ours.h5", cparams, compression, entries)
+    out = mel_cache.write_cache(work / "ours.h5", cparams, compression, entries, params.mels.chunk_frames)
     cpu, wall = cpu_seconds() - c0, time.perf_counter() - w0
     return {"audio_minutes": minutes, "cpu_s": cpu, "wall_s": wall, "bytes": out.stat().st_size,
             "compression": compression.describe()}
+
+
+class PerSegmentWriter:
+    """The previous cache format's writer: every segment stored whole, one chunk per segment."""
+
+    def __init__(self, path: Path, cparams: dict, compression: mel_cache.Compression) -> None:
+        import h5py
+
+        (tf, tm), (sm, sf_) = mel_cache.mel_shapes(cparams)
+        self.file = h5py.File(path, "w")
+        kw = compression.kwargs()
+        self.t = self.file.create_dataset("teacher", (0, tf, tm), np.float16, maxshape=(None, tf, tm),
+                                          chunks=(1, tf, tm), **kw)
+        self.s = self.file.create_dataset("student", (0, sm, sf_), np.float16, maxshape=(None, sm, sf_),
+                                          chunks=(1, sm, sf_), **kw)
+        self.start = self.file.create_dataset("start", (0,), np.float64, maxshape=(None,), chunks=(4096,))
+
+    def add_segments(self, teacher, student, starts_seconds, **_: object) -> None:
+        for ds, values in ((self.t, teacher), (self.s, student), (self.start, starts_seconds)):
+            n = ds.shape[0]
+            ds.resize(n + len(values), axis=0)
+            ds[n:] = np.asarray(values).astype(ds.dtype, copy=False)
+
+    def commit_track(self, rec: mel_cache.TrackRecord) -> None:
+        pass
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def run_old(tracks: list[Path], work: Path, params: Params) -> dict:
+    """Same computation, previous storage: per-track part files of whole segments, merged chunk by chunk."""
+    import h5py
+    import torch
+
+    from pipeline.stages.mels import Task, TrackProcessor
+
+    torch.set_num_threads(1)
+    cparams = mel_cache.cache_params(params.audio, params.frontend, 0.0)
+    compression = mel_cache.Compression(params.mels.compression, params.mels.compression_level, True)
+    proc = TrackProcessor({"params": cparams})
+    c0, w0 = cpu_seconds(), time.perf_counter()
+    minutes, parts = 0.0, []
+    for i, path in enumerate(tracks):
+        parts.append(work / f"old-part-{i}.h5")
+        w = PerSegmentWriter(parts[-1], cparams, compression)
+        r = proc.process(Task(i, f"bench:{i}", str(path)), w)
+        w.close()
+        if not r.ok:
+            raise RuntimeError(f"{path}: {r.reason}")
+        minutes += r.duration / 60.0
+    out = work / "old.h5"
+    merged, total = PerSegmentWriter(out, cparams, compression), 0
+    for part in parts:
+        with h5py.File(part, "r") as g:
+            n = g["teacher"].shape[0]
+            for name, ds in (("teacher", merged.t), ("student", merged.s)):
+                ds.resize(total + n, axis=0)
+                for k in range(n):  # compressed chunks copied as they are, as the old merge did
+                    mask, data = g[name].id.read_direct_chunk((k, 0, 0))
+                    ds.id.write_direct_chunk((total + k, 0, 0), data, mask)
+            total += n
+    merged.close()
+    cpu, wall = cpu_seconds() - c0, time.perf_counter() - w0
+    return {"audio_minutes": minutes, "cpu_s": cpu, "wall_s": wall, "bytes": out.stat().st_size,
+            "compression": compression.describe() + ", segments whole"}
 
 
 def run_seed(tracks: list[Path], work: Path, params: Params) -> dict:
@@ -125,6 +199,85 @@ def run_seed(tracks: list[Path], work: Path, params: Params) -> dict:
     cpu, wall = cpu_seconds() - c0, time.perf_counter() - w0
     return {"audio_minutes": minutes, "cpu_s": cpu, "wall_s": wall, "bytes": db_path.stat().st_size,
             "compression": "float32 zlib blobs in SQLite"}
+
+
+class Capture:
+    """Keeps what the mels stage would write, so storage choices can be compared on the same values."""
+
+    def __init__(self) -> None:
+        self.batches: list[tuple] = []
+
+    def add_segments(self, teacher, student, starts_seconds, teacher_starts=None, student_starts=None) -> None:
+        self.batches.append((teacher.astype(np.float16), student.astype(np.float16), np.asarray(starts_seconds),
+                             list(teacher_starts), list(student_starts)))
+
+    def commit_track(self, rec: mel_cache.TrackRecord) -> None:
+        self.record = rec
+
+
+SWEEP = [  # (kind, level, shuffle, chunk_frames)
+    ("gzip", 1, True, 1024), ("gzip", 4, True, 1024), ("gzip", 6, True, 1024), ("gzip", 9, True, 1024),
+    ("gzip", 1, False, 1024), ("lzf", 0, True, 1024), ("lzf", 0, False, 1024), ("none", 0, False, 1024),
+    ("gzip", 1, True, 256), ("gzip", 1, True, 512), ("gzip", 1, True, 2048),
+]
+
+
+def storage_sweep(tracks: list[Path], work: Path, params: Params, n_random: int = 300) -> list[dict]:
+    """Write and read the same computed segments with every SWEEP setting."""
+    import torch
+
+    from pipeline.stages.mels import Task, TrackProcessor
+
+    torch.set_num_threads(1)
+    cparams = mel_cache.cache_params(params.audio, params.frontend, 0.0)
+    proc = TrackProcessor({"params": cparams})
+    captured = []
+    for i, path in enumerate(tracks):
+        cap = Capture()
+        r = proc.process(Task(i, f"bench:{i}", str(path)), cap)
+        if not r.ok:
+            raise RuntimeError(f"{path}: {r.reason}")
+        captured.append(cap)
+    minutes = sum(c.record.duration for c in captured) / 60.0
+    rows = []
+    for kind, level, shuffle, chunk in SWEEP:
+        comp = mel_cache.Compression(kind, level, shuffle)
+        with tempfile.TemporaryDirectory(dir=work) as scratch:
+            scratch = Path(scratch)
+            c0 = cpu_seconds()
+            for cap in captured:
+                w = mel_cache.PartWriter(scratch / "parts", cparams, comp, chunk_frames=chunk)
+                for t, s_, secs, ts, ss in cap.batches:
+                    w.add_segments(t, s_, secs, teacher_starts=ts, student_starts=ss)
+                w.commit_track(cap.record)
+                w.publish()
+            done = mel_cache.completed_tracks(sorted((scratch / "parts").glob("*.h5")), cparams)
+            entries = [(done[c.record.track_id][1], done[c.record.track_id][2]) for c in captured]
+            out = mel_cache.write_cache(scratch / "mels.h5", cparams, comp, entries, chunk)
+            write_cpu = cpu_seconds() - c0
+            with mel_cache.MelCache(out) as cache:
+                c0 = cpu_seconds()
+                for tid in cache.track_ids:
+                    cache.teacher_track(tid), cache.student_track(tid)
+                track_rate = cache.n_segments / (cpu_seconds() - c0)
+                pick = np.random.default_rng(0).integers(0, cache.n_segments, n_random)
+                c0 = cpu_seconds()
+                for i in pick:
+                    cache.teacher_mels(int(i)), cache.student_mels(int(i))
+                random_rate = n_random / (cpu_seconds() - c0)
+                stored = cache.stored_frames()
+            rows.append({"compression": comp.describe(), "chunk_frames": chunk, "bytes": out.stat().st_size,
+                         "mb_per_audio_minute": out.stat().st_size / 1e6 / minutes,
+                         "write_cpu_s_per_audio_minute": write_cpu / minutes,
+                         "track_read_segments_per_cpu_s": track_rate, "random_read_segments_per_cpu_s": random_rate,
+                         "stored_frames": stored, "segments": int(sum(len(b[0]) for c in captured for b in c.batches))})
+    print(f"storage sweep over {minutes:.1f} audio-minutes ({rows[0]['segments']} segments), one core:")
+    print(f"{'compression':18} {'chunk':>5} {'MB/audio-min':>12} {'write CPU-s/min':>15} {'track seg/s':>11} {'random seg/s':>12}")
+    for r in rows:
+        print(f"{r['compression']:18} {r['chunk_frames']:5d} {r['mb_per_audio_minute']:12.3f} "
+              f"{r['write_cpu_s_per_audio_minute']:15.4f} {r['track_read_segments_per_cpu_s']:11.0f} "
+              f"{r['random_read_segments_per_cpu_s']:12.0f}")
+    return rows
 
 
 def long_track_memory(minutes: float, work: Path, src: Path) -> dict:
@@ -173,6 +326,8 @@ def main() -> int:
     ap.add_argument("--long-minutes", type=float, default=0.0, help="also measure peak memory on an N-minute track")
     ap.add_argument("--compression", default=None, help="override mels.compression (gzip, lzf, none)")
     ap.add_argument("--level", type=int, default=None, help="override mels.compression_level (gzip)")
+    ap.add_argument("--no-seed", action="store_true", help="leave out the (slow) seed contender")
+    ap.add_argument("--sweep", action="store_true", help="also compare compressions and chunk lengths")
     ap.add_argument("--json", default=None, help="write the figures here too")
     a = ap.parse_args()
 
@@ -199,7 +354,9 @@ def main() -> int:
             synthesize_all(root)
         tracks = find_tracks(root) * a.repeat
         print(f"{len(tracks)} tracks from {root}; {a.rounds} alternating round(s), best CPU time kept")
-        contenders = {"ours": run_ours, "seed": run_seed}
+        contenders = {"ours": run_ours, "old": run_old}
+        if not a.no_seed:
+            contenders["seed"] = run_seed
         results: dict = {}
         for name, fn in contenders.items():  # warm-up: lazy imports, FFT plans
             with tempfile.TemporaryDirectory(dir=work) as scratch:
@@ -210,22 +367,30 @@ def main() -> int:
                     r = fn(tracks, Path(scratch), params)
                 if name not in results or r["cpu_s"] < results[name]["cpu_s"]:
                     results[name] = r
-        for r in results.values():
+        for r in list(results.values()):
             r["audio_min_per_cpu_s"] = r["audio_minutes"] / r["cpu_s"]
             r["audio_min_per_wall_s"] = r["audio_minutes"] / r["wall_s"]
             r["realtime_x_per_core"] = 60.0 * r["audio_min_per_cpu_s"]
             r["bytes_per_audio_minute"] = r["bytes"] / r["audio_minutes"]
-        o, s = results["ours"], results["seed"]
-        results["speedup_vs_seed"] = o["audio_min_per_cpu_s"] / s["audio_min_per_cpu_s"]
-        results["bytes_ratio_vs_seed"] = o["bytes_per_audio_minute"] / s["bytes_per_audio_minute"]
+        o, old = results["ours"], results["old"]
+        results["speed_vs_old"] = o["audio_min_per_cpu_s"] / old["audio_min_per_cpu_s"]
+        results["bytes_ratio_vs_old"] = o["bytes_per_audio_minute"] / old["bytes_per_audio_minute"]
         print(f"{'':6} {'audio-min':>9} {'min/s/core':>10} {'x realtime':>10} {'min/s wall':>10} {'MB/audio-min':>12}  format")
-        for name in ("ours", "seed"):
+        for name in contenders:
             r = results[name]
             print(f"{name:6} {r['audio_minutes']:9.2f} {r['audio_min_per_cpu_s']:10.2f} {r['realtime_x_per_core']:10.0f} "
                   f"{r['audio_min_per_wall_s']:10.2f} {r['bytes_per_audio_minute'] / 1e6:12.2f}  {r['compression']}")
-        print(f"speed vs seed: {results['speedup_vs_seed']:.2f}x (target >= 2x); "
-              f"bytes per minute vs seed: {results['bytes_ratio_vs_seed']:.2f} (target <= 0.5); "
+        print(f"vs old per-segment layout: speed {results['speed_vs_old']:.2f}x (target >= 1), "
+              f"bytes per minute {results['bytes_ratio_vs_old']:.2f}x; "
               f"real time per core: {o['realtime_x_per_core']:.0f}x (target >= 100x)")
+        if "seed" in results:
+            s = results["seed"]
+            results["speedup_vs_seed"] = o["audio_min_per_cpu_s"] / s["audio_min_per_cpu_s"]
+            results["bytes_ratio_vs_seed"] = o["bytes_per_audio_minute"] / s["bytes_per_audio_minute"]
+            print(f"vs seed: speed {results['speedup_vs_seed']:.2f}x (target >= 2x), "
+                  f"bytes per minute {results['bytes_ratio_vs_seed']:.2f} (target <= 0.5)")
+        if a.sweep:
+            results["sweep"] = storage_sweep(tracks, work, params)
         if a.long_minutes > 0:
             results["long_track"] = long_track_memory(a.long_minutes, work, tracks[0])
             lt = results["long_track"]

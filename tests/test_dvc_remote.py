@@ -57,3 +57,53 @@ def test_clone_sees_teacher_up_to_date_and_does_not_rerun_it(clones: tuple[Path,
     out = run_cmd(dvc + ["repro", "teacher"], b, dvc_env)
     assert "Running stage" not in out, out
     assert (b / "data" / "teacher.h5").stat().st_mtime_ns == before
+
+
+# --------------------------------------------------------------------------- outputs linked, not copied
+
+
+def _cached(project: Path, out: str) -> Path:
+    """The file in .dvc/cache that dvc.lock records for output `out`."""
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    md5 = next(o["md5"] for s in lock["stages"].values() for o in s.get("outs", []) if o["path"] == out)
+    return project / ".dvc" / "cache" / "files" / "md5" / md5[:2] / md5[2:]
+
+
+def _md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def _reflink_works(folder: Path) -> bool:
+    probe = folder / ".reflink-probe"
+    probe.write_bytes(b"x")
+    try:
+        return subprocess.run(["cp", "--reflink=always", str(probe), str(probe) + "2"], capture_output=True).returncode == 0
+    finally:
+        probe.unlink(missing_ok=True)
+        Path(str(probe) + "2").unlink(missing_ok=True)
+
+
+def test_large_outputs_are_linked_into_the_dvc_cache_not_copied(clones: tuple[Path, Path], env: dict) -> None:
+    a, b = clones
+    if _reflink_works(a):
+        pytest.skip("reflink filesystem: DVC shares blocks with a copy-on-write clone, which du cannot show")
+    for project in (a, b):  # the one that ran the stages and the one that pulled them
+        for out in ("data/mels.h5", "data/teacher.h5"):
+            work, cached = project / out, _cached(project, out)
+            assert os.path.samefile(work, cached), f"{work} is a copy of {cached}"  # same inode (or a symlink)
+            assert _md5(cached) == cached.parent.name + cached.name
+    # du counts a hard-linked file once (--count-links: once per name): one copy of each output on disk
+    def du(*flags: str) -> int:
+        return int(subprocess.run(["du", "-sb", *flags, str(a)], capture_output=True, text=True, check=True).stdout.split()[0])
+
+    big = (a / "data/mels.h5").stat().st_size + (a / "data/teacher.h5").stat().st_size
+    assert du() <= du("--count-links") - big
+
+    # a stage run outside dvc replaces its linked output instead of writing through the link
+    cached = _cached(a, "data/mels.h5")
+    _run(["student-clap", "run", "mels"], a, env)
+    assert not os.path.samefile(a / "data/mels.h5", cached)
+    assert _md5(cached) == cached.parent.name + cached.name  # DVC's copy is intact
+    assert _md5(a / "data/mels.h5") == _md5(cached)  # and the rebuild is byte-identical (deterministic)
+    status = _run([sys.executable, "-m", "dvc", "status", "mels"], a, env)
+    assert "data/mels.h5" not in status, status  # (the metrics file records this run's timings)

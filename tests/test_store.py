@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import copy
 import pickle
+import time
 
 import h5py
 import numpy as np
@@ -70,8 +71,10 @@ def test_part_round_trip_through_cache(tmp_path):
         assert c.attrs["params_hash"] == mel_cache.params_hash(params)
         assert len(c.attrs["teacher_frontend_hash"]) == 64
     with h5py.File(out) as f:
-        assert f["teacher"].chunks == (1, 11, 64) and f["teacher"].dtype == np.float16
-        assert f["teacher"].compression == "gzip" and f["teacher"].shuffle
+        assert f["teacher/frames"].chunks == (64, mel_cache.DEFAULT_CHUNK_FRAMES)
+        assert f["student/frames"].chunks == (128, mel_cache.DEFAULT_CHUNK_FRAMES)
+        assert f["teacher/frames"].dtype == np.float16 and f.attrs["format_version"] == 2
+        assert f["teacher/frames"].compression == "gzip" and f["teacher/frames"].shuffle
 
 
 def test_rollback_forgets_a_half_written_track(tmp_path):
@@ -86,7 +89,7 @@ def test_rollback_forgets_a_half_written_track(tmp_path):
     idx = mel_cache.read_index(w.publish())
     assert idx["track_id"] == ["x:1"]
     with h5py.File(tmp_path / next(p.name for p in tmp_path.glob("*.h5"))) as f:
-        assert f["teacher"].shape[0] == 2
+        assert f["segments/track"].shape[0] == 2 and f["teacher/head"].shape[0] == 2
 
 
 def test_commit_refuses_a_wrong_segment_count(tmp_path):
@@ -141,11 +144,11 @@ def test_merge_orders_by_manifest_and_copies_chunks_verbatim(tmp_path):
         assert c.track_ids == ["j:0", "j:1", "j:2"]
         np.testing.assert_array_equal(c.teacher_mels(c.track_segments("j:1")), data_b["j:1"][0].astype(np.float16))
     with h5py.File(a) as fa, h5py.File(out) as fo:  # same compressed bytes, not re-encoded
-        assert fa["student"].id.read_direct_chunk((0, 0, 0))[1] == fo["student"].id.read_direct_chunk((0, 0, 0))[1]
+        assert fa["student/frames"].id.read_direct_chunk((0, 0))[1] == fo["student/frames"].id.read_direct_chunk((0, 0))[1]
     # a different compression re-encodes but keeps the values
     out2 = mel_cache.merge_caches([a, b], tmp_path / "merged_lzf.h5", Compression("lzf", 0, True))
     with MelCache(out) as c1, MelCache(out2) as c2, h5py.File(out2) as f:
-        assert f["teacher"].compression == "lzf"
+        assert f["teacher/frames"].compression == "lzf"
         np.testing.assert_array_equal(c1.student_mels(slice(0, 6)), c2.student_mels(slice(0, 6)))
 
 
@@ -189,3 +192,127 @@ def test_merge_command_writes_a_readable_cache(tmp_path):
     with MelCache(out) as c:
         assert c.track_ids == ["j:0", "j:1"] and c.n_segments == 3
     assert not (tmp_path / "mels.h5.tmp").exists()
+
+
+# --------------------------------------------------------------------------- frames stored once per track
+
+
+class _PerSegment:
+    """What the previous layout stored: every segment whole, exactly as the mels stage computed it."""
+
+    def __init__(self) -> None:
+        self.batches: list[tuple] = []
+
+    def add_segments(self, teacher, student, starts_seconds, teacher_starts=None, student_starts=None) -> None:
+        self.batches.append((teacher.astype(np.float16), student.astype(np.float16), np.asarray(starts_seconds),
+                             teacher_starts, student_starts))
+
+    def commit_track(self, rec) -> None:
+        self.record = rec
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        return np.concatenate([b[0] for b in self.batches]), np.concatenate([b[1] for b in self.batches])
+
+
+@pytest.fixture(scope="module")
+def computed(tmp_path_factory):
+    """Two real tracks through the mels stage's processor: a 97.3-s one (18 segments, more than one
+    front-end batch, an end-aligned 19th window off the hop grid) and a 4-s repeat-padded one."""
+    import soundfile as sf
+
+    from pipeline.params import Params
+    from pipeline.stages.mels import Task, TrackProcessor
+
+    root = tmp_path_factory.mktemp("computed")
+    rng = np.random.default_rng(7)
+    for name, seconds in (("long", 97.3037), ("short", 4.0)):
+        t = np.arange(int(44100 * seconds)) / 44100
+        x = 0.3 * np.sin(2 * np.pi * 220 * t * (1 + 0.1 * np.sin(t))) * (0.5 + 0.5 * np.sin(0.7 * t)) \
+            + 0.02 * rng.standard_normal(len(t))
+        sf.write(root / f"{name}.wav", x.astype(np.float32), 44100, subtype="PCM_16")
+    p = Params()
+    cparams = mel_cache.cache_params(p.audio, p.frontend, 0.0)
+    proc = TrackProcessor({"params": cparams})
+    old, parts = {}, []
+    for i, name in enumerate(("long", "short")):
+        task = Task(i, f"t:{name}", str(root / f"{name}.wav"))
+        old[task.track_id] = _PerSegment()
+        assert proc.process(task, old[task.track_id]).ok
+        w = PartWriter(root / "parts", cparams, Compression("gzip", 1, True))
+        assert proc.process(task, w).ok
+        parts.append(w.publish())
+    done = mel_cache.completed_tracks(parts, cparams)
+    entries = [(done[t][1], done[t][2]) for t in ("t:long", "t:short")]
+    return root, cparams, old, parts, entries
+
+
+def test_segments_read_back_bit_identical_to_the_per_segment_layout(computed, tmp_path):
+    _, cparams, old, _, entries = computed
+    out = mel_cache.write_cache(tmp_path / "mels.h5", cparams, Compression("gzip", 1, True), entries)
+    with MelCache(out) as c:
+        assert c.track_ids == ["t:long", "t:short"]
+        for tid, per_segment in old.items():
+            t_old, s_old = per_segment.arrays()
+            idx = c.track_segments(tid)
+            assert len(idx) == len(t_old)
+            for got, want in ((c.teacher_mels(idx), t_old), (c.student_mels(idx), s_old),
+                              (c.teacher_track(tid), t_old), (c.student_track(tid), s_old)):
+                assert got.dtype == np.float32 and got.shape == want.shape
+                # bit for bit: every fp16 value, edge frames included, as the old layout held it
+                np.testing.assert_array_equal(got.astype(np.float16).view(np.uint16), want.view(np.uint16))
+        assert len(old["t:long"].arrays()[0]) == 19
+        # frames are stored once: 18 windows on the hop grid share one run (9 501 frames), the tail
+        # window its own (1 001); each track is padded to whole chunks of 1 024
+        stored = c.stored_frames()
+        assert stored["teacher"] == stored["student"] == 11 * 1024 + 1024
+        assert stored["teacher"] < 0.65 * 20 * 1001
+
+
+def test_any_index_form_reads_the_same_values(computed, tmp_path):
+    _, cparams, old, _, entries = computed
+    out = mel_cache.write_cache(tmp_path / "mels.h5", cparams, Compression("lzf", 0, True), entries, chunk_frames=256)
+    t_all = np.concatenate([old["t:long"].arrays()[0], old["t:short"].arrays()[0]]).astype(np.float32)
+    s_all = np.concatenate([old["t:long"].arrays()[1], old["t:short"].arrays()[1]]).astype(np.float32)
+    with MelCache(out) as c:
+        assert len(c) == 20
+        for idx in (slice(None), slice(3, 11), slice(0, 20, 4), [19, 0, 5, 5, 18], np.array([7, 6, 2]), 4, -1,
+                    range(10, 20), np.array([], dtype=np.int64)):
+            want = np.arange(20)[idx] if not isinstance(idx, (list, np.ndarray)) else np.asarray(idx, dtype=np.int64)
+            want = np.atleast_1d(want)
+            np.testing.assert_array_equal(c.teacher_mels(idx), t_all[want])
+            np.testing.assert_array_equal(c.student_mels(idx), s_all[want])
+        with pytest.raises(IndexError, match="out of range"):
+            c.student_mels([20])
+        c2 = pickle.loads(pickle.dumps(c))  # DataLoader workers get a copy that reopens the file
+        np.testing.assert_array_equal(c2.student_track(1), s_all[19:])
+        c2.close()
+
+
+def test_same_segments_give_byte_identical_caches(computed, tmp_path):
+    _, cparams, old, _, entries = computed
+    a = mel_cache.write_cache(tmp_path / "a" / "mels.h5", cparams, Compression("gzip", 1, True), entries)
+    # the same values written again later, through other part files, into another folder
+    time.sleep(1.1)
+    again = []
+    for per_segment in old.values():
+        w = PartWriter(tmp_path / "other-parts", cparams, Compression("gzip", 1, True), tag="x")
+        for t, s, secs, ts, ss in per_segment.batches:
+            w.add_segments(t, s, secs, teacher_starts=ts, student_starts=ss)
+        w.commit_track(per_segment.record)
+        again.append(w.publish())
+    done = mel_cache.completed_tracks(again, cparams)
+    b = mel_cache.write_cache(tmp_path / "b" / "mels.h5", cparams, Compression("gzip", 1, True),
+                          [(done[t][1], done[t][2]) for t in ("t:long", "t:short")])
+    assert a.read_bytes() == b.read_bytes()
+
+
+def test_an_old_format_cache_is_refused_naming_the_file(tmp_path):
+    old = tmp_path / "mels.h5"
+    with h5py.File(old, "w") as f:  # the first format: segments stored whole
+        f.create_dataset("teacher", data=np.zeros((1, 11, 64), np.float16))
+        f.attrs["format_version"] = 1
+        f.attrs["params"] = "{}"
+    with pytest.raises(mel_cache.CacheFormatError, match=r"mels\.h5: mel cache format 1, this code reads format 2"):
+        MelCache(old)
+    # as a resume source it is ignored, not merged
+    assert mel_cache.completed_tracks([old], small_params()) == {}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import h5py
@@ -116,6 +117,14 @@ def test_interrupted_run_continues(tmp_path: Path, teacher, mels: ArrayMelCache,
     with TeacherCache(out) as a, TeacherCache(full) as b:
         np.testing.assert_allclose(a.segment_embeddings, b.segment_embeddings, atol=1e-6)
         np.testing.assert_allclose(a.track_embeddings, b.track_embeddings, atol=1e-6)
+    # the same batches give the same numbers, and the file does not remember the interruption
+    assert out.read_bytes() == full.read_bytes()
+
+
+def test_the_same_run_gives_a_byte_identical_file(tmp_path: Path, teacher, mels: ArrayMelCache, full: Path) -> None:
+    time.sleep(1.1)  # a creation or modification time anywhere in the file would now differ
+    again = build_embeddings(teacher, mels, tmp_path / "elsewhere" / "teacher.h5", QUERIES, batch_size=3, params=PARAMS)
+    assert again.read_bytes() == full.read_bytes()
 
 
 def test_partial_from_another_mel_cache_starts_over(tmp_path: Path, teacher, full: Path) -> None:

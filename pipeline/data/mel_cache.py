@@ -1,27 +1,47 @@
 """The mel cache (data/mels.h5): layout, crash-safe resumable writing, merging and reading.
 
-Layout (every array row-aligned with the segment index i = 0 .. N-1):
+Segments overlap by half, so storing every 10-s segment whole keeps each frame twice. Format 2 keeps
+each front-end's frames once per track and cuts segment i out of them when read: frames
+[o_i, o_i + n) with the segment's own first `head` and last `tail` frames put back. The front-ends
+centre-pad every segment, so only frames whose STFT window reaches a segment edge differ from the
+same instant inside the neighbouring segment; those few frames per segment are kept as they were
+computed for that segment, and a segment is read back bit for bit as the mels stage computed it.
 
-    /teacher              float16 [N, 1001, 64]   CLAP log-mel dB, one segment per chunk
-    /student              float16 [N, 128, 1000]  EfficientAT normalised log-mel, one segment per chunk
-    /segments/track       int32   [N]             row of /tracks that segment i belongs to
-    /segments/start       float64 [N]             segment start in seconds
-    /tracks/track_id      utf-8   [T]             manifest track ids, manifest order
-    /tracks/first_segment int64   [T]             segments of track t are first .. first + count - 1
-    /tracks/n_segments    int32   [T]
-    /tracks/duration      float64 [T]             decoded seconds
-    /tracks/sha256        ascii   [T]             sha256 of the audio file
-    /tracks/audio_path    utf-8   [T]
-    /tracks/manifest_index int64  [T]             row in the manifest (orders shard merges)
+    /teacher/frames         float16 [64, F_t]       CLAP log-mel dB frames (mel-major: compresses best)
+    /teacher/head           float16 [N, h_t, 64]    each segment's first h_t frames
+    /teacher/tail           float16 [N, t_t, 64]    each segment's last t_t frames
+    /student/frames         float16 [128, F_s]      EfficientAT normalised log-mel frames (mel-major)
+    /student/head, /tail    float16 [N, 128, h_s], [N, 128, t_s]
+    /segments/track         int32   [N]             row of /tracks that segment i belongs to
+    /segments/start         float64 [N]             segment start in seconds
+    /segments/teacher_frame int64   [N]             o_i: first teacher frame row of segment i
+    /segments/student_frame int64   [N]             first student frame column of segment i
+    /tracks/track_id        utf-8   [T]             manifest track ids, manifest order
+    /tracks/first_segment   int64   [T]             segments of track t are first .. first + count - 1
+    /tracks/n_segments      int32   [T]
+    /tracks/duration        float64 [T]             decoded seconds
+    /tracks/sha256          ascii   [T]             sha256 of the audio file
+    /tracks/audio_path      utf-8   [T]
+    /tracks/manifest_index  int64   [T]             row in the manifest (orders shard merges)
+    /tracks/teacher_frames, /tracks/student_frames  int64 [T, 2]  (first, count) of the track's frames
     attrs: format_version, params (JSON of audio + frontend + max_track_minutes), params_hash,
-           teacher_frontend_hash, student_frontend_hash, compression
+           teacher_frontend_hash, student_frontend_hash, compression, chunk_frames, edges (JSON)
+
+A track's frames are runs: consecutive segments whose starts lie a whole number of hops apart share
+one run; a segment off that grid (the end-aligned tail window, a repeat-padded short track) or one
+whose frames disagree with the run starts a new run, so any input is stored losslessly. Each track's
+frames start on a chunk boundary (chunks of `chunk_frames` frames, padded with zeros), so a track is
+read without touching another's chunks and merging copies compressed chunks verbatim.
 
 Crash safety: workers write *part files* (same layout) under `<cache>.parts/` to a temporary name
 and publish each with an atomic rename once its tracks are complete. A SIGKILL at any moment leaves
 only complete parts (plus a temporary file the next run deletes); the final cache is built by
 merging the parts into `<cache>.tmp` and renaming it over `<cache>`, so an existing cache is never
-half-written. The next run reuses every published track whose audio sha256 still matches.
-Merging copies compressed chunks verbatim (no decompression) when the filters agree.
+half-written (nor modified in place: a cache hard-linked into DVC's cache stays intact). The next
+run reuses every published track whose audio sha256 still matches.
+
+Files are written deterministically (no timestamps, attributes and datasets in a fixed order, each
+chunk compressed once from its final contents): the same inputs give byte-identical caches.
 """
 
 from __future__ import annotations
@@ -46,11 +66,20 @@ from pipeline.data.cache_files import unreadable
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # format 1 stored every segment whole; it is refused rather than read
+FRONT_ENDS = ("teacher", "student")
+DEFAULT_CHUNK_FRAMES = 1024
+# Fixed file-format bounds and no link-creation order tracking: nothing in the file depends on when
+# or with which library build it was written (h5py writes no timestamps with track_times=False).
+_H5_OPTS = {"libver": ("earliest", "v110"), "track_order": False}
 
 
 class CacheMismatchError(ValueError):
     """A cache was built with other parameters than the ones asked for."""
+
+
+class CacheFormatError(ValueError):
+    """A file that is not a mel cache of this format (names the file)."""
 
 
 # --------------------------------------------------------------------------- parameters
@@ -129,6 +158,61 @@ class Compression:
 # --------------------------------------------------------------------------- writing
 
 
+# --------------------------------------------------------------------------- frame layout
+
+
+@dataclass(frozen=True)
+class FrameLayout:
+    """How one front-end's segments sit in its frame dataset."""
+
+    name: str  # "teacher" | "student"
+    n_frames: int  # frames per segment
+    n_mels: int
+    time_axis: int  # 0: a segment is [frames, mels] (teacher); 1: [mels, frames] (student)
+    head: int  # leading frames of a segment whose window reaches its start (kept per segment)
+    tail: int  # trailing frames whose window reaches its end (kept per segment)
+    rate: int  # front-end sample rate
+    hop: int  # samples per frame
+
+    def segment_shape(self) -> tuple[int, int]:
+        return (self.n_frames, self.n_mels) if self.time_axis == 0 else (self.n_mels, self.n_frames)
+
+    def patch_shape(self, k: int) -> tuple[int, int]:
+        return (k, self.n_mels) if self.time_axis == 0 else (self.n_mels, k)
+
+    def sel(self, start: int, stop: int) -> tuple[slice, ...]:
+        """Index of frames start .. stop in a batch of segments [k, *segment_shape]."""
+        return (slice(None),) * (self.time_axis + 1) + (slice(start, stop),)
+
+
+def _edge_frames(n_fft: int, hop: int, signal: int, n_frames: int) -> tuple[int, int]:
+    """(head, tail): frames whose centred window reaches past the start / end of a `signal`-sample
+    segment (the frames segment_mels recomputes per segment). At least one each."""
+    half = n_fft // 2
+    head = min(n_frames - 1, max(1, -(-half // hop)))
+    first_bad_tail = (signal - half) // hop + 1
+    tail = max(1, n_frames - max(head, min(n_frames, first_bad_tail)))
+    return head, min(tail, n_frames - head)
+
+
+def frame_layouts(params: dict) -> tuple[FrameLayout, FrameLayout]:
+    """(teacher, student) layouts implied by cache params."""
+    (t_frames, t_mels), (s_mels, s_frames) = mel_shapes(params)
+    seg = params["audio"]["segment_seconds"]
+    t, s = params["frontend"]["teacher"], params["frontend"]["student"]
+    if min(t_frames, s_frames) < 2:
+        raise ValueError("a segment must span at least two STFT frames of each front-end")
+    t_sig = int(round(seg * t["sample_rate"]))
+    s_sig = int(round(seg * s["sample_rate"])) - 1  # pre-emphasis drops one sample
+    th, tt = _edge_frames(t["n_fft"], t["hop_length"], t_sig, t_frames)
+    sh, st = _edge_frames(s["n_fft"], s["hop_length"], s_sig, s_frames)
+    return (FrameLayout("teacher", t_frames, t_mels, 0, th, tt, int(t["sample_rate"]), int(t["hop_length"])),
+            FrameLayout("student", s_frames, s_mels, 1, sh, st, int(s["sample_rate"]), int(s["hop_length"])))
+
+
+# --------------------------------------------------------------------------- writing
+
+
 @dataclass
 class TrackRecord:
     track_id: str
@@ -139,29 +223,49 @@ class TrackRecord:
     manifest_index: int
 
 
-def _create_layout(f: h5py.File, params: dict, compression: Compression) -> None:
-    t_shape, s_shape = mel_shapes(params)
-    f.create_dataset("teacher", shape=(0, *t_shape), maxshape=(None, *t_shape), dtype=np.float16,
-                     chunks=(1, *t_shape), **compression.kwargs())
-    f.create_dataset("student", shape=(0, *s_shape), maxshape=(None, *s_shape), dtype=np.float16,
-                     chunks=(1, *s_shape), **compression.kwargs())
-    for name, dtype in (("segments/track", np.int32), ("segments/start", np.float64)):
-        f.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(4096,))
+_SEGMENT_DATASETS = ("segments/track", "segments/start", "segments/teacher_frame", "segments/student_frame")
+_TRACK_DATASETS = ("tracks/track_id", "tracks/first_segment", "tracks/n_segments", "tracks/duration",
+                   "tracks/sha256", "tracks/audio_path", "tracks/manifest_index", "tracks/teacher_frames",
+                   "tracks/student_frames")
+PATCH_CHUNK = 64  # segments per chunk of the head/tail datasets
+
+
+def _create_layout(f: h5py.File, params: dict, compression: Compression, chunk_frames: int) -> None:
+    """Datasets and attributes, always created in this order (deterministic files)."""
+    if chunk_frames < 1:
+        raise ValueError(f"chunk_frames must be positive, got {chunk_frames}")
+    kw = {**compression.kwargs(), "track_times": False}
+    for lay in frame_layouts(params):
+        # mel-major: each band's run over time is contiguous, which compresses ~4 % better
+        f.create_dataset(f"{lay.name}/frames", shape=(lay.n_mels, 0), maxshape=(lay.n_mels, None),
+                         dtype=np.float16, chunks=(lay.n_mels, chunk_frames), **kw)
+        for part, k in (("head", lay.head), ("tail", lay.tail)):
+            f.create_dataset(f"{lay.name}/{part}", shape=(0, *lay.patch_shape(k)),
+                             maxshape=(None, *lay.patch_shape(k)), dtype=np.float16,
+                             chunks=(PATCH_CHUNK, *lay.patch_shape(k)), **kw)
+    for name, dtype in zip(_SEGMENT_DATASETS, (np.int32, np.float64, np.int64, np.int64)):
+        f.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(4096,), track_times=False)
     str_t = h5py.string_dtype()
-    for name, dtype in (
-        ("tracks/track_id", str_t), ("tracks/first_segment", np.int64), ("tracks/n_segments", np.int32),
-        ("tracks/duration", np.float64), ("tracks/sha256", h5py.string_dtype("ascii", 64)),
-        ("tracks/audio_path", str_t), ("tracks/manifest_index", np.int64),
-    ):
-        f.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(1024,))
+    for name, dtype in zip(_TRACK_DATASETS, (str_t, np.int64, np.int32, np.float64, h5py.string_dtype("ascii", 64),
+                                             str_t, np.int64, np.int64, np.int64)):
+        extra = (2,) if name.endswith("_frames") else ()
+        f.create_dataset(name, shape=(0, *extra), maxshape=(None, *extra), dtype=dtype, chunks=(1024, *extra),
+                         track_times=False)
     from pipeline.data.frontends import frontend_hash  # torch import only where caches are written
 
-    f.attrs["format_version"] = FORMAT_VERSION
-    f.attrs["params"] = json.dumps(params, sort_keys=True)
-    f.attrs["params_hash"] = params_hash(params)
-    f.attrs["teacher_frontend_hash"] = frontend_hash(params["frontend"]["teacher"])
-    f.attrs["student_frontend_hash"] = frontend_hash(params["frontend"]["student"])
-    f.attrs["compression"] = compression.describe()
+    t_lay, s_lay = frame_layouts(params)
+    attrs = {
+        "chunk_frames": int(chunk_frames),
+        "compression": compression.describe(),
+        "edges": json.dumps({lay.name: [lay.head, lay.tail] for lay in (t_lay, s_lay)}, sort_keys=True),
+        "format_version": FORMAT_VERSION,
+        "params": json.dumps(params, sort_keys=True),
+        "params_hash": params_hash(params),
+        "student_frontend_hash": frontend_hash(params["frontend"]["student"]),
+        "teacher_frontend_hash": frontend_hash(params["frontend"]["teacher"]),
+    }
+    for key in sorted(attrs):
+        f.attrs[key] = attrs[key]
 
 
 def _append(ds: h5py.Dataset, values: np.ndarray) -> None:
@@ -170,44 +274,163 @@ def _append(ds: h5py.Dataset, values: np.ndarray) -> None:
     ds[n:] = values
 
 
+def _write_frames(ds: h5py.Dataset, start: int, frames_tm: np.ndarray) -> None:
+    """Write time-major frames [k, mels] at frame position start of a [mels, F] dataset (growing it)."""
+    stop = start + len(frames_tm)
+    if ds.shape[1] < stop:
+        ds.resize(stop, axis=1)
+    ds[:, start:stop] = frames_tm.T
+
+
+class _TrackFrames:
+    """One front-end's frames of the track being written, as runs; only whole chunks reach the file.
+
+    Rows are absolute frame positions in the dataset. A segment placed at row r covers rows
+    r .. r + n - 1; its rows r + head .. r + n - tail - 1 are *interior* (the same for every
+    segment covering them). Rows before the newest segment's start can never change again and are
+    written out in whole chunks."""
+
+    def __init__(self, ds: h5py.Dataset, lay: FrameLayout, chunk: int) -> None:
+        self.ds, self.lay, self.chunk = ds, lay, chunk
+        self.reset(ds.shape[1])
+
+    def reset(self, base: int) -> None:
+        self.base = self.written = base  # track's first row (chunk aligned) / rows on disk
+        self.buf = np.zeros((0, self.lay.n_mels), np.float16)  # rows written .. end, time-major
+        self.interior = np.zeros(0, bool)
+        self.origin: int | None = None  # sample (front-end rate) of the current run's row run_start
+        self.run_start = self.last_row = base
+        self.runs = 0
+
+    @property
+    def end(self) -> int:
+        return self.written + len(self.buf)
+
+    def _continues_at(self, start: int, seg: np.ndarray) -> int | None:
+        """Row where `seg` (starting at sample `start`) continues the current run, or None."""
+        lay = self.lay
+        if self.origin is None or (start - self.origin) % lay.hop:
+            return None
+        row = self.run_start + (start - self.origin) // lay.hop
+        if row < self.last_row or row > self.end:
+            return None
+        lo, hi = row + lay.head, min(self.end, row + lay.n_frames - lay.tail)
+        if lo < hi:  # interior rows already held must agree bit for bit
+            known = self.interior[lo - self.written : hi - self.written]
+            have = self.buf[lo - self.written : hi - self.written][known].view(np.uint16)
+            if not np.array_equal(have, seg[lo - row : hi - row][known].view(np.uint16)):
+                return None
+        return row
+
+    def place(self, start: int, seg: np.ndarray) -> int:
+        """Add a time-major fp16 segment [n, mels] starting at sample `start`; returns its first row."""
+        lay = self.lay
+        row = self._continues_at(start, seg)
+        if row is None:  # a new run after everything held so far
+            row = self.end
+            self.origin, self.run_start, self.runs = start, row, self.runs + 1
+        interior = np.zeros(lay.n_frames, bool)
+        interior[lay.head : lay.n_frames - lay.tail] = True
+        held = self.end - row  # rows of seg already in buf
+        if held > 0:
+            b = row - self.written
+            fill = interior[:held] & ~self.interior[b : b + held]  # edge-only rows learn their interior value
+            self.buf[b : b + held][fill] = seg[:held][fill]
+            self.interior[b : b + held] |= fill
+        self.buf = np.concatenate([self.buf, seg[held:]])
+        self.interior = np.concatenate([self.interior, interior[held:]])
+        self.last_row = row
+        self._write_upto(row)
+        return row
+
+    def _write_upto(self, limit: int) -> None:
+        n = (limit - self.written) // self.chunk * self.chunk
+        if n > 0:
+            _write_frames(self.ds, self.written, self.buf[:n])
+            self.buf, self.interior = self.buf[n:], self.interior[n:]
+            self.written += n
+
+    def finish(self) -> tuple[int, int]:
+        """Write the rest, zero-padded to whole chunks; returns the track's (first row, row count)."""
+        rest = np.concatenate([self.buf, np.zeros((-len(self.buf) % self.chunk, self.lay.n_mels), np.float16)])
+        if len(rest):
+            _write_frames(self.ds, self.written, rest)
+            self.written += len(rest)
+        first, count = self.base, self.written - self.base
+        self.reset(self.written)
+        return first, count
+
+
+def _to_time_major(lay: FrameLayout, segs: np.ndarray) -> np.ndarray:
+    return segs if lay.time_axis == 0 else segs.transpose(0, 2, 1)
+
+
 class PartWriter:
     """One part file: segments are appended as they are computed, tracks committed when complete,
     and the file becomes visible (atomic rename) only in publish()."""
 
-    def __init__(self, parts_dir: Path, params: dict, compression: Compression, tag: str = "") -> None:
+    def __init__(self, parts_dir: Path, params: dict, compression: Compression, tag: str = "",
+                 chunk_frames: int = DEFAULT_CHUNK_FRAMES) -> None:
         self.parts_dir = Path(parts_dir)
         self.parts_dir.mkdir(parents=True, exist_ok=True)
         name = f"part-{tag or 'w'}-{int(time.time() * 1000):013d}-{uuid.uuid4().hex[:8]}"
         self.tmp_path = self.parts_dir / f"{name}.h5.tmp"
         self.path = self.parts_dir / f"{name}.h5"
-        self.file = h5py.File(self.tmp_path, "w")
-        _create_layout(self.file, params, compression)
+        self.file = h5py.File(self.tmp_path, "w", **_H5_OPTS)
+        _create_layout(self.file, params, compression, chunk_frames)
+        self.layouts = frame_layouts(params)
+        self.frames = {lay.name: _TrackFrames(self.file[f"{lay.name}/frames"], lay, chunk_frames)
+                       for lay in self.layouts}
         self.committed_segments = 0
         self.n_tracks = 0
         self.opened = time.monotonic()
 
-    def add_segments(self, teacher: np.ndarray, student: np.ndarray, starts_seconds: np.ndarray) -> None:
-        """Append a batch of segments of the track being written (not visible until commit)."""
+    def add_segments(self, teacher: np.ndarray, student: np.ndarray, starts_seconds: np.ndarray,
+                     teacher_starts: Sequence[int] | None = None, student_starts: Sequence[int] | None = None) -> None:
+        """Append a batch of segments of the track being written (not visible until commit).
+
+        `teacher_starts` / `student_starts` are the segment starts in samples at each front-end's
+        rate (derived from the seconds when omitted); they decide which segments share frames."""
         if len(teacher) != len(student) or len(teacher) != len(starts_seconds):
             raise ValueError("teacher, student and starts must have the same number of segments")
-        _append(self.file["teacher"], teacher.astype(np.float16, copy=False))
-        _append(self.file["student"], student.astype(np.float16, copy=False))
-        _append(self.file["segments/start"], np.asarray(starts_seconds, dtype=np.float64))
-        _append(self.file["segments/track"], np.full(len(teacher), self.n_tracks, dtype=np.int32))
+        secs = np.asarray(starts_seconds, dtype=np.float64)
+        f = self.file
+        rows = {}
+        for lay, segs, given in zip(self.layouts, (teacher, student), (teacher_starts, student_starts)):
+            segs = np.asarray(segs).astype(np.float16, copy=False)
+            if segs.shape[1:] != lay.segment_shape():
+                raise ValueError(f"{lay.name} segments have shape {segs.shape[1:]}, expected {lay.segment_shape()}")
+            starts = [int(round(s * lay.rate)) for s in secs] if given is None else [int(s) for s in given]
+            tm = _to_time_major(lay, segs)
+            rows[lay.name] = np.array([self.frames[lay.name].place(s, tm[i]) for i, s in enumerate(starts)],
+                                      dtype=np.int64)
+            _append(f[f"{lay.name}/head"], np.ascontiguousarray(segs[lay.sel(0, lay.head)]))
+            _append(f[f"{lay.name}/tail"], np.ascontiguousarray(segs[lay.sel(lay.n_frames - lay.tail, lay.n_frames)]))
+        _append(f["segments/track"], np.full(len(teacher), self.n_tracks, dtype=np.int32))
+        _append(f["segments/start"], secs)
+        _append(f["segments/teacher_frame"], rows["teacher"])
+        _append(f["segments/student_frame"], rows["student"])
 
     def pending_segments(self) -> int:
-        return self.file["teacher"].shape[0] - self.committed_segments
+        return self.file["segments/track"].shape[0] - self.committed_segments
 
     def rollback_track(self) -> None:
         """Forget the segments of a track that failed half-way."""
         n = self.committed_segments
-        for name in ("teacher", "student", "segments/start", "segments/track"):
+        for lay in self.layouts:
+            for part in ("head", "tail"):
+                self.file[f"{lay.name}/{part}"].resize(n, axis=0)
+            frames = self.frames[lay.name]
+            self.file[f"{lay.name}/frames"].resize(frames.base, axis=1)
+            frames.reset(frames.base)
+        for name in _SEGMENT_DATASETS:
             self.file[name].resize(n, axis=0)
 
     def commit_track(self, rec: TrackRecord) -> None:
         if self.pending_segments() != rec.n_segments:
             raise ValueError(f"{rec.track_id}: {self.pending_segments()} segments written, record says {rec.n_segments}")
         f = self.file
+        extents = {name: fr.finish() for name, fr in self.frames.items()}
         _append(f["tracks/track_id"], np.array([rec.track_id], dtype=object))
         _append(f["tracks/first_segment"], np.array([self.committed_segments]))
         _append(f["tracks/n_segments"], np.array([rec.n_segments]))
@@ -215,6 +438,8 @@ class PartWriter:
         _append(f["tracks/sha256"], np.array([rec.sha256.encode("ascii")]))
         _append(f["tracks/audio_path"], np.array([rec.audio_path], dtype=object))
         _append(f["tracks/manifest_index"], np.array([rec.manifest_index]))
+        _append(f["tracks/teacher_frames"], np.array([extents["teacher"]], dtype=np.int64))
+        _append(f["tracks/student_frames"], np.array([extents["student"]], dtype=np.int64))
         self.committed_segments += rec.n_segments
         self.n_tracks += 1
 
@@ -265,7 +490,7 @@ def clean_temporaries(parts_dir: Path) -> int:
     return n
 
 
-# --------------------------------------------------------------------------- reading
+# --------------------------------------------------------------------------- index, merging
 
 
 @dataclass
@@ -274,29 +499,54 @@ class _Source:
     row: int  # row in /tracks of that file
     first: int
     count: int
+    frames: dict[str, tuple[int, int]]  # front-end -> (first frame, frame count) of the track in that file
+
+
+def _source(path: Path, idx: dict[str, Any], row: int) -> _Source:
+    return _Source(path, row, int(idx["first_segment"][row]), int(idx["n_segments"][row]),
+                   {name: (int(idx[f"{name}_frames"][row][0]), int(idx[f"{name}_frames"][row][1])) for name in FRONT_ENDS})
+
+
+def _strings(ds: h5py.Dataset) -> list[str]:
+    return [s.decode() if isinstance(s, bytes) else s for s in ds[:]]
+
+
+def check_format(path: str | Path, f: h5py.File) -> None:
+    """Refuse anything but a mel cache of this format, naming the file."""
+    version = f.attrs.get("format_version")
+    if version is None or "params" not in f.attrs:
+        raise CacheFormatError(f"{path}: not a mel cache (no format_version/params attributes)")
+    if int(version) != FORMAT_VERSION:
+        raise CacheFormatError(
+            f"{path}: mel cache format {int(version)}, this code reads format {FORMAT_VERSION} "
+            "(frames stored once per track); rebuild it with `student-clap run mels` or `dvc repro mels`"
+        )
 
 
 def read_index(path: str | Path) -> dict[str, Any]:
     """Track index and params of a cache or part file (small; no mel data)."""
     with h5py.File(path, "r") as f:
+        check_format(path, f)
         t = f["tracks"]
         return {
             "params": json.loads(f.attrs["params"]),
-            "track_id": [s.decode() if isinstance(s, bytes) else s for s in t["track_id"][:]],
+            "chunk_frames": int(f.attrs["chunk_frames"]),
+            "track_id": _strings(t["track_id"]),
             "first_segment": t["first_segment"][:],
             "n_segments": t["n_segments"][:],
             "duration": t["duration"][:],
-            "sha256": [s.decode() if isinstance(s, bytes) else s for s in t["sha256"][:]],
-            "audio_path": [s.decode() if isinstance(s, bytes) else s for s in t["audio_path"][:]],
+            "sha256": _strings(t["sha256"]),
+            "audio_path": _strings(t["audio_path"]),
             "manifest_index": t["manifest_index"][:],
+            **{f"{name}_frames": t[f"{name}_frames"][:] for name in FRONT_ENDS},
         }
 
 
 def completed_tracks(sources: Iterable[Path], params: dict) -> dict[str, tuple[str, _Source, TrackRecord]]:
     """track_id -> (sha256, where it lives, record) over readable sources built with `params`.
 
-    Unreadable files (a crash during an fsync-less copy, a foreign file) and files built with other
-    parameters are skipped with a warning; they are never merged."""
+    Unreadable files (a crash during an fsync-less copy, a foreign file, an older format) and files
+    built with other parameters are skipped with a warning; they are never merged."""
     done: dict[str, tuple[str, _Source, TrackRecord]] = {}
     for path in sources:
         try:
@@ -311,45 +561,103 @@ def completed_tracks(sources: Iterable[Path], params: dict) -> dict[str, tuple[s
         for row, tid in enumerate(idx["track_id"]):
             rec = TrackRecord(tid, int(idx["n_segments"][row]), float(idx["duration"][row]), idx["sha256"][row],
                               idx["audio_path"][row], int(idx["manifest_index"][row]))
-            done.setdefault(tid, (rec.sha256, _Source(Path(path), row, int(idx["first_segment"][row]), rec.n_segments), rec))
+            done.setdefault(tid, (rec.sha256, _source(Path(path), idx, row), rec))
     return done
 
 
+def _same_filters(a: h5py.Dataset, b: h5py.Dataset) -> bool:
+    return (a.chunks == b.chunks and a.dtype == b.dtype and a.compression == b.compression
+            and a.compression_opts == b.compression_opts and a.shuffle == b.shuffle)
+
+
+def _copy_frames(a: h5py.Dataset, b: h5py.Dataset, first: int, count: int, pos: int, chunk: int) -> int:
+    """Copy frames first .. first + count of dataset a to frame position pos of b (chunk aligned);
+    returns the frame count written to b. Compressed chunks are copied verbatim when the filters agree."""
+    if _same_filters(a, b):
+        for k in range(0, count, chunk):
+            mask, data = a.id.read_direct_chunk((0, first + k))
+            b.id.write_direct_chunk((0, pos + k), data, mask)
+        return count
+    out_count = -(-count // chunk) * chunk
+    for k in range(0, out_count, chunk):
+        block = np.zeros((a.shape[0], chunk), np.float16)
+        n = max(0, min(chunk, count - k))
+        block[:, :n] = a[:, first + k : first + k + n]
+        b[:, pos + k : pos + k + chunk] = block
+    return out_count
+
+
+_FLUSH_SEGMENTS = 4096  # segment-level rows gathered before one write per dataset
+
+
 def write_cache(out: str | Path, params: dict, compression: Compression,
-                entries: Sequence[tuple[_Source, TrackRecord]]) -> Path:
-    """Build a cache from track entries (in the order given) at `<out>.tmp`, then rename to out."""
+                entries: Sequence[tuple[_Source, TrackRecord]], chunk_frames: int = DEFAULT_CHUNK_FRAMES) -> Path:
+    """Build a cache from track entries (in the order given) at `<out>.tmp`, then rename to out.
+
+    The output depends only on the entries' data and order, never on which part file held them.
+    One source file is open at a time (a corpus has one part file per track); segment-level rows
+    are written in large slices, so each chunk is compressed once."""
     out = Path(out)
     tmp = out.with_name(out.name + ".tmp")
     tmp.unlink(missing_ok=True)
     out.parent.mkdir(parents=True, exist_ok=True)
-    files: dict[Path, h5py.File] = {}
+    layouts = frame_layouts(params)
+    frame_sets = [f"{lay.name}/frames" for lay in layouts]
+    patch_sets = [f"{lay.name}/{part}" for lay in layouts for part in ("head", "tail")]
+    row_sets = patch_sets + list(_SEGMENT_DATASETS)
+    totals = {lay.name: sum(-(-src.frames[lay.name][1] // chunk_frames) * chunk_frames for src, _ in entries)
+              for lay in layouts}
+    n_seg = sum(rec.n_segments for _, rec in entries)
+    g: h5py.File | None = None
     try:
-        with h5py.File(tmp, "w") as f:
-            _create_layout(f, params, compression)
-            total = sum(rec.n_segments for _, rec in entries)
-            for name in ("teacher", "student", "segments/track", "segments/start"):
-                f[name].resize(total, axis=0)
-            for name in ("tracks/track_id", "tracks/first_segment", "tracks/n_segments", "tracks/duration",
-                         "tracks/sha256", "tracks/audio_path", "tracks/manifest_index"):
-                f[name].resize(len(entries), axis=0)
-            pos = 0
+        with h5py.File(tmp, "w", **_H5_OPTS) as f:
+            _create_layout(f, params, compression, chunk_frames)
+            d = {name: f[name] for name in frame_sets + row_sets + list(_TRACK_DATASETS)}
+            for lay in layouts:
+                d[f"{lay.name}/frames"].resize(totals[lay.name], axis=1)
+            for name in row_sets:
+                d[name].resize(n_seg, axis=0)
+            rows: dict[str, list] = {name: [] for name in row_sets}
+            tracks: dict[str, list] = {name: [] for name in _TRACK_DATASETS}
+            written = pos = 0
+            frame_pos = {lay.name: 0 for lay in layouts}
+            current: Path | None = None
             for t, (src, rec) in enumerate(entries):
-                g = files.get(src.path)
-                if g is None:
-                    g = files[src.path] = h5py.File(src.path, "r")
-                _copy_segments(g, f, src.first, pos, src.count)
-                f["segments/track"][pos : pos + src.count] = t
-                f["segments/start"][pos : pos + src.count] = g["segments/start"][src.first : src.first + src.count]
-                f["tracks/track_id"][t] = rec.track_id
-                f["tracks/first_segment"][t] = pos
-                f["tracks/n_segments"][t] = rec.n_segments
-                f["tracks/duration"][t] = rec.duration
-                f["tracks/sha256"][t] = rec.sha256.encode("ascii")
-                f["tracks/audio_path"][t] = rec.audio_path
-                f["tracks/manifest_index"][t] = rec.manifest_index
+                if src.path != current:
+                    if g is not None:
+                        g.close()
+                    g, current = h5py.File(src.path, "r"), src.path
+                    check_format(src.path, g)
+                    gd = {name: g[name] for name in frame_sets + row_sets}
+                seg = slice(src.first, src.first + src.count)
+                for lay in layouts:
+                    first, count = src.frames[lay.name]
+                    dst_first = frame_pos[lay.name]
+                    dst_count = _copy_frames(gd[f"{lay.name}/frames"], d[f"{lay.name}/frames"], first, count,
+                                             dst_first, chunk_frames)
+                    frame_pos[lay.name] += dst_count
+                    rows[f"segments/{lay.name}_frame"].append(gd[f"segments/{lay.name}_frame"][seg] + (dst_first - first))
+                    tracks[f"tracks/{lay.name}_frames"].append((dst_first, dst_count))
+                for name in patch_sets + ["segments/start"]:
+                    rows[name].append(gd[name][seg])
+                rows["segments/track"].append(np.full(src.count, t, dtype=np.int32))
+                for name, value in (("track_id", rec.track_id), ("first_segment", pos), ("n_segments", rec.n_segments),
+                                    ("duration", rec.duration), ("sha256", rec.sha256.encode("ascii")),
+                                    ("audio_path", rec.audio_path), ("manifest_index", rec.manifest_index)):
+                    tracks[f"tracks/{name}"].append(value)
                 pos += src.count
+                if pos - written >= _FLUSH_SEGMENTS or t == len(entries) - 1:
+                    for name in row_sets:
+                        d[name][written:pos] = np.concatenate(rows[name])
+                        rows[name].clear()
+                    written = pos
+            for name in _TRACK_DATASETS:
+                d[name].resize(len(entries), axis=0)
+                if entries:
+                    values = tracks[name]
+                    d[name][:] = np.array(values, dtype=object) if d[name].dtype.kind == "O" else np.array(values)
     finally:
-        for g in files.values():
+        if g is not None:
             g.close()
     with open(tmp, "rb") as fh:
         os.fsync(fh.fileno())
@@ -358,28 +666,28 @@ def write_cache(out: str | Path, params: dict, compression: Compression,
     return out
 
 
-def _same_filters(a: h5py.Dataset, b: h5py.Dataset) -> bool:
-    return (a.chunks == b.chunks and a.dtype == b.dtype and a.compression == b.compression
-            and a.compression_opts == b.compression_opts and a.shuffle == b.shuffle)
+# --------------------------------------------------------------------------- reading
 
 
-def _copy_segments(src: h5py.File, dst: h5py.File, first: int, pos: int, count: int) -> None:
-    for name in ("teacher", "student"):
-        a, b = src[name], dst[name]
-        if _same_filters(a, b):
-            for i in range(count):  # compressed chunk bytes copied as they are
-                mask, data = a.id.read_direct_chunk((first + i, 0, 0))
-                b.id.write_direct_chunk((pos + i, 0, 0), data, mask)
-        else:
-            for i in range(0, count, 64):
-                n = min(64, count - i)
-                b[pos + i : pos + i + n] = a[first + i : first + i + n]
+def _runs(sorted_idx: np.ndarray) -> list[tuple[int, int]]:
+    """Positions [p0, p1) of sorted_idx where the values are consecutive integers."""
+    if len(sorted_idx) == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(sorted_idx) != 1) + 1
+    edges = [0, *breaks.tolist(), len(sorted_idx)]
+    return list(zip(edges[:-1], edges[1:]))
 
 
 class MelCache:
     """Read-only view of data/mels.h5 (safe to use from DataLoader workers: reopens after fork).
 
-    `expect` (a cache_params dict) makes the constructor refuse a cache built with other params."""
+    Segments are read by index, list, array (any order, repeats allowed) or slice; indices that are
+    neighbours in a track are served from one contiguous read of their shared frames, so reading a
+    range of segments (or a whole track, see student_track) costs about half of what storing them
+    whole did. `expect` (a cache_params dict) makes the constructor refuse a cache built with other
+    params."""
+
+    CHUNK_CACHE_BYTES = 16 << 20  # per dataset: a segment spans two chunks per front-end
 
     def __init__(self, path: str | Path, expect: dict | None = None) -> None:
         self.path = Path(path)
@@ -392,21 +700,29 @@ class MelCache:
         except OSError as exc:
             raise unreadable(self.path, "mel cache", "student-clap run mels", exc) from None
         try:
+            check_format(self.path, f)
             t = f["tracks"]
-            self.track_ids: list[str] = [s.decode() if isinstance(s, bytes) else s for s in t["track_id"][:]]
+            self.track_ids: list[str] = _strings(t["track_id"])
             self.first_segment = t["first_segment"][:].astype(np.int64)
             self.segment_counts = t["n_segments"][:].astype(np.int64)
             self.durations = t["duration"][:].astype(np.float64)
-            self.sha256 = [s.decode() if isinstance(s, bytes) else s for s in t["sha256"][:]]
-            self.audio_paths = [s.decode() if isinstance(s, bytes) else s for s in t["audio_path"][:]]
+            self.sha256 = _strings(t["sha256"])
+            self.audio_paths = _strings(t["audio_path"])
             self.segment_track = f["segments/track"][:].astype(np.int64)
             self.segment_start = f["segments/start"][:]
+            self.frame_offset = {name: f[f"segments/{name}_frame"][:].astype(np.int64) for name in FRONT_ENDS}
             self.attrs: dict[str, Any] = {k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()}
         except KeyError as exc:
-            raise ValueError(f"{self.path}: not a mel cache (missing {exc})") from None
+            self.close()
+            raise CacheFormatError(f"{self.path}: not a mel cache (missing {exc})") from None
+        except CacheFormatError:
+            self.close()
+            raise
         except OSError as exc:  # the index opened but its data is cut off
+            self.close()
             raise unreadable(self.path, "mel cache", "student-clap run mels", exc) from None
         self.params = json.loads(self.attrs["params"])
+        self.layouts = {lay.name: lay for lay in frame_layouts(self.params)}
         self.n_segments = int(len(self.segment_track))
         self._row = {tid: i for i, tid in enumerate(self.track_ids)}
         if expect is not None:
@@ -414,7 +730,7 @@ class MelCache:
 
     def _h5(self) -> h5py.File:
         if self._file is None or self._pid != os.getpid():
-            self._file = h5py.File(self.path, "r")
+            self._file = h5py.File(self.path, "r", rdcc_nbytes=self.CHUNK_CACHE_BYTES, rdcc_nslots=10_007)
             self._pid = os.getpid()
         return self._file
 
@@ -437,25 +753,57 @@ class MelCache:
     def __len__(self) -> int:
         return self.n_segments
 
-    def track_segments(self, track_id: str) -> range:
-        row = self._row[track_id]
+    def track_row(self, track: str | int) -> int:
+        return int(track) if isinstance(track, (int, np.integer)) else self._row[track]
+
+    def track_segments(self, track_id: str | int) -> range:
+        row = self.track_row(track_id)
         first = int(self.first_segment[row])
         return range(first, first + int(self.segment_counts[row]))
 
-    def _read(self, name: str, idx: Any) -> np.ndarray:
-        ds = self._h5()[name]
-        if isinstance(idx, (int, np.integer)):
-            return ds[int(idx)][None].astype(np.float32)
+    def _indices(self, idx: Any) -> np.ndarray:
         if isinstance(idx, slice):
-            return ds[idx].astype(np.float32)
-        idx = np.asarray(idx, dtype=np.int64).reshape(-1)
-        if len(idx) == 0:
-            return np.zeros((0, *ds.shape[1:]), np.float32)
-        if len(idx) > 1 and np.all(np.diff(idx) == 1):  # contiguous: one slice read
-            return ds[int(idx[0]) : int(idx[-1]) + 1].astype(np.float32)
-        order = np.unique(idx)  # h5py wants increasing, unique indices
-        data = ds[order]
-        return data[np.searchsorted(order, idx)].astype(np.float32)
+            return np.arange(*idx.indices(self.n_segments), dtype=np.int64)
+        arr = np.asarray(idx, dtype=np.int64).reshape(-1)
+        if len(arr) and (arr.min() < -self.n_segments or arr.max() >= self.n_segments):
+            raise IndexError(f"{self.path}: segment index out of range (the cache has {self.n_segments} segments)")
+        return np.where(arr < 0, arr + self.n_segments, arr)
+
+    def _read(self, name: str, idx: Any) -> np.ndarray:
+        rows = self._indices(idx)
+        if len(rows) > 1 and np.all(np.diff(rows) > 0):
+            return self._read_sorted(name, rows)
+        unique, inverse = np.unique(rows, return_inverse=True)
+        data = self._read_sorted(name, unique)
+        return data if len(unique) == len(rows) and np.array_equal(unique, rows) else data[inverse]
+
+    def _read_sorted(self, name: str, rows: np.ndarray) -> np.ndarray:
+        """float32 segments for strictly increasing rows: one frames read per group of segments
+        whose frames overlap or touch, one head/tail read per run of consecutive rows."""
+        lay = self.layouts[name]
+        f = self._h5()
+        n = lay.n_frames
+        out = np.empty((len(rows), *lay.segment_shape()), np.float32)
+        if len(rows) == 0:
+            return out
+        frames = f[f"{name}/frames"]
+        offsets = self.frame_offset[name][rows]
+        # rows increase, so do offsets; a new block starts where a segment begins past the last one's end
+        starts = np.flatnonzero(offsets[1:] > offsets[:-1] + n) + 1
+        for b0, b1 in zip([0, *starts.tolist()], [*starts.tolist(), len(rows)]):
+            lo, hi = int(offsets[b0]), int(offsets[b1 - 1]) + n
+            block = frames[:, lo:hi]  # [mels, frames]
+            if lay.time_axis == 0:
+                block = block.T
+            for j in range(b0, b1):
+                o = int(offsets[j]) - lo
+                out[j] = block[o : o + n] if lay.time_axis == 0 else block[:, o : o + n]
+        head, tail = f[f"{name}/head"], f[f"{name}/tail"]
+        for p0, p1 in _runs(rows):
+            r0, r1 = rows[p0], rows[p1 - 1] + 1
+            out[p0:p1][lay.sel(0, lay.head)] = head[r0:r1]
+            out[p0:p1][lay.sel(n - lay.tail, n)] = tail[r0:r1]
+        return out
 
     def teacher_mels(self, idx: Any) -> np.ndarray:
         """float32 [n, 1001, 64] for segment index/indices/slice idx."""
@@ -464,6 +812,19 @@ class MelCache:
     def student_mels(self, idx: Any) -> np.ndarray:
         """float32 [n, 128, 1000] for segment index/indices/slice idx."""
         return self._read("student", idx)
+
+    def teacher_track(self, track: str | int) -> np.ndarray:
+        """All of a track's teacher segments, float32 [n_seg, 1001, 64] (one contiguous read)."""
+        return self._read("teacher", self.track_segments(track))
+
+    def student_track(self, track: str | int) -> np.ndarray:
+        """All of a track's student segments, float32 [n_seg, 128, 1000] (one contiguous read)."""
+        return self._read("student", self.track_segments(track))
+
+    def stored_frames(self) -> dict[str, int]:
+        """Frames held per front-end (chunk padding included), against n_segments x frames per segment."""
+        f = self._h5()
+        return {name: int(f[f"{name}/frames"].shape[1]) for name in FRONT_ENDS}
 
 
 # --------------------------------------------------------------------------- merge tool
@@ -488,13 +849,14 @@ def merge_caches(inputs: Sequence[str | Path], out: str | Path, compression: Com
             seen[tid] = p
             rec = TrackRecord(tid, int(idx["n_segments"][row]), float(idx["duration"][row]), idx["sha256"][row],
                               idx["audio_path"][row], int(idx["manifest_index"][row]))
-            entries.append((_Source(p, row, int(idx["first_segment"][row]), rec.n_segments), rec))
+            entries.append((_source(p, idx, row), rec))
     entries.sort(key=lambda e: (e[1].manifest_index, e[1].track_id))
-    if compression is None:
-        with h5py.File(inputs[0], "r") as f:
-            compression = _compression_of(f["teacher"])
+    with h5py.File(inputs[0], "r") as f:
+        chunk_frames = int(f.attrs["chunk_frames"])
+        if compression is None:
+            compression = _compression_of(f["teacher/frames"])
     log.info("merging %d tracks from %d caches into %s", len(entries), len(inputs), out)
-    return write_cache(out, first, compression, entries)
+    return write_cache(out, first, compression, entries, chunk_frames)
 
 
 def _compression_of(ds: h5py.Dataset) -> Compression:

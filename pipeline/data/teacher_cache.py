@@ -14,7 +14,8 @@ Layout (all embeddings float32, 512-d):
            and segment-map hashes, its attrs), params (JSON), dtype, format_version
 
 While a run is in progress the file is `<out>.partial` with an extra `/segments/done` mask, so an
-interrupted run continues where it stopped; a finished file is renamed into place atomically.
+interrupted run continues where it stopped; the finished file is written afresh (fixed order, no
+timestamps: the same embeddings give the same bytes) and renamed into place atomically.
 A `--shard k/n` run fills only its slice of rows into `<out>.shard-k-of-n`; `merge_shards` joins them.
 """
 
@@ -135,8 +136,9 @@ def _write_text(f: h5py.File, sets: Mapping[str, tuple[Sequence[str], np.ndarray
         if len(queries) != len(embedding):
             raise ValueError(f"text set {name}: {len(queries)} queries but {len(embedding)} embeddings")
         g = group.create_group(name)
-        g.create_dataset("query", data=np.array(list(queries), dtype=object), dtype=_STR)
-        g.create_dataset("embedding", data=np.asarray(embedding, dtype="f4").reshape(len(queries), DIM))
+        g.create_dataset("query", data=np.array(list(queries), dtype=object), dtype=_STR, track_times=False)
+        g.create_dataset("embedding", data=np.asarray(embedding, dtype="f4").reshape(len(queries), DIM),
+                         track_times=False)
 
 
 def track_embeddings(
@@ -158,7 +160,11 @@ def track_embeddings(
 def finalize(
     writer: EmbeddingWriter, out: str | Path, track_ids: Sequence[str], track_ranges: Sequence[range]
 ) -> Path:
-    """Check every row is done, add the per-track embeddings, drop the mask and move into place."""
+    """Check every row is done, add the per-track embeddings and move into place.
+
+    The finished file is written afresh (not the partial file with its mask removed), datasets and
+    attributes in a fixed order and without timestamps, so the same embeddings give the same bytes
+    however many interruptions or shards the run went through."""
     out = Path(out)
     f = writer.file
     done = f["segments/done"][:]
@@ -167,15 +173,26 @@ def finalize(
         raise EmbeddingStoreError(f"{writer.path}: {len(missing)} segments not embedded (first: {missing[0]})")
     if "text" not in f:
         raise EmbeddingStoreError(f"{writer.path}: no text embeddings")
-    emb, counts = track_embeddings(f["segments/embedding"][:], f["segments/raw_norm"][:], track_ranges)
-    if "tracks" in f:
-        del f["tracks"]
-    f.create_dataset("tracks/track_id", data=np.array(list(track_ids), dtype=object), dtype=_STR)
-    f.create_dataset("tracks/embedding", data=emb)
-    f.create_dataset("tracks/n_segments", data=counts)
-    del f["segments/done"]
+    segments, raw_norm = f["segments/embedding"][:], f["segments/raw_norm"][:]
+    emb, counts = track_embeddings(segments, raw_norm, track_ranges)
+    text = {name: (_strings(g["query"]), g["embedding"][:]) for name, g in f["text"].items()}
+    attrs = {k: v for k, v in f.attrs.items()}
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    with h5py.File(tmp, "w", libver=("earliest", "v110"), track_order=False) as g:
+        chunk_rows = max(1, min(len(segments), 256))
+        g.create_dataset("segments/embedding", data=segments, chunks=(chunk_rows, DIM), track_times=False)
+        g.create_dataset("segments/raw_norm", data=raw_norm, track_times=False)
+        _write_text(g, {name: text[name] for name in sorted(text)})
+        g.create_dataset("tracks/track_id", data=np.array(list(track_ids), dtype=object), dtype=_STR,
+                         track_times=False)
+        g.create_dataset("tracks/embedding", data=emb, track_times=False)
+        g.create_dataset("tracks/n_segments", data=counts, track_times=False)
+        for key in sorted(attrs):
+            g.attrs[key] = attrs[key]
     writer.close()
-    os.replace(writer.path, out)
+    os.replace(tmp, out)
+    writer.path.unlink(missing_ok=True)
     log.info("wrote %s: %d segments, %d tracks", out, len(done), len(track_ids))
     return out
 

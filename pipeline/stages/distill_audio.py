@@ -198,7 +198,9 @@ def write_skipped(out_dir: Path, reason: str) -> None:
     """Disabled student: the markers the contract asks for, plus the declared output folders."""
     out_dir.mkdir(parents=True, exist_ok=True)
     _write_json(out_dir / "metrics.json", {"skipped": True, "reason": reason})
-    torch.save({"skipped": True, "reason": reason}, out_dir / "student.pt")
+    tmp = out_dir / "student.pt.tmp"  # replace, never write through a link into DVC's cache
+    torch.save({"skipped": True, "reason": reason}, tmp)
+    tmp.replace(out_dir / "student.pt")
     for sub in ("checkpoints", "plots"):
         (out_dir / sub).mkdir(exist_ok=True)
     _write_json(out_dir / "checkpoints" / "skipped.json", {"skipped": True, "reason": reason})

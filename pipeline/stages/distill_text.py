@@ -121,6 +121,7 @@ def write_skipped(out_dir: Path, reason: str) -> None:
     torch.save(marker, tmp)
     tmp.replace(out_dir / "student.pt")
     (out_dir / "metrics.json").write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
+    (out_dir / "tokenizer.json").unlink(missing_ok=True)  # may be a link into DVC's cache
     (out_dir / "tokenizer.json").write_text(json.dumps(marker) + "\n", encoding="utf-8")
     (out_dir / "checkpoints").mkdir(exist_ok=True)
     shutil.rmtree(out_dir / "plots", ignore_errors=True)

@@ -24,6 +24,7 @@ from urllib.parse import quote, unquote, urlsplit
 
 from tqdm import tqdm
 
+from pipeline.atomic import write_json, write_text
 from pipeline.data import licenses
 from pipeline.data.download import DownloadJob, download_many
 from pipeline.data.manifest import write_manifest
@@ -403,16 +404,17 @@ def write_outputs(rows: list[dict], outcomes: list[Outcome], report: dict, p: In
         source = SOURCES[name]
         mine = [r for r in rows if r["source"] == name]
         base = p.sources[name].download_base_url or report.get("meta", {}).get(name, {}).get("download_base_url", "")
-        (licenses_dir / source.attribution_file).write_text(source.attribution(mine, base), encoding="utf-8")
+        # a new file renamed into place: the old one may be a link into DVC's cache, never written through
+        write_text(licenses_dir / source.attribution_file, source.attribution(mine, base))
     audit = {
         "policy": {k: getattr(p.policy, k) for k in vars(p.policy)},
         "counts": {k: v for k, v in report.items() if k != "meta"},
         "entries": [o.audit_record() for o in outcomes],
     }
-    (licenses_dir / "audit.json").write_text(json.dumps(audit, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_json(licenses_dir / "audit.json", audit, indent=1)
     report_path.parent.mkdir(parents=True, exist_ok=True)
     metric = metric_view(report)
-    report_path.write_text(json.dumps(metric, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_json(report_path, metric)
 
 
 def _log_summary(report: dict) -> None:

@@ -1,9 +1,10 @@
-"""mels: manifest audio -> per-segment teacher (CLAP) and student (EfficientAT) log-mels in data/mels.h5.
+"""mels: manifest audio -> teacher (CLAP) and student (EfficientAT) log-mels in data/mels.h5.
 
 Reads params `audio`, `frontend` and `mels` only. Every track is decoded once at audio.sample_rate
 (48 kHz, int16 round trip), cut by the one segmentation rule into 10-s windows and turned into the
 teacher log-mel; the same int16 waveform resampled to the student rate is cut at the same times
-into the student log-mel. Workers write one crash-safe part file per finished track (see
+into the student log-mel; the cache keeps each front-end's frames once per track and every segment
+reads back exactly as computed here. Workers write one crash-safe part file per finished track (see
 pipeline/data/mel_cache.py), so a killed run resumes where it stopped; the parts are merged into the cache
 in manifest order at the end.
 
@@ -127,6 +128,7 @@ class TrackProcessor:
                     self.segment_mels(self.student, s_wave, [s - base for s in batch], s_len,
                                       BATCH_SEGMENTS).astype(np.float16),
                     np.asarray(starts[sl], dtype=np.float64) / sr,
+                    teacher_starts=t_starts[sl], student_starts=batch,
                 )
                 if i + BATCH_SEGMENTS < len(starts):
                     s_window.release(min(s_starts[i + BATCH_SEGMENTS:]) - 1)  # keep relative starts > 0
@@ -139,7 +141,8 @@ class TrackProcessor:
 
 def _run_one(proc: TrackProcessor, task: Task, parts_dir: Path, compression: mel_cache.Compression, tag: str) -> Result:
     """Process one track into its own part file; publish it only when the track is complete."""
-    writer = mel_cache.PartWriter(parts_dir, proc.cfg["params"], compression, tag=tag)
+    writer = mel_cache.PartWriter(parts_dir, proc.cfg["params"], compression, tag=tag,
+                              chunk_frames=proc.cfg.get("chunk_frames", mel_cache.DEFAULT_CHUNK_FRAMES))
     try:
         result = proc.process(task, writer)
     except Exception as exc:  # a bug or an exotic file must not stop the other tracks
@@ -346,7 +349,8 @@ def run(params: Params, args: argparse.Namespace) -> int:
         log.info("resuming: %d track(s) already done, %d to compute", reused, len(todo))
     log.info("computing mels of %d track(s) with %d worker(s) into %s", len(todo), max(1, p.workers), cache_path)
 
-    cfg = {"params": cparams, "compression": asdict(compression), "parts_dir": str(parts_dir)}
+    cfg = {"params": cparams, "compression": asdict(compression), "parts_dir": str(parts_dir),
+           "chunk_frames": p.chunk_frames}
     progress = Progress(len(todo))
     try:
         if p.workers <= 1 or len(todo) <= 1:
@@ -365,7 +369,7 @@ def run(params: Params, args: argparse.Namespace) -> int:
     flagged = decode_notes.flagged_tracks(kept, {r.track_id: r.notes for r in results if r.ok},
                                           decode_notes.saved_notes(parts_dir), decode_notes.previous_flags(report_path))
     if entries:
-        mel_cache.write_cache(cache_path, cparams, compression, entries)
+        mel_cache.write_cache(cache_path, cparams, compression, entries, p.chunk_frames)
         shutil.rmtree(parts_dir, ignore_errors=True)
     failures = [r for r in results if not r.ok]
     report = _report(tasks, entries, failures, reused, time.monotonic() - t0, cache_path, compression)

@@ -1,0 +1,67 @@
+"""benchmarks/scale.py: the projection arithmetic and the --gpu-json contract (no timing here)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def scale():
+    spec = importlib.util.spec_from_file_location("scale_benchmark", REPO / "benchmarks" / "scale.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+UNITS = {
+    "mels": {"cpu_s_per_audio_minute": 0.2, "mb_per_audio_minute": 1.6, "raw_frames_vs_per_segment": 0.5},
+    "teacher": {"cpu_s_per_segment": 0.4},
+    "student": {"train_cpu_s_per_segment": 0.1, "forward_cpu_s_per_segment": 0.03},
+    "loader": {"track_segments_per_cpu_s": 1000.0, "random_segments_per_cpu_s": 250.0},
+}
+
+
+def _args(**kw) -> argparse.Namespace:
+    base = {"songs": 11_000, "minutes": 4.0, "epochs": 100, "stage2_epochs": 10, "val_ratio": 0.25,
+            "val_max_segments": 2048, "cores": 2}
+    return argparse.Namespace(**{**base, **kw})
+
+
+def test_seed_scale_segments_and_bounded_validation(scale) -> None:
+    gpu = scale.gpu_rates(None, "mn10_as", 250.0)
+    assert gpu["source"].startswith("ASSUMED")
+    p = scale.project(UNITS, _args(), gpu)
+    c = p["corpus"]
+    assert scale.segments_per_song(4.0) == 47  # 0, 5, ..., 230 s: the end-aligned window adds nothing
+    assert c["segments"] == 517_000 and c["val_segments_per_epoch"] == 2048
+    assert c["train_segments"] + c["val_segments"] == 517_000
+    g = p["one_gpu"]
+    # an epoch is bounded by the slower of compute and loading
+    assert g["train_s"] == pytest.approx(c["train_segments"] / min(gpu["train"], gpu["loader"]))
+    assert g["val_share"] < 0.1 and p["this_machine"]["val_share"] < 0.1
+    assert g["total_s"] == pytest.approx(g["mels_s"] + g["teacher_s"] + 110 * (g["train_s"] + g["val_s"]) + g["final_val_s"])
+    assert p["disk"]["mels_gb_measured_rate"] == pytest.approx(44_000 * 1.6 / 1e3)
+    assert p["disk"]["mels_gb_real_music_estimate"] == pytest.approx(44_000 * 3.5 * 0.5 / 1e3)
+    # bounding the per-epoch validation is what keeps it small: all 129 250 segments cost 63x more
+    full = scale.project(UNITS, _args(val_max_segments=10**9), gpu)
+    assert full["this_machine"]["val_s"] == pytest.approx(p["this_machine"]["val_s"] * 129_250 / 2048)
+
+
+def test_gpu_json_from_the_gpu_benchmark_replaces_the_assumptions(scale, tmp_path: Path) -> None:
+    path = tmp_path / "gpu.json"
+    path.write_text(json.dumps({"gpu": "NVIDIA H200", "date": "2026-11-30", "teacher_segments_per_s": 1500.0,
+                                "train_samples_per_s": {"mn10_as": {"64": 1200.0, "256": 2500.0}},
+                                "loader_segments_per_s": {"2": 900.0, "8": 3000.0}}))
+    gpu = scale.gpu_rates(str(path), "mn10_as", 250.0)
+    assert gpu["source"].startswith("measured") and gpu["gpu"] == "NVIDIA H200"
+    assert (gpu["teacher"], gpu["train"], gpu["loader"]) == (1500.0, 2500.0, 3000.0)
+    path.write_text(json.dumps({"gpu": "x", "date": "y"}))
+    with pytest.raises(SystemExit, match="gpu.json: not a benchmarks/gpu.py result"):
+        scale.gpu_rates(str(path), "mn10_as", 250.0)
