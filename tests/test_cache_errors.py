@@ -43,7 +43,8 @@ def test_teacher_stage_reports_a_truncated_mel_cache(tmp_path: Path, monkeypatch
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "terms.json").write_text(json.dumps(terms))
     params = {"teacher": {"model": {"dir": "models/teacher"}},
-              "text_queries": {"terms": "data/terms.json", "n_train": 6, "n_val": 2, "held_out_terms_per_category": 1}}
+              "text_queries": {"terms": "data/terms.json", "n_train": 6, "n_val": 2, "held_out_terms_per_category": 1,
+                               "free_phrasings": [], "eval_prompts": ["calm"]}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     build_demo_teacher(Params().teacher.model, tmp_path / "models" / "teacher")
     _truncated_h5(tmp_path / "data" / "mels.h5")

@@ -114,7 +114,7 @@ def _params(tmp_path: Path, hub_files, *, ckpt_sha: str | None = None, tok_sha: 
     }
     model.update(extra)
     data = {"teacher": {"model": model},
-            "ingest": {"downloads": {"retries": 0, "backoff_seconds": 0.01, "timeout_seconds": 5.0}}}
+            "ingest": {"sources": {}, "downloads": {"retries": 0, "backoff_seconds": 0.01, "timeout_seconds": 5.0}}}
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
@@ -241,24 +241,24 @@ def test_truncated_tokenizer_is_refused(
 
 
 def test_stage_fetches_nothing_for_the_demo_teacher(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from pipeline.params import Params
+    from pipeline.params import DownloadParams, Params
     from pipeline.teacher.fetch import fetch_stage
 
     p = Params().teacher.model  # source: demo
-    fetch_stage(p, Params().ingest.downloads, tmp_path / "teacher_src")
+    fetch_stage(p, DownloadParams(), tmp_path / "teacher_src")
     assert json.loads((tmp_path / "teacher_src" / "fetch.json").read_text())["teacher_source"] == "demo"
     assert [f.name for f in (tmp_path / "teacher_src").iterdir()] == ["fetch.json"]
 
 
 def test_stage_refuses_files_outside_the_tracked_folder(tmp_path: Path) -> None:
-    from pipeline.params import Params
+    from pipeline.params import DownloadParams, Params
     from pipeline.teacher.fetch import FetchError, fetch_stage
 
     params = Params()
     p = params.teacher.model
     p.source, p.checkpoint = "checkpoint", str(tmp_path / "elsewhere" / "music.pt")
     with pytest.raises(FetchError, match=r"teacher\.model\.checkpoint: .* is outside"):
-        fetch_stage(p, params.ingest.downloads, tmp_path / "teacher_src")
+        fetch_stage(p, DownloadParams(), tmp_path / "teacher_src")
 
 
 def test_a_wrong_file_in_place_is_replaced_by_the_pinned_one(

@@ -211,12 +211,12 @@ def test_stage_run_reads_the_mel_cache(tmp_path: Path, monkeypatch: pytest.Monke
     import argparse
     import json
 
-    from pipeline.params import Params
+    from pipeline.params import load_params
     from pipeline.stages import teacher as stage
     from pipeline.data.mel_cache import MelCache
 
     monkeypatch.chdir(tmp_path)
-    params = Params()
+    params = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
     (tmp_path / "data").mkdir()
     terms = {"Genre": ["rock", "jazz", "pop", "folk"], "Instrument": ["piano", "guitar", "drums"], "Mood": ["calm", "sad"]}
     (tmp_path / "data" / "terms.json").write_text(json.dumps(terms))
