@@ -1,0 +1,1 @@
+"""Judging a student against its teacher: fidelity figures, retrieval, zero-shot, reports."""
