@@ -1,0 +1,1 @@
+"""Training: the loop, schedules, losses, augmentation, checkpoints and calibration."""
