@@ -189,6 +189,25 @@ def build_parser() -> argparse.ArgumentParser:
     for p in (embed, index, search):
         p.add_argument("--threads", type=int, default=None, help="onnxruntime threads (default: all cores)")
 
+    comp = sub.add_parser("compare", help="teacher vs exported student on any music folder: same-space figures, "
+                                          "zero-shot, caption recall")
+    comp.add_argument("folder", help="folder of songs (searched recursively)")
+    comp.add_argument("--labels", default=None,
+                      help="folder of label subfolders (GTZAN layout) or a CSV path,label: zero-shot accuracy")
+    comp.add_argument("--captions", default=None, help="CSV path,caption (Song Describer layout): text-to-music recall")
+    comp.add_argument("--json", default=None, help="also write the full report as JSON here")
+    comp.add_argument("--prompt", default=None,
+                      help="zero-shot prompt template with {label} (default: LAION's GTZAN prompt "
+                           "'This audio is a {label} song.')")
+    comp.add_argument("--models", default="models/export", help="exported students (default: %(default)s)")
+    comp.add_argument("--teacher", default=None, help="teacher folder (default: teacher.model.dir of --params)")
+    comp.add_argument("--params", default="params.yaml",
+                      help="teacher front-end, teacher.model.dir and the same-space bar (default: %(default)s)")
+    comp.add_argument("--device", default="cpu", help="teacher device: cpu, cuda or auto (default: %(default)s)")
+    comp.add_argument("--batch-size", type=int, default=8, help="10-s segments per ONNX call (default: %(default)s)")
+    comp.add_argument("--threads", type=int, default=None, help="onnxruntime threads (default: all cores)")
+    comp.set_defaults(func=_call("pipeline.evaluation.compare", "main"))
+
     results = sub.add_parser("results", help="rewrite the results block of README.md from models/report/metrics.json")
     results.add_argument("--readme", default="README.md")
     results.add_argument("--metrics", default="models/report/metrics.json")

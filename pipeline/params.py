@@ -244,11 +244,13 @@ class DistillAudioParams:
     scheduler: PlateauParams = field(default_factory=PlateauParams)
     # add -cos(student - mean, teacher - mean) to the loss (mean = mean train teacher embedding)
     centred_loss: bool = True
-    # validation metric for ReduceLROnPlateau and the best checkpoint:
-    # track_cosine[_centred] | segment_cosine[_centred]
-    monitor: Literal["track_cosine", "track_cosine_centred", "segment_cosine", "segment_cosine_centred"] = (
-        "track_cosine_centred"
-    )
+    # validation metric for ReduceLROnPlateau and the best checkpoint: track_cosine[_centred] |
+    # segment_cosine[_centred] | track_top5_overlap | track_neighbour_spearman (the last two need
+    # at least 3 validation tracks)
+    monitor: Literal["track_cosine", "track_cosine_centred", "segment_cosine", "segment_cosine_centred",
+                     "track_top5_overlap", "track_neighbour_spearman"] = "track_cosine_centred"
+    # train segments (spread over tracks) on which the output-bias length is fitted after training
+    calibration_segments: int = 1024
     device: str = "auto"  # auto | cpu | cuda
     # DataLoader worker processes per rank; "auto": none when the mels are held in memory,
     # else the CPUs per rank minus one, 1..8
@@ -296,13 +298,24 @@ class DistillTextParams:
     # share of the training queries (whole term combinations) kept aside to drive the LR
     # schedule and pick the best epoch, so the held-out sets are never used for selection
     monitor_fraction: float = 0.1
+    # training queries (evenly spaced) on which the output anchor scale is fitted after training
+    calibration_queries: int = 2000
     seed: int = 0
+
+
+@dataclass
+class SameSpaceParams:
+    """The bar for "the student stands in for its teacher" (an independent check's thresholds)."""
+
+    min_median_cosine: float = 0.98
+    min_top5_overlap: float = 0.9
 
 
 @dataclass
 class EvaluateParams:
     top_k: int = 10
     batch_size: int = 16
+    same_space: SameSpaceParams = field(default_factory=SameSpaceParams)
 
 
 @dataclass

@@ -295,18 +295,6 @@ def test_disabled_student_writes_markers(tmp_path: Path, monkeypatch) -> None:
         load_audio_student("models/audio/student.pt")
 
 
-def test_bias_length_search_finds_the_raw_cosine_optimum() -> None:
-    rng = np.random.default_rng(0)
-    mean = np.zeros(16)
-    mean[0] = 1.0
-    offsets = rng.standard_normal((50, 16)) * 0.2
-    offsets[:, 0] = 0
-    target = offsets * 0.1 + mean  # teacher: offsets 10x smaller than the student's
-    target /= np.linalg.norm(target, axis=1, keepdims=True)
-    length = stage.best_bias_length(offsets, mean, target, start=1.0)
-    assert 8.0 < length < 12.0
-
-
 def test_stage_resume_reproduces_the_straight_run(workspace) -> None:
     """Augmentation, segment draws and BatchNorm recalibration included: 2 epochs straight (no
     loader workers) equal 1 epoch + --resume + 1 epoch (2 workers), weight for weight."""

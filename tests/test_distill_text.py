@@ -207,11 +207,3 @@ def test_bag_of_words_uses_the_cased_term_embeddings() -> None:
     expected = (emb[0] + emb[3]) / np.linalg.norm(emb[0] + emb[3])
     assert np.allclose(bow[0], expected)
     assert np.allclose(bow[1], fallback / np.linalg.norm(fallback))
-
-
-def test_anchor_scale_recovers_a_known_length() -> None:
-    rng = np.random.default_rng(0)
-    mean = rng.normal(size=DIM)
-    offsets = rng.normal(size=(50, DIM))
-    assert stage.fit_anchor_scale(mean + 0.25 * offsets, mean + offsets, mean) == pytest.approx(4.0)
-    assert stage.fit_anchor_scale(np.tile(mean, (3, 1)), mean + offsets[:3], mean) == 1.0

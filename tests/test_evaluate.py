@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from pipeline.evaluation import metrics as M
-from pipeline.params import EvaluateParams
+from pipeline.params import EvaluateParams, SameSpaceParams
 from pipeline.stages import evaluate as ev
 
 DIM = 16
@@ -160,6 +160,36 @@ def test_mean_student_scores_zero_centred_and_worse_rankings():
     assert "text_student" not in report["retrieval"] and "end_to_end" not in report["retrieval"]
 
 
+def test_same_space_section_with_perfect_and_noisy_students():
+    manifest, mels, teacher = _setup(n_tracks=24)
+    perfect = ev.Students(audio_embed_raw=_perfect_audio(teacher), text_embed=_perfect_text(teacher))
+    report, _ = ev.build_report(P, manifest, mels, teacher, perfect)
+    same = report["same_space"]
+    assert same["same_space"] is True and same["failed"] == ""
+    assert (same["min_median_cosine"], same["min_top5_overlap"]) == (0.98, 0.9)
+    a = same["audio_student"]
+    assert a["n_tracks"] == 12 and a["track_cosine"]["median"] == pytest.approx(1.0)
+    assert a["track_cosine_centred"]["min"] == pytest.approx(1.0)
+    assert a["top5_overlap"] == 1.0 and a["top5_k"] == 5 and a["top10_k"] == 5  # 11 other tracks: 10 -> 5
+    assert "top-10 clipped to 5" in a["note"] and any(n.startswith("same space: only 12 tracks") for n in report["notes"])
+    e2e = same["end_to_end"]
+    assert e2e["text_query_overlap"] == 1.0 and e2e["k"] == 3 and e2e["n_tracks"] == 12
+    # the text student over every cached track, not only the validation ones
+    assert report["retrieval"]["text_student_all_tracks"]["n_tracks"] == 24
+    json.dumps(report, allow_nan=False)
+
+    # noise on every segment: cosine stays high, neighbours move; a strict bar fails on both figures
+    rng = np.random.default_rng(5)
+    noisy = ev.Students(audio_embed_raw=lambda m: _perfect_audio(teacher)(m) + 0.15 * rng.normal(size=(len(m), DIM)))
+    strict = EvaluateParams(top_k=3, batch_size=2, same_space=SameSpaceParams(min_median_cosine=0.9999,
+                                                                              min_top5_overlap=0.99))
+    report, _ = ev.build_report(strict, manifest, mels, teacher, noisy)
+    same = report["same_space"]
+    assert same["same_space"] is False and "end_to_end" not in same
+    assert same["failed"].startswith("median_track_cosine ") and "top5_overlap " in same["failed"]
+    assert same["audio_student"]["top5_overlap"] < 0.99
+
+
 def test_disabled_audio_student_is_left_out():
     manifest, mels, teacher = _setup()
     students = ev.Students(text_embed=_perfect_text(teacher), audio_skipped="distillation.audio_enabled is false")
@@ -168,6 +198,7 @@ def test_disabled_audio_student_is_left_out():
     assert set(report["retrieval"]) >= {"text_student"} and "audio_student" not in report["retrieval"]
     assert mels.reads == []
     assert any(n.startswith("audio student skipped") for n in report["notes"])
+    assert report["same_space"]["skipped"] is True
 
 
 def test_no_tags_and_no_validation_tracks():

@@ -100,6 +100,13 @@ def test_repro_runs_every_stage_and_leaves_real_outputs(project: Path) -> None:
 
     metrics = json.loads((project / "models/report/metrics.json").read_text())
     assert metrics, "evaluate wrote an empty report"
+    same = metrics["same_space"]
+    assert isinstance(same["same_space"], bool) and isinstance(same["failed"], str)
+    assert same["audio_student"]["track_cosine"]["median"] is not None and "top5_overlap" in same["audio_student"]
+    audio = json.loads((project / "models/audio/metrics.json").read_text())
+    # the calibration never lowers the student's own neighbour overlap (on its fitting sample)
+    fit = audio["calibration"]
+    assert fit["fit_after"]["top5_overlap"] >= fit["fit_before"]["top5_overlap"]
     onnx_files = sorted(p.name for p in (project / "models/export").glob("*.onnx"))
     assert any("audio" in n for n in onnx_files) and any("text" in n for n in onnx_files), onnx_files
 
@@ -119,3 +126,6 @@ def test_experiment_on_audio_param_reruns_only_its_dependents(project: Path) -> 
     assert ran == {"distill_audio", "evaluate", "export"}, out
     shown = _dvc(project, "exp", "show", "--no-pager", "--md")
     assert "distill_audio.epochs" in shown
+    for column in ("same_space.same_space", "same_space.audio_student.track_cosine.median",
+                   "same_space.audio_student.top5_overlap"):
+        assert column in shown, shown[:2000]

@@ -44,3 +44,44 @@ def test_missing_markers_and_metrics_are_clear_errors(tmp_path: Path, caplog):
     assert START in caplog.text
     assert main(["results", "--readme", str(readme), "--metrics", str(tmp_path / "none.json")]) == 2
     assert "dvc repro evaluate" in caplog.text
+
+
+SAME_SPACE = {
+    "same_space": False, "failed": "top5_overlap 0.6680 < 0.9", "min_median_cosine": 0.98, "min_top5_overlap": 0.9,
+    "audio_student": {"n_tracks": 50, "track_cosine": {"mean": 0.834, "median": 0.854, "p05": 0.72, "min": 0.699},
+                      "track_cosine_centred": {"mean": 0.5, "median": 0.51, "p05": 0.2, "min": 0.1},
+                      "top5_overlap": 0.668, "top5_k": 5, "top10_overlap": 0.7, "top10_k": 10, "neighbour_spearman": 0.61},
+    "end_to_end": {"n_tracks": 50, "n_queries": 8, "k": 10, "text_query_overlap": 0.55, "text_query_spearman": 0.4,
+                   "text_query_overlap_centred": 0.6, "text_query_spearman_centred": 0.5},
+}
+
+
+def test_same_space_verdict_teacher_digest_and_model_index():
+    import yaml
+
+    from pipeline.evaluation import model_card
+
+    teacher = {"kind": "converted", "source": "music_audioset_epoch_15_esc_90.14.pt", "checkpoint_sha256": "c" * 64,
+               "weights_sha256": "w" * 64}
+    metrics = {**METRICS, "same_space": SAME_SPACE, "teacher": teacher}
+    text = model_card.results_markdown(metrics)
+    assert "Same space as the teacher: **no** (bar: median track cosine >= 0.98 and top-5 neighbour overlap >= 0.90, " \
+           "on 50 tracks; failed: top5_overlap 0.6680 < 0.9)." in text
+    assert "| track cosine | 0.8340 | 0.8540 | 0.7200 | 0.6990 |" in text
+    assert "| top-5 neighbour overlap (k=5) | 0.6680 |" in text
+    assert "| end to end: text-query top-10 result overlap (8 prompts) | 0.5500 |" in text
+    assert f"checkpoint sha256 `{'c' * 64}`" in text and "offline demo teacher" not in text
+
+    header = model_card.front_matter(metrics)
+    assert header.startswith("---\n") and header.endswith("\n---")
+    meta = yaml.safe_load(header.strip("-\n"))
+    result = meta["model-index"][0]["results"][0]
+    values = {m["type"]: m["value"] for m in result["metrics"]}
+    assert values["median_track_cosine"] == 0.854 and values["top5_neighbour_overlap"] == 0.668
+    assert values["text_query_overlap"] == 0.55 and "LAION-CLAP" in result["task"]["name"]
+    assert "50 tracks" in result["dataset"]["name"]
+
+    demo = {**metrics, "teacher": {"kind": "demo", "weights_sha256": "d" * 64}}
+    assert "Measured against **the offline demo teacher** (weights sha256" in model_card.results_markdown(demo)
+    assert "demo teacher" in yaml.safe_load(model_card.front_matter(demo).strip("-\n"))["model-index"][0]["results"][0]["task"]["name"]
+    assert "model-index" not in model_card.front_matter(METRICS)  # nothing measured, no model-index

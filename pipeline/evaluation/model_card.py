@@ -24,6 +24,11 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines)
 
 
+def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
+    """A Markdown table; floats with 4 decimals, None as n/a."""
+    return _table(header, rows)
+
+
 def audio_table(audio: Mapping[str, Any]) -> str:
     """Cosine to the teacher on validation tracks, raw and centred, beside the mean baseline."""
     if audio.get("skipped"):
@@ -39,6 +44,39 @@ def audio_table(audio: Mapping[str, Any]) -> str:
              "(artists unseen in training). Centred = both sides minus the mean training teacher "
              "embedding; the mean-embedding baseline scores exactly 0 there.")
     return intro + "\n\n" + _table(["audio student vs teacher", "mean", "p10", "p50", "p90", "mean baseline"], rows)
+
+
+def _bar_text(same: Mapping[str, Any]) -> str:
+    return (f"median track cosine >= {_f(same.get('min_median_cosine'), 2)} and top-5 neighbour overlap >= "
+            f"{_f(same.get('min_top5_overlap'), 2)}")
+
+
+def same_space_table(same: Mapping[str, Any]) -> str:
+    """The verdict and its figures (evaluate's `same_space` section, or `student-clap compare`'s)."""
+    if not same:
+        return "No same-space figures in this report (re-run `dvc repro evaluate`)."
+    if same.get("skipped"):
+        return f"Same-space figures skipped: {same.get('reason', '')}."
+    a = same["audio_student"]
+    verdict = "**yes**" if same["same_space"] else "**no**"
+    lines = [f"Same space as the teacher: {verdict} (bar: {_bar_text(same)}, on {a['n_tracks']} tracks"
+             + (f"; failed: {same['failed']}" if same.get("failed") else "") + ")."]
+    rows = [["track cosine", *(a["track_cosine"][q] for q in ("mean", "median", "p05", "min"))]]
+    if "track_cosine_centred" in a:
+        rows.append(["track cosine, centred", *(a["track_cosine_centred"][q] for q in ("mean", "median", "p05", "min"))])
+    lines.append(_table(["audio student vs teacher", "mean", "median", "p05", "min"], rows))
+    nb_rows = [[f"top-5 neighbour overlap (k={a.get('top5_k')})", a.get("top5_overlap")],
+               [f"top-10 neighbour overlap (k={a.get('top10_k')})", a.get("top10_overlap")],
+               ["Spearman of the neighbour ranking", a.get("neighbour_spearman")]]
+    e2e = same.get("end_to_end")
+    if e2e:
+        nb_rows += [[f"end to end: text-query top-{e2e['k']} result overlap ({e2e['n_queries']} prompts)",
+                     e2e["text_query_overlap"]],
+                    [f"end to end: text-query top-{e2e['k']} result overlap, centred", e2e.get("text_query_overlap_centred")]]
+    lines.append(_table(["neighbours (each track's nearest other tracks, student vs teacher)", "value"], nb_rows))
+    if a.get("note"):
+        lines.append(f"{a['note']}.")
+    return "\n\n".join(lines)
 
 
 def retrieval_table(retrieval: Mapping[str, Any]) -> str:
@@ -78,16 +116,70 @@ def tags_table(tags: Mapping[str, Any]) -> str:
                    "agrees with teacher"], rows)
 
 
+def teacher_line(teacher: Mapping[str, Any]) -> str:
+    """Which teacher the figures are measured against, with its weights' sha256."""
+    digests = [f"{what} sha256 `{teacher[key]}`" for what, key in (("checkpoint", "checkpoint_sha256"),
+                                                                   ("weights", "weights_sha256"))
+               if teacher.get(key)]
+    digest = f" ({', '.join(digests)})" if digests else ""
+    if teacher.get("kind") == "demo":
+        return (f"Measured against **the offline demo teacher**{digest}: seeded random weights, so these figures "
+                "test the pipeline, not music understanding.")
+    if teacher:
+        return f"Measured against LAION-CLAP (`{teacher.get('source') or 'checkpoint'}`){digest}."
+    return "Measured against the teacher."
+
+
+def model_index(metrics: Mapping[str, Any], name: str = "student-clap") -> dict[str, Any]:
+    """Hugging Face `model-index` metadata with the same-space figures (empty when there are none)."""
+    same = metrics.get("same_space") or {}
+    if not same or same.get("skipped"):
+        return {}
+    a = same["audio_student"]
+    teacher = metrics.get("teacher") or {}
+    who = "the offline demo teacher" if teacher.get("kind") == "demo" else "LAION-CLAP"
+    figures = [
+        ("median_track_cosine", "Median track cosine to the teacher", a["track_cosine"]["median"]),
+        ("mean_track_cosine", "Mean track cosine to the teacher", a["track_cosine"]["mean"]),
+        ("p05_track_cosine", "5th-percentile track cosine to the teacher", a["track_cosine"]["p05"]),
+        ("min_track_cosine", "Minimum track cosine to the teacher", a["track_cosine"]["min"]),
+        ("median_track_cosine_centred", "Median centred track cosine to the teacher",
+         (a.get("track_cosine_centred") or {}).get("median")),
+        ("top5_neighbour_overlap", f"Top-5 neighbour overlap (k={a.get('top5_k')})", a.get("top5_overlap")),
+        ("top10_neighbour_overlap", f"Top-10 neighbour overlap (k={a.get('top10_k')})", a.get("top10_overlap")),
+        ("neighbour_spearman", "Spearman of the neighbour ranking", a.get("neighbour_spearman")),
+    ]
+    e2e = same.get("end_to_end") or {}
+    if e2e:
+        figures.append(("text_query_overlap", f"End-to-end text-query top-{e2e['k']} result overlap",
+                        e2e.get("text_query_overlap")))
+    return {"model-index": [{
+        "name": name,
+        "results": [{
+            "task": {"type": "feature-extraction", "name": f"Same-space fidelity to {who}"},
+            "dataset": {"type": "student-clap-validation",
+                        "name": f"Validation tracks, artists unseen in training ({a['n_tracks']} tracks)"},
+            "metrics": [{"type": t, "name": n, "value": round(float(v), 6)} for t, n, v in figures if v is not None],
+        }],
+    }]}
+
+
+def front_matter(metrics: Mapping[str, Any]) -> str:
+    """The YAML header Hugging Face reads from a model card (tags, and model-index when measured)."""
+    import yaml
+
+    meta: dict[str, Any] = {"library_name": "onnx", "tags": ["audio", "music", "clap", "distillation", "onnx"]}
+    meta.update(model_index(metrics))
+    return "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---"
+
+
 def results_markdown(metrics: Mapping[str, Any]) -> str:
     """All result tables; used by the model card and by `student-clap results --readme`."""
     if not metrics:
         return "No evaluation report yet (run `dvc repro evaluate`)."
-    teacher = metrics.get("teacher") or {}
-    if teacher.get("kind") == "demo":
-        who = "the offline demo teacher (seeded random weights: these figures test the pipeline, not music understanding)"
-    else:
-        who = f"LAION-CLAP (`{teacher.get('source') or 'checkpoint'}`)" if teacher else "the teacher"
-    parts = [f"Measured against {who}.", "**Audio**", audio_table(metrics.get("audio", {"skipped": True, "reason": "not evaluated"})),
+    parts = [teacher_line(metrics.get("teacher") or {}),
+             "**Same space?**", same_space_table(metrics.get("same_space") or {}),
+             "**Audio**", audio_table(metrics.get("audio", {"skipped": True, "reason": "not evaluated"})),
              "**Text-to-music retrieval agreement**", retrieval_table(metrics.get("retrieval", {"skipped": True})),
              "**Text student**", text_table(metrics.get("text", {"skipped": True})),
              "**Zero-shot tags**", tags_table(metrics.get("tags", {"skipped": True}))]
@@ -160,7 +252,7 @@ def render(
 ) -> str:
     """models/export/README.md."""
     audio, text, parity = spec.get("audio"), spec.get("text"), spec.get("parity", {})
-    out = ["# Student CLAP — exported students", describe_teacher(metrics.get("teacher") or {})]
+    out = [front_matter(metrics), "# Student CLAP — exported students", describe_teacher(metrics.get("teacher") or {})]
     for name, reason in (spec.get("skipped") or {}).items():
         out.append(f"**The {name} student is not included:** {reason}.")
 

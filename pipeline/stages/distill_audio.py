@@ -41,10 +41,12 @@ from pipeline.data.datasets import (
     monitor_subset,
 )
 from pipeline.data.manifest import read_manifest
+from pipeline.evaluation.fidelity import neighbour_agreement
 from pipeline.models.audio_student import AudioStudent, init_audio_student, save_audio_student
 from pipeline.params import DistillAudioParams, Params
 from pipeline.paths import MANIFEST, MELS, TEACHER_CACHE
 from pipeline.training.distributed import relaunch_with_torchrun, under_torchrun
+from pipeline.training.calibration import calibrate_audio_student, log_fit
 from pipeline.training.loop import TrainConfig, fit
 
 log = logging.getLogger(__name__)
@@ -157,19 +159,25 @@ class AudioDistillTask:
 def validation_metrics(
     raw: np.ndarray, val: Split, seg_emb: np.ndarray, segment_mean: np.ndarray, track_mean: np.ndarray
 ) -> dict[str, float]:
-    """Segment and track cosine of the student, raw and centred, on the validation split
-    (the same definitions as the evaluate stage)."""
+    """Segment and track cosine of the student, raw and centred, and its track neighbour figures,
+    on the validation split (the same definitions as the evaluate stage)."""
     t_seg = seg_emb[val.segments].astype(np.float64)
     s_seg = M.l2_normalize(raw)
     bounds = np.cumsum([0] + [len(s) for s in val.track_segments])
     s_trk = M.l2_normalize(np.stack([raw[a:b].mean(axis=0) for a, b in zip(bounds[:-1], bounds[1:])]))
     t_trk = val.teacher_tracks.astype(np.float64)
-    return {
+    out = {
         "segment_cosine": float(M.cosine_rows(s_seg, t_seg).mean()),
         "segment_cosine_centred": float(M.centred_cosine_rows(s_seg, t_seg, segment_mean).mean()),
         "track_cosine": float(M.cosine_rows(s_trk, t_trk).mean()),
         "track_cosine_centred": float(M.centred_cosine_rows(s_trk, t_trk, track_mean).mean()),
     }
+    # audio-to-audio neighbour figures (evaluate's same-space section); left out below 3 tracks
+    nb = neighbour_agreement(t_trk, s_trk, ks=(5,))
+    if nb["top5_overlap"] is not None:
+        out["track_top5_overlap"] = float(nb["top5_overlap"])
+        out["track_neighbour_spearman"] = float(nb["neighbour_spearman"])
+    return out
 
 
 def baseline_metrics(val: Split, seg_emb: np.ndarray, segment_mean: np.ndarray, track_mean: np.ndarray) -> dict[str, float]:
@@ -218,45 +226,6 @@ def init_output_bias(model: AudioStudent, source: MelSource, train: Split, seg_e
     segs = train.segments[np.linspace(0, len(train.segments) - 1, min(n, len(train.segments))).astype(int)]
     mels = torch.from_numpy(source.student(segs))
     return model.init_output_bias(mels, torch.from_numpy(mean), spread)
-
-
-def best_bias_length(proj: np.ndarray, direction: np.ndarray, target: np.ndarray, start: float) -> float:
-    """The output-bias length L maximising the mean cosine of L2(proj + L * direction) with the
-    (unit) targets: a 1-d search on a log grid around `start`, refined once."""
-
-    def score(length: float) -> float:
-        return float(M.cosine_rows(proj + length * direction[None], target).mean())
-
-    grid = start * np.exp2(np.linspace(-6.0, 6.0, 49))
-    best = max(grid, key=score)
-    fine = best * np.exp2(np.linspace(-0.25, 0.25, 21))
-    return float(max(fine, key=score))
-
-
-@torch.no_grad()
-def calibrate_output_bias(model: AudioStudent, source: MelSource, train: Split, seg_emb: np.ndarray,
-                          batch: int = 16) -> tuple[float, float]:
-    """After training: rescale the output bias so the raw cosine on the train segments is highest.
-
-    The centred loss shapes the *direction* of each output's offset from the mean; how far the
-    offsets reach relative to the mean is only weakly pulled by the raw term, and a student
-    whose offsets overshoot scores below the constant mean on raw cosine. One scalar, fitted on
-    training data only, fixes the ratio; centred cosines barely move. Returns (old, new) length."""
-    model.eval()
-    device = next(model.parameters()).device
-    segs = train.segments
-    bias = model.output_bias.detach().cpu().numpy().astype(np.float64)
-    old = float(np.linalg.norm(bias))
-    if old == 0.0:
-        return 0.0, 0.0
-    raw = []
-    for a in range(0, len(segs), batch):
-        mels = torch.from_numpy(source.student(segs[a : a + batch])).to(device)
-        raw.append(model.embed_raw(mels).float().cpu().numpy())
-    proj = np.concatenate(raw).astype(np.float64) - bias[None]
-    new = best_bias_length(proj, bias / old, seg_emb[segs].astype(np.float64), old)
-    model.output_bias.mul_(new / old)
-    return old, new
 
 
 def _model_config(p: DistillAudioParams) -> dict[str, Any]:
@@ -337,9 +306,13 @@ def train_audio_student(
         return {}
 
     model.load_state_dict(result.best_state_dict)
+    model.eval()
     best = result.best_metrics
-    old, new = calibrate_output_bias(model, source, train, seg_emb, p.batch_size * 4)
-    log.info("output bias length %.4g -> %.4g (best raw cosine on the train segments)", old, new)
+    val_before = validation_metrics(task.embed_val_segments(model), val, seg_emb, task.train_segment_mean,
+                                    task.train_track_mean)
+    calibration = calibrate_audio_student(model, source.student, train.track_segments, seg_emb, seg_norm,
+                                          p.calibration_segments, p.batch_size * 4)
+    log_fit("audio student", calibration)
     # the final figures are those of the written student (calibrated), on the validation split
     val_best = validation_metrics(task.embed_val_segments(model), val, seg_emb, task.train_segment_mean,
                                   task.train_track_mean)
@@ -352,7 +325,8 @@ def train_audio_student(
         "epochs": len(result.history),
         "monitor": p.monitor,
         "val": val_best,
-        "val_before_calibration": {k.split("/", 1)[1]: v for k, v in best.items() if k.startswith("val/")},
+        "val_before_calibration": val_before,
+        "calibration": calibration.report(),
         "baseline": baseline_metrics(val, seg_emb, task.train_segment_mean, task.train_track_mean),
         "train": {k.split("/", 1)[1]: v for k, v in best.items() if k.startswith("train/")},
         "n_train_tracks": len(train.tracks),

@@ -44,6 +44,7 @@ from pipeline.evaluation import metrics as M
 from pipeline.params import DistillTextParams, Params
 from pipeline.paths import MANIFEST
 from pipeline.data.queries import HELD_OUT_SETS, split_into_terms
+from pipeline.training.calibration import fit_text_scale, log_fit
 
 log = logging.getLogger(__name__)
 
@@ -194,18 +195,6 @@ def embed_encoded(model, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return np.concatenate(rows).astype(np.float64) if rows else np.zeros((0, 512))
 
 
-def fit_anchor_scale(student: np.ndarray, teacher: np.ndarray, teacher_mean: np.ndarray) -> float:
-    """Least-squares length of the student's offsets from the mean teacher embedding.
-
-    The centred loss fixes the direction of each offset, not its length: the scale g minimising
-    sum ||(mean + g * (student - mean)) - teacher||^2 restores it (1.0 when the offsets vanish).
-    """
-    d = np.asarray(student, np.float64) - teacher_mean
-    dt = np.asarray(teacher, np.float64) - teacher_mean
-    denom = float((d * d).sum())
-    return float((d * dt).sum() / denom) if denom > 1e-12 else 1.0
-
-
 # --------------------------------------------------------------------------- baselines and metrics
 
 
@@ -341,11 +330,16 @@ def distill_text(p: DistillTextParams, teacher_h5: Path, manifest: Path, out_dir
     result = fit(task, cfg)
     model.load_state_dict(result.best_state_dict)
     model.eval()
-    scale = None
+    scale, calibration = None, None
     if p.centred_loss:
-        scale = fit_anchor_scale(embed_encoded(model, ids[fit_idx], mask[fit_idx]), train_t[fit_idx], teacher_mean)
+        # a bounded, evenly spaced share of the training queries (the ranking guard is quadratic in them)
+        calib_idx = fit_idx[np.unique(np.linspace(0, len(fit_idx) - 1, min(len(fit_idx), p.calibration_queries))
+                                      .round().astype(int))]
+        fit_calib = fit_text_scale(embed_encoded(model, ids[calib_idx], mask[calib_idx]), train_t[calib_idx],
+                                   teacher_mean)
+        log_fit("text student", fit_calib)
+        scale, calibration = fit_calib.after, fit_calib.report()
         model.calibrate(torch.from_numpy(teacher_mean), scale)
-        log.info("output calibration: offsets from the mean teacher embedding scaled by %.4f", scale)
 
     # --- final scores
     val_rows = validation_tracks(manifest, data.track_ids) if manifest.is_file() else []
@@ -366,6 +360,7 @@ def distill_text(p: DistillTextParams, teacher_h5: Path, manifest: Path, out_dir
         "epochs_run": len(result.history),
         "centred_loss": p.centred_loss,
         "anchor_scale": scale,
+        "calibration": calibration,
         "n_train": len(fit_rows),
         "monitor": {k.removeprefix("val/"): v for k, v in result.best_metrics.items() if k.startswith("val/monitor")},
         "retrieval_tracks": len(val_rows),

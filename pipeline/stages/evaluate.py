@@ -5,12 +5,17 @@ plus the files dvc.yaml declares. Writes models/report/metrics.json
 (a DVC metric) and models/report/plots/ (PNG images + CSV/JSON plot data).
 
 Report sections
+- same_space: the verdict (`same_space` true/false, `failed` naming the figures under their bar,
+  params evaluate.same_space) and its figures on the validation tracks: the audio student's
+  per-track cosine (mean/median/p05/min, raw and centred), top-5/top-10 neighbour overlap and
+  neighbour-ranking Spearman, and end to end the text-query result overlap (pipeline.evaluation.fidelity).
 - audio: segment- and track-level cosine of the audio student to the teacher (mean/p10/p50/p90),
   the same centred on the mean *training* teacher embedding, and the mean-embedding baseline beside
   both (a random teacher gives that baseline ~1.0 raw; centred it is exactly 0 by construction).
 - text: cosine of the text student to the teacher on every held-out query set, raw and centred.
 - retrieval: text-to-music ranking agreement on the fixed eval prompts over the validation tracks,
-  teacher-text x teacher-audio as reference vs the audio student, the text student and both.
+  teacher-text x teacher-audio as reference vs the audio student, the text student and both; the
+  text student also over all cached tracks (it never hears audio, so none of them is seen data).
 - tags: zero-shot tag accuracy with "This is a <tag> song." prompts where the manifest has tags.
 - licences: the licence audit's verdict and totals; the per-source/licence tables (all cached
   tracks, and the training split alone) go to models/report/licences.json for the model card.
@@ -33,7 +38,8 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline.evaluation import metrics as M
-from pipeline.params import EvaluateParams, Params
+from pipeline.evaluation import fidelity
+from pipeline.params import EvaluateParams, Params, SameSpaceParams
 from pipeline.paths import AUDIO_STUDENT, MANIFEST, MELS, TEACHER_CACHE, TEXT_STUDENT, TEXT_TOKENIZER
 from pipeline.paths import AUDIT as AUDIT_JSON
 
@@ -177,6 +183,7 @@ class AudioResult:
     student_tracks: np.ndarray | None  # [n_val, 512] L2-normalised, None when skipped
     teacher_tracks: np.ndarray  # [n_val, 512]
     track_rows: dict[str, np.ndarray] = field(default_factory=dict)
+    centre: np.ndarray | None = None  # the mean training teacher track embedding (unit)
 
 
 def evaluate_audio(
@@ -223,7 +230,7 @@ def evaluate_audio(
     student_tracks = M.l2_normalize(np.stack([raw[a:b].mean(axis=0) for a, b in zip(bounds[:-1], bounds[1:])]))
     track_block = _cosine_block(student_tracks, val_track_emb, train_track_mean)
     report.update(skipped=False, segment=seg_block["summary"], track=track_block["summary"])
-    return AudioResult(report, val_tracks, student_tracks, val_track_emb, track_block["rows"])
+    return AudioResult(report, val_tracks, student_tracks, val_track_emb, track_block["rows"], train_track_mean)
 
 
 # --------------------------------------------------------------------------- text and retrieval
@@ -252,9 +259,13 @@ def evaluate_text(students: Students, text_sets: dict[str, tuple[list[str], np.n
 
 
 def evaluate_retrieval(
-    students: Students, audio: AudioResult, text_sets: dict[str, tuple[list[str], np.ndarray]], k: int
+    students: Students, audio: AudioResult, text_sets: dict[str, tuple[list[str], np.ndarray]], k: int,
+    all_teacher_tracks: np.ndarray | None = None,
 ) -> dict[str, Any]:
-    """Ranking agreement of val tracks per eval prompt: reference = teacher text x teacher audio."""
+    """Ranking agreement of val tracks per eval prompt: reference = teacher text x teacher audio.
+
+    `all_teacher_tracks` (every cached track) adds the text student's agreement over all tracks:
+    it never saw audio, so no track is seen data for it, and more tracks give top-k room."""
     if EVAL_PROMPT_SET not in text_sets or not len(text_sets[EVAL_PROMPT_SET][0]):
         return {"skipped": True, "reason": f"{TEACHER_CACHE} has no {EVAL_PROMPT_SET!r} text set"}
     prompts, teacher_text = text_sets[EVAL_PROMPT_SET]
@@ -286,9 +297,43 @@ def evaluate_retrieval(
     report["k"] = report[comparisons[0]].pop("k")
     for c in comparisons[1:]:
         report[c].pop("k")
+    if student_text is not None and all_teacher_tracks is not None and len(all_teacher_tracks) > len(audio.val_track_ids):
+        report["text_student_all_tracks"] = {
+            "n_tracks": len(all_teacher_tracks),
+            **M.retrieval_agreement(all_teacher_tracks, teacher_text, text_test=student_text, k=k),
+        }
     if report["k"] < k:
         report["note"] = f"only {report['n_tracks']} validation tracks: k clipped to {report['k']} (half of them)"
     return report
+
+
+# --------------------------------------------------------------------------- same space
+
+
+def evaluate_same_space(audio: AudioResult, retrieval: dict[str, Any], p: SameSpaceParams) -> dict[str, Any]:
+    """The verdict and the figures behind it (pipeline.evaluation.fidelity) on the validation tracks:
+    the audio student's track cosines and neighbour agreement, and end to end (text student +
+    audio student) the text-query result overlap."""
+    if audio.student_tracks is None:
+        return {"skipped": True, "reason": f"audio student skipped: {audio.report.get('reason', '')}"}
+    figures = fidelity.same_space(audio.teacher_tracks, audio.student_tracks, audio.centre,
+                                  min_median_cosine=p.min_median_cosine, min_top5_overlap=p.min_top5_overlap)
+    section: dict[str, Any] = {
+        "same_space": figures.pop("same_space"),
+        "failed": figures.pop("failed"),
+        "min_median_cosine": p.min_median_cosine,
+        "min_top5_overlap": p.min_top5_overlap,
+        "audio_student": figures,
+    }
+    if "end_to_end" in retrieval:
+        e2e, centred = retrieval["end_to_end"], (retrieval.get("centred") or {}).get("end_to_end") or {}
+        section["end_to_end"] = {
+            "n_tracks": retrieval["n_tracks"], "n_queries": retrieval["n_queries"], "k": retrieval["k"],
+            "text_query_overlap": e2e["top_k_overlap"], "text_query_spearman": e2e["spearman"],
+            "text_query_overlap_centred": centred.get("top_k_overlap"),
+            "text_query_spearman_centred": centred.get("spearman"),
+        }
+    return section
 
 
 # --------------------------------------------------------------------------- zero-shot tags
@@ -471,10 +516,13 @@ def build_report(
     log.info("evaluating on %d validation tracks (%d train tracks for centring)", len(val_ids), len(train_ids))
     audio = evaluate_audio(students, mels, teacher, train_ids, val_ids, p)
     text_sets = teacher.text_sets()
+    retrieval = evaluate_retrieval(students, audio, text_sets, p.top_k,
+                                   np.asarray(teacher.track_embeddings, dtype=np.float64))
     report: dict[str, Any] = {
+        "same_space": evaluate_same_space(audio, retrieval, p.same_space),
         "audio": audio.report,
         "text": evaluate_text(students, text_sets),
-        "retrieval": evaluate_retrieval(students, audio, text_sets, p.top_k),
+        "retrieval": retrieval,
         "tags": evaluate_tags(students, audio, manifest),
     }
     durations = dict(zip(mels.track_ids, np.asarray(mels.durations, dtype=float)))
@@ -489,6 +537,8 @@ def build_report(
     for section in ("retrieval", "tags"):
         if report[section].get("skipped"):
             notes.append(f"{section}: {report[section]['reason']}")
+    if report["same_space"].get("audio_student", {}).get("note"):
+        notes.append(f"same space: {report['same_space']['audio_student']['note']}")
     report["notes"] = notes
     if plot_dir is not None:
         report["plots"] = write_plots(plot_dir, audio, report["retrieval"])
@@ -500,10 +550,11 @@ def teacher_identity(teacher_dir: Path) -> dict[str, Any]:
     from pipeline.teacher.model import read_provenance
 
     prov = read_provenance(teacher_dir)
+    # checkpoint_sha256: the LAION .pt file a converted teacher came from (none for the demo one)
     identity = {"kind": prov.get("kind", "unknown"), "source": prov.get("source", ""),
-                "weights_sha256": prov.get("weights_sha256", "")}
+                "checkpoint_sha256": prov.get("source_sha256", ""), "weights_sha256": prov.get("weights_sha256", "")}
     # a converted checkpoint: how its file was verified, or that it was trusted unverified
-    identity.update({k: prov[k] for k in ("source_sha256", "verified", "trusted_unverified") if k in prov})
+    identity.update({k: prov[k] for k in ("verified", "trusted_unverified") if k in prov})
     return identity
 
 
@@ -546,6 +597,12 @@ def _write_json(path: Path, data: Any) -> None:
 
 
 def _log_headline(report: dict[str, Any]) -> None:
+    same = report.get("same_space") or {}
+    if not same.get("skipped") and "audio_student" in same:
+        a = same["audio_student"]
+        log.info("same space: %s (median track cosine %s, top-5 overlap %s)%s",
+                 "yes" if same["same_space"] else "no", a["track_cosine"]["median"], a["top5_overlap"],
+                 f"; failed: {same['failed']}" if same["failed"] else "")
     audio = report["audio"]
     if not audio.get("skipped"):
         t = audio["track"]
