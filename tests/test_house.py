@@ -84,11 +84,13 @@ def _imports(tree: ast.AST):
 
 
 def test_stages_are_thin(repo_root: Path) -> None:
-    """Stage modules hold no classes, and no library or benchmark imports from a stage module."""
+    """Stage modules hold no classes (their own error types aside), and no library or benchmark imports
+    from a stage module."""
     problems = []
     for path in sorted((repo_root / "pipeline" / "stages").glob("*.py")):
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            if isinstance(node, ast.ClassDef):
+            errors = {"Exception", "RuntimeError", "ValueError"}
+            if isinstance(node, ast.ClassDef) and not any(getattr(b, "id", "") in errors for b in node.bases):
                 problems.append(f"{path.name} defines class {node.name}: it belongs in a library module")
     users = [*(repo_root / "pipeline").rglob("*.py"), *(repo_root / "benchmarks").rglob("*.py")]
     for path in sorted(users):
