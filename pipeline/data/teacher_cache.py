@@ -31,11 +31,12 @@ import h5py
 import numpy as np
 
 from pipeline.data.cache_files import unreadable
+from pipeline.space import EMBED_DIM
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-DIM = 512
+DIM = EMBED_DIM
 # Identity keys: a partial/shard file is only continued or merged when these attrs agree.
 IDENTITY_ATTRS = ("format_version", "teacher_sha256", "frontend_hash", "mels", "dtype")
 _STR = h5py.string_dtype("utf-8")

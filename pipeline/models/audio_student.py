@@ -21,12 +21,13 @@ from torch import nn
 from pipeline.atomic import atomic_path
 from pipeline.models.efficientat import count_parameters
 from pipeline.models.registry import build_backbone
+from pipeline.space import EMBED_DIM
 
 log = logging.getLogger(__name__)
 
 # bn_momentum 0.1 rather than EfficientAT's 0.01: see MobileNetV3.set_bn_momentum
 DEFAULT_CONFIG: dict[str, Any] = {
-    "backbone": "mn04_as", "embed_dim": 512, "dropout": 0.1, "n_mels": 128, "bn_momentum": 0.1,
+    "backbone": "mn04_as", "embed_dim": EMBED_DIM, "dropout": 0.1, "n_mels": 128, "bn_momentum": 0.1,
 }
 
 

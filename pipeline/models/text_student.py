@@ -21,10 +21,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.atomic import atomic_path
+from pipeline.space import EMBED_DIM
 
 log = logging.getLogger(__name__)
 
-OUTPUT_DIM = 512
+OUTPUT_DIM = EMBED_DIM
 
 
 @dataclasses.dataclass

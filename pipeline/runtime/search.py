@@ -51,6 +51,7 @@ from pipeline.data.audio import (
     segment_starts,
 )
 from pipeline.hashing import sha256_file
+from pipeline.space import EMBED_DIM
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +124,7 @@ class AudioEmbedder:
             raise SearchError(f"{self.model_path}: output 'embedding_raw' missing (outputs: {outputs})")
         self._raw_index = outputs.index("embedding_raw")
         width = self.session.get_outputs()[self._raw_index].shape[-1]
-        self.dim = int(width) if isinstance(width, int) else int(spec.get("embedding_dim") or 512)
+        self.dim = int(width) if isinstance(width, int) else int(spec.get("embedding_dim") or EMBED_DIM)
 
     def embed_segments(self, windows: np.ndarray) -> np.ndarray:
         """[n, segment_samples] float32 -> raw embeddings [n, 512], in batches."""

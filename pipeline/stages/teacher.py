@@ -26,6 +26,7 @@ from pipeline.data.teacher_cache import EmbeddingWriter, finalize, merge_shards,
 from pipeline.params import Params, as_dict
 from pipeline.paths import MELS
 from pipeline.paths import TEACHER_CACHE as OUT
+from pipeline.space import EMBED_DIM
 from pipeline.teacher.model import Teacher, load_teacher
 
 log = logging.getLogger(__name__)
@@ -125,7 +126,7 @@ def embed_query_sets(teacher: Teacher, sets: Mapping[str, Sequence[str]]) -> dic
     rows = []
     for i in tqdm(range(0, len(unique), TEXT_BATCH), desc="text queries", unit="batch"):
         rows.append(teacher.embed_text(unique[i : i + TEXT_BATCH]).cpu().numpy())
-    table = np.concatenate(rows) if rows else np.zeros((0, 512), np.float32)
+    table = np.concatenate(rows) if rows else np.zeros((0, EMBED_DIM), np.float32)
     index = {q: i for i, q in enumerate(unique)}
     log.info("embedded %d distinct text queries in %d sets", len(unique), len(sets))
     return {name: (list(qs), table[np.array([index[q] for q in qs], dtype=np.int64)]) for name, qs in sets.items()}
@@ -177,8 +178,8 @@ def build_embeddings(
 
 
 def run(params: Params, args: argparse.Namespace) -> int | None:
-    from pipeline.data.queries import build_query_sets
     from pipeline.data.mel_cache import MelCache
+    from pipeline.data.queries import build_query_sets
 
     tp = params.teacher
     teacher = load_teacher(tp.model.dir, device=tp.device, dtype=tp.dtype)

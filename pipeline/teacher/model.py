@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from pipeline.hashing import sha256_file
 from pipeline.params import TeacherModelParams, as_dict
+from pipeline.space import EMBED_DIM
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,7 @@ def roberta_base_text_config(vocab_size: int = 50265) -> dict:
     )
 
 
-def clap_config(audio: dict, text: dict, projection_dim: int = 512):
+def clap_config(audio: dict, text: dict, projection_dim: int = EMBED_DIM):
     from transformers import ClapConfig
 
     return ClapConfig(
