@@ -19,6 +19,7 @@ every released ``mn*_as`` model uses, and it keeps the network independent of th
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
@@ -252,6 +253,10 @@ class MobileNetV3(nn.Module):
 def build_mobilenet(name: str, num_classes: int = AUDIOSET_CLASSES, dropout: float = 0.2) -> MobileNetV3:
     """`build_mobilenet("mn10_as")` -> the mn10 architecture (random init); load weights separately."""
     return MobileNetV3(width_of(name), num_classes=num_classes, dropout=dropout)
+
+
+# The audio-student backbones this module provides (pipeline.models.registry): features only, no classifier.
+BACKBONES = {f"{prefix}_as": partial(MobileNetV3, width, num_classes=0) for prefix, width in WIDTHS.items()}
 
 
 def count_parameters(module: nn.Module) -> int:

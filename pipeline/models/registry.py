@@ -8,15 +8,14 @@ an architecture: one module with a builder, plus its names in the table below.
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import partial
 
 from torch import nn
 
 from pipeline.models import efficientat
 
-# name -> builder(bn_momentum=...) of a feature extractor (no classifier head)
+# name -> builder(bn_momentum=...) of a feature extractor (no classifier head); one line per family
 AUDIO_BACKBONES: dict[str, Callable[..., nn.Module]] = {
-    f"{prefix}_as": partial(efficientat.MobileNetV3, width, num_classes=0) for prefix, width in efficientat.WIDTHS.items()
+    **efficientat.BACKBONES,  # mn01_as ... mn40_as, EfficientAT's MobileNetV3 widths
 }
 
 
