@@ -387,5 +387,6 @@ def test_stage_validates_on_the_subset_and_reports_the_full_split(workspace, mon
 
     monkeypatch.setattr(stage, "validation_metrics", spy)
     _train(workspace, workspace["tmp"] / "audio_sub", epochs=2, stage2_epochs=0, val_max_segments=3)
-    # every epoch: 1 segment of each of the 3 validation tracks; after training: all 7 segments
-    assert scored == [(3, 3), (3, 3), (7, 3)]
+    # every epoch: 1 segment of each of the 3 validation tracks; after training: all 7 segments,
+    # before and after the output calibration
+    assert scored == [(3, 3), (3, 3), (7, 3), (7, 3)]
