@@ -83,7 +83,7 @@ def _reflink_works(folder: Path) -> bool:
         Path(str(probe) + "2").unlink(missing_ok=True)
 
 
-def test_large_outputs_are_linked_into_the_dvc_cache_not_copied(clones: tuple[Path, Path], env: dict) -> None:
+def test_large_outputs_are_linked_into_the_dvc_cache_not_copied(clones: tuple[Path, Path], dvc_env: dict, run_cmd) -> None:
     a, b = clones
     if _reflink_works(a):
         pytest.skip("reflink filesystem: DVC shares blocks with a copy-on-write clone, which du cannot show")
@@ -101,9 +101,9 @@ def test_large_outputs_are_linked_into_the_dvc_cache_not_copied(clones: tuple[Pa
 
     # a stage run outside dvc replaces its linked output instead of writing through the link
     cached = _cached(a, "data/mels.h5")
-    _run(["student-clap", "run", "mels"], a, env)
+    run_cmd(["student-clap", "run", "mels"], a, dvc_env)
     assert not os.path.samefile(a / "data/mels.h5", cached)
     assert _md5(cached) == cached.parent.name + cached.name  # DVC's copy is intact
     assert _md5(a / "data/mels.h5") == _md5(cached)  # and the rebuild is byte-identical (deterministic)
-    status = _run([sys.executable, "-m", "dvc", "status", "mels"], a, env)
+    status = run_cmd([sys.executable, "-m", "dvc", "status", "mels"], a, dvc_env)
     assert "data/mels.h5" not in status, status  # (the metrics file records this run's timings)
