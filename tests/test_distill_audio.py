@@ -12,6 +12,11 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.data import datasets
+from pipeline.models.audio_student import build_audio_student, load_audio_student
+from pipeline.params import AugmentParams, Params, params_from_dict
+from pipeline.stages import distill_audio as stage
+from pipeline.training import audio_distillation
 from pipeline.training.augment import (
     Augmenter,
     kaldi_mel_centres,
@@ -22,10 +27,6 @@ from pipeline.training.augment import (
     student_mel_to_power,
     teacher_gain,
 )
-from pipeline.models.audio_student import build_audio_student, load_audio_student
-from pipeline.params import AugmentParams, Params, params_from_dict
-from pipeline.data import datasets
-from pipeline.stages import distill_audio as stage
 
 N_FRAMES = 48  # short mels keep the CPU tests fast; the network is length-agnostic
 
@@ -122,8 +123,9 @@ def _params(**over) -> Params:
 
 
 def _train(ws, out: Path, resume: bool = False, **over):
-    return stage.train_audio_student(_params(**over).distill_audio, out, resume=resume, mels_path=Path("unused"),
-                                     teacher_path=ws["teacher"], manifest_path=ws["manifest"])
+    return audio_distillation.train_audio_student(_params(**over).distill_audio, out, resume=resume,
+                                                  mels_path=Path("unused"), teacher_path=ws["teacher"],
+                                                  manifest_path=ws["manifest"])
 
 
 # ----------------------------------------------------------------------------- batches
@@ -142,8 +144,8 @@ def test_both_strategy_mixes_segments_and_track_averages(workspace) -> None:
     source = datasets.MelSource(Path("unused"), train.segments, with_teacher=False)
 
     p = _params(strategy="both", segments_per_track=0, augment={"gain_db": 0.0}).distill_audio
-    task = stage.AudioDistillTask(build_audio_student({"backbone": "mn04_as"}), train, val, source,
-                                  seg_emb, seg_norm, p, stage.Augmenter(p.augment))
+    task = audio_distillation.AudioDistillTask(build_audio_student({"backbone": "mn04_as"}), train, val, source,
+                                               seg_emb, seg_norm, p, Augmenter(p.augment))
     batch = task.collate_fn([0, 2])  # fma:0 (2 segments) and fma:3 (2 segments)
     assert batch["row_item"].tolist() == [0, 0, 1, 1]
     assert batch["mels"].shape == (4, 128, N_FRAMES) and batch["mels"].dtype == torch.float16
@@ -168,7 +170,8 @@ def test_both_strategy_mixes_segments_and_track_averages(workspace) -> None:
     capped = datasets.Collate(train, source, seg_emb, seg_norm, True, 1)([0, 2, 4])
     assert capped["row_item"].tolist() == [0, 1, 2]
     p_tr = _params(strategy="tracks", augment={"gain_db": 0.0}).distill_audio
-    task_tr = stage.AudioDistillTask(task.model, train, val, source, seg_emb, seg_norm, p_tr, stage.Augmenter(p_tr.augment))
+    task_tr = audio_distillation.AudioDistillTask(task.model, train, val, source, seg_emb, seg_norm, p_tr,
+                                                  Augmenter(p_tr.augment))
     s_tr, _ = task_tr.embed_batch(encode, task_tr.collate_fn([0, 2]))
     assert s_tr.shape == (2, 512)
     assert datasets.average_rows(torch.tensor([[1.0, 0.0], [3.0, 2.0], [5.0, 5.0]]), torch.tensor([0, 0, 1]), 2).tolist() \
@@ -379,14 +382,14 @@ def test_per_epoch_validation_watches_a_bounded_subset_of_every_track(workspace)
 
 def test_stage_validates_on_the_subset_and_reports_the_full_split(workspace, monkeypatch) -> None:
     scored = []
-    real = stage.validation_metrics
+    real = audio_distillation.validation_metrics
 
     def spy(raw, val, *args):
         scored.append((len(raw), len(val.track_ids)))
         return real(raw, val, *args)
 
-    monkeypatch.setattr(stage, "validation_metrics", spy)
+    monkeypatch.setattr(audio_distillation, "validation_metrics", spy)
     _train(workspace, workspace["tmp"] / "audio_sub", epochs=2, stage2_epochs=0, val_max_segments=3)
-    # every epoch: 1 segment of each of the 3 validation tracks; after training: all 7 segments,
-    # before and after the output calibration
+    # every epoch: 1 segment of each of the 3 validation tracks; after training, all 7 segments
+    # twice: before and after the output calibration ("val_before_calibration" and "val")
     assert scored == [(3, 3), (3, 3), (7, 3), (7, 3)]

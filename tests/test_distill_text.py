@@ -11,9 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.params import Params, TextQueryParams, params_from_dict
 from pipeline.data.queries import build_query_sets, split_into_terms
+from pipeline.evaluation.held_out_text import bag_of_words
+from pipeline.params import Params, TextQueryParams, params_from_dict
 from pipeline.stages import distill_text as stage
+from pipeline.training.text_distillation import DistillTextError, split_monitor
 
 TERMS = {
     "Genre": ["Rock", "Jazz", "Folk", "Blues", "Techno", "Reggae"],
@@ -184,25 +186,25 @@ def test_missing_train_set_is_a_clear_error(workdir: Path) -> None:
         f.create_dataset("tracks/track_id", data=np.array(["fma:0"], dtype=object), dtype=h5py.string_dtype())
         f["tracks/embedding"] = np.ones((1, DIM), np.float32)
         f.create_group("text")
-    with pytest.raises(stage.DistillTextError, match="teacher.h5.*'train'"):
+    with pytest.raises(DistillTextError, match="teacher.h5.*'train'"):
         stage.run(_params(), _args())
 
 
 def test_monitor_split_keeps_combinations_whole() -> None:
     vocab = ["Rock", "Jazz", "Piano", "Sad"]
     queries = ["Rock, piano", "ROCK PIANO", "piano rock", "Jazz", "jazz", "Sad Jazz", "sad, JAZZ", "Rock", "Piano"]
-    fit, monitor = stage.split_monitor(queries, vocab, 0.3, seed=0)
+    fit, monitor = split_monitor(queries, vocab, 0.3, seed=0)
     assert sorted(fit + monitor) == list(range(len(queries))) and monitor
     key = lambda i: frozenset(t.lower() for t in split_into_terms(queries[i], vocab))  # noqa: E731
     assert not {key(i) for i in fit} & {key(i) for i in monitor}
-    assert stage.split_monitor(queries, vocab, 0.0, seed=0) == (list(range(len(queries))), [])
+    assert split_monitor(queries, vocab, 0.0, seed=0) == (list(range(len(queries))), [])
 
 
 def test_bag_of_words_uses_the_cased_term_embeddings() -> None:
     names = ["Rock", "rock", "Piano", "piano"]
     emb = np.eye(4, DIM, dtype=np.float32)
     fallback = np.full(DIM, 0.5)
-    bow, coverage = stage.bag_of_words(["Rock, piano", "nothing known"], (names, emb), fallback)
+    bow, coverage = bag_of_words(["Rock, piano", "nothing known"], (names, emb), fallback)
     assert coverage == 0.5
     expected = (emb[0] + emb[3]) / np.linalg.norm(emb[0] + emb[3])
     assert np.allclose(bow[0], expected)
