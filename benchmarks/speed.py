@@ -10,8 +10,8 @@ share the machine's load. The machine is shared: the figures that count are CPU-
 shown for reference only.
 
 - teacher: LAION-CLAP HTSAT-base audio tower (random weights, PyTorch fp32), CLAP log-mel at 48 kHz.
-- per student (random weights exported by pipeline.stages.export, BatchNorm statistics set on the
-  benchmark song's own mels so activations have realistic scales):
+- per student (random weights exported by pipeline.models.audio_export and song_export, BatchNorm
+  statistics set on the benchmark song's own mels so activations have realistic scales):
   * old: `student-clap embed --segment-wise`: decode at 48 kHz, resample the int16 audio to 32 kHz,
     every 10-s window through the waveform model (pipeline.runtime.search.AudioEmbedder);
   * new: the default: decode straight to 32 kHz, front-end and trunk once per run of windows, head
@@ -171,7 +171,7 @@ def export_student(backbone: str, out_dir: Path, song: Path) -> dict:
     from pipeline.models.audio_student import build_audio_student
     from pipeline.params import StudentFrontendParams
     from pipeline.runtime.song import SPAN_WINDOWS, _runs
-    from pipeline.stages import export as ex
+    from pipeline.models import audio_export, export_bundle, song_export
 
     torch.manual_seed(0)
     student = build_audio_student({"backbone": backbone}).eval()
@@ -182,21 +182,21 @@ def export_student(backbone: str, out_dir: Path, song: Path) -> dict:
     with torch.no_grad():
         mels = fe(torch.from_numpy(int16_to_float(segments(wave, sr, SEGMENT_SECONDS, HOP_SECONDS))))
     student.recalibrate_batchnorm([mels[i : i + 8] for i in range(0, len(mels), 8)])
-    info = ex.export_audio(student, fe, out_dir, segment_samples=seg, sample_rate=sr, opset=17, min_cosine=0.9999,
-                           quantize=True)
-    song_info = ex.export_song(student, fe, out_dir, segment_samples=seg, hop_samples=hop, sample_rate=sr, opset=17,
-                               min_cosine=0.9999, quantize=True, calibration_mels=mels[::2].numpy(),
-                               eval_mels=mels[1::2].numpy())
-    audio = ex.audio_spec(info, sample_rate=sr, segment_seconds=SEGMENT_SECONDS, hop_seconds=HOP_SECONDS,
-                          segment_samples=seg, quantized=True, decode_sample_rate=48000)
-    audio["song"] = ex.song_spec(song_info, True)
-    (out_dir / ex.SPEC).write_text(json.dumps({"version": ex.SPEC_VERSION, "embedding_dim": 512, "skipped": {},
-                                               "audio": audio}))
+    info = audio_export.export_audio(student, fe, out_dir, segment_samples=seg, sample_rate=sr, opset=17, min_cosine=0.9999,
+                                     quantize=True)
+    song_info = song_export.export_song(student, fe, out_dir, segment_samples=seg, hop_samples=hop, sample_rate=sr, opset=17,
+                                        min_cosine=0.9999, quantize=True, calibration_mels=mels[::2].numpy(),
+                                        eval_mels=mels[1::2].numpy())
+    audio = audio_export.audio_spec(info, sample_rate=sr, segment_seconds=SEGMENT_SECONDS, hop_seconds=HOP_SECONDS,
+                                    segment_samples=seg, quantized=True, decode_sample_rate=48000)
+    audio["song"] = song_export.song_spec(song_info, True)
+    (out_dir / export_bundle.SPEC).write_text(json.dumps({"version": export_bundle.SPEC_VERSION, "embedding_dim": 512,
+                                                          "skipped": {}, "audio": audio}))
 
     # FLOPs on the graphs onnxruntime runs (the matmul STFT, not torch's FFT)
     set_export_stft(fe, True)
-    split = ex.trunk_split(student.encoder)
-    trunk, head = ex.SongTrunk(student, split), ex.SongHead(student, split)
+    split = song_export.trunk_split(student.encoder)
+    trunk, head = song_export.SongTrunk(student, split), song_export.SongHead(student, split)
     g = audio["song"]
 
     def flops(fn) -> float:
@@ -209,7 +209,7 @@ def export_student(backbone: str, out_dir: Path, song: Path) -> dict:
     if starts[-1] + seg < len(wave):
         starts.append(len(wave) - seg)
     new_song = 0.0
-    song_fe = ex.song_frontend(fe)
+    song_fe = song_export.song_frontend(fe)
     for run in _runs(starts, len(wave), seg, hop, g["hop_columns"] > 0, SPAN_WINDOWS):
         n = run[-1] - run[0] + seg
         new_song += flops(lambda n=n: trunk(song_fe(torch.zeros(1, n))))

@@ -54,7 +54,7 @@ def tiny_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     from pipeline.models.audio_student import build_audio_student
     from pipeline.models.text_student import build_text_student
-    from pipeline.stages import export as ex
+    from pipeline.models import audio_export, export_bundle
     from pipeline.models.text_tokenizer import save_tokenizer, train_tokenizer
 
     class ConvMel(torch.nn.Module):
@@ -69,17 +69,17 @@ def tiny_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
     rate, seg_s, hop_s = 16000, 1.0, 0.5
     audio = build_audio_student({"backbone": "mn04_as"}).eval()
-    info = ex.export_audio(audio, ConvMel().eval(), out, segment_samples=int(rate * seg_s), sample_rate=rate,
-                           opset=17, min_cosine=0.9999, quantize=False)
-    spec = {"version": ex.SPEC_VERSION, "embedding_dim": 512, "skipped": {},
-            "audio": ex.audio_spec(info, sample_rate=rate, segment_seconds=seg_s, hop_seconds=hop_s,
-                                   segment_samples=int(rate * seg_s), quantized=False, decode_sample_rate=24000)}
+    info = audio_export.export_audio(audio, ConvMel().eval(), out, segment_samples=int(rate * seg_s), sample_rate=rate,
+                                     opset=17, min_cosine=0.9999, quantize=False)
+    spec = {"version": export_bundle.SPEC_VERSION, "embedding_dim": 512, "skipped": {},
+            "audio": audio_export.audio_spec(info, sample_rate=rate, segment_seconds=seg_s, hop_seconds=hop_s,
+                                             segment_samples=int(rate * seg_s), quantized=False, decode_sample_rate=24000)}
     corpus = [f"{a} {b}" for a in ("calm", "energetic", "sad") for b in ("piano", "guitar", "drums")] * 3
     tok = train_tokenizer(corpus, vocab_size=300)
     tok_path = save_tokenizer(tok, out / "src_tokenizer.json")
     text = build_text_student({"vocab_size": tok.get_vocab_size(), "dim": 32, "layers": 1, "heads": 2, "ff_dim": 64, "max_length": 8})
-    spec["text"] = ex.text_spec(ex.export_text(text.eval(), tok_path, out, opset=17, min_cosine=0.9999))
-    (out / ex.SPEC).write_text(json.dumps(spec))
+    spec["text"] = export_bundle.text_spec(export_bundle.export_text(text.eval(), tok_path, out, opset=17, min_cosine=0.9999))
+    (out / export_bundle.SPEC).write_text(json.dumps(spec))
     return out
 
 

@@ -17,9 +17,11 @@ import pytest
 import torch
 
 from pipeline.evaluation import model_card
+from pipeline.models import audio_export, export_bundle, song_export
+from pipeline.models import onnx_export as onnx_utils
 from pipeline.models.audio_student import build_audio_student
 from pipeline.models.text_student import build_text_student
-from pipeline.stages import export as ex
+from pipeline.stages import export as stage
 from pipeline.models.text_tokenizer import save_tokenizer, train_tokenizer
 
 torch.set_num_threads(1)
@@ -57,22 +59,23 @@ def text_parts(tmp_path_factory):
 
 
 def test_waveform_mel_and_int8_exports(tmp_path: Path, audio_student):
-    info = ex.export_audio(audio_student, ConvMel(), tmp_path, segment_samples=SEG, sample_rate=SR,
-                           opset=17, min_cosine=0.9999, quantize=True)
-    assert info[ex.AUDIO_ONNX]["min_cosine"] > 0.9999
-    assert info[ex.AUDIO_MEL_ONNX]["min_cosine"] > 0.9999
+    info = audio_export.export_audio(audio_student, ConvMel(), tmp_path, segment_samples=SEG, sample_rate=SR,
+                                     opset=17, min_cosine=0.9999, quantize=True)
+    assert info[audio_export.AUDIO_ONNX]["min_cosine"] > 0.9999
+    assert info[audio_export.AUDIO_MEL_ONNX]["min_cosine"] > 0.9999
     assert info["mel_shape"][0] == 128
-    assert 0.99 < info[ex.AUDIO_INT8_ONNX]["cosine_min"] < 1.0  # close, but really quantised
-    assert (tmp_path / ex.AUDIO_INT8_ONNX).stat().st_size < 0.9 * (tmp_path / ex.AUDIO_ONNX).stat().st_size
+    assert 0.99 < info[audio_export.AUDIO_INT8_ONNX]["cosine_min"] < 1.0  # close, but really quantised
+    int8_size = (tmp_path / audio_export.AUDIO_INT8_ONNX).stat().st_size
+    assert int8_size < 0.9 * (tmp_path / audio_export.AUDIO_ONNX).stat().st_size
     import onnx
 
-    ops = {n.op_type for n in onnx.load(str(tmp_path / ex.AUDIO_INT8_ONNX)).graph.node}
+    ops = {n.op_type for n in onnx.load(str(tmp_path / audio_export.AUDIO_INT8_ONNX)).graph.node}
     assert "MatMulInteger" in ops and "ConvInteger" not in ops
 
-    sess = ort.InferenceSession(str(tmp_path / ex.AUDIO_ONNX), providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(str(tmp_path / audio_export.AUDIO_ONNX), providers=["CPUExecutionProvider"])
     assert [i.name for i in sess.get_inputs()] == ["waveform"]
     assert sess.get_inputs()[0].shape[1] == SEG  # segment length fixed, batch dynamic
-    waves = ex.parity_waveforms(5, SEG, SR, seed=7)
+    waves = audio_export.parity_waveforms(5, SEG, SR, seed=7)
     emb, raw = sess.run(None, {"waveform": waves})
     assert emb.shape == raw.shape == (5, 512)
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
@@ -83,7 +86,7 @@ def test_waveform_mel_and_int8_exports(tmp_path: Path, audio_student):
 
 
 def test_audio_parity_failure_stops_the_export(tmp_path: Path, audio_student, monkeypatch):
-    real_export = ex.onnx_utils.export_module
+    real_export = onnx_utils.export_module
 
     def export_then_drift(module, *a, **kw):
         path = real_export(module, *a, **kw)
@@ -92,21 +95,21 @@ def test_audio_parity_failure_stops_the_export(tmp_path: Path, audio_student, mo
         return path
 
     student = build_audio_student({"backbone": "mn04_as"}).eval()
-    monkeypatch.setattr(ex.onnx_utils, "export_module", export_then_drift)
-    with pytest.raises(ex.onnx_utils.ParityError, match=ex.AUDIO_ONNX):
-        ex.export_audio(student, ConvMel(), tmp_path, segment_samples=SEG, sample_rate=SR,
-                        opset=17, min_cosine=0.9999, quantize=False)
+    monkeypatch.setattr(onnx_utils, "export_module", export_then_drift)
+    with pytest.raises(onnx_utils.ParityError, match=audio_export.AUDIO_ONNX):
+        audio_export.export_audio(student, ConvMel(), tmp_path, segment_samples=SEG, sample_rate=SR,
+                                  opset=17, min_cosine=0.9999, quantize=False)
 
 
 def test_text_export_dynamic_batch_and_length(tmp_path: Path, text_parts):
     model, tok_path = text_parts
-    info = ex.export_text(model, tok_path, tmp_path, opset=17, min_cosine=0.9999)
-    assert info[ex.TEXT_ONNX]["min_cosine"] > 0.9999 and info["max_length"] == 12
-    assert (tmp_path / ex.TOKENIZER).read_bytes() == tok_path.read_bytes()
+    info = export_bundle.export_text(model, tok_path, tmp_path, opset=17, min_cosine=0.9999)
+    assert info[export_bundle.TEXT_ONNX]["min_cosine"] > 0.9999 and info["max_length"] == 12
+    assert (tmp_path / export_bundle.TOKENIZER).read_bytes() == tok_path.read_bytes()
     from pipeline.models.text_tokenizer import encode, load_tokenizer
 
-    ids, mask = encode(load_tokenizer(tmp_path / ex.TOKENIZER), ["calm piano music", "drums"], 12)
-    sess = ort.InferenceSession(str(tmp_path / ex.TEXT_ONNX), providers=["CPUExecutionProvider"])
+    ids, mask = encode(load_tokenizer(tmp_path / export_bundle.TOKENIZER), ["calm piano music", "drums"], 12)
+    sess = ort.InferenceSession(str(tmp_path / export_bundle.TEXT_ONNX), providers=["CPUExecutionProvider"])
     (emb,) = sess.run(None, {"input_ids": ids, "attention_mask": mask})
     with torch.no_grad():
         ref = model(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
@@ -117,7 +120,7 @@ def test_checksums_match_files(tmp_path: Path):
     (tmp_path / "a.onnx").write_bytes(b"abc")
     (tmp_path / "licenses").mkdir()
     (tmp_path / "licenses" / "X.md").write_text("x")
-    path = ex.write_checksums(tmp_path)
+    path = export_bundle.write_checksums(tmp_path)
     lines = path.read_text().splitlines()
     assert lines == [
         f"{hashlib.sha256(b'abc').hexdigest()}  a.onnx",
@@ -154,11 +157,11 @@ def test_model_card_carries_the_figures():
     spec = {"audio": {"sample_rate": 32000, "segment_seconds": 10.0, "hop_seconds": 5.0, "segment_samples": 320000,
                       "mel_shape": [128, 1000]},
             "skipped": {"text": "distillation.text_enabled: false"},
-            "parity": {ex.AUDIO_ONNX: {"min_cosine": 0.9999991, "max_abs_diff": 2e-6, "rows": 3},
-                       ex.AUDIO_INT8_ONNX: {"cosine_min": 0.981, "cosine_mean": 0.99}}}
+            "parity": {audio_export.AUDIO_ONNX: {"min_cosine": 0.9999991, "max_abs_diff": 2e-6, "rows": 3},
+                       audio_export.AUDIO_INT8_ONNX: {"cosine_min": 0.981, "cosine_mean": 0.99}}}
     card = model_card.render(spec=spec, metrics=METRICS, students={"audio": {"config": {"backbone": "mn04_as"}}},
                              licences=LICENCES, licence_files=["licenses/FMA_SONGS_LICENSE.md"], params={"export": {"opset": 17}},
-                             file_sizes={ex.AUDIO_ONNX: 2_500_000, ex.AUDIO_INT8_ONNX: 900_000})
+                             file_sizes={audio_export.AUDIO_ONNX: 2_500_000, audio_export.AUDIO_INT8_ONNX: 900_000})
     assert "**The text student is not included:** distillation.text_enabled: false" in card
     assert "| track centred cosine | 0.4200 | 0.3200 | 0.4200 | 0.4700 | 0.0000 |" in card
     assert "32000 Hz" in card and "320000 samples" in card
@@ -194,18 +197,19 @@ def test_export_stage_with_the_real_front_end(tmp_path: Path, monkeypatch, audio
     Path("data/licenses/FMA_SONGS_LICENSE.md").write_text("# FMA songs\n")
     params = Params()
     params.export.quantize_int8 = False
-    assert ex.run(params, None) == 0
+    assert stage.run(params, None) == 0
     out = Path("models/export")
-    spec = json.loads((out / ex.SPEC).read_text())
+    spec = json.loads((out / export_bundle.SPEC).read_text())
     assert spec["audio"]["segment_samples"] == 320000 and spec["audio"]["mel_shape"][0] == 128
     assert spec["text"]["max_length"] == 12
     song = spec["audio"]["song"]  # the song-level files, parity-checked, with their fidelity figures
     assert (song["window_columns"], song["hop_columns"]) == (250, 125) and song["head_int8_file"] is None
-    assert {ex.AUDIO_FRONTEND_ONNX, ex.AUDIO_TRUNK_ONNX, ex.AUDIO_HEAD_ONNX} <= set(spec["parity"])
+    assert {song_export.AUDIO_FRONTEND_ONNX, song_export.AUDIO_TRUNK_ONNX, song_export.AUDIO_HEAD_ONNX} <= set(spec["parity"])
     assert song["fidelity"]["synthetic_song_cosine_fp32"] >= 0.999
-    assert {ex.AUDIO_ONNX, ex.AUDIO_MEL_ONNX, ex.TEXT_ONNX, ex.TOKENIZER, "README.md", ex.CHECKSUMS} <= {
+    assert {audio_export.AUDIO_ONNX, audio_export.AUDIO_MEL_ONNX, export_bundle.TEXT_ONNX, export_bundle.TOKENIZER,
+            "README.md", export_bundle.CHECKSUMS} <= {
         p.name for p in out.iterdir()
     }
-    assert "licenses/FMA_SONGS_LICENSE.md" in (out / ex.CHECKSUMS).read_text()
+    assert "licenses/FMA_SONGS_LICENSE.md" in (out / export_bundle.CHECKSUMS).read_text()
     card = (out / "README.md").read_text()
     assert "| fma | CC0-1.0 | 9 | 6.0 |" in card and "track centred cosine" in card

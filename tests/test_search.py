@@ -27,9 +27,9 @@ from pipeline.data.audio import (
     segment_starts,
     segments,
 )
+from pipeline.models import audio_export, export_bundle
 from pipeline.models.audio_student import build_audio_student
 from pipeline.models.text_student import build_text_student
-from pipeline.stages import export as ex
 from pipeline.models.text_tokenizer import save_tokenizer, train_tokenizer
 
 torch.set_num_threads(1)
@@ -55,17 +55,17 @@ def exported(tmp_path_factory):
     torch.manual_seed(0)
     audio = build_audio_student({"backbone": "mn04_as"}).eval()
     frontend = ConvMel().eval()
-    info = ex.export_audio(audio, frontend, out, segment_samples=int(SR * SEG_S), sample_rate=SR,
-                           opset=17, min_cosine=0.9999, quantize=False)
-    spec = {"version": ex.SPEC_VERSION, "embedding_dim": 512, "skipped": {},
-            "audio": ex.audio_spec(info, sample_rate=SR, segment_seconds=SEG_S, hop_seconds=HOP_S,
-                                   segment_samples=int(SR * SEG_S), quantized=False, decode_sample_rate=DECODE_SR)}
+    info = audio_export.export_audio(audio, frontend, out, segment_samples=int(SR * SEG_S), sample_rate=SR,
+                                     opset=17, min_cosine=0.9999, quantize=False)
+    spec = {"version": export_bundle.SPEC_VERSION, "embedding_dim": 512, "skipped": {},
+            "audio": audio_export.audio_spec(info, sample_rate=SR, segment_seconds=SEG_S, hop_seconds=HOP_S,
+                                             segment_samples=int(SR * SEG_S), quantized=False, decode_sample_rate=DECODE_SR)}
     corpus = [f"{a} {b}" for a in ("calm", "energetic", "sad") for b in ("piano", "guitar", "drums")] * 3
     tok = train_tokenizer(corpus, vocab_size=300)
     tok_path = save_tokenizer(tok, out / "src_tokenizer.json")
     text = build_text_student({"vocab_size": tok.get_vocab_size(), "dim": 32, "layers": 1, "heads": 2, "ff_dim": 64, "max_length": 8})
-    spec["text"] = ex.text_spec(ex.export_text(text.eval(), tok_path, out, opset=17, min_cosine=0.9999))
-    (out / ex.SPEC).write_text(json.dumps(spec))
+    spec["text"] = export_bundle.text_spec(export_bundle.export_text(text.eval(), tok_path, out, opset=17, min_cosine=0.9999))
+    (out / export_bundle.SPEC).write_text(json.dumps(spec))
     return out, audio, frontend
 
 

@@ -29,11 +29,11 @@ from pipeline.data.audio import (
     segments,
 )
 from pipeline.data.frontends import StudentMel
+from pipeline.models import audio_export, export_bundle, song_export
 from pipeline.models.audio_student import build_audio_student
 from pipeline.params import StudentFrontendParams
 from pipeline.runtime import song as song_rt
 from pipeline.runtime.decode import decode_student
-from pipeline.stages import export as ex
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
@@ -100,16 +100,16 @@ def exported(tmp_path_factory, songs) -> Path:
                           for p in songs])
     student.recalibrate_batchnorm([mels[i : i + 8] for i in range(0, len(mels), 8)])
     seg, hop = int(SR * SEG_S), int(SR * HOP_S)
-    info = ex.export_audio(student, fe, out, segment_samples=seg, sample_rate=SR, opset=17, min_cosine=0.9999,
-                           quantize=False)
-    song_info = ex.export_song(student, fe, out, segment_samples=seg, hop_samples=hop, sample_rate=SR, opset=17,
-                               min_cosine=0.9999, quantize=True, calibration_mels=mels[::3].numpy(),
-                               eval_mels=mels[1::3].numpy())
-    audio = ex.audio_spec(info, sample_rate=SR, segment_seconds=SEG_S, hop_seconds=HOP_S, segment_samples=seg,
-                          quantized=False, decode_sample_rate=48000)
-    audio["song"] = ex.song_spec(song_info, True)
-    (out / ex.SPEC).write_text(__import__("json").dumps({"version": ex.SPEC_VERSION, "embedding_dim": 512,
-                                                         "skipped": {}, "audio": audio}))
+    info = audio_export.export_audio(student, fe, out, segment_samples=seg, sample_rate=SR, opset=17, min_cosine=0.9999,
+                                     quantize=False)
+    song_info = song_export.export_song(student, fe, out, segment_samples=seg, hop_samples=hop, sample_rate=SR, opset=17,
+                                        min_cosine=0.9999, quantize=True, calibration_mels=mels[::3].numpy(),
+                                        eval_mels=mels[1::3].numpy())
+    audio = audio_export.audio_spec(info, sample_rate=SR, segment_seconds=SEG_S, hop_seconds=HOP_S, segment_samples=seg,
+                                    quantized=False, decode_sample_rate=48000)
+    audio["song"] = song_export.song_spec(song_info, True)
+    (out / export_bundle.SPEC).write_text(__import__("json").dumps({"version": export_bundle.SPEC_VERSION, "embedding_dim": 512,
+                                                                    "skipped": {}, "audio": audio}))
     return out
 
 
@@ -131,7 +131,7 @@ def test_song_path_matches_the_segment_wise_path(exported, songs):
     new = song_rt.open_audio_embedder(exported)
     new8 = song_rt.open_audio_embedder(exported, int8=True)
     assert isinstance(old, S.AudioEmbedder) and isinstance(new, song_rt.SongEmbedder)
-    assert new8.model_paths[2].name == ex.AUDIO_HEAD_INT8_ONNX
+    assert new8.model_paths[2].name == song_export.AUDIO_HEAD_INT8_ONNX
     ref, fp32, int8 = _vectors(old, songs), _vectors(new, songs), _vectors(new8, songs)
     # the bars mean something only if songs differ: different songs are far below them
     pairwise = ref @ ref.T
@@ -241,8 +241,8 @@ def test_int8_calibration_takes_training_mels_and_holds_out_validation_mels(tmp_
     done = store.completed_tracks([w.publish()], params)
     cache = store.write_cache(tmp_path / "mels.h5", params, store.Compression(), [done[r["track_id"]][1:] for r in rows])
     write_manifest(tmp_path / "manifest.jsonl", rows)
-    calib, held, tracks = ex.calibration_mels(cache, tmp_path / "manifest.jsonl", 6)
+    calib, held, tracks = song_export.calibration_mels(cache, tmp_path / "manifest.jsonl", 6)
     assert len(calib) == 6 and set(np.unique(calib)) <= {0.0, 2.0}  # training tracks only, spread over both
     assert {0.0, 2.0} <= set(np.unique(calib))
     assert len(held) == 3 and set(np.unique(held)) == {1.0} and set(tracks) == {1}
-    assert ex.calibration_mels(tmp_path / "missing.h5", tmp_path / "manifest.jsonl", 6) == (None, None, None)
+    assert song_export.calibration_mels(tmp_path / "missing.h5", tmp_path / "manifest.jsonl", 6) == (None, None, None)

@@ -1,6 +1,6 @@
 """Song-level inference: each second of audio through the convolutional trunk once, not twice.
 
-The exported audio student is cut in three ONNX files (see pipeline.stages.export):
+The exported audio student is cut in three ONNX files (see pipeline.models.song_export):
 
 - front-end: waveform [batch, samples] at the student rate -> log-mel [batch, mels, frames], any length;
 - trunk: log-mel -> feature map [batch, channels, mel/stride, frames/stride], any length: the
