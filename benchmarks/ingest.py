@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.data.licenses import normalize_license  # noqa: E402
 from pipeline.params import IngestParams, SourceParams  # noqa: E402
 from pipeline.data.sources import fma, jamendo, wikimedia  # noqa: E402
-from pipeline.stages.ingest import ingest  # noqa: E402
+from pipeline.data.ingestion import ingest  # noqa: E402
 
 FILES = {
     "FMA_SONGS_LICENSE.md": (fma.parse_list, re.compile(r"(?ms)^SONG:.*?(?=^SONG:|\Z)")),
@@ -69,6 +69,8 @@ def main() -> None:
                 key: SourceParams(lists=[str(out / name)], audio_root=str(out / "audio" / key))
                 for key, name in zip(("fma", "jamendo", "wikimedia"), FILES)
             }
+            for sp in sources.values():  # ingest refuses a missing audio_root; an empty one finds nothing
+                Path(sp.audio_root).mkdir(parents=True, exist_ok=True)
             t0 = time.perf_counter()
             _, outcomes, _ = ingest(IngestParams(sources=sources), progress=False)
             stage_s = time.perf_counter() - t0

@@ -16,7 +16,11 @@ import torch
 
 from pipeline.evaluation import metrics as M
 from pipeline.params import EvaluateParams, SameSpaceParams
-from pipeline.stages import evaluate as ev
+from pipeline.evaluation.errors import EvaluateError
+from pipeline.evaluation.licence_report import audit_failed
+from pipeline.evaluation.report import build_report
+from pipeline.evaluation.students import Students, student_skip_reason
+from pipeline.evaluation.tag_scores import tag_category, tag_prompt
 
 DIM = 16
 TAGS = ["genre---rock", "genre---jazz", "genre---ambient"]
@@ -106,9 +110,9 @@ P = EvaluateParams(top_k=3, batch_size=2)
 
 def test_perfect_students_score_one_and_the_baseline_zero_centred(tmp_path: Path):
     manifest, mels, teacher = _setup()
-    students = ev.Students(audio_embed_raw=_perfect_audio(teacher), text_embed=_perfect_text(teacher),
+    students = Students(audio_embed_raw=_perfect_audio(teacher), text_embed=_perfect_text(teacher),
                            teacher_text_embed=teacher.embed_tag_prompts)
-    report, licences = ev.build_report(P, manifest, mels, teacher, students, plot_dir=tmp_path / "plots")
+    report, licences = build_report(P, manifest, mels, teacher, students, plot_dir=tmp_path / "plots")
     audio = report["audio"]
     assert audio["n_val_tracks"] == 5 and audio["n_val_segments"] == sum(len(mels.track_segments(t)) for t in manifest if manifest[t]["split"] == "val")
     for level in ("segment", "track"):
@@ -148,9 +152,9 @@ def test_mean_student_scores_zero_centred_and_worse_rankings():
     manifest, mels, teacher = _setup()
     train_rows = [i for t in manifest if manifest[t]["split"] == "train" for i in mels.track_segments(t)]
     mean = M.mean_embedding(teacher.segment_embeddings[train_rows])
-    students = ev.Students(audio_embed_raw=lambda m: np.tile(mean * 2.0, (len(m), 1)))
+    students = Students(audio_embed_raw=lambda m: np.tile(mean * 2.0, (len(m), 1)))
     students.text_skipped = "disabled"
-    report, licences = ev.build_report(P, manifest, mels, teacher, students)
+    report, licences = build_report(P, manifest, mels, teacher, students)
     seg = report["audio"]["segment"]
     assert seg["cosine"]["mean"] > 0.98  # looks great raw ...
     assert seg["centred"] == {"mean": 0.0, "p10": 0.0, "p50": 0.0, "p90": 0.0}  # ... and is worth nothing centred
@@ -162,8 +166,8 @@ def test_mean_student_scores_zero_centred_and_worse_rankings():
 
 def test_same_space_section_with_perfect_and_noisy_students():
     manifest, mels, teacher = _setup(n_tracks=24)
-    perfect = ev.Students(audio_embed_raw=_perfect_audio(teacher), text_embed=_perfect_text(teacher))
-    report, _ = ev.build_report(P, manifest, mels, teacher, perfect)
+    perfect = Students(audio_embed_raw=_perfect_audio(teacher), text_embed=_perfect_text(teacher))
+    report, _ = build_report(P, manifest, mels, teacher, perfect)
     same = report["same_space"]
     assert same["same_space"] is True and same["failed"] == ""
     assert (same["min_median_cosine"], same["min_top5_overlap"]) == (0.98, 0.9)
@@ -180,10 +184,10 @@ def test_same_space_section_with_perfect_and_noisy_students():
 
     # noise on every segment: cosine stays high, neighbours move; a strict bar fails on both figures
     rng = np.random.default_rng(5)
-    noisy = ev.Students(audio_embed_raw=lambda m: _perfect_audio(teacher)(m) + 0.15 * rng.normal(size=(len(m), DIM)))
+    noisy = Students(audio_embed_raw=lambda m: _perfect_audio(teacher)(m) + 0.15 * rng.normal(size=(len(m), DIM)))
     strict = EvaluateParams(top_k=3, batch_size=2, same_space=SameSpaceParams(min_median_cosine=0.9999,
                                                                               min_top5_overlap=0.99))
-    report, _ = ev.build_report(strict, manifest, mels, teacher, noisy)
+    report, _ = build_report(strict, manifest, mels, teacher, noisy)
     same = report["same_space"]
     assert same["same_space"] is False and "end_to_end" not in same
     assert same["failed"].startswith("median_track_cosine ") and "top5_overlap " in same["failed"]
@@ -192,8 +196,8 @@ def test_same_space_section_with_perfect_and_noisy_students():
 
 def test_disabled_audio_student_is_left_out():
     manifest, mels, teacher = _setup()
-    students = ev.Students(text_embed=_perfect_text(teacher), audio_skipped="distillation.audio_enabled is false")
-    report, licences = ev.build_report(P, manifest, mels, teacher, students)
+    students = Students(text_embed=_perfect_text(teacher), audio_skipped="distillation.audio_enabled is false")
+    report, licences = build_report(P, manifest, mels, teacher, students)
     assert report["audio"]["skipped"] is True and "audio_enabled" in report["audio"]["reason"]
     assert set(report["retrieval"]) >= {"text_student"} and "audio_student" not in report["retrieval"]
     assert mels.reads == []
@@ -205,45 +209,45 @@ def test_no_tags_and_no_validation_tracks():
     manifest, mels, teacher = _setup()
     for row in manifest.values():
         row["tags"] = []
-    students = ev.Students(audio_embed_raw=_perfect_audio(teacher), text_skipped="off")
-    report, licences = ev.build_report(P, manifest, mels, teacher, students)
+    students = Students(audio_embed_raw=_perfect_audio(teacher), text_skipped="off")
+    report, licences = build_report(P, manifest, mels, teacher, students)
     assert report["tags"]["skipped"] and "no tags" in report["tags"]["reason"]
     for row in manifest.values():
         row["split"] = "train"
-    with pytest.raises(ev.EvaluateError, match="no validation track"):
-        ev.build_report(P, manifest, mels, teacher, students)
+    with pytest.raises(EvaluateError, match="no validation track"):
+        build_report(P, manifest, mels, teacher, students)
 
 
 def test_tag_prompts():
-    assert ev.tag_category("genre---rock") == ("genre", "rock")
-    assert ev.tag_category("mood/theme---happy") == ("mood/theme", "happy")
-    assert ev.tag_category("piano") == ("tag", "piano")
-    assert ev.tag_prompt("genre", "hiphop") == "This is a hiphop song."
-    assert ev.tag_prompt("instrument", "acousticguitar") == "This is a song with acousticguitar."
+    assert tag_category("genre---rock") == ("genre", "rock")
+    assert tag_category("mood/theme---happy") == ("mood/theme", "happy")
+    assert tag_category("piano") == ("tag", "piano")
+    assert tag_prompt("genre", "hiphop") == "This is a hiphop song."
+    assert tag_prompt("instrument", "acousticguitar") == "This is a song with acousticguitar."
 
 
 def test_skipped_checkpoint_is_detected(tmp_path: Path):
     skipped = tmp_path / "skipped.pt"
     torch.save({"skipped": True, "reason": "distillation.text_enabled: false"}, skipped)
-    assert ev.student_skip_reason(skipped) == "distillation.text_enabled: false"
+    assert student_skip_reason(skipped) == "distillation.text_enabled: false"
     trained = tmp_path / "trained.pt"
     torch.save({"state_dict": {}, "config": {}, "metrics": {}}, trained)
-    assert ev.student_skip_reason(trained) == ""
-    with pytest.raises(ev.EvaluateError, match="missing"):
-        ev.student_skip_reason(tmp_path / "absent.pt")
+    assert student_skip_reason(trained) == ""
+    with pytest.raises(EvaluateError, match="missing"):
+        student_skip_reason(tmp_path / "absent.pt")
 
 
 def test_audit_summary_in_the_report():
     manifest, mels, teacher = _setup()
-    students = ev.Students(audio_embed_raw=_perfect_audio(teacher), text_skipped="off")
+    students = Students(audio_embed_raw=_perfect_audio(teacher), text_skipped="off")
     audit = {"ok": False, "tracks": 10, "minutes": 7.5, "sources": {},
              "violations": [{"track_id": "fma:x", "cache": "data/mels.h5", "problem": "not in the manifest"}]}
-    report, licences = ev.build_report(P, manifest, mels, teacher, students, audit)
+    report, licences = build_report(P, manifest, mels, teacher, students, audit)
     assert report["licences"]["audit_ok"] is False and report["licences"]["violations"] == 1
     assert licences["audit"]["violations"][0]["track_id"] == "fma:x"
 
 
 def test_audit_failure_detection():
-    assert ev.audit_failed({"ok": False})
-    assert ev.audit_failed({"violations": [{"track_id": "x"}]})
-    assert not ev.audit_failed({"ok": True, "violations": []})
+    assert audit_failed({"ok": False})
+    assert audit_failed({"violations": [{"track_id": "x"}]})
+    assert not audit_failed({"ok": True, "violations": []})

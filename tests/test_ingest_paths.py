@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.params import IngestParams, Params, SourceParams
+from pipeline.data.ingestion import ingest
 from pipeline.data.sources.base import escapes_root
+from pipeline.params import IngestParams, Params, SourceParams
 from pipeline.stages import ingest as stage
 
 CC0 = "[CC0](https://creativecommons.org/publicdomain/zero/1.0/)"
@@ -27,7 +28,7 @@ def _wikimedia_list(path: Path, rows: list[tuple[str, str]]) -> Path:
 
 
 def _outcomes(p: IngestParams) -> tuple[list[dict], dict]:
-    rows, outcomes, _ = stage.ingest(p, progress=False)
+    rows, outcomes, _ = ingest(p, progress=False)
     return rows, {o.track_id: o for o in outcomes}
 
 

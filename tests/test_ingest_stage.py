@@ -13,6 +13,8 @@ from urllib.parse import unquote
 
 import pytest
 
+from pipeline.data.audio_resolution import download_url
+from pipeline.data.ingestion import ingest
 from pipeline.data.licenses import normalize_license
 from pipeline.data.manifest import read_manifest
 from pipeline.data.sources import SOURCES, fma, jamendo, wikimedia
@@ -141,7 +143,7 @@ def test_duplicates_across_lists_and_metadata_merge(tmp_path: Path) -> None:
         licenses_file=lic,
         audio_root=str(root),
     )
-    rows, outcomes, report = stage.ingest(_params({"jamendo": sp}, policy=LicensePolicyParams(allow_by_sa=True)), progress=False)
+    rows, outcomes, report = ingest(_params({"jamendo": sp}, policy=LicensePolicyParams(allow_by_sa=True)), progress=False)
     by_id = {r["track_id"]: r for r in rows}
     assert set(by_id) == {"jamendo:948", "jamendo:950"}
     assert by_id["jamendo:948"]["tags"] == ["instrument---synthesizer", "mood/theme---background"]
@@ -163,7 +165,7 @@ def test_same_audio_file_under_two_ids_is_a_duplicate(tmp_path: Path) -> None:
         encoding="utf-8",
     )
     _touch(tmp_path / "audio" / "Tune.opus")
-    rows, outcomes, _ = stage.ingest(_params({"wikimedia": SourceParams(lists=[str(lst)], audio_root=str(tmp_path / "audio"))}), progress=False)
+    rows, outcomes, _ = ingest(_params({"wikimedia": SourceParams(lists=[str(lst)], audio_root=str(tmp_path / "audio"))}), progress=False)
     assert [r["track_id"] for r in rows] == ["wikimedia:Tune.ogg"]
     dup = next(o for o in outcomes if o.track_id == "wikimedia:Tune_(copy).ogg")
     assert dup.reason == "duplicate" and "same audio file" in dup.detail
@@ -211,13 +213,13 @@ def test_missing_list_file_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.
 
 def test_download_url_choice() -> None:
     e = Entry(source="jamendo", track_id="jamendo:1", file="f", line=1, download_path="01/1.mp3")
-    assert stage._download_url("jamendo", SourceParams(), e, {"download_base_url": "https://cdn.example/audio"}) == "https://cdn.example/audio/01/1.mp3"
-    assert stage._download_url("jamendo", SourceParams(download_base_url="http://127.0.0.1:9/m/"), e, {"download_base_url": "x"}) == "http://127.0.0.1:9/m/01/1.mp3"
+    assert download_url("jamendo", SourceParams(), e, {"download_base_url": "https://cdn.example/audio"}) == "https://cdn.example/audio/01/1.mp3"
+    assert download_url("jamendo", SourceParams(download_base_url="http://127.0.0.1:9/m/"), e, {"download_base_url": "x"}) == "http://127.0.0.1:9/m/01/1.mp3"
     w = Entry(source="wikimedia", track_id="wikimedia:A b.ogg", file="f", line=1, download_path="Café tune.ogg")
-    assert stage._download_url("wikimedia", SourceParams(), w, {}) == "https://commons.wikimedia.org/wiki/Special:FilePath/Caf%C3%A9%20tune.ogg"
+    assert download_url("wikimedia", SourceParams(), w, {}) == "https://commons.wikimedia.org/wiki/Special:FilePath/Caf%C3%A9%20tune.ogg"
     w.download_url = "https://upload.wikimedia.org/x/Caf%C3%A9.ogg"
-    assert stage._download_url("wikimedia", SourceParams(), w, {}) == w.download_url
-    assert stage._download_url("fma", SourceParams(), Entry(source="fma", track_id="fma:x", file="f", line=1, download_path="x.mp3"), {}) is None
+    assert download_url("wikimedia", SourceParams(), w, {}) == w.download_url
+    assert download_url("fma", SourceParams(), Entry(source="fma", track_id="fma:x", file="f", line=1, download_path="x.mp3"), {}) is None
 
 
 class _Files(BaseHTTPRequestHandler):
@@ -254,7 +256,7 @@ def test_download_missing_audio_from_local_server(tmp_path: Path) -> None:
         }
         p = _params(sources, download=True)
         p.downloads.retries, p.downloads.backoff_seconds, p.downloads.timeout_seconds = 1, 0.01, 5.0
-        rows, outcomes, report = stage.ingest(p, progress=False)
+        rows, outcomes, report = ingest(p, progress=False)
     finally:
         srv.shutdown()
         srv.server_close()
@@ -282,7 +284,7 @@ def test_fma_list_and_metadata_csv_meet_by_page_url(tmp_path: Path) -> None:
     )
     _touch(tmp_path / "audio" / "000" / "000140.mp3")  # FMA's own layout, known from the CSV
     sp = SourceParams(lists=[str(lst)], metadata=[str(FIX / "native" / "raw_tracks.csv")], audio_root=str(tmp_path / "audio"))
-    rows, outcomes, report = stage.ingest(_params({"fma": sp}), progress=False)
+    rows, outcomes, report = ingest(_params({"fma": sp}), progress=False)
     (row,) = rows
     assert row["track_id"] == "fma:Field_Test/Demo_Album/Rooftops_at_Night"  # the list entry came first
     assert row["duration"] == 3725.0 and row["audio_path"].endswith("000/000140.mp3")  # merged from the CSV

@@ -1,399 +1,36 @@
 """ingest: song lists + metadata -> licence-checked manifest, attribution files and an audit.
 
-Reads only `params.ingest`. For every configured source it parses the seed-format lists and the
-native metadata files, normalises each licence, applies the policy, finds (or, with
-`ingest.download`, fetches) the audio under the source's audio_root, splits by artist and writes
+Reads only `params.ingest`. The decisions are pipeline.data.ingestion's (parse every configured
+source, apply the licence policy, find or fetch the audio, split by artist); this stage writes
 
     data/manifest.jsonl                      tracks that may be used (schema: pipeline/data/manifest.py)
     data/licenses/<SOURCE>_SONGS_LICENSE.md  attribution for exactly those tracks
     data/licenses/audit.json                 every entry: included, or excluded with its reason
     models/report/ingest.json                counts per source and reason (a DVC metric)
 
-One bad entry never stops the stage; it is excluded with one of the reasons in REASONS.
+One bad entry never stops the stage; it is excluded with one of the reasons in
+pipeline.data.ingest_outcome.REASONS.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import quote, unquote, urlsplit
-
-from tqdm import tqdm
 
 from pipeline.atomic import write_json, write_text
-from pipeline.data import licenses
-from pipeline.data.download import DownloadJob, download_many
+from pipeline.data.ingest_outcome import DUPLICATE, Outcome
+from pipeline.data.ingestion import IngestError, audit_document, ingest, metric_view
 from pipeline.data.manifest import write_manifest
 from pipeline.data.sources import SOURCES
-from pipeline.data.sources.base import (
-    Entry,
-    ParseResult,
-    Problem,
-    SourceFiles,
-    escapes_root,
-    is_checksum_file,
-    parse_checksums,
-)
-from pipeline.data.split import artist_group, split_of
-from pipeline.params import IngestParams, Params, SourceParams
+from pipeline.params import IngestParams, Params
 from pipeline.paths import AUDIT, MANIFEST
 from pipeline.paths import LICENSES as LICENSES_DIR
 
 log = logging.getLogger(__name__)
 
 REPORT = Path("models/report/ingest.json")
-
-LICENCE_NOT_ALLOWED = "licence not allowed"
-UNKNOWN_LICENCE = "unknown licence"
-AUDIO_MISSING = "audio missing"
-DUPLICATE = "duplicate"
-MALFORMED = "malformed"
-PATH_OUTSIDE = "path outside audio root"
-REASONS = (LICENCE_NOT_ALLOWED, UNKNOWN_LICENCE, AUDIO_MISSING, DUPLICATE, MALFORMED, PATH_OUTSIDE)
-
-
-class IngestError(RuntimeError):
-    """A configuration problem (a list that does not exist, an unknown source name)."""
-
-
-@dataclass
-class Outcome:
-    """What ingest decided for one entry (or one unusable record)."""
-
-    source: str
-    file: str
-    line: int
-    track_id: str | None
-    status: str = "excluded"  # included | excluded
-    reason: str = ""
-    detail: str = ""
-    entry: Entry | None = None
-    license: str = licenses.UNKNOWN
-    audio_path: str | None = None
-    sha256: str | None = None
-    split: str | None = None
-    notes: list[str] = field(default_factory=list)
-
-    def audit_record(self) -> dict:
-        e = self.entry
-        return {
-            "track_id": self.track_id,
-            "source": self.source,
-            "file": self.file,
-            "line": self.line,
-            "status": self.status,
-            "reason": self.reason or None,
-            "detail": self.detail or None,
-            "license": self.license if e else None,
-            "license_text": e.license_text if e else None,
-            "artist": e.artist if e else None,
-            "title": e.title if e else None,
-            "audio_path": self.audio_path,
-            "split": self.split,
-            "notes": (e.notes if e else []) + self.notes,
-        }
-
-
-# --------------------------------------------------------------------------- parsing
-
-
-def _need(path: str, what: str) -> Path:
-    p = Path(path)
-    if not p.is_file():
-        raise IngestError(f"{what}: {path} not found")
-    return p
-
-
-def parse_source(name: str, sp: SourceParams) -> ParseResult:
-    """Every list and metadata file configured for one source.
-
-    A metadata file in `sha256sum` format (MTG-Jamendo publishes one per subset) is not a song
-    list: it gives the expected sha256 of each audio path, checked when ingest downloads it.
-    """
-    if name not in SOURCES:
-        raise IngestError(f"ingest.sources.{name}: unknown source (known: {', '.join(SOURCES)})")
-    res = ParseResult()
-    sums: dict[str, str] = {}
-    metadata = []
-    for path in sp.metadata:
-        if is_checksum_file(_need(path, f"ingest.sources.{name}.metadata")):
-            got, problems = parse_checksums(Path(path))
-            sums.update(got)
-            for prob in problems:
-                prob.source = name
-            res.problems += problems
-        else:
-            metadata.append(path)
-    files = SourceFiles(
-        lists=[_need(path, f"ingest.sources.{name}.lists") for path in sp.lists],
-        metadata=[Path(path) for path in metadata],
-        licenses_file=_need(sp.licenses_file, f"ingest.sources.{name}.licenses_file") if sp.licenses_file else None,
-    )
-    res.extend(SOURCES[name].parse(files))
-    if sums:
-        res.meta["sha256"] = sums
-    log.info("%s: %d entries, %d unusable records", name, len(res.entries), len(res.problems))
-    return res
-
-
-def _page_key(url: str | None) -> str:
-    """A song page URL without scheme, 'www.', case of the host and trailing slash ('' if none)."""
-    if not url:
-        return ""
-    parts = urlsplit(url.strip())
-    host = parts.netloc.lower().removeprefix("www.")
-    return f"{host}{unquote(parts.path).rstrip('/')}" if host else ""
-
-
-def _merge(first: Entry, later: Entry) -> None:
-    """Fill what the first entry of a track lacks from a later one (tags are united)."""
-    for attr in ("artist", "title", "url", "duration", "artist_key"):
-        if getattr(first, attr) in (None, "") and getattr(later, attr) not in (None, ""):
-            setattr(first, attr, getattr(later, attr))
-    if licenses.normalize_license(first.license_text or first.license_url) == licenses.UNKNOWN and later.license_text:
-        first.license_text, first.license_url = later.license_text, later.license_url
-    first.tags = list(dict.fromkeys(first.tags + later.tags))
-    first.candidates = list(dict.fromkeys(first.candidates + later.candidates))
-
-
-# --------------------------------------------------------------------------- audio
-
-
-def _find_audio(root: Path, entry: Entry) -> Path | None:
-    for rel in entry.candidates:
-        p = root / rel
-        if p.is_file():
-            return p
-    return None
-
-
-def _download_url(name: str, sp: SourceParams, entry: Entry, meta: dict) -> str | None:
-    if sp.download_base_url:
-        base = sp.download_base_url
-    elif entry.download_url:
-        return entry.download_url
-    else:
-        base = meta.get("download_base_url") or SOURCES[name].download_base
-    if not base or not entry.download_path:
-        return None
-    return base.rstrip("/") + "/" + quote(entry.download_path, safe="/")
-
-
-# --------------------------------------------------------------------------- the stage
-
-
-def ingest(p: IngestParams, *, progress: bool = True) -> tuple[list[dict], list[Outcome], dict]:
-    """Decide every entry; returns (manifest rows, outcomes in list order, report)."""
-    outcomes, unique, metas = _collect(p)
-    check_audio_roots(p)
-    _exclude_paths_outside(unique, p)
-    _apply_policy(unique, p)
-    _resolve_audio(unique, p, metas, progress)
-    _drop_shared_files(unique)
-    rows = [_manifest_row(o, p) for o in unique if not o.reason]
-    report = _report(p, outcomes, rows)
-    report["meta"] = metas
-    return rows, outcomes, report
-
-
-def _collect(p: IngestParams) -> tuple[list[Outcome], list[Outcome], dict[str, dict]]:
-    """Parse every source; merge repeated tracks into their first entry (the rest: duplicates)."""
-    outcomes: list[Outcome] = []
-    by_id: dict[str, Outcome] = {}
-    by_page: dict[str, Outcome] = {}
-    metas: dict[str, dict] = {}
-    for name, sp in p.sources.items():
-        res = parse_source(name, sp)
-        metas[name] = res.meta
-        outcomes += [_malformed(prob) for prob in res.problems]
-        for e in res.entries:
-            # the same track under the same id, or under another id with the same page
-            # (an FMA list LINK and the metadata CSV's track_url)
-            first = by_id.get(e.track_id) or by_page.get(_page_key(e.url))
-            if first is not None:
-                _merge(first.entry, e)
-                outcomes.append(
-                    Outcome(e.source, e.file, e.line, e.track_id, reason=DUPLICATE, entry=e,
-                            detail=f"same track as {first.track_id} ({first.entry.where}); details merged there")
-                )
-                continue
-            o = Outcome(e.source, e.file, e.line, e.track_id, entry=e)
-            by_id[e.track_id] = o
-            if _page_key(e.url):
-                by_page[_page_key(e.url)] = o
-            outcomes.append(o)
-    return outcomes, list(by_id.values()), metas
-
-
-def check_audio_roots(p: IngestParams) -> None:
-    """Every source needs an existing audio_root (created when ingest.download fetches into it)."""
-    for name, sp in p.sources.items():
-        root = Path(sp.audio_root) if sp.audio_root else None
-        if root is None:
-            raise IngestError(f"ingest.sources.{name}.audio_root is empty")
-        if root.is_dir():
-            continue
-        if root.exists():
-            raise IngestError(f"ingest.sources.{name}.audio_root: {root} is not a folder")
-        if p.download:
-            log.info("ingest.sources.%s.audio_root %s does not exist yet: created for the downloads", name, root)
-            root.mkdir(parents=True, exist_ok=True)
-            continue
-        log.warning("ingest.sources.%s.audio_root: %s does not exist", name, root)
-        raise IngestError(
-            f"ingest.sources.{name}.audio_root: {root} does not exist (every track would be 'audio missing'); "
-            "fix the path, or set ingest.download: true to fetch the audio there"
-        )
-
-
-def _exclude_paths_outside(unique: list[Outcome], p: IngestParams) -> None:
-    """An entry whose audio path (or download target) could leave its audio_root is never used."""
-    for o in unique:
-        root = p.sources[o.source].audio_root
-        paths = list(o.entry.candidates) + ([o.entry.download_path] if o.entry.download_path else [])
-        bad = next((rel for rel in paths if escapes_root(root, rel)), None)
-        if bad is not None:
-            o.reason, o.detail = PATH_OUTSIDE, f"{bad!r} resolves outside {root}"
-
-
-def _apply_policy(unique: list[Outcome], p: IngestParams) -> None:
-    for o in unique:
-        if o.reason:
-            continue
-        e = o.entry
-        o.license = licenses.normalize_license(e.license_text or e.license_url)
-        allowed, why = licenses.decide(o.license, p.policy)
-        if not allowed:
-            o.reason = UNKNOWN_LICENCE if o.license == licenses.UNKNOWN else LICENCE_NOT_ALLOWED
-            o.detail = why if o.license != licenses.UNKNOWN else f"cannot read a licence from {e.license_text!r}"
-
-
-def _resolve_audio(unique: list[Outcome], p: IngestParams, metas: dict[str, dict], progress: bool) -> None:
-    """Local files first; with ingest.download, fetch what is missing (allowed tracks only)."""
-    candidates = [o for o in unique if not o.reason]
-    missing: list[Outcome] = []
-    for o in tqdm(candidates, desc="finding audio", unit="song", disable=not progress or len(candidates) < 1000):
-        found = _find_audio(Path(p.sources[o.source].audio_root), o.entry)
-        if found is None:
-            missing.append(o)
-        else:
-            o.audio_path = found.as_posix()
-    if p.download and missing:
-        _fetch(p, missing, metas, progress)
-    for o in missing:
-        if o.audio_path is None and not o.reason:
-            o.reason = AUDIO_MISSING
-            tried = ", ".join((Path(p.sources[o.source].audio_root) / c).as_posix() for c in o.entry.candidates[:3])
-            o.detail = o.detail or f"no file at {tried}"
-
-
-def _drop_shared_files(unique: list[Outcome]) -> None:
-    """The same audio file listed under two ids is one track: the later id is a duplicate."""
-    by_file: dict[str, Outcome] = {}
-    for o in unique:
-        if o.reason or o.audio_path is None:
-            continue
-        key = str(Path(o.audio_path).resolve())
-        if key in by_file:
-            o.reason, o.detail = DUPLICATE, f"same audio file as {by_file[key].track_id} ({by_file[key].entry.where})"
-            continue
-        by_file[key] = o
-
-
-def _split_group(e: Entry) -> str:
-    """The artist's name groups the split; a dataset's artist id only when no name is known.
-
-    Names are what every list and metadata file share (ids exist only in some of them), so a song
-    known by name in one list and by id in another still lands beside the artist's other songs."""
-    group = artist_group(e.artist, e.track_id)
-    if group.startswith("track:") and e.artist_key:
-        group = artist_group(e.artist_key, e.track_id)
-    return group
-
-
-def _manifest_row(o: Outcome, p: IngestParams) -> dict:
-    e = o.entry
-    o.status = "included"
-    o.split = split_of(_split_group(e), p.val_ratio, p.split_salt)
-    return {
-        "track_id": e.track_id,
-        "source": e.source,
-        "artist": e.artist,
-        "title": e.title,
-        "audio_path": o.audio_path,
-        "license": o.license,
-        "license_url": e.license_url or licenses.canonical_url(o.license) or None,
-        "url": e.url,
-        "split": o.split,
-        "tags": e.tags,
-        "duration": e.duration,
-        "source_path": e.source_path,
-        "sha256": o.sha256,
-    }
-
-
-def _malformed(prob: Problem) -> Outcome:
-    return Outcome(prob.source, prob.file, prob.line, None, reason=MALFORMED, detail=prob.detail,
-                   notes=[prob.text] if prob.text else [])
-
-
-def _fetch(p: IngestParams, missing: list[Outcome], metas: dict[str, dict], progress: bool) -> None:
-    jobs, owners = [], []
-    for o in missing:
-        sp = p.sources[o.source]
-        url = _download_url(o.source, sp, o.entry, metas.get(o.source, {}))
-        if url is None:
-            o.detail = f"no download URL for {o.source} (set ingest.sources.{o.source}.download_base_url)"
-            continue
-        if escapes_root(sp.audio_root, o.entry.download_path):  # (excluded earlier; never write outside)
-            o.reason, o.detail = PATH_OUTSIDE, f"{o.entry.download_path!r} resolves outside {sp.audio_root}"
-            continue
-        expected = metas.get(o.source, {}).get("sha256", {}).get(o.entry.download_path)
-        jobs.append(DownloadJob(url, Path(sp.audio_root) / o.entry.download_path, expected))
-        owners.append(o)
-    if not jobs:
-        return
-    d = p.downloads
-    log.info("fetching %d missing audio files (%d at a time)", len(jobs), d.concurrency)
-    results = download_many(jobs, d.concurrency, retries=d.retries, backoff=d.backoff_seconds,
-                            timeout=d.timeout_seconds, progress=progress, max_bytes=int(d.max_megabytes * 2**20))
-    for o, r in zip(owners, results):
-        if r.ok:
-            o.audio_path, o.sha256 = r.job.dest.as_posix(), r.sha256
-        else:
-            o.detail = f"download failed: {r.error}"
-
-
-def _report(p: IngestParams, outcomes: list[Outcome], rows: list[dict]) -> dict:
-    def block(source: str | None) -> dict:
-        outs = [o for o in outcomes if source is None or o.source == source]
-        rs = [r for r in rows if source is None or r["source"] == source]
-        reasons = Counter(o.reason for o in outs if o.status == "excluded")
-        return {
-            "entries": len(outs),
-            "included": len(rs),
-            "train": sum(r["split"] == "train" for r in rs),
-            "val": sum(r["split"] == "val" for r in rs),
-            "excluded": {reason: reasons.get(reason, 0) for reason in REASONS},
-            "licenses": dict(sorted(Counter(r["license"] for r in rs).items())),
-        }
-
-    report = block(None)
-    report["sources"] = {name: block(name) for name in p.sources}
-    return report
-
-
-def metric_view(report: dict) -> dict:
-    """The DVC metric: a few counts with keys free of spaces and dots, so `dvc exp show` stays
-    readable. The per-source and per-licence breakdown is in audit.json's "counts"."""
-    metric = {k: report[k] for k in ("entries", "included", "train", "val")}
-    metric["excluded"] = {reason.replace(" ", "_"): n for reason, n in report["excluded"].items()}
-    metric["included_per_source"] = {name: b["included"] for name, b in report["sources"].items()}
-    return metric
 
 
 def write_outputs(rows: list[dict], outcomes: list[Outcome], report: dict, p: IngestParams,
@@ -406,12 +43,7 @@ def write_outputs(rows: list[dict], outcomes: list[Outcome], report: dict, p: In
         base = p.sources[name].download_base_url or report.get("meta", {}).get(name, {}).get("download_base_url", "")
         # a new file renamed into place: the old one may be a link into DVC's cache, never written through
         write_text(licenses_dir / source.attribution_file, source.attribution(mine, base))
-    audit = {
-        "policy": {k: getattr(p.policy, k) for k in vars(p.policy)},
-        "counts": {k: v for k, v in report.items() if k != "meta"},
-        "entries": [o.audit_record() for o in outcomes],
-    }
-    write_json(licenses_dir / "audit.json", audit, indent=1)
+    write_json(licenses_dir / "audit.json", audit_document(outcomes, report, p), indent=1)
     report_path.parent.mkdir(parents=True, exist_ok=True)
     metric = metric_view(report)
     write_json(report_path, metric)
@@ -424,15 +56,8 @@ def _log_summary(report: dict) -> None:
         log.info("%-10s %8d %8d %6d %6d  %s", name, b["entries"], b["included"], b["train"], b["val"], ex)
 
 
-def run(params: Params, args: argparse.Namespace) -> int:
-    p = params.ingest
-    try:
-        rows, outcomes, report = ingest(p)
-    except IngestError as exc:
-        log.error("%s", exc)
-        return 2
-    write_outputs(rows, outcomes, report, p)
-    _log_summary(report)
+def _log_exclusions(outcomes: list[Outcome]) -> None:
+    """The first 20 exclusions of each reason (duplicates aside); the audit has them all."""
     shown: Counter = Counter()
     for o in outcomes:
         if o.status == "excluded" and o.reason != DUPLICATE:
@@ -442,6 +67,18 @@ def run(params: Params, args: argparse.Namespace) -> int:
     for reason, n in shown.items():
         if n > 20:
             log.info("… and %d more '%s' entries in %s", n - 20, reason, AUDIT)
+
+
+def run(params: Params, args: argparse.Namespace) -> int:
+    p = params.ingest
+    try:
+        rows, outcomes, report = ingest(p)
+    except IngestError as exc:
+        log.error("%s", exc)
+        return 2
+    write_outputs(rows, outcomes, report, p)
+    _log_summary(report)
+    _log_exclusions(outcomes)
     if not rows:
         log.error("no track passed the licence policy with its audio present; see %s", AUDIT)
         return 1
