@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.evaluation import metrics as M
+from pipeline.evaluation.held_out_text import text_fidelity
 from pipeline.evaluation.audio_scores import AudioResult
 from pipeline.evaluation.errors import EvaluateError
 from pipeline.evaluation.students import Students
@@ -29,11 +30,11 @@ def evaluate_text(students: Students, text_sets: dict[str, tuple[list[str], np.n
         if name not in text_sets or not len(text_sets[name][0]):
             continue
         queries, teacher_emb = text_sets[name]
-        student = students.text_embed(queries)
+        fig = text_fidelity(students.text_embed(queries), teacher_emb, train_mean)  # as distill_text scores them
         report[name] = {
             "n": len(queries),
-            "cosine": M.summarize(M.cosine_rows(student, teacher_emb))["mean"],
-            "centred": M.summarize(M.centred_cosine_rows(student, teacher_emb, train_mean))["mean"],
+            "cosine": fig["cosine"]["mean"],
+            "centred": fig["centred"]["mean"],
             "baseline_cosine": M.summarize(M.mean_baseline_rows(teacher_emb, train_mean)[0])["mean"],
         }
     return report
