@@ -60,15 +60,8 @@ def _stage_runner(args: argparse.Namespace) -> int | None:
     return module.run(params, args)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="student-clap",
-        description="Distil LAION-CLAP into small ONNX audio and text students.",
-    )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    # ---- pipeline stages (what dvc.yaml runs)
+def _stage_commands(sub: argparse._SubParsersAction) -> None:
+    """The pipeline stages dvc.yaml runs, and `check`."""
     run = sub.add_parser("run", help="run one pipeline stage (dvc.yaml calls these)")
     run.add_argument("stage", choices=STAGES)
     run.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
@@ -84,7 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
     check.set_defaults(func=_call("pipeline.check", "main"))
 
-    # ---- data tools
+
+def _data_commands(sub: argparse._SubParsersAction) -> None:
+    """The demo, licence and mel-cache tools."""
     demo = sub.add_parser("demo", help="the embedded offline demo")
     demo_sub = demo.add_subparsers(dest="demo_command", required=True)
     synth = demo_sub.add_parser("synth", help="(re)generate the CC0 demo songs deterministically")
@@ -108,7 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--out", required=True)
     merge.set_defaults(func=_call("pipeline.data.mel_cache", "merge_main"))
 
-    # ---- teacher tools
+
+def _teacher_commands(sub: argparse._SubParsersAction) -> None:
+    """Teacher fetch, convert and merge."""
     teacher = sub.add_parser("teacher", help="teacher checkpoint tools")
     t_sub = teacher.add_subparsers(dest="teacher_command", required=True)
     fetch = t_sub.add_parser("fetch", help="download the LAION-CLAP checkpoint and roberta-base tokenizer")
@@ -132,7 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     tmerge.add_argument("--mels", default="data/mels.h5", help="the mel cache the shards were made from")
     tmerge.set_defaults(func=_call("pipeline.stages.teacher", "merge_main"))
 
-    # ---- student tools
+
+def _student_commands(sub: argparse._SubParsersAction) -> None:
+    """Pretrained weights and training checkpoints."""
     weights = sub.add_parser("weights", help="EfficientAT pretrained weights")
     w_sub = weights.add_subparsers(dest="weights_command", required=True)
     wf = w_sub.add_parser(
@@ -159,7 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     for p in (c_ls, c_show, c_reset):
         p.set_defaults(func=_call("pipeline.training.checkpoint", "main"))
 
-    # ---- use the exported models (onnxruntime only)
+
+def _runtime_commands(sub: argparse._SubParsersAction) -> None:
+    """Embed, index and search with the exported models (onnxruntime only)."""
     embed = sub.add_parser("embed", help="embed audio files with the exported ONNX student")
     embed.add_argument("files", nargs="+")
     embed.add_argument("--out", required=True, help=".npz (paths + vectors), .npy (+ .paths.jsonl naming its rows) or .jsonl output")
@@ -189,6 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     for p in (embed, index, search):
         p.add_argument("--threads", type=int, default=None, help="onnxruntime threads (default: all cores)")
 
+
+def _report_commands(sub: argparse._SubParsersAction) -> None:
+    """Compare, results and deps."""
     comp = sub.add_parser("compare", help="teacher vs exported student on any music folder: same-space figures, "
                                           "zero-shot, caption recall")
     comp.add_argument("folder", help="folder of songs (searched recursively)")
@@ -219,6 +223,20 @@ def build_parser() -> argparse.ArgumentParser:
     deps.add_argument("--write", action="store_true", help="rewrite the pipeline/ entries of every stage's deps from the code")
     deps.set_defaults(func=_call("pipeline.deps", "main"))
 
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="student-clap",
+        description="Distil LAION-CLAP into small ONNX audio and text students.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _stage_commands(sub)
+    _data_commands(sub)
+    _teacher_commands(sub)
+    _student_commands(sub)
+    _runtime_commands(sub)
+    _report_commands(sub)
     return parser
 
 
