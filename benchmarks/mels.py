@@ -76,7 +76,7 @@ def cpu_seconds() -> float:
 def run_ours(tracks: list[Path], work: Path, params: Params) -> dict:
     import torch
 
-    from pipeline.stages.mels import Task, TrackProcessor, _run_one
+    from pipeline.data.mel_extraction import TrackJob, TrackProcessor, extract_to_part
 
     torch.set_num_threads(1)
     cparams = mel_cache.cache_params(params.audio, params.frontend, 0.0)
@@ -86,7 +86,7 @@ def run_ours(tracks: list[Path], work: Path, params: Params) -> dict:
     c0, w0 = cpu_seconds(), time.perf_counter()
     minutes = 0.0
     for i, path in enumerate(tracks):
-        r = _run_one(proc, Task(i, f"bench:{i}", str(path)), parts, compression, "b")
+        r = extract_to_part(proc, TrackJob(i, f"bench:{i}", str(path)), parts, compression, "b")
         if not r.ok:
             raise RuntimeError(f"{path}: {r.reason}")
         minutes += r.duration / 60.0
@@ -131,7 +131,7 @@ def run_old(tracks: list[Path], work: Path, params: Params) -> dict:
     import h5py
     import torch
 
-    from pipeline.stages.mels import Task, TrackProcessor
+    from pipeline.data.mel_extraction import TrackJob, TrackProcessor
 
     torch.set_num_threads(1)
     cparams = mel_cache.cache_params(params.audio, params.frontend, 0.0)
@@ -142,7 +142,7 @@ def run_old(tracks: list[Path], work: Path, params: Params) -> dict:
     for i, path in enumerate(tracks):
         parts.append(work / f"old-part-{i}.h5")
         w = PerSegmentWriter(parts[-1], cparams, compression)
-        r = proc.process(Task(i, f"bench:{i}", str(path)), w)
+        r = proc.process(TrackJob(i, f"bench:{i}", str(path)), w)
         w.close()
         if not r.ok:
             raise RuntimeError(f"{path}: {r.reason}")
@@ -226,7 +226,7 @@ def storage_sweep(tracks: list[Path], work: Path, params: Params, n_random: int 
     """Write and read the same computed segments with every SWEEP setting."""
     import torch
 
-    from pipeline.stages.mels import Task, TrackProcessor
+    from pipeline.data.mel_extraction import TrackJob, TrackProcessor
 
     torch.set_num_threads(1)
     cparams = mel_cache.cache_params(params.audio, params.frontend, 0.0)
@@ -234,7 +234,7 @@ def storage_sweep(tracks: list[Path], work: Path, params: Params, n_random: int 
     captured = []
     for i, path in enumerate(tracks):
         cap = Capture()
-        r = proc.process(Task(i, f"bench:{i}", str(path)), cap)
+        r = proc.process(TrackJob(i, f"bench:{i}", str(path)), cap)
         if not r.ok:
             raise RuntimeError(f"{path}: {r.reason}")
         captured.append(cap)
@@ -300,10 +300,10 @@ def long_track_memory(minutes: float, work: Path, src: Path) -> dict:
         "from pathlib import Path\n"
         "from pipeline.data import mel_cache\n"
         "from pipeline.params import Params\n"
-        "from pipeline.stages.mels import Task, TrackProcessor, _run_one\n"
+        "from pipeline.data.mel_extraction import TrackJob, TrackProcessor, extract_to_part\n"
         "p = Params(); cp = mel_cache.cache_params(p.audio, p.frontend, 0.0)\n"
         "t = time.perf_counter()\n"
-        "r = _run_one(TrackProcessor({'params': cp}), Task(0, 'long', %r), Path(%r), mel_cache.Compression(), 'L')\n"
+        "r = extract_to_part(TrackProcessor({'params': cp}), TrackJob(0, 'long', %r), Path(%r), mel_cache.Compression(), 'L')\n"
         "print(json.dumps({'ok': r.ok, 'reason': r.reason, 'segments': r.n_segments, 'seconds': time.perf_counter() - t,\n"
         "                  'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))\n"
     ) % (str(Path(__file__).resolve().parents[1]), str(path), str(work / "long.parts"))

@@ -220,8 +220,8 @@ def computed(tmp_path_factory):
     front-end batch, an end-aligned 19th window off the hop grid) and a 4-s repeat-padded one."""
     import soundfile as sf
 
+    from pipeline.data.mel_extraction import TrackJob, TrackProcessor
     from pipeline.params import Params
-    from pipeline.stages.mels import Task, TrackProcessor
 
     root = tmp_path_factory.mktemp("computed")
     rng = np.random.default_rng(7)
@@ -235,11 +235,11 @@ def computed(tmp_path_factory):
     proc = TrackProcessor({"params": cparams})
     old, parts = {}, []
     for i, name in enumerate(("long", "short")):
-        task = Task(i, f"t:{name}", str(root / f"{name}.wav"))
-        old[task.track_id] = _PerSegment()
-        assert proc.process(task, old[task.track_id]).ok
+        job = TrackJob(i, f"t:{name}", str(root / f"{name}.wav"))
+        old[job.track_id] = _PerSegment()
+        assert proc.process(job, old[job.track_id]).ok
         w = PartWriter(root / "parts", cparams, Compression("gzip", 1, True))
-        assert proc.process(task, w).ok
+        assert proc.process(job, w).ok
         parts.append(w.publish())
     done = mel_cache.completed_tracks(parts, cparams)
     entries = [(done[t][1], done[t][2]) for t in ("t:long", "t:short")]

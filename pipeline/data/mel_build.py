@@ -1,0 +1,168 @@
+"""Manifest audio -> the mel cache and its report: resume, compute every track, merge in manifest order.
+
+Tracks already in a published part file or in the previous cache are reused when their audio is
+unchanged; the others are computed (pipeline/data/mel_extraction.py) serially or by worker processes
+(pipeline/data/mel_workers.py); every finished track is then merged, in manifest order, into the
+cache (atomic rename) and the report lists failed and flagged tracks.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from pipeline.data import decode_notes, mel_cache
+from pipeline.data.manifest import read_manifest
+from pipeline.data.mel_extraction import TrackJob, TrackResult
+from pipeline.data.mel_workers import TrackProgress, run_jobs
+from pipeline.hashing import sha256_file
+from pipeline.params import Params
+
+log = logging.getLogger(__name__)
+
+
+class MelInputError(ValueError):
+    """The manifest cannot be read or lists a track id more than once (the message names the file)."""
+
+
+def load_jobs(manifest_path: Path, shard: tuple[int, int] | None = None) -> list[TrackJob]:
+    """One job per manifest row, or per row of slice k of n; raises MelInputError on a bad manifest."""
+    try:
+        rows = read_manifest(manifest_path)
+    except (OSError, ValueError) as exc:  # ManifestError is a ValueError naming file and line
+        raise MelInputError(str(exc)) from exc
+    jobs = [TrackJob(i, str(r["track_id"]), str(r["audio_path"])) for i, r in enumerate(rows)]
+    if shard:
+        k, n = shard
+        jobs = [job for job in jobs if job.manifest_index % n == k]
+        log.info("shard %d/%d: %d of %d tracks", k, n, len(jobs), len(rows))
+    if len({job.track_id for job in jobs}) != len(jobs):
+        raise MelInputError(f"{manifest_path} lists a track id more than once")
+    return jobs
+
+
+def _finished_tracks(parts_dir: Path, cache_path: Path, cparams: dict) -> dict:
+    """Tracks complete in a published part file or in the previous cache."""
+    sources = sorted(parts_dir.glob("*.h5")) + ([cache_path] if cache_path.exists() else [])
+    return mel_cache.completed_tracks(sources, cparams)
+
+
+def jobs_to_compute(jobs: list[TrackJob], parts_dir: Path, cache_path: Path, cparams: dict) -> tuple[list[TrackJob], int]:
+    """The jobs still to compute and how many are reused: a finished track is reused if its audio is unchanged."""
+    done = _finished_tracks(parts_dir, cache_path, cparams)
+    todo, reused = [], 0
+    for job in jobs:
+        prev = done.get(job.track_id)
+        if prev and Path(job.audio_path).is_file() and prev[0] == sha256_file(job.audio_path):
+            reused += 1
+        else:
+            todo.append(job)
+    return todo, reused
+
+
+def _compute(cfg: dict, todo: list[TrackJob], workers: int) -> list[TrackResult]:
+    progress = TrackProgress(len(todo))
+    try:
+        return run_jobs(cfg, todo, workers, progress)
+    finally:
+        progress.close()
+
+
+def _merge(jobs: list[TrackJob], results: list[TrackResult], parts_dir: Path, cache_path: Path, cparams: dict,
+           compression: mel_cache.Compression, chunk_frames: int, report_path: Path) -> tuple[list, list[dict]]:
+    """Merge every finished track, in manifest order, into the cache (atomic rename); the merged
+    entries and the kept tracks whose decode was patched."""
+    done = _finished_tracks(parts_dir, cache_path, cparams)
+    failed = {r.track_id for r in results if not r.ok}
+    entries = [(done[j.track_id][1], done[j.track_id][2]) for j in jobs if j.track_id in done and j.track_id not in failed]
+    kept = [(j.track_id, j.audio_path) for j in jobs if j.track_id in done and j.track_id not in failed]
+    flagged = decode_notes.flagged_tracks(kept, {r.track_id: r.notes for r in results if r.ok},
+                                          decode_notes.saved_notes(parts_dir), decode_notes.previous_flags(report_path))
+    if entries:
+        mel_cache.write_cache(cache_path, cparams, compression, entries, chunk_frames)
+        shutil.rmtree(parts_dir, ignore_errors=True)
+    return entries, flagged
+
+
+def build_mel_cache(params: Params, manifest_path: Path, cache_path: Path, report_path: Path,
+                    shard: tuple[int, int] | None = None) -> dict:
+    """Compute the mels of every manifest track (or of shard k of n) into cache_path, write the report
+    to report_path and return it; raises MelInputError on a bad manifest. Judge it with failure_verdict."""
+    t0 = time.monotonic()
+    p = params.mels
+    jobs = load_jobs(manifest_path, shard)
+    cparams = mel_cache.cache_params(params.audio, params.frontend, p.max_track_minutes)
+    compression = mel_cache.Compression(p.compression, p.compression_level, True)
+    parts_dir = mel_cache.parts_dir_for(cache_path)
+    parts_dir.mkdir(parents=True, exist_ok=True)
+    stale = mel_cache.clean_temporaries(parts_dir)
+    if stale:
+        log.info("removed %d half-written part(s) of an interrupted run", stale)
+    todo, reused = jobs_to_compute(jobs, parts_dir, cache_path, cparams)
+    if reused:
+        log.info("resuming: %d track(s) already done, %d to compute", reused, len(todo))
+    log.info("computing mels of %d track(s) with %d worker(s) into %s", len(todo), max(1, p.workers), cache_path)
+    cfg = {"params": cparams, "compression": asdict(compression), "parts_dir": str(parts_dir),
+           "chunk_frames": p.chunk_frames}
+    results = _compute(cfg, todo, p.workers)
+    entries, flagged = _merge(jobs, results, parts_dir, cache_path, cparams, compression, p.chunk_frames, report_path)
+    failures = [r for r in results if not r.ok]
+    report = build_report(jobs, entries, failures, reused, time.monotonic() - t0, cache_path, compression)
+    report["tracks_flagged"], report["flagged"] = len(flagged), flagged
+    _write_report(report_path, report)
+    for r in failures:
+        log.warning("skipped %s (%s): %s", r.track_id, r.kind, r.reason)
+    for f in flagged:
+        log.warning("kept %s, flagged: %s", f["track_id"], "; ".join(f["notes"]))
+    log.info("mels: %d/%d tracks usable, %d segments, %.1f audio-minutes, %d failed; report in %s",
+             report["tracks_ok"], len(jobs), report["segments"], report["audio_minutes"], len(failures), report_path)
+    return report
+
+
+def _write_report(path: Path, report: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def failure_verdict(report: dict, max_failure_ratio: float, report_path: Path) -> str | None:
+    """Why the run failed (no usable track, or too many failed tracks), or None when it did not."""
+    if not report["tracks_ok"]:
+        return f"no usable track: nothing to train on (see {report_path})"
+    ratio = report["tracks_failed"] / max(1, report["tracks_total"])
+    if ratio > max_failure_ratio:
+        return (f"{100 * ratio:.0f}% of the tracks failed, more than mels.max_failure_ratio="
+                f"{100 * max_failure_ratio:.0f}% (see {report_path})")
+    return None
+
+
+def build_report(jobs: list[TrackJob], entries: list, failures: list[TrackResult], reused: int, seconds: float,
+                 cache_path: Path, compression: mel_cache.Compression) -> dict:
+    by_kind: dict[str, int] = {}
+    for r in failures:
+        by_kind[r.kind] = by_kind.get(r.kind, 0) + 1
+    minutes = sum(rec.duration for _, rec in entries) / 60.0
+    size = cache_path.stat().st_size if cache_path.exists() and entries else 0
+    return {
+        "tracks_total": len(jobs),
+        "tracks_ok": len(entries),
+        "tracks_reused": reused,
+        "tracks_failed": len(failures),
+        "failure_ratio": round(len(failures) / max(1, len(jobs)), 4),
+        "failures_by_kind": by_kind,
+        "segments": int(sum(rec.n_segments for _, rec in entries)),
+        "audio_minutes": round(minutes, 3),
+        "seconds": round(seconds, 2),
+        "cache_bytes": size,
+        "bytes_per_audio_minute": round(size / minutes) if minutes else 0,
+        "compression": compression.describe(),
+        "failures": [
+            {"track_id": r.track_id, "audio_path": r.audio_path, "kind": r.kind, "reason": r.reason} for r in failures
+        ],
+    }
