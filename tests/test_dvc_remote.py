@@ -8,6 +8,8 @@ and holds byte-identical embeddings.
 from __future__ import annotations
 
 import hashlib
+import os
+import subprocess
 import sys
 from pathlib import Path
 
