@@ -84,7 +84,10 @@ def results_markdown(metrics: Mapping[str, Any]) -> str:
         return "No evaluation report yet (run `dvc repro evaluate`)."
     teacher = metrics.get("teacher") or {}
     if teacher.get("kind") == "demo":
-        who = "the offline demo teacher (seeded random weights: these figures test the pipeline, not music understanding)"
+        who = ("the offline demo teacher (a small CLAP trained on synthetic songs: it knows only their lead "
+               "instrument, drums, tempo and key, nothing about real music)")
+    elif teacher.get("kind") == "demo_random":
+        who = "a seeded random demo teacher (these figures test the pipeline, not music understanding)"
     else:
         who = f"LAION-CLAP (`{teacher.get('source') or 'checkpoint'}`)" if teacher else "the teacher"
     parts = [f"Measured against {who}.", "**Audio**", audio_table(metrics.get("audio", {"skipped": True, "reason": "not evaluated"})),
@@ -139,10 +142,14 @@ def describe_teacher(teacher: Mapping[str, Any]) -> str:
     common = ("They map audio and text into the teacher's 512-d embedding space, so the cosine between "
               "an audio and a text embedding ranks songs for a text query. They run with onnxruntime alone.")
     if teacher.get("kind") == "demo":
-        return ("Small students distilled from the **offline demo teacher**: a small CLAP model with seeded "
-                "random weights that stands in for LAION-CLAP so the pipeline runs without downloads. "
-                "These files show the pipeline works; their figures say nothing about music understanding. "
-                + common)
+        return ("Small students distilled from the **offline demo teacher**: a small CLAP model trained on "
+                "synthesised songs that stands in for LAION-CLAP so the pipeline runs without downloads. It "
+                "knows only the synthetic attributes (lead instrument among eight, drums or none, slow or "
+                "fast, major or minor), so these files show the pipeline and the distillation work, not "
+                "real music understanding. " + common)
+    if teacher.get("kind") == "demo_random":
+        return ("Small students distilled from a **seeded random demo teacher** that stands in for LAION-CLAP "
+                "in tests. Their figures say nothing about music understanding. " + common)
     source = teacher.get("source") or "music_audioset_epoch_15_esc_90.14.pt"
     return (f"Small students distilled from the LAION-CLAP music model (`{source}`: HTSAT-base audio and "
             "RoBERTa text towers). " + common)
