@@ -218,7 +218,7 @@ def caption(music: Music, rng: np.random.Generator) -> tuple[str, dict[str, obje
                  if rng.random() < p}
         if named:
             break
-    pick = lambda words: str(words[int(rng.integers(len(words)))])  # noqa: E731
+    pick = lambda words: str(words[int(rng.integers(len(words)))])
     inst = pick(INSTRUMENT_WORDS[music.lead]) if "lead" in named else None
     drums = pick(DRUM_WORDS[music.drums]) if "drums" in named else None
     adjs = [pick(TEMPO_WORDS[music.tempo])] if "tempo" in named else []

@@ -98,7 +98,13 @@ def _lossy_round_trip(wave: np.ndarray, sr: int, codec: str) -> np.ndarray:
 
 def clip_mels(specs: list[ClipSpec], desc: str = "clips") -> torch.Tensor:
     """Teacher log-mels [N, 1001, 64] (fp16) of the clips, through the pipeline's audio path."""
-    from pipeline.audio import int16_to_float, repeat_pad, resample_int16, segment_length, to_int16
+    from pipeline.audio import (
+        int16_to_float,
+        repeat_pad,
+        resample_int16,
+        segment_length,
+        to_int16,
+    )
     from pipeline.frontends import TeacherMel
 
     mel = TeacherMel().eval()
@@ -164,9 +170,16 @@ def multi_positive_loss(audio: torch.Tensor, text: torch.Tensor, fit: torch.Tens
 
 def class_prompts(name: str, rng: np.random.Generator) -> list[str]:
     """One freshly worded prompt per class of an attribute, for the classification term of the loss."""
-    from pipeline.demo_audio import DRUM_WORDS, INSTRUMENT_WORDS, MODE_KEY, MODE_WORDS, NOUNS, TEMPO_WORDS
+    from pipeline.demo_audio import (
+        DRUM_WORDS,
+        INSTRUMENT_WORDS,
+        MODE_KEY,
+        MODE_WORDS,
+        NOUNS,
+        TEMPO_WORDS,
+    )
 
-    pick = lambda words: str(words[int(rng.integers(len(words)))])  # noqa: E731
+    pick = lambda words: str(words[int(rng.integers(len(words)))])
     noun = pick(NOUNS)
     if name == "instrument":
         form = int(rng.integers(3))
@@ -237,7 +250,11 @@ def train_demo_teacher(d: DemoTeacherParams, t: DemoTrainParams, params: Params 
     """Train, evaluate on held-out clips, write the teacher folder; returns the report.
 
     `instruments` narrows the lead instruments (the quick test trains on two)."""
-    from pipeline.teacher import build_demo_tokenizer, demo_clap_model, write_teacher_dir
+    from pipeline.teacher import (
+        build_demo_tokenizer,
+        demo_clap_model,
+        write_teacher_dir,
+    )
 
     start_cpu, start_wall = _cpu_seconds(), time.time()
     if t.threads > 0:

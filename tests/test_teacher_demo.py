@@ -108,7 +108,12 @@ def test_committed_teacher_knows_the_attributes_on_fresh_clips() -> None:
 
 
 def test_committed_tokenizer_covers_captions_and_query_terms() -> None:
-    from pipeline.demo_audio import DRUM_WORDS, INSTRUMENT_WORDS, MODE_WORDS, TEMPO_WORDS
+    from pipeline.demo_audio import (
+        DRUM_WORDS,
+        INSTRUMENT_WORDS,
+        MODE_WORDS,
+        TEMPO_WORDS,
+    )
     from pipeline.teacher import load_tokenizer
 
     tok = load_tokenizer(_committed() / "tokenizer.json")

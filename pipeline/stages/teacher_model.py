@@ -14,7 +14,12 @@ import logging
 from pathlib import Path
 
 from pipeline.params import Params
-from pipeline.teacher import TeacherError, build_demo_teacher, install_demo_teacher, sha256_file
+from pipeline.teacher import (
+    TeacherError,
+    build_demo_teacher,
+    install_demo_teacher,
+    sha256_file,
+)
 
 log = logging.getLogger(__name__)
 
