@@ -85,6 +85,12 @@ def _data_commands(sub: argparse._SubParsersAction) -> None:
     synth = demo_sub.add_parser("synth", help="(re)generate the CC0 demo songs deterministically")
     synth.add_argument("--out", default="data/demo/audio", help="output folder (default: %(default)s)")
     synth.set_defaults(func=_call("pipeline.data.demo_audio", "main"))
+    dteacher = demo_sub.add_parser(
+        "teacher", help="train the demo teacher on synthetic clips and print its held-out zero-shot accuracy"
+    )
+    dteacher.add_argument("--params", default="params.yaml", help="teacher.model.demo settings (default: %(default)s)")
+    dteacher.add_argument("--out", default=None, help="teacher folder (default: teacher.model.demo.weights_dir)")
+    dteacher.set_defaults(func=_call("pipeline.teacher.demo", "main"))
 
     lic = sub.add_parser("licenses", help="licence tools")
     lic_sub = lic.add_subparsers(dest="licenses_command", required=True)

@@ -119,18 +119,43 @@ class MelsParams:
 
 
 @dataclass
+class DemoTrainParams:
+    """How `student-clap demo teacher` trains the demo teacher (pipeline.teacher.demo)."""
+
+    clips: int = 640  # synthetic 10-s training clips, every attribute combination equally often
+    val_clips: int = 128  # held-out clips (other seeds) for the zero-shot accuracy it prints
+    epochs: int = 25
+    batch_size: int = 32
+    lr: float = 0.003
+    weight_decay: float = 0.01
+    logit_scale: float = 14.3  # 1 / temperature of the contrastive loss (CLAP starts at 1 / 0.07)
+    codec_share: float = 0.5  # share of clips sent through a low-bitrate MP3/Vorbis round trip
+    seed: int = 0
+    threads: int = 2  # torch CPU threads (0 = torch's default)
+
+
+@dataclass
 class DemoTeacherParams:
-    """Shape of the seeded random ClapModel used by the offline demo."""
+    """The offline demo teacher: its shape, where its trained weights are committed, how they were trained.
+
+    source demo: the trained weights in weights_dir (checked against weights_sha256) are installed;
+    source demo_random: a seeded random ClapModel of this shape is built instead."""
 
     seed: int = 0
-    audio_depths: list[int] = field(default_factory=lambda: [1, 1, 1, 1])
-    audio_heads: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
-    audio_patch_hidden: int = 16
+    audio_depths: list[int] = field(default_factory=lambda: [1, 1, 1])
+    audio_heads: list[int] = field(default_factory=lambda: [2, 4, 8])
+    audio_patch_hidden: int = 32
+    # HTSAT folds the 1001 x 64 mel into a 256 x 256 image cut into patches (4 x 4 in LAION's); 8 x 8
+    # patches give a quarter of the tokens, which is what lets the demo teacher train on a CPU
+    audio_patch_size: int = 8
     text_hidden: int = 64
     text_layers: int = 2
     text_heads: int = 2
     text_intermediate: int = 128
-    vocab_size: int = 600
+    vocab_size: int = 1000
+    weights_dir: str = "data/demo/teacher"
+    weights_sha256: str = "8c7842f685373715ec3daad4b703fd864bd30ab9876d2c6726818de59a7553cd"
+    train: DemoTrainParams = field(default_factory=DemoTrainParams)
 
 
 @dataclass
@@ -144,7 +169,7 @@ class HubFileParams:
 
 @dataclass
 class TeacherModelParams:
-    source: Literal["demo", "checkpoint"] = "demo"
+    source: Literal["demo", "demo_random", "checkpoint"] = "demo"
     dir: str = "models/teacher"
     checkpoint: str = "models/teacher_src/music_audioset_epoch_15_esc_90.14.pt"
     # `teacher fetch` / the fetch_teacher stage get it from the Hub with huggingface_hub ...

@@ -404,12 +404,12 @@ def test_demo_songs_decode_and_match_the_demo_table():
 
     if not DEMO.exists():
         pytest.skip(f"{DEMO} not generated")
-    assert len(SONGS) == 17  # 16 usable + the one the licence policy must exclude
+    assert len(SONGS) == 36  # 35 usable + the one the licence policy must exclude
     for song in SONGS:
         path = DEMO / song.path
         info = sf.info(path)
         assert (info.samplerate, info.channels) == (song.sample_rate, song.channels), song.path
-        assert 20.0 <= info.duration <= 61.0
+        assert 10.0 <= info.duration <= 61.0
         assert audio.decode_track(path, 48000).notes == [], song.path  # whole files: nothing to flag
     for rel in CORRUPT_FILES:
         with pytest.raises(AudioDecodeError) as err:
@@ -436,7 +436,8 @@ def test_demo_songs_differ_spectrally():
     p = (p - p.mean(axis=0)) / (p.std(axis=0) + 1e-9)
     dist = np.linalg.norm(p[:, None] - p[None], axis=-1)
     off_diag = dist[~np.eye(len(p), dtype=bool)]
-    assert off_diag.min() > 0.3 * np.median(off_diag)  # no two songs are near-duplicates
+    assert off_diag.min() > 0.15 * np.median(off_diag)  # no two songs are near-duplicates
+    # (songs sharing a lead instrument are alike by design; the demo teacher's tests check the leads are audible)
 
 
 def test_synthesis_is_deterministic():

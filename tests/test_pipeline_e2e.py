@@ -95,7 +95,7 @@ def test_repro_runs_every_stage_and_leaves_real_outputs(project: Path) -> None:
     assert "Cash Song" not in json.dumps(manifest)
     failed = {f["track_id"]: f for f in mels_report["failures"]}
     assert set(failed) == {"jamendo:1006"} and failed["jamendo:1006"]["reason"], mels_report
-    assert len(manifest) == 17  # the 16 good demo songs + the corrupt one (mels reports it)
+    assert len(manifest) == 36  # the 35 good demo songs + the corrupt one (mels reports it)
     assert {r["split"] for r in manifest} == {"train", "val"}
 
     metrics = json.loads((project / "models/report/metrics.json").read_text())

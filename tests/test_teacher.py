@@ -39,7 +39,7 @@ def test_demo_teacher_files_and_provenance(demo_dir: Path) -> None:
     names = sorted(p.name for p in demo_dir.iterdir())
     assert names == ["config.json", "model.safetensors", "teacher.json", "tokenizer.json", "tokenizer_config.json"]
     record = json.loads((demo_dir / "teacher.json").read_text())
-    assert record["kind"] == "demo"
+    assert record["kind"] == "demo_random"
     assert record["weights_sha256"] == sha256_file(demo_dir / "model.safetensors")
     config = json.loads((demo_dir / "config.json").read_text())
     audio = config["audio_config"]
@@ -133,10 +133,11 @@ def test_bf16_on_cpu_falls_back_to_fp32(demo_dir: Path, caplog: pytest.LogCaptur
     assert auto.dtype == torch.float32 and "bf16" not in caplog.text
 
 
-def test_teacher_model_stage_builds_demo(tmp_path: Path, demo_dir: Path) -> None:
+def test_teacher_model_stage_builds_demo_random(tmp_path: Path, demo_dir: Path) -> None:
     from pipeline.stages import teacher_model
 
     params = Params()
+    params.teacher.model.source = "demo_random"
     params.teacher.model.dir = str(tmp_path / "teacher")
     assert teacher_model.run(params, argparse.Namespace(shard=None, resume=False)) == 0
     assert sha256_file(tmp_path / "teacher" / "model.safetensors") == sha256_file(demo_dir / "model.safetensors")

@@ -1,12 +1,22 @@
 """Deterministic synthesiser for the embedded demo songs (released CC0 by this project).
 
-Every demo track is a small piece of generated music: a chord progression on a pad, a bass line,
-a melody and (for some) a drum kit, each with its own tempo, metre, key, scale and instrument
-timbres (additive, FM, plucked string, band-limited saw, strings), so the tracks differ audibly
-and spectrally. The files are written in the formats, rates and channel counts that the demo song
-lists promise (mp3, Ogg Vorbis, Opus, FLAC, WAV; mono and stereo; 22.05/44.1/48 kHz), plus one
-corrupt file (an HTML error page saved with an .mp3 name). The listed-but-missing entry gets no
-file on purpose.
+Every demo track is a small piece of generated music with known, audible attributes:
+
+- a lead instrument, one of INSTRUMENTS (piano, plucked guitar, bowed strings, organ, flute,
+  synthesizer lead, brass, bells), each its own synthesis method so the timbres differ;
+- drums or none;
+- a slow (60-80 bpm, one melody note a beat) or fast (132-160 bpm, two a beat) tempo;
+- a major or a minor key (scale and chords).
+
+A soft bass and, for some songs, a quiet sine pad accompany the lead; they are the same for every
+instrument, so the lead is what tells songs apart. `captions` describes a song's attributes in
+varied wording, and `tags` gives them in MTG-Jamendo's `instrument---piano` form for the song lists.
+The demo teacher (pipeline.teacher.demo) trains on many more clips from the same `render`, never
+on these files.
+
+The files are written in the formats, rates and channel counts that the demo song lists promise
+(mp3, Ogg Vorbis, Opus, FLAC, WAV; mono and stereo; 16/22.05/44.1/48 kHz), plus one corrupt file
+(an HTML error page saved with an .mp3 name). The listed-but-missing entry gets no file on purpose.
 
 `student-clap demo synth --out data/demo/audio` regenerates everything from the seeds below.
 """
@@ -24,14 +34,13 @@ from tqdm import tqdm
 
 log = logging.getLogger(__name__)
 
+INSTRUMENTS: tuple[str, ...] = ("piano", "guitar", "strings", "organ", "flute", "synthesizer", "brass", "bell")
+TEMPI: dict[str, tuple[float, float]] = {"slow": (60.0, 80.0), "fast": (132.0, 160.0)}
+MODES: tuple[str, ...] = ("major", "minor")
+
 SCALES: dict[str, tuple[int, ...]] = {
     "major": (0, 2, 4, 5, 7, 9, 11),
     "minor": (0, 2, 3, 5, 7, 8, 10),
-    "dorian": (0, 2, 3, 5, 7, 9, 10),
-    "mixolydian": (0, 2, 4, 5, 7, 9, 10),
-    "harmonic_minor": (0, 2, 3, 5, 7, 8, 11),
-    "pentatonic": (0, 2, 4, 7, 9),
-    "minor_pentatonic": (0, 3, 5, 7, 10),
 }
 
 # Chord progressions as scale degrees (0-based) of the chord roots.
@@ -41,13 +50,37 @@ PROGRESSIONS: tuple[tuple[int, ...], ...] = (
     (0, 3, 4, 4),
     (5, 3, 0, 4),
     (0, 0, 3, 4),
-    (0, 6, 5, 4),
+    (0, 3, 0, 4),
 )
+
+# Melody register (MIDI note of the tonic) per lead: each instrument plays where it usually sits.
+_REGISTER: dict[str, tuple[int, int]] = {
+    "piano": (60, 71), "guitar": (55, 64), "strings": (62, 72), "organ": (57, 67),
+    "flute": (72, 81), "synthesizer": (60, 69), "brass": (55, 64), "bell": (72, 81),
+}
+
+
+@dataclass(frozen=True)
+class Music:
+    """What a clip sounds like: the attributes a caption or a tag can name."""
+
+    lead: str  # one of INSTRUMENTS
+    drums: bool
+    tempo: str  # "slow" | "fast"
+    mode: str  # "major" | "minor"
+
+    def __post_init__(self) -> None:
+        if self.lead not in INSTRUMENTS:
+            raise ValueError(f"unknown lead instrument {self.lead!r}; choose from {INSTRUMENTS}")
+        if self.tempo not in TEMPI:
+            raise ValueError(f"tempo must be one of {tuple(TEMPI)}, got {self.tempo!r}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
 
 
 @dataclass(frozen=True)
 class Song:
-    """One demo file: where and how it is encoded, and what music it holds."""
+    """One demo file: where and how it is encoded, who is credited, and what music it holds."""
 
     path: str  # relative to the output folder
     format: str  # soundfile format
@@ -56,58 +89,90 @@ class Song:
     channels: int
     seconds: float
     seed: int
-    tempo: float  # beats per minute
-    beats_per_bar: int
-    root: int  # MIDI note of the key's tonic (melody octave)
-    scale: str
-    lead: str  # instrument names, see _INSTRUMENTS
-    pad: str | None
-    bass: str | None
-    drums: str | None  # pattern name, see _DRUM_PATTERNS
+    lead: str
+    drums: bool
+    tempo: str
+    mode: str
+    artist: str = ""
+    title: str = ""
     level_db: float = -3.0  # peak level after mastering
-    notes_per_beat: int = 2  # melody rhythm grid
     compression: float | None = None  # soundfile compression_level (lossy: 1 = lowest bitrate)
     bitrate_mode: str = "CONSTANT"  # mp3 only
     bits: int = 16  # effective resolution: fewer bits let a 16-bit FLAC shrink (wasted-bits coding)
 
+    @property
+    def music(self) -> Music:
+        return Music(self.lead, self.drums, self.tempo, self.mode)
 
+
+def _s(path, fmt, subtype, rate, ch, secs, seed, lead, drums, tempo, mode, artist, title, level=-3.0,
+       compression=0.99, **kw) -> Song:
+    return Song(path, fmt, subtype, rate, ch, secs, seed, lead, drums, tempo, mode, artist, title, level,
+                compression, **kw)
+
+
+_MP3 = ("MP3", "MPEG_LAYER_III")
+_OGG = ("OGG", "VORBIS")
+
+# Artists are chosen so that the artist-disjoint split (ingest.split_salt "student-clap",
+# val_ratio 0.25) puts at least one song of every lead instrument in validation.
 SONGS: tuple[Song, ...] = (
-    # path, format, subtype, rate, channels, seconds, seed, tempo, metre, root, scale,
-    # lead, pad, bass, drums, level dB, melody notes per beat, compression, ...
-    Song("fma/Morning_Walk.mp3", "MP3", "MPEG_LAYER_III", 44100, 2, 24.0, 101, 104, 4, 67, "major",
-         "pluck", "additive", "sine_bass", "rock", -2.0, 2, 0.99),
-    Song("fma/Evening_Rain.ogg", "OGG", "VORBIS", 22050, 1, 30.0, 102, 68, 4, 69, "minor",
-         "fm_bell", "strings", "sine_bass", None, -4.0, 1, 0.99),
-    Song("fma/Iron_Steps.flac", "FLAC", "PCM_16", 22050, 1, 20.0, 103, 128, 4, 57, "harmonic_minor",
-         "saw", None, "fm_bass", "four", -8.0, 4, 1.0, bits=12),
-    Song("fma/Night_Engine.wav", "WAV", "PCM_16", 22050, 1, 20.0, 104, 120, 4, 64, "dorian",
-         "saw", "strings", "fm_bass", "four", -1.0, 2),
-    Song("fma/Low_Tide.mp3", "MP3", "MPEG_LAYER_III", 22050, 1, 60.0, 105, 62, 4, 62, "pentatonic",
-         "additive", "strings", None, None, -6.0, 1, 0.95),
-    Song("fma/Cash_Song.ogg", "OGG", "VORBIS", 22050, 1, 20.0, 106, 112, 4, 72, "major",
-         "fm_epiano", "additive", "sine_bass", "rock", -3.0, 2, 0.99),
-    Song("jamendo/01/1001.mp3", "MP3", "MPEG_LAYER_III", 44100, 2, 26.0, 107, 76, 4, 62, "minor",
-         "fm_epiano", None, "sine_bass", "dub", -3.0, 2, 0.99),
-    Song("jamendo/02/1002.mp3", "MP3", "MPEG_LAYER_III", 48000, 1, 21.0, 108, 142, 4, 64, "mixolydian",
-         "saw", "additive", "fm_bass", "rock", -2.0, 2, 0.99, bitrate_mode="VARIABLE"),
-    Song("jamendo/03/1003.mp3", "MP3", "MPEG_LAYER_III", 48000, 2, 23.0, 109, 90, 4, 76, "major",
-         "fm_bell", "strings", None, None, -5.0, 2, 0.99),
-    Song("jamendo/04/1004.mp3", "MP3", "MPEG_LAYER_III", 22050, 1, 35.0, 110, 84, 4, 69, "minor_pentatonic",
-         "pluck", None, "sine_bass", None, -3.0, 2, 0.95),
-    Song("jamendo/05/1005.mp3", "MP3", "MPEG_LAYER_III", 44100, 2, 20.0, 111, 96, 4, 57, "minor_pentatonic",
-         "saw", "strings", "pluck_bass", "march", -4.0, 1, 0.99),
-    Song("wikimedia/Prelude_in_D.opus", "OGG", "OPUS", 48000, 1, 42.0, 112, 66, 4, 74, "major",
-         "additive", None, "additive_bass", None, -4.0, 4, 0.97),
-    Song("wikimedia/Harbour_Waltz.ogg", "OGG", "VORBIS", 44100, 2, 22.0, 113, 156, 3, 65, "major",
-         "additive", "strings", "sine_bass", "waltz", -3.0, 1, 0.99),
-    Song("wikimedia/Village_Dance_1921.flac", "FLAC", "PCM_S8", 22050, 2, 20.0, 114, 132, 3, 69, "dorian",
-         "pluck", None, "pluck_bass", "waltz", -3.0, 2, 1.0),
-    Song("wikimedia/Clockwork_March.wav", "WAV", "PCM_16", 22050, 2, 20.0, 115, 112, 4, 60, "major",
-         "fm_bell", None, "fm_bass", "march", -2.0, 2),
-    Song("wikimedia/Slow_Air_for_Strings.mp3", "MP3", "MPEG_LAYER_III", 48000, 1, 32.0, 116, 58, 4, 67, "minor",
-         "strings", "strings", "sine_bass", None, -4.0, 1, 0.99),
-    Song("wikimedia/Rain_Study.ogg", "OGG", "VORBIS", 48000, 1, 20.0, 117, 72, 4, 71, "harmonic_minor",
-         "fm_epiano", "additive", None, None, -5.0, 2, 0.99),
+    # --- FMA (seed list format; Cash Song is NC and must be excluded by the licence policy)
+    _s("fma/Morning_Walk.mp3", *_MP3, 44100, 2, 20.0, 101, "guitar", True, "fast", "major",
+       "Lumen Quartet", "Morning Walk", -2.0),
+    _s("fma/Evening_Rain.ogg", *_OGG, 22050, 1, 20.0, 102, "bell", False, "slow", "minor",
+       "Lumen Quartet", "Evening Rain", -4.0),
+    _s("fma/Iron_Steps.flac", "FLAC", "PCM_16", 22050, 1, 14.0, 103, "synthesizer", True, "fast", "minor",
+       "Basalt", "Iron Steps", -8.0, 1.0, bits=10),
+    _s("fma/Night_Engine.wav", "WAV", "PCM_16", 22050, 1, 11.0, 104, "organ", True, "fast", "minor",
+       "Basalt", "Night Engine", -1.0, None),
+    _s("fma/Low_Tide.mp3", *_MP3, 22050, 1, 24.0, 105, "flute", False, "slow", "major",
+       "Tidal Choir", "Low Tide", -6.0, 0.95),
+    _s("fma/Cash_Song.ogg", *_OGG, 22050, 1, 16.0, 106, "brass", True, "fast", "major",
+       "Neon Parade", "Cash Song", -3.0),
+    # --- Wikimedia Commons (markdown table; Lost_Recording.ogg is listed but has no file)
+    _s("wikimedia/Prelude_in_D.opus", "OGG", "OPUS", 48000, 1, 20.0, 112, "piano", False, "slow", "major",
+       "", "Prelude in D", -4.0, 0.97),
+    _s("wikimedia/Harbour_Waltz.ogg", *_OGG, 44100, 2, 16.0, 113, "strings", False, "slow", "major",
+       "", "Harbour Waltz", -3.0),
+    _s("wikimedia/Village_Dance_1921.flac", "FLAC", "PCM_S8", 16000, 1, 12.0, 114, "brass", True, "fast", "major",
+       "", "Village Dance 1921", -3.0, 1.0),
+    _s("wikimedia/Clockwork_March.wav", "WAV", "PCM_16", 16000, 1, 11.0, 115, "bell", True, "fast", "major",
+       "", "Clockwork March", -2.0, None),
+    _s("wikimedia/Slow_Air_for_Strings.mp3", *_MP3, 48000, 1, 20.0, 116, "strings", False, "slow", "minor",
+       "", "Slow Air for Strings", -4.0),
+    _s("wikimedia/Rain_Study.ogg", *_OGG, 48000, 1, 16.0, 117, "piano", False, "slow", "minor",
+       "", "Rain Study", -5.0),
+) + tuple(
+    # --- MTG-Jamendo (seed block list + autotagging TSV with the attributes as tags)
+    _s(f"jamendo/{n % 100:02d}/{n}.mp3", *_MP3, rate, ch, secs, n, lead, drums, tempo, mode, artist, title,
+       -3.0, 0.99, bitrate_mode=brm)
+    for n, lead, drums, tempo, mode, artist, title, rate, ch, secs, brm in (
+        (1001, "piano", True, "slow", "minor", "Kettle Lane", "Sunday Dub", 44100, 2, 20.0, "CONSTANT"),
+        (1002, "organ", True, "fast", "major", "Kettle Lane", "Copper Sky", 48000, 1, 18.0, "VARIABLE"),
+        (1003, "flute", False, "slow", "minor", "Copper Lights", "Glass Harbour", 48000, 2, 18.0, "CONSTANT"),
+        (1004, "synthesizer", True, "fast", "minor", "Copper Lights", "Paper Lanterns", 22050, 1, 20.0, "CONSTANT"),
+        (1005, "brass", False, "slow", "major", "Willow Fields", "Dust Road", 44100, 2, 18.0, "CONSTANT"),
+        (1007, "guitar", False, "slow", "minor", "Willow Fields", "Quiet Orchard", 22050, 1, 18.0, "CONSTANT"),
+        (1008, "piano", False, "fast", "major", "Mira Okafor", "Tin Roof", 22050, 1, 18.0, "CONSTANT"),
+        (1009, "piano", True, "fast", "minor", "Kettle Sky", "Night Bus", 22050, 1, 16.0, "CONSTANT"),
+        (1010, "organ", False, "slow", "minor", "Mira Okafor", "Chapel Steps", 22050, 1, 18.0, "CONSTANT"),
+        (1011, "organ", True, "slow", "major", "Static Lane", "Sunday Best", 22050, 1, 16.0, "CONSTANT"),
+        (1012, "flute", True, "fast", "major", "Kettle Sky", "Meadow Run", 22050, 1, 16.0, "CONSTANT"),
+        (1013, "flute", False, "fast", "minor", "Static Lane", "Reed Smoke", 22050, 1, 18.0, "CONSTANT"),
+        (1014, "synthesizer", False, "slow", "major", "Mira Fields", "Neon Dawn", 22050, 1, 18.0, "CONSTANT"),
+        (1015, "synthesizer", True, "slow", "minor", "Kettle Coast", "Grid Lines", 44100, 1, 16.0, "CONSTANT"),
+        (1016, "brass", True, "fast", "minor", "Mira Fields", "Red Signal", 22050, 1, 16.0, "CONSTANT"),
+        (1017, "brass", True, "slow", "major", "Kettle Coast", "Old Parade", 22050, 1, 18.0, "CONSTANT"),
+        (1018, "guitar", True, "fast", "major", "Static Okafor", "Dirt Track", 22050, 1, 16.0, "CONSTANT"),
+        (1019, "guitar", False, "fast", "major", "Mira Lights", "Porch Light", 44100, 1, 18.0, "CONSTANT"),
+        (1020, "strings", True, "fast", "minor", "Static Okafor", "Storm Front", 22050, 1, 16.0, "CONSTANT"),
+        (1021, "strings", False, "slow", "major", "Mira Lights", "Long Letter", 22050, 1, 18.0, "CONSTANT"),
+        (1022, "strings", True, "slow", "minor", "Kettle Works", "Grey Harbour", 22050, 1, 16.0, "CONSTANT"),
+        (1023, "bell", False, "fast", "minor", "Kettle Works", "Ice Crystals", 22050, 1, 16.0, "CONSTANT"),
+        (1024, "bell", True, "slow", "major", "Static Sky", "Music Box", 22050, 1, 16.0, "CONSTANT"),
+        (1025, "bell", False, "slow", "minor", "Static Sky", "Lighthouse", 44100, 1, 18.0, "CONSTANT"),
+    )
 )
 
 CORRUPT_FILES: dict[str, bytes] = {
@@ -118,6 +183,86 @@ CORRUPT_FILES: dict[str, bytes] = {
     )
     * 8,
 }
+
+
+# --------------------------------------------------------------------------- words for the attributes
+
+INSTRUMENT_WORDS: dict[str, tuple[str, ...]] = {
+    "piano": ("piano", "grand piano", "piano", "keys"),
+    "guitar": ("guitar", "acoustic guitar", "plucked guitar", "guitar"),
+    "strings": ("strings", "string section", "violins", "bowed strings"),
+    "organ": ("organ", "hammond organ", "organ", "electric organ"),
+    "flute": ("flute", "flute", "wooden flute"),
+    "synthesizer": ("synthesizer", "synth", "synth lead", "analog synth"),
+    "brass": ("brass", "horns", "trumpet", "brass section"),
+    "bell": ("bells", "chimes", "bell", "glockenspiel"),
+}
+TEMPO_WORDS = {"slow": ("slow", "calm", "slow-paced", "gentle", "relaxed"),
+               "fast": ("fast", "upbeat", "energetic", "fast-paced", "lively")}
+MODE_WORDS = {"major": ("happy", "bright", "cheerful"), "minor": ("sad", "melancholic", "dark")}
+MODE_KEY = {"major": ("in a major key", "in major"), "minor": ("in a minor key", "in minor")}
+DRUM_WORDS = {True: ("with drums", "with a drum beat", "with drums and percussion", "with a steady beat"),
+              False: ("without drums", "with no drums", "without percussion", "with no beat")}
+NOUNS = ("song", "track", "piece", "tune", "music", "melody")
+
+
+def caption(music: Music, rng: np.random.Generator) -> tuple[str, dict[str, object]]:
+    """A varied description naming a random non-empty subset of the attributes.
+
+    Returns the text and the attributes it names ({"lead": "piano", "drums": True, ...}); a clip
+    fits a caption when it has every attribute the caption names.
+    """
+    while True:
+        named = {k: v for k, v, p in (("lead", music.lead, 0.75), ("drums", music.drums, 0.5),
+                                      ("tempo", music.tempo, 0.5), ("mode", music.mode, 0.4))
+                 if rng.random() < p}
+        if named:
+            break
+    pick = lambda words: str(words[int(rng.integers(len(words)))])
+    inst = pick(INSTRUMENT_WORDS[music.lead]) if "lead" in named else None
+    drums = pick(DRUM_WORDS[music.drums]) if "drums" in named else None
+    adjs = [pick(TEMPO_WORDS[music.tempo])] if "tempo" in named else []
+    key = None
+    if "mode" in named:
+        if rng.random() < 0.5:
+            adjs.append(pick(MODE_WORDS[music.mode]))
+        else:
+            key = pick(MODE_KEY[music.mode])
+    if rng.random() < 0.5:
+        adjs.reverse()
+    noun = pick(NOUNS)
+    style = rng.random()
+    if inst and not adjs and not drums and not key and style < 0.4:
+        text = inst  # a bare search word, as users type it
+    elif drums and not inst and not adjs and not key and style < 0.3:
+        text = "drums" if music.drums else "no drums"
+    elif inst and style < 0.55:
+        text = " ".join(adjs + [inst, noun] + ([key] if key else []) + ([drums] if drums else []))
+    elif style < 0.8:
+        head = " ".join(adjs + [noun]) if adjs else noun
+        tail = [f"with {inst}"] if inst else []
+        tail += [key] if key else []
+        tail += [drums] if drums else []
+        text = f"This is a {head}" + (" " + " ".join(tail) if tail else "") + "."
+    else:
+        text = " ".join(adjs + ([inst] if inst else []) + [noun] + ([key] if key else []) + ([drums] if drums else []))
+        text = ("a " if rng.random() < 0.5 else "an instrumental ") + text
+    return " ".join(text.split()), named
+
+
+def fits(music: Music, named: dict[str, object]) -> bool:
+    """Whether a clip with these attributes fits a caption that names `named`."""
+    return all(getattr(music, k) == v for k, v in named.items())
+
+
+def tags(music: Music) -> list[str]:
+    """MTG-Jamendo style tags: the lead (and drums) as instruments, tempo and key feel as mood/theme."""
+    out = [f"instrument---{music.lead}"]
+    if music.drums:
+        out.append("instrument---drums")
+    out.append(f"mood/theme---{music.tempo}")
+    out.append("mood/theme---" + ("happy" if music.mode == "major" else "sad"))
+    return out
 
 
 # --------------------------------------------------------------------------- instruments
@@ -139,24 +284,15 @@ def _envelope(n: int, sr: int, attack: float, decay: float, sustain: float, rele
     return env
 
 
-def _additive(freq: float, n: int, sr: int, rng: np.random.Generator, *, tilt: float, n_harm: int,
-              odd_only: bool = False, detune: float = 0.0) -> np.ndarray:
-    t = np.arange(n) / sr
-    out = np.zeros(n)
-    for k in range(1, n_harm + 1):
-        if odd_only and k % 2 == 0:
-            continue
-        f = freq * k * (1.0 + detune * rng.uniform(-1, 1))
-        if f >= sr * 0.45:
+def _partials(phase: np.ndarray, amps: list[tuple[float, float]], freq: float, sr: int,
+              rng: np.random.Generator) -> np.ndarray:
+    """Sum of sines at multiples `k` of a running phase with amplitudes `a`, skipping aliasing ones."""
+    out = np.zeros_like(phase)
+    for k, a in amps:
+        if freq * k >= sr * 0.45:
             break
-        out += np.sin(2 * np.pi * f * t + rng.uniform(0, 2 * np.pi)) / k**tilt
+        out += a * np.sin(k * phase + rng.uniform(0, 2 * np.pi))
     return out
-
-
-def _fm(freq: float, n: int, sr: int, *, ratio: float, index: float, index_decay: float) -> np.ndarray:
-    t = np.arange(n) / sr
-    idx = index * np.exp(-t / index_decay)
-    return np.sin(2 * np.pi * freq * t + idx * np.sin(2 * np.pi * freq * ratio * t))
 
 
 def _karplus_strong(freq: float, n: int, sr: int, rng: np.random.Generator, damping: float) -> np.ndarray:
@@ -174,33 +310,70 @@ def _karplus_strong(freq: float, n: int, sr: int, rng: np.random.Generator, damp
     return out[period + 1 : period + 1 + n]
 
 
+def _lowpass(x: np.ndarray, alpha: float) -> np.ndarray:
+    """One-pole low-pass (y += alpha * (x - y)), vectorised through an exponential filter."""
+    from scipy.signal import lfilter
+
+    return lfilter([alpha], [1.0, alpha - 1.0], x)
+
+
 def _render_note(kind: str, freq: float, dur: float, sr: int, rng: np.random.Generator) -> np.ndarray:
     n = max(1, int(dur * sr))
-    if kind == "additive":
-        return _additive(freq, n, sr, rng, tilt=1.6, n_harm=10) * _envelope(n, sr, 0.005, 0.35, 0.25, 0.05)
-    if kind == "additive_bass":
-        return _additive(freq, n, sr, rng, tilt=1.2, n_harm=6) * _envelope(n, sr, 0.01, 0.5, 0.4, 0.05)
-    if kind == "saw":
-        return _additive(freq, n, sr, rng, tilt=1.0, n_harm=24) * _envelope(n, sr, 0.01, 0.15, 0.6, 0.03) * 0.6
+    t = np.arange(n) / sr
+    if kind == "piano":
+        # stiff-string partials (slightly sharp), higher ones dying faster; a hammer click on top
+        out = np.zeros(n)
+        for k in range(1, 13):
+            f = freq * k * np.sqrt(1.0 + 0.0004 * k * k)
+            if f >= sr * 0.45:
+                break
+            out += np.sin(2 * np.pi * f * t + rng.uniform(0, 2 * np.pi)) * np.exp(-t * (0.7 + 0.9 * k)) / k**1.1
+        click = _lowpass(rng.uniform(-1, 1, n), 0.3) * np.exp(-t / 0.004) * 0.3
+        return (out + click) * _envelope(n, sr, 0.002, 10.0, 1.0, 0.03)
+    if kind == "guitar":
+        return _karplus_strong(freq, n, sr, rng, 0.995) * _envelope(n, sr, 0.001, 10.0, 1.0, 0.02)
     if kind == "strings":
-        t = np.arange(n) / sr
-        vib = 1.0 + 0.004 * np.sin(2 * np.pi * 5.2 * t)
+        vib = 1.0 + 0.006 * np.sin(2 * np.pi * 5.5 * t + rng.uniform(0, 6.28))
         phase = 2 * np.pi * np.cumsum(freq * vib) / sr
-        tone = sum(np.sin(k * phase + rng.uniform(0, 2 * np.pi)) / k**1.3 for k in range(1, 9) if freq * k < sr * 0.45)
-        return tone * _envelope(n, sr, min(0.25, dur * 0.4), 1.0, 0.8, min(0.2, dur * 0.3)) * 0.6
-    if kind == "fm_bell":
-        return _fm(freq, n, sr, ratio=3.5, index=4.0, index_decay=0.4) * _envelope(n, sr, 0.002, 0.6, 0.0, 0.02)
-    if kind == "fm_epiano":
-        return _fm(freq, n, sr, ratio=1.0, index=2.5, index_decay=0.25) * _envelope(n, sr, 0.003, 0.5, 0.2, 0.04)
-    if kind == "fm_bass":
-        return _fm(freq, n, sr, ratio=0.5, index=3.0, index_decay=0.12) * _envelope(n, sr, 0.003, 0.2, 0.5, 0.03)
-    if kind == "sine_bass":
-        t = np.arange(n) / sr
+        tone = _partials(phase, [(k, 1.0 / k**1.1) for k in range(1, 14)], freq, sr, rng)
+        bow = _lowpass(rng.uniform(-1, 1, n), 0.2) * 0.08
+        return (tone + bow) * _envelope(n, sr, min(0.25, dur * 0.4), 1.0, 0.85, min(0.2, dur * 0.3)) * 0.6
+    if kind == "organ":
+        phase = 2 * np.pi * freq * t
+        drawbars = [(1, 1.0), (2, 0.8), (3, 0.6), (4, 0.5), (6, 0.35), (8, 0.3), (10, 0.15)]
+        tone = _partials(phase, drawbars, freq, sr, rng) * (1.0 + 0.15 * np.sin(2 * np.pi * 6.5 * t))
+        return tone * _envelope(n, sr, 0.008, 1.0, 1.0, 0.02) * 0.45
+    if kind == "flute":
+        vib = 1.0 + 0.005 * np.sin(2 * np.pi * 5.0 * t)
+        phase = 2 * np.pi * np.cumsum(freq * vib) / sr
+        tone = _partials(phase, [(1, 1.0), (2, 0.22), (3, 0.07)], freq, sr, rng)
+        breath = _lowpass(rng.uniform(-1, 1, n), 0.15) * 0.18
+        return (tone + breath) * _envelope(n, sr, min(0.08, dur * 0.3), 1.0, 0.9, 0.05)
+    if kind == "synthesizer":
+        tone = np.zeros(n)
+        for det in (-0.006, 0.006):
+            phase = 2 * np.pi * freq * (1 + det) * t
+            tone += _partials(phase, [(k, 1.0 / k) for k in range(1, 40)], freq, sr, rng)
+        return tone * _envelope(n, sr, 0.005, 0.2, 0.8, 0.02) * 0.3
+    if kind == "brass":
+        env = _envelope(n, sr, min(0.07, dur * 0.3), 0.3, 0.8, 0.04)
+        phase = 2 * np.pi * freq * t
+        out = np.zeros(n)
+        for k in range(1, 20):
+            if freq * k >= sr * 0.45:
+                break
+            # brighter as the note swells: high partials follow a steeper power of the envelope
+            out += np.sin(k * phase + rng.uniform(0, 2 * np.pi)) * env ** (1.0 + 0.3 * (k - 1)) / k**0.8
+        return out * 0.35
+    if kind == "bell":
+        idx = 4.0 * np.exp(-t / 0.5)
+        tone = np.sin(2 * np.pi * freq * t + idx * np.sin(2 * np.pi * freq * 3.5 * t))
+        return tone * _envelope(n, sr, 0.002, 0.8, 0.0, 0.02)
+    if kind == "bass":
         return (np.sin(2 * np.pi * freq * t) + 0.3 * np.sin(4 * np.pi * freq * t)) * _envelope(n, sr, 0.01, 0.4, 0.6, 0.05)
-    if kind == "pluck":
-        return _karplus_strong(freq, n, sr, rng, 0.996) * _envelope(n, sr, 0.001, 10.0, 1.0, 0.02)
-    if kind == "pluck_bass":
-        return _karplus_strong(freq, n, sr, rng, 0.998) * _envelope(n, sr, 0.001, 10.0, 1.0, 0.03)
+    if kind == "pad":
+        phase = 2 * np.pi * freq * t
+        return _partials(phase, [(1, 1.0), (2, 0.2)], freq, sr, rng) * _envelope(n, sr, 0.3, 1.0, 1.0, 0.3)
     raise ValueError(f"unknown instrument {kind!r}")
 
 
@@ -225,15 +398,16 @@ def _drum(kind: str, sr: int, rng: np.random.Generator) -> np.ndarray:
     raise ValueError(f"unknown drum {kind!r}")
 
 
-# pattern: list of (instrument, position in beats within a bar)
-_DRUM_PATTERNS: dict[str, list[tuple[str, float]]] = {
-    "rock": [("kick", 0), ("kick", 2), ("kick", 2.5), ("snare", 1), ("snare", 3)]
-    + [("hat", i * 0.5) for i in range(8)],
-    "four": [("kick", float(i)) for i in range(4)] + [("snare", 1), ("snare", 3)]
-    + [("hat", i + 0.5) for i in range(4)] + [("hat", i + 0.75) for i in range(4)],
-    "dub": [("kick", 2), ("snare", 2)] + [("hat", i + 0.5) for i in range(4)],
-    "march": [("kick", 0), ("kick", 2), ("snare", 1), ("snare", 3), ("snare", 3.5), ("snare", 3.75)],
-    "waltz": [("kick", 0), ("hat", 1), ("hat", 2), ("snare", 2)],
+# pattern: list of (instrument, position in beats within a 4-beat bar)
+_DRUM_PATTERNS: dict[str, tuple[list[tuple[str, float]], ...]] = {
+    "fast": (
+        [("kick", 0), ("kick", 2), ("kick", 2.5), ("snare", 1), ("snare", 3)] + [("hat", i * 0.5) for i in range(8)],
+        [("kick", float(i)) for i in range(4)] + [("snare", 1), ("snare", 3)] + [("hat", i + 0.5) for i in range(4)],
+    ),
+    "slow": (
+        [("kick", 0), ("snare", 2)] + [("hat", float(i)) for i in range(4)],
+        [("kick", 0), ("kick", 2.5), ("snare", 1), ("snare", 3)] + [("hat", i * 0.5) for i in range(8)],
+    ),
 }
 
 
@@ -250,67 +424,90 @@ def _place(buf: np.ndarray, sig: np.ndarray, start: int, gain: float, pan: float
     buf[1, start:end] += gain * np.sin(angle) * sig[: end - start]
 
 
-def synthesize(song: Song) -> np.ndarray:
-    """Render `song` as float64 [channels, samples] peaking at song.level_db dBFS."""
-    sr = song.sample_rate
-    rng = np.random.default_rng(song.seed)
-    n_total = int(song.seconds * sr)
+def render(music: Music, seconds: float, sample_rate: int, seed: int, *, channels: int = 2,
+           level_db: float = -3.0, fade_seconds: float = 1.5) -> np.ndarray:
+    """Render music with these attributes as float64 [channels, samples] peaking at level_db dBFS.
+
+    The seed picks everything the attributes leave open: exact tempo, key, progression, melody,
+    drum pattern, whether a pad plays, panning."""
+    sr = sample_rate
+    rng = np.random.default_rng(seed)
+    n_total = int(seconds * sr)
     buf = np.zeros((2, n_total + sr))  # one second of slack for ringing notes
-    beat = 60.0 / song.tempo
-    bar = beat * song.beats_per_bar
-    scale = SCALES[song.scale]
+    lo, hi = TEMPI[music.tempo]
+    beat = 60.0 / float(rng.uniform(lo, hi))
+    bar = 4 * beat
+    scale = SCALES[music.mode]
     progression = PROGRESSIONS[int(rng.integers(len(PROGRESSIONS)))]
-    n_bars = int(np.ceil(song.seconds / bar))
+    root = int(rng.integers(_REGISTER[music.lead][0], _REGISTER[music.lead][1] + 1))
+    notes_per_beat = 1 if music.tempo == "slow" else 2
+    pad = rng.random() < 0.5
+    pattern = _DRUM_PATTERNS[music.tempo][int(rng.integers(2))]
+    lead_pan = float(rng.uniform(-0.3, 0.3))
+    n_bars = int(np.ceil(seconds / bar))
+    offset = float(rng.uniform(0, bar))  # clips start anywhere in a bar
 
     def degree_note(degree: int, octave_shift: int = 0) -> int:
         octave, step = divmod(degree, len(scale))
-        return song.root + scale[step] + 12 * (octave + octave_shift)
+        return root + scale[step] + 12 * (octave + octave_shift)
 
     melody_degree = 0
-    for b in range(n_bars):
-        bar_start = b * bar
+    for b in range(n_bars + 1):
+        bar_start = b * bar - offset
         chord_root = progression[b % len(progression)]
         chord = [chord_root, chord_root + 2, chord_root + 4]
-        if song.pad:
+        if pad:
             for i, d in enumerate(chord):
-                sig = _render_note(song.pad, _midi_hz(degree_note(d, -1)), bar * 0.98, sr, rng)
-                _place(buf, sig, int(bar_start * sr), 0.16, -0.4 + 0.4 * i)
-        if song.bass:
-            for k in range(song.beats_per_bar):
-                if k % 2 == 1 and rng.random() < 0.5:
-                    continue
-                step = chord_root + (4 if k == song.beats_per_bar - 1 and rng.random() < 0.4 else 0)
-                sig = _render_note(song.bass, _midi_hz(degree_note(step, -2)), beat * 0.9, sr, rng)
-                _place(buf, sig, int((bar_start + k * beat) * sr), 0.45, 0.0)
-        grid = beat / song.notes_per_beat
-        for k in range(song.beats_per_bar * song.notes_per_beat):
-            if rng.random() < 0.18:  # a rest
+                sig = _render_note("pad", _midi_hz(degree_note(d, -1)), bar * 0.98, sr, rng)
+                _place(buf, sig, max(0, int(bar_start * sr)), 0.05, -0.4 + 0.4 * i)
+        for k in range(4):
+            if k % 2 == 1 and rng.random() < 0.5:
+                continue
+            step = chord_root + (4 if k == 3 and rng.random() < 0.4 else 0)
+            sig = _render_note("bass", _midi_hz(degree_note(step, -2)), beat * 0.9, sr, rng)
+            start = bar_start + k * beat
+            if start >= 0:
+                _place(buf, sig, int(start * sr), 0.22, 0.0)
+        grid = beat / notes_per_beat
+        for k in range(4 * notes_per_beat):
+            if rng.random() < 0.15:  # a rest
                 continue
             # random walk, pulled toward chord tones on strong beats
             melody_degree += int(rng.choice([-2, -1, -1, 0, 1, 1, 2]))
-            melody_degree = int(np.clip(melody_degree, -3, 2 * len(scale)))
-            if k % song.notes_per_beat == 0 and rng.random() < 0.5:
+            melody_degree = int(np.clip(melody_degree, -2, len(scale) + 4))
+            if k % notes_per_beat == 0 and rng.random() < 0.5:
                 melody_degree = chord[int(rng.integers(3))]
             length = grid * (2 if rng.random() < 0.25 else 1)
-            sig = _render_note(song.lead, _midi_hz(degree_note(melody_degree)), length * 0.95, sr, rng)
-            _place(buf, sig, int((bar_start + k * grid) * sr), 0.3, 0.25)
-        if song.drums:
-            for name, pos in _DRUM_PATTERNS[song.drums]:
-                if pos >= song.beats_per_bar:
+            start = bar_start + k * grid
+            if start < 0:
+                continue
+            sig = _render_note(music.lead, _midi_hz(degree_note(melody_degree)), length * 0.95, sr, rng)
+            _place(buf, sig, int(start * sr), 0.35, lead_pan)
+        if music.drums:
+            for name, pos in pattern:
+                start = bar_start + pos * beat
+                if start < 0:
                     continue
-                gain = {"kick": 0.7, "snare": 0.4, "hat": 0.25}[name]
+                gain = {"kick": 0.6, "snare": 0.35, "hat": 0.22}[name]
                 pan = {"kick": 0.0, "snare": 0.1, "hat": -0.3}[name]
-                _place(buf, _drum(name, sr, rng), int((bar_start + pos * beat) * sr), gain, pan)
+                _place(buf, _drum(name, sr, rng), int(start * sr), gain, pan)
 
     out = buf[:, :n_total]
-    fade = min(n_total // 4, int(1.5 * sr))
-    ramp = np.linspace(0.0, 1.0, fade)
-    out[:, :fade] *= ramp
-    out[:, n_total - fade :] *= ramp[::-1]
-    if song.channels == 1:
+    fade = min(n_total // 4, int(fade_seconds * sr))
+    if fade > 0:
+        ramp = np.linspace(0.0, 1.0, fade)
+        out[:, :fade] *= ramp
+        out[:, n_total - fade :] *= ramp[::-1]
+    if channels == 1:
         out = out.mean(axis=0, keepdims=True)
     peak = float(np.max(np.abs(out))) or 1.0
-    return out * (10.0 ** (song.level_db / 20.0) / peak)
+    return out * (10.0 ** (level_db / 20.0) / peak)
+
+
+def synthesize(song: Song) -> np.ndarray:
+    """Render `song` as float64 [channels, samples] peaking at song.level_db dBFS."""
+    return render(song.music, song.seconds, song.sample_rate, song.seed, channels=song.channels,
+                  level_db=song.level_db)
 
 
 # --------------------------------------------------------------------------- writing

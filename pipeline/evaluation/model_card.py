@@ -123,8 +123,11 @@ def teacher_line(teacher: Mapping[str, Any]) -> str:
                if teacher.get(key)]
     digest = f" ({', '.join(digests)})" if digests else ""
     if teacher.get("kind") == "demo":
-        return (f"Measured against **the offline demo teacher**{digest}: seeded random weights, so these figures "
-                "test the pipeline, not music understanding.")
+        return (f"Measured against **the offline demo teacher**{digest}: a small CLAP trained on synthetic songs. "
+                "It knows only their lead instrument, drums, tempo and key, nothing about real music.")
+    if teacher.get("kind") == "demo_random":
+        return (f"Measured against **a seeded random demo teacher**{digest}: these figures test the pipeline, "
+                "not music understanding.")
     if teacher:
         return f"Measured against LAION-CLAP (`{teacher.get('source') or 'checkpoint'}`){digest}."
     return "Measured against the teacher."
@@ -137,7 +140,7 @@ def model_index(metrics: Mapping[str, Any], name: str = "student-clap") -> dict[
         return {}
     a = same["audio_student"]
     teacher = metrics.get("teacher") or {}
-    who = "the offline demo teacher" if teacher.get("kind") == "demo" else "LAION-CLAP"
+    who = "the offline demo teacher" if str(teacher.get("kind", "")).startswith("demo") else "LAION-CLAP"
     figures = [
         ("median_track_cosine", "Median track cosine to the teacher", a["track_cosine"]["median"]),
         ("mean_track_cosine", "Mean track cosine to the teacher", a["track_cosine"]["mean"]),
@@ -231,10 +234,14 @@ def describe_teacher(teacher: Mapping[str, Any]) -> str:
     common = ("They map audio and text into the teacher's 512-d embedding space, so the cosine between "
               "an audio and a text embedding ranks songs for a text query. They run with onnxruntime alone.")
     if teacher.get("kind") == "demo":
-        return ("Small students distilled from the **offline demo teacher**: a small CLAP model with seeded "
-                "random weights that stands in for LAION-CLAP so the pipeline runs without downloads. "
-                "These files show the pipeline works; their figures say nothing about music understanding. "
-                + common)
+        return ("Small students distilled from the **offline demo teacher**: a small CLAP model trained on "
+                "synthesised songs that stands in for LAION-CLAP so the pipeline runs without downloads. It "
+                "knows only the synthetic attributes (lead instrument among eight, drums or none, slow or "
+                "fast, major or minor), so these files show the pipeline and the distillation work, not "
+                "real music understanding. " + common)
+    if teacher.get("kind") == "demo_random":
+        return ("Small students distilled from a **seeded random demo teacher** that stands in for LAION-CLAP "
+                "in tests. Their figures say nothing about music understanding. " + common)
     source = teacher.get("source") or "music_audioset_epoch_15_esc_90.14.pt"
     return (f"Small students distilled from the LAION-CLAP music model (`{source}`: HTSAT-base audio and "
             "RoBERTa text towers). " + common)

@@ -1,8 +1,10 @@
 """Stage teacher_model: put the teacher weights into teacher.model.dir.
 
-`source: demo` builds the seeded random demo teacher; `source: checkpoint` converts the LAION
-checkpoint at teacher.model.checkpoint with the roberta-base tokenizer in
-teacher.model.tokenizer_dir. Reads only the teacher.model params.
+`source: demo` installs the trained demo teacher committed in teacher.model.demo.weights_dir after
+checking its sha256 against teacher.model.demo.weights_sha256; `source: demo_random` builds a
+seeded random ClapModel of the demo shape (for tests that need no trained weights);
+`source: checkpoint` converts the LAION checkpoint at teacher.model.checkpoint with the
+roberta-base tokenizer in teacher.model.tokenizer_dir. Reads only the teacher.model params.
 """
 
 from __future__ import annotations
@@ -12,7 +14,12 @@ import logging
 from pathlib import Path
 
 from pipeline.params import Params
-from pipeline.teacher.model import build_demo_teacher
+from pipeline.teacher.model import (
+    TeacherError,
+    build_demo_teacher,
+    install_demo_teacher,
+    sha256_file,
+)
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +48,13 @@ def run(params: Params, args: argparse.Namespace) -> int | None:
     p = params.teacher.model
     out_dir = Path(p.dir)
     if p.source == "demo":
+        try:
+            install_demo_teacher(p, out_dir)
+        except TeacherError as exc:
+            log.error("%s", exc)
+            return 1
+        return 0
+    if p.source == "demo_random":
         log.info("building the seeded random demo teacher into %s", out_dir)
         build_demo_teacher(p, out_dir)
         return 0

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.hashing import sha256_file
-from pipeline.params import TeacherModelParams, as_dict
+from pipeline.params import DemoTeacherParams, TeacherModelParams, as_dict
 from pipeline.space import EMBED_DIM
 
 log = logging.getLogger(__name__)
@@ -116,7 +116,8 @@ background foreground party workout study sleep morning night summer winter rain
 """
 
 
-def _demo_corpus() -> list[str]:
+def demo_word_corpus() -> list[str]:
+    """The fixed music word list as words, short phrases and capitalised words."""
     words = _DEMO_WORDS.split()
     # Short phrases as well as words, so merges across a leading space ("Ġpiano") are learned.
     lines = [" ".join(words[i : i + 6]) for i in range(0, len(words), 3)]
@@ -134,8 +135,11 @@ def _roberta_post_processor(tokenizer) -> None:
     )
 
 
-def build_demo_tokenizer(vocab_size: int):
-    """A small byte-level BPE with RoBERTa's special tokens and <s> ... </s> framing."""
+def build_demo_tokenizer(vocab_size: int, texts: list[str] | None = None):
+    """A small byte-level BPE with RoBERTa's special tokens and <s> ... </s> framing.
+
+    Trained on `texts` (the trained demo teacher passes its captions and the query vocabulary),
+    else on the fixed music word list."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tokenizer = Tokenizer(models.BPE())
@@ -147,7 +151,7 @@ def build_demo_tokenizer(vocab_size: int):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(_demo_corpus(), trainer=trainer)
+    tokenizer.train_from_iterator(texts if texts is not None else demo_word_corpus(), trainer=trainer)
     _roberta_post_processor(tokenizer)
     return tokenizer
 
@@ -207,37 +211,97 @@ def write_teacher_dir(model, tokenizer, out_dir: Path, provenance: dict) -> Path
     return out_dir
 
 
-def build_demo_teacher(p: TeacherModelParams, out_dir: Path) -> Path:
-    """Seeded random ClapModel in the real teacher's format; same params -> same weights and tokenizer."""
+def demo_clap_model(d: DemoTeacherParams, vocab_size: int):
+    """A ClapModel of the demo shape (HTSAT with fewer, narrower blocks; a small RoBERTa), seeded by
+    the caller's torch RNG state."""
     from transformers import ClapModel
 
-    d = p.demo
     if len(d.audio_depths) != len(d.audio_heads):
         raise ValueError(
             f"teacher.model.demo: audio_depths {d.audio_depths} and audio_heads {d.audio_heads} differ in length"
         )
-    tokenizer = build_demo_tokenizer(d.vocab_size)
     audio = htsat_base_audio_config()
     audio.update(
         depths=list(d.audio_depths),
         num_attention_heads=list(d.audio_heads),
         patch_embeds_hidden_size=d.audio_patch_hidden,
         hidden_size=d.audio_patch_hidden * 2 ** (len(d.audio_depths) - 1),
+        patch_size=d.audio_patch_size,
+        patch_stride=[d.audio_patch_size, d.audio_patch_size],
+        hidden_dropout_prob=0.0,  # a model this small trained on a few hundred clips learns faster without
     )
-    text = roberta_base_text_config(vocab_size=tokenizer.get_vocab_size())
+    text = roberta_base_text_config(vocab_size=vocab_size)
     text.update(
         hidden_size=d.text_hidden,
         num_hidden_layers=d.text_layers,
         num_attention_heads=d.text_heads,
         intermediate_size=d.text_intermediate,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
     )
-    config = clap_config(audio, text)
+    return ClapModel(clap_config(audio, text))
+
+
+def build_demo_teacher(p: TeacherModelParams, out_dir: Path) -> Path:
+    """Seeded random ClapModel in the real teacher's format; same params -> same weights and tokenizer."""
+    d = p.demo
+    if len(d.audio_depths) != len(d.audio_heads):
+        raise ValueError(
+            f"teacher.model.demo: audio_depths {d.audio_depths} and audio_heads {d.audio_heads} differ in length"
+        )
+    tokenizer = build_demo_tokenizer(d.vocab_size)
     torch.manual_seed(d.seed)
-    model = ClapModel(config).eval()
+    model = demo_clap_model(d, tokenizer.get_vocab_size()).eval()
     n_params = sum(t.numel() for t in model.parameters())
-    log.info("demo teacher: seeded random ClapModel, %.2fM parameters, vocab %d", n_params / 1e6, text["vocab_size"])
-    provenance = {"kind": "demo", "params": as_dict(d)}
+    log.info("demo teacher: seeded random ClapModel, %.2fM parameters, vocab %d", n_params / 1e6, tokenizer.get_vocab_size())
+    provenance = {"kind": "demo_random", "params": as_dict(d)}
     return write_teacher_dir(model, tokenizer, Path(out_dir), provenance)
+
+
+def install_demo_teacher(p: TeacherModelParams, out_dir: Path) -> Path:
+    """Copy the committed trained demo teacher into out_dir after checking its sha256.
+
+    The expected hash comes from params (teacher.model.demo.weights_sha256), so a weights file
+    swapped or damaged in the repository is refused rather than silently used."""
+    src = Path(p.demo.weights_dir)
+    expected = p.demo.weights_sha256.strip().lower()
+    if not expected:
+        raise TeacherError("teacher.model.demo.weights_sha256 is empty: the trained demo teacher cannot be verified")
+    for name in ("config.json", WEIGHTS, TOKENIZER, PROVENANCE):
+        if not (src / name).is_file():
+            raise TeacherError(
+                f"{src / name}: missing; train the demo teacher with `student-clap demo teacher` "
+                "or use teacher.model.source demo_random"
+            )
+    actual = sha256_file(src / WEIGHTS)
+    if actual != expected:
+        raise TeacherError(
+            f"{src / WEIGHTS}: sha256 {actual} differs from teacher.model.demo.weights_sha256 {expected}"
+        )
+    check_tokenizer(_load_raw_tokenizer(src / TOKENIZER), src / TOKENIZER)
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        for f in sorted(src.iterdir()):
+            if f.is_file():
+                shutil.copy2(f, tmp / f.name)
+        if sha256_file(tmp / WEIGHTS) != expected:
+            raise TeacherError(f"{tmp / WEIGHTS}: copy differs from {src / WEIGHTS}")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("installed the trained demo teacher from %s (sha256 %s)", src, actual[:12])
+    return out_dir
+
+
+def _load_raw_tokenizer(path: Path):
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(path))
 
 
 # --------------------------------------------------------------------------- loading and embedding
