@@ -51,14 +51,14 @@ def test_demo_ingest(demo_dir: Path) -> None:
     rows = read_manifest("data/manifest.jsonl")
     ids = {r["track_id"] for r in rows}
     # every demo entry with a file except the CC BY-NC one; the corrupt file is the mels stage's business
-    assert len(rows) == 17
+    assert len(rows) == 36
     assert "fma:Neon_Parade/Demo/Cash_Song" not in ids and "wikimedia:Lost_Recording.ogg" not in ids
     assert "jamendo:1006" in ids
     assert all(Path(r["audio_path"]).is_file() for r in rows)
     assert {r["source"] for r in rows} == {"fma", "jamendo", "wikimedia"}
 
     audit = {(a["track_id"]): a for a in _audit()}
-    assert len(audit) == 19
+    assert len(audit) == 38
     nc = audit["fma:Neon_Parade/Demo/Cash_Song"]
     assert (nc["status"], nc["reason"], nc["license"]) == ("excluded", "licence not allowed", "CC-BY-NC-4.0")
     lost = audit["wikimedia:Lost_Recording.ogg"]
@@ -75,20 +75,18 @@ def test_demo_ingest(demo_dir: Path) -> None:
     assert all(len(s) == 1 for s in sides.values())
 
     report = json.loads(Path("models/report/ingest.json").read_text())
-    # 19 list entries + 5 rows of the demo's MTG-Jamendo tag TSV, which merge into their list entries
-    assert report["included"] == 17 and report["entries"] == 24
+    # 38 list entries + 24 rows of the demo's MTG-Jamendo tag TSV, which merge into their list entries
+    assert report["included"] == 36 and report["entries"] == 62
     assert report["excluded"]["licence_not_allowed"] == 1 and report["excluded"]["audio_missing"] == 1
-    assert report["excluded"]["malformed"] == 0 and report["excluded"]["duplicate"] == 5
+    assert report["excluded"]["malformed"] == 0 and report["excluded"]["duplicate"] == 24
     by_id = {r["track_id"]: r for r in rows}
     assert by_id["jamendo:1001"]["tags"] == [
-        "genre---reggae", "instrument---electricpiano", "instrument---bass", "mood/theme---relaxing"]
-    # known by id in the TSV and by name in the list: still beside the artist's other song
-    assert by_id["jamendo:1005"]["split"] == by_id["jamendo:1006"]["split"]
-    assert report["included_per_source"] == {"fma": 5, "jamendo": 6, "wikimedia": 6}
+        "instrument---piano", "instrument---drums", "mood/theme---slow", "mood/theme---sad"]
+    assert report["included_per_source"] == {"fma": 5, "jamendo": 25, "wikimedia": 6}
     counts = json.loads(Path("data/licenses/audit.json").read_text())["counts"]
     assert counts["sources"]["fma"]["excluded"]["licence not allowed"] == 1
-    assert counts["licenses"]["CC-BY-4.0"] == 6
-    assert report["train"] + report["val"] == 17
+    assert counts["licenses"]["CC-BY-4.0"] == 12
+    assert report["train"] + report["val"] == 36
 
     # attribution files list exactly the included tracks and parse back
     for source, song_source in SOURCES.items():

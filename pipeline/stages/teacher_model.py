@@ -18,7 +18,6 @@ from pipeline.teacher.model import (
     TeacherError,
     build_demo_teacher,
     install_demo_teacher,
-    sha256_file,
 )
 
 log = logging.getLogger(__name__)
@@ -66,7 +65,6 @@ def run(params: Params, args: argparse.Namespace) -> int | None:
     if message:
         log.error("%s", message)
         return 1
-    from pipeline.teacher.model import TeacherError
     from pipeline.teacher.convert import convert_checkpoint
 
     try:

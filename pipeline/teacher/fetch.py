@@ -215,8 +215,8 @@ def fetch(p: TeacherModelParams, d: DownloadParams | None = None, *, trust: bool
 
 def main(args: argparse.Namespace) -> int:
     from pipeline.params import load_params
-    from pipeline.teacher.model import TeacherError
     from pipeline.teacher.convert import load_roberta_tokenizer
+    from pipeline.teacher.model import TeacherError
 
     params = load_params(getattr(args, "params", "params.yaml"))
     p = params.teacher.model
