@@ -247,34 +247,22 @@ def describe_teacher(teacher: Mapping[str, Any]) -> str:
             "RoBERTa text towers). " + common)
 
 
-def render(
-    *,
-    spec: Mapping[str, Any],
-    metrics: Mapping[str, Any],
-    students: Mapping[str, Any],
-    licences: Mapping[str, Any],
-    licence_files: list[str],
-    params: Mapping[str, Mapping[str, Any]],
-    file_sizes: Mapping[str, int],
-) -> str:
-    """models/export/README.md."""
-    audio, text, parity = spec.get("audio"), spec.get("text"), spec.get("parity", {})
-    out = [front_matter(metrics), "# Student CLAP — exported students", describe_teacher(metrics.get("teacher") or {})]
-    for name, reason in (spec.get("skipped") or {}).items():
-        out.append(f"**The {name} student is not included:** {reason}.")
+FILE_DESCRIPTIONS = {
+    "audio_student.onnx": "waveform segments -> embedding, embedding_raw",
+    "audio_student_mel.onnx": "student log-mels -> embedding, embedding_raw",
+    "audio_student.int8.onnx": "waveform model, projection head int8 (dynamic)",
+    "audio_student_frontend.onnx": "song level: waveform (any length) -> student log-mel",
+    "audio_student_trunk.onnx": "song level: log-mel (any length) -> feature map of the local blocks",
+    "audio_student_head.onnx": "song level: one window's feature map -> embedding, embedding_raw",
+    "audio_student_head.int8.onnx": "head, static int8 pointwise convolutions (calibrated on training mels)",
+    "text_student.onnx": "input_ids, attention_mask -> embedding",
+}
 
+
+def _file_rows(parity: Mapping[str, Any], file_sizes: Mapping[str, int]) -> list[list[str]]:
+    """One row per exported ONNX file: what it does, its size and its check against PyTorch."""
     rows = []
-    descriptions = {
-        "audio_student.onnx": "waveform segments -> embedding, embedding_raw",
-        "audio_student_mel.onnx": "student log-mels -> embedding, embedding_raw",
-        "audio_student.int8.onnx": "waveform model, projection head int8 (dynamic)",
-        "audio_student_frontend.onnx": "song level: waveform (any length) -> student log-mel",
-        "audio_student_trunk.onnx": "song level: log-mel (any length) -> feature map of the local blocks",
-        "audio_student_head.onnx": "song level: one window's feature map -> embedding, embedding_raw",
-        "audio_student_head.int8.onnx": "head, static int8 pointwise convolutions (calibrated on training mels)",
-        "text_student.onnx": "input_ids, attention_mask -> embedding",
-    }
-    for fname, what in descriptions.items():
+    for fname, what in FILE_DESCRIPTIONS.items():
         if fname in file_sizes:
             par = parity.get(fname, {})
             check = (f"cosine {par['min_cosine']:.6f} min, max abs diff {par['max_abs_diff']:.1e}"
@@ -282,10 +270,11 @@ def render(
                      f"cosine to fp32 {par.get('cosine_min', float('nan')):.6f} min, {par.get('cosine_mean', float('nan')):.6f} mean"
                      if par else "")
             rows.append([f"`{fname}`", what, f"{file_sizes[fname] / 1e6:.2f} MB", check])
-    out += ["## Files", _table(["file", "what", "size", "check against PyTorch"], rows),
-            "Also: `tokenizer.json` (text student), `student_clap.json` (inputs, read by `student-clap embed/search`), "
-            "`licenses/` (attribution), `SHA256SUMS` (verify with `sha256sum -c SHA256SUMS`)."]
+    return rows
 
+
+def _input_lines(audio: Mapping[str, Any] | None, text: Mapping[str, Any] | None) -> list[str]:
+    """The input conventions of the exported students, one bullet each."""
     inputs = []
     if audio:
         inputs.append(
@@ -309,6 +298,31 @@ def render(
     if text:
         inputs.append(f"- Text: `tokenizer.json` (byte-level BPE), at most {text['max_length']} tokens; "
                       "int64 `input_ids` and `attention_mask` [batch, length].")
+    return inputs
+
+
+def render(
+    *,
+    spec: Mapping[str, Any],
+    metrics: Mapping[str, Any],
+    students: Mapping[str, Any],
+    licences: Mapping[str, Any],
+    licence_files: list[str],
+    params: Mapping[str, Mapping[str, Any]],
+    file_sizes: Mapping[str, int],
+) -> str:
+    """models/export/README.md."""
+    audio, text, parity = spec.get("audio"), spec.get("text"), spec.get("parity", {})
+    out = [front_matter(metrics), "# Student CLAP — exported students", describe_teacher(metrics.get("teacher") or {})]
+    for name, reason in (spec.get("skipped") or {}).items():
+        out.append(f"**The {name} student is not included:** {reason}.")
+
+    rows = _file_rows(parity, file_sizes)
+    out += ["## Files", _table(["file", "what", "size", "check against PyTorch"], rows),
+            "Also: `tokenizer.json` (text student), `student_clap.json` (inputs, read by `student-clap embed/search`), "
+            "`licenses/` (attribution), `SHA256SUMS` (verify with `sha256sum -c SHA256SUMS`)."]
+
+    inputs = _input_lines(audio, text)
     out += ["## Inputs", "\n".join(inputs) or "(no student exported)"]
 
     out += ["## Quality against the teacher", results_markdown(metrics)]

@@ -249,7 +249,8 @@ def train_demo_teacher(d: DemoTeacherParams, t: DemoTrainParams, params: Params 
                        instruments: tuple[str, ...] = INSTRUMENTS) -> dict:
     """Train, evaluate on held-out clips, write the teacher folder; returns the report.
 
-    `instruments` narrows the lead instruments (the quick test trains on two)."""
+    `instruments` narrows the lead instruments (the quick test trains on two).
+    Long: one seeded run from data to written folder, kept in order so the RNG stream is plain to see."""
     from pipeline.teacher.model import (
         build_demo_tokenizer,
         demo_clap_model,
