@@ -141,3 +141,15 @@ def test_code_edit_reaches_exactly_the_stages_that_import_it(project: Path) -> N
 def test_param_edit_reaches_only_the_stages_that_declare_it(project: Path) -> None:
     assert _noticed(project, _set_param(project, "distill_text.epochs", 3)) == {"distill_text"}
     assert _noticed(project, _set_param(project, "evaluate.top_k", 7)) == {"evaluate"}
+
+
+def test_teacher_files_and_pretrained_weights_reach_the_stages_that_load_them(project: Path) -> None:
+    """Inputs named by a param path (the demo teacher's weights, a fetched checkpoint or tokenizer,
+    EfficientAT weights) are deps of the stage that reads them, not only the param."""
+    demo = project / _params(project)["teacher"]["model"]["demo"]["weights_dir"] / "teacher.json"
+    assert _noticed(project, _append(demo, " ")) == {"teacher_model"}
+    fetched = project / "models" / "teacher_src" / "roberta-base" / "vocab.json"
+    fetched.parent.mkdir(parents=True, exist_ok=True)
+    assert _noticed(project, lambda: fetched.write_text("{}")) == {"teacher_model"}
+    weights = project / "models" / "pretrained" / "mn04_as_mAP_432.pt"
+    assert _noticed(project, lambda: weights.write_bytes(b"weights")) == {"distill_audio"}
