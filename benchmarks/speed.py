@@ -168,10 +168,10 @@ def export_student(backbone: str, out_dir: Path, song: Path) -> dict:
 
     from pipeline.data.audio import decode_int16, int16_to_float, segments
     from pipeline.data.frontends import StudentMel, set_export_stft
+    from pipeline.models import audio_export, export_bundle, song_export
     from pipeline.models.audio_student import build_audio_student
     from pipeline.params import StudentFrontendParams
     from pipeline.runtime.song import SPAN_WINDOWS, _runs
-    from pipeline.models import audio_export, export_bundle, song_export
 
     torch.manual_seed(0)
     student = build_audio_student({"backbone": backbone}).eval()
@@ -225,8 +225,8 @@ def bench_student(models: Path, label: str, song: Path, threads: int, repeats: i
     # onnxruntime only, the code path of `student-clap embed` (no torch in this process)
     from pipeline.data.audio import decode_int16, resample_int16
     from pipeline.runtime.decode import decode_student
-    from pipeline.runtime.song import SongEmbedder, open_audio_embedder
-    from pipeline.runtime.search import AudioEmbedder
+    from pipeline.runtime.search import AudioEmbedder, open_audio_embedder
+    from pipeline.runtime.song import SongEmbedder
 
     old = open_audio_embedder(models, batch_size=BATCH, threads=threads, segment_wise=True)
     new = open_audio_embedder(models, batch_size=BATCH, threads=threads)

@@ -149,7 +149,7 @@ def test_compare_figures_equal_a_hand_computation(tmp_path, models, songs, hand,
     assert "broken.mp3" in printed.out and "Same space as the teacher" in printed.out
     assert rep["n_files"] == 7 and rep["n_tracks"] == 6
     assert [f["path"] for f in rep["failed"]] == [str(songs / "broken.mp3")]
-    assert rep["teacher"]["kind"] == "demo" and len(rep["teacher"]["weights_sha256"]) == 64
+    assert rep["teacher"]["kind"] == "demo_random" and len(rep["teacher"]["weights_sha256"]) == 64
 
     # same space: cosines, neighbours (6 songs: k clipped to 2), Spearman, verdict
     same, a = rep["same_space"], rep["same_space"]["audio_student"]

@@ -32,10 +32,10 @@ from pipeline.runtime.search import (
     embed_files,
     find_audio,
     load_index,
+    open_audio_embedder,
     save_index,
     search,
 )
-from pipeline.runtime.song import open_audio_embedder
 
 __all__ = ["AudioDecodeError", "EmbedResult", "Index", "SearchError", "StudentClap"]
 

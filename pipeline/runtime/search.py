@@ -51,6 +51,7 @@ from pipeline.data.audio import (
     segment_starts,
 )
 from pipeline.hashing import sha256_file
+from pipeline.runtime.song import SongEmbedder, SongEmbedding, SongGeometry
 from pipeline.space import EMBED_DIM
 
 log = logging.getLogger(__name__)
@@ -92,11 +93,6 @@ def _session(path: Path, threads: int | None):
     return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
 
 
-@dataclass
-class SongEmbedding:
-    vector: np.ndarray  # [dim] float32, unit norm
-    n_segments: int
-    notes: list[str] = field(default_factory=list)  # e.g. a partial decode, NaN samples replaced
 
 
 class AudioEmbedder:
@@ -590,8 +586,6 @@ def _report_failures(result: EmbedResult) -> None:
 
 def _embedder(args: argparse.Namespace):
     """The song-level path (pipeline.runtime.song) when the export has it, unless --segment-wise."""
-    from pipeline.runtime.song import open_audio_embedder
-
     return open_audio_embedder(args.models, int8=getattr(args, "int8", False), batch_size=getattr(args, "batch_size", 8),
                                threads=getattr(args, "threads", None), segment_wise=getattr(args, "segment_wise", False))
 
@@ -678,3 +672,30 @@ def search_main(args: argparse.Namespace) -> int:
     for rank, (path, score) in enumerate(hits, start=1):
         print(f"{rank:3d}  {score:+.5f}  {printable(path)}")
     return 0
+
+
+def open_audio_embedder(models_dir: str | Path, *, int8: bool = False, batch_size: int = 16,
+                        threads: int | None = None, segment_wise: bool = False):
+    """The embedder `embed` and `index` use: the song-level path when the export has one (fp32, or
+    int8 trunk and head with `int8`), else — or with `segment_wise` — the segment-wise waveform
+    model (AudioEmbedder). Raises SearchError naming a missing file."""
+    models_dir = Path(models_dir)
+    audio = load_spec(models_dir).get("audio") or {}
+    song = audio.get("song") or {}
+    names = [song.get("frontend_file"), song.get("trunk_int8_file" if int8 else "trunk_file"),
+             song.get("head_int8_file" if int8 else "head_file")]
+    if segment_wise or not all(names):
+        if not segment_wise and song:
+            log.warning("%s: no %s song-level model; using the segment-wise one", models_dir / SPEC_FILE,
+                        "int8" if int8 else "fp32")
+        return AudioEmbedder(models_dir, int8=int8, batch_size=batch_size, threads=threads)
+    try:
+        embedder = SongEmbedder(*(models_dir / n for n in names), SongGeometry.from_spec(audio),
+                                batch_size=batch_size, threads=threads)
+    except (FileNotFoundError, ValueError, KeyError) as exc:
+        raise SearchError(f"{models_dir / SPEC_FILE}: song-level model unusable: {exc}") from exc
+    # The index records which student built it; the song path runs the same student as audio["file"].
+    embedder.model_path = models_dir / audio["file"]
+    embedder.model_sha256 = sha256_file(embedder.model_path) if embedder.model_path.is_file() else sha256_file(
+        embedder.model_paths[2])
+    return embedder

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -85,6 +85,13 @@ def _runs(starts: list[int], n_samples: int, seg_len: int, hop: int, shared: boo
         else:
             runs.append([s])
     return runs
+
+
+@dataclass
+class SongEmbedding:
+    vector: np.ndarray  # [dim] float32, unit norm
+    n_segments: int
+    notes: list[str] = field(default_factory=list)  # e.g. a partial decode, NaN samples replaced
 
 
 class SongEmbedder:
@@ -185,8 +192,6 @@ class SongEmbedder:
     def embed_track(self, path: str | Path):
         """Decode (straight to the student rate, the usability rule applied) and embed one file,
         with its decode notes: a SongEmbedding, as the segment-wise AudioEmbedder returns."""
-        from pipeline.runtime.search import SongEmbedding
-
         track = decode_student_track(path, self.sample_rate)
         vector, n = self.embed_wave(track.wave)
         return SongEmbedding(vector, n, track.notes)
@@ -207,33 +212,3 @@ class SongEmbedder:
                     yield exc
 
         yield from zip(paths, self.embed_waves(decoded()))
-
-
-def open_audio_embedder(models_dir: str | Path, *, int8: bool = False, batch_size: int = 16,
-                        threads: int | None = None, segment_wise: bool = False):
-    """The embedder `embed` and `index` use: the song-level path when the export has one (fp32, or
-    int8 trunk and head with `int8`), else — or with `segment_wise` — the segment-wise waveform
-    model (pipeline.runtime.search.AudioEmbedder). Raises SearchError naming a missing file."""
-    from pipeline.hashing import sha256_file
-    from pipeline.runtime.search import SPEC_FILE, AudioEmbedder, SearchError, load_spec
-
-    models_dir = Path(models_dir)
-    audio = load_spec(models_dir).get("audio") or {}
-    song = audio.get("song") or {}
-    names = [song.get("frontend_file"), song.get("trunk_int8_file" if int8 else "trunk_file"),
-             song.get("head_int8_file" if int8 else "head_file")]
-    if segment_wise or not all(names):
-        if not segment_wise and song:
-            log.warning("%s: no %s song-level model; using the segment-wise one", models_dir / SPEC_FILE,
-                        "int8" if int8 else "fp32")
-        return AudioEmbedder(models_dir, int8=int8, batch_size=batch_size, threads=threads)
-    try:
-        embedder = SongEmbedder(*(models_dir / n for n in names), SongGeometry.from_spec(audio),
-                                batch_size=batch_size, threads=threads)
-    except (FileNotFoundError, ValueError, KeyError) as exc:
-        raise SearchError(f"{models_dir / SPEC_FILE}: song-level model unusable: {exc}") from exc
-    # The index records which student built it; the song path runs the same student as audio["file"].
-    embedder.model_path = models_dir / audio["file"]
-    embedder.model_sha256 = sha256_file(embedder.model_path) if embedder.model_path.is_file() else sha256_file(
-        embedder.model_paths[2])
-    return embedder
