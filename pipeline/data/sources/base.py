@@ -89,6 +89,22 @@ class SongSource:
     download_base: str = ""  # where missing audio is fetched from when params name no mirror
 
 
+def lists_then_metadata(
+    parse_list: Callable[[Path], ParseResult], parse_metadata: Callable[[Path], ParseResult]
+) -> Callable[[SourceFiles], ParseResult]:
+    """The usual `SongSource.parse`: every song list, then every native metadata file."""
+
+    def parse(files: SourceFiles) -> ParseResult:
+        res = ParseResult()
+        for path in files.lists:
+            res.extend(parse_list(path))
+        for path in files.metadata:
+            res.extend(parse_metadata(path))
+        return res
+
+    return parse
+
+
 def read_lines(path: Path) -> tuple[list[str], set[int]]:
     """Lines of a text file and the 1-based numbers of lines that were not valid UTF-8.
 

@@ -28,8 +28,8 @@ from pipeline.data.sources.base import (
     ParseResult,
     Problem,
     SongSource,
-    SourceFiles,
     clean,
+    lists_then_metadata,
     read_lines,
     shorten,
     strip_audio_ext,
@@ -248,13 +248,7 @@ def parse_metadata(path: Path) -> ParseResult:
     return parse_imageinfo(path)
 
 
-def parse(files: SourceFiles) -> ParseResult:
-    res = ParseResult()
-    for path in files.lists:
-        res.extend(parse_list(path))
-    for path in files.metadata:
-        res.extend(parse_metadata(path))
-    return res
+parse = lists_then_metadata(parse_list, parse_metadata)
 
 
 def attribution(rows: list[dict], base_url: str = "") -> str:
