@@ -60,5 +60,5 @@ def write_text(path: str | Path, text: str) -> Path:
     return Path(path)
 
 
-def write_json(path: str | Path, data: Any, indent: int | None = 2) -> Path:
-    return write_text(path, json.dumps(data, indent=indent, ensure_ascii=False) + "\n")
+def write_json(path: str | Path, data: Any, indent: int | None = 2, sort_keys: bool = False) -> Path:
+    return write_text(path, json.dumps(data, indent=indent, sort_keys=sort_keys, ensure_ascii=False) + "\n")

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+
+from pipeline.atomic import write_json
 
 NOTES_DIR = "decode-notes"
 
@@ -27,10 +28,7 @@ def save_track_notes(parts_dir: str | Path, track_id: str, audio_path: str, note
     if not notes:
         path.unlink(missing_ok=True)
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"track_id": track_id, "audio_path": audio_path, "notes": notes}), encoding="utf-8")
-    os.replace(tmp, path)
+    write_json(path, {"track_id": track_id, "audio_path": audio_path, "notes": notes}, indent=None)
 
 
 def saved_notes(parts_dir: str | Path) -> dict[str, dict]:

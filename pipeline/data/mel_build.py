@@ -8,14 +8,13 @@ cache (atomic rename) and the report lists failed and flagged tracks.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
 
+from pipeline.atomic import write_json
 from pipeline.data import decode_notes, mel_cache
 from pipeline.data.manifest import read_manifest
 from pipeline.data.mel_extraction import TrackJob, TrackResult
@@ -125,10 +124,7 @@ def build_mel_cache(params: Params, manifest_path: Path, cache_path: Path, repor
 
 
 def _write_report(path: Path, report: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_json(path, report)
 
 
 def failure_verdict(report: dict, max_failure_ratio: float, report_path: Path) -> str | None:

@@ -25,14 +25,11 @@ class Students:
 
 def student_skip_reason(path: Path) -> str:
     """'' when `path` holds a trained student; the recorded reason when its stage was disabled."""
-    import torch
+    from pipeline.models.skipped import skip_reason
 
     if not path.is_file():
         raise EvaluateError(f"{path}: student checkpoint missing (run its distill stage first)")
-    blob = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(blob, dict) and blob.get("skipped"):
-        return str(blob.get("reason") or "disabled in params (distillation.*_enabled: false)")
-    return ""
+    return skip_reason(path)
 
 
 def load_students(audio_path: Path, text_path: Path, tokenizer_path: Path, teacher_dir: Path | None) -> Students:

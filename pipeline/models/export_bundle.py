@@ -31,6 +31,7 @@ from torch import nn
 from pipeline.hashing import sha256_file
 from pipeline.models import onnx_export as onnx_utils
 from pipeline.models.audio_export import audio_spec, export_audio
+from pipeline.models.skipped import skip_reason
 from pipeline.models.song_export import calibration_mels, export_song, song_spec
 from pipeline.params import Params, as_dict
 
@@ -110,14 +111,11 @@ def write_checksums(out_dir: Path) -> Path:
     return path
 
 
-def skip_reason(path: Path) -> str:
+def student_skip_reason(path: Path) -> str:
     """Why the student checkpoint at `path` was skipped by its distill stage ("" when it was not)."""
     if not path.is_file():
         raise ExportError(f"{path}: student checkpoint missing (run its distill stage first)")
-    blob = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(blob, dict) and blob.get("skipped"):
-        return str(blob.get("reason") or "disabled in params")
-    return ""
+    return skip_reason(path)
 
 
 def checkpoint_summary(path: Path) -> dict[str, Any]:
@@ -151,7 +149,7 @@ def _build(params: Params, inputs: ExportInputs, tmp_dir: Path) -> None:
     students: dict[str, Any] = {}
     for kind, path, export in (("audio", inputs.audio_student, _export_audio_student),
                                ("text", inputs.text_student, _export_text_student)):
-        reason = skip_reason(path)
+        reason = student_skip_reason(path)
         if reason:
             skipped[kind] = reason
             log.warning("%s student skipped: %s", kind, reason)

@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from pipeline.atomic import atomic_path
 from pipeline.data.audio import (
     AudioDecodeError,
     check_usable,
@@ -315,11 +316,8 @@ def check_writable(out: str | Path) -> None:
 
 
 def _atomic_save(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as fh:
+    with atomic_path(path) as tmp, tmp.open("wb") as fh:
         write(fh)
-    os.replace(tmp, path)
 
 
 def _stamp_columns(stamps: Sequence[Stamp | None]) -> tuple[np.ndarray, np.ndarray]:

@@ -19,13 +19,13 @@ kept and `fetch.json` beside the checkpoint records it as trusted, not verified.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.atomic import atomic_path, write_json
 from pipeline.hashing import sha256_file
 from pipeline.params import DownloadParams, TeacherModelParams
 
@@ -130,10 +130,8 @@ def _from_url(f: PlannedFile, d: DownloadParams, progress: bool) -> Path:
 
 def _place(src: Path, dest: Path) -> None:
     """Copy `src` onto `dest` atomically (a reader never sees half a file)."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(dest.name + ".part")
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dest)
+    with atomic_path(dest) as tmp:
+        shutil.copyfile(src, tmp)
 
 
 def _judge(f: PlannedFile, path: Path, trust: bool, digest: str | None = None) -> dict:
@@ -187,12 +185,9 @@ def fetch_file(f: PlannedFile, d: DownloadParams, *, trust: bool = False, progre
 
 def write_record(path: Path, entries: list[dict], source: str) -> None:
     """fetch.json: what was fetched from where, its sha256, and whether it was verified or trusted."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     body = {"teacher_source": source, "files": entries,
             "trusted_unverified": [e["path"] for e in entries if e["trusted"]]}
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(body, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_json(path, body, sort_keys=True)
 
 
 def fetch(p: TeacherModelParams, d: DownloadParams | None = None, *, trust: bool = False,

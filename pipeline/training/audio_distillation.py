@@ -13,7 +13,6 @@ task, `pipeline.training.loop.fit`, calibrate, score the validation split, write
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.atomic import write_json
 from pipeline.data import datasets
 from pipeline.data.datasets import (
     Collate,
@@ -43,6 +43,7 @@ from pipeline.models.audio_student import (
     init_audio_student,
     save_audio_student,
 )
+from pipeline.models.skipped import write_skip_marker
 from pipeline.params import DistillAudioParams
 from pipeline.paths import MANIFEST, MELS, TEACHER_CACHE
 from pipeline.training.augment import Augmenter, frontend_centres, mixup_targets
@@ -203,19 +204,14 @@ def baseline_metrics(val: Split, seg_emb: np.ndarray, segment_mean: np.ndarray, 
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
+    write_json(path, data, sort_keys=True)
 
 
 def write_skipped(out_dir: Path, reason: str) -> None:
     """Disabled student: the markers the contract asks for, plus the declared output folders."""
     out_dir.mkdir(parents=True, exist_ok=True)
     _write_json(out_dir / "metrics.json", {"skipped": True, "reason": reason})
-    tmp = out_dir / "student.pt.tmp"  # replace, never write through a link into DVC's cache
-    torch.save({"skipped": True, "reason": reason}, tmp)
-    tmp.replace(out_dir / "student.pt")
+    write_skip_marker(out_dir / "student.pt", reason)
     for sub in ("checkpoints", "plots"):
         (out_dir / sub).mkdir(exist_ok=True)
     _write_json(out_dir / "checkpoints" / "skipped.json", {"skipped": True, "reason": reason})

@@ -32,6 +32,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.atomic import atomic_path
+
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "student-clap-checkpoint/1"
@@ -154,21 +156,18 @@ def repair_best(ckpt_dir: Path, ckpt: dict[str, Any]) -> None:
 
 
 def _save_atomic(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
     """`dst` as a hard link to `src` (no extra disk), atomically replaced; a copy where links
     are not possible. Editing tools replace files, never write through links."""
-    tmp = dst.with_name(dst.name + ".tmp")
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(src, tmp)
-    except OSError:
-        shutil.copyfile(src, tmp)
-    tmp.replace(dst)
+    with atomic_path(dst) as tmp:
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
 
 
 def save_epoch(ckpt_dir: Path, state: dict[str, Any], is_best: bool, keep_epoch_file: bool = True) -> Path:

@@ -29,9 +29,11 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
+from pipeline.atomic import write_json
 from pipeline.data.queries import HELD_OUT_SETS, split_into_terms
 from pipeline.evaluation import metrics as M
 from pipeline.evaluation.held_out_text import held_out_plot, score_held_out_set
+from pipeline.models.skipped import write_skip_marker
 from pipeline.params import DistillTextParams
 from pipeline.training.calibration import fit_text_scale, log_fit
 
@@ -119,12 +121,9 @@ def write_skipped(out_dir: Path, reason: str) -> None:
     """Markers for a disabled student, as evaluate and export expect them."""
     out_dir.mkdir(parents=True, exist_ok=True)
     marker = {"skipped": True, "reason": reason}
-    tmp = out_dir / "student.pt.tmp"
-    torch.save(marker, tmp)
-    tmp.replace(out_dir / "student.pt")
-    (out_dir / "metrics.json").write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
-    (out_dir / "tokenizer.json").unlink(missing_ok=True)  # may be a link into DVC's cache
-    (out_dir / "tokenizer.json").write_text(json.dumps(marker) + "\n", encoding="utf-8")
+    write_skip_marker(out_dir / "student.pt", reason)
+    write_json(out_dir / "metrics.json", marker)
+    write_json(out_dir / "tokenizer.json", marker, indent=None)
     (out_dir / "checkpoints").mkdir(exist_ok=True)
     shutil.rmtree(out_dir / "plots", ignore_errors=True)
     (out_dir / "plots").mkdir()
