@@ -45,42 +45,63 @@ def deep_update():
     return _deep_update
 
 
-@pytest.fixture(scope="session")
-def tiny_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A models/export-like folder with small real ONNX students (1-s segments at 16 kHz, decoded at 24 kHz)."""
+def make_tiny_export(out: Path, *, rate: int, segment_seconds: float, hop_seconds: float, decode_rate: int,
+                     corpus: list[str], max_length: int) -> dict:
+    """A models/export-like folder with small real ONNX students in `out`; returns the folder and
+    the PyTorch models behind it ("export", "audio", "frontend", "text", "tokenizer")."""
     import json
 
     import torch
 
+    from pipeline.models import audio_export, export_bundle
     from pipeline.models.audio_student import build_audio_student
     from pipeline.models.text_student import build_text_student
-    from pipeline.models import audio_export, export_bundle
     from pipeline.models.text_tokenizer import save_tokenizer, train_tokenizer
 
     class ConvMel(torch.nn.Module):
+        """A learnt-filterbank stand-in for the student front-end: small, and exports anywhere."""
+
         def __init__(self) -> None:
             super().__init__()
+            torch.manual_seed(0)
             self.filters = torch.nn.Conv1d(1, 128, kernel_size=400, stride=160, bias=False)
 
         def forward(self, wave: torch.Tensor) -> torch.Tensor:
             return torch.log(self.filters(wave.unsqueeze(1)) ** 2 + 1e-5)
 
-    out = tmp_path_factory.mktemp("tiny_export")
     torch.manual_seed(0)
-    rate, seg_s, hop_s = 16000, 1.0, 0.5
     audio = build_audio_student({"backbone": "mn04_as"}).eval()
-    info = audio_export.export_audio(audio, ConvMel().eval(), out, segment_samples=int(rate * seg_s), sample_rate=rate,
+    frontend = ConvMel().eval()
+    segment_samples = int(rate * segment_seconds)
+    info = audio_export.export_audio(audio, frontend, out, segment_samples=segment_samples, sample_rate=rate,
                                      opset=17, min_cosine=0.9999, quantize=False)
     spec = {"version": export_bundle.SPEC_VERSION, "embedding_dim": 512, "skipped": {},
-            "audio": audio_export.audio_spec(info, sample_rate=rate, segment_seconds=seg_s, hop_seconds=hop_s,
-                                             segment_samples=int(rate * seg_s), quantized=False, decode_sample_rate=24000)}
-    corpus = [f"{a} {b}" for a in ("calm", "energetic", "sad") for b in ("piano", "guitar", "drums")] * 3
+            "audio": audio_export.audio_spec(info, sample_rate=rate, segment_seconds=segment_seconds,
+                                             hop_seconds=hop_seconds, segment_samples=segment_samples,
+                                             quantized=False, decode_sample_rate=decode_rate)}
     tok = train_tokenizer(corpus, vocab_size=300)
     tok_path = save_tokenizer(tok, out / "src_tokenizer.json")
-    text = build_text_student({"vocab_size": tok.get_vocab_size(), "dim": 32, "layers": 1, "heads": 2, "ff_dim": 64, "max_length": 8})
-    spec["text"] = export_bundle.text_spec(export_bundle.export_text(text.eval(), tok_path, out, opset=17, min_cosine=0.9999))
+    text = build_text_student({"vocab_size": tok.get_vocab_size(), "dim": 32, "layers": 1, "heads": 2, "ff_dim": 64,
+                               "max_length": max_length}).eval()
+    spec["text"] = export_bundle.text_spec(export_bundle.export_text(text, tok_path, out, opset=17, min_cosine=0.9999))
     (out / export_bundle.SPEC).write_text(json.dumps(spec))
-    return out
+    return {"export": out, "audio": audio, "frontend": frontend, "text": text, "tokenizer": tok}
+
+
+TINY_CORPUS = [f"{a} {b}" for a in ("calm", "energetic", "sad") for b in ("piano", "guitar", "drums")] * 3
+
+
+@pytest.fixture(scope="session")
+def tiny_export_builder():
+    """make_tiny_export(out, rate=..., segment_seconds=..., ...) for tests that need their own sizes."""
+    return make_tiny_export
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A models/export-like folder with small real ONNX students (1-s segments at 16 kHz, decoded at 24 kHz)."""
+    return make_tiny_export(tmp_path_factory.mktemp("tiny_export"), rate=16000, segment_seconds=1.0, hop_seconds=0.5,
+                            decode_rate=24000, corpus=TINY_CORPUS, max_length=8)["export"]
 
 
 @pytest.fixture(scope="session")

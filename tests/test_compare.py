@@ -18,16 +18,13 @@ import soundfile as sf
 import torch
 from scipy.stats import spearmanr
 
-from pipeline.data.audio import cut, decode_int16, int16_to_float, map_starts, resample_int16, segment_starts
 from pipeline.cli import main
-from pipeline.evaluation import compare as C
+from pipeline.data.audio import cut, decode_int16, int16_to_float, map_starts, resample_int16, segment_starts
 from pipeline.data.frontends import TeacherMel
-from pipeline.models import audio_export, export_bundle
-from pipeline.models.audio_student import build_audio_student
-from pipeline.models.text_student import build_text_student
+from pipeline.evaluation import compare as C
+from pipeline.models.text_tokenizer import encode
 from pipeline.params import TeacherModelParams
 from pipeline.teacher.model import build_demo_teacher, load_teacher
-from pipeline.models.text_tokenizer import encode, save_tokenizer, train_tokenizer
 
 torch.set_num_threads(1)
 SR, DECODE_SR, SEG_S, HOP_S = 16000, 48000, 10.0, 5.0
@@ -36,38 +33,14 @@ DEMO = REPO / "data" / "demo" / "audio"
 LABELS = ("ambient", "jazz", "rock")
 
 
-class ConvMel(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.filters = torch.nn.Conv1d(1, 128, kernel_size=400, stride=160, bias=False)
-
-    def forward(self, wave: torch.Tensor) -> torch.Tensor:
-        return torch.log(self.filters(wave.unsqueeze(1)) ** 2 + 1e-5)
-
-
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
+def models(tmp_path_factory, tiny_export_builder):
     """models/export-like folder (audio + text student) and a demo teacher folder, with the PyTorch models."""
-    out = tmp_path_factory.mktemp("export")
-    torch.manual_seed(0)
-    audio = build_audio_student({"backbone": "mn04_as"}).eval()
-    frontend = ConvMel().eval()
-    info = audio_export.export_audio(audio, frontend, out, segment_samples=int(SR * SEG_S), sample_rate=SR,
-                                     opset=17, min_cosine=0.9999, quantize=False)
-    spec = {"version": export_bundle.SPEC_VERSION, "embedding_dim": 512, "skipped": {},
-            "audio": audio_export.audio_spec(info, sample_rate=SR, segment_seconds=SEG_S, hop_seconds=HOP_S,
-                                             segment_samples=int(SR * SEG_S), quantized=False, decode_sample_rate=DECODE_SR)}
     corpus = [f"this audio is a {g} song" for g in LABELS] + [f"{a} {b}" for a in ("calm", "loud") for b in LABELS] * 3
-    tok = train_tokenizer(corpus, vocab_size=300)
-    tok_path = save_tokenizer(tok, out / "src_tokenizer.json")
-    text = build_text_student({"vocab_size": tok.get_vocab_size(), "dim": 32, "layers": 1, "heads": 2, "ff_dim": 64,
-                               "max_length": 16}).eval()
-    spec["text"] = export_bundle.text_spec(export_bundle.export_text(text, tok_path, out, opset=17, min_cosine=0.9999))
-    (out / export_bundle.SPEC).write_text(json.dumps(spec))
+    built = tiny_export_builder(tmp_path_factory.mktemp("export"), rate=SR, segment_seconds=SEG_S, hop_seconds=HOP_S,
+                                decode_rate=DECODE_SR, corpus=corpus, max_length=16)
     teacher_dir = build_demo_teacher(TeacherModelParams(), tmp_path_factory.mktemp("teacher") / "teacher")
-    return {"export": out, "audio": audio, "frontend": frontend, "text": text, "tokenizer": tok,
-            "teacher_dir": teacher_dir, "teacher": load_teacher(teacher_dir)}
+    return {**built, "teacher_dir": teacher_dir, "teacher": load_teacher(teacher_dir)}
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,6 @@ import pytest
 import soundfile as sf
 import torch
 
-from pipeline.runtime import search as S
 from pipeline.data.audio import (
     cut,
     decode,
@@ -27,46 +26,21 @@ from pipeline.data.audio import (
     segment_starts,
     segments,
 )
-from pipeline.models import audio_export, export_bundle
-from pipeline.models.audio_student import build_audio_student
-from pipeline.models.text_student import build_text_student
-from pipeline.models.text_tokenizer import save_tokenizer, train_tokenizer
+from pipeline.runtime import search as S
 
 torch.set_num_threads(1)
 SR, SEG_S, HOP_S = 16000, 1.0, 0.5
+CORPUS = [f"{a} {b}" for a in ("calm", "energetic", "sad") for b in ("piano", "guitar", "drums")] * 3
 DECODE_SR = 24000  # like the pipeline: decode (and find segment times) at one rate, run the student at another
 REPO = Path(__file__).resolve().parents[1]
 
 
-class ConvMel(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.filters = torch.nn.Conv1d(1, 128, kernel_size=400, stride=160, bias=False)
-
-    def forward(self, wave: torch.Tensor) -> torch.Tensor:
-        return torch.log(self.filters(wave.unsqueeze(1)) ** 2 + 1e-5)
-
-
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
+def exported(tmp_path_factory, tiny_export_builder):
     """A models/export-like folder with 1-s segments at 16 kHz, and the PyTorch models behind it."""
-    out = tmp_path_factory.mktemp("export")
-    torch.manual_seed(0)
-    audio = build_audio_student({"backbone": "mn04_as"}).eval()
-    frontend = ConvMel().eval()
-    info = audio_export.export_audio(audio, frontend, out, segment_samples=int(SR * SEG_S), sample_rate=SR,
-                                     opset=17, min_cosine=0.9999, quantize=False)
-    spec = {"version": export_bundle.SPEC_VERSION, "embedding_dim": 512, "skipped": {},
-            "audio": audio_export.audio_spec(info, sample_rate=SR, segment_seconds=SEG_S, hop_seconds=HOP_S,
-                                             segment_samples=int(SR * SEG_S), quantized=False, decode_sample_rate=DECODE_SR)}
-    corpus = [f"{a} {b}" for a in ("calm", "energetic", "sad") for b in ("piano", "guitar", "drums")] * 3
-    tok = train_tokenizer(corpus, vocab_size=300)
-    tok_path = save_tokenizer(tok, out / "src_tokenizer.json")
-    text = build_text_student({"vocab_size": tok.get_vocab_size(), "dim": 32, "layers": 1, "heads": 2, "ff_dim": 64, "max_length": 8})
-    spec["text"] = export_bundle.text_spec(export_bundle.export_text(text.eval(), tok_path, out, opset=17, min_cosine=0.9999))
-    (out / export_bundle.SPEC).write_text(json.dumps(spec))
-    return out, audio, frontend
+    built = tiny_export_builder(tmp_path_factory.mktemp("export"), rate=SR, segment_seconds=SEG_S, hop_seconds=HOP_S,
+                                decode_rate=DECODE_SR, corpus=CORPUS, max_length=8)
+    return built["export"], built["audio"], built["frontend"]
 
 
 @pytest.fixture(scope="module")
