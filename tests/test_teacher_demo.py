@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
+import stat
 from collections import Counter
 from pathlib import Path
 
@@ -162,6 +164,13 @@ def test_teacher_model_stage_installs_and_verifies_the_trained_teacher(tmp_path:
     params.teacher.model.demo.weights_sha256 = sha256_file(src / "model.safetensors")
     assert teacher_model.run(params, argparse.Namespace(shard=None, resume=False)) == 0
     assert sha256_file(tmp_path / "teacher" / "model.safetensors") == params.teacher.model.demo.weights_sha256
+    old = os.umask(0o022)  # an ordinary output folder, not a temporary directory's 0700/0600
+    try:
+        assert teacher_model.run(params, argparse.Namespace(shard=None, resume=False)) == 0
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "teacher").stat().st_mode) == 0o755
+    assert stat.S_IMODE((tmp_path / "teacher" / "model.safetensors").stat().st_mode) == 0o644
 
     params.teacher.model.dir = str(tmp_path / "other")
     params.teacher.model.demo.weights_sha256 = "0" * 64

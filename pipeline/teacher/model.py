@@ -15,15 +15,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from pipeline.atomic import atomic_path
 from pipeline.hashing import sha256_file
 from pipeline.params import DemoTeacherParams, TeacherModelParams, as_dict
 from pipeline.space import EMBED_DIM
@@ -176,21 +175,12 @@ def write_tokenizer_config(out_dir: Path) -> None:
 # --------------------------------------------------------------------------- writing a teacher folder
 
 
-def _ordinary_permissions(folder: Path) -> None:
-    """mkdtemp makes a private 0700 folder; the teacher is an ordinary output (0755/0644 under umask 022)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    folder.chmod(0o777 & ~mask)
-    for path in folder.rglob("*"):
-        path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
-
-
 def write_teacher_dir(model, tokenizer, out_dir: Path, provenance: dict) -> Path:
-    """Save model + tokenizer + teacher.json into out_dir atomically (a sibling temp dir, then rename)."""
+    """Save model + tokenizer + teacher.json into out_dir atomically (a sibling temp dir, then rename;
+    ordinary permissions under the umask, as every output)."""
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_path(out_dir) as tmp:
+        tmp.mkdir()
         model.save_pretrained(tmp, safe_serialization=True)
         if not (tmp / WEIGHTS).exists():
             raise TeacherError(f"{tmp}: save_pretrained did not write {WEIGHTS}")
@@ -201,13 +191,6 @@ def write_teacher_dir(model, tokenizer, out_dir: Path, provenance: dict) -> Path
         record["tokenizer_sha256"] = sha256_file(tmp / TOKENIZER)
         record["vocab_size"] = tokenizer.get_vocab_size()
         (tmp / PROVENANCE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-        _ordinary_permissions(tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 
@@ -280,20 +263,13 @@ def install_demo_teacher(p: TeacherModelParams, out_dir: Path) -> Path:
         )
     check_tokenizer(_load_raw_tokenizer(src / TOKENIZER), src / TOKENIZER)
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_path(out_dir) as tmp:
+        tmp.mkdir()
         for f in sorted(src.iterdir()):
             if f.is_file():
-                shutil.copy2(f, tmp / f.name)
+                shutil.copyfile(f, tmp / f.name)  # contents only: permissions follow the umask
         if sha256_file(tmp / WEIGHTS) != expected:
             raise TeacherError(f"{tmp / WEIGHTS}: copy differs from {src / WEIGHTS}")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("installed the trained demo teacher from %s (sha256 %s)", src, actual[:12])
     return out_dir
 
