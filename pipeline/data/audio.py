@@ -205,20 +205,20 @@ def stream_mono(path: str | Path, sample_rate: int, *, max_seconds: float | None
             elif last and exact_length and limit is not None and limit - read > PARTIAL_TOLERANCE_SECONDS * in_rate:
                 report.stopped_early = "the stream ends before the length its header gives; a truncated file?"
             report.source_samples += block.size
-            if not np.isfinite(block).all():
+            mono = _downmix(block)
+            top, bottom = (float(mono.max()), float(mono.min())) if len(mono) else (0.0, 0.0)
+            # A NaN/inf sample in any channel makes its mono sample NaN/inf, so the peak's max/min
+            # find broken frames without a pass over every channel.
+            if not (math.isfinite(top) and math.isfinite(bottom)):
                 # Broken float files carry NaN/inf, which would poison every mel frame: count them
                 # for the report, then replace them (before the downmix, so the other channels of
                 # the frame survive) and keep the rest of the file.
                 report.nonfinite += int(np.count_nonzero(~np.isfinite(block)))
                 block = np.nan_to_num(block, nan=0.0, posinf=1.0, neginf=-1.0)
-            if block.shape[1] == 2:  # the common case, without a generic reduction
-                mono = (block[:, 0] + block[:, 1]) * np.float32(0.5)
-            elif block.shape[1] > 2:
-                mono = block.mean(axis=1, dtype=np.float32)
-            else:
-                mono = block[:, 0]
+                mono = _downmix(block)
+                top, bottom = float(mono.max()), float(mono.min())
             if len(mono):
-                report.peak = max(report.peak, float(mono.max()), -float(mono.min()))  # no |x| copy
+                report.peak = max(report.peak, top, -bottom)  # no |x| copy
             del block
             # Resample in sub-blocks so a large (single-read MP3) block has small temporaries.
             step = BLOCK_FRAMES
@@ -231,6 +231,15 @@ def stream_mono(path: str | Path, sample_rate: int, *, max_seconds: float | None
             if last:
                 break
         report.decoded_seconds = read / in_rate
+
+
+def _downmix(block: np.ndarray) -> np.ndarray:
+    """[frames, channels] float32 -> mono float32 (the channels' mean)."""
+    if block.shape[1] == 2:  # the common case, without a generic reduction
+        return (block[:, 0] + block[:, 1]) * np.float32(0.5)
+    if block.shape[1] > 2:
+        return block.mean(axis=1, dtype=np.float32)
+    return block[:, 0]
 
 
 def _mp3_has_length_tag(path: Path) -> bool:
@@ -282,6 +291,14 @@ def to_int16(x: np.ndarray) -> np.ndarray:
     return (np.clip(x, -1.0, 1.0) * 32767.0).astype(np.int16)
 
 
+def to_int16_into(x: np.ndarray, out: np.ndarray) -> None:
+    """to_int16(x) written into `out` (same length), with `x` (float32, owned by the caller) as
+    scratch: the same values without two temporaries of the block's size."""
+    np.clip(x, -1.0, 1.0, out=x)
+    x *= np.float32(32767.0)
+    out[...] = x  # float -> int16 assignment truncates toward zero, as astype does
+
+
 def int16_to_float(x: np.ndarray) -> np.ndarray:
     return x.astype(np.float32) / np.float32(32767.0)
 
@@ -303,7 +320,7 @@ def _decode_into_int16(path: Path, sample_rate: int, max_seconds: float | None, 
             grown = np.empty(max(n + len(block), len(buf) + len(buf) // 4 + 1), dtype=np.int16)
             grown[:n] = buf[:n]
             buf = grown
-        buf[n : n + len(block)] = to_int16(block)
+        to_int16_into(block, buf[n : n + len(block)])  # stream_mono's blocks are fresh arrays
         n += len(block)
     return buf[:n]
 
