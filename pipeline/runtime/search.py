@@ -19,8 +19,8 @@ deleted ones and reuses the rest. It also records the audio model's sha256 and t
 dimension, which `search` checks before comparing vectors.
 
 That is AudioEmbedder here, the `--segment-wise` path. By default `embed` and `index` use the
-song-level path of pipeline.runtime.song (one decode at the student rate, the overlap of windows
-computed once), which gives the same vectors within the tolerance stated there.
+song-level path of pipeline.runtime.song (the overlap of windows computed once, the same decoded
+samples), which gives the same vectors up to float rounding.
 """
 
 from __future__ import annotations
@@ -585,7 +585,8 @@ def _report_failures(result: EmbedResult) -> None:
 def _embedder(args: argparse.Namespace):
     """The song-level path (pipeline.runtime.song) when the export has it, unless --segment-wise."""
     return open_audio_embedder(args.models, int8=getattr(args, "int8", False), batch_size=getattr(args, "batch_size", 8),
-                               threads=getattr(args, "threads", None), segment_wise=getattr(args, "segment_wise", False))
+                               threads=getattr(args, "threads", None), segment_wise=getattr(args, "segment_wise", False),
+                               one_pass_decode=getattr(args, "one_pass_decode", False))
 
 
 def embed_main(args: argparse.Namespace) -> int:
@@ -673,10 +674,10 @@ def search_main(args: argparse.Namespace) -> int:
 
 
 def open_audio_embedder(models_dir: str | Path, *, int8: bool = False, batch_size: int = 16,
-                        threads: int | None = None, segment_wise: bool = False):
+                        threads: int | None = None, segment_wise: bool = False, one_pass_decode: bool = False):
     """The embedder `embed` and `index` use: the song-level path when the export has one (fp32, or
     int8 trunk and head with `int8`), else — or with `segment_wise` — the segment-wise waveform
-    model (AudioEmbedder). Raises SearchError naming a missing file."""
+    model (AudioEmbedder). `one_pass_decode`: see SongEmbedder. Raises SearchError naming a missing file."""
     models_dir = Path(models_dir)
     audio = load_spec(models_dir).get("audio") or {}
     song = audio.get("song") or {}
@@ -689,7 +690,7 @@ def open_audio_embedder(models_dir: str | Path, *, int8: bool = False, batch_siz
         return AudioEmbedder(models_dir, int8=int8, batch_size=batch_size, threads=threads)
     try:
         embedder = SongEmbedder(*(models_dir / n for n in names), SongGeometry.from_spec(audio),
-                                batch_size=batch_size, threads=threads)
+                                batch_size=batch_size, threads=threads, one_pass_decode=one_pass_decode)
     except (FileNotFoundError, ValueError, KeyError) as exc:
         raise SearchError(f"{models_dir / SPEC_FILE}: song-level model unusable: {exc}") from exc
     # The index records which student built it; the song path runs the same student as audio["file"].

@@ -15,12 +15,15 @@ are cut from the trunk's feature map (the hop is a whole number of columns: 5 s 
 = 125 columns at the trunk's stride 4). Only the head runs per window. The head cannot be shared:
 its gates depend on the whole window.
 
-What differs from the segment-wise path is only at window edges inside an excerpt: there the STFT
-and the convolutions see the real neighbouring audio instead of reflect/zero padding (the trunk's
-receptive field is 19 mel frames, ~0.2 s). Excerpt ends are window ends, so the first and last
-window of an excerpt see the same padding as before. Windows off the hop grid (the tail window
-aligned to the song's end, a short repeat-padded song) run as excerpts of one window: exactly the
-segment-wise computation. Heads run in batches that mix windows of several songs (`embed_waves`).
+Inside an excerpt a window's edge columns see the real neighbouring audio where the window alone
+sees reflect (STFT) and zero (convolution) padding: the first 3 and last 2 columns for mn04. Those
+columns are recomputed from short excerpts cut at the window's edge (0.2 s each, all of a song in
+one batch; their count and length are measured once per model by `_probe_edges`), so every
+window's feature map equals the segment-wise one up to float rounding. Excerpt ends are window
+ends; windows off the hop grid (the tail window aligned to the song's end, a short repeat-padded
+song) run as excerpts of one window: exactly the segment-wise computation. Files are decoded to
+the same int16 samples as the segment-wise path (pipeline.runtime.decode), so the song vector is
+that path's up to float rounding. Heads run in batches that mix windows of several songs (`embed_waves`).
 """
 
 from __future__ import annotations
@@ -39,6 +42,18 @@ from pipeline.space import EMBED_DIM
 log = logging.getLogger(__name__)
 
 SPAN_WINDOWS = 16  # windows per excerpt: (k + 1) / (2k) of the segment-wise trunk work (0.53 at 16)
+EDGE_TOLERANCE = 1e-4  # |shared - alone| <= tol * (1 + |alone|): a column equal up to float rounding
+
+
+@dataclass
+class Window:
+    """One window's trunk feature map: its columns of the shared excerpt map, and the exact
+    columns at its start (`left`) and end (`right`) where the excerpt's neighbouring audio made
+    the shared ones differ from the window computed alone."""
+
+    shared: np.ndarray  # [C, F, window_columns], a view into the excerpt's map
+    left: np.ndarray | None = None
+    right: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -50,12 +65,13 @@ class SongGeometry:
     hop_seconds: float
     window_columns: int  # trunk feature-map columns of one window
     hop_columns: int  # columns between consecutive windows; 0: windows cannot share the trunk
+    decode_sample_rate: int = 0  # the rate the segment-wise path decodes at (0: the student's)
 
     @classmethod
     def from_spec(cls, audio: dict) -> SongGeometry:
         song = audio["song"]
         return cls(int(audio["sample_rate"]), float(audio["segment_seconds"]), float(audio["hop_seconds"]),
-                   int(song["window_columns"]), int(song["hop_columns"]))
+                   int(song["window_columns"]), int(song["hop_columns"]), int(audio.get("decode_sample_rate") or 0))
 
 
 def _session(path: Path, threads: int | None):
@@ -98,7 +114,8 @@ class SongEmbedder:
     """Songs -> 512-d vectors through front-end + shared trunk + per-window head (onnxruntime only)."""
 
     def __init__(self, frontend: str | Path, trunk: str | Path, head: str | Path, geometry: SongGeometry, *,
-                 batch_size: int = 16, threads: int | None = None, span_windows: int = SPAN_WINDOWS) -> None:
+                 batch_size: int = 16, threads: int | None = None, span_windows: int = SPAN_WINDOWS, exact_edges: bool = True,
+                 one_pass_decode: bool = False) -> None:
         self.geometry = geometry
         self.model_paths = [Path(frontend), Path(trunk), Path(head)]
         self.frontend = _session(self.model_paths[0], threads)
@@ -107,6 +124,9 @@ class SongEmbedder:
         self.session = self.head  # its outputs are the embeddings (callers read their width here)
         self.sample_rate = geometry.sample_rate
         self.decode_sample_rate = geometry.sample_rate  # waves for embed_wave come at the student rate
+        # Files are decoded through int16 at the segment-wise path's rate (its samples exactly)
+        # unless one_pass_decode (one resampling: cheaper, not the same samples; see decode.py).
+        self.decode_via = None if one_pass_decode else (geometry.decode_sample_rate or None)
         self.batch_size = max(1, int(batch_size))
         self.span_windows = max(1, int(span_windows))
         outputs = [o.name for o in self.head.get_outputs()]
@@ -115,28 +135,94 @@ class SongEmbedder:
         self._raw_index = outputs.index("embedding_raw")
         width = self.head.get_outputs()[self._raw_index].shape[-1]
         self.dim = int(width) if isinstance(width, int) else EMBED_DIM
+        # Columns at window edges inside an excerpt are recomputed from short excerpts cut at the
+        # edge, so every window's map equals the segment-wise one (exact_edges=False: skip that).
+        left, right, self.edge_samples = self._probe_edges() if exact_edges and geometry.hop_columns else (0, 0, 0)
+        self.edge_columns = (left, right)
 
     # ---- windows -> feature maps
-    def _maps(self, wave: np.ndarray) -> tuple[list[np.ndarray], int]:
-        """Each window's trunk feature map [C, F, window_columns] (views into per-excerpt maps)."""
+    def _fmap(self, excerpts: np.ndarray) -> np.ndarray:
+        """int16 excerpts [n, samples] -> trunk feature maps [n, C, F, columns]."""
+        (mel,) = self.frontend.run(None, {"waveform": int16_to_float(excerpts)})
+        (fmap,) = self.trunk.run(None, {"mel": mel})
+        return fmap
+
+    def _probe_edges(self) -> tuple[int, int, int]:
+        """(left, right, edge_samples): how many feature-map columns at a window's start and end
+        differ between the shared excerpt and the window alone (there the window alone sees
+        reflect and zero padding, the excerpt real audio), and the shortest excerpt, cut at the
+        window's edge, whose columns there equal the window alone's. Measured on noise, so the
+        front-end's and the trunk's receptive fields need not be known here."""
+        g = self.geometry
+        seg = round(g.sample_rate * g.segment_seconds)
+        hop = round(g.sample_rate * g.hop_seconds)
+        noise = np.random.default_rng(0).integers(-8000, 8000, seg + hop).astype(np.int16)
+        shared, alone = self._fmap(noise[None]), self._fmap(np.stack([noise[:seg], noise[hop:]]))
+
+        def same(a: np.ndarray, b: np.ndarray) -> np.ndarray:  # per column
+            return np.all(np.abs(a - b) <= EDGE_TOLERANCE * (1.0 + np.abs(b)), axis=(0, 1, 2))
+
+        first = same(shared[..., : g.window_columns], alone[:1])
+        second = same(shared[..., g.hop_columns : g.hop_columns + g.window_columns], alone[1:])
+        left = int(np.argmax(second)) if second.any() else g.window_columns
+        right = int(np.argmax(first[::-1])) if first.any() else g.window_columns
+        if left == right == 0:
+            return 0, 0, 0  # nothing to recompute
+        if not second[left:].all() or not first[: g.window_columns - right].all():
+            log.warning("%s: shared feature maps differ away from window edges; kept as they are", self.model_paths[1])
+            return 0, 0, 0
+        col_samples = hop // g.hop_columns  # an edge excerpt is whole columns long, so it stays aligned
+        for cols in range(max(left, right) + 1, g.window_columns // 2):
+            n = cols * col_samples
+            ends = self._fmap(np.stack([noise[hop : hop + n], noise[hop + seg - n : hop + seg]]))
+            if (same(ends[:1, ..., :left], alone[1:, ..., :left]).all()
+                    and same(ends[1:, ..., ends.shape[-1] - right :], alone[1:, ..., g.window_columns - right :]).all()):
+                return left, right, n
+        log.warning("%s: no short excerpt reproduces a window's edge columns; kept as shared", self.model_paths[1])
+        return 0, 0, 0
+
+    def _maps(self, wave: np.ndarray) -> tuple[list[Window], int]:
+        """Each window: its columns of the per-excerpt trunk map, and the exact columns at its edges
+        where the excerpt's neighbouring audio made them differ from the window computed alone."""
         g = self.geometry
         starts, seg_len, hop = window_starts(len(wave), g.sample_rate, g.segment_seconds, g.hop_seconds)
-        maps: list[np.ndarray] = []
+        windows: list[Window] = []
+        edges: list[tuple[int, str, int]] = []  # (window, side, first sample of the edge excerpt)
         for run in _runs(starts, len(wave), seg_len, hop, g.hop_columns > 0, self.span_windows):
             if len(run) == 1:
                 excerpt = cut(wave, run, seg_len)  # repeat-pads a short song, as the segment path does
             else:
                 excerpt = wave[None, run[0] : run[-1] + seg_len]
-            (mel,) = self.frontend.run(None, {"waveform": int16_to_float(excerpt)})
-            (fmap,) = self.trunk.run(None, {"mel": mel})
+            fmap = self._fmap(excerpt)
             need = (len(run) - 1) * g.hop_columns + g.window_columns
             if fmap.shape[-1] < need:
                 raise ValueError(f"trunk gave {fmap.shape[-1]} columns for {len(run)} windows, expected {need}")
-            maps += [fmap[0, ..., i * g.hop_columns : i * g.hop_columns + g.window_columns] for i in range(len(run))]
-        return maps, len(starts)
+            for i, s in enumerate(run):
+                windows.append(Window(fmap[0, ..., i * g.hop_columns : i * g.hop_columns + g.window_columns]))
+                if self.edge_samples and i > 0:
+                    edges.append((len(windows) - 1, "left", s))
+                if self.edge_samples and i < len(run) - 1:
+                    edges.append((len(windows) - 1, "right", s + seg_len - self.edge_samples))
+        if edges:
+            n = self.edge_samples
+            ends = self._fmap(np.stack([wave[s : s + n] for _, _, s in edges]))
+            for (w, side, _), cols in zip(edges, ends):
+                if side == "left":
+                    windows[w].left = cols[..., : self.edge_columns[0]]
+                else:
+                    windows[w].right = cols[..., cols.shape[-1] - self.edge_columns[1] :]
+        return windows, len(starts)
 
-    def _heads(self, maps: list[np.ndarray]) -> np.ndarray:
-        (raw,) = self.head.run(["embedding_raw"], {"fmap": np.ascontiguousarray(np.stack(maps))})
+    def _heads(self, windows: list[Window]) -> np.ndarray:
+        first = windows[0].shared
+        fmap = np.empty((len(windows), *first.shape), dtype=first.dtype)
+        for k, w in enumerate(windows):
+            fmap[k] = w.shared
+            if w.left is not None:
+                fmap[k, ..., : w.left.shape[-1]] = w.left
+            if w.right is not None:
+                fmap[k, ..., fmap.shape[-1] - w.right.shape[-1] :] = w.right
+        (raw,) = self.head.run(["embedding_raw"], {"fmap": fmap})
         return raw.astype(np.float64)
 
     # ---- songs
@@ -145,7 +231,7 @@ class SongEmbedder:
 
         Head batches mix windows of consecutive songs, so short songs still fill a batch. An
         exception in the input stream (a file that did not decode) is passed through in its place."""
-        pending: list[tuple[int, np.ndarray]] = []  # (song, window map) not yet through the head
+        pending: list[tuple[int, Window]] = []  # (song, window map) not yet through the head
         sums: dict[int, np.ndarray] = {}
         left: dict[int, int] = {}
         counts: dict[int, int] = {}
@@ -190,15 +276,15 @@ class SongEmbedder:
         return out
 
     def embed_track(self, path: str | Path):
-        """Decode (straight to the student rate, the usability rule applied) and embed one file,
+        """Decode (to the student rate, the usability rule applied) and embed one file,
         with its decode notes: a SongEmbedding, as the segment-wise AudioEmbedder returns."""
-        track = decode_student_track(path, self.sample_rate)
+        track = decode_student_track(path, self.sample_rate, via_rate=self.decode_via)
         vector, n = self.embed_wave(track.wave)
         return SongEmbedding(vector, n, track.notes)
 
     def embed_file(self, path: str | Path) -> tuple[np.ndarray, int]:
-        """Decode (straight to the student rate) and embed one file; AudioDecodeError when unreadable."""
-        return self.embed_wave(decode_student(path, self.sample_rate))
+        """Decode (to the student rate) and embed one file; AudioDecodeError when unreadable."""
+        return self.embed_wave(decode_student(path, self.sample_rate, via_rate=self.decode_via))
 
     def embed_paths(self, paths: Iterable[str | Path]) -> Iterator[tuple[str, tuple[np.ndarray, int] | AudioDecodeError]]:
         """(path, (vector, windows)) or (path, AudioDecodeError) per file, heads batched across songs."""
@@ -207,7 +293,7 @@ class SongEmbedder:
         def decoded() -> Iterator[np.ndarray | AudioDecodeError]:
             for p in paths:
                 try:
-                    yield decode_student(p, self.sample_rate)
+                    yield decode_student(p, self.sample_rate, via_rate=self.decode_via)
                 except AudioDecodeError as exc:
                     yield exc
 
