@@ -14,8 +14,11 @@ shown for reference only.
   statistics set on the benchmark song's own mels so activations have realistic scales):
   * old: `student-clap embed --segment-wise`: decode at 48 kHz, resample the int16 audio to 32 kHz,
     every 10-s window through the waveform model (pipeline.runtime.search.AudioEmbedder);
-  * new: the default: decode straight to 32 kHz, front-end and trunk once per run of windows, head
-    per window (pipeline.runtime.song), fp32 and the static-int8 trunk and head.
+  * new: the default: the same decoded samples (both resamplings streamed, no 48-kHz copy), front-end
+    and trunk once per run of windows, the edge columns of each window recomputed, head per window
+    (pipeline.runtime.song); fp32, fp32 with the one-pass decode (--one-pass-decode), int8 head.
+  Per part of the new path (fp32 and int8): MP3 decode, each resampling, front-end, trunk and head
+  (their onnxruntime calls) and the Python around them, CPU-s median over --repeats.
   Per song: the song's decode alone, then decode + embed, CPU-s median over --repeats; the network
   share is the difference. Per segment: the old model on one window (median of --repeats); for the
   new path the song's network CPU-s divided by its windows. GFLOP/s: the network's floating-point
@@ -23,8 +26,9 @@ shown for reference only.
   per network CPU-second, against the machine's own float32 GEMM rate (numpy and onnxruntime
   MatMul, 1024^3, per CPU-second). Cosine: the new song vector against the old one.
 - decode per format (mp3, ogg, opus, flac, wav of the same song): old (48 kHz, then int16 resampled
-  to 32 kHz) against new (one resampling to 32 kHz), CPU-s, and their difference in int16 steps
-  (max) and as a signal-to-difference ratio.
+  to 32 kHz), new (the same, streamed; whether its samples equal old's) and one pass (one resampling
+  to 32 kHz), CPU-s, and the one-pass difference to old in int16 steps (max) and as a
+  signal-to-difference ratio.
 """
 
 from __future__ import annotations
@@ -45,7 +49,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 SEGMENT_SECONDS, HOP_SECONDS, BATCH = 10.0, 5.0, 8
-PATH_LABELS = {"old": "old (segment-wise)", "new": "new fp32", "new_int8": "new int8"}
+PATH_LABELS = {"old": "old (segment-wise)", "new": "new fp32", "new_1pass": "new fp32 1-pass decode",
+               "new_int8": "new int8"}
+SPLIT_LABELS = {"read": "MP3 decode", "to48": "downmix + resample to 48 kHz", "to32": "resample to 32 kHz",
+                "frontend": "front-end", "trunk": "trunk", "head": "head", "glue": "Python glue"}
 FORMATS = {"mp3": ("MP3", None, 44100), "ogg": ("OGG", "VORBIS", 44100), "opus": ("OGG", "OPUS", 48000),
            "flac": ("FLAC", None, 44100), "wav": ("WAV", "PCM_16", 44100)}
 
@@ -171,6 +178,7 @@ def export_student(backbone: str, out_dir: Path, song: Path) -> dict:
     from pipeline.models import audio_export, export_bundle, song_export
     from pipeline.models.audio_student import build_audio_student
     from pipeline.params import StudentFrontendParams
+    from pipeline.runtime.search import open_audio_embedder
     from pipeline.runtime.song import SPAN_WINDOWS, _runs
 
     torch.manual_seed(0)
@@ -210,15 +218,71 @@ def export_student(backbone: str, out_dir: Path, song: Path) -> dict:
         starts.append(len(wave) - seg)
     new_song = 0.0
     song_fe = song_export.song_frontend(fe)
+    edge_samples = open_audio_embedder(out_dir).edge_samples  # the edge excerpts the runtime recomputes
     for run in _runs(starts, len(wave), seg, hop, g["hop_columns"] > 0, SPAN_WINDOWS):
         n = run[-1] - run[0] + seg
         new_song += flops(lambda n=n: trunk(song_fe(torch.zeros(1, n))))
+        edges = 2 * (len(run) - 1)  # each window's start and end inside the run
+        if edge_samples and edges:
+            new_song += flops(lambda k=edges: trunk(song_fe(torch.zeros(k, edge_samples))))
     with torch.no_grad():
         fmap = torch.zeros(1, *trunk(fe(torch.zeros(1, seg))).shape[1:])
     head_one = flops(lambda: head(fmap))
     new_song += head_one * len(starts)
     return {"params": sum(p.numel() for p in student.parameters()), "old_flops_per_window": old_window,
             "new_flops_per_song": new_song, "windows": len(starts), "fidelity": g["fidelity"]}
+
+
+class _TimedSession:
+    """An onnxruntime session that adds up the CPU-seconds of its run() calls."""
+
+    def __init__(self, session) -> None:
+        self.session, self.cpu = session, 0.0
+
+    def run(self, *args, **kwargs):
+        c = _cpu()
+        out = self.session.run(*args, **kwargs)
+        self.cpu += _cpu() - c
+        return out
+
+    def __getattr__(self, name: str):
+        return getattr(self.session, name)
+
+
+def split_new_path(embedder, song: Path, repeats: int) -> dict:
+    """CPU-s of each part of the new path on the song: MP3 decode (libsndfile to float32), the
+    resampling and int16 rounding to 48 and to 32 kHz (as the segment-wise path), front-end, trunk
+    and head (their onnxruntime calls, edge excerpts included) and the Python around them."""
+    import soundfile as sf
+
+    from pipeline.data.audio import decode_int16
+    from pipeline.runtime.decode import decode_student
+
+    parts: dict[str, list[float]] = {k: [] for k in ("read", "to48", "to32", "frontend", "trunk", "head", "glue")}
+    sessions = {k: _TimedSession(getattr(embedder, k)) for k in ("frontend", "trunk", "head")}
+    plain = {k: getattr(embedder, k) for k in sessions}
+    wave = decode_student(song, embedder.sample_rate, via_rate=embedder.decode_via)
+    try:
+        for k, v in sessions.items():
+            setattr(embedder, k, v)
+        embedder.embed_wave(wave)
+        for _ in range(repeats):
+            read = _timed(lambda: sf.read(song, dtype="float32", always_2d=True))[0]
+            at48 = _timed(lambda: decode_int16(song, embedder.decode_via or embedder.sample_rate))[0]
+            full = _timed(lambda: decode_student(song, embedder.sample_rate, via_rate=embedder.decode_via))[0]
+            for v in sessions.values():
+                v.cpu = 0.0
+            net = _timed(lambda: embedder.embed_wave(wave))[0]
+            parts["read"].append(read)
+            parts["to48"].append(at48 - read)
+            parts["to32"].append(full - at48)
+            for k, v in sessions.items():
+                parts[k].append(v.cpu)
+            parts["glue"].append(net - sum(v.cpu for v in sessions.values()))
+    finally:
+        for k, v in plain.items():
+            setattr(embedder, k, v)
+    return {k: float(np.median(v)) for k, v in parts.items()}
 
 
 def bench_student(models: Path, label: str, song: Path, threads: int, repeats: int) -> dict:
@@ -230,16 +294,17 @@ def bench_student(models: Path, label: str, song: Path, threads: int, repeats: i
 
     old = open_audio_embedder(models, batch_size=BATCH, threads=threads, segment_wise=True)
     new = open_audio_embedder(models, batch_size=BATCH, threads=threads)
+    new1 = open_audio_embedder(models, batch_size=BATCH, threads=threads, one_pass_decode=True)
     new8 = open_audio_embedder(models, batch_size=BATCH, threads=threads, int8=True)
-    assert isinstance(old, AudioEmbedder) and isinstance(new, SongEmbedder) and isinstance(new8, SongEmbedder)
+    assert isinstance(old, AudioEmbedder) and all(isinstance(e, SongEmbedder) for e in (new, new1, new8))
     segment = np.random.default_rng(1).uniform(-0.5, 0.5, (1, old.sample_rate * int(SEGMENT_SECONDS)))
     seg_ms = _median_ms(lambda: old.embed_segments(segment.astype(np.float32)), repeats)
 
     paths = {
         "old": (lambda: resample_int16(decode_int16(song, old.decode_sample_rate), old.decode_sample_rate, old.sample_rate),
                 lambda: old.embed_file(song)),
-        "new": (lambda: decode_student(song, new.sample_rate), lambda: new.embed_file(song)),
-        "new_int8": (lambda: decode_student(song, new8.sample_rate), lambda: new8.embed_file(song)),
+        **{name: (lambda e=e: decode_student(song, e.sample_rate, via_rate=e.decode_via), lambda e=e: e.embed_file(song))
+           for name, e in (("new", new), ("new_1pass", new1), ("new_int8", new8))},
     }
     runs: dict[str, dict[str, list]] = {k: {"decode": [], "song": [], "song_wall": []} for k in paths}
     vectors = {}
@@ -252,8 +317,9 @@ def bench_student(models: Path, label: str, song: Path, threads: int, repeats: i
             runs[name]["song"].append(cpu)
             runs[name]["song_wall"].append(wall)
             vectors[name] = vec
+    split = {"fp32": split_new_path(new, song, repeats), "int8": split_new_path(new8, song, repeats)}
     assert "torch" not in sys.modules
-    out = {"name": label, "segment_ms": seg_ms, "segments": int(n), "peak_mb": _peak_mb(), "paths": {}}
+    out = {"name": label, "segment_ms": seg_ms, "segments": int(n), "peak_mb": _peak_mb(), "paths": {}, "split": split}
     for name, r in runs.items():
         dec, total = float(np.median(r["decode"])), float(np.median(r["song"]))
         out["paths"][name] = {"decode_cpu": dec, "song_cpu": total, "network_cpu": max(total - dec, 1e-9),
@@ -269,23 +335,23 @@ def bench_decode(folder: Path, repeats: int) -> dict:
     out = {}
     for fmt in FORMATS:
         path = folder / f"song.{fmt}"
-        def old_fn(path=path):
-            return resample_int16(decode_int16(path, 48000), 48000, 32000)
-
-        def new_fn(path=path):
-            return decode_student(path, 32000)
-
-        old_fn(), new_fn()
-        old_cpu, new_cpu = [], []
+        fns = {"old": lambda path=path: resample_int16(decode_int16(path, 48000), 48000, 32000),
+               "new": lambda path=path: decode_student(path, 32000, via_rate=48000),
+               "one_pass": lambda path=path: decode_student(path, 32000)}
+        for fn in fns.values():
+            fn()
+        cpu: dict[str, list[float]] = {k: [] for k in fns}
+        waves = {}
         for _ in range(repeats):
-            c, _, a = _timed(old_fn)
-            old_cpu.append(c)
-            c, _, b = _timed(new_fn)
-            new_cpu.append(c)
+            for k, fn in fns.items():
+                c, _, waves[k] = _timed(fn)
+                cpu[k].append(c)
+        a, b = waves["old"], waves["one_pass"]
         n = min(len(a), len(b))
         diff = a[:n].astype(np.float64) - b[:n]
         power = float(np.mean(a[:n].astype(np.float64) ** 2))
-        out[fmt] = {"old_cpu": float(np.median(old_cpu)), "new_cpu": float(np.median(new_cpu)),
+        out[fmt] = {**{f"{k}_cpu": float(np.median(v)) for k, v in cpu.items()},
+                    "new_equal": bool(np.array_equal(a, waves["new"])),
                     "max_diff_steps": int(np.abs(diff).max()), "snr_db": 10 * np.log10(power / max(np.mean(diff ** 2), 1e-12)),
                     "length_diff": int(len(a) - len(b))}
     return out
@@ -368,22 +434,23 @@ def report(results: dict, args: argparse.Namespace) -> None:
           f"numpy {gemm['numpy']['gflops_per_cpu_s']:.1f} / {gemm['numpy']['gflops_per_wall_s']:.1f}, "
           f"onnxruntime {gemm['onnxruntime']['gflops_per_cpu_s']:.1f} / {gemm['onnxruntime']['gflops_per_wall_s']:.1f}")
 
-    print(f"\ndecode of the {args.song_seconds:.0f}-s song to int16 at 32 kHz, CPU-s "
-          "(old: 48 kHz then resampled; new: one resampling)")
-    header = f"{'format':<6} {'old':>7} {'new':>7} {'new/old':>8} {'max diff':>9} {'SNR dB':>7}"
+    print(f"\ndecode of the {args.song_seconds:.0f}-s song to int16 at 32 kHz, CPU-s (old: 48 kHz, then the int16 "
+          "resampled; new: the same two passes streamed; 1-pass: one resampling, its difference to old)")
+    header = (f"{'format':<6} {'old':>7} {'new':>7} {'equal':>6} {'1-pass':>7} {'1p/old':>7} {'max diff':>9} "
+              f"{'SNR dB':>7}")
     print(header + "\n" + "-" * len(header))
     for fmt, d in results["decode"].items():
-        print(f"{fmt:<6} {d['old_cpu']:>7.3f} {d['new_cpu']:>7.3f} {d['new_cpu'] / d['old_cpu']:>8.2f} "
-              f"{d['max_diff_steps']:>9d} {d['snr_db']:>7.1f}")
+        print(f"{fmt:<6} {d['old_cpu']:>7.3f} {d['new_cpu']:>7.3f} {d['new_equal']!s:>6} {d['one_pass_cpu']:>7.3f} "
+              f"{d['one_pass_cpu'] / d['old_cpu']:>7.2f} {d['max_diff_steps']:>9d} {d['snr_db']:>7.1f}")
 
     print(f"\nper {args.song_seconds:.0f}-s MP3, CPU-s (median of {args.repeats}); network = song - decode")
-    header = (f"{'model / path':<34} {'decode':>7} {'network':>8} {'song':>7} {'/old':>6} {'wall s':>7} "
+    header = (f"{'model / path':<36} {'decode':>7} {'network':>8} {'song':>7} {'/old':>6} {'wall s':>7} "
               f"{'ms/seg':>7} {'GFLOP/s':>8} {'% GEMM':>7} {'cos old':>9}")
     print(header + "\n" + "-" * len(header))
     teacher = results.get("teacher")
     if teacher:
         net = teacher["song_cpu"] - teacher["decode_cpu"]
-        print(f"{teacher['name']:<34} {teacher['decode_cpu']:>7.3f} {net:>8.3f} {teacher['song_cpu']:>7.3f} {'':>6} "
+        print(f"{teacher['name']:<36} {teacher['decode_cpu']:>7.3f} {net:>8.3f} {teacher['song_cpu']:>7.3f} {'':>6} "
               f"{'':>7} {1000.0 * net / teacher['segments']:>7.1f}")
     for r in results["students"]:
         old = r["paths"]["old"]
@@ -393,9 +460,12 @@ def report(results: dict, args: argparse.Namespace) -> None:
             gflops = flop / p["network_cpu"] / 1e9
             per_seg = 1000.0 * p["network_cpu"] / windows
             label = f"{r['name']} {PATH_LABELS[name]}"
-            print(f"{label:<34} {p['decode_cpu']:>7.3f} {p['network_cpu']:>8.3f} {p['song_cpu']:>7.3f} "
+            print(f"{label:<36} {p['decode_cpu']:>7.3f} {p['network_cpu']:>8.3f} {p['song_cpu']:>7.3f} "
                   f"{p['song_cpu'] / old['song_cpu']:>6.2f} {p['song_wall']:>7.3f} {per_seg:>7.1f} {gflops:>8.1f} "
                   f"{100 * gflops / rate:>6.1f}% {p['cosine_to_old']:>9.6f}")
+        for kind, sp in r.get("split", {}).items():
+            print(f"  {r['name']} new {kind}, CPU-s per part: " + ", ".join(f"{SPLIT_LABELS[k]} {v:.3f}" for k, v in sp.items())
+                  + f" (sum {sum(sp.values()):.3f})")
         print(f"  {r['name']}: {r['params']:,} parameters, {r['windows']} windows, "
               f"{r['old_flops_per_window'] / 1e9:.3f} GFLOP per window (old), "
               f"{r['new_flops_per_song'] / r['windows'] / 1e9:.3f} per window (new); export-time fidelity "
