@@ -10,7 +10,9 @@ into a temporary folder when --audio does not exist. Both contenders run on one 
 CLAP 64 x 1001 and student EfficientAT 128 x 1000) by the same segmentation:
 
 - ours:  the mels stage's TrackProcessor (streamed decode, soxr, int16, torch front-ends) writing
-         fp16 chunked, compressed HDF5 part files (frames stored once per track), merged into one cache;
+         chunked, compressed HDF5 part files (frames stored once per track, values rounded to
+         mels.precision and kept as int16 codes), merged into one cache;
+- fp16:  the same with full float16 frames (mels.precision 0: the storage before int16 codes);
 - old:   the same computation written as the previous cache format did: every 10-s segment stored
          whole (one chunk per segment), one part per track, merged by copying chunks;
 - seed:  librosa.load + librosa.feature.melspectrogram per segment, float32 arrays compressed with
@@ -73,13 +75,14 @@ def cpu_seconds() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def run_ours(tracks: list[Path], work: Path, params: Params) -> dict:
+def run_ours(tracks: list[Path], work: Path, params: Params, precision: object = None) -> dict:
     import torch
 
     from pipeline.data.mel_extraction import TrackJob, TrackProcessor, extract_to_part
 
     torch.set_num_threads(1)
-    cparams = mel_cache.cache_params(params.audio, params.frontend, 0.0)
+    cparams = mel_cache.cache_params(params.audio, params.frontend, 0.0,
+                                     params.mels.precision if precision is None else precision)
     compression = mel_cache.Compression(params.mels.compression, params.mels.compression_level, True)
     proc = TrackProcessor({"params": cparams, "chunk_frames": params.mels.chunk_frames})
     parts = work / "ours.h5.parts"
@@ -94,8 +97,16 @@ def run_ours(tracks: list[Path], work: Path, params: Params) -> dict:
     entries = [(done[f"bench:{i}"][1], done[f"bench:{i}"][2]) for i in range(len(tracks))]
     out = mel_cache.write_cache(work / "ours.h5", cparams, compression, entries, params.mels.chunk_frames)
     cpu, wall = cpu_seconds() - c0, time.perf_counter() - w0
+    steps = mel_cache.precision_steps(cparams)
+    stored = (f"int16 codes, steps {steps['teacher']:g} dB / {steps['student']:g}" if min(steps.values()) > 0
+              else "float16" if max(steps.values()) == 0 else f"steps {steps}")
     return {"audio_minutes": minutes, "cpu_s": cpu, "wall_s": wall, "bytes": out.stat().st_size,
-            "compression": compression.describe()}
+            "compression": f"{compression.describe()}, {stored}"}
+
+
+def run_fp16(tracks: list[Path], work: Path, params: Params) -> dict:
+    """The mels stage with full float16 frames (mels.precision 0)."""
+    return run_ours(tracks, work, params, {"teacher_db": 0.0, "student": 0.0})
 
 
 class PerSegmentWriter:
@@ -208,7 +219,7 @@ class Capture:
         self.batches: list[tuple] = []
 
     def add_segments(self, teacher, student, starts_seconds, teacher_starts=None, student_starts=None) -> None:
-        self.batches.append((teacher.astype(np.float16), student.astype(np.float16), np.asarray(starts_seconds),
+        self.batches.append((np.array(teacher), np.array(student), np.asarray(starts_seconds),
                              list(teacher_starts), list(student_starts)))
 
     def commit_track(self, rec: mel_cache.TrackRecord) -> None:
@@ -229,7 +240,7 @@ def storage_sweep(tracks: list[Path], work: Path, params: Params, n_random: int 
     from pipeline.data.mel_extraction import TrackJob, TrackProcessor
 
     torch.set_num_threads(1)
-    cparams = mel_cache.cache_params(params.audio, params.frontend, 0.0)
+    cparams = mel_cache.cache_params(params.audio, params.frontend, 0.0, params.mels.precision)
     proc = TrackProcessor({"params": cparams})
     captured = []
     for i, path in enumerate(tracks):
@@ -301,7 +312,7 @@ def long_track_memory(minutes: float, work: Path, src: Path) -> dict:
         "from pipeline.data import mel_cache\n"
         "from pipeline.params import Params\n"
         "from pipeline.data.mel_extraction import TrackJob, TrackProcessor, extract_to_part\n"
-        "p = Params(); cp = mel_cache.cache_params(p.audio, p.frontend, 0.0)\n"
+        "p = Params(); cp = mel_cache.cache_params(p.audio, p.frontend, 0.0, p.mels.precision)\n"
         "t = time.perf_counter()\n"
         "r = extract_to_part(TrackProcessor({'params': cp}), TrackJob(0, 'long', %r), Path(%r), mel_cache.Compression(), 'L')\n"
         "print(json.dumps({'ok': r.ok, 'reason': r.reason, 'segments': r.n_segments, 'seconds': time.perf_counter() - t,\n"
@@ -354,7 +365,7 @@ def main() -> int:
             synthesize_all(root)
         tracks = find_tracks(root) * a.repeat
         print(f"{len(tracks)} tracks from {root}; {a.rounds} alternating round(s), best CPU time kept")
-        contenders = {"ours": run_ours, "old": run_old}
+        contenders = {"ours": run_ours, "fp16": run_fp16, "old": run_old}
         if not a.no_seed:
             contenders["seed"] = run_seed
         results: dict = {}
@@ -375,11 +386,16 @@ def main() -> int:
         o, old = results["ours"], results["old"]
         results["speed_vs_old"] = o["audio_min_per_cpu_s"] / old["audio_min_per_cpu_s"]
         results["bytes_ratio_vs_old"] = o["bytes_per_audio_minute"] / old["bytes_per_audio_minute"]
+        f16 = results["fp16"]
+        results["speed_vs_fp16"] = o["audio_min_per_cpu_s"] / f16["audio_min_per_cpu_s"]
+        results["bytes_ratio_vs_fp16"] = o["bytes_per_audio_minute"] / f16["bytes_per_audio_minute"]
         print(f"{'':6} {'audio-min':>9} {'min/s/core':>10} {'x realtime':>10} {'min/s wall':>10} {'MB/audio-min':>12}  format")
         for name in contenders:
             r = results[name]
             print(f"{name:6} {r['audio_minutes']:9.2f} {r['audio_min_per_cpu_s']:10.2f} {r['realtime_x_per_core']:10.0f} "
                   f"{r['audio_min_per_wall_s']:10.2f} {r['bytes_per_audio_minute'] / 1e6:12.2f}  {r['compression']}")
+        print(f"vs float16 frames: speed {results['speed_vs_fp16']:.2f}x (target >= 1), "
+              f"bytes per minute {results['bytes_ratio_vs_fp16']:.2f}x")
         print(f"vs old per-segment layout: speed {results['speed_vs_old']:.2f}x (target >= 1), "
               f"bytes per minute {results['bytes_ratio_vs_old']:.2f}x; "
               f"real time per core: {o['realtime_x_per_core']:.0f}x (target >= 100x)")

@@ -109,6 +109,15 @@ class IngestParams:
 
 
 @dataclass
+class MelPrecisionParams:
+    """Step the mel cache rounds each front-end's values to (0 = full float16). Measured with
+    benchmarks/mel_precision.py: see the README's mel cache section."""
+
+    teacher_db: float = 0.1  # CLAP log-mel, in dB
+    student: float = 0.005  # EfficientAT normalised log-mel units ((ln(x + 1e-5) + 4.5) / 5)
+
+
+@dataclass
 class MelsParams:
     workers: int = 2
     max_failure_ratio: float = 0.5
@@ -116,6 +125,7 @@ class MelsParams:
     compression_level: int = 1  # gzip only; 1 is ~25 % faster than 4 for ~2 % more bytes on fp16 mels
     max_track_minutes: float = 0.0  # 0 = whole track
     chunk_frames: int = 1024  # HDF5 chunk length in frames (per front-end; a segment spans ~1000)
+    precision: MelPrecisionParams = field(default_factory=MelPrecisionParams)
 
 
 @dataclass
@@ -639,6 +649,8 @@ RANGES: dict[tuple[type, str], Range] = {
     (MelsParams, "max_failure_ratio"): PROBABILITY,
     (MelsParams, "compression_level"): Range(0, 9),
     (MelsParams, "max_track_minutes"): NON_NEGATIVE,
+    (MelPrecisionParams, "teacher_db"): Range(0, 1),
+    (MelPrecisionParams, "student"): Range(0, 0.1),
     (DemoTeacherParams, "audio_patch_hidden"): AT_LEAST_1,
     (DemoTeacherParams, "text_hidden"): AT_LEAST_1,
     (DemoTeacherParams, "text_layers"): AT_LEAST_1,
@@ -703,6 +715,11 @@ RELATIONS: list[tuple[type, str, typing.Callable[[Any], bool], typing.Callable[[
      lambda f: f"must be above f_min ({f.f_min:g}) and at most sample_rate / 2 ({f.sample_rate / 2:g}), got {f.f_max:g}"),
     (StudentFrontendParams, "win_length", lambda f: f.win_length <= f.n_fft,
      lambda f: f"must be <= n_fft ({f.n_fft}), got {f.win_length}"),
+    # int16 codes: CLAP dB values lie in [-100, ~50], EfficientAT units in [-1.4, ~4]; finer steps overflow
+    (MelPrecisionParams, "teacher_db", lambda m: m.teacher_db == 0 or m.teacher_db >= 0.01,
+     lambda m: f"must be 0 (full float16) or >= 0.01 dB, got {m.teacher_db:g}"),
+    (MelPrecisionParams, "student", lambda m: m.student == 0 or m.student >= 0.001,
+     lambda m: f"must be 0 (full float16) or >= 0.001, got {m.student:g}"),
     (TextQueryParams, "max_categories", lambda q: q.max_categories >= q.min_categories,
      lambda q: f"must be >= min_categories ({q.min_categories}), got {q.max_categories}"),
     (DemoTeacherParams, "audio_heads", lambda d: len(d.audio_heads) == len(d.audio_depths),

@@ -21,9 +21,10 @@ from scipy.stats import spearmanr
 from pipeline.cli import main
 from pipeline.data.audio import cut, decode_int16, int16_to_float, map_starts, resample_int16, segment_starts
 from pipeline.data.frontends import TeacherMel
+from pipeline.data.mel_cache import dequantise, quantise
 from pipeline.evaluation import compare as C
 from pipeline.models.text_tokenizer import encode
-from pipeline.params import TeacherModelParams
+from pipeline.params import TeacherModelParams, load_params
 from pipeline.teacher.model import build_demo_teacher, load_teacher
 
 torch.set_num_threads(1)
@@ -80,7 +81,8 @@ def _by_hand(path: Path, m) -> tuple[np.ndarray, np.ndarray]:
         s_win = int16_to_float(cut(resample_int16(wave, DECODE_SR, SR), map_starts(starts, DECODE_SR, SR), int(SR * SEG_S)))
         s = m["audio"].embed_raw(m["frontend"](torch.from_numpy(s_win))).double().mean(0).numpy()
         t_win = int16_to_float(cut(wave, starts, int(DECODE_SR * SEG_S)))
-        mels = TeacherMel()(torch.from_numpy(t_win)).half().float()  # float16, as the mel cache stores it
+        step = load_params(REPO / "params.yaml").mels.precision.teacher_db  # rounded as the mel cache stores them
+        mels = torch.from_numpy(dequantise(quantise(TeacherMel()(torch.from_numpy(t_win)).numpy(), step), step))
         t = m["teacher"].embed_mels_raw(mels).double().mean(0).numpy()
     return t / np.linalg.norm(t), s / np.linalg.norm(s)
 

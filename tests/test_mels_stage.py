@@ -107,7 +107,8 @@ def test_stage_computes_both_mels_and_reports_bad_input(tmp_path, monkeypatch):
     assert all(f["reason"] for f in report["failures"])
     assert report["audio_minutes"] == pytest.approx((25 + 3 + 12) / 60, abs=0.01)
 
-    with mel_cache.MelCache(tmp_path / "data/mels.h5", expect=mel_cache.cache_params(p.audio, p.frontend, 0.0)) as c:
+    expect = mel_cache.cache_params(p.audio, p.frontend, 0.0, p.mels.precision)
+    with mel_cache.MelCache(tmp_path / "data/mels.h5", expect=expect) as c:
         assert c.track_ids == ["t:long", "t:short", "t:mid"]  # manifest order
         assert [len(c.track_segments(t)) for t in c.track_ids] == [4, 1, 2]
         assert report["segments"] == c.n_segments == 7
@@ -115,8 +116,9 @@ def test_stage_computes_both_mels_and_reports_bad_input(tmp_path, monkeypatch):
         for tid, rel in good:
             t, s = expected_mels(tmp_path / rel, p)
             idx = c.track_segments(tid)
-            np.testing.assert_allclose(c.teacher_mels(idx), t, atol=0.07)  # fp16 storage
-            np.testing.assert_allclose(c.student_mels(idx), s, atol=4e-3)
+            # stored at mels.precision: within half a step (plus float32 noise of the two computations)
+            np.testing.assert_allclose(c.teacher_mels(idx), t, rtol=0, atol=p.mels.precision.teacher_db / 2 + 1e-3)
+            np.testing.assert_allclose(c.student_mels(idx), s, rtol=0, atol=p.mels.precision.student / 2 + 1e-4)
         assert c.sha256[0] == store_sha(tmp_path / "audio/long.wav")
     assert not (tmp_path / "data/mels.h5.parts").exists()
 

@@ -16,10 +16,14 @@ from pipeline.params import AudioParams, FrontendParams
 from pipeline.data.mel_cache import CacheMismatchError, Compression, MelCache, PartWriter, TrackRecord
 
 
-def small_params() -> dict:
-    """0.1-s segments keep arrays tiny: teacher [11, 64], student [128, 10]."""
+STEPS = {"teacher_db": 0.05, "student": 0.005}
+
+
+def small_params(precision: dict | None = None) -> dict:
+    """0.1-s segments keep arrays tiny: teacher [11, 64], student [128, 10]; full float16 unless
+    a precision is given."""
     audio = AudioParams(segment_seconds=0.1, hop_seconds=0.05)
-    return mel_cache.cache_params(audio, FrontendParams(), 0.0)
+    return mel_cache.cache_params(audio, FrontendParams(), 0.0, precision)
 
 
 def fake_track(rng: np.random.Generator, n: int, shapes) -> tuple[np.ndarray, np.ndarray]:
@@ -73,7 +77,8 @@ def test_part_round_trip_through_cache(tmp_path):
     with h5py.File(out) as f:
         assert f["teacher/frames"].chunks == (64, mel_cache.DEFAULT_CHUNK_FRAMES)
         assert f["student/frames"].chunks == (128, mel_cache.DEFAULT_CHUNK_FRAMES)
-        assert f["teacher/frames"].dtype == np.float16 and f.attrs["format_version"] == 2
+        assert f["teacher/frames"].dtype == np.float16 and f.attrs["format_version"] == 3
+        assert "step" not in f["teacher/frames"].attrs
         assert f["teacher/frames"].compression == "gzip" and f["teacher/frames"].shuffle
 
 
@@ -198,26 +203,49 @@ def test_merge_command_writes_a_readable_cache(tmp_path):
 
 
 class _PerSegment:
-    """What the previous layout stored: every segment whole, exactly as the mels stage computed it."""
+    """What the mels stage hands the writer, segment by segment (float32 as computed): the
+    per-segment layout stored every segment whole, rounded to the cache's precision."""
 
     def __init__(self) -> None:
         self.batches: list[tuple] = []
 
     def add_segments(self, teacher, student, starts_seconds, teacher_starts=None, student_starts=None) -> None:
-        self.batches.append((teacher.astype(np.float16), student.astype(np.float16), np.asarray(starts_seconds),
+        self.batches.append((np.array(teacher), np.array(student), np.asarray(starts_seconds),
                              teacher_starts, student_starts))
 
     def commit_track(self, rec) -> None:
         self.record = rec
 
-    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
-        return np.concatenate([b[0] for b in self.batches]), np.concatenate([b[1] for b in self.batches])
+    def arrays(self, cparams: dict) -> tuple[np.ndarray, np.ndarray]:
+        """Every segment whole, as the cache's precision stores it (float32 values)."""
+        steps = mel_cache.precision_steps(cparams)
+        return tuple(np.concatenate([mel_cache.dequantise(mel_cache.quantise(b[k], steps[name]), steps[name])
+                                     for b in self.batches])
+                     for k, name in ((0, "teacher"), (1, "student")))
+
+
+def replay_parts(old: dict, cparams: dict, parts_dir, tag: str = "") -> list:
+    """Write captured tracks through part files, exactly as the mels stage's processor does."""
+    paths = []
+    for per_segment in old.values():
+        w = PartWriter(parts_dir, cparams, Compression("gzip", 1, True), tag=tag)
+        for t, s, secs, ts, ss in per_segment.batches:
+            w.add_segments(t, s, secs, teacher_starts=ts, student_starts=ss)
+        w.commit_track(per_segment.record)
+        paths.append(w.publish())
+    return paths
+
+
+def entries_of(parts: list, cparams: dict, order=("t:long", "t:short")) -> list:
+    done = mel_cache.completed_tracks(parts, cparams)
+    return [(done[t][1], done[t][2]) for t in order]
 
 
 @pytest.fixture(scope="module")
 def computed(tmp_path_factory):
     """Two real tracks through the mels stage's processor: a 97.3-s one (18 segments, more than one
-    front-end batch, an end-aligned 19th window off the hop grid) and a 4-s repeat-padded one."""
+    front-end batch, an end-aligned 19th window off the hop grid) and a 4-s repeat-padded one; the
+    full float16 cache params and the captured per-segment values."""
     import soundfile as sf
 
     from pipeline.data.mel_extraction import TrackJob, TrackProcessor
@@ -233,34 +261,39 @@ def computed(tmp_path_factory):
     p = Params()
     cparams = mel_cache.cache_params(p.audio, p.frontend, 0.0)
     proc = TrackProcessor({"params": cparams})
-    old, parts = {}, []
+    old = {}
     for i, name in enumerate(("long", "short")):
         job = TrackJob(i, f"t:{name}", str(root / f"{name}.wav"))
         old[job.track_id] = _PerSegment()
         assert proc.process(job, old[job.track_id]).ok
-        w = PartWriter(root / "parts", cparams, Compression("gzip", 1, True))
-        assert proc.process(job, w).ok
-        parts.append(w.publish())
-    done = mel_cache.completed_tracks(parts, cparams)
-    entries = [(done[t][1], done[t][2]) for t in ("t:long", "t:short")]
-    return root, cparams, old, parts, entries
+    entries = entries_of(replay_parts(old, cparams, root / "parts"), cparams)
+    return root, cparams, old, entries
 
 
-def test_segments_read_back_bit_identical_to_the_per_segment_layout(computed, tmp_path):
-    _, cparams, old, _, entries = computed
+def with_precision(cparams: dict, precision: dict | None) -> dict:
+    out = copy.deepcopy(cparams)
+    out["precision"] = mel_cache.cache_params(None, None, 0.0, precision)["precision"]
+    return out
+
+
+@pytest.mark.parametrize("precision", [None, STEPS], ids=["float16", "quantised"])
+def test_segments_read_back_bit_identical_to_the_per_segment_layout(computed, tmp_path, precision):
+    _, full, old, _ = computed
+    cparams = with_precision(full, precision)
+    entries = entries_of(replay_parts(old, cparams, tmp_path / "parts"), cparams)
     out = mel_cache.write_cache(tmp_path / "mels.h5", cparams, Compression("gzip", 1, True), entries)
     with MelCache(out) as c:
         assert c.track_ids == ["t:long", "t:short"]
         for tid, per_segment in old.items():
-            t_old, s_old = per_segment.arrays()
+            t_old, s_old = per_segment.arrays(cparams)  # each segment rounded on its own
             idx = c.track_segments(tid)
             assert len(idx) == len(t_old)
             for got, want in ((c.teacher_mels(idx), t_old), (c.student_mels(idx), s_old),
                               (c.teacher_track(tid), t_old), (c.student_track(tid), s_old)):
                 assert got.dtype == np.float32 and got.shape == want.shape
-                # bit for bit: every fp16 value, edge frames included, as the old layout held it
-                np.testing.assert_array_equal(got.astype(np.float16).view(np.uint16), want.view(np.uint16))
-        assert len(old["t:long"].arrays()[0]) == 19
+                # bit for bit: every value, edge frames included, as the per-segment layout held it
+                np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+        assert len(old["t:long"].arrays(cparams)[0]) == 19
         # frames are stored once: 18 windows on the hop grid share one run (9 501 frames), the tail
         # window its own (1 001); each track is padded to whole chunks of 1 024
         stored = c.stored_frames()
@@ -268,11 +301,73 @@ def test_segments_read_back_bit_identical_to_the_per_segment_layout(computed, tm
         assert stored["teacher"] < 0.65 * 20 * 1001
 
 
+def test_quantised_values_are_within_half_a_step_through_parts_shards_and_merge(computed, tmp_path):
+    _, full, old, _ = computed
+    cparams = with_precision(full, STEPS)
+    steps = {"teacher": STEPS["teacher_db"], "student": STEPS["student"]}
+    shards = [replay_parts({t: old[t]}, cparams, tmp_path / f"s{i}", tag=str(i)) for i, t in enumerate(old)]
+    # two shard caches (tracks in reverse manifest order), merged, then re-encoded by a merge to lzf
+    caches = [mel_cache.write_cache(tmp_path / f"shard{i}.h5", cparams, Compression("gzip", 1, True),
+                                    entries_of(parts, cparams, [t])) for i, (parts, t) in enumerate(zip(shards, old))]
+    merged = mel_cache.merge_caches(caches[::-1], tmp_path / "merged.h5")
+    relz = mel_cache.merge_caches([merged], tmp_path / "lzf.h5", Compression("lzf", 0, True))
+    for out in (merged, relz):
+        with h5py.File(out) as f:
+            for name in ("teacher", "student"):
+                for part in ("frames", "head", "tail"):
+                    assert f[f"{name}/{part}"].dtype == np.int16 and f[f"{name}/{part}"].attrs["step"] == steps[name]
+        with MelCache(out, expect=cparams) as c:
+            for tid, per_segment in old.items():
+                idx = c.track_segments(tid)
+                raw_t = np.concatenate([b[0] for b in per_segment.batches])
+                raw_s = np.concatenate([b[1] for b in per_segment.batches])
+                rounded = per_segment.arrays(cparams)
+                for k, (got, raw, name) in enumerate(((c.teacher_mels(idx), raw_t, "teacher"),
+                                                      (c.student_mels(idx), raw_s, "student"))):
+                    err = np.abs(got.astype(np.float64) - raw)
+                    # step / 2, plus the float32 rounding of code x step
+                    assert err.max() <= steps[name] / 2 + 1e-6 * np.abs(raw).max()
+                    assert err.max() > steps[name] / 4  # really rounded: not float16 (finer) nor exact
+                    np.testing.assert_array_equal(got, rounded[k])
+
+
+def test_quantise_refuses_what_int16_codes_cannot_hold():
+    x = np.array([[-100.0, 24.4, 0.026]], np.float32)
+    np.testing.assert_array_equal(mel_cache.quantise(x, 0.05), [[-2000, 488, 1]])
+    assert mel_cache.quantise(x, 0.0).dtype == np.float16
+    with pytest.raises(ValueError, match=r"teacher mel values reach 100.*coarser mels\.precision"):
+        mel_cache.quantise(x, 0.001, "teacher mel")
+    with pytest.raises(ValueError, match="not finite"):
+        mel_cache.quantise(np.array([1.0, np.nan]), 0.05)
+
+
+def test_a_changed_precision_changes_the_cache_identity(tmp_path):
+    params = small_params(STEPS)
+    part, data = write_part(tmp_path / "p", params, [("a:1", 2, 0)])
+    done = mel_cache.completed_tracks([part], params)
+    out = mel_cache.write_cache(tmp_path / "mels.h5", params, Compression(), [(done["a:1"][1], done["a:1"][2])])
+    coarser = small_params({"teacher_db": 0.1, "student": 0.005})
+    assert mel_cache.params_hash(coarser) != mel_cache.params_hash(params) != mel_cache.params_hash(small_params())
+    with pytest.raises(CacheMismatchError, match=r"precision\.teacher_db: cache has 0\.05, params say 0\.1"):
+        MelCache(out, expect=coarser)
+    with pytest.raises(CacheMismatchError, match=r"precision\.student: cache has 0\.005, params say 0\.0"):
+        MelCache(out, expect=small_params())
+    # parts and caches of another precision are neither reused nor merged with this one
+    assert mel_cache.completed_tracks([part, out], coarser) == {}
+    other, _ = write_part(tmp_path / "q", coarser, [("a:2", 1, 1)])
+    with pytest.raises(CacheMismatchError, match="precision"):
+        mel_cache.merge_caches([part, other], tmp_path / "m.h5")
+    with MelCache(out, expect=params) as c:
+        t, s = data["a:1"]
+        assert np.abs(c.teacher_mels(slice(None)) - t).max() <= 0.025 + 1e-5
+        assert np.abs(c.student_mels(slice(None)) - s).max() <= 0.0025 + 1e-6
+
+
 def test_any_index_form_reads_the_same_values(computed, tmp_path):
-    _, cparams, old, _, entries = computed
+    _, cparams, old, entries = computed
     out = mel_cache.write_cache(tmp_path / "mels.h5", cparams, Compression("lzf", 0, True), entries, chunk_frames=256)
-    t_all = np.concatenate([old["t:long"].arrays()[0], old["t:short"].arrays()[0]]).astype(np.float32)
-    s_all = np.concatenate([old["t:long"].arrays()[1], old["t:short"].arrays()[1]]).astype(np.float32)
+    t_all = np.concatenate([old["t:long"].arrays(cparams)[0], old["t:short"].arrays(cparams)[0]])
+    s_all = np.concatenate([old["t:long"].arrays(cparams)[1], old["t:short"].arrays(cparams)[1]])
     with MelCache(out) as c:
         assert len(c) == 20
         for idx in (slice(None), slice(3, 11), slice(0, 20, 4), [19, 0, 5, 5, 18], np.array([7, 6, 2]), 4, -1,
@@ -288,31 +383,29 @@ def test_any_index_form_reads_the_same_values(computed, tmp_path):
         c2.close()
 
 
-def test_same_segments_give_byte_identical_caches(computed, tmp_path):
-    _, cparams, old, _, entries = computed
-    a = mel_cache.write_cache(tmp_path / "a" / "mels.h5", cparams, Compression("gzip", 1, True), entries)
+@pytest.mark.parametrize("precision", [None, STEPS], ids=["float16", "quantised"])
+def test_same_segments_give_byte_identical_caches(computed, tmp_path, precision):
+    _, full, old, _ = computed
+    cparams = with_precision(full, precision)
+    a = mel_cache.write_cache(tmp_path / "a" / "mels.h5", cparams, Compression("gzip", 1, True),
+                              entries_of(replay_parts(old, cparams, tmp_path / "parts"), cparams))
     # the same values written again later, through other part files, into another folder
     time.sleep(1.1)
-    again = []
-    for per_segment in old.values():
-        w = PartWriter(tmp_path / "other-parts", cparams, Compression("gzip", 1, True), tag="x")
-        for t, s, secs, ts, ss in per_segment.batches:
-            w.add_segments(t, s, secs, teacher_starts=ts, student_starts=ss)
-        w.commit_track(per_segment.record)
-        again.append(w.publish())
-    done = mel_cache.completed_tracks(again, cparams)
+    again = replay_parts(old, cparams, tmp_path / "other-parts", tag="x")
     b = mel_cache.write_cache(tmp_path / "b" / "mels.h5", cparams, Compression("gzip", 1, True),
-                          [(done[t][1], done[t][2]) for t in ("t:long", "t:short")])
+                              entries_of(again, cparams))
     assert a.read_bytes() == b.read_bytes()
 
 
-def test_an_old_format_cache_is_refused_naming_the_file(tmp_path):
+@pytest.mark.parametrize("version", [1, 2])
+def test_an_old_format_cache_is_refused_naming_the_file(tmp_path, version):
     old = tmp_path / "mels.h5"
-    with h5py.File(old, "w") as f:  # the first format: segments stored whole
+    with h5py.File(old, "w") as f:  # format 1: segments stored whole; format 2: float16 frames only
         f.create_dataset("teacher", data=np.zeros((1, 11, 64), np.float16))
-        f.attrs["format_version"] = 1
+        f.attrs["format_version"] = version
         f.attrs["params"] = "{}"
-    with pytest.raises(mel_cache.CacheFormatError, match=r"mels\.h5: mel cache format 1, this code reads format 2"):
+    with pytest.raises(mel_cache.CacheFormatError,
+                       match=rf"mels\.h5: mel cache format {version}, this code reads format 3"):
         MelCache(old)
     # as a resume source it is ignored, not merged
     assert mel_cache.completed_tracks([old], small_params()) == {}

@@ -102,7 +102,7 @@ def loader_workers(requested: int | str, source: MelSource) -> int | str:
 class MelSource:
     """Student (and optionally teacher) mels of given segments, as float32.
 
-    Held in memory as float16 (the file's own precision, so values are identical either way)
+    Held in memory as float16 (what a batch holds either way, so values are identical either way)
     when they fit in `memory_limit` bytes; otherwise streamed. Picklable for DataLoader workers,
     which reopen the file themselves."""
 
@@ -188,7 +188,7 @@ class MelSource:
         return self._read(segs, teacher=True, out=out)
 
     def batch(self, segs: np.ndarray, teacher: bool = False) -> torch.Tensor:
-        """float16 tensor of the segments' mels (the stored precision: values as in the file),
+        """float16 tensor of the segments' mels (the values the cache reads back, in float16),
         in shared memory when built in a DataLoader worker."""
         out = batch_buffer((len(segs), *self.shapes["teacher" if teacher else "student"]))
         self._read(segs, teacher, out.numpy())

@@ -95,7 +95,7 @@ def build_mel_cache(params: Params, manifest_path: Path, cache_path: Path, repor
     t0 = time.monotonic()
     p = params.mels
     jobs = load_jobs(manifest_path, shard)
-    cparams = mel_cache.cache_params(params.audio, params.frontend, p.max_track_minutes)
+    cparams = mel_cache.cache_params(params.audio, params.frontend, p.max_track_minutes, p.precision)
     compression = mel_cache.Compression(p.compression, p.compression_level, True)
     parts_dir = mel_cache.parts_dir_for(cache_path)
     parts_dir.mkdir(parents=True, exist_ok=True)

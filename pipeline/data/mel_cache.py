@@ -5,13 +5,24 @@ each front-end's frames once per track and cuts segment i out of them when read:
 [o_i, o_i + n) with the segment's own first `head` and last `tail` frames put back. The front-ends
 centre-pad every segment, so only frames whose STFT window reaches a segment edge differ from the
 same instant inside the neighbouring segment; those few frames per segment are kept as they were
-computed for that segment, and a segment is read back bit for bit as the mels stage computed it.
+computed for that segment, and a segment is read back bit for bit as the mels stage stored it.
 
-    /teacher/frames         float16 [64, F_t]       CLAP log-mel dB frames (mel-major: compresses best)
-    /teacher/head           float16 [N, h_t, 64]    each segment's first h_t frames
-    /teacher/tail           float16 [N, t_t, 64]    each segment's last t_t frames
-    /student/frames         float16 [128, F_s]      EfficientAT normalised log-mel frames (mel-major)
-    /student/head, /tail    float16 [N, 128, h_s], [N, 128, t_s]
+Format 3 stores each front-end's values at a bounded precision (`mels.precision`): rounded to a
+fixed absolute step and kept as int16 codes (value = code x step, the dataset's `step` attribute),
+so reading gives back every value within step / 2 of what the front-end computed. A step of 0 keeps
+full float16 values (the format 2 storage). Why int16 codes: the low mantissa bits of float16
+log-mels are noise that no lossless filter compresses. At 0.1 dB / 0.005, int16 codes with gzip-1 +
+shuffle take 0.74x the bytes of float16 frames and 0.75x its compression CPU; float16 of the
+rounded values takes 0.80x at the same CPU, HDF5's scale-offset filter is larger alone (0.91x)
+and with gzip (0.84x, more CPU), and its float mode takes only decimal steps at ~1.8x the CPU
+(benchmarks/mel_precision.py --mechanisms).
+
+    /teacher/frames         int16 [64, F_t]         CLAP log-mel dB frames (mel-major: compresses best)
+    /teacher/head           int16 [N, h_t, 64]      each segment's first h_t frames
+    /teacher/tail           int16 [N, t_t, 64]      each segment's last t_t frames
+    /student/frames         int16 [128, F_s]        EfficientAT normalised log-mel frames (mel-major)
+    /student/head, /tail    int16 [N, 128, h_s], [N, 128, t_s]
+                            (float16 values instead of codes, and no `step`, where the step is 0)
     /segments/track         int32   [N]             row of /tracks that segment i belongs to
     /segments/start         float64 [N]             segment start in seconds
     /segments/teacher_frame int64   [N]             o_i: first teacher frame row of segment i
@@ -24,7 +35,7 @@ computed for that segment, and a segment is read back bit for bit as the mels st
     /tracks/audio_path      utf-8   [T]
     /tracks/manifest_index  int64   [T]             row in the manifest (orders shard merges)
     /tracks/teacher_frames, /tracks/student_frames  int64 [T, 2]  (first, count) of the track's frames
-    attrs: format_version, params (JSON of audio + frontend + max_track_minutes), params_hash,
+    attrs: format_version, params (JSON of audio + frontend + max_track_minutes + precision), params_hash,
            teacher_frontend_hash, student_frontend_hash, compression, chunk_frames, edges (JSON)
 
 A track's frames are runs: consecutive segments whose starts lie a whole number of hops apart share
@@ -66,7 +77,8 @@ from pipeline.data.cache_files import unreadable
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2  # format 1 stored every segment whole; it is refused rather than read
+# format 1 stored every segment whole, format 2 full float16 frames only; both are refused rather than read
+FORMAT_VERSION = 3
 FRONT_ENDS = ("teacher", "student")
 DEFAULT_CHUNK_FRAMES = 1024
 # Fixed file-format bounds and no link-creation order tracking: nothing in the file depends on when
@@ -85,12 +97,47 @@ class CacheFormatError(ValueError):
 # --------------------------------------------------------------------------- parameters
 
 
-def cache_params(audio: Any, frontend: Any, max_track_minutes: float = 0.0) -> dict:
-    """Everything that changes the cache's contents (compression does not)."""
+def cache_params(audio: Any, frontend: Any, max_track_minutes: float = 0.0, precision: Any = None) -> dict:
+    """Everything that changes the cache's contents (compression does not). `precision`: the
+    mels.precision section or mapping (teacher_db, student); None = full float16 for both."""
     def plain(x: Any) -> Any:
         return dataclasses.asdict(x) if dataclasses.is_dataclass(x) else x
 
-    return {"audio": plain(audio), "frontend": plain(frontend), "max_track_minutes": float(max_track_minutes)}
+    prec = plain(precision) if precision is not None else {"teacher_db": 0.0, "student": 0.0}
+    return {"audio": plain(audio), "frontend": plain(frontend), "max_track_minutes": float(max_track_minutes),
+            "precision": {"teacher_db": float(prec["teacher_db"]), "student": float(prec["student"])}}
+
+
+def precision_steps(params: dict) -> dict[str, float]:
+    """Front-end name -> quantisation step of its stored values (0 = float16) for cache params."""
+    prec = params.get("precision") or {}
+    return {"teacher": float(prec.get("teacher_db", 0.0)), "student": float(prec.get("student", 0.0))}
+
+
+_CODE_MAX = np.iinfo(np.int16).max
+
+
+def quantise(values: np.ndarray, step: float, what: str = "mel") -> np.ndarray:
+    """Stored form of mel values: int16 codes round(x / step) (error <= step / 2), or float16 when
+    step is 0. Raises ValueError on non-finite values or codes outside int16 (a step too fine)."""
+    if step <= 0:
+        return np.asarray(values).astype(np.float16, copy=False)
+    codes = np.rint(np.asarray(values, dtype=np.float64) / step)
+    lo, hi = (float(codes.min()), float(codes.max())) if codes.size else (0.0, 0.0)
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        raise ValueError(f"{what} values are not finite; they cannot be stored")
+    if max(-lo, hi) > _CODE_MAX:
+        raise ValueError(f"{what} values reach {max(-lo, hi) * step:g}, beyond int16 codes of step {step:g} "
+                         f"(+-{_CODE_MAX * step:g}); use a coarser mels.precision step")
+    return codes.astype(np.int16)
+
+
+def dequantise(stored: np.ndarray, step: float) -> np.ndarray:
+    """float32 values of stored codes (code x step) or float16 values (step 0); what MelCache reads."""
+    out = np.asarray(stored).astype(np.float32)
+    if step > 0:
+        out *= np.float32(step)
+    return out
 
 
 def mel_shapes(params: dict) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -235,14 +282,20 @@ def _create_layout(f: h5py.File, params: dict, compression: Compression, chunk_f
     if chunk_frames < 1:
         raise ValueError(f"chunk_frames must be positive, got {chunk_frames}")
     kw = {**compression.kwargs(), "track_times": False}
+    steps = precision_steps(params)
     for lay in frame_layouts(params):
+        step = steps[lay.name]
+        dtype = np.int16 if step > 0 else np.float16
         # mel-major: each band's run over time is contiguous, which compresses ~4 % better
-        f.create_dataset(f"{lay.name}/frames", shape=(lay.n_mels, 0), maxshape=(lay.n_mels, None),
-                         dtype=np.float16, chunks=(lay.n_mels, chunk_frames), **kw)
+        sets = [f.create_dataset(f"{lay.name}/frames", shape=(lay.n_mels, 0), maxshape=(lay.n_mels, None),
+                                 dtype=dtype, chunks=(lay.n_mels, chunk_frames), **kw)]
         for part, k in (("head", lay.head), ("tail", lay.tail)):
-            f.create_dataset(f"{lay.name}/{part}", shape=(0, *lay.patch_shape(k)),
-                             maxshape=(None, *lay.patch_shape(k)), dtype=np.float16,
-                             chunks=(PATCH_CHUNK, *lay.patch_shape(k)), **kw)
+            sets.append(f.create_dataset(f"{lay.name}/{part}", shape=(0, *lay.patch_shape(k)),
+                                         maxshape=(None, *lay.patch_shape(k)), dtype=dtype,
+                                         chunks=(PATCH_CHUNK, *lay.patch_shape(k)), **kw))
+        if step > 0:
+            for ds in sets:
+                ds.attrs["step"] = step
     for name, dtype in zip(_SEGMENT_DATASETS, (np.int32, np.float64, np.int64, np.int64)):
         f.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(4096,), track_times=False)
     str_t = h5py.string_dtype()
@@ -296,7 +349,7 @@ class _TrackFrames:
 
     def reset(self, base: int) -> None:
         self.base = self.written = base  # track's first row (chunk aligned) / rows on disk
-        self.buf = np.zeros((0, self.lay.n_mels), np.float16)  # rows written .. end, time-major
+        self.buf = np.zeros((0, self.lay.n_mels), self.ds.dtype)  # rows written .. end, time-major
         self.interior = np.zeros(0, bool)
         self.origin: int | None = None  # sample (front-end rate) of the current run's row run_start
         self.run_start = self.last_row = base
@@ -323,7 +376,7 @@ class _TrackFrames:
         return row
 
     def place(self, start: int, seg: np.ndarray) -> int:
-        """Add a time-major fp16 segment [n, mels] starting at sample `start`; returns its first row."""
+        """Add a time-major stored segment [n, mels] (codes or float16) at sample `start`; returns its first row."""
         lay = self.lay
         row = self._continues_at(start, seg)
         if row is None:  # a new run after everything held so far
@@ -352,7 +405,7 @@ class _TrackFrames:
 
     def finish(self) -> tuple[int, int]:
         """Write the rest, zero-padded to whole chunks; returns the track's (first row, row count)."""
-        rest = np.concatenate([self.buf, np.zeros((-len(self.buf) % self.chunk, self.lay.n_mels), np.float16)])
+        rest = np.concatenate([self.buf, np.zeros((-len(self.buf) % self.chunk, self.lay.n_mels), self.buf.dtype)])
         if len(rest):
             _write_frames(self.ds, self.written, rest)
             self.written += len(rest)
@@ -379,6 +432,7 @@ class PartWriter:
         self.file = h5py.File(self.tmp_path, "w", **_H5_OPTS)
         _create_layout(self.file, params, compression, chunk_frames)
         self.layouts = frame_layouts(params)
+        self.steps = precision_steps(params)
         self.frames = {lay.name: _TrackFrames(self.file[f"{lay.name}/frames"], lay, chunk_frames)
                        for lay in self.layouts}
         self.committed_segments = 0
@@ -390,14 +444,15 @@ class PartWriter:
         """Append a batch of segments of the track being written (not visible until commit).
 
         `teacher_starts` / `student_starts` are the segment starts in samples at each front-end's
-        rate (derived from the seconds when omitted); they decide which segments share frames."""
+        rate (derived from the seconds when omitted); they decide which segments share frames.
+        Values are stored at the cache's precision (quantise): pass them as computed (float32)."""
         if len(teacher) != len(student) or len(teacher) != len(starts_seconds):
             raise ValueError("teacher, student and starts must have the same number of segments")
         secs = np.asarray(starts_seconds, dtype=np.float64)
         f = self.file
         rows = {}
         for lay, segs, given in zip(self.layouts, (teacher, student), (teacher_starts, student_starts)):
-            segs = np.asarray(segs).astype(np.float16, copy=False)
+            segs = quantise(segs, self.steps[lay.name], f"{lay.name} mel")
             if segs.shape[1:] != lay.segment_shape():
                 raise ValueError(f"{lay.name} segments have shape {segs.shape[1:]}, expected {lay.segment_shape()}")
             starts = [int(round(s * lay.rate)) for s in secs] if given is None else [int(s) for s in given]
@@ -519,7 +574,8 @@ def check_format(path: str | Path, f: h5py.File) -> None:
     if int(version) != FORMAT_VERSION:
         raise CacheFormatError(
             f"{path}: mel cache format {int(version)}, this code reads format {FORMAT_VERSION} "
-            "(frames stored once per track); rebuild it with `student-clap run mels` or `dvc repro mels`"
+            "(frames stored once per track at mels.precision); rebuild it with `student-clap run mels` "
+            "or `dvc repro mels`"
         )
 
 
@@ -580,7 +636,7 @@ def _copy_frames(a: h5py.Dataset, b: h5py.Dataset, first: int, count: int, pos: 
         return count
     out_count = -(-count // chunk) * chunk
     for k in range(0, out_count, chunk):
-        block = np.zeros((a.shape[0], chunk), np.float16)
+        block = np.zeros((a.shape[0], chunk), a.dtype)
         n = max(0, min(chunk, count - k))
         block[:, :n] = a[:, first + k : first + k + n]
         b[:, pos + k : pos + k + chunk] = block
@@ -723,6 +779,7 @@ class MelCache:
             raise unreadable(self.path, "mel cache", "student-clap run mels", exc) from None
         self.params = json.loads(self.attrs["params"])
         self.layouts = {lay.name: lay for lay in frame_layouts(self.params)}
+        self.steps = precision_steps(self.params)
         self.n_segments = int(len(self.segment_track))
         self._row = {tid: i for i, tid in enumerate(self.track_ids)}
         if expect is not None:
@@ -779,7 +836,8 @@ class MelCache:
 
     def _read_sorted(self, name: str, rows: np.ndarray) -> np.ndarray:
         """float32 segments for strictly increasing rows: one frames read per group of segments
-        whose frames overlap or touch, one head/tail read per run of consecutive rows."""
+        whose frames overlap or touch, one head/tail read per run of consecutive rows; stored codes
+        become values (code x step, as dequantise) at the end."""
         lay = self.layouts[name]
         f = self._h5()
         n = lay.n_frames
@@ -803,6 +861,9 @@ class MelCache:
             r0, r1 = rows[p0], rows[p1 - 1] + 1
             out[p0:p1][lay.sel(0, lay.head)] = head[r0:r1]
             out[p0:p1][lay.sel(n - lay.tail, n)] = tail[r0:r1]
+        step = self.steps[name]
+        if step > 0:
+            out *= np.float32(step)
         return out
 
     def teacher_mels(self, idx: Any) -> np.ndarray:

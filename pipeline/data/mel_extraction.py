@@ -100,10 +100,10 @@ class TrackProcessor:
                 sl = slice(i, i + BATCH_SEGMENTS)
                 batch = s_starts[sl]
                 s_wave, base = s_window.view(min(batch), max(batch) + s_len)
+                # float32 as computed: the writer rounds them to the cache's precision (one rounding)
                 writer.add_segments(
-                    self.segment_mels(self.teacher, t_wave, t_starts[sl], t_len, BATCH_SEGMENTS).astype(np.float16),
-                    self.segment_mels(self.student, s_wave, [s - base for s in batch], s_len,
-                                      BATCH_SEGMENTS).astype(np.float16),
+                    self.segment_mels(self.teacher, t_wave, t_starts[sl], t_len, BATCH_SEGMENTS),
+                    self.segment_mels(self.student, s_wave, [s - base for s in batch], s_len, BATCH_SEGMENTS),
                     np.asarray(starts[sl], dtype=np.float64) / sr,
                     teacher_starts=t_starts[sl], student_starts=batch,
                 )

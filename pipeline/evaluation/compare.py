@@ -6,7 +6,7 @@ embedded twice, exactly as in training:
 - the exported audio student (ONNX, `pipeline.runtime.search.AudioEmbedder`): the one segmentation rule,
   the mean of the segments' raw embeddings, L2;
 - the teacher (PyTorch, the folder `teacher.model.dir` names): the same segment times, the CLAP
-  log-mel front-end (rounded to float16, as the mel cache stores it), the mean of the raw
+  log-mel front-end (rounded as the mel cache stores it: mels.precision.teacher_db), the mean of the raw
   segment projections, L2 — what data/teacher.h5 holds for a training track.
 
 Then it prints the same-space figures and verdict (pipeline.evaluation.fidelity; centred on the
@@ -64,7 +64,7 @@ class TeacherAudio:
     """Waveforms -> teacher track vectors, cut and averaged as the mel and teacher caches do."""
 
     def __init__(self, teacher_dir: str | Path, frontend: TeacherFrontendParams, *, decode_rate: int,
-                 segment_seconds: float, hop_seconds: float, device: str = "cpu") -> None:
+                 segment_seconds: float, hop_seconds: float, device: str = "cpu", mel_step: float = 0.0) -> None:
         from pipeline.data.frontends import TeacherMel, segment_mels
         from pipeline.teacher.model import load_teacher
 
@@ -74,9 +74,12 @@ class TeacherAudio:
         self.rate = int(frontend.sample_rate)
         self.decode_rate = int(decode_rate)
         self.segment_seconds, self.hop_seconds = float(segment_seconds), float(hop_seconds)
+        self.mel_step = float(mel_step)  # the mel cache's teacher step (0: float16)
 
     def embed_wave(self, wave_int16: np.ndarray) -> np.ndarray:
         import torch
+
+        from pipeline.data.mel_cache import dequantise, quantise
 
         starts = segment_starts(len(wave_int16), self.decode_rate, self.segment_seconds, self.hop_seconds)
         wave = wave_int16 if self.rate == self.decode_rate else resample_int16(wave_int16, self.decode_rate, self.rate)
@@ -85,7 +88,7 @@ class TeacherAudio:
         with torch.no_grad():
             for i in range(0, len(t_starts), TEACHER_BATCH):
                 mels = self._segment_mels(self.mel, wave, t_starts[i:i + TEACHER_BATCH], t_len, TEACHER_BATCH)
-                mels = mels.astype(np.float16).astype(np.float32)  # the mel cache stores float16
+                mels = dequantise(quantise(mels, self.mel_step), self.mel_step)  # as the mel cache stores them
                 raw = self.teacher.embed_mels_raw(torch.from_numpy(mels)).double().sum(dim=0).numpy()
                 total = raw if total is None else total + raw
         return M.l2_normalize(total / len(starts))
@@ -287,7 +290,7 @@ def _finite(obj: Any) -> Any:
 def compare(folder: Path, *, models: Path, teacher_dir: Path, frontend: TeacherFrontendParams,
             same_space_params: SameSpaceParams, labels: Path | None = None, captions: Path | None = None,
             template: str = DEFAULT_PROMPT, device: str = "cpu", batch_size: int = 8,
-            threads: int | None = None, progress: bool = True) -> dict[str, Any]:
+            threads: int | None = None, progress: bool = True, mel_step: float = 0.0) -> dict[str, Any]:
     """Run both models on `folder` and return the report (what --json writes)."""
     from pipeline.runtime.search import AudioEmbedder, SearchError, TextEmbedder, find_audio
 
@@ -309,7 +312,8 @@ def compare(folder: Path, *, models: Path, teacher_dir: Path, frontend: TeacherF
 
     try:
         teacher = TeacherAudio(teacher_dir, frontend, decode_rate=student.decode_sample_rate,
-                               segment_seconds=student.segment_seconds, hop_seconds=student.hop_seconds, device=device)
+                               segment_seconds=student.segment_seconds, hop_seconds=student.hop_seconds, device=device,
+                               mel_step=mel_step)
     except TeacherError as exc:
         raise CompareError(str(exc)) from exc
     emb = embed_folder(files, student.decode_sample_rate, lambda w: student.embed_wave(w)[0], teacher.embed_wave,
@@ -411,6 +415,7 @@ def main(args: argparse.Namespace) -> int:
             frontend=params.frontend.teacher, same_space_params=params.evaluate.same_space,
             labels=Path(args.labels) if args.labels else None, captions=Path(args.captions) if args.captions else None,
             template=args.prompt or DEFAULT_PROMPT, device=args.device, batch_size=args.batch_size, threads=args.threads,
+            mel_step=params.mels.precision.teacher_db,
         )
     except CompareError as exc:
         log.error("%s", exc)
