@@ -5,7 +5,8 @@
 
 Measures here, on one core each (OMP_NUM_THREADS=1, torch threads 1, CPU seconds from getrusage):
 - mels:    the mels stage (decode, resample, both front-ends, the mel cache) on synthesised songs in
-           mixed formats (MP3, Ogg Vorbis, Opus, FLAC, WAV): CPU-s and cache bytes per audio-minute;
+           mixed formats (MP3, Ogg Vorbis, Opus, FLAC, WAV): CPU-s and cache bytes per audio-minute,
+           and (untimed) the bytes of the same songs' cache with mels.precision 0 (float16 values);
 - teacher: a randomly initialised HTSAT-base audio tower on 10-s log-mels: CPU-s per segment;
 - student: one mn10_as training step (forward, loss, backward, AdamW) and one forward: CPU-s per segment;
 - loader:  segments read from that mel cache through MelCache (whole tracks, and random single
@@ -16,7 +17,9 @@ come from `--gpu-json` (written by benchmarks/gpu.py on a real GPU: keys teacher
 train_samples_per_s {model: {batch: value}}, loader_segments_per_s {workers: value}, gpu, date);
 without it they are ASSUMPTIONS, printed as such. Validation per epoch is a bounded subset of
 `--val-max-segments` (distill_audio.val_max_segments, 2048 by default), the full validation once at
-the end; its share of an epoch is printed against the 10 % target.
+the end; its share of an epoch is printed against the 10 % target. The mel cache on real music is
+an ESTIMATE: the 3.5 MB per audio-minute measured on real music for the per-segment float16 layout,
+times the frame ratio and the int16 / float16 byte ratio, both measured here on the synthesised songs.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -45,7 +49,7 @@ ASSUMED_GPU = {
     "forward_to_train_ratio": 3.0,  # a forward costs about a third of a training step (as on CPU here)
     "cpu_cores": 16,  # for the mels stage and the loader workers on that machine
 }
-REAL_MUSIC_OLD_MB_PER_MIN = 3.5  # per-segment mel cache on real music, measured in the full-size rehearsal
+REAL_MUSIC_OLD_MB_PER_MIN = 3.5  # per-segment float16 mel cache (format 1) on real music, full-size rehearsal
 AUDIO_MB_PER_MIN = 1.0  # the corpus audio itself (~128 kbit/s MP3); assumption, shown separately
 
 
@@ -93,6 +97,7 @@ def measure_mels(work: Path, seconds: float) -> dict:
             raise RuntimeError("the mels stage failed on the benchmark songs")
         cpu = cpu_seconds() - c0
     report = json.loads((work / "timed/mels.json").read_text())
+    float16_bytes = float16_cache_bytes(p, work / "data/manifest.jsonl", work / "float16")
     with MelCache(work / "timed/mels.h5") as cache:
         stored = cache.stored_frames()
         n = cache.n_segments
@@ -102,7 +107,22 @@ def measure_mels(work: Path, seconds: float) -> dict:
     return {"audio_minutes": report["audio_minutes"], "formats": sorted(seen), "segments": n,
             "cpu_s_per_audio_minute": cpu / report["audio_minutes"],
             "mb_per_audio_minute": report["cache_bytes"] / 1e6 / report["audio_minutes"],
-            "raw_frames_vs_per_segment": frame_ratio, "cache": str(work / "timed/mels.h5")}
+            "raw_frames_vs_per_segment": frame_ratio,
+            "int16_bytes": report["cache_bytes"], "float16_bytes": float16_bytes,
+            "int16_vs_float16_bytes": report["cache_bytes"] / float16_bytes, "cache": str(work / "timed/mels.h5")}
+
+
+def float16_cache_bytes(p: Any, manifest: Path, out: Path) -> int:
+    """Bytes of the same songs' mel cache with mels.precision 0 (full float16 values; untimed)."""
+    from pipeline.data.mel_build import build_mel_cache, failure_verdict
+
+    p = dataclasses.replace(p, mels=dataclasses.replace(
+        p.mels, precision=dataclasses.replace(p.mels.precision, teacher_db=0.0, student=0.0)))
+    out.mkdir()
+    report = build_mel_cache(p, manifest, out / "mels.h5", out / "mels.json")
+    if failure_verdict(report, p.mels.max_failure_ratio, out / "mels.json") or not report["cache_bytes"]:
+        raise RuntimeError("the float16 mel cache of the benchmark songs failed")
+    return int(report["cache_bytes"])
 
 
 def measure_teacher(batch: int = 2, reps: int = 2) -> dict:
@@ -258,7 +278,9 @@ def project(units: dict, a: argparse.Namespace, gpu: dict) -> dict:
         r["training_s"] = epochs * (r["train_s"] + r["val_s"]) + r["final_val_s"]
         r["total_s"] = r["mels_s"] + r["teacher_s"] + r["training_s"]
     mel_mb = m["mb_per_audio_minute"]
-    real_mb = REAL_MUSIC_OLD_MB_PER_MIN * m["raw_frames_vs_per_segment"]
+    # ESTIMATE: the per-segment float16 bytes measured on real music, scaled by the two savings measured
+    # here on synthesised songs (frames once per track; int16 codes against float16 values)
+    real_mb = REAL_MUSIC_OLD_MB_PER_MIN * m["raw_frames_vs_per_segment"] * m["int16_vs_float16_bytes"]
     disk = {
         "mels_gb_measured_rate": minutes * mel_mb / 1e3,
         "mels_gb_real_music_estimate": minutes * real_mb / 1e3,
@@ -283,7 +305,9 @@ def report(units: dict, proj: dict, gpu: dict, cores: int) -> None:
     print("unit costs on this machine (one core each, CPU seconds):")
     print(f"  mels     {m['cpu_s_per_audio_minute']:.3f} CPU-s per audio-minute, {m['mb_per_audio_minute']:.2f} MB per "
           f"audio-minute ({m['audio_minutes']:.1f} min of synthesised {'/'.join(m['formats'])}; frames stored "
-          f"{m['raw_frames_vs_per_segment']:.2f}x the per-segment layout)")
+          f"{m['raw_frames_vs_per_segment']:.2f}x the per-segment layout; int16 codes "
+          f"{m['int16_vs_float16_bytes']:.2f}x the bytes of the same cache in float16: {m['int16_bytes']} / "
+          f"{m['float16_bytes']} B)")
     print(f"  teacher  {t['cpu_s_per_segment']:.3f} CPU-s per segment (random HTSAT-base, batch {t['batch']})")
     print(f"  student  {s['train_cpu_s_per_segment']:.3f} CPU-s per training segment, "
           f"{s['forward_cpu_s_per_segment']:.3f} per forward ({s['model']}, batch {s['batch']})")
@@ -304,8 +328,10 @@ def report(units: dict, proj: dict, gpu: dict, cores: int) -> None:
     print(f"  {'validation share':22} {100 * h['val_share']:21.1f}% {100 * g['val_share']:17.1f}%   (target <= 10 %)")
     d = proj["disk"]
     print(f"disk: mel cache {d['mels_gb_measured_rate']:.1f} GB at the rate measured here, "
-          f"{d['mels_gb_real_music_estimate']:.1f} GB on real music (estimate: {REAL_MUSIC_OLD_MB_PER_MIN} MB/min "
-          f"measured for the per-segment layout x {units['mels']['raw_frames_vs_per_segment']:.2f}); teacher.h5 "
+          f"{d['mels_gb_real_music_estimate']:.1f} GB on real music (ESTIMATE, "
+          f"{proj['real_music_mb_per_minute_estimate']:.2f} MB/min = {REAL_MUSIC_OLD_MB_PER_MIN} MB/min measured on "
+          f"real music for the per-segment float16 layout x frame ratio {m['raw_frames_vs_per_segment']:.2f} "
+          f"x int16/float16 bytes {m['int16_vs_float16_bytes']:.2f}, both ratios measured here); teacher.h5 "
           f"{d['teacher_gb']:.1f} GB; DVC cache +{d['dvc_cache_extra_gb']:.0f} GB (linked); pipeline outputs "
           f"{d['outputs_gb']:.1f} GB (target <= 100 GB); the audio itself ~{d['audio_gb_assumed']:.0f} GB "
           f"(ASSUMED {AUDIO_MB_PER_MIN} MB/min)")

@@ -21,7 +21,8 @@ def scale():
 
 
 UNITS = {
-    "mels": {"cpu_s_per_audio_minute": 0.2, "mb_per_audio_minute": 1.6, "raw_frames_vs_per_segment": 0.5},
+    "mels": {"cpu_s_per_audio_minute": 0.2, "mb_per_audio_minute": 1.2, "raw_frames_vs_per_segment": 0.5,
+             "int16_bytes": 750, "float16_bytes": 1000, "int16_vs_float16_bytes": 0.75},
     "teacher": {"cpu_s_per_segment": 0.4},
     "student": {"train_cpu_s_per_segment": 0.1, "forward_cpu_s_per_segment": 0.03},
     "loader": {"track_segments_per_cpu_s": 1000.0, "random_segments_per_cpu_s": 250.0},
@@ -47,11 +48,34 @@ def test_seed_scale_segments_and_bounded_validation(scale) -> None:
     assert g["train_s"] == pytest.approx(c["train_segments"] / min(gpu["train"], gpu["loader"]))
     assert g["val_share"] < 0.1 and p["this_machine"]["val_share"] < 0.1
     assert g["total_s"] == pytest.approx(g["mels_s"] + g["teacher_s"] + 110 * (g["train_s"] + g["val_s"]) + g["final_val_s"])
-    assert p["disk"]["mels_gb_measured_rate"] == pytest.approx(44_000 * 1.6 / 1e3)
-    assert p["disk"]["mels_gb_real_music_estimate"] == pytest.approx(44_000 * 3.5 * 0.5 / 1e3)
+    assert p["disk"]["mels_gb_measured_rate"] == pytest.approx(44_000 * 1.2 / 1e3)
+    # real music: the per-segment float16 rate x the frame ratio x the int16/float16 bytes measured in the run
+    assert p["real_music_mb_per_minute_estimate"] == pytest.approx(3.5 * 0.5 * 0.75)
+    assert p["disk"]["mels_gb_real_music_estimate"] == pytest.approx(44_000 * 3.5 * 0.5 * 0.75 / 1e3)
+    assert p["disk"]["outputs_gb"] == pytest.approx(44_000 * 3.5 * 0.5 * 0.75 / 1e3 + p["disk"]["teacher_gb"])
     # bounding the per-epoch validation is what keeps it small: all 129 250 segments cost 63x more
     full = scale.project(UNITS, _args(val_max_segments=10**9), gpu)
     assert full["this_machine"]["val_s"] == pytest.approx(p["this_machine"]["val_s"] * 129_250 / 2048)
+
+
+def test_real_music_estimate_follows_the_measured_storage_ratio(scale) -> None:
+    gpu = scale.gpu_rates(None, "mn10_as", 250.0)
+    float16 = {**UNITS, "mels": {**UNITS["mels"], "int16_vs_float16_bytes": 1.0}}
+    a, b = scale.project(UNITS, _args(), gpu), scale.project(float16, _args(), gpu)
+    assert a["disk"]["mels_gb_real_music_estimate"] == pytest.approx(0.75 * b["disk"]["mels_gb_real_music_estimate"])
+    assert b["real_music_mb_per_minute_estimate"] == pytest.approx(3.5 * 0.5)
+
+
+def test_report_prints_each_factor_of_the_real_music_estimate(scale, capsys) -> None:
+    gpu = scale.gpu_rates(None, "mn10_as", 250.0)
+    units = {**UNITS, "mels": {**UNITS["mels"], "audio_minutes": 20.0, "formats": [".mp3"]},
+             "teacher": {**UNITS["teacher"], "batch": 2},
+             "student": {**UNITS["student"], "model": "mn10_as", "batch": 8}}
+    scale.report(units, scale.project(units, _args(), gpu), gpu, 2)
+    out = capsys.readouterr().out
+    assert "int16 codes 0.75x the bytes of the same cache in float16: 750 / 1000 B" in out
+    assert ("57.8 GB on real music (ESTIMATE, 1.31 MB/min = 3.5 MB/min measured on real music for the per-segment "
+            "float16 layout x frame ratio 0.50 x int16/float16 bytes 0.75") in out
 
 
 def test_gpu_json_from_the_gpu_benchmark_replaces_the_assumptions(scale, tmp_path: Path) -> None:
