@@ -104,9 +104,21 @@ def test_committed_teacher_knows_the_attributes_on_fresh_clips() -> None:
     acc = zero_shot(teacher.model, teacher.tokenizer, clip_mels(specs), [s.music for s in specs])
     assert acc["instrument"] >= 0.8, acc
     assert acc["tempo"] >= 0.8, acc
-    # The issue asks for 0.9 on drums; the committed teacher (25 epochs) reaches about 0.77 and
-    # needs a longer training run to get there. This guards against falling back to chance.
-    assert acc["drums"] >= 0.7, acc
+    assert acc["drums"] >= 0.9, acc
+
+
+def test_committed_teacher_reads_query_words_in_any_case() -> None:
+    """Users type "piano", the query sets write "Piano": one meaning, as for a real text tower.
+
+    (UPPER CASE is rarer in its training captions and is not held to this.)"""
+    teacher = load_teacher(_committed())
+    words = ["piano", "guitar", "organ", "flute", "bells", "a slow song", "fast song with drums"]
+    forms = [f(w) for w in words for f in (str, str.title, str.capitalize)]
+    emb = teacher.embed_text(forms).numpy().reshape(len(words), 3, -1)
+    same = np.einsum("wd,wkd->wk", emb[:, 0], emb[:, 1:])
+    other = emb[:, 0] @ emb[:, 0].T
+    assert same.min() >= 0.9, same
+    assert same.min() > other[~np.eye(len(words), dtype=bool)].max() + 0.3, (same, other)
 
 
 def test_committed_tokenizer_covers_captions_and_query_terms() -> None:

@@ -143,6 +143,19 @@ def tokenizer_texts(params: Params | None, rng_seed: int = 0, n_captions: int = 
     return texts + demo_word_corpus()
 
 
+def vary_case(text: str, rng: np.random.Generator, share: float = 0.4) -> str:
+    """Sometimes recase a caption (Title Case, first letter, UPPER) as queries and tag lists are written.
+
+    A real text tower reads "Piano" and "piano" alike; a demo one trained on lower-case captions only
+    would map the capitalised query terms the text student learns from to arbitrary points."""
+    if rng.random() >= share:
+        return text
+    style = int(rng.integers(3))
+    if style == 0:
+        return " ".join(w[:1].upper() + w[1:] for w in text.split())
+    return text[:1].upper() + text[1:] if style == 1 else text.upper()
+
+
 def _embed_audio(model, mels: torch.Tensor) -> torch.Tensor:
     features = mels.float().unsqueeze(1)
     is_longer = torch.zeros(features.shape[0], 1, dtype=torch.bool)
@@ -294,7 +307,7 @@ def train_demo_teacher(d: DemoTeacherParams, t: DemoTrainParams, params: Params 
             if len(idx) < 2:
                 continue
             musics = [train_music[i] for i in idx]
-            caps = [caption(m, rng) for m in musics]
+            caps = [(vary_case(text, rng), named) for text, named in (caption(m, rng) for m in musics)]
             fit = torch.tensor([[float(fits(m, named)) for _, named in caps] for m in musics])
             audio = _embed_audio(model, train_mels[idx])
             text = _embed_text(model, tokenizer, [c for c, _ in caps])
