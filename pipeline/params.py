@@ -212,6 +212,7 @@ class TextQueryParams:
     min_categories: int = 1
     max_categories: int = 4
     held_out_terms_per_category: int = 2
+    single_terms: bool = True  # also train on every seen term alone, in each case form
     seed: int = 0
     free_phrasings: list[str]  # no default: the held-out phrasings and prompts live in params.yaml only
     eval_prompts: list[str]
@@ -263,7 +264,7 @@ class DistillAudioParams:
     model: str = "mn04_as"
     pretrained: str = ""  # path to EfficientAT .pt, empty = random init
     dropout: float = 0.1
-    epochs: int = 16
+    epochs: int = 40
     stage2_epochs: int = 2
     batch_size: int = 4
     lr: float = 2e-3
@@ -276,7 +277,7 @@ class DistillAudioParams:
     use_teacher_embedding_cache: bool = True
     loss: LossParams = field(default_factory=LossParams)
     augment: AugmentParams = field(default_factory=AugmentParams)
-    scheduler: PlateauParams = field(default_factory=PlateauParams)
+    scheduler: PlateauParams = field(default_factory=lambda: PlateauParams(patience=6))  # 9 demo val tracks: a noisy monitor
     # add -cos(student - mean, teacher - mean) to the loss (mean = mean train teacher embedding)
     centred_loss: bool = True
     # validation metric for ReduceLROnPlateau and the best checkpoint: track_cosine[_centred] |

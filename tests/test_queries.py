@@ -30,7 +30,7 @@ def params(tmp_path: Path) -> TextQueryParams:
     path = tmp_path / "terms.json"
     path.write_text(json.dumps(TERMS), encoding="utf-8")
     return TextQueryParams(
-        terms=str(path), n_train=300, n_val=40, held_out_terms_per_category=1, seed=3,
+        terms=str(path), n_train=300, n_val=40, held_out_terms_per_category=1, seed=3, single_terms=False,
         free_phrasings=["a calm piano song", "a calm piano song", "slow jazz"], eval_prompts=["piano"],
     )
 
@@ -38,6 +38,25 @@ def params(tmp_path: Path) -> TextQueryParams:
 def _terms_of(query: str) -> list[str]:
     vocab = [t for ts in TERMS.values() for t in ts]
     return [t.lower() for t in split_into_terms(query, vocab)]
+
+
+def test_single_terms_add_every_seen_term_alone_in_each_case(params: TextQueryParams) -> None:
+    params = replace(params, free_phrasings=["organ", "slow jazz"])
+    sampled = build_query_sets(params)
+    sets = build_query_sets(replace(params, single_terms=True))
+    held = {t.lower() for q in sets["val_terms"] for t in _terms_of(q)} - {
+        t.lower() for q in sampled["train"] for t in _terms_of(q)}
+    train = set(sets["train"])
+    assert set(sampled["train"]) <= train  # the sampled queries stay as they were
+    for term in (t for ts in TERMS.values() for t in ts):
+        forms = set(case_variants(term))
+        if term == "Organ":
+            assert not {f.lower() for f in forms} & {q.lower() for q in train}, term  # a free phrasing: held out
+        elif term.lower() in held:
+            assert not forms & train, term  # held-out terms stay unseen
+        else:
+            assert forms <= train, term
+    assert len(train) == len(sets["train"])  # no duplicates
 
 
 def test_sets_have_contract_keys_sizes_and_no_duplicates(params: TextQueryParams) -> None:

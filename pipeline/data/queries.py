@@ -8,7 +8,8 @@ from one `random.Random(seed)`, so the same params give the same sets on every m
 
 Sets returned by `build_query_sets` (the teacher stage embeds each one):
 
-- ``train``        what the student is trained on;
+- ``train``        what the student is trained on: `n_train` sampled queries, plus (with
+                   `single_terms`) every seen term alone in each case form, the query users type most;
 - ``val_combos``   unseen combinations of seen terms (no term combination of a train query);
 - ``val_terms``    queries that contain a held-out term (never in any train query);
 - ``val_free``     free phrasings from params ("a calm piano song");
@@ -187,6 +188,12 @@ def build_query_sets(p: TextQueryParams) -> dict[str, list[str]]:
 
     # train: seen terms only, unique query strings
     train = _draw(p.n_train, sample_seen, lambda q, parts: q.lower() not in blocked, rng)
+    if p.single_terms:
+        # a sampled mix meets a given term alone in a given case only by chance
+        for term in (t for c in seen_cats for t in seen_pool[c]):
+            for form in case_variants(term):
+                if form.lower() not in blocked:
+                    train.setdefault(form, [term])
     train_combos = {_combo_key(parts) for parts in train.values()}
     # val_combos: seen terms, but a combination no train query used
     val_combos = _draw(
