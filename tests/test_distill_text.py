@@ -197,6 +197,8 @@ def test_monitor_split_keeps_combinations_whole() -> None:
     assert sorted(fit + monitor) == list(range(len(queries))) and monitor
     key = lambda i: frozenset(t.lower() for t in split_into_terms(queries[i], vocab))  # noqa: E731
     assert not {key(i) for i in fit} & {key(i) for i in monitor}
+    assert all(len(key(i)) >= 2 for i in monitor)  # a term alone always trains
+    assert {i for i in range(len(queries)) if len(key(i)) == 1} <= set(fit)
     assert split_monitor(queries, vocab, 0.0, seed=0) == (list(range(len(queries))), [])
 
 

@@ -122,3 +122,17 @@ def test_retrieval_agreement_centred_on_the_text_mean():
     assert centred["spearman"] < 0.5
     good = metrics.retrieval_agreement(audio, text, text_test=text * 2.0, k=5, text_mean=mean)
     assert good["spearman"] > centred["spearman"]
+
+
+def test_mean_baseline_scores_exactly_zero_centred_despite_rounding() -> None:
+    """A prediction equal to the mean up to float rounding adds nothing, whatever the rounding noise."""
+    rng = np.random.default_rng(5)
+    teacher = rng.normal(size=(40, 512)).astype(np.float32)
+    teacher /= np.linalg.norm(teacher, axis=1, keepdims=True)
+    mean = metrics.mean_embedding(teacher)
+    pred = np.tile(metrics.l2_normalize(mean.astype(np.float32)), (len(teacher), 1))  # float32: not bit-equal
+    assert np.abs(pred - mean).max() > 0
+    assert np.all(metrics.centred_cosine_rows(pred, teacher, mean) == 0.0)
+    tracks = rng.normal(size=(12, 512))
+    got = metrics.retrieval_agreement(tracks, teacher, text_test=pred, k=3, text_mean=mean)
+    assert got["spearman"] == 0.0

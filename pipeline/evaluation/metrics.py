@@ -55,7 +55,15 @@ def centred_cosine_rows(student: np.ndarray, teacher: np.ndarray, teacher_mean: 
     mean = np.asarray(teacher_mean, dtype=np.float64).reshape(1, -1)
     if mean.shape[1] != t.shape[1]:
         raise ValueError(f"teacher_mean has dim {mean.shape[1]}, embeddings have {t.shape[1]}")
-    return cosine_rows(s - mean, t - mean)
+    return cosine_rows(zero_rounding_rows(s - mean), zero_rounding_rows(t - mean))
+
+
+def zero_rounding_rows(x: np.ndarray, tol: float = 1e-6) -> np.ndarray:
+    """`x` with rows shorter than `tol` set to exact zeros: after centring, a row equal to the mean
+    up to float rounding must count as "adds nothing", not as a random direction."""
+    x = np.array(x, dtype=np.float64)
+    x[np.linalg.norm(x, axis=1) < tol] = 0.0
+    return x
 
 
 def summarize(values: Iterable[float] | np.ndarray) -> dict[str, float]:
@@ -195,7 +203,7 @@ def retrieval_agreement(
         raise ValueError(f"text_test has {t_test.shape[0]} queries, text_ref {t_ref.shape[0]}")
     if text_mean is not None:
         mean = np.asarray(text_mean, dtype=np.float64).reshape(1, -1)
-        t_ref, t_test = t_ref - mean, t_test - mean
+        t_ref, t_test = zero_rounding_rows(t_ref - mean), zero_rounding_rows(t_test - mean)
     return ranking_agreement(t_ref @ a_ref.T, t_test @ a_test.T, k=k)
 
 

@@ -80,7 +80,7 @@ def validation_tracks(manifest: Path, track_ids: list[str]) -> list[int]:
 
 
 def split_monitor(queries: list[str], vocabulary: list[str], fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """(fit rows, monitor rows): whole term combinations go to the monitor share."""
+    """(fit rows, monitor rows): whole term combinations of two or more terms go to the monitor share."""
     if fraction <= 0 or len(queries) < 2:
         return list(range(len(queries))), []
     groups: dict[frozenset[str], list[int]] = {}
@@ -88,7 +88,9 @@ def split_monitor(queries: list[str], vocabulary: list[str], fraction: float, se
         terms = split_into_terms(q, vocabulary) if vocabulary else []
         key = frozenset(t.lower() for t in terms) or frozenset([q.lower()])
         groups.setdefault(key, []).append(i)
-    keys = sorted(groups, key=lambda k: sorted(k))
+    # A term alone ("organ", "Organ") is the base every query with it builds on: it always trains,
+    # and the monitor judges combinations of two or more terms.
+    keys = sorted((k for k in groups if len(k) > 1), key=lambda k: sorted(k))
     random.Random(seed).shuffle(keys)
     want = max(1, int(round(fraction * len(queries))))
     monitor: list[int] = []
