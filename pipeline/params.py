@@ -206,7 +206,7 @@ class TeacherModelParams:
 
 @dataclass(kw_only=True)
 class TextQueryParams:
-    terms: str = "data/text/query_terms.json"
+    terms: str = "data/demo/query_terms.json"
     n_train: int = 2000
     n_val: int = 200
     min_categories: int = 1

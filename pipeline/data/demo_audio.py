@@ -206,6 +206,19 @@ DRUM_WORDS = {True: ("with drums", "with a drum beat", "with drums and percussio
 NOUNS = ("song", "track", "piece", "tune", "music", "melody")
 
 
+
+def query_terms() -> dict[str, list[str]]:
+    """The demo's query-term categories (`text_queries.terms` of the demo profile): the words its
+    captions use for each attribute, in the Title Case of the real term lists. The demo teacher knows
+    these words and no others, so the text student learns from targets that mean something."""
+    title = lambda words: sorted({" ".join(w.capitalize() for w in t.split()) for t in words})  # noqa: E731
+    return {
+        "Instrument": title(w for ws in INSTRUMENT_WORDS.values() for w in ws),
+        "Drums": title(["drums", "no drums", "percussion", "drum beat", "steady beat", "no beat"]),
+        "Tempo": title(w for ws in TEMPO_WORDS.values() for w in ws),
+        "Mood": title(w for ws in MODE_WORDS.values() for w in ws),
+    }
+
 def caption(music: Music, rng: np.random.Generator) -> tuple[str, dict[str, object]]:
     """A varied description naming a random non-empty subset of the attributes.
 
