@@ -101,7 +101,7 @@ def test_check_lists_every_problem_without_running(tmp_path: Path, repo_root: Pa
     assert "ingest.sources.jamendo.audio_root: data/demo/audio/jamendo does not exist" in out
     assert "teacher.model.checkpoint: ckpt/none.pt not found" in out
     assert "teacher.model.tokenizer_dir: no roberta-base tokenizer files in tok" in out
-    assert "text_queries.terms: data/text/query_terms.json not found" in out
+    assert "text_queries.terms: data/demo/query_terms.json not found" in out
     assert not (tmp_path / "data").exists() and not (tmp_path / "models").exists()
 
     params = _project(tmp_path, repo_root, lambda d: d.pop("mels"))

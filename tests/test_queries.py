@@ -168,3 +168,12 @@ def test_some_queries_read_like_phrases(params: TextQueryParams) -> None:
     assert any(" with " in q for q in train) and any(" and " in q for q in train)
     assert any(q.startswith("a ") and q.endswith((" song", " track")) for q in train)
     assert sum("," in q for q in train) > len(train) / 5  # bare term lists stay the most common
+
+
+def test_demo_query_terms_file_is_the_demo_captions_words(repo_root: Path) -> None:
+    """data/demo/query_terms.json is what pipeline.data.demo_audio.query_terms gives (no drift)."""
+    from pipeline.data.demo_audio import query_terms
+
+    committed = load_terms(repo_root / "data" / "demo" / "query_terms.json")
+    assert committed == query_terms()
+    assert {"Piano", "Organ", "Bells", "Synth", "Drums", "Slow", "Sad"} <= {t for ts in committed.values() for t in ts}

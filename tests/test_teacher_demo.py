@@ -136,8 +136,9 @@ def test_committed_tokenizer_covers_captions_and_query_terms() -> None:
     for phrase in sorted(phrases):
         pieces = tok.pre_tokenizer.pre_tokenize_str(" " + phrase)  # words (and hyphens) as the BPE sees them
         assert len(tok.encode(" " + phrase).ids) - 2 == len(pieces), phrase  # each one whole token
-    terms = json.loads((REPO / "data/text/query_terms.json").read_text())
-    prompts = yaml.safe_load((REPO / "params.yaml").read_text())["text_queries"]["eval_prompts"]
+    text_queries = yaml.safe_load((REPO / "params.yaml").read_text())["text_queries"]
+    terms = json.loads((REPO / text_queries["terms"]).read_text())
+    prompts = text_queries["eval_prompts"]
     words = [w.lower() for t in [t for group in terms.values() for t in group] + prompts for w in t.replace("-", " ").split()]
     pieces = [len(tok.encode(" " + w).ids) - 2 for w in words]
     # query words are whole words or a few pieces (2 on average), never spelt out letter by letter
