@@ -164,7 +164,7 @@ class DemoTeacherParams:
     text_intermediate: int = 128
     vocab_size: int = 1000
     weights_dir: str = "data/demo/teacher"
-    weights_sha256: str = "a01073e4a6bbae98be3d3d034d8224ee326ebe07048f08ae2923a1a7e76dc927"
+    weights_sha256: str = "053134b89e71b4bbd07dbf753bb08d20a79100744109f6c750b608345dbb50d5"
     train: DemoTrainParams = field(default_factory=DemoTrainParams)
 
 
