@@ -264,7 +264,7 @@ class DistillAudioParams:
     model: str = "mn04_as"
     pretrained: str = ""  # path to EfficientAT .pt, empty = random init
     dropout: float = 0.1
-    epochs: int = 40
+    epochs: int = 80
     stage2_epochs: int = 2
     batch_size: int = 4
     lr: float = 2e-3
@@ -275,7 +275,7 @@ class DistillAudioParams:
     # tracks/both: segments drawn per track item and step (0 = all of the track's segments)
     segments_per_track: int = 4
     use_teacher_embedding_cache: bool = True
-    loss: LossParams = field(default_factory=LossParams)
+    loss: LossParams = field(default_factory=lambda: LossParams(contrastive_weight=1.0))
     augment: AugmentParams = field(default_factory=AugmentParams)
     scheduler: PlateauParams = field(default_factory=lambda: PlateauParams(patience=6))  # 9 demo val tracks: a noisy monitor
     # add -cos(student - mean, teacher - mean) to the loss (mean = mean train teacher embedding)
