@@ -74,8 +74,11 @@ def _dvc(project: Path, *args: str) -> str:
 def test_repro_runs_every_stage_and_leaves_real_outputs(project: Path) -> None:
     out = _dvc(project, "repro")
     for stage in ("fetch_teacher", "fetch_weights", "ingest", "teacher_model", "mels", "teacher", "distill_audio",
-                  "distill_text", "evaluate", "export"):
+                  "distill_text", "export"):
         assert f"Running stage '{stage}'" in out, f"stage {stage} did not run:\n{out}"
+    # evaluate's outputs are small files kept in git (cache: false), so the copy has them: when every
+    # stage before it reproduced the md5s in the committed dvc.lock, DVC rightly finds it up to date.
+    assert "Running stage 'evaluate'" in out or "Stage 'evaluate' didn't change, skipping" in out, out
     # the demo fetches nothing: the fetch stages only record that
     assert sorted(p.name for p in (project / "models/teacher_src").iterdir()) == ["fetch.json"]
     assert json.loads((project / "models/pretrained/fetch.json").read_text())["pretrained"] is None

@@ -223,6 +223,7 @@ def test_stage_run_reads_the_mel_cache(tmp_path: Path, monkeypatch: pytest.Monke
     params.text_queries.terms = "data/terms.json"
     params.text_queries.n_train, params.text_queries.n_val = 12, 4
     params.text_queries.held_out_terms_per_category = 1
+    params.text_queries.single_terms = False  # exactly the 12 sampled queries
     params.teacher.model.dir = "models/teacher"
     build_demo_teacher(params.teacher.model, tmp_path / "models" / "teacher")
     _write_mel_cache(tmp_path / "data" / "mels.h5", params)
