@@ -50,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from benchmarks.mels import Capture, cpu_seconds, find_tracks  # noqa: E402
+from benchmarks.mels import Capture, capture, cpu_seconds, find_tracks  # noqa: E402
 from pipeline.data import mel_cache  # noqa: E402
 from pipeline.params import Params  # noqa: E402
 
@@ -70,33 +70,11 @@ def parse_steps(text: str) -> list[tuple[float, float]]:
 # --------------------------------------------------------------------------- track sets
 
 
-def _write_like(song, wave: np.ndarray, root: Path) -> Path:
-    """Encode wave [samples, channels] in `song`'s format, as the demo writer does."""
-    import soundfile as sf
-
-    from pipeline.data.demo_audio import fix_ogg_serial
-
-    path = root / song.path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    kwargs = {}
-    if song.compression is not None:
-        kwargs["compression_level"] = song.compression
-    if song.format == "MP3":
-        kwargs["bitrate_mode"] = song.bitrate_mode
-    with sf.SoundFile(path, "w", song.sample_rate, wave.shape[1], subtype=song.subtype, format=song.format,
-                      **kwargs) as f:
-        for pos in range(0, len(wave), 1 << 16):  # blocks: libsndfile's MP3 encoder dislikes huge writes
-            f.write(wave[pos : pos + (1 << 16)])
-    if song.format == "OGG":
-        fix_ogg_serial(path, song.seed)
-    return path
-
-
 def room_song(song, other, root: Path) -> Path:
     """`song` with `other`'s music mixed in at -6 dB, a reverb tail and a noise floor, peak -1 dBFS."""
     from scipy.signal import fftconvolve
 
-    from pipeline.data.demo_audio import render, synthesize
+    from pipeline.data.demo_audio import render, synthesize, write_wave
 
     rng = np.random.default_rng(song.seed + 1000)
     sr = song.sample_rate
@@ -113,7 +91,7 @@ def room_song(song, other, root: Path) -> Path:
     noise *= peak * 10 ** (-55 / 20) / (np.std(noise) or 1.0)
     x = x + noise
     x *= 10 ** (-1 / 20) / float(np.max(np.abs(x)))
-    return _write_like(song, x.T.astype(np.float32), root)
+    return write_wave(song, x.T.astype(np.float32), root)
 
 
 def track_sets(a: argparse.Namespace, work: Path) -> dict[str, list[Path]]:
@@ -126,24 +104,6 @@ def track_sets(a: argparse.Namespace, work: Path) -> dict[str, list[Path]]:
     sets["synth"] = [write_song(s, work / "synth") for s in songs]
     sets["room"] = [room_song(s, songs[(i + 3) % len(songs)], work / "room") for i, s in enumerate(songs)]
     return sets
-
-
-def capture(tracks: list[Path], params: Params) -> list[Capture]:
-    """Every track through the mels stage's processor, keeping the float32 values it computes."""
-    import torch
-
-    from pipeline.data.mel_extraction import TrackJob, TrackProcessor
-
-    torch.set_num_threads(1)
-    proc = TrackProcessor({"params": mel_cache.cache_params(params.audio, params.frontend, 0.0)})
-    out = []
-    for i, path in enumerate(tracks):
-        cap = Capture()
-        r = proc.process(TrackJob(i, f"bench:{i}", str(path)), cap)
-        if not r.ok:
-            raise RuntimeError(f"{path}: {r.reason}")
-        out.append(cap)
-    return out
 
 
 # --------------------------------------------------------------------------- models

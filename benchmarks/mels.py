@@ -233,15 +233,15 @@ SWEEP = [  # (kind, level, shuffle, chunk_frames)
 ]
 
 
-def storage_sweep(tracks: list[Path], work: Path, params: Params, n_random: int = 300) -> list[dict]:
-    """Write and read the same computed segments with every SWEEP setting."""
+def capture(tracks: list[Path], params: Params, precision: object = None) -> list[Capture]:
+    """Every track through the mels stage's processor (one thread), keeping what it would write.
+    `precision`: the mels.precision to compute at (None: full float16)."""
     import torch
 
     from pipeline.data.mel_extraction import TrackJob, TrackProcessor
 
     torch.set_num_threads(1)
-    cparams = mel_cache.cache_params(params.audio, params.frontend, 0.0, params.mels.precision)
-    proc = TrackProcessor({"params": cparams})
+    proc = TrackProcessor({"params": mel_cache.cache_params(params.audio, params.frontend, 0.0, precision)})
     captured = []
     for i, path in enumerate(tracks):
         cap = Capture()
@@ -249,6 +249,13 @@ def storage_sweep(tracks: list[Path], work: Path, params: Params, n_random: int 
         if not r.ok:
             raise RuntimeError(f"{path}: {r.reason}")
         captured.append(cap)
+    return captured
+
+
+def storage_sweep(tracks: list[Path], work: Path, params: Params, n_random: int = 300) -> list[dict]:
+    """Write and read the same computed segments with every SWEEP setting."""
+    cparams = mel_cache.cache_params(params.audio, params.frontend, 0.0, params.mels.precision)
+    captured = capture(tracks, params, params.mels.precision)
     minutes = sum(c.record.duration for c in captured) / 60.0
     rows = []
     for kind, level, shuffle, chunk in SWEEP:

@@ -563,13 +563,17 @@ def fix_ogg_serial(path: Path, serial: int) -> None:
 
 
 def write_song(song: Song, out_dir: Path) -> Path:
-    path = out_dir / song.path
-    path.parent.mkdir(parents=True, exist_ok=True)
     wave = synthesize(song).T  # soundfile wants [samples, channels]
     if song.bits < 16:
         step = 2.0 ** (1 - song.bits)
         wave = np.round(wave / step) * step
-    wave = wave.astype(np.float32)
+    return write_wave(song, wave.astype(np.float32), out_dir)
+
+
+def write_wave(song: Song, wave: np.ndarray, out_dir: Path) -> Path:
+    """Encode wave [samples, channels] at out_dir/song.path in the song's format, rate and codec settings."""
+    path = out_dir / song.path
+    path.parent.mkdir(parents=True, exist_ok=True)
     kwargs = {}
     if song.compression is not None:
         kwargs["compression_level"] = song.compression
