@@ -30,6 +30,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from pipeline.runtime.song import onnx_session  # noqa: E402
+
 QUERY = "energetic rock with electric guitar and drums"
 
 
@@ -43,16 +45,6 @@ def _time(fn: Callable[[], object], repeats: int, warmup: int = 3) -> float:
         fn()
         times.append((time.perf_counter() - t0) * 1000.0)
     return statistics.median(times)
-
-
-def _session(path: Path, threads: int):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
 
 
 def student_model(args: argparse.Namespace):
@@ -123,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         # Each model at its best thread count: one thread suits the tiny student (as `student-clap
         # search` runs it), the full budget suits RoBERTa.
         for threads in sorted({1, args.threads}):
-            sess = _session(path, threads)
+            sess = onnx_session(path, threads)
             results[f"student_onnx_{threads}t_ms"] = _time(lambda: sess.run(None, feeds), args.repeats * 10)
         best = min(sorted({1, args.threads}), key=lambda t: results[f"student_onnx_{t}t_ms"])
         results["student_threads"] = best
@@ -149,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
                     output_names=["embedding"], opset_version=17, dynamo=False,
                     dynamic_axes={"input_ids": {0: "b", 1: "l"}, "attention_mask": {0: "b", 1: "l"}},
                 )
-            tsess = _session(tpath, args.threads)
+            tsess = onnx_session(tpath, args.threads)
             for label, (ids, mask) in teacher_feeds.items():
                 tf = {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
                 results[f"teacher_onnx_{label}_ms"] = _time(lambda: tsess.run(None, tf), args.repeats)

@@ -52,7 +52,12 @@ from pipeline.data.audio import (
     segment_starts,
 )
 from pipeline.hashing import sha256_file
-from pipeline.runtime.song import SongEmbedder, SongEmbedding, SongGeometry
+from pipeline.runtime.song import (
+    SongEmbedder,
+    SongEmbedding,
+    SongGeometry,
+    onnx_session,
+)
 from pipeline.space import EMBED_DIM
 
 log = logging.getLogger(__name__)
@@ -82,16 +87,10 @@ def load_spec(models_dir: str | Path) -> dict:
 
 
 def _session(path: Path, threads: int | None):
-    import onnxruntime as ort
-
-    if not path.is_file():
-        raise SearchError(f"{path}: ONNX model not found")
-    opts = ort.SessionOptions()
-    if threads:
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+    try:
+        return onnx_session(path, threads)
+    except FileNotFoundError as exc:
+        raise SearchError(str(exc)) from None
 
 
 

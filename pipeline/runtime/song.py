@@ -74,7 +74,9 @@ class SongGeometry:
                    int(song["window_columns"]), int(song["hop_columns"]), int(audio.get("decode_sample_rate") or 0))
 
 
-def _session(path: Path, threads: int | None):
+def onnx_session(path: Path, threads: int | None, spinning: bool = True):
+    """A CPU onnxruntime session of `path` (FileNotFoundError when absent); `threads`: intra-op
+    threads (None: all cores); `spinning`: let idle pool threads spin-wait for the next call."""
     import onnxruntime as ort
 
     if not path.is_file():
@@ -83,8 +85,8 @@ def _session(path: Path, threads: int | None):
     if threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
-    # Three sessions take turns; a pool spinning after its turn would only burn the others' cores.
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if not spinning:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.log_severity_level = 3
     return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
 
@@ -118,9 +120,8 @@ class SongEmbedder:
                  one_pass_decode: bool = False) -> None:
         self.geometry = geometry
         self.model_paths = [Path(frontend), Path(trunk), Path(head)]
-        self.frontend = _session(self.model_paths[0], threads)
-        self.trunk = _session(self.model_paths[1], threads)
-        self.head = _session(self.model_paths[2], threads)
+        # Three sessions take turns; a pool spinning after its turn would only burn the others' cores.
+        self.frontend, self.trunk, self.head = (onnx_session(p, threads, spinning=False) for p in self.model_paths)
         self.session = self.head  # its outputs are the embeddings (callers read their width here)
         self.sample_rate = geometry.sample_rate
         self.decode_sample_rate = geometry.sample_rate  # waves for embed_wave come at the student rate
