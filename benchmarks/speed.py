@@ -15,8 +15,10 @@ shown for reference only.
   * old: `student-clap embed --segment-wise`: decode at 48 kHz, resample the int16 audio to 32 kHz,
     every 10-s window through the waveform model (pipeline.runtime.search.AudioEmbedder);
   * new: the default: the same decoded samples (both resamplings streamed, no 48-kHz copy), front-end
-    and trunk once per run of windows, the edge columns of each window recomputed, head per window
-    (pipeline.runtime.song); fp32, fp32 with the one-pass decode (--one-pass-decode), int8 head.
+    (the numpy log-mel, pipeline.runtime.logmel) and trunk once per run of windows, the edge columns
+    of each window recomputed, head per window (pipeline.runtime.song); fp32, fp32 with the exported
+    ONNX front-end instead (what runs without scipy), fp32 with the one-pass decode
+    (--one-pass-decode), int8 head.
   Per part of the new path (fp32 and int8): MP3 decode, each resampling, front-end, trunk and head
   (their onnxruntime calls) and the Python around them, CPU-s median over --repeats.
   Per song: the song's decode alone, then decode + embed, CPU-s median over --repeats; the network
@@ -49,8 +51,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 SEGMENT_SECONDS, HOP_SECONDS, BATCH = 10.0, 5.0, 8
-PATH_LABELS = {"old": "old (segment-wise)", "new": "new fp32", "new_1pass": "new fp32 1-pass decode",
-               "new_int8": "new int8"}
+PATH_LABELS = {"old": "old (segment-wise)", "new": "new fp32", "new_onnx_fe": "new fp32 ONNX front-end",
+               "new_1pass": "new fp32 1-pass decode", "new_int8": "new int8"}
 SPLIT_LABELS = {"read": "MP3 decode", "to48": "downmix + resample to 48 kHz", "to32": "resample to 32 kHz",
                 "frontend": "front-end", "trunk": "trunk", "head": "head", "glue": "Python glue"}
 FORMATS = {"mp3": ("MP3", None, 44100), "ogg": ("OGG", "VORBIS", 44100), "opus": ("OGG", "OPUS", 48000),
@@ -234,7 +236,7 @@ def export_student(backbone: str, out_dir: Path, song: Path) -> dict:
 
 
 class _TimedSession:
-    """An onnxruntime session that adds up the CPU-seconds of its run() calls."""
+    """An onnxruntime session (or the numpy log-mel) that adds up the CPU-seconds of its calls."""
 
     def __init__(self, session) -> None:
         self.session, self.cpu = session, 0.0
@@ -245,6 +247,12 @@ class _TimedSession:
         self.cpu += _cpu() - c
         return out
 
+    def __call__(self, *args, **kwargs):
+        c = _cpu()
+        out = self.session(*args, **kwargs)
+        self.cpu += _cpu() - c
+        return out
+
     def __getattr__(self, name: str):
         return getattr(self.session, name)
 
@@ -252,19 +260,22 @@ class _TimedSession:
 def split_new_path(embedder, song: Path, repeats: int) -> dict:
     """CPU-s of each part of the new path on the song: MP3 decode (libsndfile to float32), the
     resampling and int16 rounding to 48 and to 32 kHz (as the segment-wise path), front-end, trunk
-    and head (their onnxruntime calls, edge excerpts included) and the Python around them."""
+    and head (their onnxruntime calls, or the numpy log-mel, edge excerpts included) and the Python
+    around them."""
     import soundfile as sf
 
     from pipeline.data.audio import decode_int16
     from pipeline.runtime.decode import decode_student
 
     parts: dict[str, list[float]] = {k: [] for k in ("read", "to48", "to32", "frontend", "trunk", "head", "glue")}
-    sessions = {k: _TimedSession(getattr(embedder, k)) for k in ("frontend", "trunk", "head")}
-    plain = {k: getattr(embedder, k) for k in sessions}
+    # the front-end is the numpy log-mel where the embedder uses it, else its onnxruntime session
+    attrs = {"frontend": "logmel" if embedder.logmel is not None else "frontend", "trunk": "trunk", "head": "head"}
+    sessions = {k: _TimedSession(getattr(embedder, a)) for k, a in attrs.items()}
+    plain = {k: getattr(embedder, a) for k, a in attrs.items()}
     wave = decode_student(song, embedder.sample_rate, via_rate=embedder.decode_via)
     try:
         for k, v in sessions.items():
-            setattr(embedder, k, v)
+            setattr(embedder, attrs[k], v)
         embedder.embed_wave(wave)
         for _ in range(repeats):
             read = _timed(lambda: sf.read(song, dtype="float32", always_2d=True))[0]
@@ -281,7 +292,7 @@ def split_new_path(embedder, song: Path, repeats: int) -> dict:
             parts["glue"].append(net - sum(v.cpu for v in sessions.values()))
     finally:
         for k, v in plain.items():
-            setattr(embedder, k, v)
+            setattr(embedder, attrs[k], v)
     return {k: float(np.median(v)) for k, v in parts.items()}
 
 
@@ -296,7 +307,10 @@ def bench_student(models: Path, label: str, song: Path, threads: int, repeats: i
     new = open_audio_embedder(models, batch_size=BATCH, threads=threads)
     new1 = open_audio_embedder(models, batch_size=BATCH, threads=threads, one_pass_decode=True)
     new8 = open_audio_embedder(models, batch_size=BATCH, threads=threads, int8=True)
+    # the same song path with the exported ONNX front-end instead of the numpy log-mel
+    onnx_fe = SongEmbedder(*new.model_paths, new.geometry, batch_size=BATCH, threads=threads)
     assert isinstance(old, AudioEmbedder) and all(isinstance(e, SongEmbedder) for e in (new, new1, new8))
+    assert new.logmel is not None and onnx_fe.logmel is None, "the numpy front-end needs scipy"
     segment = np.random.default_rng(1).uniform(-0.5, 0.5, (1, old.sample_rate * int(SEGMENT_SECONDS)))
     seg_ms = _median_ms(lambda: old.embed_segments(segment.astype(np.float32)), repeats)
 
@@ -304,7 +318,7 @@ def bench_student(models: Path, label: str, song: Path, threads: int, repeats: i
         "old": (lambda: resample_int16(decode_int16(song, old.decode_sample_rate), old.decode_sample_rate, old.sample_rate),
                 lambda: old.embed_file(song)),
         **{name: (lambda e=e: decode_student(song, e.sample_rate, via_rate=e.decode_via), lambda e=e: e.embed_file(song))
-           for name, e in (("new", new), ("new_1pass", new1), ("new_int8", new8))},
+           for name, e in (("new", new), ("new_onnx_fe", onnx_fe), ("new_1pass", new1), ("new_int8", new8))},
     }
     runs: dict[str, dict[str, list]] = {k: {"decode": [], "song": [], "song_wall": []} for k in paths}
     vectors = {}
@@ -317,7 +331,8 @@ def bench_student(models: Path, label: str, song: Path, threads: int, repeats: i
             runs[name]["song"].append(cpu)
             runs[name]["song_wall"].append(wall)
             vectors[name] = vec
-    split = {"fp32": split_new_path(new, song, repeats), "int8": split_new_path(new8, song, repeats)}
+    split = {"fp32": split_new_path(new, song, repeats), "fp32 ONNX front-end": split_new_path(onnx_fe, song, repeats),
+             "int8": split_new_path(new8, song, repeats)}
     assert "torch" not in sys.modules
     out = {"name": label, "segment_ms": seg_ms, "segments": int(n), "peak_mb": _peak_mb(), "paths": {}, "split": split}
     for name, r in runs.items():
@@ -473,7 +488,8 @@ def report(results: dict, args: argparse.Namespace) -> None:
     print("(ms/seg: network CPU-ms per window within the song; old model on one window alone, wall: "
           + ", ".join(f"{r['name']} {r['segment_ms']:.1f} ms" for r in ([teacher] if teacher else []) + results["students"])
           + ". "
-          "% GEMM: share of the machine's best GEMM rate per CPU-s. Weights are random, BatchNorm set on the song.)")
+          "% GEMM: share of the machine's best GEMM rate per CPU-s; new paths: FLOPs of the ONNX graphs, matmul STFT "
+          "included, also where the numpy FFT does that work. Weights are random, BatchNorm set on the song.)")
     print(f"load average during the run: {', '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs")
 
 

@@ -131,6 +131,8 @@ def test_song_path_matches_the_segment_wise_path(exported, songs):
     new = S.open_audio_embedder(exported)
     new8 = S.open_audio_embedder(exported, int8=True)
     assert isinstance(old, S.AudioEmbedder) and isinstance(new, song_rt.SongEmbedder)
+    # the export describes its front-end, so the numpy log-mel runs (scipy is in the dev install)
+    assert new.logmel is not None and new8.logmel is not None
     assert new8.model_paths[2].name == song_export.AUDIO_HEAD_INT8_ONNX
     ref, fp32, int8 = _vectors(old, songs), _vectors(new, songs), _vectors(new8, songs)
     # the bars mean something only if songs differ: different songs are far below them
@@ -150,6 +152,23 @@ def test_song_path_matches_the_segment_wise_path(exported, songs):
     assert cos_shared.min() < cos32.min() - 1e-4, dict(zip(names, cos_shared.round(6)))
     for p in songs[:3]:  # same windows as before: tail window and repeat padding kept
         assert new.embed_file(p)[1] == old.embed_file(p)[1]
+
+
+def test_numpy_front_end_only_where_it_equals_the_onnx_one(exported, songs, monkeypatch, caplog):
+    spec = S.load_spec(exported)["audio"]["song"]["frontend"]
+    new = S.open_audio_embedder(exported)
+    onnx_fe = song_rt.SongEmbedder(*new.model_paths, new.geometry)  # no front-end description: ONNX
+    assert onnx_fe.logmel is None and new.logmel is not None
+    wave = decode_student(songs[0], SR, via_rate=48000)
+    np.testing.assert_allclose(new.embed_wave(wave)[0], onnx_fe.embed_wave(wave)[0], atol=1e-5)
+    # a description that does not match the exported front-end is caught by the probe at load
+    with caplog.at_level("WARNING", logger="pipeline.runtime.song"):
+        wrong = song_rt.SongEmbedder(*new.model_paths, new.geometry, logmel={**spec, "preemphasis": 0.9})
+    assert wrong.logmel is None
+    assert "audio_student_frontend.onnx" in caplog.text and "differs" in caplog.text
+    # without scipy the ONNX front-end runs
+    monkeypatch.setattr(song_rt, "logmel_available", lambda: False)
+    assert song_rt.SongEmbedder(*new.model_paths, new.geometry, logmel=spec).logmel is None
 
 
 def test_heads_batched_across_songs_give_the_same_vectors(exported, songs):

@@ -13,6 +13,7 @@ Each file is checked against PyTorch, and the song path against the segment-wise
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
@@ -198,6 +199,7 @@ def export_song(
     split = trunk_split(student.encoder)
     trunk, head = SongTrunk(student, split).eval(), SongHead(student, split).eval()
     geometry = song_geometry(frontend, trunk, segment_samples, hop_samples)
+    logmel = logmel_spec(frontend)
     info, (fe_path, trunk_path, head_path) = _export_song_pieces(
         frontend, trunk, head, out_dir, segment_samples=segment_samples, hop_samples=hop_samples,
         sample_rate=sample_rate, opset=opset, min_cosine=min_cosine)
@@ -209,12 +211,12 @@ def export_song(
     reference = segment_song_vector(onnx_utils.session(out_dir / AUDIO_ONNX), song, sample_rate,
                                     spec_geometry.segment_seconds, spec_geometry.hop_seconds)
     fidelity = {"synthetic_song_cosine_fp32": _song_cosine((fe_path, trunk_path, head_path), spec_geometry,
-                                                           song, reference)}
+                                                           song, reference, logmel)}
     if quantize:
         calib = _calibration_or_synthetic(calibration_mels, frontend, segment_samples, sample_rate)
         head8 = _quantize_head(trunk_path, head_path, out_dir / AUDIO_HEAD_INT8_ONNX, calib)
         fidelity["synthetic_song_cosine_int8"] = _song_cosine((fe_path, trunk_path, head8), spec_geometry,
-                                                              song, reference)
+                                                              song, reference, logmel)
         if eval_mels is not None and len(eval_mels):
             fidelity.update(_int8_loss(trunk_path, head_path, trunk_path, head8, np.asarray(eval_mels, np.float32),
                                        eval_tracks))
@@ -222,7 +224,20 @@ def export_song(
                  "".join(f", {k} {v:.6f}" for k, v in fidelity.items() if k.startswith(("segment_", "track_"))))
     log.info("song path (fp32): synthetic test song cosine to the segment-wise path %.7f", fidelity["synthetic_song_cosine_fp32"])
     info["song"] = {**geometry, "split_block": split, "fidelity": fidelity}
+    if logmel:
+        info["song"]["frontend"] = logmel
     return info
+
+
+def logmel_spec(frontend: nn.Module) -> dict[str, Any] | None:
+    """audio.song.frontend of student_clap.json: the EfficientAT front-end's parameters, from which
+    the runtime computes the same log-mel in numpy (pipeline.runtime.logmel); None for another front-end."""
+    from pipeline.data.frontends import StudentMel
+    from pipeline.runtime.logmel import KIND
+
+    if not isinstance(frontend, StudentMel):
+        return None
+    return {"kind": KIND, **dataclasses.asdict(frontend.params)}
 
 
 def _export_song_pieces(
@@ -256,11 +271,12 @@ def _export_song_pieces(
     return info, (fe_path, trunk_path, head_path)
 
 
-def _song_cosine(paths: tuple[Path, Path, Path], geometry: Any, song: np.ndarray, reference: np.ndarray) -> float:
+def _song_cosine(paths: tuple[Path, Path, Path], geometry: Any, song: np.ndarray, reference: np.ndarray,
+                 logmel: dict[str, Any] | None) -> float:
     """Cosine of the song vector of the (front-end, trunk, head) files to the segment-wise `reference`."""
     from pipeline.runtime.song import SongEmbedder
 
-    vec, _ = SongEmbedder(*paths, geometry).embed_wave(song)
+    vec, _ = SongEmbedder(*paths, geometry, logmel=logmel).embed_wave(song)
     return float(vec @ reference)
 
 

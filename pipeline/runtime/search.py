@@ -689,7 +689,8 @@ def open_audio_embedder(models_dir: str | Path, *, int8: bool = False, batch_siz
         return AudioEmbedder(models_dir, int8=int8, batch_size=batch_size, threads=threads)
     try:
         embedder = SongEmbedder(*(models_dir / n for n in names), SongGeometry.from_spec(audio),
-                                batch_size=batch_size, threads=threads, one_pass_decode=one_pass_decode)
+                                batch_size=batch_size, threads=threads, one_pass_decode=one_pass_decode,
+                                logmel=song.get("frontend"))
     except (FileNotFoundError, ValueError, KeyError) as exc:
         raise SearchError(f"{models_dir / SPEC_FILE}: song-level model unusable: {exc}") from exc
     # The index records which student built it; the song path runs the same student as audio["file"].

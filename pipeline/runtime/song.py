@@ -29,20 +29,24 @@ that path's up to float rounding. Heads run in batches that mix windows of sever
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from pipeline.data.audio import AudioDecodeError, cut, int16_to_float
 from pipeline.runtime.decode import decode_student, decode_student_track, window_starts
+from pipeline.runtime.logmel import LogMel
+from pipeline.runtime.logmel import available as logmel_available
 from pipeline.space import EMBED_DIM
 
 log = logging.getLogger(__name__)
 
 SPAN_WINDOWS = 16  # windows per excerpt: (k + 1) / (2k) of the segment-wise trunk work (0.53 at 16)
 EDGE_TOLERANCE = 1e-4  # |shared - alone| <= tol * (1 + |alone|): a column equal up to float rounding
+LOGMEL_TOLERANCE = 1e-3  # numpy vs ONNX front-end, normalised log-mel units (measured ~4e-5: float rounding)
 
 
 @dataclass
@@ -117,7 +121,7 @@ class SongEmbedder:
 
     def __init__(self, frontend: str | Path, trunk: str | Path, head: str | Path, geometry: SongGeometry, *,
                  batch_size: int = 16, threads: int | None = None, span_windows: int = SPAN_WINDOWS, exact_edges: bool = True,
-                 one_pass_decode: bool = False) -> None:
+                 one_pass_decode: bool = False, logmel: Mapping[str, Any] | None = None) -> None:
         self.geometry = geometry
         self.model_paths = [Path(frontend), Path(trunk), Path(head)]
         # Three sessions take turns; a pool spinning after its turn would only burn the others' cores.
@@ -136,6 +140,9 @@ class SongEmbedder:
         self._raw_index = outputs.index("embedding_raw")
         width = self.head.get_outputs()[self._raw_index].shape[-1]
         self.dim = int(width) if isinstance(width, int) else EMBED_DIM
+        # The log-mel in numpy + scipy.fft where the export describes its front-end (faster than
+        # the ONNX one; checked against it here), else the ONNX front-end.
+        self.logmel = self._numpy_logmel(logmel) if logmel else None
         # Columns at window edges inside an excerpt are recomputed from short excerpts cut at the
         # edge, so every window's map equals the segment-wise one (exact_edges=False: skip that).
         left, right, self.edge_samples = self._probe_edges() if exact_edges and geometry.hop_columns else (0, 0, 0)
@@ -144,9 +151,31 @@ class SongEmbedder:
     # ---- windows -> feature maps
     def _fmap(self, excerpts: np.ndarray) -> np.ndarray:
         """int16 excerpts [n, samples] -> trunk feature maps [n, C, F, columns]."""
-        (mel,) = self.frontend.run(None, {"waveform": int16_to_float(excerpts)})
+        waves = int16_to_float(excerpts)
+        mel = self.logmel(waves) if self.logmel is not None else self.frontend.run(None, {"waveform": waves})[0]
         (fmap,) = self.trunk.run(None, {"mel": mel})
         return fmap
+
+    def _numpy_logmel(self, spec: Mapping[str, Any]) -> LogMel | None:
+        """LogMel from audio.song.frontend when scipy is there and it gives the ONNX front-end's
+        values on a probe of noise (up to float rounding); else None (the ONNX front-end runs)."""
+        if not logmel_available():
+            log.info("scipy is not installed: the song path uses the ONNX front-end (pip install scipy: faster)")
+            return None
+        try:
+            mel = LogMel.from_spec(spec)
+        except (KeyError, TypeError, ValueError) as exc:
+            log.warning("%s: front-end description unusable (%s); using the ONNX front-end", self.model_paths[0], exc)
+            return None
+        probe = np.random.default_rng(1).uniform(-0.5, 0.5, (1, round(1.5 * self.geometry.sample_rate)))
+        probe = probe.astype(np.float32)
+        (want,) = self.frontend.run(None, {"waveform": probe})
+        got = mel(probe)
+        if got.shape != want.shape or not np.allclose(got, want, rtol=0.0, atol=LOGMEL_TOLERANCE):
+            diff = float(np.abs(got - want).max()) if got.shape == want.shape else f"shape {got.shape} vs {want.shape}"
+            log.warning("%s: the numpy front-end differs from it (%s); using the ONNX front-end", self.model_paths[0], diff)
+            return None
+        return mel
 
     def _probe_edges(self) -> tuple[int, int, int]:
         """(left, right, edge_samples): how many feature-map columns at a window's start and end
