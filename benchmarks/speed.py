@@ -68,11 +68,17 @@ def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
 
+SETTLE_S = 0.05  # onnxruntime pool threads may spin-wait this long after a call
+
+
 def _timed(fn) -> tuple[float, float, object]:
-    """(CPU-s, wall-s, result) of one call."""
+    """(CPU-s, wall-s, result) of one call. The CPU-seconds include what the call's thread pools
+    burn spin-waiting after it returns (else the next measurement would be billed for them)."""
     c, t = _cpu(), time.perf_counter()
     out = fn()
-    return _cpu() - c, time.perf_counter() - t, out
+    wall = time.perf_counter() - t
+    time.sleep(SETTLE_S)
+    return _cpu() - c, wall, out
 
 
 def _median_ms(fn, repeats: int) -> float:
@@ -218,21 +224,28 @@ def export_student(backbone: str, out_dir: Path, song: Path) -> dict:
     starts = list(range(0, len(wave) - seg + 1, hop))
     if starts[-1] + seg < len(wave):
         starts.append(len(wave) - seg)
-    new_song = 0.0
+    new_song = net_song = 0.0  # all of the new path's graphs; the trunk and head alone
     song_fe = song_export.song_frontend(fe)
     edge_samples = open_audio_embedder(out_dir).edge_samples  # the edge excerpts the runtime recomputes
     for run in _runs(starts, len(wave), seg, hop, g["hop_columns"] > 0, SPAN_WINDOWS):
-        n = run[-1] - run[0] + seg
-        new_song += flops(lambda n=n: trunk(song_fe(torch.zeros(1, n))))
+        excerpts = [(1, run[-1] - run[0] + seg)]
         edges = 2 * (len(run) - 1)  # each window's start and end inside the run
         if edge_samples and edges:
-            new_song += flops(lambda k=edges: trunk(song_fe(torch.zeros(k, edge_samples))))
+            excerpts.append((edges, edge_samples))
+        for k, n in excerpts:
+            with torch.no_grad():
+                mel = song_fe(torch.zeros(k, n))
+            front, body = flops(lambda k=k, n=n: song_fe(torch.zeros(k, n))), flops(lambda m=mel: trunk(m))
+            new_song += front + body
+            net_song += body
     with torch.no_grad():
         fmap = torch.zeros(1, *trunk(fe(torch.zeros(1, seg))).shape[1:])
     head_one = flops(lambda: head(fmap))
     new_song += head_one * len(starts)
+    net_song += head_one * len(starts)
     return {"params": sum(p.numel() for p in student.parameters()), "old_flops_per_window": old_window,
-            "new_flops_per_song": new_song, "windows": len(starts), "fidelity": g["fidelity"]}
+            "new_flops_per_song": new_song, "network_flops_per_song": net_song, "windows": len(starts),
+            "fidelity": g["fidelity"]}
 
 
 class _TimedSession:
@@ -331,15 +344,37 @@ def bench_student(models: Path, label: str, song: Path, threads: int, repeats: i
             runs[name]["song"].append(cpu)
             runs[name]["song_wall"].append(wall)
             vectors[name] = vec
+    library = bench_library(models, song, threads, repeats)
     split = {"fp32": split_new_path(new, song, repeats), "fp32 ONNX front-end": split_new_path(onnx_fe, song, repeats),
              "int8": split_new_path(new8, song, repeats)}
     assert "torch" not in sys.modules
-    out = {"name": label, "segment_ms": seg_ms, "segments": int(n), "peak_mb": _peak_mb(), "paths": {}, "split": split}
+    out = {"name": label, "segment_ms": seg_ms, "segments": int(n), "peak_mb": _peak_mb(), "paths": {}, "split": split,
+           "library": library}
     for name, r in runs.items():
         dec, total = float(np.median(r["decode"])), float(np.median(r["song"]))
         out["paths"][name] = {"decode_cpu": dec, "song_cpu": total, "network_cpu": max(total - dec, 1e-9),
                               "song_wall": float(np.median(r["song_wall"])),
                               "cosine_to_old": float(vectors[name] @ vectors["old"])}
+    return out
+
+
+def bench_library(models: Path, song: Path, threads: int, repeats: int) -> dict:
+    """What `student-clap index` does with a folder: 2 songs per core through embed_files. old:
+    segment-wise, one song at a time on `threads` onnxruntime threads; new: the default, one song
+    per core at once (--jobs), one onnxruntime thread each. Wall and CPU-seconds per song, median."""
+    from pipeline.runtime.search import embed_files, open_audio_embedder, song_jobs
+
+    cores = os.cpu_count() or 1
+    files = [song] * (2 * cores)
+    setups = {"old": (open_audio_embedder(models, batch_size=BATCH, threads=threads, segment_wise=True), 1),
+              "new": (open_audio_embedder(models, batch_size=BATCH, threads=1), song_jobs(None, len(files)))}
+    out: dict[str, dict] = {}
+    for name, (embedder, jobs) in setups.items():
+        embed_files(embedder, files[:jobs], progress=False, jobs=jobs)  # warm-up
+        runs = [_timed(lambda e=embedder, j=jobs: embed_files(e, files, progress=False, jobs=j))[:2] for _ in range(repeats)]
+        out[name] = {"jobs": jobs, "threads": threads if name == "old" else 1, "songs": len(files),
+                     "cpu_per_song": float(np.median([r[0] for r in runs])) / len(files),
+                     "wall_per_song": float(np.median([r[1] for r in runs])) / len(files)}
     return out
 
 
@@ -478,6 +513,22 @@ def report(results: dict, args: argparse.Namespace) -> None:
             print(f"{label:<36} {p['decode_cpu']:>7.3f} {p['network_cpu']:>8.3f} {p['song_cpu']:>7.3f} "
                   f"{p['song_cpu'] / old['song_cpu']:>6.2f} {p['song_wall']:>7.3f} {per_seg:>7.1f} {gflops:>8.1f} "
                   f"{100 * gflops / rate:>6.1f}% {p['cosine_to_old']:>9.6f}")
+        lib = r.get("library")
+        if lib:
+            print(f"  {r['name']} indexing a folder ({lib['old']['songs']} copies of the song, embed_files as "
+                  "`student-clap index`), per song: " + "; ".join(
+                      f"{k} ({v['jobs']} at once x {v['threads']} thread{'s' if v['threads'] > 1 else ''}) "
+                      f"{v['cpu_per_song']:.3f} CPU-s, {v['wall_per_song']:.3f} wall-s"
+                      f" ({v['wall_per_song'] / lib['old']['wall_per_song']:.2f} of old's wall)"
+                      for k, v in lib.items()))
+        # A lower bound for the new path: its decode as measured, plus the trunk and head FLOPs run at
+        # the machine's best GEMM rate (depthwise convolutions run far below it; the front-end is left out)
+        net_floor = r["network_flops_per_song"] / (rate * 1e9)
+        exact = min(r["paths"][k]["decode_cpu"] for k in ("new", "new_onnx_fe", "new_int8"))  # the same decode
+        for label, dec in (("exact decode", exact), ("one-pass decode", r["paths"]["new_1pass"]["decode_cpu"])):
+            print(f"  {r['name']} new path, lower bound with the {label}: {dec:.3f} decode + {net_floor:.3f} trunk and "
+                  f"head ({r['network_flops_per_song'] / 1e9:.2f} GFLOP) at the GEMM rate = "
+                  f"{(dec + net_floor) / old['song_cpu']:.2f} of old (decode alone {dec / old['song_cpu']:.2f})")
         for kind, sp in r.get("split", {}).items():
             print(f"  {r['name']} new {kind}, CPU-s per part: " + ", ".join(f"{SPLIT_LABELS[k]} {v:.3f}" for k, v in sp.items())
                   + f" (sum {sum(sp.values()):.3f})")

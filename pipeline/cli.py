@@ -184,6 +184,9 @@ def _runtime_commands(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--int8", action="store_true", help="use the int8-quantised audio model")
         p.add_argument("--segment-wise", action="store_true",
                        help="run every 10-s window through the whole model (the slower path before song-level inference)")
+        p.add_argument("--jobs", type=int, default=None,
+                       help="songs embedded at once, each on one onnxruntime thread unless --threads "
+                            "(default: one per CPU core)")
         p.add_argument("--one-pass-decode", action="store_true",
                        help="song-level path: resample once from the file's rate (~15%% less decode CPU; not the "
                             "segment-wise path's samples, see pipeline/runtime/decode.py)")

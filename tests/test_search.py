@@ -336,6 +336,24 @@ def test_os_errors_on_one_file_are_reported_and_skipped(exported, songs, tmp_pat
     assert result.failed_stamps == [None]  # retried on the next index run
 
 
+def test_songs_embedded_in_parallel_keep_their_order_vectors_and_failures(exported, songs):
+    models, _, _ = exported
+    files = [songs / "short.wav", songs / "broken.mp3", songs / "album/mid.flac", songs / "long.wav"] * 2
+    embedder = S.open_audio_embedder(models, threads=1)
+    one = S.embed_files(embedder, files, progress=False, jobs=1)
+    many = S.embed_files(embedder, files, progress=False, jobs=3)
+    assert [Path(p).name for p in many.paths] == ["short.wav", "mid.flac", "long.wav"] * 2
+    assert many.paths == one.paths and many.failed == one.failed and many.n_segments == one.n_segments
+    assert [Path(f).name for f, _ in many.failed] == ["broken.mp3"] * 2
+    np.testing.assert_array_equal(many.vectors, one.vectors)
+
+
+def test_song_jobs_default_to_the_cores_and_never_exceed_the_files():
+    assert S.song_jobs(None, 1) == 1 and S.song_jobs(8, 3) == 3 and S.song_jobs(2, 10) == 2
+    assert S.song_jobs(None, 1000) == (os.cpu_count() or 1)
+    assert S.song_jobs(None, 0) == 1
+
+
 def _permissions_bind(folder: Path) -> bool:
     """Whether a mode-0000 file is unreadable here (not for root with CAP_DAC_OVERRIDE)."""
     probe = folder / "probe"

@@ -26,6 +26,7 @@ samples), which gives the same vectors up to float rounding.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -33,6 +34,7 @@ import sys
 import tempfile
 import zipfile
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -246,35 +248,51 @@ class EmbedResult:
         self.failed_stamps = self.failed_stamps or [None] * len(self.failed)
 
 
-def embed_files(embedder: AudioEmbedder, files: Iterable[str | Path], progress: bool = True) -> EmbedResult:
-    """Embed files one by one; a file that cannot be read or is refused by the usability rule is
-    reported and skipped (permission errors included), the rest go on."""
+def embed_files(embedder: AudioEmbedder, files: Iterable[str | Path], progress: bool = True, jobs: int = 1) -> EmbedResult:
+    """Embed files, `jobs` at a time (threads sharing the embedder's sessions), results in the
+    files' order; a file that cannot be read or is refused by the usability rule is reported and
+    skipped (permission errors included), the rest go on."""
     files = [str(f) for f in files]
     paths, vectors, counts, notes, stamps = [], [], [], [], []
     failed, failed_stamps = [], []
-    for f in tqdm(files, desc="embedding", unit="song", disable=not progress):
-        try:
-            stamp: Stamp | None = file_stamp(f)
-        except OSError:
-            stamp = None  # decoding says what is wrong with it
-        try:
-            song = embedder.embed_track(f)
-        except AudioDecodeError as exc:
-            reason, retry = exc.reason, exc.kind in _RETRY_KINDS
-        except OSError as exc:
-            reason, retry = f"cannot read the file ({exc.strerror or exc})", True
-        else:
-            paths.append(f)
-            vectors.append(song.vector)
-            counts.append(song.n_segments)
-            notes.append(song.notes)
-            stamps.append(stamp)
-            continue
-        log.warning("skipped %s: %s", printable(f), reason)
-        failed.append((f, reason))
-        failed_stamps.append(None if retry else stamp)
+    jobs = max(1, min(int(jobs), len(files)))
+    with ThreadPoolExecutor(jobs) if jobs > 1 else contextlib.nullcontext() as pool:
+        # decoding (libsndfile, soxr), the numpy front-end and onnxruntime release the GIL
+        done = pool.map(_embed_one, [embedder] * len(files), files) if pool else map(_embed_one, [embedder] * len(files), files)
+        for f, stamp, song, error in tqdm(done, total=len(files), desc="embedding", unit="song", disable=not progress):
+            if song is not None:
+                paths.append(f)
+                vectors.append(song.vector)
+                counts.append(song.n_segments)
+                notes.append(song.notes)
+                stamps.append(stamp)
+                continue
+            reason, retry = error
+            log.warning("skipped %s: %s", printable(f), reason)
+            failed.append((f, reason))
+            failed_stamps.append(None if retry else stamp)
     matrix = np.stack(vectors) if vectors else np.zeros((0, embedder.dim), np.float32)
     return EmbedResult(paths, matrix, counts, failed, notes, stamps, failed_stamps)
+
+
+def _embed_one(embedder, f: str) -> tuple[str, Stamp | None, SongEmbedding | None, tuple[str, bool] | None]:
+    """(file, stamp, song or None, (reason, worth retrying) or None) for one file."""
+    try:
+        stamp: Stamp | None = file_stamp(f)
+    except OSError:
+        stamp = None  # decoding says what is wrong with it
+    try:
+        return f, stamp, embedder.embed_track(f), None
+    except AudioDecodeError as exc:
+        return f, stamp, None, (exc.reason, exc.kind in _RETRY_KINDS)
+    except OSError as exc:
+        return f, stamp, None, (f"cannot read the file ({exc.strerror or exc})", True)
+
+
+def song_jobs(requested: int | None, n_files: int) -> int:
+    """Songs embedded at once: `requested`, or one per CPU core (never more than the files)."""
+    jobs = requested if requested else (os.cpu_count() or 1)
+    return max(1, min(int(jobs), max(n_files, 1)))
 
 
 def find_audio(root: str | Path) -> list[Path]:
@@ -581,10 +599,13 @@ def _report_failures(result: EmbedResult) -> None:
             print(f"  {printable(path)}: {'; '.join(notes)}", file=sys.stderr)
 
 
-def _embedder(args: argparse.Namespace):
-    """The song-level path (pipeline.runtime.song) when the export has it, unless --segment-wise."""
+def _embedder(args: argparse.Namespace, jobs: int = 1):
+    """The song-level path (pipeline.runtime.song) when the export has it, unless --segment-wise.
+    With several songs at once each runs on one onnxruntime thread unless --threads says otherwise:
+    the cores then work on different songs, which scales better than threads inside one song."""
+    threads = getattr(args, "threads", None) or (1 if jobs > 1 else None)
     return open_audio_embedder(args.models, int8=getattr(args, "int8", False), batch_size=getattr(args, "batch_size", 8),
-                               threads=getattr(args, "threads", None), segment_wise=getattr(args, "segment_wise", False),
+                               threads=threads, segment_wise=getattr(args, "segment_wise", False),
                                one_pass_decode=getattr(args, "one_pass_decode", False))
 
 
@@ -594,7 +615,8 @@ def embed_main(args: argparse.Namespace) -> int:
         if out.suffix.lower() not in OUT_SUFFIXES:
             raise SearchError(f"--out {out}: use a .npz, .npy or .jsonl file name")
         check_writable(out)
-        result = embed_files(_embedder(args), args.files)
+        jobs = song_jobs(getattr(args, "jobs", None), len(args.files))
+        result = embed_files(_embedder(args, jobs), args.files, jobs=jobs)
         _write_embeddings(out, result)
     except SearchError as exc:
         log.error("%s", exc)
@@ -608,17 +630,18 @@ def index_main(args: argparse.Namespace) -> int:
     try:
         out = Path(args.out)
         check_writable(out)
-        embedder = _embedder(args)
         files = [str(f) for f in find_audio(args.dir)]
         if not files:
             raise SearchError(f"{args.dir}: no audio files ({', '.join(AUDIO_EXTENSIONS)})")
+        jobs = song_jobs(getattr(args, "jobs", None), len(files))
+        embedder = _embedder(args, jobs)
         previous, why = previous_index(out, embedder.model_sha256)
         if why:
             log.warning("%s", why)
         plan = plan_update(previous, files)
         log.info("indexing %d files under %s: %d unchanged, %d to embed", len(files), args.dir,
                  len(plan.reuse) + len(plan.reuse_failed), len(plan.todo))
-        fresh = embed_files(embedder, plan.todo)
+        fresh = embed_files(embedder, plan.todo, jobs=jobs)
         result = merge_update(previous, plan, fresh)
         save_index(out, result, embedder.model_sha256, args.dir)
     except SearchError as exc:
