@@ -11,8 +11,10 @@ then resamples the int16 audio again to the student's 32 kHz. Two ways here:
   rounds). ~15 % cheaper on a 44.1-kHz MP3, identical for a 48-kHz file; from other rates the
   int16 rounding noise falls elsewhere, ~75 dB below the signal, at most ~15 int16 steps on the
   benchmark's MP3 (benchmarks/speed.py prints both per format). Small as that is, a student can
-  weigh near-empty mel bands heavily: on the demo songs it moved song vectors by up to 0.004 in
-  cosine, more than the whole song-level network change, so it is not the default.
+  weigh near-empty mel bands heavily: the test student of tests/test_song.py (random weights,
+  BatchNorm set on the demo songs) moved by up to 0.004 in cosine on the demo songs, more than
+  the whole song-level network change, so it is not the default (the trained demo student moved
+  by at most 0.0002 on them).
 
 Segment times are found at the student's rate by the same segmentation rule; the tail window's
 start can differ from the old path's by a sample (rounding between rates), nothing else.
