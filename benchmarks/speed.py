@@ -71,13 +71,14 @@ def _peak_mb() -> float:
 SETTLE_S = 0.05  # onnxruntime pool threads may spin-wait this long after a call
 
 
-def _timed(fn) -> tuple[float, float, object]:
-    """(CPU-s, wall-s, result) of one call. The CPU-seconds include what the call's thread pools
-    burn spin-waiting after it returns (else the next measurement would be billed for them)."""
+def _timed(fn, settle: bool = True) -> tuple[float, float, object]:
+    """(CPU-s, wall-s, result) of one call. With `settle` the CPU-seconds include what the call's
+    thread pools burn spin-waiting after it returns (else the next measurement is billed for them)."""
     c, t = _cpu(), time.perf_counter()
     out = fn()
     wall = time.perf_counter() - t
-    time.sleep(SETTLE_S)
+    if settle:
+        time.sleep(SETTLE_S)
     return _cpu() - c, wall, out
 
 
@@ -135,7 +136,7 @@ def gemm_rates(n: int = 1024, repeats: int = 5) -> dict:
     out = {}
     for name, fn in (("numpy", lambda: a @ b), ("onnxruntime", lambda: sess.run(None, {"a": a, "b": b}))):
         fn()
-        runs = [_timed(fn)[:2] for _ in range(repeats)]
+        runs = [_timed(fn, settle=False)[:2] for _ in range(repeats)]  # back-to-back: the rate itself
         cpu, wall = np.median([r[0] for r in runs]), np.median([r[1] for r in runs])
         out[name] = {"gflops_per_cpu_s": flop / cpu / 1e9, "gflops_per_wall_s": flop / wall / 1e9}
     return out
