@@ -18,7 +18,8 @@ shown for reference only.
     (the numpy log-mel, pipeline.runtime.logmel) and trunk once per run of windows, the edge columns
     of each window recomputed, head per window (pipeline.runtime.song); fp32, fp32 with the exported
     ONNX front-end instead (what runs without scipy), fp32 with the one-pass decode
-    (--one-pass-decode), int8 head.
+    (--one-pass-decode), int8 head, and the int8 head after a static int8 trunk (QDQ, calibrated
+    like the head; measured here only, the export keeps the trunk in fp32).
   Per part of the new path (fp32 and int8): MP3 decode, each resampling, front-end, trunk and head
   (their onnxruntime calls) and the Python around them, CPU-s median over --repeats.
   Per song: the song's decode alone, then decode + embed, CPU-s median over --repeats; the network
@@ -51,8 +52,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 SEGMENT_SECONDS, HOP_SECONDS, BATCH = 10.0, 5.0, 8
+INT8_TRUNK = "trunk.int8.bench.onnx"  # written beside the export by export_student, for the int8-trunk row
 PATH_LABELS = {"old": "old (segment-wise)", "new": "new fp32", "new_onnx_fe": "new fp32 ONNX front-end",
-               "new_1pass": "new fp32 1-pass decode", "new_int8": "new int8"}
+               "new_1pass": "new fp32 1-pass decode", "new_int8": "new int8", "new_int8_trunk": "new int8 head+trunk"}
 SPLIT_LABELS = {"read": "MP3 decode", "to48": "downmix + resample to 48 kHz", "to32": "resample to 32 kHz",
                 "frontend": "front-end", "trunk": "trunk", "head": "head", "glue": "Python glue"}
 FORMATS = {"mp3": ("MP3", None, 44100), "ogg": ("OGG", "VORBIS", 44100), "opus": ("OGG", "OPUS", 48000),
@@ -184,7 +186,7 @@ def export_student(backbone: str, out_dir: Path, song: Path) -> dict:
 
     from pipeline.data.audio import decode_int16, int16_to_float, segments
     from pipeline.data.frontends import StudentMel, set_export_stft
-    from pipeline.models import audio_export, export_bundle, song_export
+    from pipeline.models import audio_export, export_bundle, onnx_export, song_export
     from pipeline.models.audio_student import build_audio_student
     from pipeline.params import StudentFrontendParams
     from pipeline.runtime.search import open_audio_embedder
@@ -207,6 +209,11 @@ def export_student(backbone: str, out_dir: Path, song: Path) -> dict:
     audio = audio_export.audio_spec(info, sample_rate=sr, segment_seconds=SEGMENT_SECONDS, hop_seconds=HOP_SECONDS,
                                     segment_samples=seg, quantized=True, decode_sample_rate=48000)
     audio["song"] = song_export.song_spec(song_info, True)
+    # The trunk in static int8 as well (QDQ convolutions, per-channel weights, calibrated on the same
+    # mels as the head): measured here beside fp32, not exported (see the README's Indexing speed).
+    calib = mels[::2].numpy()
+    onnx_export.quantize_static_int8(out_dir / song_export.AUDIO_TRUNK_ONNX, out_dir / INT8_TRUNK,
+                                     [{"mel": calib[i : i + 4]} for i in range(0, len(calib), 4)], ("Conv",))
     (out_dir / export_bundle.SPEC).write_text(json.dumps({"version": export_bundle.SPEC_VERSION, "embedding_dim": 512,
                                                           "skipped": {}, "audio": audio}))
 
@@ -314,7 +321,7 @@ def bench_student(models: Path, label: str, song: Path, threads: int, repeats: i
     # onnxruntime only, the code path of `student-clap embed` (no torch in this process)
     from pipeline.data.audio import decode_int16, resample_int16
     from pipeline.runtime.decode import decode_student
-    from pipeline.runtime.search import AudioEmbedder, open_audio_embedder
+    from pipeline.runtime.search import AudioEmbedder, load_spec, open_audio_embedder
     from pipeline.runtime.song import SongEmbedder
 
     old = open_audio_embedder(models, batch_size=BATCH, threads=threads, segment_wise=True)
@@ -323,6 +330,9 @@ def bench_student(models: Path, label: str, song: Path, threads: int, repeats: i
     new8 = open_audio_embedder(models, batch_size=BATCH, threads=threads, int8=True)
     # the same song path with the exported ONNX front-end instead of the numpy log-mel
     onnx_fe = SongEmbedder(*new.model_paths, new.geometry, batch_size=BATCH, threads=threads)
+    # the int8 head with the int8 trunk as well (not exported: see INT8_TRUNK)
+    trunk8 = SongEmbedder(new8.model_paths[0], models / INT8_TRUNK, new8.model_paths[2], new.geometry, batch_size=BATCH,
+                          threads=threads, logmel=new.logmel and load_spec(models)["audio"]["song"]["frontend"])
     assert isinstance(old, AudioEmbedder) and all(isinstance(e, SongEmbedder) for e in (new, new1, new8))
     assert new.logmel is not None and onnx_fe.logmel is None, "the numpy front-end needs scipy"
     segment = np.random.default_rng(1).uniform(-0.5, 0.5, (1, old.sample_rate * int(SEGMENT_SECONDS)))
@@ -332,7 +342,8 @@ def bench_student(models: Path, label: str, song: Path, threads: int, repeats: i
         "old": (lambda: resample_int16(decode_int16(song, old.decode_sample_rate), old.decode_sample_rate, old.sample_rate),
                 lambda: old.embed_file(song)),
         **{name: (lambda e=e: decode_student(song, e.sample_rate, via_rate=e.decode_via), lambda e=e: e.embed_file(song))
-           for name, e in (("new", new), ("new_onnx_fe", onnx_fe), ("new_1pass", new1), ("new_int8", new8))},
+           for name, e in (("new", new), ("new_onnx_fe", onnx_fe), ("new_1pass", new1), ("new_int8", new8),
+                           ("new_int8_trunk", trunk8))},
     }
     runs: dict[str, dict[str, list]] = {k: {"decode": [], "song": [], "song_wall": []} for k in paths}
     vectors = {}
@@ -347,7 +358,7 @@ def bench_student(models: Path, label: str, song: Path, threads: int, repeats: i
             vectors[name] = vec
     library = bench_library(models, song, threads, repeats)
     split = {"fp32": split_new_path(new, song, repeats), "fp32 ONNX front-end": split_new_path(onnx_fe, song, repeats),
-             "int8": split_new_path(new8, song, repeats)}
+             "int8": split_new_path(new8, song, repeats), "int8 head+trunk": split_new_path(trunk8, song, repeats)}
     assert "torch" not in sys.modules
     out = {"name": label, "segment_ms": seg_ms, "segments": int(n), "peak_mb": _peak_mb(), "paths": {}, "split": split,
            "library": library}
