@@ -43,6 +43,8 @@ class LogMel:
 
     def __init__(self, *, sample_rate: int, n_fft: int, win_length: int, hop_length: int, n_mels: int,
                  preemphasis: float, f_min: float, f_max: float) -> None:
+        import scipy.sparse  # optional (the runtime's [fast] extra): imported only where used
+
         if not 0 < win_length <= n_fft:
             raise ValueError(f"win_length {win_length} must be in 1..n_fft ({n_fft})")
         self.sample_rate, self.n_fft, self.hop = int(sample_rate), int(n_fft), int(hop_length)
@@ -50,8 +52,6 @@ class LogMel:
         n = np.arange(self.win_length)
         self.window = (0.5 - 0.5 * np.cos(2.0 * np.pi * n / max(self.win_length - 1, 1))).astype(np.float32)
         self.offset = (self.n_fft - self.win_length) // 2  # the window's first tap inside the n_fft frame
-        import scipy.sparse
-
         banks = kaldi_mel_banks(self.n_mels, self.n_fft, self.sample_rate, f_min, f_max)
         used = np.flatnonzero(np.any(banks != 0, axis=0))
         self.n_bins = int(used[-1]) + 1 if len(used) else 1  # bins above the top filter are never read
