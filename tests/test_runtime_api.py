@@ -39,6 +39,10 @@ def test_embed_files_reports_bad_files_and_keeps_the_rest(tiny_export: Path, tin
     assert result.paths == [str(tiny_songs / "low.wav"), str(tiny_songs / "high.wav")]
     assert result.vectors.shape == (2, 512)
     assert [p for p, _ in result.failed] == [str(tiny_songs / "notes.mp3")]
+    # several songs at a time: the same rows in the same order
+    parallel = clap.embed_files([tiny_songs / "low.wav", tiny_songs / "notes.mp3", tiny_songs / "high.wav"], jobs=2)
+    assert parallel.paths == result.paths and parallel.failed == result.failed
+    np.testing.assert_array_equal(parallel.vectors, result.vectors)
 
 
 def test_text_index_and_search(tiny_export: Path, tiny_songs: Path, tmp_path: Path) -> None:

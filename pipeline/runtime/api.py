@@ -88,9 +88,10 @@ class StudentClap:
         """One song -> unit vector [dim]. Raises AudioDecodeError for an unreadable file."""
         return self.audio.embed_file(path)[0]
 
-    def embed_files(self, paths: Iterable[str | Path], progress: bool = False) -> EmbedResult:
-        """Many songs; unreadable ones are listed in `.failed` and skipped, the rest embedded."""
-        return embed_files(self.audio, paths, progress=progress)
+    def embed_files(self, paths: Iterable[str | Path], progress: bool = False, jobs: int = 1) -> EmbedResult:
+        """Many songs, `jobs` at a time; unreadable ones are listed in `.failed` and skipped, the rest
+        embedded. For throughput on several cores: StudentClap(..., threads=1) and jobs=os.cpu_count()."""
+        return embed_files(self.audio, paths, progress=progress, jobs=jobs)
 
     def embed_waveform(self, samples: np.ndarray, sample_rate: int) -> np.ndarray:
         """A waveform already in memory -> unit vector [dim].
@@ -113,13 +114,14 @@ class StudentClap:
 
     # ------------------------------------------------------------------ index and search
 
-    def build_index(self, folder: str | Path, out: str | Path, progress: bool = True) -> EmbedResult:
-        """Embed every audio file under `folder` into the index file `out` (.npz), as `student-clap index`."""
+    def build_index(self, folder: str | Path, out: str | Path, progress: bool = True, jobs: int = 1) -> EmbedResult:
+        """Embed every audio file under `folder` into the index file `out` (.npz), as `student-clap index`
+        (`jobs` songs at a time, see embed_files)."""
         folder = Path(folder).expanduser()
         files = find_audio(folder)
         if not files:
             raise SearchError(f"{folder}: no audio files")
-        result = embed_files(self.audio, files, progress=progress)
+        result = embed_files(self.audio, files, progress=progress, jobs=jobs)
         save_index(out, result, self.audio.model_sha256, str(folder))
         return result
 
