@@ -50,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from benchmarks.mels import Capture, capture, cpu_seconds, find_tracks  # noqa: E402
+from benchmarks.mels import Capture, capture, cpu_seconds, find_tracks, write_captured  # noqa: E402
 from pipeline.data import mel_cache  # noqa: E402
 from pipeline.params import Params  # noqa: E402
 
@@ -150,17 +150,7 @@ def write_cache(captured: list[Capture], work: Path, params: Params, steps: tupl
     """The captured tracks written as the mels stage writes them; (cache, CPU seconds)."""
     cparams = mel_cache.cache_params(params.audio, params.frontend, 0.0, {"teacher_db": steps[0], "student": steps[1]})
     comp = mel_cache.Compression(params.mels.compression, params.mels.compression_level, True)
-    c0 = cpu_seconds()
-    for cap in captured:
-        w = mel_cache.PartWriter(work / "parts", cparams, comp, chunk_frames=params.mels.chunk_frames)
-        for t, s_, secs, ts, ss in cap.batches:
-            w.add_segments(t, s_, secs, teacher_starts=ts, student_starts=ss)
-        w.commit_track(cap.record)
-        w.publish()
-    done = mel_cache.completed_tracks(sorted((work / "parts").glob("*.h5")), cparams)
-    entries = [(done[c.record.track_id][1], done[c.record.track_id][2]) for c in captured]
-    out = mel_cache.write_cache(work / "mels.h5", cparams, comp, entries, params.mels.chunk_frames)
-    return out, cpu_seconds() - c0
+    return write_captured(captured, work, cparams, comp, params.mels.chunk_frames)
 
 
 def measure_set(name: str, captured: list[Capture], work: Path, params: Params, steps: list[tuple[float, float]],

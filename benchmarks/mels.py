@@ -252,6 +252,22 @@ def capture(tracks: list[Path], params: Params, precision: object = None) -> lis
     return captured
 
 
+def write_captured(captured: list[Capture], folder: Path, cparams: dict, comp: mel_cache.Compression,
+                   chunk_frames: int) -> tuple[Path, float]:
+    """The captured tracks written as the mels stage writes them (per-track parts, then the merged
+    cache) under `folder`: (folder/mels.h5, CPU seconds)."""
+    c0 = cpu_seconds()
+    for cap in captured:
+        w = mel_cache.PartWriter(folder / "parts", cparams, comp, chunk_frames=chunk_frames)
+        for t, s_, secs, ts, ss in cap.batches:
+            w.add_segments(t, s_, secs, teacher_starts=ts, student_starts=ss)
+        w.commit_track(cap.record)
+        w.publish()
+    done = mel_cache.completed_tracks(sorted((folder / "parts").glob("*.h5")), cparams)
+    entries = [(done[c.record.track_id][1], done[c.record.track_id][2]) for c in captured]
+    return mel_cache.write_cache(folder / "mels.h5", cparams, comp, entries, chunk_frames), cpu_seconds() - c0
+
+
 def storage_sweep(tracks: list[Path], work: Path, params: Params, n_random: int = 300) -> list[dict]:
     """Write and read the same computed segments with every SWEEP setting."""
     cparams = mel_cache.cache_params(params.audio, params.frontend, 0.0, params.mels.precision)
@@ -262,17 +278,7 @@ def storage_sweep(tracks: list[Path], work: Path, params: Params, n_random: int 
         comp = mel_cache.Compression(kind, level, shuffle)
         with tempfile.TemporaryDirectory(dir=work) as scratch:
             scratch = Path(scratch)
-            c0 = cpu_seconds()
-            for cap in captured:
-                w = mel_cache.PartWriter(scratch / "parts", cparams, comp, chunk_frames=chunk)
-                for t, s_, secs, ts, ss in cap.batches:
-                    w.add_segments(t, s_, secs, teacher_starts=ts, student_starts=ss)
-                w.commit_track(cap.record)
-                w.publish()
-            done = mel_cache.completed_tracks(sorted((scratch / "parts").glob("*.h5")), cparams)
-            entries = [(done[c.record.track_id][1], done[c.record.track_id][2]) for c in captured]
-            out = mel_cache.write_cache(scratch / "mels.h5", cparams, comp, entries, chunk)
-            write_cpu = cpu_seconds() - c0
+            out, write_cpu = write_captured(captured, scratch, cparams, comp, chunk)
             with mel_cache.MelCache(out) as cache:
                 c0 = cpu_seconds()
                 for tid in cache.track_ids:

@@ -332,7 +332,7 @@ def bench_student(models: Path, label: str, song: Path, threads: int, repeats: i
     onnx_fe = SongEmbedder(*new.model_paths, new.geometry, batch_size=BATCH, threads=threads)
     # the int8 head with the int8 trunk as well (not exported: see INT8_TRUNK)
     trunk8 = SongEmbedder(new8.model_paths[0], models / INT8_TRUNK, new8.model_paths[2], new.geometry, batch_size=BATCH,
-                          threads=threads, logmel=new.logmel and load_spec(models)["audio"]["song"]["frontend"])
+                          threads=threads, logmel=load_spec(models)["audio"]["song"].get("frontend"))
     assert isinstance(old, AudioEmbedder) and all(isinstance(e, SongEmbedder) for e in (new, new1, new8))
     assert new.logmel is not None and onnx_fe.logmel is None, "the numpy front-end needs scipy"
     segment = np.random.default_rng(1).uniform(-0.5, 0.5, (1, old.sample_rate * int(SEGMENT_SECONDS)))

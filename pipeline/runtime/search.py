@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -258,7 +259,8 @@ def embed_files(embedder: AudioEmbedder, files: Iterable[str | Path], progress: 
     jobs = max(1, min(int(jobs), len(files)))
     with ThreadPoolExecutor(jobs) if jobs > 1 else contextlib.nullcontext() as pool:
         # decoding (libsndfile, soxr), the numpy front-end and onnxruntime release the GIL
-        done = pool.map(_embed_one, [embedder] * len(files), files) if pool else map(_embed_one, [embedder] * len(files), files)
+        one = functools.partial(_embed_one, embedder)
+        done = pool.map(one, files) if pool else map(one, files)
         for f, stamp, song, error in tqdm(done, total=len(files), desc="embedding", unit="song", disable=not progress):
             if song is not None:
                 paths.append(f)
