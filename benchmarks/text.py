@@ -58,7 +58,7 @@ def student_model(args: argparse.Namespace):
 
 def student_inputs(model, args: argparse.Namespace) -> dict[str, np.ndarray]:
     if args.tokenizer:
-        from pipeline.models.text_tokenizer import encode, load_tokenizer
+        from pipeline.data.text_tokenizer import encode, load_tokenizer
 
         ids, mask = encode(load_tokenizer(args.tokenizer, vocab_size=model.config.vocab_size), [QUERY], model.config.max_length)
     else:  # about one token per word plus <s> and </s>

@@ -56,7 +56,7 @@ def make_tiny_export(out: Path, *, rate: int, segment_seconds: float, hop_second
     from pipeline.models import audio_export, export_bundle
     from pipeline.models.audio_student import build_audio_student
     from pipeline.models.text_student import build_text_student
-    from pipeline.models.text_tokenizer import save_tokenizer, train_tokenizer
+    from pipeline.data.text_tokenizer import save_tokenizer, train_tokenizer
 
     class ConvMel(torch.nn.Module):
         """A learnt-filterbank stand-in for the student front-end: small, and exports anywhere."""

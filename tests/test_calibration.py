@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.evaluation import metrics as M
+from pipeline import metrics as M
 from pipeline.evaluation.fidelity import neighbour_agreement
 from pipeline.training import calibration as C
 

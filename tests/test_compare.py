@@ -23,7 +23,7 @@ from pipeline.data.audio import cut, decode_int16, int16_to_float, map_starts, r
 from pipeline.data.frontends import TeacherMel
 from pipeline.data.mel_cache import dequantise, quantise
 from pipeline.evaluation import compare as C
-from pipeline.models.text_tokenizer import encode
+from pipeline.data.text_tokenizer import encode
 from pipeline.params import TeacherModelParams, load_params
 from pipeline.teacher.model import build_demo_teacher, load_teacher
 

@@ -119,7 +119,7 @@ def test_stage_trains_scores_and_writes_outputs(workdir: Path) -> None:
 
     # what was saved reproduces the reported figures
     from pipeline.models.text_student import load_text_student
-    from pipeline.models.text_tokenizer import encode, load_tokenizer
+    from pipeline.data.text_tokenizer import encode, load_tokenizer
 
     model = load_text_student(out / "student.pt")
     tok = load_tokenizer(out / "tokenizer.json", vocab_size=model.config.vocab_size)
@@ -129,7 +129,7 @@ def test_stage_trains_scores_and_writes_outputs(workdir: Path) -> None:
     ids, mask = encode(tok, sets["val_combos"], model.config.max_length)
     with torch.no_grad():
         student = model(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
-    from pipeline.evaluation.metrics import centred_cosine_rows, mean_embedding
+    from pipeline.metrics import centred_cosine_rows, mean_embedding
 
     centred = centred_cosine_rows(student, teacher, mean_embedding(train)).mean()
     assert centred == pytest.approx(report["val_combos"]["student"]["centred"]["mean"], abs=1e-4)
@@ -171,7 +171,7 @@ def test_disabled_stage_writes_skipped_markers(workdir: Path) -> None:
     assert torch.load(out / "student.pt", weights_only=True)["skipped"] is True
     assert (out / "checkpoints").is_dir() and (out / "plots").is_dir()
     from pipeline.models.text_student import load_text_student
-    from pipeline.models.text_tokenizer import TokenizerError, load_tokenizer
+    from pipeline.data.text_tokenizer import TokenizerError, load_tokenizer
 
     with pytest.raises(ValueError, match="skipped"):
         load_text_student(out / "student.pt")

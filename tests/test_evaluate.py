@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.evaluation import metrics as M
+from pipeline import metrics as M
 from pipeline.params import EvaluateParams, SameSpaceParams
 from pipeline.evaluation.errors import EvaluateError
 from pipeline.evaluation.licence_report import audit_failed

@@ -16,13 +16,13 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from pipeline.evaluation import model_card
+from pipeline.models import model_card
 from pipeline.models import audio_export, export_bundle, song_export
 from pipeline.models import onnx_export as onnx_utils
 from pipeline.models.audio_student import build_audio_student
 from pipeline.models.text_student import build_text_student
 from pipeline.stages import export as stage
-from pipeline.models.text_tokenizer import save_tokenizer, train_tokenizer
+from pipeline.data.text_tokenizer import save_tokenizer, train_tokenizer
 
 torch.set_num_threads(1)
 SR, SEG = 16000, 16000
@@ -106,7 +106,7 @@ def test_text_export_dynamic_batch_and_length(tmp_path: Path, text_parts):
     info = export_bundle.export_text(model, tok_path, tmp_path, opset=17, min_cosine=0.9999)
     assert info[export_bundle.TEXT_ONNX]["min_cosine"] > 0.9999 and info["max_length"] == 12
     assert (tmp_path / export_bundle.TOKENIZER).read_bytes() == tok_path.read_bytes()
-    from pipeline.models.text_tokenizer import encode, load_tokenizer
+    from pipeline.data.text_tokenizer import encode, load_tokenizer
 
     ids, mask = encode(load_tokenizer(tmp_path / export_bundle.TOKENIZER), ["calm piano music", "drums"], 12)
     sess = ort.InferenceSession(str(tmp_path / export_bundle.TEXT_ONNX), providers=["CPUExecutionProvider"])

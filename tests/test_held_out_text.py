@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from pipeline.evaluation.held_out_text import score_held_out_set, text_fidelity
-from pipeline.evaluation.metrics import l2_normalize, mean_embedding
+from pipeline.metrics import l2_normalize, mean_embedding
 
 DIM = 16
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.evaluation import metrics
+from pipeline import metrics
 
 
 def _unit(x: np.ndarray) -> np.ndarray:

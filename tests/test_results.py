@@ -59,7 +59,7 @@ SAME_SPACE = {
 def test_same_space_verdict_teacher_digest_and_model_index():
     import yaml
 
-    from pipeline.evaluation import model_card
+    from pipeline.models import model_card
 
     teacher = {"kind": "converted", "source": "music_audioset_epoch_15_esc_90.14.pt", "checkpoint_sha256": "c" * 64,
                "weights_sha256": "w" * 64}

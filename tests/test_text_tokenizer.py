@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.models.text_tokenizer import (
+from pipeline.data.text_tokenizer import (
     BOS,
     EOS,
     MIN_VOCAB,

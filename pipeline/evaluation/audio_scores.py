@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.evaluation import metrics as M
+from pipeline import metrics as M
 from pipeline.evaluation.errors import EvaluateError
 from pipeline.evaluation.students import Students
 from pipeline.params import EvaluateParams

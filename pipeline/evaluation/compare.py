@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.evaluation import metrics as M
+from pipeline import metrics as M
 from pipeline.data.audio import AudioDecodeError, decode_int16, map_starts, resample_int16, segment_length, segment_starts
 from pipeline.evaluation import fidelity
 from pipeline.params import SameSpaceParams, TeacherFrontendParams
@@ -358,7 +358,7 @@ def compare(folder: Path, *, models: Path, teacher_dir: Path, frontend: TeacherF
 
 def render_text(report: dict[str, Any]) -> str:
     """The report as Markdown tables for the terminal."""
-    from pipeline.evaluation.model_card import markdown_table, same_space_table, teacher_line
+    from pipeline.models.model_card import markdown_table, same_space_table, teacher_line
 
     parts = [f"{report['n_tracks']} of {report['n_files']} files under {report['folder']} compared. "
              + teacher_line(report.get("teacher") or {}),

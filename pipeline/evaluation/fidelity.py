@@ -3,7 +3,7 @@
 The figures an independent check of a CLAP student used, so ours can be set beside it:
 
 - per-track cosine to the teacher: mean, median, p05 and min, raw and centred (both sides minus
-  a centring vector, normally the mean training teacher embedding; see pipeline.evaluation.metrics);
+  a centring vector, normally the mean training teacher embedding; see pipeline.metrics);
 - audio-to-audio neighbour agreement: for every track, its k nearest *other* tracks by teacher
   embeddings against its k nearest by student embeddings (top-k overlap, k = 5 and 10), and the
   Spearman correlation of the full neighbour ranking. With few tracks k is clipped to half of the
@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.evaluation import metrics as M
+from pipeline import metrics as M
 
 NEIGHBOUR_KS = (5, 10)
 MIN_TRACKS = 3  # two tracks have one neighbour each: every ranking of one item agrees

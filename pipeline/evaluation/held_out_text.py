@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.data.queries import HELD_OUT_SETS, split_into_terms
-from pipeline.evaluation import metrics as M
+from pipeline import metrics as M
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ import json
 import logging
 from pathlib import Path
 
-from pipeline.evaluation.model_card import results_markdown
+from pipeline.models.model_card import results_markdown
 
 log = logging.getLogger(__name__)
 

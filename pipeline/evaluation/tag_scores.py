@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.evaluation import metrics as M
+from pipeline import metrics as M
 from pipeline.evaluation.audio_scores import AudioResult
 from pipeline.evaluation.students import Students
 

@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.evaluation import metrics as M
+from pipeline import metrics as M
 from pipeline.evaluation.held_out_text import text_fidelity
 from pipeline.evaluation.audio_scores import AudioResult
 from pipeline.evaluation.errors import EvaluateError

@@ -76,7 +76,7 @@ def export_text(
 ) -> dict[str, Any]:
     """Text ONNX (dynamic batch and length) + tokenizer.json, parity-checked on PARITY_TEXTS."""
     from pipeline.models.text_student import export_text_onnx
-    from pipeline.models.text_tokenizer import encode, load_tokenizer
+    from pipeline.data.text_tokenizer import encode, load_tokenizer
 
     student = student.eval()
     max_length = int(student.config.max_length)
@@ -205,7 +205,7 @@ def _export_text_student(params: Params, inputs: ExportInputs, out_dir: Path) ->
 def _write_card(params: Params, inputs: ExportInputs, out_dir: Path, spec: dict[str, Any],
                 students: dict[str, Any]) -> None:
     """README.md (the model card) and licenses/ (the attribution files)."""
-    from pipeline.evaluation import model_card
+    from pipeline.models import model_card
 
     licence_files = []
     if inputs.licenses.is_dir():

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.evaluation.metrics import cosine_rows, summarize
+from pipeline.metrics import cosine_rows, summarize
 
 log = logging.getLogger(__name__)
 

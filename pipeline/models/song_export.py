@@ -293,7 +293,7 @@ def _quantize_head(trunk_path: Path, head_path: Path, dst: Path, calib: np.ndarr
 def _int8_loss(trunk: Path, head: Path, trunk8: Path, head8: Path, mels: np.ndarray,
                tracks: np.ndarray | None) -> dict[str, float]:
     """Cosine of int8 to fp32 raw embeddings on held-out mels: per segment and per track mean."""
-    from pipeline.evaluation.metrics import cosine_rows
+    from pipeline.metrics import cosine_rows
 
     def raw(t: Path, h: Path) -> np.ndarray:
         ts, hs = onnx_utils.session(t), onnx_utils.session(h)

@@ -5,7 +5,7 @@ mean over the real (unpadded) tokens -> linear projection to 512 -> L2 normalisa
 output calibration (identity unless set: offsets from an anchor, the mean teacher embedding,
 rescaled by one fitted factor, then L2 again).
 
-It takes ``input_ids`` and ``attention_mask`` (int64 [B, L], from pipeline.models.text_tokenizer.encode)
+It takes ``input_ids`` and ``attention_mask`` (int64 [B, L], from pipeline.data.text_tokenizer.encode)
 and exports to ONNX with a dynamic batch and length.
 """
 

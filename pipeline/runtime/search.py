@@ -190,7 +190,7 @@ class TextEmbedder:
     """Texts -> 512-d vectors with the text ONNX student and its tokenizer."""
 
     def __init__(self, models_dir: str | Path, threads: int | None = None):
-        from pipeline.models.text_tokenizer import load_tokenizer
+        from pipeline.data.text_tokenizer import load_tokenizer
 
         spec = load_spec(models_dir)
         text = spec.get("text")
@@ -207,7 +207,7 @@ class TextEmbedder:
         self.session = _session(Path(models_dir) / text["file"], 1 if threads is None else threads)
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
-        from pipeline.models.text_tokenizer import encode
+        from pipeline.data.text_tokenizer import encode
 
         texts = [check_query(t) for t in texts]
         ids, mask = encode(self.tokenizer, texts, self.max_length)

@@ -36,7 +36,7 @@ from pipeline.data.datasets import (
     monitor_subset,
 )
 from pipeline.data.manifest import read_manifest
-from pipeline.evaluation import metrics as M
+from pipeline import metrics as M
 from pipeline.evaluation.fidelity import neighbour_agreement
 from pipeline.models.audio_student import (
     AudioStudent,

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.evaluation import metrics as M
+from pipeline import metrics as M
 from pipeline.evaluation.fidelity import neighbour_agreement
 
 log = logging.getLogger(__name__)

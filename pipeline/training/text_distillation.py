@@ -31,7 +31,7 @@ from torch.utils.data import TensorDataset
 
 from pipeline.atomic import write_json
 from pipeline.data.queries import HELD_OUT_SETS, split_into_terms
-from pipeline.evaluation import metrics as M
+from pipeline import metrics as M
 from pipeline.evaluation.held_out_text import held_out_plot, score_held_out_set
 from pipeline.models.skipped import write_skip_marker
 from pipeline.params import DistillTextParams
@@ -107,7 +107,7 @@ def split_monitor(queries: list[str], vocabulary: list[str], fraction: float, se
 
 def encode_padded(tok, queries: list[str], max_len: int) -> tuple[np.ndarray, np.ndarray]:
     """Token ids and attention mask of `queries`, zero-padded to exactly `max_len` columns."""
-    from pipeline.models.text_tokenizer import encode
+    from pipeline.data.text_tokenizer import encode
 
     ids, mask = encode(tok, queries, max_len)
     width = np.zeros((len(ids), max_len), np.int64)
@@ -276,7 +276,7 @@ def train_text_student(p: DistillTextParams, teacher_h5: Path, manifest: Path, o
                        resume: bool = False, top_k: int = 10) -> dict[str, Any]:
     """Train tokenizer and student, score them, write every output; returns the metrics."""
     from pipeline.models.text_student import build_text_student, save_text_student
-    from pipeline.models.text_tokenizer import save_tokenizer, train_tokenizer
+    from pipeline.data.text_tokenizer import save_tokenizer, train_tokenizer
     from pipeline.training.loop import TrainConfig, fit
 
     torch.manual_seed(p.seed)
