@@ -262,17 +262,17 @@ class _TimedSession:
     def __init__(self, session) -> None:
         self.session, self.cpu = session, 0.0
 
-    def run(self, *args, **kwargs):
+    def _billed(self, fn, *args, **kwargs):
         c = _cpu()
-        out = self.session.run(*args, **kwargs)
+        out = fn(*args, **kwargs)
         self.cpu += _cpu() - c
         return out
 
+    def run(self, *args, **kwargs):
+        return self._billed(self.session.run, *args, **kwargs)
+
     def __call__(self, *args, **kwargs):
-        c = _cpu()
-        out = self.session(*args, **kwargs)
-        self.cpu += _cpu() - c
-        return out
+        return self._billed(self.session, *args, **kwargs)
 
     def __getattr__(self, name: str):
         return getattr(self.session, name)
