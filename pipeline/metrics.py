@@ -1,4 +1,4 @@
-"""Quality metrics of a student against its teacher (numpy only: training and evaluation share them).
+"""Quality metrics of a student against its teacher (numpy only: training, export parity checks and evaluation share them).
 
 Everything here compares embeddings row by row or rankings query by query:
 

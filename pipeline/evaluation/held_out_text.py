@@ -23,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.data.queries import HELD_OUT_SETS, split_into_terms
 from pipeline import metrics as M
+from pipeline.data.queries import HELD_OUT_SETS, split_into_terms
 
 log = logging.getLogger(__name__)
 

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline import metrics as M
 from pipeline.atomic import write_json
 from pipeline.data import datasets
 from pipeline.data.datasets import (
@@ -36,7 +37,6 @@ from pipeline.data.datasets import (
     monitor_subset,
 )
 from pipeline.data.manifest import read_manifest
-from pipeline import metrics as M
 from pipeline.evaluation.fidelity import neighbour_agreement
 from pipeline.models.audio_student import (
     AudioStudent,

@@ -29,9 +29,9 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
+from pipeline import metrics as M
 from pipeline.atomic import write_json
 from pipeline.data.queries import HELD_OUT_SETS, split_into_terms
-from pipeline import metrics as M
 from pipeline.evaluation.held_out_text import held_out_plot, score_held_out_set
 from pipeline.models.skipped import write_skip_marker
 from pipeline.params import DistillTextParams
@@ -275,8 +275,8 @@ def score_held_out(report: dict[str, Any], model, data: TextData, validation: En
 def train_text_student(p: DistillTextParams, teacher_h5: Path, manifest: Path, out_dir: Path, *,
                        resume: bool = False, top_k: int = 10) -> dict[str, Any]:
     """Train tokenizer and student, score them, write every output; returns the metrics."""
-    from pipeline.models.text_student import build_text_student, save_text_student
     from pipeline.data.text_tokenizer import save_tokenizer, train_tokenizer
+    from pipeline.models.text_student import build_text_student, save_text_student
     from pipeline.training.loop import TrainConfig, fit
 
     torch.manual_seed(p.seed)
