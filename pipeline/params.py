@@ -249,6 +249,10 @@ class AugmentParams:
     freq_mask: int = 16
     time_mask: int = 64
     mixup: float = 0.0  # mixup probability, 0 = off
+    # the student's input only (the cached teacher target stays the clean segment's):
+    eq_tilt_db: float = 0.0  # +/- dB of a random spectral tilt across the band, 0 = off
+    noise_snr_db: float = 0.0  # a noise floor this many dB (up to +20) below the row's mean power, 0 = off
+    time_shift_frames: int = 0  # +/- frames of a random shift (edge frames repeated), 0 = off
 
 
 @dataclass
@@ -257,6 +261,8 @@ class LossParams:
     temperature: float = 1.0
     contrastive_weight: float = 0.0
     contrastive_logit_scale: float = 2.6592  # log(1/0.07), learnable only for contrastive
+    # similarity-preserving term: the batch's student-student cosine matrix against the teacher's
+    relational_weight: float = 0.0
 
 
 @dataclass
@@ -285,8 +291,12 @@ class DistillAudioParams:
     # at least 3 validation tracks)
     monitor: Literal["track_cosine", "track_cosine_centred", "segment_cosine", "segment_cosine_centred",
                      "track_top5_overlap", "track_neighbour_spearman"] = "track_cosine_centred"
-    # train segments (spread over tracks) on which the output-bias length is fitted after training
-    calibration_segments: int = 1024
+    # after training, fit the output-bias length on held-out (validation) tracks, kept only where it
+    # lowers neither their neighbour rankings nor their centred cosine
+    calibrate: bool = False
+    calibration_segments: int = 1024  # held-out segments (spread over tracks) the fit sees
+    max_train_tracks: int = 0  # train on this many training tracks (a fixed subset), 0 = all
+    threads: int = 1  # torch CPU threads for training (0 = torch's default)
     device: str = "auto"  # auto | cpu | cuda
     # DataLoader worker processes per rank; "auto": none when the mels are held in memory,
     # else the CPUs per rank minus one, 1..8
@@ -336,6 +346,7 @@ class DistillTextParams:
     monitor_fraction: float = 0.1
     # training queries (evenly spaced) on which the output anchor scale is fitted after training
     calibration_queries: int = 2000
+    threads: int = 1  # torch CPU threads for training (0 = torch's default)
     seed: int = 0
 
 
@@ -345,6 +356,8 @@ class SameSpaceParams:
 
     min_median_cosine: float = 0.98
     min_top5_overlap: float = 0.9
+    # a bar the mean embedding cannot pass: it scores exactly 0 centred, however high its raw cosine
+    min_median_centred_cosine: float = 0.9
 
 
 @dataclass
@@ -672,6 +685,10 @@ RANGES: dict[tuple[type, str], Range] = {
     (AugmentParams, "freq_mask"): NON_NEGATIVE,
     (AugmentParams, "time_mask"): NON_NEGATIVE,
     (AugmentParams, "mixup"): PROBABILITY,
+    (AugmentParams, "eq_tilt_db"): NON_NEGATIVE,
+    (AugmentParams, "noise_snr_db"): NON_NEGATIVE,
+    (AugmentParams, "time_shift_frames"): NON_NEGATIVE,
+    (LossParams, "relational_weight"): NON_NEGATIVE,
     (LossParams, "temperature"): POSITIVE,
     (LossParams, "contrastive_weight"): NON_NEGATIVE,
     (DistillAudioParams, "dropout"): FRACTION,
@@ -685,6 +702,9 @@ RANGES: dict[tuple[type, str], Range] = {
     (DistillAudioParams, "segments_per_track"): NON_NEGATIVE,
     (DistillAudioParams, "num_workers"): NON_NEGATIVE,
     (DistillAudioParams, "nproc"): AT_LEAST_1,
+    (DistillAudioParams, "max_train_tracks"): NON_NEGATIVE,
+    (DistillAudioParams, "threads"): NON_NEGATIVE,
+    (DistillTextParams, "threads"): NON_NEGATIVE,
     (TextStudentModelParams, "vocab_size"): Range(10),
     (TextStudentModelParams, "dim"): AT_LEAST_1,
     (TextStudentModelParams, "layers"): AT_LEAST_1,

@@ -161,3 +161,18 @@ def test_text_scale_accepts_a_safe_gain_and_refuses_a_harmful_one() -> None:
     chosen = figures[fit2.after] if fit2.after in figures else None
     assert chosen is not None and C.keeps_rankings(chosen, figures[1.0])
     assert C.fit_text_scale(noisy, teacher2, d, limit=10).n_rows == 10
+
+
+def test_centred_cosine_guards_the_fit_too() -> None:
+    """A candidate that keeps the neighbour figures but lowers the centred cosine is refused."""
+    before = {"cosine": 0.90, "top5_overlap": 0.8, "neighbour_spearman": 0.7, "centred_cosine": 0.60}
+    assert C.keeps_rankings({**before, "cosine": 0.95}, before)
+    assert not C.keeps_rankings({**before, "cosine": 0.95, "centred_cosine": 0.59}, before)
+    assert C.keeps_rankings({**before, "centred_cosine": None}, before)  # unmeasured constrains nothing
+
+    proj, d, teacher = _dominant_mean_case(seed=3)
+    fit = C.fit_bias_length(proj, np.arange(len(proj)), d, teacher, teacher, 10.0, centre=d)
+    b, a = fit.figures_before, fit.figures_after
+    assert b["centred_cosine"] is not None and a["centred_cosine"] >= b["centred_cosine"] - 1e-12
+    assert a["top5_overlap"] >= b["top5_overlap"] and a["cosine"] >= b["cosine"]
+    assert "centred cosine" in fit.report()["criterion"]

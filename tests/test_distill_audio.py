@@ -25,7 +25,9 @@ from pipeline.training.augment import (
     slaney_mel_centres,
     student_gain,
     student_mel_to_power,
+    student_colour,
     teacher_gain,
+    time_shift,
 )
 
 N_FRAMES = 48  # short mels keep the CPU tests fast; the network is length-agnostic
@@ -242,6 +244,46 @@ def test_mixup_mixes_power_and_targets_the_same_way() -> None:
     assert not Augmenter(AugmentParams(gain_db=0.0, mixup=0.0)).draw(row_item, 128, 10).mixed.any()
 
 
+def test_student_only_changes_leave_the_teacher_and_the_rest_of_the_plan_alone() -> None:
+    """Tilt, noise floor and shift reach the student's input only (the cached target is the clean
+    segment's); turning them on draws after the other options, so those draws stay the same."""
+    row_item = torch.tensor([0, 0, 1, 2])
+    base = AugmentParams(gain_db=6.0, mixup=0.5)
+    torch.manual_seed(5)
+    plain = Augmenter(base).draw(row_item, 128, 50)
+    torch.manual_seed(5)
+    robust = Augmenter(AugmentParams(gain_db=6.0, mixup=0.5, eq_tilt_db=6.0, noise_snr_db=20.0,
+                                     time_shift_frames=5)).draw(row_item, 128, 50)
+    for name in ("gain_db", "partner", "lam"):
+        assert torch.equal(getattr(plain, name), getattr(robust, name))
+    assert torch.equal(robust.tilt_db[0], robust.tilt_db[1]) and robust.tilt_db.abs().max() <= 6.0  # per item
+    assert ((robust.snr_db >= 20.0) & (robust.snr_db <= 40.0)).all()
+    assert robust.shift.abs().max() <= 5
+    aug = Augmenter(AugmentParams(gain_db=0.0, eq_tilt_db=6.0, noise_snr_db=20.0, time_shift_frames=5))
+    teacher = torch.randn(4, 51, 64)
+    plan = aug.draw(row_item, 128, 50)
+    assert torch.equal(aug.apply_teacher(teacher, plan), teacher)
+    assert aug.active and not Augmenter(AugmentParams(gain_db=0.0)).active
+
+
+def test_tilt_and_noise_act_on_power() -> None:
+    power = torch.full((2, 128, 4), 1e-2)
+    x = power_to_student_mel(power)
+    tilted = student_mel_to_power(student_colour(x, torch.tensor([6.0, -6.0]), None))
+    assert tilted[0, -1, 0] / tilted[0, 0, 0] == pytest.approx(10 ** 1.2, rel=1e-3)  # -6 dB -> +6 dB
+    assert tilted[1, 0, 0] / tilted[1, -1, 0] == pytest.approx(10 ** 1.2, rel=1e-3)
+    noisy = student_mel_to_power(student_colour(x, None, torch.tensor([20.0, 10.0])))
+    assert noisy[0].mean() / power[0].mean() == pytest.approx(1.01, rel=1e-3)
+    assert noisy[1].mean() / power[1].mean() == pytest.approx(1.1, rel=1e-3)
+
+
+def test_time_shift_delays_or_advances_and_repeats_the_edge() -> None:
+    x = torch.arange(6.0).reshape(1, 1, 6).repeat(2, 3, 1)
+    out = time_shift(x, torch.tensor([2, -1]))
+    assert out[0, 0].tolist() == [0, 0, 0, 1, 2, 3]
+    assert out[1, 2].tolist() == [1, 2, 3, 4, 5, 5]
+
+
 # ----------------------------------------------------------------------------- the stage
 
 
@@ -378,6 +420,26 @@ def test_per_epoch_validation_watches_a_bounded_subset_of_every_track(workspace)
     assert [s.tolist() for s in sub2.track_segments][0] == [val.track_segments[0][0], val.track_segments[0][2]]
     with pytest.raises(ValueError, match="val_max_segments"):
         datasets.monitor_subset(val, 0, seg_emb, seg_norm)
+
+
+def test_subset_of_training_tracks_and_held_out_calibration(workspace) -> None:
+    """max_train_tracks trains on a fixed, nested subset; calibrate fits on the validation tracks only."""
+    report = _train(workspace, workspace["tmp"] / "audio_few", epochs=1, stage2_epochs=0, max_train_tracks=3,
+                    calibrate=True, calibration_segments=100)
+    assert report["n_train_tracks"] == 3 and report["n_val_tracks"] == 3
+    fit = report["calibration"]
+    assert fit["n_items"] == 3 and fit["n_rows"] == 7  # the 3 validation tracks and their 7 segments
+    assert fit["fit_after"]["centred_cosine"] >= fit["fit_before"]["centred_cosine"]
+    assert report["cost"]["cpu_seconds"] > 0 and report["cost"]["threads"] == 1
+    from pipeline.data.teacher_cache import TeacherCache
+
+    with datasets.open_mels(Path("unused")) as mels, TeacherCache(workspace["teacher"]) as tc:
+        train, _ = datasets.load_splits(mels, tc, [json.loads(r) for r in workspace["manifest"].read_text().splitlines()])
+    two, three = (audio_distillation.train_subset(train, n, seed=0) for n in (2, 3))
+    assert set(two.track_ids) < set(three.track_ids) < set(train.track_ids)
+    assert audio_distillation.train_subset(train, 0, seed=0) is train
+    off = _train(workspace, workspace["tmp"] / "audio_nocal", epochs=1, stage2_epochs=0)
+    assert off["calibration"]["skipped"] is True and off["n_train_tracks"] == 5
 
 
 def test_stage_validates_on_the_subset_and_reports_the_full_split(workspace, monkeypatch) -> None:

@@ -8,6 +8,8 @@ from scipy.stats import spearmanr
 
 from pipeline.evaluation import fidelity as F
 
+BARS = {"min_median_cosine": 0.98, "min_top5_overlap": 0.9, "min_median_centred_cosine": 0.9}
+
 DIM = 8
 
 
@@ -74,7 +76,7 @@ def test_few_tracks_clip_k_and_say_so() -> None:
 def test_a_copy_of_the_teacher_is_the_same_space() -> None:
     teacher = _dominant_mean_teacher(20)
     centre = _unit(teacher.mean(0))
-    out = F.same_space(teacher, teacher * 3.0, centre)  # the norm of a row does not matter
+    out = F.same_space(teacher, teacher * 3.0, centre, **BARS)  # the norm of a row does not matter
     assert out["same_space"] is True and out["failed"] == ""
     assert out["track_cosine"]["median"] == pytest.approx(1.0) and out["track_cosine_centred"]["min"] == pytest.approx(1.0)
     assert out["top5_overlap"] == 1.0 and out["top10_overlap"] == 1.0 and out["neighbour_spearman"] == pytest.approx(1.0)
@@ -86,7 +88,7 @@ def test_the_mean_with_noise_scores_high_raw_cosine_but_fails_the_bar() -> None:
     centre = _unit(teacher.mean(0))
     rng = np.random.default_rng(2)
     student = _unit(centre + 0.01 * rng.normal(size=teacher.shape))
-    out = F.same_space(teacher, student, centre)
+    out = F.same_space(teacher, student, centre, **BARS)
     assert out["track_cosine"]["median"] > 0.98
     assert out["same_space"] is False
     assert out["failed"].startswith("top5_overlap ") and "< 0.9" in out["failed"]
@@ -94,12 +96,36 @@ def test_the_mean_with_noise_scores_high_raw_cosine_but_fails_the_bar() -> None:
 
 
 def test_verdict_names_every_failed_figure() -> None:
-    assert F.verdict(0.99, 0.95) == {"same_space": True, "failed": ""}
-    v = F.verdict(0.854, 0.668)
+    assert F.verdict(0.99, 0.95, 0.95, **BARS) == {"same_space": True, "failed": ""}
+    v = F.verdict(0.854, 0.668, 0.5, **BARS)
     assert v["same_space"] is False
-    assert v["failed"] == "median_track_cosine 0.8540 < 0.98; top5_overlap 0.6680 < 0.9"
-    assert F.verdict(0.99, None)["failed"] == "top5_overlap not measured"
-    assert F.verdict(0.9, 0.5, min_median_cosine=0.85, min_top5_overlap=0.5)["same_space"] is True
+    assert v["failed"] == ("median_track_cosine 0.8540 < 0.98; top5_overlap 0.6680 < 0.9; "
+                           "median_centred_track_cosine 0.5000 < 0.9")
+    assert F.verdict(0.99, None, 0.95, **BARS)["failed"] == "top5_overlap not measured"
+    assert F.verdict(0.99, 0.95, None, **BARS)["failed"] == "median_centred_track_cosine not measured"
+    assert F.verdict(0.9, 0.5, 0.4, min_median_cosine=0.85, min_top5_overlap=0.5,
+                     min_median_centred_cosine=0.4)["same_space"] is True
+
+
+def test_a_student_that_moves_onto_the_mean_fails_even_with_its_rankings_kept() -> None:
+    """Full-size shape: embeddings share a dominant mean (a random CLAP scores 0.993 raw for the mean).
+    A student whose offsets from it carry a shared error keeps the neighbour rankings and scores a
+    raw cosine past 0.98 and above the mean's, yet it is not the teacher's space: centred, it fails."""
+    teacher = _dominant_mean_teacher(60, spread=0.05)
+    centre = _unit(teacher.mean(0))
+    offsets = teacher - (teacher @ centre)[:, None] * centre[None]
+    shared_error = 1.5 * np.linalg.norm(offsets, axis=1).mean() * _unit(np.random.default_rng(5).normal(size=centre.shape))
+    student = _unit(teacher + shared_error[None])
+    out = F.same_space(teacher, student, centre, **BARS)
+    assert out["track_cosine"]["median"] > 0.98 and out["top5_overlap"] >= 0.9
+    assert out["mean_baseline"]["median"] > 0.98  # the mean alone passes the raw bar
+    assert out["same_space"] is False
+    assert out["failed"].startswith("median_centred_track_cosine ") and ";" not in out["failed"]
+    mean_student = np.broadcast_to(centre, teacher.shape).copy()
+    flat = F.same_space(teacher, mean_student, centre, **BARS)
+    assert flat["track_cosine_centred"]["median"] == pytest.approx(0.0, abs=1e-9)
+    assert flat["median_above_mean_baseline"] == pytest.approx(0.0, abs=1e-9)
+    assert "median_centred_track_cosine 0.0000 < 0.9" in flat["failed"]
 
 
 def test_shapes_are_checked() -> None:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from pipeline.training.losses import DistillLoss
+from pipeline.training.losses import DistillLoss, relational_loss
 from pipeline.params import LossParams, PlateauParams
 from pipeline.training.checkpoint import CheckpointError, load_checkpoint
 from pipeline.training import schedule
@@ -245,3 +245,34 @@ def test_centred_term_rewards_differences_not_the_mean() -> None:
     assert at_mean["centred_cosine"] == pytest.approx(0.0, abs=1e-5)
     assert at_mean["cosine"] > 0.95  # the raw cosine cannot tell the two apart
     assert list(fn.parameters()) == [] and "centre" not in fn.state_dict()
+
+
+def test_relational_term_matches_similarity_structure_not_coordinates() -> None:
+    """The similarity-preserving term is zero for any rotation of the teacher's rows (same
+    neighbours, other coordinates) and grows when the student reorders who is alike."""
+    g = torch.Generator().manual_seed(3)
+    t = F.normalize(torch.randn(8, 16, generator=g), dim=-1)
+    rotation, _ = torch.linalg.qr(torch.randn(16, 16, generator=g))
+    rotated = t @ rotation
+    assert float(relational_loss(rotated, t)) == pytest.approx(0.0, abs=1e-10)
+    shuffled = t[torch.tensor([3, 0, 6, 1, 7, 2, 5, 4])]
+    assert float(relational_loss(shuffled, t)) > 0.01
+    fn = DistillLoss(LossParams(kind="cosine", relational_weight=2.0))
+    loss_rot, stats = fn(rotated, t)
+    plain, _ = DistillLoss(LossParams(kind="cosine"))(rotated, t)
+    assert stats["relational"] == pytest.approx(0.0, abs=1e-10)
+    assert float(loss_rot) == pytest.approx(float(plain), abs=1e-6)  # the term adds nothing for the same structure
+    _, shuffled_stats = fn(shuffled, t)
+    assert shuffled_stats["relational"] > 0.01
+
+
+def test_relational_term_is_centred_around_a_dominant_mean() -> None:
+    """Around a shared direction every raw similarity is ~1; centred, the structure shows."""
+    g = torch.Generator().manual_seed(4)
+    centre = F.normalize(torch.randn(16, generator=g), dim=0)
+    t = F.normalize(centre + 0.05 * torch.randn(8, 16, generator=g), dim=-1)
+    wrong = F.normalize(centre + 0.05 * torch.randn(8, 16, generator=g), dim=-1)  # other offsets, same mean
+    assert float(relational_loss(wrong, t)) < 0.01  # raw: nearly blind to it
+    assert float(relational_loss(wrong, t, centre)) > 0.1
+    with pytest.raises(ValueError, match="relational_weight"):
+        DistillLoss(LossParams(relational_weight=-1.0))

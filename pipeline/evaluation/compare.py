@@ -266,10 +266,11 @@ def same_space_section(emb: Embedded, p: SameSpaceParams) -> dict[str, Any]:
         return {"skipped": True, "reason": "no readable song"}
     centre = M.mean_embedding(emb.teacher)
     figures = fidelity.same_space(emb.teacher, emb.student, centre, min_median_cosine=p.min_median_cosine,
-                                  min_top5_overlap=p.min_top5_overlap)
+                                  min_top5_overlap=p.min_top5_overlap,
+                                  min_median_centred_cosine=p.min_median_centred_cosine)
     return {"same_space": figures.pop("same_space"), "failed": figures.pop("failed"),
             "min_median_cosine": p.min_median_cosine, "min_top5_overlap": p.min_top5_overlap,
-            "centre": "the mean teacher embedding of these songs", "audio_student": figures}
+            "min_median_centred_cosine": p.min_median_centred_cosine, "centre": "the mean teacher embedding of these songs", "audio_student": figures}
 
 
 # --------------------------------------------------------------------------- the command

@@ -8,9 +8,14 @@ The figures an independent check of a CLAP student used, so ours can be set besi
   embeddings against its k nearest by student embeddings (top-k overlap, k = 5 and 10), and the
   Spearman correlation of the full neighbour ranking. With few tracks k is clipped to half of the
   other tracks (a top-k that holds every other track is trivially the same) and a note says so;
-- the verdict: `same_space` is true when the median track cosine and the top-5 overlap both reach
-  their bars (0.98 and 0.9 by default, the independent check's), else `failed` names the figures
-  below their bar.
+- the mean baseline: the raw cosine of the centring vector itself to every track, the score of a
+  student that outputs the mean embedding for every song (with CLAP's dominant common direction
+  it is high), and how far the student's median stands above it;
+- the verdict: `same_space` is true when the median track cosine and the top-5 overlap reach
+  the independent check's bars (0.98 and 0.9 by default) *and* the median centred track cosine
+  reaches its bar (0.9 by default), else `failed` names the figures below their bar. The mean
+  embedding scores exactly 0 centred, so no student can pass by moving onto the mean, however
+  high its raw cosine; without a centring vector the centred figure is not measured and fails.
 
 Evaluate, `student-clap compare`, the calibration after training and the reports all use these
 functions, so the figures mean the same everywhere.
@@ -95,15 +100,16 @@ def neighbour_agreement(teacher: np.ndarray, student: np.ndarray,
     return out
 
 
-def verdict(median_cosine: float | None, top5_overlap: float | None, *, min_median_cosine: float = 0.98,
-            min_top5_overlap: float = 0.9) -> dict[str, Any]:
-    """{"same_space": bool, "failed": "..."}: the bar is met only when both figures reach it.
+def verdict(median_cosine: float | None, top5_overlap: float | None, median_centred: float | None, *,
+            min_median_cosine: float, min_top5_overlap: float, min_median_centred_cosine: float) -> dict[str, Any]:
+    """{"same_space": bool, "failed": "..."}: the bar is met only when every figure reaches it.
 
     `failed` is one string (figures joined by "; "), "" when none failed, so `dvc exp show` can
-    list it as a column; a missing figure (too few tracks) fails with that reason."""
+    list it as a column; a missing figure (too few tracks, no centring vector) fails with that reason."""
     failed = []
     for name, value, bar in (("median_track_cosine", median_cosine, min_median_cosine),
-                             ("top5_overlap", top5_overlap, min_top5_overlap)):
+                             ("top5_overlap", top5_overlap, min_top5_overlap),
+                             ("median_centred_track_cosine", median_centred, min_median_centred_cosine)):
         if value is None or not np.isfinite(value):
             failed.append(f"{name} not measured")
         elif value < bar:
@@ -112,23 +118,30 @@ def verdict(median_cosine: float | None, top5_overlap: float | None, *, min_medi
 
 
 def same_space(teacher: np.ndarray, student: np.ndarray, centre: np.ndarray | None = None, *,
-               min_median_cosine: float = 0.98, min_top5_overlap: float = 0.9,
+               min_median_cosine: float, min_top5_overlap: float, min_median_centred_cosine: float,
                ks: Sequence[int] = NEIGHBOUR_KS) -> dict[str, Any]:
     """Every same-space figure of a student's track embeddings against the teacher's, with the verdict.
 
     teacher, student: [n_tracks, dim] track embeddings in the same row order. The result is
     nested at most two levels deep, so `dvc exp show` lists each figure as a column:
     same_space, failed, n_tracks, track_cosine.{mean,median,p05,min},
-    track_cosine_centred.{...}, top5_overlap, top10_overlap, top*_k, neighbour_spearman, note.
+    track_cosine_centred.{...}, mean_baseline.{...} and median_above_mean_baseline (with a centre),
+    top5_overlap, top10_overlap, top*_k, neighbour_spearman, note.
     """
     if 5 not in ks:
         raise ValueError("same_space: the verdict needs k=5 among ks")
     cos = track_cosines(student, teacher, centre)
     nb = neighbour_agreement(teacher, student, ks)
-    judged = verdict(cos["cosine"]["median"], nb["top5_overlap"], min_median_cosine=min_median_cosine,
-                     min_top5_overlap=min_top5_overlap)
+    centred_median = cos["centred"]["median"] if "centred" in cos else None
+    judged = verdict(cos["cosine"]["median"], nb["top5_overlap"], centred_median,
+                     min_median_cosine=min_median_cosine, min_top5_overlap=min_top5_overlap,
+                     min_median_centred_cosine=min_median_centred_cosine)
     out: dict[str, Any] = {**judged, "n_tracks": nb.pop("n_tracks"), "track_cosine": cos["cosine"]}
     if "centred" in cos:
         out["track_cosine_centred"] = cos["centred"]
+        baseline = distribution(M.cosine_rows(np.broadcast_to(np.asarray(centre, np.float64).ravel(), teacher.shape),
+                                              np.asarray(teacher, np.float64)))
+        out["mean_baseline"] = baseline
+        out["median_above_mean_baseline"] = cos["cosine"]["median"] - baseline["median"]
     out.update(nb)
     return out

@@ -27,12 +27,14 @@ def evaluate_same_space(audio: AudioResult, retrieval: dict[str, Any], p: SameSp
     if audio.student_tracks is None:
         return {"skipped": True, "reason": f"audio student skipped: {audio.report.get('reason', '')}"}
     figures = fidelity.same_space(audio.teacher_tracks, audio.student_tracks, audio.centre,
-                                  min_median_cosine=p.min_median_cosine, min_top5_overlap=p.min_top5_overlap)
+                                  min_median_cosine=p.min_median_cosine, min_top5_overlap=p.min_top5_overlap,
+                                  min_median_centred_cosine=p.min_median_centred_cosine)
     section: dict[str, Any] = {
         "same_space": figures.pop("same_space"),
         "failed": figures.pop("failed"),
         "min_median_cosine": p.min_median_cosine,
         "min_top5_overlap": p.min_top5_overlap,
+        "min_median_centred_cosine": p.min_median_centred_cosine,
         "audio_student": figures,
     }
     if "end_to_end" in retrieval:

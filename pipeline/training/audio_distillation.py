@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -234,6 +235,17 @@ def init_output_bias(model: AudioStudent, source: MelSource, train: Split, seg_e
     return model.init_output_bias(mels, torch.from_numpy(mean), spread)
 
 
+def train_subset(split: Split, n: int, seed: int) -> Split:
+    """`n` tracks of `split` (all when n is 0 or at least their number), a fixed draw for the seed;
+    a larger `n` keeps every track of a smaller one (the fidelity-vs-data curve nests)."""
+    if n <= 0 or n >= len(split.tracks):
+        return split
+    keep = np.sort(np.random.default_rng(seed).permutation(len(split.tracks))[:n])
+    segs = [split.track_segments[i] for i in keep]
+    return Split(split.tracks[keep], [split.track_ids[i] for i in keep], segs, np.concatenate(segs),
+                 split.teacher_tracks[keep])
+
+
 def audio_student_config(p: DistillAudioParams) -> dict[str, Any]:
     """The student architecture the params ask for (`pipeline.models.audio_student` config)."""
     return {"backbone": p.model, "embed_dim": 512, "dropout": p.dropout, "n_mels": 128}
@@ -299,9 +311,14 @@ def audio_report(p: DistillAudioParams, task: AudioDistillTask, inputs: AudioInp
     model.load_state_dict(result.best_state_dict)
     model.eval()
     val_before = task.validation_figures(model)
-    calibration = calibrate_audio_student(model, source.student, train.track_segments, seg_emb, seg_norm,
-                                          p.calibration_segments, p.batch_size * 4)
-    log_fit("audio student", calibration)
+    if p.calibrate:
+        # chosen on held-out tracks, kept only if their rankings and centred cosine hold
+        fit = calibrate_audio_student(model, task.val_mels, val.track_segments, seg_emb, seg_norm,
+                                      p.calibration_segments, p.batch_size * 4, centre=task.train_track_mean)
+        log_fit("audio student", fit)
+        calibration = fit.report()
+    else:
+        calibration = {"skipped": True, "reason": "distill_audio.calibrate is false"}
     # the final figures are those of the written student (calibrated), on the validation split
     val_best = task.validation_figures(model)
     return {
@@ -314,7 +331,7 @@ def audio_report(p: DistillAudioParams, task: AudioDistillTask, inputs: AudioInp
         "monitor": p.monitor,
         "val": val_best,
         "val_before_calibration": val_before,
-        "calibration": calibration.report(),
+        "calibration": calibration,
         "baseline": baseline_metrics(val, seg_emb, task.train_segment_mean, task.train_track_mean),
         "train": {k.split("/", 1)[1]: v for k, v in result.best_metrics.items() if k.startswith("train/")},
         "n_train_tracks": len(train.tracks),
@@ -335,7 +352,12 @@ def train_audio_student(
     """Train and write student.pt, metrics.json, plots/ and checkpoints/ under `out_dir`."""
     torch.manual_seed(p.seed)  # the student's initial weights
     rank = int(os.environ.get("RANK", "0"))
+    cpu0, wall0 = time.process_time(), time.perf_counter()
     inputs = read_audio_inputs(mels_path, teacher_path, manifest_path)
+    if p.max_train_tracks:
+        inputs.train = train_subset(inputs.train, p.max_train_tracks, p.seed)
+        log.info("training on a fixed subset of %d training tracks (distill_audio.max_train_tracks)",
+                 len(inputs.train.tracks))
     fresh = not resume or not (out_dir / "checkpoints" / "latest.pt").is_file()
     task, source, pretrained = build_audio_task(p, inputs, mels_path, teacher_dir, with_output_bias=fresh)
     centre = torch.from_numpy(task.train_segment_mean.astype(np.float32)) if p.centred_loss else None
@@ -354,6 +376,9 @@ def train_audio_student(
         return {}
 
     report = audio_report(p, task, inputs, source, result, pretrained)
+    report["cost"] = {"cpu_seconds": round(time.process_time() - cpu0, 1),
+                      "wall_seconds": round(time.perf_counter() - wall0, 1),
+                      "threads": torch.get_num_threads(), "device": str(next(task.model.parameters()).device)}
     save_audio_student(out_dir / "student.pt", task.model, report)
     _write_json(out_dir / "metrics.json", report)
     val_best = report["val"]

@@ -21,6 +21,13 @@ draw per batch from torch's global RNG, so a resumed run repeats it — and `app
    10 ms, so frame t is the same instant in both; a student band is carried to the teacher bins
    whose centre frequencies fall inside it.
 
+4. Student-only changes, the teacher's target fixed (the student learns to give the clean
+   segment's embedding for a degraded copy of it): a spectral tilt (`eq_tilt_db`: a gain rising
+   linearly across the mel bands from -t to +t dB, t uniform in ±`eq_tilt_db` per item), a noise
+   floor (`noise_snr_db`: flat power at an SNR uniform in [snr, snr + 20] dB below the row's mean
+   power, per item) and a time shift (`time_shift_frames`: up to ± that many frames per row, the
+   edge frame repeated). The mel cache holds no audio, so a codec re-encode is out of reach here.
+
 Teacher targets from the embedding cache are not augmented (the cached teacher saw the clean
 segment); only mixup has an approximate cached target (the mix of the two raw teacher
 projections). With ``use_teacher_embedding_cache: false`` the teacher is run on the teacher mel
@@ -31,7 +38,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -75,6 +82,25 @@ def teacher_gain(db: torch.Tensor, gain_db: torch.Tensor) -> torch.Tensor:
     return (db + gain_db.to(db.dtype)[:, None, None]).clamp_min(TEACHER_FLOOR_DB)
 
 
+def student_colour(x: torch.Tensor, tilt_db: torch.Tensor | None, snr_db: torch.Tensor | None) -> torch.Tensor:
+    """Spectral tilt and/or a flat noise floor on student mels [S, F, T], in the power domain."""
+    power = student_mel_to_power(x)
+    if tilt_db is not None:
+        ramp = torch.linspace(-1.0, 1.0, x.shape[1], device=x.device, dtype=x.dtype)  # mel bands ~ log frequency
+        power = power * torch.pow(10.0, tilt_db.to(x.device, x.dtype)[:, None, None] * ramp[None, :, None] / 10.0)
+    if snr_db is not None:
+        floor = power.mean(dim=(1, 2), keepdim=True) * torch.pow(10.0, -snr_db.to(x.device, x.dtype) / 10.0)[:, None, None]
+        power = power + floor
+    return power_to_student_mel(power)
+
+
+def time_shift(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Delay each row of [S, F, T] by shift[S] frames (negative: advance), repeating the edge frame."""
+    t = torch.arange(x.shape[-1], device=x.device)
+    src = (t[None, :] - shift[:, None]).clamp(0, x.shape[-1] - 1)  # [S, T]
+    return torch.gather(x, 2, src[:, None, :].expand(-1, x.shape[1], -1))
+
+
 # ----------------------------------------------------------------------------- mel frequencies
 
 
@@ -105,13 +131,16 @@ class Plan:
     f_hi: torch.Tensor
     t_lo: torch.Tensor  # [S] first masked frame
     t_hi: torch.Tensor
+    tilt_db: torch.Tensor | None = None  # [S] student only: tilt from -t (lowest band) to +t dB
+    snr_db: torch.Tensor | None = None  # [S] student only: noise floor below the row's mean power
+    shift: torch.Tensor | None = None  # [S] student only: frames the row is delayed (negative: advanced)
 
     @property
     def mixed(self) -> torch.Tensor:
         return self.partner >= 0
 
     def to(self, device: torch.device | str) -> Plan:
-        return Plan(*(getattr(self, f).to(device) for f in ("gain_db", "partner", "lam", "f_lo", "f_hi", "t_lo", "t_hi")))
+        return Plan(*(None if v is None else v.to(device) for v in (getattr(self, f.name) for f in fields(self))))
 
 
 class Augmenter:
@@ -131,7 +160,9 @@ class Augmenter:
 
     @property
     def active(self) -> bool:
-        return self.p.gain_db > 0 or self.p.mixup > 0 or self.p.spec_masks
+        p = self.p
+        return (p.gain_db > 0 or p.mixup > 0 or p.spec_masks or p.eq_tilt_db > 0 or p.noise_snr_db > 0
+                or p.time_shift_frames > 0)
 
     def draw(self, row_item: torch.Tensor, n_bins: int, n_frames: int) -> Plan:
         """`row_item` [S]: the item (segment or track) each mel row belongs to."""
@@ -163,7 +194,15 @@ class Augmenter:
             tw = torch.randint(0, min(p.time_mask, n_frames) + 1, (s,))
             t_lo = (torch.rand(s) * (n_frames - tw + 1)).long()
             t_hi = t_lo + tw
-        return Plan(gain, partner, lam, f_lo, f_hi, t_lo, t_hi)
+        # student-only draws come after the others, so turning them on leaves the rest of the plan as it was
+        tilt = snr = shift = None
+        if p.eq_tilt_db > 0:
+            tilt = ((torch.rand(n_items) * 2.0 - 1.0) * p.eq_tilt_db)[row_item]
+        if p.noise_snr_db > 0:
+            snr = (p.noise_snr_db + 20.0 * torch.rand(n_items))[row_item]
+        if p.time_shift_frames > 0:
+            shift = torch.randint(-p.time_shift_frames, p.time_shift_frames + 1, (s,))
+        return Plan(gain, partner, lam, f_lo, f_hi, t_lo, t_hi, tilt, snr, shift)
 
     # -- application ------------------------------------------------------------------------
 
@@ -176,6 +215,10 @@ class Augmenter:
             x = self._mix(x, plan, student_mel_to_power, power_to_student_mel)
         if self.p.spec_masks:
             x = self._mask(x, plan.f_lo, plan.f_hi, plan.t_lo, plan.t_hi, freq_axis=1)
+        if plan.tilt_db is not None or plan.snr_db is not None:
+            x = student_colour(x, plan.tilt_db, plan.snr_db)
+        if plan.shift is not None:
+            x = time_shift(x, plan.shift.to(x.device))
         return x
 
     def apply_teacher(self, db: torch.Tensor, plan: Plan) -> torch.Tensor:
@@ -275,6 +318,8 @@ __all__ = [
     "kaldi_mel_centres",
     "mixup_targets",
     "slaney_mel_centres",
+    "student_colour",
     "student_gain",
+    "time_shift",
     "teacher_gain",
 ]

@@ -16,8 +16,10 @@ carried are lost (bias 9.9 -> 750, validation cosine 0.9930 against a 0.9928 bas
 criterion here: among candidate values, the highest mean raw cosine to the teacher on a bounded
 calibration sample, *subject to* the student's neighbour figures on that sample (top-5 neighbour
 overlap and Spearman of the neighbour ranking, against the teacher, see
-pipeline.evaluation.fidelity) not falling below their values before calibration. The current
-value is always a candidate, so at worst nothing changes; raw cosine never goes down either.
+pipeline.evaluation.fidelity) and their mean centred cosine not falling below their values
+before calibration. The current value is always a candidate, so at worst nothing changes; raw
+cosine never goes down either. The audio fit runs on held-out (validation) tracks, never on the
+training items the student has already fitted (`distill_audio.calibrate`, off by default).
 """
 
 from __future__ import annotations
@@ -36,24 +38,29 @@ log = logging.getLogger(__name__)
 
 GUARD_K = 5
 CRITERION = ("highest mean raw cosine on the calibration sample without lowering its top-5 neighbour "
-             "overlap or neighbour-ranking Spearman")
+             "overlap, neighbour-ranking Spearman or centred cosine")
 
 
 # --------------------------------------------------------------------------- the criterion
 
 
 def guard_figures(student_rows: np.ndarray, teacher_rows: np.ndarray, student_items: np.ndarray,
-                  teacher_items: np.ndarray) -> dict[str, float | None]:
-    """Mean raw cosine over rows (segments or queries); neighbour figures over items (tracks or queries)."""
+                  teacher_items: np.ndarray, centre: np.ndarray | None = None) -> dict[str, float | None]:
+    """Mean raw cosine over rows (segments or queries); neighbour figures over items (tracks or
+    queries) and, with a centring vector, their mean centred cosine."""
     nb = neighbour_agreement(teacher_items, student_items, ks=(GUARD_K,))
+    centred = None
+    if centre is not None:
+        centred = float(M.centred_cosine_rows(M.l2_normalize(student_items), teacher_items, centre).mean())
     return {"cosine": float(M.cosine_rows(student_rows, teacher_rows).mean()),
             f"top{GUARD_K}_overlap": nb[f"top{GUARD_K}_overlap"],
-            "neighbour_spearman": nb["neighbour_spearman"]}
+            "neighbour_spearman": nb["neighbour_spearman"], "centred_cosine": centred}
 
 
 def keeps_rankings(after: dict[str, Any], before: dict[str, Any]) -> bool:
-    """True when no neighbour figure of `after` is below `before` (unmeasured figures constrain nothing)."""
-    for key in (f"top{GUARD_K}_overlap", "neighbour_spearman"):
+    """True when no neighbour figure of `after`, nor its centred cosine, is below `before`
+    (unmeasured figures constrain nothing)."""
+    for key in (f"top{GUARD_K}_overlap", "neighbour_spearman", "centred_cosine"):
         b, a = before.get(key), after.get(key)
         if b is not None and a is not None and a < b - 1e-12:
             return False
@@ -140,7 +147,7 @@ def bias_length_candidates(start: float) -> np.ndarray:
 
 
 def fit_bias_length(proj: np.ndarray, row_item: np.ndarray, direction: np.ndarray, teacher_rows: np.ndarray,
-                    teacher_items: np.ndarray, start: float) -> Fit:
+                    teacher_items: np.ndarray, start: float, centre: np.ndarray | None = None) -> Fit:
     """Output-bias length for student outputs L2(proj + L * direction), by the ranking-safe criterion.
 
     proj [rows, D]: the student's raw outputs minus its bias; row_item [rows]: the item (track) of
@@ -162,7 +169,7 @@ def fit_bias_length(proj: np.ndarray, row_item: np.ndarray, direction: np.ndarra
     def figures_of(length: float) -> dict[str, Any]:
         if length not in cache:
             cache[length] = guard_figures(proj + length * d[None], teacher_rows, item_proj + length * d[None],
-                                          teacher_items)
+                                          teacher_items, centre)
         return cache[length]
 
     coarse, before, _, rejected = choose(bias_length_candidates(start), start, cosine_of, figures_of)
@@ -177,7 +184,8 @@ def fit_bias_length(proj: np.ndarray, row_item: np.ndarray, direction: np.ndarra
 
 def calibrate_audio_student(model, student_mels: Callable[[np.ndarray], np.ndarray],
                             track_segments: Sequence[np.ndarray], teacher_seg_emb: np.ndarray,
-                            teacher_seg_norm: np.ndarray, limit: int, batch: int = 64) -> Fit:
+                            teacher_seg_norm: np.ndarray, limit: int, batch: int = 64,
+                            centre: np.ndarray | None = None) -> Fit:
     """Rescale `model.output_bias` (an AudioStudent) in place by `fit_bias_length` on a bounded sample.
 
     student_mels(segment indices) -> the student log-mels; teacher_seg_emb / teacher_seg_norm: the
@@ -204,7 +212,7 @@ def calibrate_audio_student(model, student_mels: Callable[[np.ndarray], np.ndarr
             mels = torch.from_numpy(np.ascontiguousarray(student_mels(segs[a:a + batch]), dtype=np.float32))
             raw.append(model.embed_raw(mels.to(device)).float().cpu().numpy())
         proj = np.concatenate(raw).astype(np.float64) - bias[None]
-        fit = fit_bias_length(proj, row_item, bias / old, teacher_rows, teacher_items, old)
+        fit = fit_bias_length(proj, row_item, bias / old, teacher_rows, teacher_items, old, centre)
         model.output_bias.mul_(fit.after / old)
     model.train(was_training)
     return fit
@@ -251,7 +259,7 @@ def fit_text_scale(student_unit: np.ndarray, teacher: np.ndarray, teacher_mean: 
 
     def figures_of(g: float) -> dict[str, Any]:
         out = anchored(s, mean, g)
-        return guard_figures(out, t, out, t)
+        return guard_figures(out, t, out, t, M.l2_normalize(mean))
 
     value, before, after, rejected = choose([1.0, least_squares], 1.0, cosine_of, figures_of)
     fit = Fit("anchor_scale", 1.0, value, before, after, n_rows=len(s), n_items=len(s), rejected=rejected)

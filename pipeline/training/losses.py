@@ -16,6 +16,12 @@ belongs to a softmax over a batch, where it sets the sharpness of a distribution
 optional batch-contrastive term (``contrastive_weight > 0``), an InfoNCE loss in both directions
 between student rows and teacher rows of the same batch, whose logit scale starts at
 ``contrastive_logit_scale`` (log of the inverse temperature) and is learned, clamped at log(100).
+
+The optional relational term (``relational_weight > 0``, similarity-preserving distillation) is
+the mean squared difference between the batch's student-student cosine matrix and the teacher's,
+off the diagonal. It aims straight at what neighbour search needs: which items are alike, and
+how much. With a centring point both sides are centred first, since around a dominant common
+direction every raw similarity is close to 1 and the matrix says little.
 """
 
 from __future__ import annotations
@@ -47,6 +53,9 @@ class DistillLoss(nn.Module):
         self.kind = p.kind
         self.temperature = p.temperature
         self.contrastive_weight = p.contrastive_weight
+        if p.relational_weight < 0:
+            raise ValueError(f"loss.relational_weight must be >= 0, got {p.relational_weight}")
+        self.relational_weight = p.relational_weight
         # Only the contrastive term owns a learnable scale; the module has no parameters otherwise.
         self.logit_scale = nn.Parameter(torch.tensor(float(p.contrastive_logit_scale))) if p.contrastive_weight > 0 else None
         # Optional centring point (the mean training teacher embedding, unit length). A teacher whose
@@ -78,6 +87,10 @@ class DistillLoss(nn.Module):
             centred = F.cosine_similarity(s_n - c, t_n - c, dim=-1, eps=1e-8)
             loss = loss - centred.mean() / self.temperature
             stats["centred_cosine"] = float(centred.detach().mean())
+        if self.relational_weight > 0 and student.shape[0] > 2:
+            relational = relational_loss(s_n, t_n, None if self.centre is None else self.centre.to(s_n.dtype))
+            loss = loss + self.relational_weight * relational
+            stats["relational"] = float(relational.detach())
         if self.logit_scale is not None and student.shape[0] > 1:
             scale = self.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp()
             logits = scale * s_n @ t_n.T
@@ -87,3 +100,13 @@ class DistillLoss(nn.Module):
             stats["contrastive"] = float(contrastive.detach())
             stats["logit_scale"] = float(self.logit_scale.detach())
         return loss, stats
+
+
+def relational_loss(student: torch.Tensor, teacher: torch.Tensor, centre: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean squared difference of the off-diagonal cosine matrices of `student` and `teacher` rows [N, D]."""
+    if centre is not None:
+        student, teacher = student - centre, teacher - centre
+    a = F.normalize(student, dim=-1, eps=1e-8)
+    b = F.normalize(teacher, dim=-1, eps=1e-8)
+    off = ~torch.eye(a.shape[0], dtype=torch.bool, device=a.device)
+    return ((a @ a.T - b @ b.T)[off] ** 2).mean()
