@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import argparse
 import logging
-from dataclasses import dataclass
+import os
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -605,6 +607,105 @@ def synthesize_all(out_dir: Path) -> list[Path]:
     total = sum(p.stat().st_size for p in written)
     log.info("%d files, %.2f MB in %s", len(written), total / 1e6, out_dir)
     return written
+
+
+# --------------------------------------------------------------------------- benchmark corpora
+
+# Corpus songs take seeds at and above this; the demo songs (101-1025) and the demo teacher's
+# training and held-out clips (pipeline.teacher.demo: 1000 + i, and 10^10 + 1000 + i) stay below
+# or far above it, so a benchmark never scores the teacher or the student on a clip it trained on.
+CORPUS_SEED_BASE = 50_000_000
+CORPUS_TRACK_BASE = 500_000  # MTG-Jamendo style track numbers of corpus songs
+
+# (extension, soundfile format, subtype, sample rate, channels, compression): every demo format
+CORPUS_FORMATS: tuple[tuple[str, str, str, int, int, float | None], ...] = (
+    ("mp3", *_MP3, 44100, 2, 0.99),
+    ("mp3", *_MP3, 22050, 1, 0.99),
+    ("ogg", *_OGG, 22050, 1, 0.99),
+    ("opus", "OGG", "OPUS", 48000, 1, 0.97),
+    ("flac", "FLAC", "PCM_16", 22050, 1, 1.0),
+    ("wav", "WAV", "PCM_16", 16000, 1, None),
+)
+
+
+def corpus_songs(n: int, seed: int = 0, min_seconds: float = 15.0, max_seconds: float = 30.0,
+                 max_per_artist: int = 5) -> list[Song]:
+    """`n` labelled songs for the fidelity benchmark, every attribute combination equally often.
+
+    Songs are grouped under artists of 1..max_per_artist songs (the split is by artist), take the
+    demo formats in turn at random, and last uniform(min_seconds, max_seconds). Deterministic in
+    (n, seed); the first songs of a larger corpus are the songs of a smaller one with the same seed."""
+    if n < 1 or not 0 < min_seconds <= max_seconds or max_per_artist < 1:
+        raise ValueError(f"corpus: need n >= 1, 0 < min_seconds <= max_seconds, max_per_artist >= 1; "
+                         f"got n={n}, seconds {min_seconds}..{max_seconds}, max_per_artist={max_per_artist}")
+    combos = [Music(lead, drums, tempo, mode) for lead in INSTRUMENTS for drums in (False, True)
+              for tempo in TEMPI for mode in MODES]
+    songs: list[Song] = []
+    artist, left = "", 0
+    for i in range(n):
+        rng = np.random.default_rng([seed, i])  # per song: a prefix of the corpus never changes
+        block, slot = divmod(i, len(combos))
+        music = combos[np.random.default_rng([seed, block]).permutation(len(combos))[slot]]
+        if left == 0:
+            artist, left = f"Corpus Artist {seed}-{i:05d}", int(rng.integers(1, max_per_artist + 1))
+        left -= 1
+        ext, fmt, subtype, rate, channels, compression = CORPUS_FORMATS[int(rng.integers(len(CORPUS_FORMATS)))]
+        number = CORPUS_TRACK_BASE + i
+        songs.append(Song(f"{number % 100:02d}/{number}.{ext}", fmt, subtype, rate, channels,
+                          round(float(rng.uniform(min_seconds, max_seconds)), 2), CORPUS_SEED_BASE + seed * 1_000_000 + i,
+                          music.lead, music.drums, music.tempo, music.mode, artist, f"Study {i}",
+                          round(float(rng.uniform(-8.0, -1.0)), 2), compression))
+    return songs
+
+
+def _write_corpus_song(song: Song, audio_dir: Path) -> str:
+    """Write one song through a temporary name, so a killed run never leaves a truncated file."""
+    final = audio_dir / song.path
+    if final.is_file():
+        return song.path
+    part = replace(song, path=song.path + ".part")
+    write_song(part, audio_dir)
+    os.replace(audio_dir / part.path, final)
+    return song.path
+
+
+def write_corpus(songs: list[Song], out_dir: Path, jobs: int = 1) -> dict[str, Path]:
+    """Audio under out_dir/audio/jamendo and its MTG-Jamendo style list and autotagging TSV under
+    out_dir/sources/jamendo (CC BY 4.0: the licence policy admits it). Songs already written are
+    kept, so an interrupted run resumes. Returns the paths ingest params name."""
+    audio_dir = Path(out_dir) / "audio" / "jamendo"
+    lists_dir = Path(out_dir) / "sources" / "jamendo"
+    for d in (audio_dir, lists_dir, Path(out_dir) / "audio" / "empty"):
+        d.mkdir(parents=True, exist_ok=True)
+    with ProcessPoolExecutor(max_workers=max(1, jobs)) as pool:
+        futures = [pool.submit(_write_corpus_song, s, audio_dir) for s in songs]
+        for f in tqdm(as_completed(futures), total=len(futures), desc="corpus songs", unit="song"):
+            f.result()
+    blocks = ["## Training Dataset Songs - MTG JAMENDO", "Synthesised benchmark songs (pipeline.data.demo_audio).",
+              "Below the list of the specific songs used and their license.", ""]
+    rows = ["TRACK_ID\tARTIST_ID\tALBUM_ID\tPATH\tDURATION\tTAGS"]
+    artists: dict[str, int] = {}
+    for s in songs:
+        number = int(Path(s.path).stem)
+        blocks += [s.path, f"{s.title} by {s.artist} from Jamendo: http://www.jamendo.com/track/{number}",
+                   "Available under a Creative Commons Attribution license: http://creativecommons.org/licenses/by/4.0/", ""]
+        a = artists.setdefault(s.artist, len(artists) + 1)
+        rows.append("\t".join([f"track_{number:07d}", f"artist_{a:06d}", f"album_{a:06d}", s.path,
+                               f"{s.seconds:.1f}", *tags(s.music)]))
+    licence_list = lists_dir / "MTG_JAMENDO_SONGS_LICENSE.md"
+    metadata = lists_dir / "autotagging.tsv"
+    licence_list.write_text("\n".join(blocks), encoding="utf-8")
+    metadata.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    return {"audio_root": audio_dir, "list": licence_list, "metadata": metadata,
+            "empty_root": Path(out_dir) / "audio" / "empty"}
+
+
+def corpus_main(args: argparse.Namespace) -> int:
+    songs = corpus_songs(args.songs, args.seed, args.min_seconds, args.max_seconds)
+    paths = write_corpus(songs, Path(args.out), jobs=args.jobs)
+    log.info("%d corpus songs (%.1f audio-minutes) under %s; list %s", len(songs),
+             sum(s.seconds for s in songs) / 60, paths["audio_root"], paths["list"])
+    return 0
 
 
 def main(args: argparse.Namespace) -> int:
