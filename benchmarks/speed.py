@@ -13,10 +13,10 @@ shown for reference only.
 - per student (random weights exported by pipeline.models.audio_export and song_export, BatchNorm
   statistics set on the benchmark song's own mels so activations have realistic scales):
   * old: `student-clap embed --segment-wise`: decode at 48 kHz, resample the int16 audio to 32 kHz,
-    every 10-s window through the waveform model (pipeline.runtime.search.AudioEmbedder);
+    every 10-s window through the waveform model (student_clap.search.AudioEmbedder);
   * new: the default: the same decoded samples (both resamplings streamed, no 48-kHz copy), front-end
-    (the numpy log-mel, pipeline.runtime.logmel) and trunk once per run of windows, the edge columns
-    of each window recomputed, head per window (pipeline.runtime.song); fp32, fp32 with the exported
+    (the numpy log-mel, student_clap.logmel) and trunk once per run of windows, the edge columns
+    of each window recomputed, head per window (student_clap.song); fp32, fp32 with the exported
     ONNX front-end instead (what runs without scipy), fp32 with the one-pass decode
     (--one-pass-decode), int8 head, and the int8 head after a static int8 trunk (QDQ, calibrated
     like the head; measured here only, the export keeps the trunk in fp32).
@@ -151,7 +151,7 @@ def bench_teacher(song: Path, threads: int, repeats: int) -> dict:
     import torch
     from transformers import ClapAudioConfig, ClapAudioModelWithProjection
 
-    from pipeline.data.audio import decode, segments
+    from student_clap.audio import decode, segments
     from pipeline.data.frontends import TeacherMel
     from pipeline.params import TeacherFrontendParams
     from pipeline.teacher.model import htsat_base_audio_config
@@ -184,13 +184,13 @@ def export_student(backbone: str, out_dir: Path, song: Path) -> dict:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from pipeline.data.audio import decode_int16, int16_to_float, segments
+    from student_clap.audio import decode_int16, int16_to_float, segments
     from pipeline.data.frontends import StudentMel, set_export_stft
     from pipeline.models import audio_export, export_bundle, onnx_export, song_export
     from pipeline.models.audio_student import build_audio_student
     from pipeline.params import StudentFrontendParams
-    from pipeline.runtime.search import open_audio_embedder
-    from pipeline.runtime.song import SPAN_WINDOWS, _runs
+    from student_clap.search import open_audio_embedder
+    from student_clap.song import SPAN_WINDOWS, _runs
 
     torch.manual_seed(0)
     student = build_audio_student({"backbone": backbone}).eval()
@@ -285,8 +285,8 @@ def split_new_path(embedder, song: Path, repeats: int) -> dict:
     around them."""
     import soundfile as sf
 
-    from pipeline.data.audio import decode_int16
-    from pipeline.runtime.decode import decode_student
+    from student_clap.audio import decode_int16
+    from student_clap.decode import decode_student
 
     parts: dict[str, list[float]] = {k: [] for k in ("read", "to48", "to32", "frontend", "trunk", "head", "glue")}
     # the front-end is the numpy log-mel where the embedder uses it, else its onnxruntime session
@@ -319,10 +319,10 @@ def split_new_path(embedder, song: Path, repeats: int) -> dict:
 
 def bench_student(models: Path, label: str, song: Path, threads: int, repeats: int) -> dict:
     # onnxruntime only, the code path of `student-clap embed` (no torch in this process)
-    from pipeline.data.audio import decode_int16, resample_int16
-    from pipeline.runtime.decode import decode_student
-    from pipeline.runtime.search import AudioEmbedder, load_spec, open_audio_embedder
-    from pipeline.runtime.song import SongEmbedder
+    from student_clap.audio import decode_int16, resample_int16
+    from student_clap.decode import decode_student
+    from student_clap.search import AudioEmbedder, load_spec, open_audio_embedder
+    from student_clap.song import SongEmbedder
 
     old = open_audio_embedder(models, batch_size=BATCH, threads=threads, segment_wise=True)
     new = open_audio_embedder(models, batch_size=BATCH, threads=threads)
@@ -374,7 +374,7 @@ def bench_library(models: Path, song: Path, threads: int, repeats: int) -> dict:
     """What `student-clap index` does with a folder: 2 songs per core through embed_files. old:
     segment-wise, one song at a time on `threads` onnxruntime threads; new: the default, one song
     per core at once (--jobs), one onnxruntime thread each. Wall and CPU-seconds per song, median."""
-    from pipeline.runtime.search import embed_files, open_audio_embedder, song_jobs
+    from student_clap.search import embed_files, open_audio_embedder, song_jobs
 
     cores = os.cpu_count() or 1
     files = [song] * (2 * cores)
@@ -391,8 +391,8 @@ def bench_library(models: Path, song: Path, threads: int, repeats: int) -> dict:
 
 
 def bench_decode(folder: Path, repeats: int) -> dict:
-    from pipeline.data.audio import decode_int16, resample_int16
-    from pipeline.runtime.decode import decode_student
+    from student_clap.audio import decode_int16, resample_int16
+    from student_clap.decode import decode_student
 
     out = {}
     for fmt in FORMATS:

@@ -19,11 +19,11 @@ import torch
 from scipy.stats import spearmanr
 
 from pipeline.cli import main
-from pipeline.data.audio import cut, decode_int16, int16_to_float, map_starts, resample_int16, segment_starts
+from student_clap.audio import cut, decode_int16, int16_to_float, map_starts, resample_int16, segment_starts
 from pipeline.data.frontends import TeacherMel
 from pipeline.data.mel_cache import dequantise, quantise
 from pipeline.evaluation import compare as C
-from pipeline.data.text_tokenizer import encode
+from student_clap.tokenizer import encode
 from pipeline.params import TeacherModelParams, load_params
 from pipeline.teacher.model import build_demo_teacher, load_teacher
 

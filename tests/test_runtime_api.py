@@ -1,4 +1,4 @@
-"""pipeline.runtime.api: the documented Python API over the exported students."""
+"""student_clap.api: the documented Python API over the exported students."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from pipeline.data.audio import decode_int16
-from pipeline.runtime.api import SearchError, StudentClap
-from pipeline.runtime.search import AudioEmbedder, TextEmbedder
+from student_clap.audio import decode_int16
+from student_clap.api import SearchError, StudentClap
+from student_clap.search import AudioEmbedder, TextEmbedder
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -79,7 +79,7 @@ def test_bad_inputs_are_named(tiny_export: Path, tmp_path: Path) -> None:
 
 def test_api_never_imports_torch(tiny_export: Path, tiny_songs: Path) -> None:
     code = (
-        "import sys\nfrom pipeline.runtime.api import StudentClap\n"
+        "import sys\nfrom student_clap.api import StudentClap\n"
         f"c = StudentClap({str(tiny_export)!r}, threads=1)\n"
         f"c.embed_file({str(tiny_songs / 'low.wav')!r}); c.embed_text('piano')\n"
         "bad = [m for m in ('torch', 'transformers', 'dvc', 'yaml', 'h5py', 'librosa') if m in sys.modules]\n"

@@ -74,7 +74,7 @@ def test_embed_index_search_run_on_the_base_install(runtime_venv: Path, tiny_exp
 
     # the same vectors as the full install computes, through the Python API of the runtime install
     api = _run([str(runtime_venv / "bin" / "python"), "-c",
-                "import sys, numpy as np\nfrom pipeline.runtime.api import StudentClap\n"
+                "import sys, numpy as np\nfrom student_clap.api import StudentClap\n"
                 f"c = StudentClap({str(tiny_export)!r}, threads=1)\n"
                 f"np.save(sys.argv[1], c.embed_file({str(tiny_songs / 'low.wav')!r}))\n"
                 f"assert not [m for m in {PIPELINE_ONLY!r} if m in sys.modules]\n",

@@ -16,7 +16,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from pipeline.data.audio import (
+from student_clap.audio import (
     cut,
     decode,
     decode_int16,
@@ -26,7 +26,7 @@ from pipeline.data.audio import (
     segment_starts,
     segments,
 )
-from pipeline.runtime import search as S
+from student_clap import search as S
 
 torch.set_num_threads(1)
 SR, SEG_S, HOP_S = 16000, 1.0, 0.5
@@ -189,7 +189,7 @@ def test_reindexing_embeds_only_new_and_changed_files(exported, songs, tmp_path,
     shutil.copy(lib / "long.wav", lib / "album" / "added.wav")  # one new song
     counting.clear()
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="pipeline.runtime.search"):
+    with caplog.at_level(logging.INFO, logger="student_clap.search"):
         assert S.index_main(_index_args(lib, out, models)) == 0
     assert counting == ["added.wav"]  # the broken file, unchanged, is not tried again
     assert "reused 3, embedded 1, removed 0; 1 file(s) skipped" in caplog.text
@@ -206,7 +206,7 @@ def test_reindexing_embeds_only_new_and_changed_files(exported, songs, tmp_path,
     os.utime(lib / "album" / "mid.flac", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
     counting.clear()
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="pipeline.runtime.search"):
+    with caplog.at_level(logging.INFO, logger="student_clap.search"):
         assert S.index_main(_index_args(lib, out, models)) == 0
     assert sorted(counting) == ["long.wav", "mid.flac"]
     assert "reused 1, embedded 2, removed 1" in caplog.text
@@ -318,7 +318,7 @@ def test_out_is_checked_before_any_work(exported, songs, tmp_path):
 
 
 def test_os_errors_on_one_file_are_reported_and_skipped(exported, songs, tmp_path, monkeypatch):
-    from pipeline.data import audio
+    from student_clap import audio
 
     models, _, _ = exported
     locked = songs / "album/mid.flac"
@@ -390,7 +390,7 @@ def test_unreadable_file_and_folder_in_a_library(exported, songs, tmp_path):
 
 
 def test_files_refused_by_the_mel_cache_are_refused_by_embed_and_index_alike(exported, tmp_path):
-    from pipeline.data.audio import AudioDecodeError, decode_track
+    from student_clap.audio import AudioDecodeError, decode_track
 
     models, _, _ = exported
     lib = tmp_path / "lib"

@@ -1,4 +1,4 @@
-"""Song-level inference (pipeline.runtime.song) against today's segment-wise path.
+"""Song-level inference (student_clap.song) against today's segment-wise path.
 
 The student is an mn04 with random weights whose BatchNorm statistics are set on the mels of the
 songs below ("precise BN"), exported by the export stage's own functions. Why not a trained one:
@@ -20,7 +20,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from pipeline.data.audio import (
+from student_clap.audio import (
     AudioDecodeError,
     decode_int16,
     int16_to_float,
@@ -31,9 +31,9 @@ from pipeline.data.frontends import StudentMel
 from pipeline.models import audio_export, export_bundle, song_export
 from pipeline.models.audio_student import build_audio_student
 from pipeline.params import StudentFrontendParams
-from pipeline.runtime import search as S
-from pipeline.runtime import song as song_rt
-from pipeline.runtime.decode import decode_student
+from student_clap import search as S
+from student_clap import song as song_rt
+from student_clap.decode import decode_student
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
@@ -162,7 +162,7 @@ def test_numpy_front_end_only_where_it_equals_the_onnx_one(exported, songs, monk
     wave = decode_student(songs[0], SR, via_rate=48000)
     np.testing.assert_allclose(new.embed_wave(wave)[0], onnx_fe.embed_wave(wave)[0], atol=1e-5)
     # a description that does not match the exported front-end is caught by the probe at load
-    with caplog.at_level("WARNING", logger="pipeline.runtime.song"):
+    with caplog.at_level("WARNING", logger="student_clap.song"):
         wrong = song_rt.SongEmbedder(*new.model_paths, new.geometry, logmel={**spec, "preemphasis": 0.9})
     assert wrong.logmel is None
     assert "audio_student_frontend.onnx" in caplog.text and "differs" in caplog.text
@@ -242,7 +242,7 @@ def test_runtime_modules_never_import_torch():
     import subprocess
     import sys
 
-    code = ("import sys, pipeline.runtime.song, pipeline.runtime.decode, pipeline.runtime.search; "
+    code = ("import sys, student_clap.song, student_clap.decode, student_clap.search; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=False,
                           env={**__import__("os").environ, "PYTHONPATH": str(REPO)})

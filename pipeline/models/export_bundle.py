@@ -75,7 +75,7 @@ def export_text(
     student: nn.Module, tokenizer_path: Path, out_dir: Path, *, opset: int, min_cosine: float
 ) -> dict[str, Any]:
     """Text ONNX (dynamic batch and length) + tokenizer.json, parity-checked on PARITY_TEXTS."""
-    from pipeline.data.text_tokenizer import encode, load_tokenizer
+    from student_clap.tokenizer import encode, load_tokenizer
     from pipeline.models.text_student import export_text_onnx
 
     student = student.eval()

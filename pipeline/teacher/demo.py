@@ -98,7 +98,7 @@ def _lossy_round_trip(wave: np.ndarray, sr: int, codec: str) -> np.ndarray:
 
 def clip_mels(specs: list[ClipSpec], desc: str = "clips") -> torch.Tensor:
     """Teacher log-mels [N, 1001, 64] (fp16) of the clips, through the pipeline's audio path."""
-    from pipeline.data.audio import (
+    from student_clap.audio import (
         int16_to_float,
         repeat_pad,
         resample_int16,
