@@ -69,6 +69,45 @@ def _str(raw: bytes) -> str:
     return os.fsdecode(bytes(raw))
 
 
+def _sqlite_kind(path: Path, ours: bool = False) -> str:
+    """'index' (a student-clap index), 'blank' (a SQLite file with no tables: an index whose
+    creation was cut short), 'other' (another program's database) or 'locked' (one being created
+    by a writer right now)."""
+    try:
+        con = _connect_ro(path)
+        try:
+            tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            row = con.execute("SELECT value FROM meta WHERE key = 'format'").fetchone() if "meta" in tables else None
+        finally:
+            con.close()
+    except sqlite3.Error:
+        return "locked" if not ours and _locked(path) else "other"
+    if row and row[0] == FORMAT:
+        return "index"
+    if not tables:
+        return "locked" if not ours and _locked(path) else "blank"
+    return "locked" if not ours and _locked(path) and tables <= {"meta", "tracks", "vectors"} else "other"
+
+
+def _locked(path: Path) -> bool:
+    """Whether another process holds the writer's lock on `path`."""
+    try:
+        import fcntl
+    except ImportError:
+        return False
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except OSError:
+        return True
+    finally:
+        os.close(fd)  # also drops the probe's shared lock
+
+
 def is_index_file(path: str | Path) -> bool:
     """True when `path` is a SQLite database holding a student-clap index."""
     try:
@@ -77,20 +116,18 @@ def is_index_file(path: str | Path) -> bool:
                 return False
     except OSError:
         return False
-    try:
-        con = _connect_ro(Path(path))
-        try:
-            row = con.execute("SELECT value FROM meta WHERE key = 'format'").fetchone()
-        finally:
-            con.close()
-    except sqlite3.Error:
-        return False
-    return bool(row) and row[0] == FORMAT
+    return _sqlite_kind(Path(path)) == "index"
 
 
-def check_index_target(path: str | Path) -> None:
+def _busy(path: Path) -> SearchError:
+    return SearchError(f"{path}: another `student-clap index` is writing this index now; wait for it to finish "
+                       "(search works meanwhile)")
+
+
+def check_index_target(path: str | Path, *, ours: bool = False) -> None:
     """Refuse (SearchError) to make `path` an index when it holds anything else: an audio file, a
-    playlist, another program's database. A missing or empty file is fine."""
+    playlist, another program's database. A missing or empty file is fine, and so is a SQLite file
+    with no tables (an index whose creation was cut short). `ours`: the caller holds the writer's lock."""
     path = Path(path)
     try:
         if path.is_dir():
@@ -101,11 +138,15 @@ def check_index_target(path: str | Path) -> None:
             head = fh.read(16)
     except OSError as exc:
         raise SearchError(f"--out {path}: cannot read it ({exc.strerror or exc})") from None
-    if head == SQLITE_MAGIC and is_index_file(path):
-        return
-    what = "another program's SQLite database" if head == SQLITE_MAGIC else "a file that is not a student-clap index"
-    raise SearchError(f"--out {path}: exists and is {what}; refusing to replace it (choose another file name, "
-                      "e.g. music.db)")
+    if head != SQLITE_MAGIC:
+        raise SearchError(f"--out {path}: exists and is not a student-clap index; refusing to replace it "
+                          "(choose another file name, e.g. music.db)")
+    kind = _sqlite_kind(path, ours)
+    if kind == "locked":
+        raise _busy(path)
+    if kind == "other":
+        raise SearchError(f"--out {path}: exists and is another program's SQLite database; refusing to replace it "
+                          "(choose another file name, e.g. music.db)")
 
 
 def _connect_ro(path: Path) -> sqlite3.Connection:
@@ -143,50 +184,57 @@ class IndexWriter:
 
     def __init__(self, path: str | Path, *, audio_model: str, text_model: str, dim: int) -> None:
         self.path = Path(path)
+        self._lock_fd: int | None = None
+        self.con: sqlite3.Connection | None = None
         check_index_target(self.path)
+        created = not self.path.exists()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.con = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
-        except (OSError, sqlite3.Error) as exc:
-            raise SearchError(f"--out {self.path}: cannot open it for writing ({exc})") from None
-        self._lock_fd: int | None = None
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise SearchError(f"--out {self.path}: cannot open it for writing ({exc.strerror or exc})") from None
         try:
-            self._lock()
+            self._lock(fd)
+            check_index_target(self.path, ours=True)  # again, now that no other writer can change it
+            self.con = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
             self.con.execute("PRAGMA journal_mode = WAL")
             self.con.execute("PRAGMA synchronous = NORMAL")  # WAL: a commit survives a kill of the process
             self.con.execute("PRAGMA foreign_keys = ON")
-            self.con.executescript(_TABLES)
             self.reset_reason = self._set_meta(audio_model, text_model, dim)
         except sqlite3.Error as exc:
             self.close()
             raise SearchError(f"--out {self.path}: cannot write the index ({exc})") from None
         except BaseException:
             self.close()
+            if created and self.path.exists() and self.path.stat().st_size == 0:
+                self.path.unlink()  # leave nothing behind that was not there
             raise
 
-    def _lock(self) -> None:
+    def _lock(self, fd: int) -> None:
         """Exclusive OS lock on the database file for this writer's lifetime (fcntl.flock: released
         when the process ends, even by SIGKILL; independent of SQLite's own locks)."""
         try:
             import fcntl
         except ImportError:  # Windows: SQLite's own locking and busy timeout keep writers apart
+            self._lock_fd = fd
             return
-        fd = os.open(self.path, os.O_RDWR)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             os.close(fd)
-            raise SearchError(f"{self.path}: another `student-clap index` is writing this index now; "
-                              "wait for it to finish (search works meanwhile)") from None
+            raise _busy(self.path) from None
         self._lock_fd = fd
 
     def _set_meta(self, audio_model: str, text_model: str, dim: int) -> str:
         """Record the models; when the audio model differs from the one the rows came from, drop
         them all (their vectors would mean nothing next to new ones) and say why."""
-        meta = dict(self.con.execute("SELECT key, value FROM meta").fetchall())
         now = str(time.time())
         reason = ""
-        with self._transaction():
+        with self._transaction():  # tables and meta in one commit: a kill leaves a blank file or an index
+            for statement in _TABLES.split(";"):
+                if statement.strip():
+                    self.con.execute(statement)
+            meta = dict(self.con.execute("SELECT key, value FROM meta").fetchall())
             if meta.get("audio_model") not in (None, audio_model) or meta.get("dim") not in (None, str(dim)):
                 n = self.con.execute("SELECT COUNT(*) FROM tracks").fetchone()[0]
                 self.con.execute("DELETE FROM vectors")
@@ -255,10 +303,12 @@ class IndexWriter:
     def close(self) -> None:
         # the connection first: closing another descriptor of the file while SQLite holds POSIX
         # locks through its own would drop them
-        try:
-            self.con.close()
-        except (sqlite3.Error, AttributeError):
-            pass
+        if self.con is not None:
+            try:
+                self.con.close()
+            except sqlite3.Error:
+                pass
+            self.con = None
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
