@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import logging
 import sys
 from collections.abc import Callable, Sequence
@@ -205,13 +206,35 @@ def _report_commands(sub: argparse._SubParsersAction) -> None:
     deps.set_defaults(func=_call("pipeline.deps", "main"))
 
 
-def build_parser() -> argparse.ArgumentParser:
+PIPELINE_COMMANDS = ("run", "check", "demo", "licenses", "mels", "teacher", "weights", "ckpt", "compare", "results", "deps")
+EXTRA_HINT = "pip install 'student-clap[pipeline]' (from a checkout: pip install '.[pipeline]')"
+
+
+def pipeline_installed() -> bool:
+    """Whether the `pipeline` extra is installed (its heaviest packages can be found)."""
+    for name in ("torch", "yaml", "h5py"):
+        try:
+            if importlib.util.find_spec(name) is None:
+                return False
+        except (ImportError, ValueError):
+            return False
+    return True
+
+
+def build_parser(pipeline: bool = True) -> argparse.ArgumentParser:
+    """All commands; with `pipeline=False` (the runtime-only install) only embed, index and search,
+    and a line saying what the others need."""
     parser = argparse.ArgumentParser(
         prog="student-clap",
         description="Distil LAION-CLAP into small ONNX audio and text students.",
+        epilog=None if pipeline else f"This install has the runtime only. The pipeline commands "
+                                     f"({', '.join(PIPELINE_COMMANDS)}) need: {EXTRA_HINT}",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
+    if not pipeline:
+        add_runtime_commands(sub)
+        return parser
     _stage_commands(sub)
     _data_commands(sub)
     _teacher_commands(sub)
@@ -222,7 +245,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    full = pipeline_installed()
+    command = next((a for a in argv if not a.startswith("-")), None)
+    if not full and command in PIPELINE_COMMANDS:
+        print(f"student-clap {command}: needs the pipeline's dependencies, which this install does not have: "
+              f"{EXTRA_HINT}; this install runs embed, index and search", file=sys.stderr)
+        return 3
+    args = build_parser(full).parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -234,9 +264,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         top = (exc.name or "").partition(".")[0]
         if top in PIPELINE_MODULES:
             # the runtime-only install (`pip install student-clap`) has the runtime commands only
-            log.error("`student-clap %s` needs the pipeline's dependencies (%s is not installed): "
-                      "pip install 'student-clap[pipeline]' (from a checkout: pip install '.[pipeline]'); "
-                      "this install runs embed, index and search", args.command, top)
+            log.error("`student-clap %s` needs the pipeline's dependencies (%s is not installed): %s; "
+                      "this install runs embed, index and search", args.command, top, EXTRA_HINT)
             return 3
         raise
     except Exception as exc:
