@@ -407,7 +407,7 @@ def render_text(report: dict[str, Any]) -> str:
             if cap.get("note"):
                 parts.append(f"{cap['note']}.")
     if report.get("failed"):
-        parts.append(f"{len(report['failed'])} file(s) could not be read and were skipped:\n"
+        parts.append(f"{len(report['failed'])} file(s) could not be used and were skipped:\n"
                      + "\n".join(f"  {f['path']}: {f['reason']}" for f in report["failed"]))
     if report.get("problems"):
         parts.append(f"{len(report['problems'])} labels/captions row(s) skipped:\n"
