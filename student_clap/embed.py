@@ -234,9 +234,10 @@ class Scan:
 def scan_audio(root: str | Path, resolve: bool = True) -> Scan:
     """Every audio file under `root` by extension. Symlinked folders and files are followed; a folder
     reached twice (a link loop, or two links to one folder) is walked once, and a file reached
-    through several names is listed once, by its resolved path (so `index music` and `index
-    /abs/music` see the same files), or with `resolve=False` by the first path it was found at
-    under `root` (compare reads labels from those). Everything left out is counted with its reason."""
+    through several names is listed once. Files are named by their folder's resolved path and their
+    own name (so `index music` and `index /abs/music` see the same files), or with `resolve=False`
+    by the first path they were found at under `root` (compare reads labels from those).
+    Everything left out is counted with its reason."""
     root = Path(root).expanduser()
     if not root.is_dir():
         raise SearchError(f"{root}: not a folder")
@@ -248,6 +249,7 @@ def scan_audio(root: str | Path, resolve: bool = True) -> Scan:
         scan.left_out.append((str(exc.filename), f"folder cannot be listed ({exc.strerror}); its files are left out"))
 
     for folder, dirs, names in os.walk(root, onerror=unlisted, followlinks=True):
+        real_folder = os.path.realpath(folder)
         try:
             st = os.stat(folder)
         except OSError as exc:
@@ -276,7 +278,9 @@ def scan_audio(root: str | Path, resolve: bool = True) -> Scan:
             if real in seen_files:
                 continue  # the same file through another link: one row
             seen_files.add(real)
-            scan.files.append(real if resolve else str(path))
+            # the folder resolved, the file's own name kept: a library of file links (DVC,
+            # git-annex) keeps its song names rather than its store's
+            scan.files.append(os.path.join(real_folder, name) if resolve else str(path))
     scan.files.sort()
     return scan
 

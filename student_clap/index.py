@@ -6,7 +6,7 @@ Tables:
   song path's ONNX files and the export's audio description; the text model's likewise), the
   vector width, created and updated times;
 - tracks(id, path, size, mtime_ns, duration, n_segments, notes, status, reason, updated): one row
-  per file, by its resolved path (stored as the file system's bytes, so any name fits); status
+  per file, by its path with the folder resolved (stored as the file system's bytes, so any name fits); status
   'ok' (it has a vector) or 'failed' (refused by the usability rule or the decoder, with the
   reason; not tried again until the file changes);
 - vectors(track_id, vector): the unit song vector as float16 bytes (cosine error < 1e-3).

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -150,15 +149,14 @@ class BuildReport:
 
 def build_index(embedder: SongEmbedder, folder: str | Path, db: str | Path, *, text_model: str = "", jobs: int = 1,
                 progress: bool = False) -> BuildReport:
-    """Add every audio file under `folder` to the index `db`, one commit per song: unchanged files
-    (same resolved path, size and mtime) are reused, files gone from `folder` are removed, and
-    refusals are remembered until the file changes (missing or unreadable ones are retried)."""
+    """Make the index `db` hold every audio file under `folder`, one commit per song: unchanged
+    files (same path, size and mtime) are reused, rows of files not under `folder` now are removed,
+    and refusals are remembered until the file changes (missing or unreadable ones are retried)."""
     from tqdm import tqdm
 
     scan = scan_audio(folder)
     if not scan.files:
         raise SearchError(f"{folder}: no audio files" + (f" ({'; '.join(scan.summary())})" if scan.summary() else ""))
-    root = os.path.realpath(Path(folder).expanduser())
     with IndexWriter(db, audio_model=embedder.model_id, text_model=text_model, dim=embedder.dim) as writer:
         report = BuildReport(Path(db), scan, reset=writer.reset_reason)
         if writer.reset_reason:
@@ -176,7 +174,7 @@ def build_index(embedder: SongEmbedder, folder: str | Path, db: str | Path, *, t
                 continue
             todo.append(f)
         found = set(scan.files)
-        gone = [p for p in rows if p not in found and (p.startswith(root + os.sep) or not os.path.exists(p))]
+        gone = [p for p in rows if p not in found]  # the index mirrors the folder it was last given
         report.removed = writer.forget(gone)
         log.info("indexing %d files under %s: %d unchanged, %d to embed, %d removed", len(scan.files), folder,
                  len(scan.files) - len(todo), len(todo), report.removed)

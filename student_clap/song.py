@@ -8,7 +8,7 @@ The exported audio student is cut in three ONNX files (see pipeline.models.song_
 - head: one window's feature map -> (embedding, embedding_raw): the remaining blocks, whose
   squeeze-excitation gates average over the whole window, global pooling and the projection.
 
-Windows overlap by half (10 s every 5 s). Today's path runs every window from scratch, so every
+Windows overlap by half (10 s every 5 s). Run window by window (student_clap.reference), every
 second of audio goes through the whole network twice. Here a run of consecutive windows (up to
 `span_windows`) is one excerpt: front-end and trunk run over it once and each window's columns
 are cut from the trunk's feature map (the hop is a whole number of columns: 5 s = 500 mel frames
@@ -308,7 +308,7 @@ class SongEmbedder:
 
     def embed_track(self, path: str | Path):
         """Decode (to the student rate, the usability rule applied) and embed one file,
-        with its decode notes: a SongEmbedding, as the segment-wise AudioEmbedder returns."""
+        with its decode notes and length: a SongEmbedding."""
         track = decode_student_track(path, self.sample_rate, via_rate=self.decode_via)
         (out,) = list(self.embed_waves([track.wave]))  # the rule was applied to the file's own samples
         if isinstance(out, BaseException):

@@ -19,13 +19,13 @@ import torch
 from scipy.stats import spearmanr
 
 from pipeline.cli import main
-from student_clap.audio import cut, decode_int16, int16_to_float, map_starts, resample_int16, segment_starts
 from pipeline.data.frontends import TeacherMel
 from pipeline.data.mel_cache import dequantise, quantise
 from pipeline.evaluation import compare as C
-from student_clap.tokenizer import encode
 from pipeline.params import TeacherModelParams, load_params
 from pipeline.teacher.model import build_demo_teacher, load_teacher
+from student_clap.audio import cut, decode_int16, int16_to_float, map_starts, resample_int16, segment_starts
+from student_clap.tokenizer import encode
 
 torch.set_num_threads(1)
 SR, DECODE_SR, SEG_S, HOP_S = 16000, 48000, 10.0, 5.0

@@ -19,10 +19,10 @@ import soundfile as sf
 import torch
 
 from pipeline.data import mel_cache
-from student_clap.audio import cut, decode_int16, int16_to_float, map_starts, resample_int16, segment_starts
 from pipeline.data.frontends import StudentMel, TeacherMel
 from pipeline.params import Params
 from pipeline.stages import mels as stage
+from student_clap.audio import cut, decode_int16, int16_to_float, map_starts, resample_int16, segment_starts
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -17,6 +17,9 @@ import pytest
 import soundfile as sf
 import torch
 
+from student_clap import embed as E
+from student_clap import index as I
+from student_clap import library as L
 from student_clap.audio import (
     cut,
     decode,
@@ -27,9 +30,6 @@ from student_clap.audio import (
     segment_starts,
     segments,
 )
-from student_clap import embed as E
-from student_clap import index as I
-from student_clap import library as L
 from student_clap.cli import index_main
 from student_clap.song import SongEmbedder
 from student_clap.spec import SearchError, audio_identity

@@ -20,6 +20,11 @@ import pytest
 import soundfile as sf
 import torch
 
+from pipeline.data.frontends import StudentMel
+from pipeline.models import audio_export, export_bundle, song_export
+from pipeline.models.audio_student import build_audio_student
+from pipeline.params import StudentFrontendParams
+from student_clap import song as song_rt
 from student_clap.audio import (
     AudioDecodeError,
     decode_int16,
@@ -27,11 +32,6 @@ from student_clap.audio import (
     resample_int16,
     segments,
 )
-from pipeline.data.frontends import StudentMel
-from pipeline.models import audio_export, export_bundle, song_export
-from pipeline.models.audio_student import build_audio_student
-from pipeline.params import StudentFrontendParams
-from student_clap import song as song_rt
 from student_clap.cli import index_main
 from student_clap.decode import decode_student
 from student_clap.embed import AUDIO_EXTENSIONS, open_audio_embedder

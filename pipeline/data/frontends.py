@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from student_clap.mel_banks import kaldi_mel_banks
 from pipeline.params import StudentFrontendParams, TeacherFrontendParams
+from student_clap.mel_banks import kaldi_mel_banks
 
 # Bump when the maths of a front-end changes, so caches built by older code are refused.
 FRONTEND_VERSION = 1
