@@ -498,3 +498,22 @@ def test_any_query_is_accepted_or_refused_clearly(exported, songs, tmp_path, que
         assert proc.returncode == 0 and len(proc.stdout.splitlines()) == 1, proc.stderr
     else:
         assert proc.returncode == 2 and message in proc.stderr and proc.stdout == ""
+
+
+def test_out_in_a_folder_this_user_cannot_write_is_a_clear_error(exported, songs, tmp_path, monkeypatch, caplog):
+    """What a read-only or unlistable folder gives a non-root user (simulated: root passes every
+    permission check), for the command and the API alike."""
+    import tempfile
+
+    from student_clap import StudentClap
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    models, _, _ = exported
+    monkeypatch.setattr(tempfile, "NamedTemporaryFile", denied)
+    with caplog.at_level(logging.ERROR, logger="student_clap"):
+        assert index_main(_index_args(songs, tmp_path / "ro" / "i.db", models)) == 2
+    assert f"--out {tmp_path / 'ro' / 'i.db'}: cannot write in {tmp_path / 'ro'} (Permission denied)" in caplog.text
+    with pytest.raises(SearchError, match="Permission denied"):
+        StudentClap(models, threads=1).build_index(songs, tmp_path / "ro" / "i.db")
