@@ -2,7 +2,8 @@
 
 No torch here: the ONNX `embed` command imports this module on machines without torch.
 
-Decoding streams the file in blocks (libsndfile reads MP3, Ogg Vorbis, Opus, FLAC, WAV and more),
+Decoding streams the file in blocks (libsndfile reads MP3, Ogg Vorbis, Opus, FLAC, WAV/AIFF;
+FFmpeg, through PyAV, what libsndfile cannot: M4A/MP4 with AAC or ALAC, raw AAC, WMA, ...),
 downmixes each block to mono, resamples it with a streaming soxr resampler and stores it as int16
 — the same int16 round trip CLAP applies — so a 60-minute track costs 2 bytes per output sample
 (about 350 MB at 48 kHz) instead of a float64 copy of the whole file.
