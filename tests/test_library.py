@@ -44,14 +44,17 @@ def _library(root: Path, n: int) -> list[Path]:
     return paths
 
 
-# A slow writer: each song takes `delay` seconds more, so a kill or a second writer lands mid-way.
+# A writer held mid-way: after `hold_after` songs, each song waits until the file `gate` exists, so
+# the writer holds the index, part-built, for as long as a test needs (a kill, a second writer).
 SLOW_INDEX = """
-import sys, time
+import os, sys, time
 from student_clap.song import SongEmbedder
 from student_clap.cli import main
-real = SongEmbedder.embed_track
+real, done, gate = SongEmbedder.embed_track, [], {gate!r}
 def slow(self, path):
-    time.sleep({delay})
+    while len(done) >= {hold_after} and not os.path.exists(gate):
+        time.sleep(0.02)
+    done.append(path)
     return real(self, path)
 SongEmbedder.embed_track = slow
 sys.exit(main(sys.argv[1:]))
@@ -62,8 +65,9 @@ def _env() -> dict:
     return dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
 
 
-def _slow_index(lib: Path, db: Path, models: Path, delay: float) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", SLOW_INDEX.format(delay=delay), "index", str(lib), "--out", str(db),
+def _slow_index(lib: Path, db: Path, models: Path, hold_after: int, gate: Path) -> subprocess.Popen:
+    code = SLOW_INDEX.format(hold_after=hold_after, gate=str(gate))
+    return subprocess.Popen([sys.executable, "-c", code, "index", str(lib), "--out", str(db),
                              "--models", str(models), "--jobs", "1", "--threads", "1"],
                             env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -100,7 +104,7 @@ def counting(monkeypatch):
 def test_kill_during_index_then_rerun_reuses_every_finished_song(tiny_export, tmp_path, counting):
     files = _library(tmp_path / "lib", 10)
     db = tmp_path / "music.db"
-    proc = _slow_index(tmp_path / "lib", db, tiny_export, delay=0.5)
+    proc = _slow_index(tmp_path / "lib", db, tiny_export, hold_after=3, gate=tmp_path / "never")
     try:
         _wait_for_songs(proc, db, 3)
         # search works while the index is being built (WAL: the last committed songs)
@@ -113,7 +117,7 @@ def test_kill_during_index_then_rerun_reuses_every_finished_song(tiny_export, tm
             proc.kill()
         proc.communicate()
     before = read_index(db)
-    assert 3 <= len(before.paths) < len(files), "the kill should land mid-way"
+    assert len(before.paths) == 3  # the songs finished before the kill, nothing of the one in flight
     assert runtime_main(["index", str(tmp_path / "lib"), "--out", str(db), "--models", str(tiny_export), "--jobs", "1",
                          "--threads", "1"]) == 0
     after = read_index(db)
@@ -127,11 +131,13 @@ def test_kill_during_index_then_rerun_reuses_every_finished_song(tiny_export, tm
 def test_a_second_writer_is_refused_and_the_index_stays_valid(tiny_export, tmp_path):
     files = _library(tmp_path / "lib", 6)
     db = tmp_path / "music.db"
-    first = _slow_index(tmp_path / "lib", db, tiny_export, delay=0.3)
+    gate = tmp_path / "go"
+    first = _slow_index(tmp_path / "lib", db, tiny_export, hold_after=1, gate=gate)
     try:
-        _wait_for_songs(first, db, 1)
+        _wait_for_songs(first, db, 1)  # the first writer holds the index until the gate opens
         second = subprocess.run([sys.executable, "-m", "student_clap", "index", str(tmp_path / "lib"), "--out", str(db),
                                  "--models", str(tiny_export), "--threads", "1"], env=_env(), capture_output=True, text=True)
+        gate.touch()
         _, err = first.communicate(timeout=300)
     finally:
         if first.poll() is None:
