@@ -70,11 +70,11 @@ def main() -> None:
         models, library = tmp_dir / "export", tmp_dir / "library"
         models.mkdir()
         library.mkdir()
-        export_student(args.backbone, models, int8=False)
         song = make_song(tmp_dir / "song.mp3", args.song_seconds)
+        export_student(args.backbone, models, song)
         for i in range(args.songs):
             shutil.copy(song, library / f"song{i:03d}.mp3")
-        out = tmp_dir / "library.npz"
+        out = tmp_dir / "library.db"
         runs = {"full": run_index(library, out, models, args.threads)}
         runs["unchanged"] = run_index(library, out, models, args.threads)
         shutil.copy(song, library / "added.mp3")

@@ -40,7 +40,8 @@ def main() -> None:
         src.mkdir()
         for name in ("pyproject.toml", "README.md", "LICENSE"):
             shutil.copy2(REPO / name, src / name)
-        shutil.copytree(REPO / "pipeline", src / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
+        for package in ("pipeline", "student_clap"):
+            shutil.copytree(REPO / package, src / package, ignore=shutil.ignore_patterns("__pycache__"))
         rows = []
         for label, steps in (("runtime (pip install .)", [[str(src)]]),
                              ("pipeline (torch==2.13.0, then '.[pipeline]')", [["torch==2.13.0"], [f"{src}[pipeline]"]])):

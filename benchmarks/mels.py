@@ -179,7 +179,7 @@ def run_seed(tracks: list[Path], work: Path, params: Params) -> dict:
     """The seed's way: librosa per segment, float32 zlib blobs in SQLite."""
     import librosa
 
-    from pipeline.data.audio import segment_starts
+    from student_clap.audio import segment_starts
 
     a, t, s = params.audio, params.frontend.teacher, params.frontend.student
     db_path = work / "seed.sqlite"
@@ -308,7 +308,7 @@ def long_track_memory(minutes: float, work: Path, src: Path) -> dict:
     """Build an N-minute mono 22.05 kHz MP3 by repeating a demo song; process it in a fresh process."""
     import soundfile as sf
 
-    from pipeline.data.audio import decode
+    from student_clap.audio import decode
 
     path = work / f"long_{int(minutes)}min.mp3"
     piece = decode(src, 22050)

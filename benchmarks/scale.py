@@ -211,7 +211,7 @@ def measure_loader(cache_path: str, min_cpu_s: float = 1.0) -> dict:
 
 
 def segments_per_song(minutes: float) -> int:
-    from pipeline.data.audio import segment_starts
+    from student_clap.audio import segment_starts
 
     return len(segment_starts(int(round(minutes * 60 * 48000)), 48000, 10.0, 5.0))
 

@@ -30,7 +30,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.runtime.song import onnx_session  # noqa: E402
+from student_clap.song import onnx_session  # noqa: E402
 
 QUERY = "energetic rock with electric guitar and drums"
 
@@ -58,7 +58,7 @@ def student_model(args: argparse.Namespace):
 
 def student_inputs(model, args: argparse.Namespace) -> dict[str, np.ndarray]:
     if args.tokenizer:
-        from pipeline.data.text_tokenizer import encode, load_tokenizer
+        from student_clap.tokenizer import encode, load_tokenizer
 
         ids, mask = encode(load_tokenizer(args.tokenizer, vocab_size=model.config.vocab_size), [QUERY], model.config.max_length)
     else:  # about one token per word plus <s> and </s>

@@ -4,15 +4,23 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from student_clap.cli import add_commands as add_runtime_commands
+from student_clap.cli import positive_int
+
 # No pipeline.params import up here: it needs pyyaml, which the runtime-only install
-# (`embed`, `index`, `search`) does not have. Stage commands import it when they run.
+# (`embed`, `index`, `search`, from student_clap) does not have. Stage commands import it when they run.
 
 log = logging.getLogger("student_clap")
+
+# What the `pipeline` extra installs (import names): a command needing one of them says so.
+PIPELINE_MODULES = frozenset({"torch", "transformers", "huggingface_hub", "safetensors", "h5py", "librosa", "yaml",
+                              "dvc", "dvclive", "onnx", "matplotlib", "requests", "ruamel"})
 
 STAGES = (
     "fetch_teacher",
@@ -185,44 +193,6 @@ def _student_commands(sub: argparse._SubParsersAction) -> None:
         p.set_defaults(func=_call("pipeline.training.checkpoint", "main"))
 
 
-def _runtime_commands(sub: argparse._SubParsersAction) -> None:
-    """Embed, index and search with the exported models (onnxruntime only)."""
-    embed = sub.add_parser("embed", help="embed audio files with the exported ONNX student")
-    embed.add_argument("files", nargs="+")
-    embed.add_argument("--out", required=True, help=".npz (paths + vectors), .npy (+ .paths.jsonl naming its rows) or .jsonl output")
-    embed.add_argument("--models", default="models/export")
-    embed.set_defaults(func=_call("pipeline.runtime.search", "embed_main"))
-
-    index = sub.add_parser("index", help="embed a folder of songs into a search index")
-    index.add_argument("dir")
-    index.add_argument("--out", required=True,
-                       help="index file (.npz); an existing one is updated: only new or changed files are embedded")
-    index.add_argument("--models", default="models/export")
-    index.set_defaults(func=_call("pipeline.runtime.search", "index_main"))
-    for p in (embed, index):
-        p.add_argument("--batch-size", type=int, default=8, help="10-s segments per ONNX call (default: %(default)s)")
-        p.add_argument("--int8", action="store_true", help="use the int8-quantised audio model")
-        p.add_argument("--segment-wise", action="store_true",
-                       help="run every 10-s window through the whole model (the slower path before song-level inference)")
-        p.add_argument("--jobs", type=int, default=None,
-                       help="songs embedded at once, each on one onnxruntime thread unless --threads "
-                            "(default: one per CPU core)")
-        p.add_argument("--one-pass-decode", action="store_true",
-                       help="song-level path: resample once from the file's rate (~15%% less decode CPU; not the "
-                            "segment-wise path's samples, see pipeline/runtime/decode.py)")
-
-    search = sub.add_parser("search", help="text-to-music search over an index")
-    search.add_argument("query")
-    search.add_argument("--index", required=True)
-    search.add_argument("-k", type=int, default=10)
-    search.add_argument("--models", default="models/export")
-    search.add_argument("--force", action="store_true",
-                        help="search an index built by another audio model than --models' (scores may mean nothing)")
-    search.set_defaults(func=_call("pipeline.runtime.search", "search_main"))
-    for p in (embed, index, search):
-        p.add_argument("--threads", type=int, default=None, help="onnxruntime threads (default: all cores)")
-
-
 def _report_commands(sub: argparse._SubParsersAction) -> None:
     """Compare, results and deps."""
     comp = sub.add_parser("compare", help="teacher vs exported student on any music folder: same-space figures, "
@@ -240,8 +210,8 @@ def _report_commands(sub: argparse._SubParsersAction) -> None:
     comp.add_argument("--params", default="params.yaml",
                       help="teacher front-end, teacher.model.dir and the same-space bar (default: %(default)s)")
     comp.add_argument("--device", default="cpu", help="teacher device: cpu, cuda or auto (default: %(default)s)")
-    comp.add_argument("--batch-size", type=int, default=8, help="10-s segments per ONNX call (default: %(default)s)")
-    comp.add_argument("--threads", type=int, default=None, help="onnxruntime threads (default: all cores)")
+    comp.add_argument("--batch-size", type=positive_int, default=16, help="windows per head call (default: %(default)s)")
+    comp.add_argument("--threads", type=positive_int, default=None, help="onnxruntime threads (default: all cores)")
     comp.set_defaults(func=_call("pipeline.evaluation.compare", "main"))
 
     results = sub.add_parser("results", help="rewrite the results block of README.md from models/report/metrics.json")
@@ -256,24 +226,53 @@ def _report_commands(sub: argparse._SubParsersAction) -> None:
     deps.set_defaults(func=_call("pipeline.deps", "main"))
 
 
-def build_parser() -> argparse.ArgumentParser:
+PIPELINE_COMMANDS = ("run", "check", "demo", "licenses", "mels", "teacher", "weights", "ckpt", "compare", "results", "deps")
+EXTRA_HINT = "pip install 'student-clap[pipeline]' (from a checkout: pip install '.[pipeline]')"
+
+
+def pipeline_installed() -> bool:
+    """Whether the `pipeline` extra is installed (its heaviest packages can be found)."""
+    for name in ("torch", "yaml", "h5py"):
+        try:
+            if importlib.util.find_spec(name) is None:
+                return False
+        except (ImportError, ValueError):
+            return False
+    return True
+
+
+def build_parser(pipeline: bool = True) -> argparse.ArgumentParser:
+    """All commands; with `pipeline=False` (the runtime-only install) only embed, index and search,
+    and a line saying what the others need."""
     parser = argparse.ArgumentParser(
         prog="student-clap",
         description="Distil LAION-CLAP into small ONNX audio and text students.",
+        epilog=None if pipeline else f"This install has the runtime only. The pipeline commands "
+                                     f"({', '.join(PIPELINE_COMMANDS)}) need: {EXTRA_HINT}",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
+    if not pipeline:
+        add_runtime_commands(sub)
+        return parser
     _stage_commands(sub)
     _data_commands(sub)
     _teacher_commands(sub)
     _student_commands(sub)
-    _runtime_commands(sub)
+    add_runtime_commands(sub)
     _report_commands(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    full = pipeline_installed()
+    command = next((a for a in argv if not a.startswith("-")), None)
+    if not full and command in PIPELINE_COMMANDS:
+        print(f"student-clap {command}: needs the pipeline's dependencies, which this install does not have: "
+              f"{EXTRA_HINT}; this install runs embed, index and search", file=sys.stderr)
+        return 3
+    args = build_parser(full).parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -281,6 +280,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         code = args.func(args)
+    except ModuleNotFoundError as exc:
+        top = (exc.name or "").partition(".")[0]
+        if top in PIPELINE_MODULES:
+            # the runtime-only install (`pip install student-clap`) has the runtime commands only
+            log.error("`student-clap %s` needs the pipeline's dependencies (%s is not installed): %s; "
+                      "this install runs embed, index and search", args.command, top, EXTRA_HINT)
+            return 3
+        raise
     except Exception as exc:
         # These errors come from modules only the pipeline commands load (the runtime install has
         # neither yaml nor h5py), so they are looked up where raised instead of imported here.

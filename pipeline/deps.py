@@ -15,6 +15,8 @@ from pathlib import Path
 import yaml
 
 PACKAGE = "pipeline"
+# The project's import packages: the pipeline and the runtime it imports (student_clap).
+PACKAGES = (PACKAGE, "student_clap")
 # The runner every stage goes through: it parses and validates params.yaml before the stage runs.
 RUNNER_MODULES = ("pipeline.params",)
 
@@ -51,7 +53,7 @@ def import_closure(root: Path, start: str) -> set[Path]:
     todo = [start]
     while todo:
         dotted = todo.pop()
-        if dotted != PACKAGE and not dotted.startswith(PACKAGE + "."):
+        if not any(dotted == p or dotted.startswith(p + ".") for p in PACKAGES):
             continue
         # importing a.b.c runs a/__init__, a/b/__init__ and a/b/c
         parts = dotted.split(".")
@@ -102,8 +104,13 @@ def code_deps(root: Path, module: str) -> list[str]:
     return sorted(p.as_posix() for p in files)
 
 
+def is_code_dep(dep: str) -> bool:
+    """A dvc.yaml dep that names a project code file (rewritten by write_code_deps)."""
+    return dep.startswith(tuple(f"{p}/" for p in PACKAGES))
+
+
 def write_code_deps(root: Path) -> list[str]:
-    """Rewrite the `pipeline/...` entries of every stage's deps in dvc.yaml from the code.
+    """Rewrite the code entries (`pipeline/...`, `student_clap/...`) of every stage's deps in dvc.yaml from the code.
 
     Round-trips through ruamel.yaml so comments and the other deps stay as written.
     Returns the stages whose deps changed.
@@ -120,10 +127,10 @@ def write_code_deps(root: Path) -> list[str]:
     for stage, module in stage_modules(doc).items():
         deps = doc["stages"][stage].setdefault("deps", [])
         want = code_deps(root, module)
-        have = [str(d) for d in deps if str(d).startswith(f"{PACKAGE}/")]
+        have = [str(d) for d in deps if is_code_dep(str(d))]
         if have == want:
             continue
-        others = [d for d in deps if not str(d).startswith(f"{PACKAGE}/")]
+        others = [d for d in deps if not is_code_dep(str(d))]
         deps.clear()
         deps.extend([*want, *others])
         changed.append(stage)

@@ -1,3 +1,5 @@
 """The CLAP joint space the teacher and both students embed into."""
 
-EMBED_DIM = 512  # LAION-CLAP's projection width (HTSAT-base audio and RoBERTa text towers alike)
+from student_clap.spec import EMBED_DIM
+
+__all__ = ["EMBED_DIM"]

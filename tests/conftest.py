@@ -53,7 +53,7 @@ def make_tiny_export(out: Path, *, rate: int, segment_seconds: float, hop_second
 
     import torch
 
-    from pipeline.models import audio_export, export_bundle
+    from pipeline.models import audio_export, export_bundle, song_export
     from pipeline.models.audio_student import build_audio_student
     from pipeline.models.text_student import build_text_student
     from pipeline.data.text_tokenizer import save_tokenizer, train_tokenizer
@@ -79,6 +79,11 @@ def make_tiny_export(out: Path, *, rate: int, segment_seconds: float, hop_second
             "audio": audio_export.audio_spec(info, sample_rate=rate, segment_seconds=segment_seconds,
                                              hop_seconds=hop_seconds, segment_samples=segment_samples,
                                              quantized=False, decode_sample_rate=decode_rate)}
+    # the song-level pieces the runtime runs (front-end, trunk, head)
+    song = song_export.export_song(audio, frontend, out, segment_samples=segment_samples,
+                                   hop_samples=int(rate * hop_seconds), sample_rate=rate, opset=17, min_cosine=0.9999,
+                                   quantize=False)
+    spec["audio"]["song"] = song_export.song_spec(song, False)
     tok = train_tokenizer(corpus, vocab_size=300)
     tok_path = save_tokenizer(tok, out / "src_tokenizer.json")
     text = build_text_student({"vocab_size": tok.get_vocab_size(), "dim": 32, "layers": 1, "heads": 2, "ff_dim": 64,

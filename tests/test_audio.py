@@ -12,8 +12,8 @@ import pytest
 import soundfile as sf
 import soxr
 
-from pipeline.data import audio
-from pipeline.data.audio import AudioDecodeError, decode, segment_starts, segments
+from student_clap import audio
+from student_clap.audio import AudioDecodeError, decode, segment_starts, segments
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "data" / "demo" / "audio"

@@ -19,13 +19,13 @@ import torch
 from scipy.stats import spearmanr
 
 from pipeline.cli import main
-from pipeline.data.audio import cut, decode_int16, int16_to_float, map_starts, resample_int16, segment_starts
 from pipeline.data.frontends import TeacherMel
 from pipeline.data.mel_cache import dequantise, quantise
 from pipeline.evaluation import compare as C
-from pipeline.data.text_tokenizer import encode
 from pipeline.params import TeacherModelParams, load_params
 from pipeline.teacher.model import build_demo_teacher, load_teacher
+from student_clap.audio import cut, decode_int16, int16_to_float, map_starts, resample_int16, segment_starts
+from student_clap.tokenizer import encode
 
 torch.set_num_threads(1)
 SR, DECODE_SR, SEG_S, HOP_S = 16000, 48000, 10.0, 5.0
@@ -47,7 +47,8 @@ def models(tmp_path_factory, tiny_export_builder):
 @pytest.fixture(scope="module")
 def songs(tmp_path_factory):
     """GTZAN layout: label subfolders holding demo songs and songs written here, in mixed formats,
-    rates and channel counts (one shorter than a segment); plus a corrupt mp3 and a text file."""
+    rates and channel counts (one shorter than a segment); plus a corrupt mp3, a text file, and a
+    silent and a 0.1-s file (refused by the usability rule)."""
     root = tmp_path_factory.mktemp("songs")
     for label in LABELS:
         (root / label).mkdir()
@@ -66,11 +67,16 @@ def songs(tmp_path_factory):
         sf.write(root / rel, data, rate, **({"format": fmt, "subtype": "VORBIS"} if fmt else {}))
     (root / "broken.mp3").write_bytes(b"ID3" + bytes(rng.integers(0, 255, 3000, dtype=np.uint8)))
     (root / "notes.txt").write_text("not audio")
+    sf.write(root / "rock" / "silent.wav", np.zeros(44100), 22050)
+    sf.write(root / "jazz" / "blip.wav", 0.5 * np.ones(2205), 22050)
     return root
 
 
 def _readable(root: Path) -> list[Path]:
-    return sorted(p for p in root.rglob("*") if p.suffix in (".wav", ".flac", ".ogg"))
+    return sorted(p for p in root.rglob("*") if p.suffix in (".wav", ".flac", ".ogg") and p.name not in REFUSED)
+
+
+REFUSED = ("silent.wav", "blip.wav")
 
 
 def _by_hand(path: Path, m) -> tuple[np.ndarray, np.ndarray]:
@@ -122,8 +128,12 @@ def test_compare_figures_equal_a_hand_computation(tmp_path, models, songs, hand,
     assert rc == 0
     printed = capsys.readouterr()
     assert "broken.mp3" in printed.out and "Same space as the teacher" in printed.out
-    assert rep["n_files"] == 7 and rep["n_tracks"] == 6
-    assert [f["path"] for f in rep["failed"]] == [str(songs / "broken.mp3")]
+    assert rep["n_files"] == 9 and rep["n_tracks"] == 6
+    # silent and too-short files are reported and skipped, and the report is still written
+    failed = {Path(f["path"]).name: f["reason"] for f in rep["failed"]}
+    assert set(failed) == {"broken.mp3", "silent.wav", "blip.wav"}
+    assert failed["silent.wav"].startswith("silent") and failed["blip.wav"].startswith("too short")
+    assert "silent.wav" in printed.out and "blip.wav" in printed.out
     assert rep["teacher"]["kind"] == "demo_random" and len(rep["teacher"]["weights_sha256"]) == 64
 
     # same space: cosines, neighbours (6 songs: k clipped to 2), Spearman, verdict
@@ -185,6 +195,26 @@ def test_labels_csv_gives_the_same_zero_shot_as_the_folder_layout(tmp_path, mode
     for key in ("teacher", "audio_student", "end_to_end", "n_tracks"):
         assert by_csv["zero_shot"][key] == by_dir["zero_shot"][key]
     assert any("nowhere/x.wav" in p for p in by_csv["problems"])
+
+
+def test_labels_from_a_folder_of_symlinks(tmp_path, models, songs):
+    """The GTZAN layout made of links (label subfolders linking to the music elsewhere): the label
+    is the folder the link is in, not its target's."""
+    flat = tmp_path / "music"
+    flat.mkdir()
+    linked = tmp_path / "by_genre"
+    for f in _readable(songs):
+        target = flat / f"{f.parent.name}-{f.name}"
+        shutil.copy(f, target)
+        (linked / f.parent.name).mkdir(parents=True, exist_ok=True)
+        (linked / f.parent.name / f.name).symlink_to(target)
+    rc, by_links = _run(tmp_path, linked, models, "--labels", str(linked))
+    assert rc == 0 and by_links["problems"] == []
+    rc, by_dir = _run(tmp_path, songs, models, "--labels", str(songs))
+    assert rc == 0
+    for key in ("teacher", "audio_student", "end_to_end", "n_tracks", "n_labels"):
+        assert by_links["zero_shot"][key] == by_dir["zero_shot"][key]
+    assert by_links["zero_shot"]["n_tracks"] == 6
 
 
 def test_clear_errors(tmp_path, models, songs, caplog):

@@ -119,7 +119,7 @@ def test_stage_trains_scores_and_writes_outputs(workdir: Path) -> None:
 
     # what was saved reproduces the reported figures
     from pipeline.models.text_student import load_text_student
-    from pipeline.data.text_tokenizer import encode, load_tokenizer
+    from student_clap.tokenizer import encode, load_tokenizer
 
     model = load_text_student(out / "student.pt")
     tok = load_tokenizer(out / "tokenizer.json", vocab_size=model.config.vocab_size)
@@ -171,7 +171,7 @@ def test_disabled_stage_writes_skipped_markers(workdir: Path) -> None:
     assert torch.load(out / "student.pt", weights_only=True)["skipped"] is True
     assert (out / "checkpoints").is_dir() and (out / "plots").is_dir()
     from pipeline.models.text_student import load_text_student
-    from pipeline.data.text_tokenizer import TokenizerError, load_tokenizer
+    from student_clap.tokenizer import TokenizerError, load_tokenizer
 
     with pytest.raises(ValueError, match="skipped"):
         load_text_student(out / "student.pt")

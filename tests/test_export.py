@@ -106,7 +106,7 @@ def test_text_export_dynamic_batch_and_length(tmp_path: Path, text_parts):
     info = export_bundle.export_text(model, tok_path, tmp_path, opset=17, min_cosine=0.9999)
     assert info[export_bundle.TEXT_ONNX]["min_cosine"] > 0.9999 and info["max_length"] == 12
     assert (tmp_path / export_bundle.TOKENIZER).read_bytes() == tok_path.read_bytes()
-    from pipeline.data.text_tokenizer import encode, load_tokenizer
+    from student_clap.tokenizer import encode, load_tokenizer
 
     ids, mask = encode(load_tokenizer(tmp_path / export_bundle.TOKENIZER), ["calm piano music", "drums"], 12)
     sess = ort.InferenceSession(str(tmp_path / export_bundle.TEXT_ONNX), providers=["CPUExecutionProvider"])

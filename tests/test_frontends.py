@@ -158,8 +158,8 @@ def test_frontend_hash_tracks_every_field():
 
 @pytest.mark.parametrize("cls,sr", [(TeacherMel, 48000), (StudentMel, 32000)])
 def test_shared_stft_over_overlapping_segments_equals_one_by_one(cls, sr):
-    from pipeline.data.audio import cut, int16_to_float, segment_starts, to_int16
     from pipeline.data.frontends import segment_mels
+    from student_clap.audio import cut, int16_to_float, segment_starts, to_int16
 
     m = cls()
     for seconds in (27.3, 10.0, 4.2):  # hop-grid windows plus an off-grid tail; one window; a short track

@@ -1,4 +1,4 @@
-"""The runtime's numpy log-mel (pipeline.runtime.logmel) against the torch front-end it mirrors."""
+"""The runtime's numpy log-mel (student_clap.logmel) against the torch front-end it mirrors."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 
 from pipeline.data.frontends import StudentMel
 from pipeline.params import StudentFrontendParams
-from pipeline.runtime.logmel import KIND, LogMel
+from student_clap.logmel import KIND, LogMel
 
 pytest.importorskip("scipy.fft", reason="the numpy front-end needs scipy.fft")
 

@@ -19,10 +19,10 @@ import soundfile as sf
 import torch
 
 from pipeline.data import mel_cache
-from pipeline.data.audio import cut, decode_int16, int16_to_float, map_starts, resample_int16, segment_starts
 from pipeline.data.frontends import StudentMel, TeacherMel
 from pipeline.params import Params
 from pipeline.stages import mels as stage
+from student_clap.audio import cut, decode_int16, int16_to_float, map_starts, resample_int16, segment_starts
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -167,7 +167,7 @@ def flagged_and_refused_tracks(root: Path) -> list[tuple[str, str]]:
 
 
 def test_partial_and_nan_tracks_are_kept_and_flagged_short_silent_nan_refused(tmp_path, monkeypatch):
-    from pipeline.data.audio import AudioDecodeError, decode_track
+    from student_clap.audio import AudioDecodeError, decode_track
 
     monkeypatch.chdir(tmp_path)
     tracks = flagged_and_refused_tracks(tmp_path)
@@ -182,7 +182,7 @@ def test_partial_and_nan_tracks_are_kept_and_flagged_short_silent_nan_refused(tm
     with mel_cache.MelCache("data/mels.h5") as c:
         assert c.track_ids == ["t:cut", "t:holes"]
         assert len(c.track_segments("t:cut")) == 2  # the ~12 s that decoded (the whole 24 s would give 4)
-    # refusals carry exactly the reason every command gives (pipeline.data.audio.decode_track's)
+    # refusals carry exactly the reason every command gives (student_clap.audio.decode_track's)
     failures = {f["track_id"]: (f["kind"], f["reason"]) for f in report["failures"]}
     for tid, rel in tracks[2:]:
         with pytest.raises(AudioDecodeError) as err:

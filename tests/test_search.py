@@ -1,4 +1,4 @@
-"""embed / index / search with exported ONNX students, in a process that never imports torch."""
+"""embed / index / search with exported ONNX students (student_clap), in a process that never imports torch."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,10 @@ import pytest
 import soundfile as sf
 import torch
 
-from pipeline.data.audio import (
+from student_clap import embed as E
+from student_clap import index as I
+from student_clap import library as L
+from student_clap.audio import (
     cut,
     decode,
     decode_int16,
@@ -26,7 +30,9 @@ from pipeline.data.audio import (
     segment_starts,
     segments,
 )
-from pipeline.runtime import search as S
+from student_clap.cli import index_main
+from student_clap.song import SongEmbedder
+from student_clap.spec import SearchError, audio_identity
 
 torch.set_num_threads(1)
 SR, SEG_S, HOP_S = 16000, 1.0, 0.5
@@ -58,6 +64,11 @@ def songs(tmp_path_factory):
     (root / "broken.mp3").write_bytes(b"ID3" + bytes(rng.integers(0, 255, 3000, dtype=np.uint8)))
     (root / "notes.txt").write_text("not audio")
     return root
+
+
+def real(path: Path | str) -> str:
+    """The index keys songs by resolved path."""
+    return os.path.realpath(path)
 
 
 def _cli(*argv: str) -> subprocess.CompletedProcess:
@@ -92,6 +103,7 @@ def test_embed_without_torch_matches_the_training_rule(exported, songs, tmp_path
     data = np.load(out)
     assert list(data["paths"]) == [str(files[0]), str(files[1])]
     assert list(data["n_segments"]) == [1, 4]  # 0.6 s -> one padded window; 2.3 s -> 0, .5, 1, 1.3
+    assert str(data["audio_model"]) == audio_identity(models)
     for path, vec in zip(files[:2], data["vectors"]):
         assert np.dot(vec, _expected_vector(path, audio, frontend)) > 0.9999
         # decoding straight at the student rate gives nearly, not exactly, the same vector
@@ -107,98 +119,121 @@ def test_embed_jsonl_and_npy_outputs(exported, songs, tmp_path):
     assert proc.returncode == 0, proc.stderr
     (row,) = [json.loads(line) for line in (tmp_path / "e.jsonl").read_text().splitlines()]
     assert row["path"].endswith("long.wav") and row["n_segments"] == 5 and len(row["embedding"]) == 512
-    embedder = S.AudioEmbedder(models)
-    result = S.embed_files(embedder, [songs / "long.wav", songs / "notes.txt"], progress=False)
+    embedder = E.open_audio_embedder(models)
+    result = E.embed_files(embedder, [songs / "long.wav", songs / "notes.txt"], progress=False)
     assert len(result.failed) == 1 and "notes.txt" in result.failed[0][0]
-    S._write_embeddings(tmp_path / "e.npy", result)
+    L.write_export(tmp_path / "e.npy", result)
     assert np.load(tmp_path / "e.npy").shape == (1, 512)
     (rec,) = [json.loads(line) for line in (tmp_path / "e.paths.jsonl").read_text().splitlines()]
     assert rec["row"] == 0 and rec["path"].endswith("long.wav") and rec["n_segments"] == 5
-    with pytest.raises(S.SearchError, match="npz"):
-        S._write_embeddings(tmp_path / "e.csv", result)
+    with pytest.raises(SearchError, match="npz"):
+        L.write_export(tmp_path / "e.csv", result)
 
 
 def test_index_then_search(exported, songs, tmp_path):
     models, _, _ = exported
-    index = tmp_path / "songs.npz"
+    index = tmp_path / "songs.db"
     proc = _cli("index", str(songs), "--out", str(index), "--models", str(models))
     assert proc.returncode == 0, proc.stderr
-    assert "broken.mp3" in proc.stderr  # reported, not fatal; notes.txt is not even tried
-    idx = S.load_index(index)
-    assert sorted(Path(p).name for p in idx.paths) == ["long.wav", "mid.flac", "short.wav"]
+    assert "broken.mp3" in proc.stderr  # reported, not fatal
+    assert "1 file(s) not audio by their name: 1 .txt" in proc.stderr  # notes.txt: counted, not tried
+    idx = I.read_index(index)
+    assert idx.paths == sorted(real(songs / n) for n in ("album/mid.flac", "long.wav", "short.wav"))
     np.testing.assert_allclose(np.linalg.norm(idx.vectors, axis=1), 1.0, atol=1e-5)
+    assert idx.failed == [(real(songs / "broken.mp3"), idx.failed[0][1])]
 
     proc = _cli("search", "calm piano", "--index", str(index), "-k", "2", "--models", str(models))
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == 2
-    q = S.TextEmbedder(models).embed(["calm piano"])[0]
+    q = E.TextEmbedder(models).embed(["calm piano"])[0]
     scores = idx.vectors @ q
     expected = [idx.paths[i] for i in np.argsort(-scores)[:2]]
     assert [line.split()[2] for line in lines] == expected
     got_scores = [float(line.split()[1]) for line in lines]
     assert got_scores == sorted(got_scores, reverse=True)
     assert got_scores[0] == pytest.approx(float(scores.max()), abs=1e-4)
+    # float16 storage: the stored vectors are the embedder's up to float16 rounding
+    fresh = E.open_audio_embedder(models).embed_track(songs / "long.wav").vector
+    assert float(fresh @ idx.vectors[idx.paths.index(real(songs / "long.wav"))]) > 0.9999
+
+
+def test_index_exports_npz_and_search_reads_it(exported, songs, tmp_path):
+    models, _, _ = exported
+    out = tmp_path / "lib.npz"
+    proc = _cli("index", str(songs), "--out", str(out), "--models", str(models))
+    assert proc.returncode == 0, proc.stderr
+    assert I.is_index_file(tmp_path / "lib.db")  # the index itself, beside its export
+    db, npz = I.read_index(tmp_path / "lib.db"), I.read_index(out)
+    assert npz.paths == db.paths and npz.audio_model == db.audio_model == audio_identity(models)
+    np.testing.assert_array_equal(npz.vectors, db.vectors)
+    proc = _cli("search", "calm piano", "--index", str(out), "-k", "1", "--models", str(models))
+    assert proc.returncode == 0 and len(proc.stdout.splitlines()) == 1, proc.stderr
 
 
 def test_clear_errors(exported, tmp_path):
     models, _, _ = exported
-    proc = _cli("search", "piano", "--index", str(tmp_path / "none.npz"), "--models", str(models))
+    proc = _cli("search", "piano", "--index", str(tmp_path / "none.db"), "--models", str(models))
     assert proc.returncode == 2 and "index not found" in proc.stderr
     proc = _cli("embed", "x.wav", "--out", str(tmp_path / "o.npz"), "--models", str(tmp_path))
     assert proc.returncode == 2 and "student_clap.json" in proc.stderr
     (tmp_path / "empty").mkdir()
-    proc = _cli("index", str(tmp_path / "empty"), "--out", str(tmp_path / "i.npz"), "--models", str(models))
+    proc = _cli("index", str(tmp_path / "empty"), "--out", str(tmp_path / "i.db"), "--models", str(models))
     assert proc.returncode == 2 and "no audio files" in proc.stderr
     (tmp_path / "bad.npz").write_text("not an index")
-    with pytest.raises(S.SearchError, match="not a student-clap index"):
-        S.load_index(tmp_path / "bad.npz")
-    with pytest.raises(S.SearchError, match="empty query"):
-        S.TextEmbedder(models).embed(["  "])
+    with pytest.raises(SearchError, match="not a student-clap index"):
+        I.read_index(tmp_path / "bad.npz")
+    with pytest.raises(SearchError, match="empty query"):
+        E.TextEmbedder(models).embed(["  "])
+    for argv in (("embed", "x.wav", "--out", "o.npz", "--jobs", "-3"), ("index", ".", "--out", "i.db", "--threads", "-1"),
+                 ("search", "x", "--index", "i.db", "-k", "0"), ("index", ".", "--out", "i.db", "--jobs", "two")):
+        proc = _cli(*argv)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr
+        assert ("must be at least 1" in proc.stderr) or ("not a whole number" in proc.stderr), proc.stderr
 
 
-# --------------------------------------------------------------------------- robustness (issue 16)
+# --------------------------------------------------------------------------- robustness
 
 
 def _index_args(root: Path, out: Path, models: Path) -> argparse.Namespace:
-    return argparse.Namespace(dir=str(root), out=str(out), models=str(models), int8=False, batch_size=8, threads=1)
+    return argparse.Namespace(dir=str(root), out=str(out), models=str(models), batch_size=8, threads=1, jobs=1)
 
 
 @pytest.fixture
 def counting(monkeypatch):
     """Records every file the audio embedder decodes."""
     seen: list[str] = []
-    real = S.AudioEmbedder.embed_track
+    real_track = SongEmbedder.embed_track
 
     def embed_track(self, path):
         seen.append(Path(path).name)
-        return real(self, path)
+        return real_track(self, path)
 
-    monkeypatch.setattr(S.AudioEmbedder, "embed_track", embed_track)
+    monkeypatch.setattr(SongEmbedder, "embed_track", embed_track)
     return seen
 
 
 def test_reindexing_embeds_only_new_and_changed_files(exported, songs, tmp_path, counting, caplog):
     models, _, _ = exported
-    lib, out = tmp_path / "lib", tmp_path / "lib.npz"
+    lib, out = tmp_path / "lib", tmp_path / "lib.db"
     shutil.copytree(songs, lib)
-    assert S.index_main(_index_args(lib, out, models)) == 0
+    assert index_main(_index_args(lib, out, models)) == 0
     assert sorted(counting) == ["broken.mp3", "long.wav", "mid.flac", "short.wav"]
-    first = S.load_index(out)
+    first = I.read_index(out)
 
     shutil.copy(lib / "long.wav", lib / "album" / "added.wav")  # one new song
     counting.clear()
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="pipeline.runtime.search"):
-        assert S.index_main(_index_args(lib, out, models)) == 0
+    with caplog.at_level(logging.INFO, logger="student_clap"):
+        assert index_main(_index_args(lib, out, models)) == 0
     assert counting == ["added.wav"]  # the broken file, unchanged, is not tried again
     assert "reused 3, embedded 1, removed 0; 1 file(s) skipped" in caplog.text
-    second = S.load_index(out)
+    second = I.read_index(out)
     assert len(second.paths) == 4 and second.failed == first.failed
     for path, vec in zip(first.paths, first.vectors):
         np.testing.assert_array_equal(second.vectors[second.paths.index(path)], vec)
-    np.testing.assert_allclose(second.vectors[second.paths.index(str(lib / "album" / "added.wav"))],
-                               first.vectors[first.paths.index(str(lib / "long.wav"))], atol=1e-6)
+    np.testing.assert_allclose(second.vectors[second.paths.index(real(lib / "album" / "added.wav"))],
+                               first.vectors[first.paths.index(real(lib / "long.wav"))], atol=1e-6)
 
     (lib / "short.wav").unlink()  # one deleted, one rewritten, one only touched
     sf.write(lib / "long.wav", 0.3 * np.sin(np.arange(16000 * 2) / 7.0), 16000)
@@ -206,64 +241,45 @@ def test_reindexing_embeds_only_new_and_changed_files(exported, songs, tmp_path,
     os.utime(lib / "album" / "mid.flac", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
     counting.clear()
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="pipeline.runtime.search"):
-        assert S.index_main(_index_args(lib, out, models)) == 0
+    with caplog.at_level(logging.INFO, logger="student_clap"):
+        assert index_main(_index_args(lib, out, models)) == 0
     assert sorted(counting) == ["long.wav", "mid.flac"]
     assert "reused 1, embedded 2, removed 1" in caplog.text
-    third = S.load_index(out)
+    third = I.read_index(out)
     assert sorted(Path(p).name for p in third.paths) == ["added.wav", "long.wav", "mid.flac"]
-    assert not np.allclose(third.vectors[third.paths.index(str(lib / "long.wav"))],
-                           first.vectors[first.paths.index(str(lib / "long.wav"))], atol=1e-3)
-
-
-def test_index_stamps_come_from_the_scan_whatever_embeds(tmp_path):
-    """Any embedding path can fill an update (it need not stamp files); failures it does not mark
-    as final are tried again."""
-    lib = tmp_path / "lib"
-    lib.mkdir()
-    files = []
-    for name in ("a.wav", "b.wav", "c.wav"):
-        (lib / name).write_bytes(name.encode() * 10)
-        files.append(str(lib / name))
-    plan = S.plan_update(None, files)
-    assert plan.todo == files and plan.stamps[files[0]] == S.file_stamp(files[0])
-    fresh = S.EmbedResult(files[:2], np.eye(2, 4, dtype=np.float32), [1, 2], [(files[2], "bad")])
-    S.save_index(tmp_path / "i.npz", S.merge_update(None, plan, fresh), "sha", str(lib))
-    (lib / "b.wav").write_bytes(b"changed")
-    again = S.plan_update(S.load_index(tmp_path / "i.npz"), files + [str(lib / "new.wav")])
-    assert again.reuse == {files[0]: 0} and again.todo == [files[1], files[2], str(lib / "new.wav")]
+    assert not np.allclose(third.vectors[third.paths.index(real(lib / "long.wav"))],
+                           first.vectors[first.paths.index(real(lib / "long.wav"))], atol=1e-3)
 
 
 def test_reindexing_with_another_model_embeds_everything(exported, songs, tmp_path, counting, caplog):
     models, _, _ = exported
-    out = tmp_path / "i.npz"
-    assert S.index_main(_index_args(songs, out, models)) == 0
-    _rewrite_index(out, audio_model_sha256="0" * 64)
+    out = tmp_path / "i.db"
+    assert index_main(_index_args(songs, out, models)) == 0
+    _set_meta(out, audio_model="0" * 64)
     counting.clear()
-    assert S.index_main(_index_args(songs, out, models)) == 0
-    assert len(counting) == 4 and "built with another audio model; embedding every file again" in caplog.text
+    assert index_main(_index_args(songs, out, models)) == 0
+    assert len(counting) == 4 and "built with another audio model" in caplog.text
+    assert len(I.read_index(out).paths) == 3
 
 
-def _rewrite_index(path: Path, **changes) -> None:
-    with np.load(path, allow_pickle=False) as data:
-        arrays = {k: data[k] for k in data.files}
-    arrays.update({k: np.asarray(v) for k, v in changes.items()})
-    with open(path, "wb") as fh:
-        np.savez(fh, **arrays)
+def _set_meta(path: Path, **values: str) -> None:
+    con = sqlite3.connect(path)
+    with con:
+        con.executemany("UPDATE meta SET value = ? WHERE key = ?", [(v, k) for k, v in values.items()])
+    con.close()
 
 
 def test_index_records_model_and_search_refuses_another_unless_forced(exported, songs, tmp_path):
     models, _, _ = exported
-    out = tmp_path / "i.npz"
+    out = tmp_path / "i.db"
     assert _cli("index", str(songs), "--out", str(out), "--models", str(models)).returncode == 0
-    idx = S.load_index(out)
-    assert idx.embedding_dim == 512 and idx.vectors.shape == (3, 512)
-    assert idx.audio_model_sha256 == S.sha256_file(models / "audio_student.onnx")
+    idx = I.read_index(out)
+    assert idx.dim == 512 and idx.vectors.shape == (3, 512) and idx.audio_model == audio_identity(models)
 
-    _rewrite_index(out, audio_model_sha256="ab" * 32)
+    _set_meta(out, audio_model="ab" * 32)
     proc = _cli("search", "calm piano", "--index", str(out), "--models", str(models))
     assert proc.returncode == 2 and proc.stdout == ""
-    assert "was built by another audio model (sha256 abababababab...)" in proc.stderr and "--force" in proc.stderr
+    assert "was built by another audio model" in proc.stderr and "--force" in proc.stderr
     proc = _cli("search", "calm piano", "--index", str(out), "--models", str(models), "--force", "-k", "2")
     assert proc.returncode == 0 and len(proc.stdout.splitlines()) == 2
     assert "searching anyway (--force)" in proc.stderr
@@ -272,15 +288,15 @@ def test_index_records_model_and_search_refuses_another_unless_forced(exported, 
 def test_an_index_of_another_dimension_is_a_clear_error(exported, tmp_path):
     models, _, _ = exported
     out = tmp_path / "small.npz"
-    vectors = np.eye(3, 256, dtype=np.float32)
-    S.save_index(out, S.EmbedResult(["a.wav", "b.wav", "c.wav"], vectors, [1, 1, 1], []),
-                 S.sha256_file(models / "audio_student.onnx"), "lib")
+    small = I.Index(["a.wav", "b.wav", "c.wav"], np.eye(3, 256, dtype=np.float32), audio_identity(models), n_segments=[1] * 3,
+                    notes=[[]] * 3)
+    L.write_export(out, small, small.audio_model)
     for extra in ((), ("--force",)):
         proc = _cli("search", "calm piano", "--index", str(out), "--models", str(models), *extra)
         assert proc.returncode == 2 and "Traceback" not in proc.stderr
         assert "holds 256-d vectors but the text model" in proc.stderr and "gives 512-d ones" in proc.stderr
-    with pytest.raises(S.SearchError, match="256-d vectors, the query is 512-d"):
-        S.search(S.load_index(out), np.ones((1, 512), np.float32), 1)
+    with pytest.raises(SearchError, match="256-d vectors, the query is 512-d"):
+        I.search(I.read_index(out), np.ones((1, 512), np.float32), 1)
 
 
 def test_npy_rows_stay_aligned_with_odd_file_names(exported, songs, tmp_path):
@@ -301,6 +317,13 @@ def test_npy_rows_stay_aligned_with_odd_file_names(exported, songs, tmp_path):
     npz = np.load(tmp_path / "x.npz")
     assert list(npz["paths"]) == [r["path"] for r in records]
     np.testing.assert_array_equal(npz["vectors"], vectors)
+    # the index stores any name (as the file system's bytes)
+    lib = tmp_path / "odd"
+    lib.mkdir()
+    for p in odd:
+        shutil.move(p, lib / p.name)
+    assert _cli("index", str(lib), "--out", str(tmp_path / "odd.db"), "--models", str(models)).returncode == 0
+    assert sorted(I.read_index(tmp_path / "odd.db").paths) == sorted(real(lib / p.name) for p in odd)
 
 
 def test_out_is_checked_before_any_work(exported, songs, tmp_path):
@@ -310,15 +333,37 @@ def test_out_is_checked_before_any_work(exported, songs, tmp_path):
     # the models folder does not even exist: the --out check comes first
     for cmd in (("embed", str(songs / "long.wav")), ("index", str(songs))):
         proc = _cli(*cmd, "--out", str(bad), "--models", str(tmp_path / "no-models"))
-        assert proc.returncode == 2 and f"--out {bad}: cannot write in {bad.parent}" in proc.stderr
+        assert proc.returncode == 2 and "--out" in proc.stderr and f"cannot write in {bad.parent}" in proc.stderr
     (tmp_path / "dir.npz").mkdir()
     proc = _cli("embed", str(songs / "long.wav"), "--out", str(tmp_path / "dir.npz"), "--models", str(models))
     assert proc.returncode == 2 and "is a folder, give a file name" in proc.stderr
     assert not list(tmp_path.glob(".*probe"))
 
 
+def test_out_never_replaces_what_is_not_an_index(exported, songs, tmp_path):
+    """An audio file, a playlist or another program's database named by --out is refused and left
+    byte for byte as it was; an export name refuses a file that is not an export."""
+    models, _, _ = exported
+    keep = {tmp_path / "song.ogg": (songs / "long.wav").read_bytes(), tmp_path / "list.m3u": b"#EXTM3U\nsong.ogg\n",
+            tmp_path / "data.npz": (songs / "album/mid.flac").read_bytes()}
+    other = tmp_path / "library.db"
+    con = sqlite3.connect(other)
+    with con:
+        con.execute("CREATE TABLE items (path TEXT)")
+    con.close()
+    keep[other] = other.read_bytes()
+    for path, data in keep.items():
+        path.write_bytes(data)
+        proc = _cli("index", str(songs), "--out", str(path), "--models", str(models))
+        assert proc.returncode == 2 and "refusing to replace it" in proc.stderr and "Traceback" not in proc.stderr
+        assert path.read_bytes() == data
+    proc = _cli("embed", str(songs / "long.wav"), "--out", str(tmp_path / "data.npz"), "--models", str(models))
+    assert proc.returncode == 2 and "refusing to replace it" in proc.stderr
+    assert not (tmp_path / "song.db").exists() and not (tmp_path / "data.db").exists()
+
+
 def test_os_errors_on_one_file_are_reported_and_skipped(exported, songs, tmp_path, monkeypatch):
-    from pipeline.data import audio
+    from student_clap import audio
 
     models, _, _ = exported
     locked = songs / "album/mid.flac"
@@ -330,18 +375,20 @@ def test_os_errors_on_one_file_are_reported_and_skipped(exported, songs, tmp_pat
         return real_open(file, *a, **kw)
 
     monkeypatch.setattr(audio, "open", guarded, raising=False)
-    result = S.embed_files(S.AudioEmbedder(models), [songs / "short.wav", locked, songs / "long.wav"], progress=False)
+    embedder = E.open_audio_embedder(models)
+    result = E.embed_files(embedder, [songs / "short.wav", locked, songs / "long.wav"], progress=False)
     assert [Path(p).name for p in result.paths] == ["short.wav", "long.wav"]
     assert result.failed == [(str(locked), "cannot read the file (Permission denied)")]
-    assert result.failed_stamps == [None]  # retried on the next index run
+    (outcome,) = E.iter_embed(embedder, [locked])
+    assert outcome.retry  # not remembered by the index: tried again on the next run
 
 
 def test_songs_embedded_in_parallel_keep_their_order_vectors_and_failures(exported, songs):
     models, _, _ = exported
     files = [songs / "short.wav", songs / "broken.mp3", songs / "album/mid.flac", songs / "long.wav"] * 2
-    embedder = S.open_audio_embedder(models, threads=1)
-    one = S.embed_files(embedder, files, progress=False, jobs=1)
-    many = S.embed_files(embedder, files, progress=False, jobs=3)
+    embedder = E.open_audio_embedder(models, threads=1)
+    one = E.embed_files(embedder, files, progress=False, jobs=1)
+    many = E.embed_files(embedder, files, progress=False, jobs=3)
     assert [Path(p).name for p in many.paths] == ["short.wav", "mid.flac", "long.wav"] * 2
     assert many.paths == one.paths and many.failed == one.failed and many.n_segments == one.n_segments
     assert [Path(f).name for f, _ in many.failed] == ["broken.mp3"] * 2
@@ -349,9 +396,9 @@ def test_songs_embedded_in_parallel_keep_their_order_vectors_and_failures(export
 
 
 def test_song_jobs_default_to_the_cores_and_never_exceed_the_files():
-    assert S.song_jobs(None, 1) == 1 and S.song_jobs(8, 3) == 3 and S.song_jobs(2, 10) == 2
-    assert S.song_jobs(None, 1000) == (os.cpu_count() or 1)
-    assert S.song_jobs(None, 0) == 1
+    assert E.song_jobs(None, 1) == 1 and E.song_jobs(8, 3) == 3 and E.song_jobs(2, 10) == 2
+    assert E.song_jobs(None, 1000) == (os.cpu_count() or 1)
+    assert E.song_jobs(None, 0) == 1
 
 
 def _permissions_bind(folder: Path) -> bool:
@@ -376,21 +423,26 @@ def test_unreadable_file_and_folder_in_a_library(exported, songs, tmp_path):
     shutil.copytree(songs, lib)
     (lib / "sub").mkdir()
     shutil.copy(lib / "long.wav", lib / "sub" / "hidden.wav")
+    (tmp_path / "locked").mkdir()
     os.chmod(lib / "short.wav", 0)
     os.chmod(lib / "sub", 0)
+    os.chmod(tmp_path / "locked", 0o300)  # writable, not listable
     try:
-        proc = _cli("index", str(lib), "--out", str(tmp_path / "i.npz"), "--models", str(models))
+        proc = _cli("index", str(lib), "--out", str(tmp_path / "i.db"), "--models", str(models))
+        locked = _cli("index", str(lib), "--out", str(tmp_path / "locked" / "sub" / "i.db"), "--models", str(models))
     finally:
         os.chmod(lib / "short.wav", 0o644)
         os.chmod(lib / "sub", 0o755)
+        os.chmod(tmp_path / "locked", 0o755)
     assert proc.returncode == 0
     assert "short.wav: cannot read the file (Permission denied)" in proc.stderr
-    assert "cannot list" in proc.stderr and "sub" in proc.stderr
-    assert sorted(Path(p).name for p in S.load_index(tmp_path / "i.npz").paths) == ["long.wav", "mid.flac"]
+    assert "cannot be listed" in proc.stderr and "sub" in proc.stderr
+    assert sorted(Path(p).name for p in I.read_index(tmp_path / "i.db").paths) == ["long.wav", "mid.flac"]
+    assert locked.returncode == 2 and "Traceback" not in locked.stderr and "--out" in locked.stderr
 
 
 def test_files_refused_by_the_mel_cache_are_refused_by_embed_and_index_alike(exported, tmp_path):
-    from pipeline.data.audio import AudioDecodeError, decode_track
+    from student_clap.audio import AudioDecodeError, decode_track
 
     models, _, _ = exported
     lib = tmp_path / "lib"
@@ -405,12 +457,13 @@ def test_files_refused_by_the_mel_cache_are_refused_by_embed_and_index_alike(exp
             decode_track(lib / name, 48000)  # what the mels stage calls
         expected[name] = err.value.reason
     assert len(set(expected.values())) == 3
-    for proc in (_cli("index", str(lib), "--out", str(tmp_path / "i.npz"), "--models", str(models)),
-                 _cli("embed", *sorted(map(str, lib.iterdir())), "--out", str(tmp_path / "e.npz"), "--models", str(models))):
+    for proc, shown in ((_cli("index", str(lib), "--out", str(tmp_path / "i.db"), "--models", str(models)), real),
+                        (_cli("embed", *sorted(map(str, lib.iterdir())), "--out", str(tmp_path / "e.npz"), "--models",
+                              str(models)), str)):
         assert proc.returncode == 0, proc.stderr
         for name, reason in expected.items():
-            assert f"{lib / name}: {reason}" in proc.stderr
-    assert [Path(p).name for p in S.load_index(tmp_path / "i.npz").paths] == ["ok.wav"]
+            assert f"{shown(lib / name)}: {reason}" in proc.stderr
+    assert [Path(p).name for p in I.read_index(tmp_path / "i.db").paths] == ["ok.wav"]
 
 
 def test_partial_decode_is_kept_and_noted_in_the_index(exported, tmp_path):
@@ -420,9 +473,9 @@ def test_partial_decode_is_kept_and_noted_in_the_index(exported, tmp_path):
     sf.write(tmp_path / "whole.mp3", 0.3 * np.sin(np.arange(22050 * 6) / 5.0), 22050, format="MP3")
     data = (tmp_path / "whole.mp3").read_bytes()
     (lib / "cut.mp3").write_bytes(data[: len(data) // 2])
-    proc = _cli("index", str(lib), "--out", str(tmp_path / "i.npz"), "--models", str(models))
+    proc = _cli("index", str(lib), "--out", str(tmp_path / "i.db"), "--models", str(models))
     assert proc.returncode == 0 and "kept with notes" in proc.stderr
-    idx = S.load_index(tmp_path / "i.npz")
+    idx = I.read_index(tmp_path / "i.db")
     (note,) = idx.notes[0]
     assert note.startswith("partial decode: decoded") and "of 6.0 s" in note and note in proc.stderr
 
@@ -437,7 +490,7 @@ def test_partial_decode_is_kept_and_noted_in_the_index(exported, tmp_path):
 ])
 def test_any_query_is_accepted_or_refused_clearly(exported, songs, tmp_path, query, ok, message):
     models, _, _ = exported
-    out = tmp_path / "i.npz"
+    out = tmp_path / "i.db"
     assert _cli("index", str(songs), "--out", str(out), "--models", str(models)).returncode == 0
     proc = _cli("search", "--index", str(out), "--models", str(models), "-k", "1", "--", query)
     assert "Traceback" not in proc.stderr
@@ -447,14 +500,20 @@ def test_any_query_is_accepted_or_refused_clearly(exported, songs, tmp_path, que
         assert proc.returncode == 2 and message in proc.stderr and proc.stdout == ""
 
 
-def test_version_1_index_is_still_searched_and_rebuilt_on_reindex(exported, songs, tmp_path, counting, caplog):
+def test_out_in_a_folder_this_user_cannot_write_is_a_clear_error(exported, songs, tmp_path, monkeypatch, caplog):
+    """What a read-only or unlistable folder gives a non-root user (simulated: root passes every
+    permission check), for the command and the API alike."""
+    import tempfile
+
+    from student_clap import StudentClap
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
     models, _, _ = exported
-    out = tmp_path / "old.npz"
-    sha = S.sha256_file(models / "audio_student.onnx")
-    with open(out, "wb") as fh:
-        np.savez(fh, version=np.array(1), paths=np.array(["a.wav"]), vectors=np.ones((1, 512), np.float32) / 512**0.5,
-                 n_segments=np.array([1]), audio_model_sha256=np.array(sha), root=np.array("lib"))
-    assert S.load_index(out).paths == ["a.wav"]
-    assert S.index_main(_index_args(songs, out, models)) == 0
-    assert len(counting) == 4 and "without file stamps (version 1)" in caplog.text
-    assert S.load_index(out).version == S.INDEX_VERSION
+    monkeypatch.setattr(tempfile, "NamedTemporaryFile", denied)
+    with caplog.at_level(logging.ERROR, logger="student_clap"):
+        assert index_main(_index_args(songs, tmp_path / "ro" / "i.db", models)) == 2
+    assert f"--out {tmp_path / 'ro' / 'i.db'}: cannot write in {tmp_path / 'ro'} (Permission denied)" in caplog.text
+    with pytest.raises(SearchError, match="Permission denied"):
+        StudentClap(models, threads=1).build_index(songs, tmp_path / "ro" / "i.db")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.deps import code_deps, import_closure, missing_deps, stage_modules, write_code_deps
+from pipeline.deps import code_deps, import_closure, is_code_dep, missing_deps, stage_modules, write_code_deps
 
 
 def test_every_stage_lists_its_import_closure(repo_root: Path) -> None:
@@ -18,12 +18,12 @@ def test_every_stage_lists_its_import_closure(repo_root: Path) -> None:
 
 
 def test_code_deps_are_exact(repo_root: Path) -> None:
-    """No stale entries either: the listed pipeline/ files are exactly the closure."""
+    """No stale entries either: the listed pipeline/ and student_clap/ files are exactly the closure."""
     doc = yaml.safe_load((repo_root / "dvc.yaml").read_text(encoding="utf-8"))
     modules = stage_modules(doc)
     assert set(modules) == set(doc["stages"]), "every stage runs through `student-clap run <stage>`"
     for stage, module in modules.items():
-        listed = [d for d in doc["stages"][stage]["deps"] if str(d).startswith("pipeline/")]
+        listed = [d for d in doc["stages"][stage]["deps"] if is_code_dep(str(d))]
         assert listed == code_deps(repo_root, module), stage
 
 
@@ -51,6 +51,7 @@ def test_closure_follows_lazy_relative_and_module_imports(tmp_path: Path) -> Non
 
 def test_write_fixes_a_stage_that_lost_a_dep(repo_root: Path, tmp_path: Path) -> None:
     shutil.copytree(repo_root / "pipeline", tmp_path / "pipeline")
+    shutil.copytree(repo_root / "student_clap", tmp_path / "student_clap")
     doc = (repo_root / "dvc.yaml").read_text(encoding="utf-8")
     dropped = "      - pipeline/stages/export.py\n"
     assert dropped in doc

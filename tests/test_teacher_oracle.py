@@ -80,8 +80,8 @@ def oracle(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 @pytest.fixture(scope="module")
 def teacher(oracle: dict):
-    from pipeline.teacher.model import load_teacher
     from pipeline.teacher.convert import convert_checkpoint
+    from pipeline.teacher.model import load_teacher
 
     # a checkpoint this test built itself: nothing published to check it against
     out = convert_checkpoint(
@@ -91,11 +91,11 @@ def teacher(oracle: dict):
 
 
 def test_audio_embeddings_match_laion_clap(oracle: dict, teacher) -> None:
-    from pipeline.data.audio import int16_to_float, to_int16
     from pipeline.data.frontends import TeacherMel
     from pipeline.params import TeacherFrontendParams
+    from student_clap.audio import int16_to_float, to_int16
 
-    waves = int16_to_float(to_int16(_waves()))  # what pipeline.data.audio.decode hands the mel stage
+    waves = int16_to_float(to_int16(_waves()))  # what student_clap.audio.decode hands the mel stage
     mels = TeacherMel(TeacherFrontendParams())(torch.from_numpy(waves))
     assert tuple(mels.shape) == (len(waves), 1001, 64)
     ours = teacher.embed_mels(mels).numpy()

@@ -7,18 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.data.text_tokenizer import (
-    BOS,
-    EOS,
-    MIN_VOCAB,
-    PAD,
-    UNK,
-    TokenizerError,
-    encode,
-    load_tokenizer,
-    save_tokenizer,
-    train_tokenizer,
-)
+from pipeline.data.text_tokenizer import save_tokenizer, train_tokenizer
+from student_clap.tokenizer import BOS, EOS, MIN_VOCAB, PAD, UNK, TokenizerError, encode, load_tokenizer
 
 CORPUS = [
     "Rock, piano", "JAZZ saxophone", "happy Pop", "Sad, Female Vocal, Violin", "dark ambient",

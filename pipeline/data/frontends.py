@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.data.mel_banks import kaldi_mel_banks
 from pipeline.params import StudentFrontendParams, TeacherFrontendParams
+from student_clap.mel_banks import kaldi_mel_banks
 
 # Bump when the maths of a front-end changes, so caches built by older code are refused.
 FRONTEND_VERSION = 1
@@ -260,7 +260,7 @@ def segment_mels(module: nn.Module, wave: np.ndarray, starts: list[int], seg_len
     only the frames whose window reaches a segment edge (where centre padding makes them differ)
     are recomputed from short excerpts. Other segments (a tail window off the hop grid, a short
     repeat-padded track) are computed directly. `wave` is a 1-D int16 or float32 array."""
-    from pipeline.data.audio import cut, int16_to_float
+    from student_clap.audio import cut, int16_to_float
 
     def as_float(x: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(int16_to_float(x) if x.dtype == np.int16 else np.ascontiguousarray(x, np.float32))

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.data import decode_notes, mel_cache
-from pipeline.data.audio import (
+from student_clap.audio import (
     AudioDecodeError,
     ResampledWindow,
     decode_track,

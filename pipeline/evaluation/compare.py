@@ -3,8 +3,8 @@
 Every readable song under FOLDER is decoded once (mono, int16, at the export's decode rate) and
 embedded twice, exactly as in training:
 
-- the exported audio student (ONNX, `pipeline.runtime.search.AudioEmbedder`): the one segmentation rule,
-  the mean of the segments' raw embeddings, L2;
+- the exported audio student (ONNX, the runtime's song-level path, `student_clap.song`): the one
+  segmentation rule, the mean of the windows' raw embeddings, L2 — what `index` computes;
 - the teacher (PyTorch, the folder `teacher.model.dir` names): the same segment times, the CLAP
   log-mel front-end (rounded as the mel cache stores it: mels.precision.teacher_db), the mean of the raw
   segment projections, L2 — what data/teacher.h5 holds for a training track.
@@ -21,8 +21,10 @@ folder's own mean teacher embedding, there being no training set here), and opti
   the audio student, the text student and end to end, and the end-to-end text-query result
   overlap with the teacher's ranking.
 
-Paths in a CSV are relative to FOLDER unless absolute. Unreadable files, and CSV rows that name no
-readable song, are reported and skipped. Only the teacher side needs torch.
+Paths in a CSV are relative to FOLDER unless absolute. Files the decoder or the usability rule
+refuses (unreadable, silent, too short), and CSV rows that name no readable song, are reported and
+skipped. A label folder's label is read from the path as found under it, before any symlink is
+resolved, so label subfolders of links to the music work. Only the teacher side needs torch.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import csv
 import json
 import logging
 import math
+import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -42,9 +45,9 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline import metrics as M
-from pipeline.data.audio import AudioDecodeError, decode_int16, map_starts, resample_int16, segment_length, segment_starts
 from pipeline.evaluation import fidelity
 from pipeline.params import SameSpaceParams, TeacherFrontendParams
+from student_clap.audio import AudioDecodeError, decode_track, map_starts, resample_int16, segment_length, segment_starts
 
 log = logging.getLogger(__name__)
 
@@ -116,13 +119,12 @@ class Embedded:
 
 def embed_folder(files: Sequence[Path], decode_rate: int, student_embed: Callable[[np.ndarray], np.ndarray],
                  teacher_embed: Callable[[np.ndarray], np.ndarray], progress: bool = True) -> Embedded:
-    """Decode each file once and embed it with both models; unreadable files are reported and skipped."""
+    """Decode each file once and embed it with both models; files the decoder or the usability rule
+    refuses (unreadable, silent, too short) are reported and skipped."""
     paths, t_rows, s_rows, failed = [], [], [], []
     for f in tqdm(files, desc="compare", unit="song", disable=not progress):
         try:
-            wave = decode_int16(f, decode_rate)
-            if len(wave) == 0:
-                raise AudioDecodeError(f, "no audio samples", kind="empty")
+            wave = decode_track(f, decode_rate).wave
         except AudioDecodeError as exc:
             log.warning("skipped %s: %s", f, exc.reason)
             failed.append((str(f), exc.reason))
@@ -185,12 +187,19 @@ def read_pairs(csv_path: Path, column: str, root: Path, known: Sequence[Path]) -
 def read_labels(spec: Path, root: Path, known: Sequence[Path]) -> tuple[list[tuple[int, str]], list[str]]:
     """Labels from a folder of label subfolders (GTZAN: genres/blues/blues.00000.wav) or a CSV."""
     if spec.is_dir():
-        base = spec.resolve()
+        # the path as found, not resolved: a label folder of symlinks names the label, the link's
+        # target does not
+        base, real_base = Path(os.path.abspath(spec)), spec.resolve()
         pairs, problems = [], []
         for i, p in enumerate(known):
             try:
-                rel = p.resolve().relative_to(base)
+                rel = Path(os.path.abspath(p)).relative_to(base)
             except ValueError:
+                try:
+                    rel = p.resolve().relative_to(real_base)
+                except ValueError:
+                    rel = None
+            if rel is None:
                 problems.append(f"{p}: not under the labels folder {spec}")
                 continue
             if len(rel.parts) < 2:
@@ -290,18 +299,29 @@ def _finite(obj: Any) -> Any:
 
 def compare(folder: Path, *, models: Path, teacher_dir: Path, frontend: TeacherFrontendParams,
             same_space_params: SameSpaceParams, labels: Path | None = None, captions: Path | None = None,
-            template: str = DEFAULT_PROMPT, device: str = "cpu", batch_size: int = 8,
+            template: str = DEFAULT_PROMPT, device: str = "cpu", batch_size: int = 16,
             threads: int | None = None, progress: bool = True, mel_step: float = 0.0) -> dict[str, Any]:
     """Run both models on `folder` and return the report (what --json writes)."""
-    from pipeline.runtime.search import AudioEmbedder, SearchError, TextEmbedder, find_audio
+    from student_clap.embed import TextEmbedder, open_audio_embedder, scan_audio
+    from student_clap.spec import SearchError
 
     if "{label}" not in template:
         raise CompareError(f"--prompt {template!r}: must contain {{label}}")
     try:
-        files = find_audio(folder)
-        student = AudioEmbedder(models, batch_size=batch_size, threads=threads)
+        files = [Path(p) for p in scan_audio(folder, resolve=False).files]
+        student = open_audio_embedder(models, batch_size=batch_size, threads=threads)
     except SearchError as exc:
         raise CompareError(str(exc)) from exc
+    geometry = student.geometry
+    decode_rate = geometry.decode_sample_rate or geometry.sample_rate
+
+    def student_embed(wave: np.ndarray) -> np.ndarray:
+        # the file decoded at the mel cache's rate, on to the student's: the samples `index` embeds
+        (out,) = list(student.embed_waves([resample_int16(wave, decode_rate, geometry.sample_rate)]))
+        if isinstance(out, BaseException):
+            raise out
+        return out[0]
+
     if not files:
         raise CompareError(f"{folder}: no audio files")
     try:
@@ -312,18 +332,16 @@ def compare(folder: Path, *, models: Path, teacher_dir: Path, frontend: TeacherF
     from pipeline.teacher.model import TeacherError
 
     try:
-        teacher = TeacherAudio(teacher_dir, frontend, decode_rate=student.decode_sample_rate,
-                               segment_seconds=student.segment_seconds, hop_seconds=student.hop_seconds, device=device,
+        teacher = TeacherAudio(teacher_dir, frontend, decode_rate=decode_rate,
+                               segment_seconds=geometry.segment_seconds, hop_seconds=geometry.hop_seconds, device=device,
                                mel_step=mel_step)
     except TeacherError as exc:
         raise CompareError(str(exc)) from exc
-    emb = embed_folder(files, student.decode_sample_rate, lambda w: student.embed_wave(w)[0], teacher.embed_wave,
-                       progress=progress)
+    emb = embed_folder(files, decode_rate, student_embed, teacher.embed_wave, progress=progress)
     report: dict[str, Any] = {
         "folder": str(folder), "n_files": len(files), "n_tracks": len(emb.paths),
         "failed": [{"path": p, "reason": r} for p, r in emb.failed],
-        "teacher": teacher.identity(), "student": {"audio_model": str(student.model_path),
-                                                   "audio_sha256": student.model_sha256},
+        "teacher": teacher.identity(), "student": {"audio_model": str(models), "audio_identity": student.model_id},
         "same_space": same_space_section(emb, same_space_params),
     }
     problems: list[str] = []
@@ -390,7 +408,7 @@ def render_text(report: dict[str, Any]) -> str:
             if cap.get("note"):
                 parts.append(f"{cap['note']}.")
     if report.get("failed"):
-        parts.append(f"{len(report['failed'])} file(s) could not be read and were skipped:\n"
+        parts.append(f"{len(report['failed'])} file(s) could not be used and were skipped:\n"
                      + "\n".join(f"  {f['path']}: {f['reason']}" for f in report["failed"]))
     if report.get("problems"):
         parts.append(f"{len(report['problems'])} labels/captions row(s) skipped:\n"

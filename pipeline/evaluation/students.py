@@ -50,7 +50,7 @@ def load_students(audio_path: Path, text_path: Path, tokenizer_path: Path, teach
         out.audio_embed_raw = audio_embed_raw
     out.text_skipped = student_skip_reason(text_path)
     if not out.text_skipped:
-        from pipeline.data.text_tokenizer import encode, load_tokenizer
+        from student_clap.tokenizer import encode, load_tokenizer
         from pipeline.models.text_student import load_text_student
 
         text = load_text_student(text_path).eval()

@@ -75,8 +75,8 @@ def export_text(
     student: nn.Module, tokenizer_path: Path, out_dir: Path, *, opset: int, min_cosine: float
 ) -> dict[str, Any]:
     """Text ONNX (dynamic batch and length) + tokenizer.json, parity-checked on PARITY_TEXTS."""
-    from pipeline.data.text_tokenizer import encode, load_tokenizer
     from pipeline.models.text_student import export_text_onnx
+    from student_clap.tokenizer import encode, load_tokenizer
 
     student = student.eval()
     max_length = int(student.config.max_length)

@@ -1,4 +1,4 @@
-"""The audio student cut for song-level inference (pipeline.runtime.song), as ONNX files.
+"""The audio student cut for song-level inference (student_clap.song), as ONNX files.
 
 - audio_student_frontend.onnx  waveform of any length -> log-mel;
 - audio_student_trunk.onnx     log-mel -> feature map of the blocks before the first
@@ -150,7 +150,7 @@ def parity_song(seconds: float, sample_rate: int, seed: int = 0) -> np.ndarray:
 def segment_song_vector(session, wave: np.ndarray, sample_rate: int, segment_seconds: float,
                          hop_seconds: float) -> np.ndarray:
     """Today's path on a wave at the student rate: every window through the waveform model."""
-    from pipeline.data.audio import cut, int16_to_float, segment_length, segment_starts
+    from student_clap.audio import cut, int16_to_float, segment_length, segment_starts
 
     seg = segment_length(sample_rate, segment_seconds)
     starts = segment_starts(len(wave), sample_rate, segment_seconds, hop_seconds)
@@ -183,7 +183,7 @@ def export_song(
     eval_mels: np.ndarray | None = None,
     eval_tracks: np.ndarray | None = None,
 ) -> dict[str, Any]:
-    """Front-end, trunk and head ONNX files for song-level inference (pipeline.runtime.song), each
+    """Front-end, trunk and head ONNX files for song-level inference (student_clap.song), each
     parity-checked, and with `quantize` a static int8 head (convolutions
     calibrated on `calibration_mels`, training log-mels [n, n_mels, frames]).
 
@@ -193,7 +193,7 @@ def export_song(
     Measured and returned: the song-vector cosine of the song path (fp32 and int8) to the
     segment-wise waveform model (audio_student.onnx, already in `out_dir`) on a synthetic 60-s song,
     and the int8 loss on `eval_mels` (per segment and, with `eval_tracks`, per track mean)."""
-    from pipeline.runtime.song import SongGeometry
+    from student_clap.song import SongGeometry
 
     student, frontend = student.eval(), frontend.eval()
     split = trunk_split(student.encoder)
@@ -231,9 +231,9 @@ def export_song(
 
 def logmel_spec(frontend: nn.Module) -> dict[str, Any] | None:
     """audio.song.frontend of student_clap.json: the EfficientAT front-end's parameters, from which
-    the runtime computes the same log-mel in numpy (pipeline.runtime.logmel); None for another front-end."""
+    the runtime computes the same log-mel in numpy (student_clap.logmel); None for another front-end."""
     from pipeline.data.frontends import StudentMel
-    from pipeline.runtime.logmel import KIND
+    from student_clap.logmel import KIND
 
     if not isinstance(frontend, StudentMel):
         return None
@@ -274,7 +274,7 @@ def _export_song_pieces(
 def _song_cosine(paths: tuple[Path, Path, Path], geometry: Any, song: np.ndarray, reference: np.ndarray,
                  logmel: dict[str, Any] | None) -> float:
     """Cosine of the song vector of the (front-end, trunk, head) files to the segment-wise `reference`."""
-    from pipeline.runtime.song import SongEmbedder
+    from student_clap.song import SongEmbedder
 
     vec, _ = SongEmbedder(*paths, geometry, logmel=logmel).embed_wave(song)
     return float(vec @ reference)

@@ -98,14 +98,14 @@ def _lossy_round_trip(wave: np.ndarray, sr: int, codec: str) -> np.ndarray:
 
 def clip_mels(specs: list[ClipSpec], desc: str = "clips") -> torch.Tensor:
     """Teacher log-mels [N, 1001, 64] (fp16) of the clips, through the pipeline's audio path."""
-    from pipeline.data.audio import (
+    from pipeline.data.frontends import TeacherMel
+    from student_clap.audio import (
         int16_to_float,
         repeat_pad,
         resample_int16,
         segment_length,
         to_int16,
     )
-    from pipeline.data.frontends import TeacherMel
 
     mel = TeacherMel().eval()
     seg = segment_length(TEACHER_RATE, SEGMENT_SECONDS)

@@ -107,7 +107,7 @@ def split_monitor(queries: list[str], vocabulary: list[str], fraction: float, se
 
 def encode_padded(tok, queries: list[str], max_len: int) -> tuple[np.ndarray, np.ndarray]:
     """Token ids and attention mask of `queries`, zero-padded to exactly `max_len` columns."""
-    from pipeline.data.text_tokenizer import encode
+    from student_clap.tokenizer import encode
 
     ids, mask = encode(tok, queries, max_len)
     width = np.zeros((len(ids), max_len), np.int64)

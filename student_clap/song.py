@@ -8,7 +8,7 @@ The exported audio student is cut in three ONNX files (see pipeline.models.song_
 - head: one window's feature map -> (embedding, embedding_raw): the remaining blocks, whose
   squeeze-excitation gates average over the whole window, global pooling and the projection.
 
-Windows overlap by half (10 s every 5 s). Today's path runs every window from scratch, so every
+Windows overlap by half (10 s every 5 s). Run window by window (student_clap.reference), every
 second of audio goes through the whole network twice. Here a run of consecutive windows (up to
 `span_windows`) is one excerpt: front-end and trunk run over it once and each window's columns
 are cut from the trunk's feature map (the hop is a whole number of columns: 5 s = 500 mel frames
@@ -22,7 +22,7 @@ one batch; their count and length are measured once per model by `_probe_edges`)
 window's feature map equals the segment-wise one up to float rounding. Excerpt ends are window
 ends; windows off the hop grid (the tail window aligned to the song's end, a short repeat-padded
 song) run as excerpts of one window: exactly the segment-wise computation. Files are decoded to
-the same int16 samples as the segment-wise path (pipeline.runtime.decode), so the song vector is
+the same int16 samples as the segment-wise path (student_clap.decode), so the song vector is
 that path's up to float rounding. Heads run in batches that mix windows of several songs (`embed_waves`).
 """
 
@@ -36,11 +36,10 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.data.audio import AudioDecodeError, cut, int16_to_float
-from pipeline.runtime.decode import decode_student, decode_student_track, window_starts
-from pipeline.runtime.logmel import LogMel
-from pipeline.runtime.logmel import available as logmel_available
-from pipeline.space import EMBED_DIM
+from student_clap.audio import AudioDecodeError, check_usable, cut, int16_to_float
+from student_clap.decode import decode_student_track, window_starts
+from student_clap.logmel import LogMel
+from student_clap.spec import EMBED_DIM
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +115,7 @@ class SongEmbedding:
     vector: np.ndarray  # [dim] float32, unit norm
     n_segments: int
     notes: list[str] = field(default_factory=list)  # e.g. a partial decode, NaN samples replaced
+    seconds: float = 0.0  # the audio's length as decoded
 
 
 class SongEmbedder:
@@ -123,7 +123,7 @@ class SongEmbedder:
 
     def __init__(self, frontend: str | Path, trunk: str | Path, head: str | Path, geometry: SongGeometry, *,
                  batch_size: int = 16, threads: int | None = None, span_windows: int = SPAN_WINDOWS, exact_edges: bool = True,
-                 one_pass_decode: bool = False, logmel: Mapping[str, Any] | None = None) -> None:
+                 logmel: Mapping[str, Any] | None = None) -> None:
         self.geometry = geometry
         self.model_paths = [Path(frontend), Path(trunk), Path(head)]
         # Three sessions take turns; a pool spinning after its turn would only burn the others' cores.
@@ -131,9 +131,9 @@ class SongEmbedder:
         self.session = self.head  # its outputs are the embeddings (callers read their width here)
         self.sample_rate = geometry.sample_rate
         self.decode_sample_rate = geometry.sample_rate  # waves for embed_wave come at the student rate
-        # Files are decoded through int16 at the segment-wise path's rate (its samples exactly)
-        # unless one_pass_decode (one resampling: cheaper, not the same samples; see decode.py).
-        self.decode_via = None if one_pass_decode else (geometry.decode_sample_rate or None)
+        # Files are decoded through int16 at the mel cache's rate (its samples exactly; see decode.py).
+        self.decode_via = geometry.decode_sample_rate or None
+        self.model_id = ""  # set by student_clap.embed.open_audio_embedder
         self.batch_size = max(1, int(batch_size))
         self.span_windows = max(1, int(span_windows))
         outputs = [o.name for o in self.head.get_outputs()]
@@ -159,11 +159,8 @@ class SongEmbedder:
         return fmap
 
     def _numpy_logmel(self, spec: Mapping[str, Any]) -> LogMel | None:
-        """LogMel from audio.song.frontend when scipy is there and it gives the ONNX front-end's
-        values on a probe of noise (up to float rounding); else None (the ONNX front-end runs)."""
-        if not logmel_available():
-            log.info("scipy is not installed: the song path uses the ONNX front-end (pip install scipy: faster)")
-            return None
+        """LogMel from audio.song.frontend when it gives the ONNX front-end's values on a probe of
+        noise (up to float rounding); else None (the ONNX front-end runs)."""
         try:
             mel = LogMel.from_spec(spec)
         except (KeyError, TypeError, ValueError) as exc:
@@ -301,7 +298,9 @@ class SongEmbedder:
             next_out += 1
 
     def embed_wave(self, wave_int16: np.ndarray) -> tuple[np.ndarray, int]:
-        """One int16 mono wave at the student rate -> (unit song vector, number of windows)."""
+        """One int16 mono wave at the student rate -> (unit song vector, number of windows).
+        AudioDecodeError for a wave the usability rule refuses (too short, silent)."""
+        check_usable(wave_int16, self.sample_rate)
         (out,) = list(self.embed_waves([wave_int16]))
         if isinstance(out, BaseException):
             raise out
@@ -309,14 +308,17 @@ class SongEmbedder:
 
     def embed_track(self, path: str | Path):
         """Decode (to the student rate, the usability rule applied) and embed one file,
-        with its decode notes: a SongEmbedding, as the segment-wise AudioEmbedder returns."""
+        with its decode notes and length: a SongEmbedding."""
         track = decode_student_track(path, self.sample_rate, via_rate=self.decode_via)
-        vector, n = self.embed_wave(track.wave)
-        return SongEmbedding(vector, n, track.notes)
+        (out,) = list(self.embed_waves([track.wave]))  # the rule was applied to the file's own samples
+        if isinstance(out, BaseException):
+            raise out
+        return SongEmbedding(out[0], out[1], track.notes, track.report.decoded_seconds)
 
     def embed_file(self, path: str | Path) -> tuple[np.ndarray, int]:
         """Decode (to the student rate) and embed one file; AudioDecodeError when unreadable."""
-        return self.embed_wave(decode_student(path, self.sample_rate, via_rate=self.decode_via))
+        song = self.embed_track(path)
+        return song.vector, song.n_segments
 
     def embed_paths(self, paths: Iterable[str | Path]) -> Iterator[tuple[str, tuple[np.ndarray, int] | AudioDecodeError]]:
         """(path, (vector, windows)) or (path, AudioDecodeError) per file, heads batched across songs."""
@@ -325,7 +327,7 @@ class SongEmbedder:
         def decoded() -> Iterator[np.ndarray | AudioDecodeError]:
             for p in paths:
                 try:
-                    yield decode_student(p, self.sample_rate, via_rate=self.decode_via)
+                    yield decode_student_track(p, self.sample_rate, via_rate=self.decode_via).wave
                 except AudioDecodeError as exc:
                     yield exc
 

@@ -2,7 +2,8 @@
 
 No torch here: the ONNX `embed` command imports this module on machines without torch.
 
-Decoding streams the file in blocks (libsndfile reads MP3, Ogg Vorbis, Opus, FLAC, WAV and more),
+Decoding streams the file in blocks (libsndfile reads MP3, Ogg Vorbis, Opus, FLAC, WAV/AIFF;
+FFmpeg, through PyAV, what libsndfile cannot: M4A/MP4 with AAC or ALAC, raw AAC, WMA, ...),
 downmixes each block to mono, resamples it with a streaming soxr resampler and stores it as int16
 — the same int16 round trip CLAP applies — so a 60-minute track costs 2 bytes per output sample
 (about 350 MB at 48 kHz) instead of a float64 copy of the whole file.
@@ -50,7 +51,8 @@ MIN_AUDIO_SECONDS = 0.5
 SILENCE_PEAK_DBFS = -80.0
 
 # First bytes of the containers we can decode; used only to word error messages.
-_AUDIO_MAGIC = (b"ID3", b"OggS", b"fLaC", b"RIFF", b"RF64", b"FORM", b".snd", b"caff", b"wvpk")
+_AUDIO_MAGIC = (b"ID3", b"OggS", b"fLaC", b"RIFF", b"RF64", b"FORM", b".snd", b"caff", b"wvpk", b"ADIF",
+                b"0&\xb2u\x8e")  # ... ADIF AAC, ASF (WMA)
 
 
 class AudioDecodeError(Exception):
@@ -107,7 +109,7 @@ class DecodedTrack:
 
 
 def _looks_like_audio(head: bytes) -> bool:
-    if head.startswith(_AUDIO_MAGIC):
+    if head.startswith(_AUDIO_MAGIC) or head[4:8] == b"ftyp":  # ftyp: an MP4/M4A container
         return True
     # MPEG audio frame sync: 11 set bits
     return len(head) >= 2 and head[0] == 0xFF and (head[1] & 0xE0) == 0xE0
@@ -159,7 +161,14 @@ def stream_mono(path: str | Path, sample_rate: int, *, max_seconds: float | None
     in `report`, as is a stream shorter than its header and every NaN/inf sample."""
     path = Path(path)
     report = report if report is not None else DecodeReport()
-    with _open(path) as f:
+    try:
+        f = _open(path)
+    except AudioDecodeError as exc:
+        if exc.kind != "corrupt" or not _for_ffmpeg(path):
+            raise
+        yield from _stream_ffmpeg(path, sample_rate, max_seconds, report, exc)
+        return
+    with f:
         in_rate = int(f.samplerate)
         if in_rate <= 0 or f.channels <= 0:
             raise AudioDecodeError(path, f"invalid header (rate {in_rate}, channels {f.channels})", "corrupt")
@@ -204,33 +213,151 @@ def stream_mono(path: str | Path, sample_rate: int, *, max_seconds: float | None
                 report.stopped_early = f"the decoder failed: {failed}"
             elif last and exact_length and limit is not None and limit - read > PARTIAL_TOLERANCE_SECONDS * in_rate:
                 report.stopped_early = "the stream ends before the length its header gives; a truncated file?"
-            report.source_samples += block.size
-            mono = _downmix(block)
-            top, bottom = (float(mono.max()), float(mono.min())) if len(mono) else (0.0, 0.0)
-            # A NaN/inf sample in any channel makes its mono sample NaN/inf, so the peak's max/min
-            # find broken frames without a pass over every channel.
-            if not (math.isfinite(top) and math.isfinite(bottom)):
-                # Broken float files carry NaN/inf, which would poison every mel frame: count them
-                # for the report, then replace them (before the downmix, so the other channels of
-                # the frame survive) and keep the rest of the file.
-                report.nonfinite += int(np.count_nonzero(~np.isfinite(block)))
-                block = np.nan_to_num(block, nan=0.0, posinf=1.0, neginf=-1.0)
-                mono = _downmix(block)
-                top, bottom = float(mono.max()), float(mono.min())
-            if len(mono):
-                report.peak = max(report.peak, top, -bottom)  # no |x| copy
+            yield from _mono_blocks(block, report, resampler, last)
             del block
-            # Resample in sub-blocks so a large (single-read MP3) block has small temporaries.
-            step = BLOCK_FRAMES
-            for pos in range(0, max(len(mono), 1), step):
-                piece = mono[pos : pos + step]
-                final = last and pos + step >= len(mono)
-                out = resampler.resample_chunk(piece, last=final) if resampler is not None else piece
-                if len(out):
-                    yield np.ascontiguousarray(out, dtype=np.float32)
             if last:
                 break
         report.decoded_seconds = read / in_rate
+
+
+# Files FFmpeg decodes when libsndfile cannot: by container magic, or by name. A file in one of
+# libsndfile's own containers keeps libsndfile's verdict (FFmpeg would decode a corrupt MP3's
+# junk as noise rather than refuse it).
+FFMPEG_EXTENSIONS = (".m4a", ".m4b", ".mp4", ".aac", ".alac", ".wma", ".wv", ".caf")
+
+
+def _for_ffmpeg(path: Path) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(16)
+    except OSError:
+        return False
+    if head[4:8] == b"ftyp" or head.startswith((b"ADIF", b"0&\xb2u\x8e")):
+        return True
+    if head.startswith((b"ID3", b"OggS", b"fLaC", b"RIFF", b"RF64", b"FORM")):
+        return False
+    return path.suffix.lower() in FFMPEG_EXTENSIONS
+
+
+def _mono_blocks(block: np.ndarray, report: DecodeReport, resampler, last: bool) -> Iterator[np.ndarray]:
+    """One decoded block [frames, channels] -> resampled float32 mono pieces, with the report's
+    sample count, NaN/inf count and peak updated (the same for every decoder)."""
+    report.source_samples += block.size
+    mono = _downmix(block)
+    top, bottom = (float(mono.max()), float(mono.min())) if len(mono) else (0.0, 0.0)
+    # A NaN/inf sample in any channel makes its mono sample NaN/inf, so the peak's max/min
+    # find broken frames without a pass over every channel.
+    if not (math.isfinite(top) and math.isfinite(bottom)):
+        # Broken float files carry NaN/inf, which would poison every mel frame: count them
+        # for the report, then replace them (before the downmix, so the other channels of
+        # the frame survive) and keep the rest of the file.
+        report.nonfinite += int(np.count_nonzero(~np.isfinite(block)))
+        block = np.nan_to_num(block, nan=0.0, posinf=1.0, neginf=-1.0)
+        mono = _downmix(block)
+        top, bottom = float(mono.max()), float(mono.min())
+    if len(mono):
+        report.peak = max(report.peak, top, -bottom)  # no |x| copy
+    del block
+    # Resample in sub-blocks so a large (single-read MP3) block has small temporaries.
+    step = BLOCK_FRAMES
+    for pos in range(0, max(len(mono), 1), step):
+        piece = mono[pos : pos + step]
+        final = last and pos + step >= len(mono)
+        out = resampler.resample_chunk(piece, last=final) if resampler is not None else piece
+        if len(out):
+            yield np.ascontiguousarray(out, dtype=np.float32)
+
+
+# FFmpeg's sample formats -> the divisor that maps them to [-1, 1) as libsndfile's float reads do
+_FFMPEG_SCALE = {"s16": 32768.0, "s16p": 32768.0, "s32": 2147483648.0, "s32p": 2147483648.0, "u8": None,
+                 "u8p": None, "flt": 1.0, "fltp": 1.0, "dbl": 1.0, "dblp": 1.0}
+
+
+def _ffmpeg_frames(frame) -> np.ndarray:
+    """A decoded PyAV audio frame -> float32 [frames, channels]."""
+    name = frame.format.name
+    arr = frame.to_ndarray()
+    channels = len(frame.layout.channels)
+    arr = arr if frame.format.is_planar else arr.reshape(-1, channels).T  # -> [channels, frames]
+    scale = _FFMPEG_SCALE.get(name, 1.0)
+    if scale is None:  # unsigned 8-bit
+        return ((arr.astype(np.float32) - 128.0) / 128.0).T
+    return (arr.astype(np.float32) / np.float32(scale) if scale != 1.0 else arr.astype(np.float32, copy=False)).T
+
+
+def _stream_ffmpeg(path: Path, sample_rate: int, max_seconds: float | None, report: DecodeReport,
+                   refused: AudioDecodeError) -> Iterator[np.ndarray]:
+    """stream_mono for what libsndfile cannot read (M4A/MP4 with AAC or ALAC, raw AAC, WMA, ...):
+    FFmpeg through PyAV, the same blocks, report and usability rule. `refused`: libsndfile's
+    verdict, raised (with FFmpeg's) when FFmpeg cannot read the file either."""
+    try:
+        import av
+    except ImportError:  # PyAV is a base dependency; a stripped install still gets libsndfile's verdict
+        raise refused from None
+
+    def fail(why: str) -> AudioDecodeError:
+        return AudioDecodeError(path, f"{refused.reason}; FFmpeg: {why}", "corrupt")
+
+    try:
+        fh = open(path, "rb")  # a file object: names that are not valid UTF-8 open too
+    except OSError as exc:
+        raise AudioDecodeError(path, f"cannot read the file ({exc.strerror or exc})", "unreadable") from None
+    with fh:
+        try:
+            container = av.open(fh, mode="r")
+        except (av.FFmpegError, ValueError, OSError) as exc:
+            raise fail(f"cannot open it ({exc})") from None
+        with container:
+            if not container.streams.audio:
+                raise AudioDecodeError(path, "no audio stream in the file", "non-audio")
+            stream = container.streams.audio[0]
+            in_rate = int(stream.codec_context.sample_rate or stream.rate or 0)
+            if in_rate <= 0:
+                raise fail(f"invalid sample rate {in_rate}")
+            if stream.duration and stream.time_base:
+                report.expected_seconds = float(stream.duration * stream.time_base)
+            elif container.duration:
+                report.expected_seconds = container.duration / 1_000_000
+            limit = int(round(max_seconds * in_rate)) if max_seconds else None
+            if limit is not None:
+                report.expected_seconds = min(report.expected_seconds or math.inf, limit / in_rate)
+            resampler = (soxr.ResampleStream(in_rate, sample_rate, 1, dtype="float32", quality=RESAMPLE_QUALITY)
+                         if in_rate != sample_rate else None)
+            pending: list[np.ndarray] = []
+            have = read = 0
+            frames = container.decode(stream)
+            while True:
+                failed, done = "", False
+                try:
+                    frame = next(frames)
+                    block = _ffmpeg_frames(frame)
+                    if pending and block.shape[1] != pending[0].shape[1]:
+                        raise ValueError("the channel count changes mid-stream")
+                except StopIteration:
+                    block, done = None, True
+                except (av.FFmpegError, ValueError) as exc:
+                    block, done, failed = None, True, str(exc)
+                if block is not None:
+                    if limit is not None and read + have + len(block) >= limit:
+                        block, done = block[: limit - read - have], True
+                    pending.append(block)
+                    have += len(block)
+                if have >= BLOCK_FRAMES or done:
+                    if not pending and read == 0:
+                        raise fail(f"cannot decode any audio ({failed})" if failed else "no audio frames")
+                    joined = np.concatenate(pending) if pending else np.zeros((0, 1), np.float32)
+                    pending, have = [], 0
+                    read += len(joined)
+                    if failed:
+                        report.stopped_early = f"the decoder failed: {failed}"
+                    yield from _mono_blocks(joined, report, resampler, done)
+                if done:
+                    break
+    expected = report.expected_seconds
+    report.decoded_seconds = read / in_rate
+    if (not report.stopped_early and expected and limit is None
+            and expected - report.decoded_seconds > PARTIAL_TOLERANCE_SECONDS):
+        report.stopped_early = "the stream ends before the length its header gives; a truncated file?"
 
 
 def _downmix(block: np.ndarray) -> np.ndarray:
@@ -308,8 +435,11 @@ def _decode_into_int16(path: Path, sample_rate: int, max_seconds: float | None, 
 
     The output buffer is sized from the header's frame count and grown by a quarter when a
     header under-reports (VBR MP3 without a seek table)."""
-    with _open(path) as f:
-        frames, in_rate = int(f.frames), int(f.samplerate)
+    try:
+        info = sf.info(os.fsencode(path) if os.name == "posix" else str(path))
+        frames, in_rate = int(info.frames), int(info.samplerate)
+    except Exception:  # not libsndfile's (FFmpeg decodes it) or broken: the decode says which
+        frames, in_rate = 0, 1
     if max_seconds:
         frames = min(frames, int(round(max_seconds * in_rate)))
     expect = int(math.ceil(max(frames, 0) * sample_rate / max(in_rate, 1))) + 64
@@ -317,7 +447,7 @@ def _decode_into_int16(path: Path, sample_rate: int, max_seconds: float | None, 
     n = 0
     for block in stream_mono(path, sample_rate, max_seconds=max_seconds, report=report):
         if n + len(block) > len(buf):
-            grown = np.empty(max(n + len(block), len(buf) + len(buf) // 4 + 1), dtype=np.int16)
+            grown = np.empty(max(n + len(block), len(buf) + len(buf) // 2 + (1 << 16)), dtype=np.int16)
             grown[:n] = buf[:n]
             buf = grown
         to_int16_into(block, buf[n : n + len(block)])  # stream_mono's blocks are fresh arrays

@@ -1,5 +1,5 @@
 """Kaldi mel filter banks in numpy: shared by the torch front-ends (pipeline.data.frontends) and the
-torch-free song-level front-end of the runtime (pipeline.runtime.logmel)."""
+torch-free song-level front-end of the runtime (student_clap.logmel)."""
 
 from __future__ import annotations
 

@@ -6,8 +6,9 @@ of win_length samples centred in n_fft, power of the bins the mel filters use, K
 (log(mel + 1e-5) + 4.5) / 5. The exported ONNX front-end does the STFT as two matmuls (a
 factorised DFT), since onnxruntime has no fast FFT; scipy's pocketfft, which transforms many rows
 at once with SIMD, does the same work in about 60 % of the CPU time (benchmarks/speed.py prints
-both). numpy's own FFT is about three times slower than scipy's, no faster than the ONNX graph,
-so without scipy the song path keeps the ONNX front-end (`available()`).
+both). numpy's own FFT is about three times slower than scipy's, no faster than the ONNX graph, so
+scipy is a base dependency of the runtime. The ONNX front-end runs only for an export whose
+front-end is not described in student_clap.json (a front-end other than EfficientAT's).
 
 Frames are transformed in chunks of a few hundred, so each chunk's frames, spectra and powers stay
 in cache. The mel banks are a sparse matrix (each FFT bin feeds at most two triangles): a dense
@@ -21,21 +22,13 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+import scipy.fft
+import scipy.sparse
 
-from pipeline.data.mel_banks import kaldi_mel_banks
+from student_clap.mel_banks import kaldi_mel_banks
 
 KIND = "efficientat_logmel"  # audio.song.frontend.kind in student_clap.json
 CHUNK_FRAMES = 256
-
-
-def available() -> bool:
-    """True when scipy (its FFT and sparse matrices) can be imported."""
-    try:
-        import scipy.fft  # noqa: F401
-        import scipy.sparse  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 class LogMel:
@@ -43,8 +36,6 @@ class LogMel:
 
     def __init__(self, *, sample_rate: int, n_fft: int, win_length: int, hop_length: int, n_mels: int,
                  preemphasis: float, f_min: float, f_max: float) -> None:
-        import scipy.sparse  # optional (the runtime's [fast] extra): imported only where used
-
         if not 0 < win_length <= n_fft:
             raise ValueError(f"win_length {win_length} must be in 1..n_fft ({n_fft})")
         self.sample_rate, self.n_fft, self.hop = int(sample_rate), int(n_fft), int(hop_length)
@@ -77,8 +68,6 @@ class LogMel:
 
     def _one(self, wave: np.ndarray, mel: np.ndarray) -> None:
         """One waveform -> its log-mel, written into `mel` [n_mels, frames]."""
-        import scipy.fft
-
         y = wave[1:] - np.float32(self.preemphasis) * wave[:-1]
         half = self.n_fft // 2
         if len(y) <= half:

@@ -1,1 +1,0 @@
-"""What runs on small machines: onnxruntime, numpy and soundfile only, never torch."""

@@ -1,0 +1,5 @@
+import sys
+
+from student_clap.cli import main
+
+sys.exit(main())

@@ -1,0 +1,166 @@
+"""`student-clap embed | index | search`: the runtime's commands (also `python -m student_clap`).
+
+pipeline.cli adds these to the pipeline's commands under the one `student-clap` console script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+log = logging.getLogger("student_clap")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    """Embed, index and search with the exported models (onnxruntime only)."""
+    embed = sub.add_parser("embed", help="embed audio files with the exported ONNX student")
+    embed.add_argument("files", nargs="+")
+    embed.add_argument("--out", required=True,
+                       help=".npz (paths + vectors), .npy (+ .paths.jsonl naming its rows) or .jsonl output")
+    embed.set_defaults(func=embed_main)
+
+    index = sub.add_parser("index", help="embed a folder of songs into a search index (SQLite; kill-safe, incremental)")
+    index.add_argument("dir")
+    index.add_argument("--out", required=True,
+                       help="the index file (e.g. music.db): created, or updated (only new or changed files are "
+                            "embedded); x.npz/x.npy/x.jsonl: the index is kept as x.db and exported to that file")
+    index.set_defaults(func=index_main)
+    for p in (embed, index):
+        p.add_argument("--jobs", type=positive_int, default=None,
+                       help="songs embedded at once, each on one onnxruntime thread unless --threads "
+                            "(default: one per CPU core)")
+        p.add_argument("--batch-size", type=positive_int, default=16, help="windows per head call (default: %(default)s)")
+
+    search = sub.add_parser("search", help="text-to-music search over an index")
+    search.add_argument("query")
+    search.add_argument("--index", required=True, help="an index file (`index --out`) or its .npz export")
+    search.add_argument("-k", type=positive_int, default=10)
+    search.add_argument("--force", action="store_true",
+                        help="search an index built by another audio model than --models' (scores may mean nothing)")
+    search.set_defaults(func=search_main)
+    for p in (embed, index, search):
+        p.add_argument("--models", default="models/export", help="the export folder (default: %(default)s)")
+        p.add_argument("--threads", type=positive_int, default=None, help="onnxruntime threads (default: all cores)")
+
+
+def _audio(args: argparse.Namespace, jobs: int):
+    """The song-level embedder. With several songs at once each runs on one onnxruntime thread
+    unless --threads says otherwise: the cores then work on different songs, which scales better."""
+    from student_clap.embed import open_audio_embedder
+
+    return open_audio_embedder(args.models, batch_size=args.batch_size, threads=args.threads or (1 if jobs > 1 else None))
+
+
+def embed_main(args: argparse.Namespace) -> int:
+    from student_clap.embed import embed_files, song_jobs
+    from student_clap.library import check_export_target, report_lines, write_export
+    from student_clap.spec import SearchError
+
+    try:
+        out = Path(args.out)
+        check_export_target(out)
+        jobs = song_jobs(args.jobs, len(args.files))
+        embedder = _audio(args, jobs)
+        result = embed_files(embedder, args.files, jobs=jobs)
+        write_export(out, result, embedder.model_id)
+    except SearchError as exc:
+        log.error("%s", exc)
+        return 2
+    for line in report_lines(result.failed, [(p, n) for p, n in zip(result.paths, result.notes) if n]):
+        print(line, file=sys.stderr)
+    log.info("wrote %d embeddings to %s", len(result.paths), out)
+    return 0 if result.paths else 1
+
+
+def index_main(args: argparse.Namespace) -> int:
+    from student_clap.embed import scan_audio, song_jobs
+    from student_clap.index import check_index_target, read_index
+    from student_clap.library import build_index, check_export_target, check_writable, index_paths, report_lines, write_export
+    from student_clap.spec import SearchError, text_identity
+
+    try:
+        db, export = index_paths(args.out)
+        check_writable(db)
+        check_index_target(db)
+        if export is not None:
+            check_export_target(export)
+        n_files = len(scan_audio(args.dir).files)
+        jobs = song_jobs(args.jobs, n_files)
+        embedder = _audio(args, jobs)
+        try:
+            text_model = text_identity(args.models)
+        except SearchError:
+            text_model = ""
+        report = build_index(embedder, args.dir, db, text_model=text_model, jobs=jobs, progress=True)
+        if export is not None:
+            index = read_index(db)
+            write_export(export, index, index.audio_model)
+    except SearchError as exc:
+        log.error("%s", exc)
+        return 2
+    for line in report.scan.summary():
+        print(f"left out: {line}", file=sys.stderr)
+    for line in report_lines(report.failed, report.notes):
+        print(line, file=sys.stderr)
+    log.info("index %s: %d songs: reused %d, embedded %d, removed %d; %d file(s) skipped%s", db, report.songs,
+             report.reused, report.embedded, report.removed, len(report.failed),
+             f"; exported to {export}" if export is not None else "")
+    return 0 if report.songs else 1
+
+
+def search_main(args: argparse.Namespace) -> int:
+    from student_clap.embed import TextEmbedder, check_query, printable
+    from student_clap.index import read_index, search
+    from student_clap.library import check_index_model
+    from student_clap.spec import SearchError
+
+    try:
+        text = check_query(args.query)
+        index = read_index(args.index)
+        if not index.paths:
+            raise SearchError(f"{args.index}: the index has no songs yet")
+        query = TextEmbedder(args.models, threads=args.threads).embed([text])
+        if query.shape[1] != index.dim:
+            raise SearchError(f"{args.index} holds {index.dim}-d vectors but the text model in {args.models} gives "
+                              f"{query.shape[1]}-d ones: it was built for other models (--force cannot help); "
+                              "re-index with these models")
+        check_index_model(index, args.models, force=args.force)
+        hits = search(index, query, args.k)[0]
+    except SearchError as exc:
+        log.error("%s", exc)
+        return 2
+    for rank, (path, score) in enumerate(hits, start=1):
+        print(f"{rank:3d}  {score:+.5f}  {printable(path)}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="student-clap", description="Music search with the exported students.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
