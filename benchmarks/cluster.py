@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -31,6 +32,11 @@ DEMO_TEACHER = REPO / "data/demo/teacher"
 # Node failures are noticed within a few seconds instead of Ray's default ~30 s.
 FAST_HEALTH_CHECKS = {"RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "1000",
                       "RAY_health_check_failure_threshold": "3", "RAY_USAGE_STATS_ENABLED": "0"}
+
+
+# One token per process: Ray caches the first token a process loads, so every cluster started from
+# here shares it.
+_TOKEN = secrets.token_hex(32)
 
 
 def _free_ports(n: int) -> list[int]:
@@ -54,12 +60,16 @@ def _node_ports() -> list[str]:
 class LocalRayCluster:
     """A Ray head without CPUs and worker nodes, each a `ray start --block` process group of its own
     on 127.0.0.1, so one node can be killed like a lost machine. Use as a context manager: every
-    process it started is ended on exit (only those: never `ray stop`, which ends every Ray on the machine)."""
+    process it started is ended on exit (only those: never `ray stop`, which ends every Ray on the machine).
+    The cluster has a token of this process's own (Ray's token authentication), set in its environment
+    while the cluster runs, so drivers here and in child processes connect to it and to no other."""
 
     def __init__(self, workers: int, cpus_per_worker: int, object_store_mb: int = 100) -> None:
         self.n_workers, self.cpus, self.store = workers, cpus_per_worker, str(object_store_mb << 20)
         self.ray_bin = str(Path(sys.executable).with_name("ray"))
-        self.env = {**os.environ, **FAST_HEALTH_CHECKS}
+        self.auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": _TOKEN}
+        self.saved_env: dict[str, str | None] = {}
+        self.env = {**os.environ, **FAST_HEALTH_CHECKS, **self.auth}
         self.head: subprocess.Popen | None = None
         self.workers: list[subprocess.Popen] = []
         self.address = ""
@@ -74,6 +84,8 @@ class LocalRayCluster:
     def __enter__(self) -> LocalRayCluster:
         # short: Unix socket paths under it must stay below ~100 characters
         self.temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+        self.saved_env = {k: os.environ.get(k) for k in self.auth}
+        os.environ.update(self.auth)
         port = _free_ports(1)[0]
         self.address = f"127.0.0.1:{port}"
         try:
@@ -116,22 +128,19 @@ class LocalRayCluster:
         self.workers[i].wait()
 
     def __exit__(self, *exc: object) -> None:
-        procs = [p for p in [*self.workers, self.head] if p is not None]
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGTERM)
-        deadline = time.monotonic() + 15
-        for p in procs:
+        # SIGKILL: a throw-away cluster has nothing to save, and `ray start --block` lingers on SIGTERM
+        for p in [*self.workers, *([self.head] if self.head else [])]:
             try:
-                p.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
-            try:
-                os.killpg(p.pid, signal.SIGKILL)  # whatever of the group is left
+                os.killpg(p.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
             p.wait()
         shutil.rmtree(self.temp_dir, ignore_errors=True)
+        for key, value in self.saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def make_project(root: Path, songs: int, seconds: float) -> Path:

@@ -4,18 +4,21 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import tomllib
 from pathlib import Path
 
 import pytest
 
-pytest.importorskip("ray", reason="Ray is not installed (the optional extra: pip install 'student-clap[ray]')")
+from benchmarks.cluster import LocalRayCluster, make_project
+from pipeline.data import mel_ray, teacher_cache
+from pipeline.params import load_params
+from pipeline.stages import mels as mels_stage
+from pipeline.stages import teacher as teacher_stage
 
-from benchmarks.cluster import LocalRayCluster, make_project  # noqa: E402
-from pipeline.data import mel_ray, teacher_cache  # noqa: E402
-from pipeline.params import load_params  # noqa: E402
-from pipeline.stages import mels as mels_stage  # noqa: E402
-from pipeline.stages import teacher as teacher_stage  # noqa: E402
+needs_ray = pytest.mark.skipif(importlib.util.find_spec("ray") is None,
+                               reason="Ray is not installed (the optional extra: pip install 'student-clap[ray]')")
 
 OUTPUTS = ("data/mels.h5", "data/teacher.h5")
 SONGS, SECONDS = 4, 15.0  # 2 segments per song: a few batches of each kind, in seconds of CPU
@@ -64,6 +67,7 @@ def _on_cluster(cluster: LocalRayCluster) -> dict:
     return {"ray_address": cluster.address, "tracks_per_task": 1, "teacher_actors": 2, "teacher_cpus": 1}
 
 
+@needs_ray
 def test_stages_on_a_ray_cluster_write_the_local_bytes(tmp_path, monkeypatch, local_run, ray_cluster):
     report, local = local_run
     assert report["tracks_ok"] == SONGS and report["segments"] >= 2 * SONGS
@@ -75,6 +79,7 @@ def test_stages_on_a_ray_cluster_write_the_local_bytes(tmp_path, monkeypatch, lo
     assert not (tmp_path / "data/mels.h5.parts").exists()
 
 
+@needs_ray
 def test_a_worker_node_killed_mid_run_loses_nothing(tmp_path, monkeypatch, local_run, ray_cluster):
     """One worker node is SIGKILLed after the first mels track is published, a fresh one joins, and
     that one is killed after the first teacher batch is written: Ray reruns the lost tasks and
@@ -106,6 +111,19 @@ def test_a_worker_node_killed_mid_run_loses_nothing(tmp_path, monkeypatch, local
     assert len(ray_cluster.alive_workers()) == 1
     for out in OUTPUTS:
         assert (tmp_path / out).read_bytes() == local[out], f"{out} differs from the local run"
+
+
+def test_ray_is_only_in_its_extra_and_dev(repo_root: Path):
+    """`pip install .` and '.[pipeline]' do not pull Ray; '.[ray]' does, and CI's '.[dev]' through it."""
+    project = tomllib.loads((repo_root / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    extras = project["optional-dependencies"]
+
+    def has_ray(reqs: list[str]) -> bool:
+        return any(r.split(">")[0].split("=")[0].split("[")[0].strip() == "ray" for r in reqs)
+
+    assert not has_ray(project["dependencies"]) and not has_ray(extras["pipeline"])
+    assert "student-clap[ray]" not in extras["pipeline"]
+    assert has_ray(extras["ray"]) and "student-clap[ray]" in extras["dev"]
 
 
 def test_without_ray_the_stage_says_how_to_get_it(monkeypatch):
