@@ -67,6 +67,7 @@ def jobs_to_compute(jobs: list[TrackJob], parts_dir: Path, cache_path: Path, cpa
 def _compute(cfg: dict, todo: list[TrackJob], workers: int, ray_address: str = "", tracks_per_task: int = 1
              ) -> list[TrackResult]:
     progress = TrackProgress(len(todo))
+    t0 = time.monotonic()
     try:
         if ray_address and todo:  # cluster.ray_address: Ray tasks instead of the local pool
             from pipeline.data.mel_ray import run_jobs_on_ray
@@ -75,6 +76,9 @@ def _compute(cfg: dict, todo: list[TrackJob], workers: int, ray_address: str = "
         return run_jobs(cfg, todo, workers, progress)
     finally:
         progress.close()
+        seconds = time.monotonic() - t0
+        log.info("computed %d segments of %d tracks in %.1f s (%.2f seg/s)", progress.segments, len(todo), seconds,
+                 progress.segments / max(seconds, 1e-9))
 
 
 def _merge(jobs: list[TrackJob], results: list[TrackResult], parts_dir: Path, cache_path: Path, cparams: dict,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import time
 from collections import deque
 from pathlib import Path
 from typing import Any
@@ -101,6 +102,7 @@ def run_jobs_on_ray(cfg: dict, jobs: list[TrackJob], address: str, tracks_per_ta
         else:  # missing or not a file: nothing to ship, the local code says why
             done(extract_to_part(_processor(cfg), job, parts_dir, compression, "w0"))
     with cluster.connect(address) as ray:
+        t0, segments0 = time.monotonic(), progress.segments
         task = ray.remote(num_cpus=1, max_retries=cluster.RETRIES, scheduling_strategy="SPREAD")(extract_batch)
         batches = deque(cluster.chunks(shipped, tracks_per_task))
 
@@ -124,4 +126,7 @@ def run_jobs_on_ray(cfg: dict, jobs: list[TrackJob], address: str, tracks_per_ta
                 continue
             for r, name, data in rows:
                 done(r, name, data)
+        seconds, segments = time.monotonic() - t0, progress.segments - segments0
+        log.info("on the Ray cluster: %d segments in %.1f s after connecting (%.2f seg/s)", segments, seconds,
+                 segments / max(seconds, 1e-9))
     return [results[job.track_id] for job in jobs]
