@@ -129,6 +129,16 @@ class MelsParams:
 
 
 @dataclass
+class ClusterParams:
+    """Where the per-song stages (mels, teacher) run (docs/cluster.md); their outputs do not depend on it."""
+
+    ray_address: str = ""  # "" = here, without Ray; "auto" = RAY_ADDRESS / this machine's cluster / a new one
+    tracks_per_task: int = 4  # mels: tracks per Ray task
+    teacher_actors: int = 0  # teacher actors; 0 = one per GPU, or one per teacher_cpus CPUs without GPUs
+    teacher_cpus: int = 1  # CPUs (torch threads) of a teacher actor on a cluster without GPUs
+
+
+@dataclass
 class DemoTrainParams:
     """How `student-clap demo teacher` trains the demo teacher (pipeline.teacher.demo)."""
 
@@ -401,6 +411,7 @@ class Params:
     frontend: FrontendParams = field(default_factory=FrontendParams)
     ingest: IngestParams = _missing("ingest")
     mels: MelsParams = field(default_factory=MelsParams)
+    cluster: ClusterParams = field(default_factory=ClusterParams)
     teacher: TeacherParams = field(default_factory=TeacherParams)
     text_queries: TextQueryParams = _missing("text_queries")
     distillation: DistillationParams = field(default_factory=DistillationParams)
@@ -663,6 +674,9 @@ RANGES: dict[tuple[type, str], Range] = {
     (MelsParams, "max_failure_ratio"): PROBABILITY,
     (MelsParams, "compression_level"): Range(0, 9),
     (MelsParams, "max_track_minutes"): NON_NEGATIVE,
+    (ClusterParams, "tracks_per_task"): AT_LEAST_1,
+    (ClusterParams, "teacher_actors"): NON_NEGATIVE,
+    (ClusterParams, "teacher_cpus"): AT_LEAST_1,
     (MelPrecisionParams, "teacher_db"): Range(0, 1),
     (MelPrecisionParams, "student"): Range(0, 0.1),
     (DemoTeacherParams, "audio_patch_hidden"): AT_LEAST_1,

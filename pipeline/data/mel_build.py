@@ -1,8 +1,8 @@
 """Manifest audio -> the mel cache and its report: resume, compute every track, merge in manifest order.
 
 Tracks already in a published part file or in the previous cache are reused when their audio is
-unchanged; the others are computed (pipeline/data/mel_extraction.py) serially or by worker processes
-(pipeline/data/mel_workers.py); every finished track is then merged, in manifest order, into the
+unchanged; the others are computed (pipeline/data/mel_extraction.py) serially, by worker processes
+(pipeline/data/mel_workers.py) or by Ray tasks on a cluster (pipeline/data/mel_ray.py); every finished track is then merged, in manifest order, into the
 cache (atomic rename) and the report lists failed and flagged tracks.
 """
 
@@ -64,12 +64,21 @@ def jobs_to_compute(jobs: list[TrackJob], parts_dir: Path, cache_path: Path, cpa
     return todo, reused
 
 
-def _compute(cfg: dict, todo: list[TrackJob], workers: int) -> list[TrackResult]:
+def _compute(cfg: dict, todo: list[TrackJob], workers: int, ray_address: str = "", tracks_per_task: int = 1
+             ) -> list[TrackResult]:
     progress = TrackProgress(len(todo))
+    t0 = time.monotonic()
     try:
+        if ray_address and todo:  # cluster.ray_address: Ray tasks instead of the local pool
+            from pipeline.data.mel_ray import run_jobs_on_ray
+
+            return run_jobs_on_ray(cfg, todo, ray_address, tracks_per_task, progress)
         return run_jobs(cfg, todo, workers, progress)
     finally:
         progress.close()
+        seconds = time.monotonic() - t0
+        log.info("computed %d segments of %d tracks in %.1f s (%.2f seg/s)", progress.segments, len(todo), seconds,
+                 progress.segments / max(seconds, 1e-9))
 
 
 def _merge(jobs: list[TrackJob], results: list[TrackResult], parts_dir: Path, cache_path: Path, cparams: dict,
@@ -105,10 +114,12 @@ def build_mel_cache(params: Params, manifest_path: Path, cache_path: Path, repor
     todo, reused = jobs_to_compute(jobs, parts_dir, cache_path, cparams)
     if reused:
         log.info("resuming: %d track(s) already done, %d to compute", reused, len(todo))
-    log.info("computing mels of %d track(s) with %d worker(s) into %s", len(todo), max(1, p.workers), cache_path)
+    ray_address = params.cluster.ray_address
+    where = f"Ray cluster {ray_address!r}" if ray_address else f"{max(1, p.workers)} worker(s)"
+    log.info("computing mels of %d track(s) with %s into %s", len(todo), where, cache_path)
     cfg = {"params": cparams, "compression": asdict(compression), "parts_dir": str(parts_dir),
            "chunk_frames": p.chunk_frames}
-    results = _compute(cfg, todo, p.workers)
+    results = _compute(cfg, todo, p.workers, ray_address, params.cluster.tracks_per_task)
     entries, flagged = _merge(jobs, results, parts_dir, cache_path, cparams, compression, p.chunk_frames, report_path)
     failures = [r for r in results if not r.ok]
     report = build_report(jobs, entries, failures, reused, time.monotonic() - t0, cache_path, compression)

@@ -74,9 +74,10 @@ class TrackProcessor:
         self.teacher = TeacherMel(self.teacher_p).eval()
         self.student = StudentMel(self.student_p).eval()
 
-    def process(self, job: TrackJob, writer: mel_cache.PartWriter) -> TrackResult:
+    def process(self, job: TrackJob, writer: mel_cache.PartWriter, source: Path | None = None) -> TrackResult:
+        """Decode `source` (default: the job's audio_path), recording the track under the job's path."""
         t0 = time.monotonic()
-        path = Path(job.audio_path)
+        path = Path(source or job.audio_path)
         sr = int(self.audio["sample_rate"])
         seg_s, hop_s = float(self.audio["segment_seconds"]), float(self.audio["hop_seconds"])
         max_minutes = float(self.cfg["params"]["max_track_minutes"])
@@ -117,12 +118,13 @@ class TrackProcessor:
 
 
 def extract_to_part(proc: TrackProcessor, job: TrackJob, parts_dir: Path, compression: mel_cache.Compression,
-                    tag: str) -> TrackResult:
-    """Process one track into its own part file; publish it only when the track is complete."""
+                    tag: str, source: Path | None = None) -> TrackResult:
+    """Process one track into its own part file; publish it only when the track is complete.
+    `source`: where to read the audio when it is not at the job's path (a copy on a cluster worker)."""
     writer = mel_cache.PartWriter(parts_dir, proc.cfg["params"], compression, tag=tag,
                                   chunk_frames=proc.cfg.get("chunk_frames", mel_cache.DEFAULT_CHUNK_FRAMES))
     try:
-        result = proc.process(job, writer)
+        result = proc.process(job, writer, source)
     except Exception as exc:  # a bug or an exotic file must not stop the other tracks
         log.exception("%s: unexpected error", job.audio_path)
         writer.discard()

@@ -34,11 +34,12 @@ class TrackProgress:
 
     def __init__(self, total: int) -> None:
         self.bar = tqdm(total=total, desc="mels", unit="track", dynamic_ncols=True)
-        self.total, self.done, self.minutes = total, 0, 0.0
+        self.total, self.done, self.minutes, self.segments = total, 0, 0.0, 0
         self.t0 = self.last_log = time.monotonic()
 
     def update(self, r: TrackResult) -> None:
         self.done += 1
+        self.segments += r.n_segments
         self.minutes += r.duration / 60.0
         self.bar.update(1)
         self.bar.set_postfix(audio_min=f"{self.minutes:.1f}")

@@ -7,7 +7,9 @@ into the student log-mel; the cache keeps each front-end's frames once per track
 reads back exactly as computed. Workers write one crash-safe part file per finished track (see
 pipeline/data/mel_cache.py), so a killed run resumes where it stopped; the parts are merged into the cache
 in manifest order at the end. The work is done by pipeline/data/mel_build.py (resume, schedule, merge,
-report), mel_workers.py (the worker pool) and mel_extraction.py (one track).
+report), mel_workers.py (the worker pool) and mel_extraction.py (one track). With cluster.ray_address
+set, Ray tasks on a cluster compute the tracks instead of the pool (mel_ray.py; docs/cluster.md) and
+the cache is byte-identical.
 
 Bad tracks (missing, unreadable, empty, non-audio, corrupt, and by the one usability rule of
 pipeline/data/audio.py too short, silent or all NaN) are reported in models/report/mels.json and

@@ -1,7 +1,9 @@
 """Stage teacher: embed every cached segment and every text query with the teacher -> data/teacher.h5.
 
 Reads the params teacher.batch_size (CPU), teacher.cuda_batch_size, teacher.device, teacher.dtype
-and text_queries, plus the teacher folder (teacher.model.dir, a dvc dependency). Resumable: an
+and text_queries, plus the teacher folder (teacher.model.dir, a dvc dependency). With
+cluster.ray_address set, the segments and queries are embedded by teacher actors on a Ray cluster
+(pipeline/teacher/embed.py) and this process writes the same file (docs/cluster.md). Resumable: an
 interrupted run leaves data/teacher.h5.partial and the next run continues it. `--shard k/n` embeds
 slice k of the segments into data/teacher.h5.shard-k-of-n (shard 0 also embeds the text queries);
 `student-clap teacher merge` joins the shards.
@@ -16,6 +18,7 @@ import logging
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +30,7 @@ from pipeline.params import Params, as_dict
 from pipeline.paths import MELS
 from pipeline.paths import TEACHER_CACHE as OUT
 from pipeline.space import EMBED_DIM
+from pipeline.teacher.embed import RayTeacher, embed_block, ray_teacher, segment_batches
 from pipeline.teacher.model import Teacher, load_teacher
 
 log = logging.getLogger(__name__)
@@ -61,49 +65,45 @@ def frontend_hash(mels) -> str:
     return str(attrs[candidates[0]]) if candidates else ""
 
 
-def _batches(rows: np.ndarray, batch_size: int) -> Iterator[tuple[int, int]]:
-    """Pending rows -> contiguous [start, stop) ranges of at most batch_size (contiguous reads are cheap)."""
-    if len(rows) == 0:
-        return
-    start = prev = int(rows[0])
-    for r in rows[1:]:
-        r = int(r)
-        if r != prev + 1 or r - start >= batch_size:
-            yield start, prev + 1
-            start = r
-        prev = r
-    yield start, prev + 1
+def _check(mels, start: int, first_bad: int | None, track_ids: list[str], seg_track: np.ndarray) -> None:
+    if first_bad is not None:
+        seg = start + first_bad
+        raise RuntimeError(
+            f"{getattr(mels, 'path', 'mel cache')}: segment {seg} of track {track_ids[seg_track[seg]]} "
+            "gives a non-finite or zero teacher embedding (corrupt mels?)"
+        )
 
 
-def embed_segments(teacher: Teacher, mels, writer: EmbeddingWriter, rows: np.ndarray, batch_size: int) -> int:
+def _embed_here(teacher: Teacher, mels, batches: list[tuple[int, int]], write) -> None:
+    """The batches on this process's teacher; the next batch is read from HDF5 while the teacher runs."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        future = pool.submit(mels.teacher_mels, np.arange(*batches[0]))
+        for i, (start, stop) in enumerate(batches):
+            block = future.result()
+            if i + 1 < len(batches):
+                future = pool.submit(mels.teacher_mels, np.arange(*batches[i + 1]))
+            write(start, stop, embed_block(teacher, block))
+
+
+def embed_segments(teacher: Teacher | RayTeacher, mels, writer: EmbeddingWriter, rows: np.ndarray, batch_size: int) -> int:
     """Embed the still-missing `rows` of the mel cache into `writer`; returns how many were computed."""
     pending = writer.pending(rows)
     if len(pending) < len(rows):
         log.info("%d of %d segments already embedded by an earlier run", len(rows) - len(pending), len(rows))
     if len(pending) == 0:
         return 0
-    batches = list(_batches(pending, batch_size))
+    batches = list(segment_batches(pending, batch_size))
     track_ids = list(mels.track_ids)
     seg_track = np.asarray(mels.segment_track)
     t0 = last_log = time.monotonic()
     done = 0
-    # Read the next batch from HDF5 while the teacher runs on the current one.
-    with ThreadPoolExecutor(max_workers=1) as pool, tqdm(total=len(pending), unit="seg", desc="teacher") as bar:
-        future = pool.submit(mels.teacher_mels, np.arange(*batches[0]))
-        for i, (start, stop) in enumerate(batches):
-            block = future.result()
-            if i + 1 < len(batches):
-                future = pool.submit(mels.teacher_mels, np.arange(*batches[i + 1]))
-            raw = teacher.embed_mels_raw(torch.from_numpy(np.ascontiguousarray(block, dtype=np.float32)))
-            norms = raw.norm(dim=-1)
-            bad = ~torch.isfinite(raw).all(dim=-1) | (norms == 0)
-            if bad.any():
-                seg = start + int(torch.nonzero(bad)[0])
-                raise RuntimeError(
-                    f"{getattr(mels, 'path', 'mel cache')}: segment {seg} of track {track_ids[seg_track[seg]]} "
-                    "gives a non-finite or zero teacher embedding (corrupt mels?)"
-                )
-            writer.write(start, (raw / norms[:, None]).cpu().numpy(), norms.cpu().numpy())
+    with tqdm(total=len(pending), unit="seg", desc="teacher") as bar:
+
+        def write(start: int, stop: int, result: tuple) -> None:
+            nonlocal done, last_log
+            emb, norms, first_bad = result
+            _check(mels, start, first_bad, track_ids, seg_track)
+            writer.write(start, emb, norms)
             done += stop - start
             bar.update(stop - start)
             now = time.monotonic()
@@ -114,6 +114,11 @@ def embed_segments(teacher: Teacher, mels, writer: EmbeddingWriter, rows: np.nda
                     done, len(pending), rate, (len(pending) - done) / max(rate, 1e-9),
                 )
                 last_log = now
+
+        if isinstance(teacher, RayTeacher):
+            teacher.embed_batches(lambda a, b: mels.teacher_mels(np.arange(a, b)), batches, write)
+        else:
+            _embed_here(teacher, mels, batches, write)
     elapsed = time.monotonic() - t0
     log.info("embedded %d segments in %.1f s (%.1f seg/s)", done, elapsed, done / max(elapsed, 1e-9))
     return done
@@ -140,7 +145,7 @@ def shard_rows(n_segments: int, shard: tuple[int, int] | None) -> np.ndarray:
 
 
 def build_embeddings(
-    teacher: Teacher,
+    teacher: Teacher | RayTeacher,
     mels,
     out: str | Path,
     query_sets: Mapping[str, Sequence[str]] | None,
@@ -182,17 +187,24 @@ def run(params: Params, args: argparse.Namespace) -> int | None:
     from pipeline.data.queries import build_query_sets
 
     tp = params.teacher
-    teacher = load_teacher(tp.model.dir, device=tp.device, dtype=tp.dtype)
+    address = params.cluster.ray_address
     shard = getattr(args, "shard", None)
     query_sets = build_query_sets(params.text_queries) if shard is None or shard[0] == 0 else None
-    batch_size = tp.cuda_batch_size if teacher.device.startswith("cuda") else tp.batch_size
     recorded = {
         "teacher": {"batch_size": tp.batch_size, "cuda_batch_size": tp.cuda_batch_size, "device": tp.device,
                     "dtype": tp.dtype},
         "text_queries": as_dict(params.text_queries),
     }
     # Scoped, not torch.set_grad_enabled(False): the stage also runs inside other processes (tests).
-    with torch.no_grad(), MelCache(MELS) as mels:
+    with ExitStack() as stack:
+        if address:  # cluster.ray_address: teacher actors on a Ray cluster, same batches, same bytes
+            teacher = stack.enter_context(ray_teacher(address, tp.model.dir, tp.device, tp.dtype,
+                                                      params.cluster.teacher_actors, params.cluster.teacher_cpus))
+        else:
+            teacher = load_teacher(tp.model.dir, device=tp.device, dtype=tp.dtype)
+        batch_size = tp.cuda_batch_size if teacher.device.startswith("cuda") else tp.batch_size
+        stack.enter_context(torch.no_grad())
+        mels = stack.enter_context(MelCache(MELS))
         build_embeddings(teacher, mels, OUT, query_sets, batch_size=batch_size, params=recorded, shard=shard)
     return 0
 

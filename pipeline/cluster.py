@@ -1,0 +1,98 @@
+"""Ray for the per-song stages (mels, teacher): connecting to a cluster and keeping work in flight.
+
+`cluster.ray_address` in params.yaml decides where the mels and teacher stages run: "" (the default)
+runs them in this process and its worker pool, without Ray; "auto" connects to the cluster named by
+RAY_ADDRESS or to the one running on this machine, and starts a local one when there is none; any
+other value is a cluster address (`host:6379`, or `ray://host:10001` through Ray Client).
+
+The stage process is Ray's driver: it reads the inputs, hands batches to Ray tasks or actors and
+writes every result itself, so the outputs are the ones the local path writes (docs/cluster.md).
+Workers run the driver's own copy of the `pipeline` package (shipped with the job as a py_module),
+so a cluster never runs other code than the stage that DVC hashed; they need the `pipeline` extra's
+libraries installed (the same image as the driver).
+Ray is an optional extra: `pip install 'student-clap[ray]'`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+log = logging.getLogger(__name__)
+
+# A task is tried again this often when its worker or node dies; an actor is restarted as often.
+RETRIES = 3
+T = TypeVar("T")
+
+
+class ClusterError(RuntimeError):
+    """Ray is wanted but missing, or the cluster cannot run the work (the message says what to do)."""
+
+
+def ray_module() -> Any:
+    """The ray module, or ClusterError saying how to install it."""
+    try:
+        import ray
+    except ImportError:
+        raise ClusterError(
+            "cluster.ray_address is set but Ray is not installed: pip install 'student-clap[ray]' "
+            "(or set cluster.ray_address to \"\" to run here)"
+        ) from None
+    return ray
+
+
+@contextmanager
+def connect(address: str) -> Iterator[Any]:
+    """Connect this process to the Ray cluster at `address` ("auto": RAY_ADDRESS, else the local
+    cluster, else a new local one) and disconnect at the end; an existing connection is reused."""
+    ray = ray_module()
+    if ray.is_initialized():
+        yield ray
+        return
+    package = Path(__file__).resolve().parent
+    kwargs: dict[str, Any] = {
+        "logging_level": logging.WARNING,
+        # workers import the driver's pipeline package, whatever is installed on their nodes
+        "runtime_env": {"py_modules": [str(package)], "excludes": ["__pycache__", "*.pyc"]},
+    }
+    if address == "auto":
+        kwargs["include_dashboard"] = False
+        target = None  # Ray's own order: RAY_ADDRESS, the cluster running here, else start one
+    else:
+        target = address
+    try:
+        ray.init(address=target, **kwargs)
+    except ConnectionError as exc:
+        raise ClusterError(f"cluster.ray_address {address!r}: cannot reach a Ray cluster ({exc})") from None
+    resources = ray.cluster_resources()
+    log.info("Ray cluster %s: %d CPU, %d GPU on %d node(s)", address, int(resources.get("CPU", 0)),
+             int(resources.get("GPU", 0)), len([n for n in ray.nodes() if n.get("Alive")]))
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+def windowed(ray: Any, items: deque[T], submit: Callable[[T], Any], window: int) -> Iterator[tuple[T, Any]]:
+    """Submit items (taken from the left of `items`) keeping at most `window` in flight, and yield
+    (item, object ref) as each finishes. The caller may append to `items` while iterating (work to
+    try again in smaller pieces); inputs are read only when their item is submitted (backpressure)."""
+    inflight: dict[Any, T] = {}
+    while items or inflight:
+        while items and len(inflight) < max(1, window):
+            item = items.popleft()
+            inflight[submit(item)] = item
+        ready, _ = ray.wait(list(inflight), num_returns=1)
+        yield inflight.pop(ready[0]), ready[0]
+
+
+def total_cpus(ray: Any) -> int:
+    return int(ray.cluster_resources().get("CPU", 0))
+
+
+def chunks(seq: list[T], size: int) -> Iterable[list[T]]:
+    return (seq[i : i + size] for i in range(0, len(seq), max(1, size)))
