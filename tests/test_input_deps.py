@@ -153,3 +153,20 @@ def test_teacher_files_and_pretrained_weights_reach_the_stages_that_load_them(pr
     assert _noticed(project, lambda: fetched.write_text("{}")) == {"teacher_model"}
     weights = project / "models" / "pretrained" / "mn04_as_mAP_432.pt"
     assert _noticed(project, lambda: weights.write_bytes(b"weights")) == {"distill_audio"}
+
+
+def test_a_song_list_params_name_outside_data_sources_is_a_dep_of_ingest(project: Path) -> None:
+    """DVC cannot template a list into deps: `deps --write` adds each list params name, and then an
+    edit of that list makes `dvc status` name ingest (before that, the ingest stage refuses to run)."""
+    from pipeline.deps import stage_input_problems, write_code_deps
+
+    moved = project / "lists" / "FMA_SONGS_LICENSE.md"
+    moved.parent.mkdir(exist_ok=True)
+    shutil.copy2(project / _params(project)["ingest"]["sources"]["fma"]["lists"][0], moved)
+    _set_param(project, "ingest.sources.fma.lists", ["lists/FMA_SONGS_LICENSE.md"])()
+    assert [p.split(":")[0] for p in stage_input_problems("ingest", project / "params.yaml")] == [
+        "ingest.sources.fma.lists[0]"]
+    assert write_code_deps(project) == ["ingest"]
+    assert stage_input_problems("ingest", project / "params.yaml") == []
+    _dvc_commit(project, "ingest")
+    assert _noticed(project, _append(moved)) == {"ingest"}
