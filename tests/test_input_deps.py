@@ -20,21 +20,9 @@ import yaml
 from pipeline.deps import code_deps, stage_modules
 
 
-def _project_files(root: Path) -> list[str]:
-    out = subprocess.run(
-        ["git", "ls-files", "-co", "--exclude-standard"], cwd=root, check=True, capture_output=True, text=True
-    ).stdout.split("\n")
-    return [f for f in out if f and (root / f).is_file() and not f.startswith(".dvc/")]
-
-
 @pytest.fixture(scope="module")
-def project(tmp_path_factory: pytest.TempPathFactory, repo_root: Path) -> Path:
-    dest = tmp_path_factory.mktemp("inputs") / "project"
-    for rel in [*_project_files(repo_root), ".dvc/config"]:
-        if (repo_root / rel).is_file():
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(repo_root / rel, dest / rel)
-    subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
+def project(tmp_path_factory: pytest.TempPathFactory, project_copy) -> Path:
+    dest = project_copy(tmp_path_factory.mktemp("inputs") / "project")
     _commit_placeholder_outputs(dest)
     return dest
 
