@@ -1,6 +1,6 @@
 """Ingestion: song lists and metadata -> one decision per entry, the manifest rows and the counts.
 
-For every configured source it parses the seed-format lists and the native metadata files,
+For every configured source it parses the `*_SONGS_LICENSE.md` lists and the native metadata files,
 merges repeated tracks, normalises each licence, applies the policy, finds (or, with
 `ingest.download`, fetches) the audio under the source's audio_root and splits by artist.
 One bad entry never stops it: it is excluded with one of the reasons in REASONS.

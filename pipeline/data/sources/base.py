@@ -84,7 +84,7 @@ class SongSource:
     plus one line in `pipeline.data.sources.SOURCES`."""
 
     name: str
-    attribution_file: str  # data/licenses/<attribution_file>, in the seed's list format
+    attribution_file: str  # data/licenses/<attribution_file>, in the source's list format
     parse: Callable[[SourceFiles], ParseResult]  # lists + native metadata -> entries and problems
     attribution: Callable[[list[dict], str], str]  # included manifest rows, mirror URL -> file text
     download_base: str = ""  # where missing audio is fetched from when params name no mirror
