@@ -1,7 +1,7 @@
-"""Parse speed of the three seed list formats.
+"""Parse speed of the three song list formats (FMA, MTG-Jamendo, Wikimedia `*_SONGS_LICENSE.md`).
 
 Repeats the shared sample lists (../shared/data/seed-lists, ~300 entries each) until the three
-lists hold 11 000 entries together (the size of the seed's full lists), parses them and prints
+lists hold 11 000 entries together (a corpus of 11 000 songs), parses them and prints
 entries per second. Target: 11 000 entries in under 2 s.
 
     python benchmarks/ingest.py [--entries 11000] [--lists ../shared/data/seed-lists]

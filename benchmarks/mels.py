@@ -1,7 +1,7 @@
-"""Mel cache speed and size: the mels stage against its per-segment predecessor and the seed, in one run.
+"""Mel cache speed and size: the mels stage against the per-segment layout and a librosa + SQLite cache, in one run.
 
     python benchmarks/mels.py [--audio data/demo/audio | --song-seconds 180 --songs 8] [--rounds 3]
-                              [--compression gzip|lzf --level N] [--no-seed] [--long-minutes 60]
+                              [--compression gzip|lzf --level N] [--no-sqlite] [--long-minutes 60]
                               [--sweep] [--json out.json]
 
 Tracks: the demo songs (mp3, Ogg Vorbis, Opus, FLAC, WAV; mono/stereo; 22.05–48 kHz), synthesised
@@ -15,12 +15,12 @@ CLAP 64 x 1001 and student EfficientAT 128 x 1000) by the same segmentation:
 - fp16:  the same with full float16 frames (mels.precision 0: the storage before int16 codes);
 - old:   the same computation written as the previous cache format did: every 10-s segment stored
          whole (one chunk per segment), one part per track, merged by copying chunks;
-- seed:  librosa.load + librosa.feature.melspectrogram per segment, float32 arrays compressed with
-         zlib and stored as BLOBs in SQLite (the seed's cache format).
+- sqlite: librosa.load + librosa.feature.melspectrogram per segment, float32 arrays compressed with
+         zlib and stored as BLOBs in SQLite (a common hand-rolled mel cache).
 
 Printed: audio-minutes per CPU-second (= per second per core) and per wall-second, bytes of cache
 per audio-minute, and ratios. Targets: >= 100x real time per core (1.67 audio-min/s), >= 2x the
-seed's speed, <= half its bytes per minute; no slower than `old` at about half its bytes
+sqlite contender's speed, <= half its bytes per minute; no slower than `old` at about half its bytes
 (<= 1.5 MB per audio-minute on real music, where the old format took 3.5).
 
 --sweep computes the tracks' segments once, then writes and reads the cache with each compression
@@ -175,14 +175,14 @@ def run_old(tracks: list[Path], work: Path, params: Params) -> dict:
             "compression": compression.describe() + ", segments whole"}
 
 
-def run_seed(tracks: list[Path], work: Path, params: Params) -> dict:
-    """The seed's way: librosa per segment, float32 zlib blobs in SQLite."""
+def run_sqlite(tracks: list[Path], work: Path, params: Params) -> dict:
+    """librosa per segment, float32 zlib blobs in SQLite."""
     import librosa
 
     from student_clap.audio import segment_starts
 
     a, t, s = params.audio, params.frontend.teacher, params.frontend.student
-    db_path = work / "seed.sqlite"
+    db_path = work / "mels.sqlite"
     db = sqlite3.connect(db_path)
     db.execute("CREATE TABLE mels (track TEXT, segment INTEGER, teacher BLOB, student BLOB, PRIMARY KEY (track, segment))")
     c0, w0 = cpu_seconds(), time.perf_counter()
@@ -350,7 +350,7 @@ def main() -> int:
     ap.add_argument("--long-minutes", type=float, default=0.0, help="also measure peak memory on an N-minute track")
     ap.add_argument("--compression", default=None, help="override mels.compression (gzip, lzf, none)")
     ap.add_argument("--level", type=int, default=None, help="override mels.compression_level (gzip)")
-    ap.add_argument("--no-seed", action="store_true", help="leave out the (slow) seed contender")
+    ap.add_argument("--no-sqlite", action="store_true", help="leave out the (slow) librosa + SQLite contender")
     ap.add_argument("--sweep", action="store_true", help="also compare compressions and chunk lengths")
     ap.add_argument("--json", default=None, help="write the figures here too")
     a = ap.parse_args()
@@ -379,8 +379,8 @@ def main() -> int:
         tracks = find_tracks(root) * a.repeat
         print(f"{len(tracks)} tracks from {root}; {a.rounds} alternating round(s), best CPU time kept")
         contenders = {"ours": run_ours, "fp16": run_fp16, "old": run_old}
-        if not a.no_seed:
-            contenders["seed"] = run_seed
+        if not a.no_sqlite:
+            contenders["sqlite"] = run_sqlite
         results: dict = {}
         for name, fn in contenders.items():  # warm-up: lazy imports, FFT plans
             with tempfile.TemporaryDirectory(dir=work) as scratch:
@@ -412,12 +412,12 @@ def main() -> int:
         print(f"vs old per-segment layout: speed {results['speed_vs_old']:.2f}x (target >= 1), "
               f"bytes per minute {results['bytes_ratio_vs_old']:.2f}x; "
               f"real time per core: {o['realtime_x_per_core']:.0f}x (target >= 100x)")
-        if "seed" in results:
-            s = results["seed"]
-            results["speedup_vs_seed"] = o["audio_min_per_cpu_s"] / s["audio_min_per_cpu_s"]
-            results["bytes_ratio_vs_seed"] = o["bytes_per_audio_minute"] / s["bytes_per_audio_minute"]
-            print(f"vs seed: speed {results['speedup_vs_seed']:.2f}x (target >= 2x), "
-                  f"bytes per minute {results['bytes_ratio_vs_seed']:.2f} (target <= 0.5)")
+        if "sqlite" in results:
+            s = results["sqlite"]
+            results["speedup_vs_sqlite"] = o["audio_min_per_cpu_s"] / s["audio_min_per_cpu_s"]
+            results["bytes_ratio_vs_sqlite"] = o["bytes_per_audio_minute"] / s["bytes_per_audio_minute"]
+            print(f"vs librosa + SQLite: speed {results['speedup_vs_sqlite']:.2f}x (target >= 2x), "
+                  f"bytes per minute {results['bytes_ratio_vs_sqlite']:.2f} (target <= 0.5)")
         if a.sweep:
             results["sweep"] = storage_sweep(tracks, work, params)
         if a.long_minutes > 0:

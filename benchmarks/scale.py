@@ -1,6 +1,7 @@
 """Scale projection: unit costs measured on this machine, projected to a corpus size.
 
     python benchmarks/scale.py [--songs 11000 --minutes 4 --epochs 100 --stage2-epochs 10]
+                               [--strategy both --segments-per-track 4]
                                [--gpu-json gpu.json] [--cores N] [--json out.json]
 
 Measures here, on one core each (OMP_NUM_THREADS=1, torch threads 1, CPU seconds from getrusage):
@@ -11,11 +12,16 @@ Measures here, on one core each (OMP_NUM_THREADS=1, torch threads 1, CPU seconds
 - student: one mn10_as training step (forward, loss, backward, AdamW) and one forward: CPU-s per segment;
 - loader:  segments read from that mel cache through MelCache (whole tracks, and random single
            segments): segments per CPU-second.
-Then prints wall time and disk for the corpus (default: the seed's 11 000 songs x 4 min, 100 + 10
-epochs) on this machine (all its cores, perfect scaling assumed) and on one GPU machine. GPU rates
+Then prints wall time and disk for the corpus (default: 11 000 songs x 4 min, 100 + 10 epochs) on
+this machine (all its cores, perfect scaling assumed) and on one GPU machine. GPU rates
 come from `--gpu-json` (written by benchmarks/gpu.py on a real GPU: keys teacher_segments_per_s,
 train_samples_per_s {model: {batch: value}}, loader_segments_per_s {workers: value}, gpu, date);
-without it they are ASSUMPTIONS, printed as such. Validation per epoch is a bounded subset of
+without it they are ASSUMPTIONS, printed as such. An epoch trains on the segments the training
+data of `--strategy` (distill_audio.strategy) hands the student: every train segment for
+"segments"; for "tracks" and "both" one item per train track, each drawing at most
+`--segments-per-track` of its segments (0: all), so a 4-minute song trains 4 of its 47 segments
+per epoch ("both" adds one track row per item to the loss, at no extra network cost: the track
+embedding is the mean of its segments' outputs). Validation per epoch is a bounded subset of
 `--val-max-segments` (distill_audio.val_max_segments, 2048 by default), the full validation once at
 the end; its share of an epoch is printed against the 10 % target. The mel cache on real music is
 an ESTIMATE: the 3.5 MB per audio-minute measured on real music for the per-segment float16 layout,
@@ -49,7 +55,7 @@ ASSUMED_GPU = {
     "forward_to_train_ratio": 3.0,  # a forward costs about a third of a training step (as on CPU here)
     "cpu_cores": 16,  # for the mels stage and the loader workers on that machine
 }
-REAL_MUSIC_OLD_MB_PER_MIN = 3.5  # per-segment float16 mel cache (format 1) on real music, full-size rehearsal
+REAL_MUSIC_OLD_MB_PER_MIN = 3.5  # per-segment float16 mel cache (format 1), measured on a real-music corpus
 AUDIO_MB_PER_MIN = 1.0  # the corpus audio itself (~128 kbit/s MP3); assumption, shown separately
 
 
@@ -245,11 +251,30 @@ def gpu_rates(path: str | None, model: str, cpu_loader_rate: float) -> dict:
                          "{workers: v}, gpu, date") from None
 
 
+def epoch_segments(strategy: str, train_tracks: int, per_song: int, segments_per_track: int) -> dict:
+    """What one training epoch hands the student (pipeline.data.datasets.TrainItems and Collate).
+
+    "segments": every train segment is an item. "tracks" / "both": every train track is an item
+    and draws min(its segments, segments_per_track) of them (all when segments_per_track is 0).
+    The network runs on the drawn segments only; "both" also scores one track row per item."""
+    if strategy == "segments":
+        return {"items": train_tracks * per_song, "segments": train_tracks * per_song, "track_rows": 0}
+    if strategy not in ("tracks", "both"):
+        raise SystemExit(f"--strategy: {strategy!r} is not one of segments, tracks, both")
+    drawn = per_song if segments_per_track <= 0 else min(per_song, segments_per_track)
+    return {"items": train_tracks, "segments": train_tracks * drawn,
+            "track_rows": train_tracks}
+
+
 def project(units: dict, a: argparse.Namespace, gpu: dict) -> dict:
     minutes = a.songs * a.minutes
-    segs = a.songs * segments_per_song(a.minutes)
-    val = int(round(segs * a.val_ratio))
-    train = segs - val
+    per_song = segments_per_song(a.minutes)
+    segs = a.songs * per_song
+    val_tracks = int(round(a.songs * a.val_ratio))  # the split is by artist, so by whole tracks
+    val = val_tracks * per_song
+    train_segs = segs - val
+    epoch = epoch_segments(a.strategy, a.songs - val_tracks, per_song, a.segments_per_track)
+    train = epoch["segments"]
     val_epoch = min(val, a.val_max_segments)
     epochs = a.epochs + a.stage2_epochs
     m, t, s, ld = units["mels"], units["teacher"], units["student"], units["loader"]
@@ -290,8 +315,9 @@ def project(units: dict, a: argparse.Namespace, gpu: dict) -> dict:
     }
     disk["outputs_gb"] = max(disk["mels_gb_measured_rate"], disk["mels_gb_real_music_estimate"]) + disk["teacher_gb"]
     return {"corpus": {"songs": a.songs, "minutes_per_song": a.minutes, "audio_minutes": minutes, "segments": segs,
-                       "train_segments": train, "val_segments": val, "val_segments_per_epoch": val_epoch,
-                       "epochs": epochs},
+                       "train_segments": train_segs, "val_segments": val, "val_segments_per_epoch": val_epoch,
+                       "epochs": epochs, "strategy": a.strategy, "segments_per_track": a.segments_per_track,
+                       "epoch_items": epoch["items"], "epoch_segments": train, "epoch_track_rows": epoch["track_rows"]},
             "this_machine": here, "one_gpu": one_gpu, "disk": disk, "real_music_mb_per_minute_estimate": real_mb}
 
 
@@ -316,6 +342,9 @@ def report(units: dict, proj: dict, gpu: dict, cores: int) -> None:
     print(f"corpus: {c['songs']} songs x {c['minutes_per_song']:g} min = {c['audio_minutes']:.0f} audio-minutes, "
           f"{c['segments']} segments ({c['train_segments']} train, {c['val_segments']} validation, "
           f"{c['val_segments_per_epoch']} validated per epoch), {c['epochs']} epochs")
+    print(f"an epoch (strategy {c['strategy']}, segments_per_track {c['segments_per_track']}): {c['epoch_items']} "
+          f"items, {c['epoch_segments']} segments through the student"
+          + (f" + {c['epoch_track_rows']} track rows in the loss" if c["epoch_track_rows"] else ""))
     print(f"GPU rates: {gpu['source']}: {gpu['gpu']} {gpu['date']}; teacher {gpu['teacher']:.0f} seg/s, "
           f"train {gpu['train']:.0f} seg/s, forward {gpu['forward']:.0f} seg/s, loader {gpu['loader']:.0f} seg/s "
           f"({gpu['loader_note']}), {gpu['cores']} CPU cores for the mels stage")
@@ -355,6 +384,12 @@ def main() -> int:
     ap.add_argument("--val-max-segments", type=int,
                     default=getattr(defaults.distill_audio, "val_max_segments", 2048),
                     help="distill_audio.val_max_segments: segments validated per epoch")
+    ap.add_argument("--strategy", choices=("segments", "tracks", "both"),
+                    default=getattr(defaults.distill_audio, "strategy", "both"),
+                    help="distill_audio.strategy: what an epoch trains on")
+    ap.add_argument("--segments-per-track", type=int,
+                    default=getattr(defaults.distill_audio, "segments_per_track", 4),
+                    help="distill_audio.segments_per_track: segments a track item draws per epoch (0: all)")
     ap.add_argument("--model", default="mn10_as", help="audio student backbone")
     ap.add_argument("--cores", type=int, default=os.cpu_count() or 1, help="cores of this machine to project with")
     ap.add_argument("--song-seconds", type=float, default=None,

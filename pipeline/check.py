@@ -3,8 +3,10 @@
 `dvc repro` deletes a stage's outputs before running it, so a typo found by the stage itself
 costs the previous outputs (`dvc checkout` restores them from the cache). This command finds
 such problems first: the params (types, ranges, relations, missing sections) and every input
-file or folder they name: song lists and metadata, audio roots, the query terms, the pretrained
-EfficientAT file, and for a checkpoint teacher its file, sha256 and tokenizer.
+file or folder they name: song lists and metadata, audio roots (and symlinks in them that lead
+outside, whose songs ingest would exclude), the query terms, the pretrained EfficientAT file, for
+a checkpoint teacher its file, sha256 and tokenizer, and inputs named by params that are no dep of
+their stage in dvc.yaml (which the stage refuses to run with).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 
 import yaml
 
+from pipeline.deps import PARAM_INPUTS, stage_input_problems
 from pipeline.params import Params, ParamsError, declared_params, load_params
 
 log = logging.getLogger(__name__)
@@ -52,13 +55,31 @@ def input_problems(params: Params) -> list[str]:
         need_file(sp.licenses_file, f"{where}.licenses_file")
         if not sp.audio_root:
             problems.append(f"{where}.audio_root: empty")
+        elif Path(sp.audio_root).exists() and not Path(sp.audio_root).is_dir():
+            problems.append(f"{where}.audio_root: {sp.audio_root} is not a folder")
         elif not Path(sp.audio_root).is_dir() and not ing.download:
             problems.append(f"{where}.audio_root: {sp.audio_root} does not exist (or set ingest.download: true)")
+        else:
+            problems += _leaving_symlinks(where, sp.audio_root)
     need_file(params.text_queries.terms, "text_queries.terms")
     if params.distillation.audio_enabled:
         need_file(params.distill_audio.pretrained, "distill_audio.pretrained")
     problems += teacher_problems(params)
     return problems
+
+
+def _leaving_symlinks(where: str, root: str) -> list[str]:
+    """Ingest excludes every song reached through a symlink that points outside its audio root."""
+    from pipeline.data.sources.base import symlinks_leaving
+
+    links = symlinks_leaving(root) if Path(root).is_dir() else []
+    if not links:
+        return []
+    shown = "; ".join(f"{link} -> {target}" for link, target in links[:5])
+    more = f" and {len(links) - 5} more" if len(links) > 5 else ""
+    return [f"{where}.audio_root: {len(links)} symlink(s) point outside {root} ({shown}{more}); ingest excludes "
+            "the songs behind them as 'path outside audio root': point audio_root at the folder they lead to, "
+            "or copy the files in"]
 
 
 def teacher_problems(params: Params) -> list[str]:
@@ -98,7 +119,7 @@ def check(params_path: str | Path) -> list[str]:
         params = load_params(params_path, require=required_sections(params_path))
     except ParamsError as exc:
         return str(exc).splitlines()
-    return input_problems(params)
+    return input_problems(params) + [line for stage in PARAM_INPUTS for line in stage_input_problems(stage, params_path)]
 
 
 def main(args: argparse.Namespace) -> int:

@@ -1,16 +1,27 @@
-"""Which project files each DVC stage runs: the import closure of its stage module.
+"""What each DVC stage reads, so that `dvc status` sees every change: code and param-named inputs.
 
-`dvc.yaml` must list every one of them under the stage's `deps:` (a file, or a folder above it),
-or `dvc status` would call a stage up to date after its code changed. `student-clap deps` prints
-what is missing; tests/test_stage_deps.py fails on it.
+Code: the import closure of the stage module. `dvc.yaml` must list every one of its files under
+the stage's `deps:` (a file, or a folder above it), or `dvc status` would call a stage up to date
+after its code changed. tests/test_stage_deps.py fails on a gap.
+
+Inputs named by params (`PARAM_INPUTS`): every file or folder a stage reads through a param must
+be a dep of that stage wherever it lives, or editing it would leave `dvc status` clean. Scalar
+paths are templated in dvc.yaml (`${ingest.sources.fma.audio_root}`), but DVC cannot template a
+list into deps, so a song list or metadata file outside the declared folders (`data/sources`) is
+written into the stage's deps by `student-clap deps --write`; until then the stage refuses to run
+and `student-clap check` names the param and the path.
+
+`student-clap deps` prints what is missing; `--write` adds it.
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
-from collections.abc import Iterable
+import re
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -109,9 +120,84 @@ def is_code_dep(dep: str) -> bool:
     return dep.startswith(tuple(f"{p}/" for p in PACKAGES))
 
 
+# --------------------------------------------------------------------------- inputs named by params
+
+
+def _ingest_inputs(params: dict) -> Iterator[tuple[str, str]]:
+    sources = (params.get("ingest") or {}).get("sources") or {}
+    for name, sp in sources.items():
+        sp = sp or {}
+        where = f"ingest.sources.{name}"
+        for key in ("lists", "metadata"):
+            for i, path in enumerate(sp.get(key) or []):
+                yield f"{where}.{key}[{i}]", str(path)
+        for key in ("licenses_file", "audio_root"):
+            if sp.get(key):
+                yield f"{where}.{key}", str(sp[key])
+
+
+# stage -> (params dict -> (param name, path) for each file or folder the stage reads through params)
+PARAM_INPUTS = {"ingest": _ingest_inputs}
+
+_TEMPLATE = re.compile(r"\$\{\s*([^}]+?)\s*\}")
+
+
+def _lookup(params: dict, dotted: str) -> Any:
+    node: Any = params
+    for key in dotted.split("."):
+        if not isinstance(node, dict) or key not in node:
+            return None
+        node = node[key]
+    return node
+
+
+def resolve_dep(dep: str, params: dict) -> str | None:
+    """A dvc.yaml dep with its `${a.b}` templates filled from params (None if one is missing)."""
+    values = [_lookup(params, m.group(1)) for m in _TEMPLATE.finditer(dep)]
+    if any(v is None or isinstance(v, (dict, list)) for v in values):
+        return None
+    it = iter(values)
+    return _TEMPLATE.sub(lambda _m: str(next(it)), dep)
+
+
+def _inside(path: str, dep: str, root: Path) -> bool:
+    target, folder = (root / path).resolve(), (root / dep).resolve()
+    return target == folder or target.is_relative_to(folder)
+
+
+def uncovered_param_inputs(root: Path, params: dict, dvc_yaml: dict) -> dict[str, list[tuple[str, str]]]:
+    """Stage -> (param, path) of inputs it reads through params that none of its deps covers."""
+    gaps: dict[str, list[tuple[str, str]]] = {}
+    for stage, inputs in PARAM_INPUTS.items():
+        spec = (dvc_yaml.get("stages") or {}).get(stage)
+        if spec is None:
+            continue
+        deps = [d for d in (resolve_dep(str(d), params) for d in spec.get("deps") or []) if d]
+        missing = [(name, path) for name, path in inputs(params) if not any(_inside(path, d, root) for d in deps)]
+        if missing:
+            gaps[stage] = missing
+    return gaps
+
+
+def stage_input_problems(stage: str, params_file: str | Path) -> list[str]:
+    """Why `stage` must not run: inputs named by params that dvc.yaml beside params_file does not list.
+
+    Empty when there is no dvc.yaml there (a stage run outside a DVC project)."""
+    params_file = Path(params_file)
+    root = params_file.resolve().parent
+    if not (root / "dvc.yaml").is_file() or not params_file.is_file():
+        return []
+    params = yaml.safe_load(params_file.read_text(encoding="utf-8")) or {}
+    dvc_yaml = yaml.safe_load((root / "dvc.yaml").read_text(encoding="utf-8")) or {}
+    return [f"{name}: {path} is read by the {stage} stage but is not among its deps in dvc.yaml, so "
+            f"`dvc status` would not see it change; run `student-clap deps --write` to add it"
+            for name, path in uncovered_param_inputs(root, params, dvc_yaml).get(stage, [])]
+
+
 def write_code_deps(root: Path) -> list[str]:
     """Rewrite the code entries (`pipeline/...`, `student_clap/...`) of every stage's deps in dvc.yaml from the code.
 
+    Also adds the inputs params name that no dep covers (`uncovered_param_inputs`), as paths.
     Round-trips through ruamel.yaml so comments and the other deps stay as written.
     Returns the stages whose deps changed.
     """
@@ -123,7 +209,12 @@ def write_code_deps(root: Path) -> list[str]:
     rt.indent(mapping=2, sequence=4, offset=2)
     path = root / "dvc.yaml"
     doc = rt.load(path.read_text(encoding="utf-8"))
+    params_file = root / "params.yaml"
+    params = (yaml.safe_load(params_file.read_text(encoding="utf-8")) or {}) if params_file.is_file() else {}
     changed = []
+    for stage, inputs in uncovered_param_inputs(root, params, doc).items():
+        doc["stages"][stage].setdefault("deps", []).extend(dict.fromkeys(path for _, path in inputs))
+        changed.append(stage)
     for stage, module in stage_modules(doc).items():
         deps = doc["stages"][stage].setdefault("deps", [])
         want = code_deps(root, module)
@@ -134,6 +225,7 @@ def write_code_deps(root: Path) -> list[str]:
         deps.clear()
         deps.extend([*want, *others])
         changed.append(stage)
+    changed = list(dict.fromkeys(changed))
     if changed:
         with path.open("w", encoding="utf-8") as fh:
             rt.dump(doc, fh)
@@ -144,10 +236,13 @@ def main(args: argparse.Namespace) -> int:
     root = Path(args.root)
     if args.write:
         changed = write_code_deps(root)
-        print(f"dvc.yaml: code deps rewritten for {', '.join(changed)}" if changed else "dvc.yaml: code deps already exact")
+        print(f"dvc.yaml: deps rewritten for {', '.join(changed)}" if changed else "dvc.yaml: deps already exact")
     missing = missing_deps(root)
     for stage, files in missing.items():
         print(f"{stage}: not in deps: {', '.join(files)}")
     if not missing:
         print("every stage's code is in its dvc.yaml deps")
-    return 1 if missing else 0
+    inputs = [line for stage in PARAM_INPUTS for line in stage_input_problems(stage, root / "params.yaml")]
+    for line in inputs:
+        print(line)
+    return 1 if missing or inputs else 0

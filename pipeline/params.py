@@ -70,7 +70,7 @@ class FrontendParams:
 class SourceParams:
     """One song source: the lists/metadata to read and where its audio lives."""
 
-    lists: list[str] = field(default_factory=list)  # seed-format *_SONGS_LICENSE.md files
+    lists: list[str] = field(default_factory=list)  # *_SONGS_LICENSE.md song lists
     metadata: list[str] = field(default_factory=list)  # native metadata (CSV/TSV/JSON)
     licenses_file: str = ""  # MTG-Jamendo audio_licenses.txt
     audio_root: str = ""

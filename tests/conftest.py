@@ -170,24 +170,46 @@ def dvc_env(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return env
 
 
-@pytest.fixture(scope="session")
-def tiny_repo(repo_root: Path, dvc_env: dict):
-    """tiny_repo(dest) -> dest: a git repo holding this checkout's files with the tiny pipeline profile."""
+def copy_project(dest: Path, *, commit: bool = False) -> Path:
+    """dest <- a git repo holding this checkout's files as a user's clone has them: tracked and new
+    files (`git ls-files -co --exclude-standard`), no outputs and no DVC cache; committed when asked."""
     import shutil
+    import subprocess
 
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=cwd, check=True,
+                              capture_output=True, text=True).stdout
+
+    cwd = REPO_ROOT
+    for rel in git("ls-files", "-co", "--exclude-standard").split("\n"):
+        if not rel or rel.startswith((".dvc/cache", ".dvc/tmp")) or not (REPO_ROOT / rel).is_file():
+            continue
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO_ROOT / rel, dest / rel)
+    cwd = dest
+    git("init", "-q", "-b", "main")
+    if commit:
+        git("add", "-A")
+        git("commit", "-qm", "project")
+    return dest
+
+
+@pytest.fixture(scope="session")
+def project_copy():
+    """project_copy(dest, commit=False) -> dest: this checkout as a fresh git repo (see copy_project)."""
+    return copy_project
+
+
+@pytest.fixture(scope="session")
+def tiny_repo():
+    """tiny_repo(dest) -> dest: a git repo holding this checkout's files with the tiny pipeline profile."""
     import yaml
 
     def make(dest: Path) -> Path:
-        files = _run_cmd(["git", "ls-files", "-co", "--exclude-standard"], repo_root, dvc_env).split("\n")
-        for rel in files:
-            if not rel or rel.startswith((".dvc/cache", ".dvc/tmp")) or not (repo_root / rel).is_file():
-                continue
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(repo_root / rel, dest / rel)
+        copy_project(dest)
         params = yaml.safe_load((dest / "params.yaml").read_text())
         _deep_update(params, TINY_PIPELINE)
         (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-        _run_cmd(["git", "init", "-q", "-b", "main"], dest, dvc_env)
         return dest
 
     return make

@@ -342,7 +342,7 @@ HOP = 240000
         (SEG - 1, [0]),
         (SEG, [0]),  # exactly one window: no tail duplicate
         (SEG + 1, [0, 1]),  # the tail adds one new sample
-        (SEG + HOP, [0, HOP]),  # aligned: the seed duplicated the last window here
+        (SEG + HOP, [0, HOP]),  # aligned: no duplicate of the last window
         (SEG + HOP + 7, [0, HOP, HOP + 7]),
         (2 * SEG, [0, HOP, 2 * HOP]),
         (3 * SEG - 5, [0, HOP, 2 * HOP, 3 * HOP, 4 * HOP - 5]),

@@ -86,6 +86,8 @@ def test_symlink_leaving_the_root_is_excluded(tmp_path: Path) -> None:
     lst = _wikimedia_list(tmp_path / "W.md", [("Link.ogg", "https://commons.wikimedia.org/wiki/File:Link.ogg")])
     rows, by_id = _outcomes(IngestParams(sources={"wikimedia": SourceParams(lists=[str(lst)], audio_root=str(root))}))
     assert rows == [] and by_id["wikimedia:Link.ogg"].reason == OUTSIDE
+    assert by_id["wikimedia:Link.ogg"].detail == (f"'Link.ogg' is a symlink ({root / 'Link.ogg'} -> {secret}) "
+                                                  f"pointing outside the audio root {root}")
 
 
 class _Any(BaseHTTPRequestHandler):

@@ -20,21 +20,9 @@ import yaml
 from pipeline.deps import code_deps, stage_modules
 
 
-def _project_files(root: Path) -> list[str]:
-    out = subprocess.run(
-        ["git", "ls-files", "-co", "--exclude-standard"], cwd=root, check=True, capture_output=True, text=True
-    ).stdout.split("\n")
-    return [f for f in out if f and (root / f).is_file() and not f.startswith(".dvc/")]
-
-
 @pytest.fixture(scope="module")
-def project(tmp_path_factory: pytest.TempPathFactory, repo_root: Path) -> Path:
-    dest = tmp_path_factory.mktemp("inputs") / "project"
-    for rel in [*_project_files(repo_root), ".dvc/config"]:
-        if (repo_root / rel).is_file():
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(repo_root / rel, dest / rel)
-    subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
+def project(tmp_path_factory: pytest.TempPathFactory, project_copy) -> Path:
+    dest = project_copy(tmp_path_factory.mktemp("inputs") / "project")
     _commit_placeholder_outputs(dest)
     return dest
 
@@ -153,3 +141,20 @@ def test_teacher_files_and_pretrained_weights_reach_the_stages_that_load_them(pr
     assert _noticed(project, lambda: fetched.write_text("{}")) == {"teacher_model"}
     weights = project / "models" / "pretrained" / "mn04_as_mAP_432.pt"
     assert _noticed(project, lambda: weights.write_bytes(b"weights")) == {"distill_audio"}
+
+
+def test_a_song_list_params_name_outside_data_sources_is_a_dep_of_ingest(project: Path) -> None:
+    """DVC cannot template a list into deps: `deps --write` adds each list params name, and then an
+    edit of that list makes `dvc status` name ingest (before that, the ingest stage refuses to run)."""
+    from pipeline.deps import stage_input_problems, write_code_deps
+
+    moved = project / "lists" / "FMA_SONGS_LICENSE.md"
+    moved.parent.mkdir(exist_ok=True)
+    shutil.copy2(project / _params(project)["ingest"]["sources"]["fma"]["lists"][0], moved)
+    _set_param(project, "ingest.sources.fma.lists", ["lists/FMA_SONGS_LICENSE.md"])()
+    assert [p.split(":")[0] for p in stage_input_problems("ingest", project / "params.yaml")] == [
+        "ingest.sources.fma.lists[0]"]
+    assert write_code_deps(project) == ["ingest"]
+    assert stage_input_problems("ingest", project / "params.yaml") == []
+    _dvc_commit(project, "ingest")
+    assert _noticed(project, _append(moved)) == {"ingest"}

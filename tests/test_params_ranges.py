@@ -118,3 +118,46 @@ def test_check_passes_on_the_demo_project(repo_root: Path, monkeypatch, capsys) 
     monkeypatch.chdir(repo_root)
     assert cli_main(["check"]) == 0
     assert "look usable" in capsys.readouterr().out
+
+
+def test_check_names_what_ingest_would_refuse(tmp_path: Path, repo_root: Path, monkeypatch, capsys) -> None:
+    """A song list no dvc.yaml dep covers (the stage refuses it) and audio symlinks leading out of
+    their root (ingest excludes their songs) make `check` fail, naming the param and the path."""
+    monkeypatch.chdir(tmp_path)
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / "song.ogg").write_bytes(b"OggS")
+    for name in ("fma", "jamendo", "wikimedia"):
+        (tmp_path / "audio" / name).mkdir(parents=True)
+    (tmp_path / "audio" / "fma" / "song.ogg").symlink_to(outside / "song.ogg")
+    (tmp_path / "audio" / "jamendo" / "album").symlink_to(outside, target_is_directory=True)
+    (tmp_path / "audio" / "wikimedia" / "inside.ogg").symlink_to(tmp_path / "audio" / "wikimedia" / "x.ogg")
+    shutil.copytree(repo_root / "data" / "sources", tmp_path / "data" / "sources")
+    (tmp_path / "lists").mkdir()
+    shutil.copy(repo_root / "data/sources/fma/FMA_SONGS_LICENSE.md", tmp_path / "lists" / "FMA_SONGS_LICENSE.md")
+    (tmp_path / "data/demo").mkdir(parents=True)
+    shutil.copy(repo_root / "data/demo/query_terms.json", tmp_path / "data/demo/query_terms.json")
+
+    def edit(d: dict) -> None:
+        for name, sp in d["ingest"]["sources"].items():
+            sp["audio_root"] = f"audio/{name}"
+        d["ingest"]["sources"]["fma"]["lists"] = ["lists/FMA_SONGS_LICENSE.md"]
+
+    params = _project(tmp_path, repo_root, edit)
+    assert cli_main(["check", "--params", str(params)]) == 1
+    out = capsys.readouterr().out
+    assert ("ingest.sources.fma.lists[0]: lists/FMA_SONGS_LICENSE.md is read by the ingest stage but is not among "
+            "its deps in dvc.yaml") in out
+    assert f"ingest.sources.fma.audio_root: 1 symlink(s) point outside audio/fma (audio/fma/song.ogg -> {outside}" in out
+    assert f"ingest.sources.jamendo.audio_root: 1 symlink(s) point outside audio/jamendo (audio/jamendo/album -> {outside})" in out
+    assert "wikimedia.audio_root" not in out  # a link that stays inside its root is fine
+
+    # the ingest stage refuses the uncovered list and names it; `deps --write` adds it to dvc.yaml
+    assert cli_main(["run", "ingest", "--params", str(params)]) == 2
+    assert not (tmp_path / "data" / "manifest.jsonl").exists()
+    from pipeline.deps import write_code_deps
+
+    assert "ingest" in write_code_deps(tmp_path)
+    assert "lists/FMA_SONGS_LICENSE.md" in yaml.safe_load((tmp_path / "dvc.yaml").read_text())["stages"]["ingest"]["deps"]
+    assert cli_main(["check", "--params", str(params)]) == 1
+    assert "lists/FMA_SONGS_LICENSE.md is read by" not in capsys.readouterr().out

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -24,13 +23,6 @@ INSTRUMENT_QUERIES = {"piano": "piano", "guitar": "guitar", "strings": "strings"
                       "flute": "flute", "synthesizer": "synth", "brass": "brass", "bell": "bells"}
 
 
-def _project_files(root: Path) -> list[str]:
-    out = subprocess.run(
-        ["git", "ls-files", "-co", "--exclude-standard"], cwd=root, check=True, capture_output=True, text=True
-    ).stdout.split("\n")
-    return [f for f in out if f and (root / f).is_file()]
-
-
 def _run(cmd: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -39,23 +31,9 @@ def _run(cmd: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory: pytest.TempPathFactory, repo_root: Path) -> Path:
+def project(tmp_path_factory: pytest.TempPathFactory, project_copy) -> Path:
     """A git copy of the working tree (tracked and new files, no outputs): the demo as a user runs it."""
-    dest = tmp_path_factory.mktemp("e2e") / "project"
-    for rel in _project_files(repo_root):
-        if rel.startswith((".dvc/cache", ".dvc/tmp")):
-            continue
-        target = dest / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(repo_root / rel, target)
-    env = _env(dest)
-    for cmd in (
-        ["git", "init", "-q", "-b", "main"],
-        ["git", "add", "-A"],
-        ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "demo"],
-    ):
-        _run(cmd, dest, env)
-    return dest
+    return project_copy(tmp_path_factory.mktemp("e2e") / "project", commit=True)
 
 
 def _env(project: Path) -> dict:

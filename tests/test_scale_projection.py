@@ -31,11 +31,11 @@ UNITS = {
 
 def _args(**kw) -> argparse.Namespace:
     base = {"songs": 11_000, "minutes": 4.0, "epochs": 100, "stage2_epochs": 10, "val_ratio": 0.25,
-            "val_max_segments": 2048, "cores": 2}
+            "val_max_segments": 2048, "cores": 2, "strategy": "both", "segments_per_track": 4}
     return argparse.Namespace(**{**base, **kw})
 
 
-def test_seed_scale_segments_and_bounded_validation(scale) -> None:
+def test_corpus_segments_and_bounded_validation(scale) -> None:
     gpu = scale.gpu_rates(None, "mn10_as", 250.0)
     assert gpu["source"].startswith("ASSUMED")
     p = scale.project(UNITS, _args(), gpu)
@@ -45,7 +45,9 @@ def test_seed_scale_segments_and_bounded_validation(scale) -> None:
     assert c["train_segments"] + c["val_segments"] == 517_000
     g = p["one_gpu"]
     # an epoch is bounded by the slower of compute and loading
-    assert g["train_s"] == pytest.approx(c["train_segments"] / min(gpu["train"], gpu["loader"]))
+    # strategy both, 4 segments per track: an epoch runs 8 250 train tracks x 4 segments, not all 387 750
+    assert c["epoch_items"] == 8_250 and c["epoch_segments"] == 33_000 and c["epoch_track_rows"] == 8_250
+    assert g["train_s"] == pytest.approx(33_000 / min(gpu["train"], gpu["loader"]))
     assert g["val_share"] < 0.1 and p["this_machine"]["val_share"] < 0.1
     assert g["total_s"] == pytest.approx(g["mels_s"] + g["teacher_s"] + 110 * (g["train_s"] + g["val_s"]) + g["final_val_s"])
     assert p["disk"]["mels_gb_measured_rate"] == pytest.approx(44_000 * 1.2 / 1e3)
@@ -89,3 +91,24 @@ def test_gpu_json_from_the_gpu_benchmark_replaces_the_assumptions(scale, tmp_pat
     path.write_text(json.dumps({"gpu": "x", "date": "y"}))
     with pytest.raises(SystemExit, match="gpu.json: not a benchmarks/gpu.py result"):
         scale.gpu_rates(str(path), "mn10_as", 250.0)
+
+
+def test_epoch_follows_the_training_strategy(scale) -> None:
+    """The segments an epoch hands the student are what pipeline.data.datasets draws per strategy."""
+    gpu = scale.gpu_rates(None, "mn10_as", 250.0)
+    runs = {(st, k): scale.project(UNITS, _args(strategy=st, segments_per_track=k), gpu)
+            for st, k in (("segments", 4), ("tracks", 4), ("both", 4), ("both", 0), ("both", 100))}
+    train_tracks, per_song = 8_250, 47
+    assert runs["segments", 4]["corpus"]["epoch_segments"] == train_tracks * per_song
+    assert runs["segments", 4]["corpus"]["epoch_items"] == train_tracks * per_song
+    assert runs["tracks", 4]["corpus"]["epoch_segments"] == train_tracks * 4
+    assert runs["tracks", 4]["corpus"]["epoch_track_rows"] == train_tracks
+    assert runs["both", 0]["corpus"]["epoch_segments"] == train_tracks * per_song  # 0: every segment
+    assert runs["both", 100]["corpus"]["epoch_segments"] == train_tracks * per_song  # a track has only 47
+    here = {key: r["this_machine"] for key, r in runs.items()}
+    assert here["segments", 4]["train_s"] == pytest.approx(here["both", 4]["train_s"] * per_song / 4)
+    # the same bounded validation is a larger share of a shorter epoch
+    assert here["both", 4]["val_s"] == pytest.approx(here["segments", 4]["val_s"])
+    assert here["both", 4]["val_share"] > here["segments", 4]["val_share"]
+    with pytest.raises(SystemExit, match="--strategy"):
+        scale.epoch_segments("frames", 10, 47, 4)

@@ -1,4 +1,4 @@
-"""Source parsers: the seed list formats (real excerpts + hand-made oddities) and native metadata."""
+"""Source parsers: the three song list formats (real excerpts + hand-made oddities) and native metadata."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ SHARED = Path(__file__).resolve().parents[2] / "shared"
 SEED_LISTS = SHARED / "data" / "seed-lists"
 
 
-# --------------------------------------------------------------------------- seed formats, real excerpts
+# --------------------------------------------------------------------------- list formats, real excerpts
 
 
 def test_fma_seed_excerpt() -> None:

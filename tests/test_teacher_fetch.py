@@ -270,3 +270,22 @@ def test_a_wrong_file_in_place_is_replaced_by_the_pinned_one(
     assert main(argparse.Namespace(params=str(_params(tmp_path, hub_files)), trust=False)) == 0, caplog.text
     assert dest.read_bytes() == CHECKPOINT_BYTES
     assert "not the pinned" in caplog.text and "removed, fetching it again" in caplog.text
+
+
+def test_a_file_placed_by_hand_is_not_recorded_as_fetched(tmp_path: Path, in_process_hub, hub_files) -> None:
+    """fetch.json names the Hub only for bytes fetched from it; a checkpoint copied in by hand is
+    recorded as such, also on the next run, while a fetched file keeps its source across runs."""
+    base, hits, _ = in_process_hub
+    dest = tmp_path / "src" / "music.pt"
+    dest.parent.mkdir(parents=True)
+    dest.write_bytes(CHECKPOINT_BYTES)
+    params = argparse.Namespace(params=str(_params(tmp_path, hub_files)), trust=False)
+    for _ in range(2):
+        assert main(params) == 0
+        record = json.loads((tmp_path / "src" / "fetch.json").read_text())
+        ckpt = next(e for e in record["files"] if e["path"].endswith("music.pt"))
+        assert (ckpt["source"], ckpt["fetched"], ckpt["verified"]) == (
+            "already in place (not fetched by this project)", False, True)
+        vocab = next(e for e in record["files"] if e["path"].endswith("vocab.json"))
+        assert vocab["source"] == f"hf://{TOK_REPO}@{TOK_REV}/vocab.json" and vocab["fetched"] is True
+    assert not any("music.pt" in p for _, p, _ in hits)  # the checkpoint was never asked for

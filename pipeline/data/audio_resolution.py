@@ -11,7 +11,7 @@ from tqdm import tqdm
 from pipeline.data.download import DownloadJob, download_many
 from pipeline.data.ingest_outcome import AUDIO_MISSING, DUPLICATE, PATH_OUTSIDE, Outcome
 from pipeline.data.sources import SOURCES
-from pipeline.data.sources.base import Entry, escapes_root
+from pipeline.data.sources.base import Entry, escapes_root, outside_root_detail
 from pipeline.params import IngestParams, SourceParams
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ def _fetch(p: IngestParams, missing: list[Outcome], metas: dict[str, dict], prog
             o.detail = f"no download URL for {o.source} (set ingest.sources.{o.source}.download_base_url)"
             continue
         if escapes_root(sp.audio_root, o.entry.download_path):  # (excluded earlier; never write outside)
-            o.reason, o.detail = PATH_OUTSIDE, f"{o.entry.download_path!r} resolves outside {sp.audio_root}"
+            o.reason, o.detail = PATH_OUTSIDE, outside_root_detail(sp.audio_root, o.entry.download_path)
             continue
         expected = metas.get(o.source, {}).get("sha256", {}).get(o.entry.download_path)
         jobs.append(DownloadJob(url, Path(sp.audio_root) / o.entry.download_path, expected))

@@ -119,7 +119,7 @@ _OGG = ("OGG", "VORBIS")
 # Artists are chosen so that the artist-disjoint split (ingest.split_salt "student-clap",
 # val_ratio 0.25) puts at least one song of every lead instrument in validation.
 SONGS: tuple[Song, ...] = (
-    # --- FMA (seed list format; Cash Song is NC and must be excluded by the licence policy)
+    # --- FMA (SONG/LINK/LICENSE LINK list format; Cash Song is NC and must be excluded by the licence policy)
     _s("fma/Morning_Walk.mp3", *_MP3, 44100, 2, 20.0, 101, "guitar", True, "fast", "major",
        "Lumen Quartet", "Morning Walk", -2.0),
     _s("fma/Evening_Rain.ogg", *_OGG, 22050, 1, 20.0, 102, "bell", False, "slow", "minor",

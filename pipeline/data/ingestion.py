@@ -1,6 +1,6 @@
 """Ingestion: song lists and metadata -> one decision per entry, the manifest rows and the counts.
 
-For every configured source it parses the seed-format lists and the native metadata files,
+For every configured source it parses the `*_SONGS_LICENSE.md` lists and the native metadata files,
 merges repeated tracks, normalises each licence, applies the policy, finds (or, with
 `ingest.download`, fetches) the audio under the source's audio_root and splits by artist.
 One bad entry never stops it: it is excluded with one of the reasons in REASONS.
@@ -31,6 +31,7 @@ from pipeline.data.sources.base import (
     SourceFiles,
     escapes_root,
     is_checksum_file,
+    outside_root_detail,
     parse_checksums,
 )
 from pipeline.data.split import artist_group, split_of
@@ -173,7 +174,7 @@ def _exclude_paths_outside(unique: list[Outcome], p: IngestParams) -> None:
         paths = list(o.entry.candidates) + ([o.entry.download_path] if o.entry.download_path else [])
         bad = next((rel for rel in paths if escapes_root(root, rel)), None)
         if bad is not None:
-            o.reason, o.detail = PATH_OUTSIDE, f"{bad!r} resolves outside {root}"
+            o.reason, o.detail = PATH_OUTSIDE, outside_root_detail(root, bad)
 
 
 def _apply_policy(unique: list[Outcome], p: IngestParams) -> None:

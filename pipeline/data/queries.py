@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 SET_NAMES = ("train", "val_combos", "val_terms", "val_free", "eval_prompts", "terms")
 HELD_OUT_SETS = ("val_combos", "val_terms", "val_free")
 # how terms are joined, and the phrase around them, with their relative weights: mostly bare
-# term lists as the seed sampled them, sometimes a few connecting words as people type queries
+# term lists, sometimes a few connecting words as people type queries
 SEPARATORS = ((", ", 3), (" ", 3), (" with ", 1), (" and ", 1))
 FRAMES = (("{}", 6), ("a {} song", 1), ("{} music", 1), ("a {} track", 1))
 _MAX_TRIES_PER_QUERY = 50

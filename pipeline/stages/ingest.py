@@ -24,6 +24,7 @@ from pipeline.data.ingest_outcome import DUPLICATE, Outcome
 from pipeline.data.ingestion import IngestError, audit_document, ingest, metric_view
 from pipeline.data.manifest import write_manifest
 from pipeline.data.sources import SOURCES
+from pipeline.deps import stage_input_problems
 from pipeline.params import IngestParams, Params
 from pipeline.paths import AUDIT, MANIFEST
 from pipeline.paths import LICENSES as LICENSES_DIR
@@ -71,6 +72,12 @@ def _log_exclusions(outcomes: list[Outcome]) -> None:
 
 def run(params: Params, args: argparse.Namespace) -> int:
     p = params.ingest
+    # a list or metadata file no dep covers could change without `dvc status` noticing
+    refused = stage_input_problems("ingest", getattr(args, "params", "params.yaml"))
+    for line in refused:
+        log.error("%s", line)
+    if refused:
+        return 2
     try:
         rows, outcomes, report = ingest(p)
     except IngestError as exc:

@@ -13,12 +13,15 @@ fetched with pipeline.data.download instead.
 Trust: every file's sha256 must equal the one pinned in params (checkpoint_sha256,
 tokenizer_sha256). A file without a pin, or with another digest, is refused and not placed
 unless the user trusts it explicitly (`--trust` or teacher.model.trust_unverified); then it is
-kept and `fetch.json` beside the checkpoint records it as trusted, not verified.
+kept and `fetch.json` beside the checkpoint records it as trusted, not verified. A file found in
+place is recorded with the source an earlier fetch got those very bytes from, or else as placed
+by hand (`"fetched": false`): the record never claims a Hub source for bytes it did not fetch.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import shutil
@@ -145,20 +148,35 @@ def _judge(f: PlannedFile, path: Path, trust: bool, digest: str | None = None) -
             raise FetchError(f"{f.dest} from {f.source}: {problem}; refused. Pin the digest you expect, or pass "
                              "--trust (teacher.model.trust_unverified: true) to accept it unverified")
         log.warning("%s: %s; kept because it is trusted explicitly (recorded in %s)", f.dest, problem, RECORD_NAME)
-    return {"path": str(f.dest), "source": f.source, "sha256": digest, "size": path.stat().st_size,
+    return {"path": str(f.dest), "source": f.source, "fetched": True, "sha256": digest, "size": path.stat().st_size,
             "pinned_sha256": f.sha256 or None, "verified": verified, "trusted": not verified}
 
 
-def fetch_file(f: PlannedFile, d: DownloadParams, *, trust: bool = False, progress: bool = True) -> dict:
-    """Make `f.dest` hold the verified (or explicitly trusted) file; returns its record entry."""
+PLACED = "already in place (not fetched by this project)"
+
+
+def _in_place(f: PlannedFile, trust: bool, digest: str, before: dict | None) -> dict:
+    """The record of a file found in place: its source is where an earlier fetch got these very
+    bytes (same sha256 in the previous fetch.json), else it was placed by hand and says so."""
+    entry = _judge(f, f.dest, trust, digest)
+    if not (before and before.get("sha256") == digest and before.get("source") and before.get("fetched", True)):
+        entry.update(source=PLACED, fetched=False)
+    return entry
+
+
+def fetch_file(f: PlannedFile, d: DownloadParams, *, trust: bool = False, progress: bool = True,
+               before: dict | None = None) -> dict:
+    """Make `f.dest` hold the verified (or explicitly trusted) file; returns its record entry.
+
+    `before`: this file's entry in the previous fetch.json, if any (see `_in_place`)."""
     if f.dest.is_file():
         digest = sha256_file(f.dest)
         if f.sha256 and digest == f.sha256:
             log.info("%s already present and verified", f.dest)
-            return _judge(f, f.dest, trust, digest)
+            return _in_place(f, trust, digest, before)
         if not f.sha256 and trust:
             log.info("%s already present (unpinned, trusted)", f.dest)
-            return _judge(f, f.dest, trust, digest)
+            return _in_place(f, trust, digest, before)
         if f.sha256:  # pinned and different: never leave the wrong bytes where the teacher looks
             log.warning("%s has sha256 %s, not the pinned %s (%s); removed, fetching it again",
                         f.dest, digest, f.sha256, f.pin_param)
@@ -190,6 +208,15 @@ def write_record(path: Path, entries: list[dict], source: str) -> None:
     write_json(path, body, sort_keys=True)
 
 
+def _previous_entries(path: Path) -> dict[str, dict]:
+    """path -> entry of the fetch.json an earlier run wrote (empty when there is none or it is unreadable)."""
+    try:
+        files = json.loads(path.read_text(encoding="utf-8")).get("files") or []
+        return {str(e["path"]): e for e in files if isinstance(e, dict) and "path" in e}
+    except (OSError, ValueError, AttributeError, KeyError, TypeError):
+        return {}
+
+
 def fetch(p: TeacherModelParams, d: DownloadParams | None = None, *, trust: bool = False,
           progress: bool = True) -> list[dict]:
     """Fetch and verify every file; writes fetch.json and returns its entries.
@@ -197,9 +224,10 @@ def fetch(p: TeacherModelParams, d: DownloadParams | None = None, *, trust: bool
     Every file is tried; a FetchError listing each failed file is raised at the end."""
     d = d or DownloadParams()
     entries, errors = [], []
+    previous = _previous_entries(record_path(p))
     for f in planned_files(p):
         try:
-            entries.append(fetch_file(f, d, trust=trust, progress=progress))
+            entries.append(fetch_file(f, d, trust=trust, progress=progress, before=previous.get(str(f.dest))))
         except FetchError as exc:
             errors.append(str(exc))
     if errors:

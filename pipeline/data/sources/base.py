@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -83,7 +84,7 @@ class SongSource:
     plus one line in `pipeline.data.sources.SOURCES`."""
 
     name: str
-    attribution_file: str  # data/licenses/<attribution_file>, in the seed's list format
+    attribution_file: str  # data/licenses/<attribution_file>, in the source's list format
     parse: Callable[[SourceFiles], ParseResult]  # lists + native metadata -> entries and problems
     attribution: Callable[[list[dict], str], str]  # included manifest rows, mirror URL -> file text
     download_base: str = ""  # where missing audio is fetched from when params name no mirror
@@ -212,3 +213,37 @@ def escapes_root(root: str | Path, rel: str) -> bool:
             return True
     base = Path(root).resolve()
     return not (Path(root) / rel).resolve().is_relative_to(base)
+
+
+def escaping_symlink(root: str | Path, rel: str) -> tuple[Path, Path] | None:
+    """The first symlink on the way from `root` to `rel` whose target lies outside `root`, and that
+    target; None when no symlink leads out."""
+    base = Path(root).resolve()
+    path = Path(root)
+    for part in PurePosixPath(_fully_unquoted(rel).replace("\\", "/")).parts:
+        path = path / part
+        if path.is_symlink():
+            target = path.resolve()
+            if not target.is_relative_to(base):
+                return path, target
+    return None
+
+
+def outside_root_detail(root: str | Path, rel: str) -> str:
+    """Why `rel` is refused (see escapes_root), naming the symlink when one leads out of the root."""
+    link = escaping_symlink(root, rel)
+    if link is not None:
+        return f"{rel!r} is a symlink ({link[0]} -> {link[1]}) pointing outside the audio root {root}"
+    return f"{rel!r} resolves outside {root}"
+
+
+def symlinks_leaving(root: str | Path) -> list[tuple[Path, Path]]:
+    """Every symlink under `root` (files or folders, not followed) whose target lies outside it."""
+    base = Path(root).resolve()
+    found = []
+    for folder, dirs, files in os.walk(root):
+        for name in [*dirs, *files]:
+            path = Path(folder) / name
+            if path.is_symlink() and not path.resolve().is_relative_to(base):
+                found.append((path, path.resolve()))
+    return sorted(found)

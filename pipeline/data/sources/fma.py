@@ -1,4 +1,4 @@
-"""Free Music Archive: the seed's `SONG:/LINK:/LICENSE LINK:` list and FMA's metadata CSVs.
+"""Free Music Archive: the `SONG:/LINK:/LICENSE LINK:` list and FMA's metadata CSVs.
 
 Track ids: `fma:<numeric track_id>` where FMA's metadata gives one, otherwise `fma:` plus the
 LINK path below `/music/` (`fma:Aaron_Dunn/Bachs_Minuet/Minuet_-_Notebook_for_Anna_Magdalena`).
@@ -64,7 +64,7 @@ def _split_song(song: str) -> tuple[str | None, str | None]:
 
 
 def parse_list(path: Path) -> ParseResult:
-    """The seed's FMA_SONGS_LICENSE.md: blocks of SONG / LINK / LICENSE LINK lines."""
+    """An FMA_SONGS_LICENSE.md: blocks of SONG / LINK / LICENSE LINK lines."""
     path = Path(path)
     lines, bad = read_lines(path)
     res = ParseResult()
@@ -277,7 +277,7 @@ parse = lists_then_metadata(parse_list, parse_metadata)
 
 
 def attribution(rows: list[dict], base_url: str = "") -> str:
-    """The seed's FMA list format; parses back with `parse_list`."""
+    """The FMA_SONGS_LICENSE.md list format; parses back with `parse_list`."""
     out = ["## Training Dataset Songs - FMA", ""]
     for r in rows:
         out += [

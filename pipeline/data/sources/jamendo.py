@@ -1,4 +1,4 @@
-"""MTG-Jamendo: the seed's list (same block format as the dataset's `audio_licenses.txt`) and
+"""MTG-Jamendo: the MTG_JAMENDO_SONGS_LICENSE.md list (same block format as the dataset's `audio_licenses.txt`) and
 the dataset's autotagging TSVs.
 
 List/licence block:
@@ -46,7 +46,7 @@ def _num(text: str) -> str | None:
 
 
 def parse_list(path: Path) -> ParseResult:
-    """The seed's MTG_JAMENDO_SONGS_LICENSE.md or the dataset's audio_licenses.txt."""
+    """An MTG_JAMENDO_SONGS_LICENSE.md list or the dataset's audio_licenses.txt."""
     path = Path(path)
     lines, bad = read_lines(path)
     res = ParseResult()
@@ -170,7 +170,7 @@ def join_licenses(tsv: ParseResult, licenses: ParseResult) -> ParseResult:
 
 
 def parse(files: SourceFiles) -> ParseResult:
-    """Seed lists, plus TSV metadata whose licences are joined from `licenses_file` by track id."""
+    """Song lists, plus TSV metadata whose licences are joined from `licenses_file` by track id."""
     res = ParseResult()
     for path in files.lists:
         res.extend(parse_list(path))

@@ -1,4 +1,4 @@
-"""Wikimedia Commons: the seed's markdown table and Commons API `imageinfo` JSON.
+"""Wikimedia Commons: the WIKIMEDIA_SONGS_LICENSE.md markdown table and Commons API `imageinfo` JSON.
 
 Table (header row, `| --- |` separator, one row per file):
     | FILENAME | URL | LICENSE |
@@ -99,7 +99,7 @@ def _entry(path: Path, line: int, filename: str, url: str, license_cell: str) ->
 
 
 def parse_list(path: Path) -> ParseResult:
-    """The seed's WIKIMEDIA_SONGS_LICENSE.md markdown table."""
+    """A WIKIMEDIA_SONGS_LICENSE.md markdown table."""
     path = Path(path)
     lines, bad = read_lines(path)
     res = ParseResult()
@@ -252,7 +252,7 @@ parse = lists_then_metadata(parse_list, parse_metadata)
 
 
 def attribution(rows: list[dict], base_url: str = "") -> str:
-    """The seed's markdown table; parses back with `parse_list`."""
+    """The WIKIMEDIA_SONGS_LICENSE.md markdown table; parses back with `parse_list`."""
     out = ["### Training Dataset Songs - Wikimedia", "", "| FILENAME | URL | LICENSE |", "| --- | --- | --- |"]
     for r in rows:
         name = (r.get("source_path") or "").replace("|", "%7C")
