@@ -65,9 +65,15 @@ def test_same_space_verdict_teacher_digest_and_model_index():
                "weights_sha256": "w" * 64}
     metrics = {**METRICS, "same_space": SAME_SPACE, "teacher": teacher}
     text = model_card.results_markdown(metrics)
-    assert "Same space as the teacher: **no** (bar: median track cosine >= 0.98 and top-5 neighbour overlap >= 0.90, " \
+    assert "Same space as the teacher: **no** (bar: median track cosine >= 0.98, top-5 neighbour overlap >= 0.90, " \
            "on 50 tracks; failed: top5_overlap 0.6680 < 0.9)." in text
     assert "| track cosine | 0.8340 | 0.8540 | 0.7200 | 0.6990 |" in text
+    centred_bar = {**SAME_SPACE, "min_median_centred_cosine": 0.9,
+                   "audio_student": {**SAME_SPACE["audio_student"],
+                                     "mean_baseline": {"mean": 0.7, "median": 0.71, "p05": 0.6, "min": 0.5}}}
+    with_bar = model_card.results_markdown({**metrics, "same_space": centred_bar})
+    assert "top-5 neighbour overlap >= 0.90 and median centred track cosine >= 0.90, on 50 tracks" in with_bar
+    assert "| mean embedding (baseline) | 0.7000 | 0.7100 | 0.6000 | 0.5000 |" in with_bar
     assert "| top-5 neighbour overlap (k=5) | 0.6680 |" in text
     assert "| end to end: text-query top-10 result overlap (8 prompts) | 0.5500 |" in text
     assert f"checkpoint sha256 `{'c' * 64}`" in text and "offline demo teacher" not in text

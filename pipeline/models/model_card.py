@@ -47,8 +47,11 @@ def audio_table(audio: Mapping[str, Any]) -> str:
 
 
 def _bar_text(same: Mapping[str, Any]) -> str:
-    return (f"median track cosine >= {_f(same.get('min_median_cosine'), 2)} and top-5 neighbour overlap >= "
+    text = (f"median track cosine >= {_f(same.get('min_median_cosine'), 2)}, top-5 neighbour overlap >= "
             f"{_f(same.get('min_top5_overlap'), 2)}")
+    if same.get("min_median_centred_cosine") is not None:
+        text += f" and median centred track cosine >= {_f(same['min_median_centred_cosine'], 2)}"
+    return text
 
 
 def same_space_table(same: Mapping[str, Any]) -> str:
@@ -64,6 +67,8 @@ def same_space_table(same: Mapping[str, Any]) -> str:
     rows = [["track cosine", *(a["track_cosine"][q] for q in ("mean", "median", "p05", "min"))]]
     if "track_cosine_centred" in a:
         rows.append(["track cosine, centred", *(a["track_cosine_centred"][q] for q in ("mean", "median", "p05", "min"))])
+    if "mean_baseline" in a:  # a student that outputs the mean embedding for every song
+        rows.append(["mean embedding (baseline)", *(a["mean_baseline"][q] for q in ("mean", "median", "p05", "min"))])
     lines.append(_table(["audio student vs teacher", "mean", "median", "p05", "min"], rows))
     nb_rows = [[f"top-5 neighbour overlap (k={a.get('top5_k')})", a.get("top5_overlap")],
                [f"top-10 neighbour overlap (k={a.get('top10_k')})", a.get("top10_overlap")],
