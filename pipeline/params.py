@@ -111,7 +111,7 @@ class IngestParams:
 @dataclass
 class MelPrecisionParams:
     """Step the mel cache rounds each front-end's values to (0 = full float16). Measured with
-    benchmarks/mel_precision.py: see the README's mel cache section."""
+    benchmarks/mel_precision.py: see docs/mel-cache.md."""
 
     teacher_db: float = 0.1  # CLAP log-mel, in dB
     student: float = 0.005  # EfficientAT normalised log-mel units ((ln(x + 1e-5) + 4.5) / 5)

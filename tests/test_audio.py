@@ -420,6 +420,7 @@ def test_demo_songs_decode_and_match_the_demo_table():
     assert total < 5_000_000
 
 
+@pytest.mark.slow
 def test_demo_songs_differ_spectrally():
     import librosa
 

@@ -37,6 +37,7 @@ def test_truncated_cache_names_the_file(tmp_path: Path, reader, what: str) -> No
     assert message.startswith(f"{path}: the {what} cannot be read") and "dvc checkout" in message
 
 
+@pytest.mark.slow
 def test_teacher_stage_reports_a_truncated_mel_cache(tmp_path: Path, monkeypatch, caplog) -> None:
     monkeypatch.chdir(tmp_path)
     terms = {"Genre": ["rock", "jazz", "pop"], "Mood": ["calm", "sad"]}

@@ -117,6 +117,7 @@ def _run(tmp_path: Path, songs: Path, models, *extra: str) -> tuple[int, dict]:
     return rc, json.loads(out.read_text())
 
 
+@pytest.mark.slow
 def test_compare_figures_equal_a_hand_computation(tmp_path, models, songs, hand, capsys):
     files, t, s = hand
     captions = tmp_path / "captions.csv"  # Song Describer style: extra columns, a header, several per song
@@ -183,6 +184,7 @@ def test_compare_figures_equal_a_hand_computation(tmp_path, models, songs, hand,
     assert any("missing.wav" in p and "captions.csv:7" in p for p in rep["problems"])
 
 
+@pytest.mark.slow
 def test_labels_csv_gives_the_same_zero_shot_as_the_folder_layout(tmp_path, models, songs):
     files = _readable(songs)
     labels = tmp_path / "labels.csv"  # no header; relative and absolute paths; one unknown song

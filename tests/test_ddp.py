@@ -41,6 +41,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_match_one(tmp_path: Path) -> None:
     single = fit(ToyTask(noise=0.0, dropout=0.0), _config(tmp_path / "one"))
     try:

@@ -340,6 +340,7 @@ def test_disabled_student_writes_markers(tmp_path: Path, monkeypatch) -> None:
         load_audio_student("models/audio/student.pt")
 
 
+@pytest.mark.slow
 def test_stage_resume_reproduces_the_straight_run(workspace) -> None:
     """Augmentation, segment draws and BatchNorm recalibration included: 2 epochs straight (no
     loader workers) equal 1 epoch + --resume + 1 epoch (2 workers), weight for weight."""

@@ -153,6 +153,7 @@ def test_tokenizer_never_sees_held_out_words(workdir: Path) -> None:
         assert "Ġ" + word not in vocab, word
 
 
+@pytest.mark.slow
 def test_resume_continues_from_latest_checkpoint(workdir: Path) -> None:
     _write_inputs(workdir)
     stage.run(_params(epochs=2), _args())

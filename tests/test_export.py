@@ -179,6 +179,7 @@ def test_model_card_carries_the_figures():
     assert "offline demo teacher" in demo and "No licence audit was recorded." in demo
 
 
+@pytest.mark.slow
 def test_export_stage_with_the_real_front_end(tmp_path: Path, monkeypatch, audio_student, text_parts):
     pytest.importorskip("pipeline.data.frontends", reason="pipeline.data.frontends (StudentMel) not available")
     from pipeline.models.audio_student import save_audio_student

@@ -16,6 +16,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the script measures for minutes, not a smoke")
 def test_gpu_benchmark_smoke_writes_every_figure(tmp_path: Path) -> None:
     out = tmp_path / "gpu.json"

@@ -19,6 +19,9 @@ import yaml
 
 from pipeline.deps import code_deps, stage_modules
 
+# each case runs `dvc status` (and `dvc commit`) in a copy of the repo: seconds each, minutes together
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory, project_copy) -> Path:

@@ -235,6 +235,7 @@ def test_rerun_reuses_finished_tracks_and_recomputes_changed_audio(tmp_path, mon
     assert not np.array_equal(after[short], before[short])
 
 
+@pytest.mark.slow
 def test_sigkill_mid_run_then_resume_loses_and_duplicates_nothing(tmp_path):
     audio = tmp_path / "audio"
     audio.mkdir()
@@ -286,6 +287,7 @@ def test_sigkill_mid_run_then_resume_loses_and_duplicates_nothing(tmp_path):
         np.testing.assert_allclose(c.student_mels(c.track_segments("k:5")), s, atol=4e-3)
 
 
+@pytest.mark.slow
 def test_parallel_workers_and_shards_give_the_same_cache(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     write_manifest(tmp_path, good_tracks(tmp_path) + bad_tracks(tmp_path)[3:4])

@@ -121,6 +121,7 @@ def _vectors(embedder, songs: list[Path]) -> np.ndarray:
     return np.stack([embedder.embed_file(p)[0] for p in songs]).astype(np.float64)
 
 
+@pytest.mark.slow
 def test_geometry_and_split_of_the_exported_student(exported):
     song = load_spec(exported)["audio"]["song"]
     # mn04: stem + 3 blocks before the first squeeze-excitation, stride 4; 5 s = 500 frames = 125 columns
@@ -129,6 +130,7 @@ def test_geometry_and_split_of_the_exported_student(exported):
     assert {song["frontend_file"], song["head_file"], song["head_int8_file"]} <= {p.name for p in exported.iterdir()}
 
 
+@pytest.mark.slow
 def test_song_path_matches_the_segment_wise_path(exported, songs):
     assert len(songs) >= 10, "the demo songs should be in data/demo/audio"
     old = SegmentEmbedder(exported)
@@ -155,6 +157,7 @@ def test_song_path_matches_the_segment_wise_path(exported, songs):
         assert new.embed_file(p)[1] == old.embed_file(p)[1]
 
 
+@pytest.mark.slow
 def test_numpy_front_end_only_where_it_equals_the_onnx_one(exported, songs, caplog):
     spec = load_spec(exported)["audio"]["song"]["frontend"]
     new = open_audio_embedder(exported)
@@ -169,6 +172,7 @@ def test_numpy_front_end_only_where_it_equals_the_onnx_one(exported, songs, capl
     assert "audio_student_frontend.onnx" in caplog.text and "differs" in caplog.text
 
 
+@pytest.mark.slow
 def test_heads_batched_across_songs_give_the_same_vectors(exported, songs):
     one = open_audio_embedder(exported, batch_size=16)
     waves = [decode_student(p, SR, via_rate=48000) for p in songs[:4]]
@@ -195,6 +199,7 @@ def test_windows_grouped_into_excerpts():
     assert song_rt._runs([0], 7, seg, hop, True, 3) == [[0]]  # a short, repeat-padded song
 
 
+@pytest.mark.slow
 def test_index_runs_the_song_path(exported, songs, tmp_path, monkeypatch):
     folder = tmp_path / "lib"
     folder.mkdir()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import pytest
 import yaml
 
 from pipeline.deps import code_deps, import_closure, is_code_dep, missing_deps, stage_modules, write_code_deps
@@ -49,6 +50,7 @@ def test_closure_follows_lazy_relative_and_module_imports(tmp_path: Path) -> Non
     }
 
 
+@pytest.mark.slow
 def test_write_fixes_a_stage_that_lost_a_dep(repo_root: Path, tmp_path: Path) -> None:
     shutil.copytree(repo_root / "pipeline", tmp_path / "pipeline")
     shutil.copytree(repo_root / "student_clap", tmp_path / "student_clap")

@@ -143,6 +143,7 @@ def test_unknown_key_is_refused(model) -> None:
         map_state_dict({"vision.weight": torch.zeros(1)})
 
 
+@pytest.mark.slow
 def test_convert_file_end_to_end(tmp_path: Path, tokenizer_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
     import numpy as np
 
@@ -271,6 +272,7 @@ def test_cli_reports_bad_checkpoint(tmp_path: Path, tokenizer_dir: Path, caplog:
     assert main(args) == 1 and f"{truncated}: not a readable PyTorch checkpoint" in caplog.text
 
 
+@pytest.mark.slow
 def test_teacher_model_stage_converts_and_verifies_sha256(
     tmp_path: Path, tokenizer_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -94,6 +94,7 @@ def test_committed_teacher_matches_params_sha256() -> None:
     assert sha256_file(_committed() / "model.safetensors") == params.teacher.model.demo.weights_sha256
 
 
+@pytest.mark.slow
 def test_committed_teacher_knows_the_attributes_on_fresh_clips() -> None:
     """Held-out zero-shot accuracy on clips from seeds neither training nor its own check used."""
     from pipeline.teacher.demo import clip_mels, plan_clips, zero_shot
@@ -149,6 +150,7 @@ def test_committed_tokenizer_covers_captions_and_query_terms() -> None:
 # --------------------------------------------------------------------------- training
 
 
+@pytest.mark.slow
 def test_reduced_retrain_learns(tmp_path: Path) -> None:
     """A tiny teacher on few clips: held-out accuracy clearly above chance within seconds of CPU."""
     from pipeline.teacher.demo import train_demo_teacher

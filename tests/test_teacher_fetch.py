@@ -141,6 +141,7 @@ def in_process_hub(hub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     return base, hits, files
 
 
+@pytest.mark.slow
 def test_fetch_through_the_hub_client_with_cache_token_and_offline_mode(tmp_path: Path, hub, hub_files) -> None:
     base, hits, _ = hub
     params = _params(tmp_path, hub_files)

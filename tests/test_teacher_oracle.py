@@ -33,11 +33,11 @@ TEXTS = [
     "ünïcödé — café",
 ]
 
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(
     importlib.util.find_spec("laion_clap") is None,
     reason="laion_clap not installed (test-only oracle): "
     "pip install --no-deps laion_clap==1.1.7 torchlibrosa==0.1.0 ftfy braceexpand webdataset wget",
-)
+)]
 
 
 def _waves(seconds: float = 10.0, sr: int = 48000) -> np.ndarray:
