@@ -92,14 +92,16 @@ def run(cmd: list[str], cwd: Path, env: dict[str, str], quiet: bool = False) -> 
     return proc.stdout if quiet else ""
 
 
-def make_project(work: Path, env: dict[str, str]) -> None:
-    """A copy of the working tree (tracked and new files; no outputs, no DVC cache) as its own git repository."""
+def make_project(work: Path, env: dict[str, str], demo_audio: bool = False) -> None:
+    """A copy of the working tree (tracked and new files; no outputs, no DVC cache) as its own git
+    repository; the demo songs only when asked (the benchmark's corpus replaces them)."""
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
                            text=True, check=True).stdout.splitlines()
     work.mkdir(parents=True, exist_ok=True)
     for rel in files:
         src = ROOT / rel
-        if not src.is_file() or rel.startswith((".dvc/cache", ".dvc/tmp", "data/demo/audio/")):
+        skip = (".dvc/cache", ".dvc/tmp") + (() if demo_audio else ("data/demo/audio/",))
+        if not src.is_file() or rel.startswith(skip):
             continue
         dest = work / rel
         dest.parent.mkdir(parents=True, exist_ok=True)
