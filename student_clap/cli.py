@@ -140,12 +140,23 @@ def index_main(args: argparse.Namespace) -> int:
 
 def search_main(args: argparse.Namespace) -> int:
     from student_clap.embed import TextEmbedder, check_query, printable
-    from student_clap.index import read_index, search
+    from student_clap.ann import ANN_MIN_SONGS, search_ann
+    from student_clap.index import read_index, read_index_head, search
     from student_clap.library import check_index_model
     from student_clap.spec import SearchError
 
     try:
         text = check_query(args.query)
+        head = read_index_head(args.index)
+        if head is not None and head[1] >= ANN_MIN_SONGS:
+            # a large library: checked from its meta, searched through the approximate index
+            index = head[0]
+            query = TextEmbedder(args.models, threads=args.threads).embed([text])
+            if query.shape[1] == index.dim:
+                check_index_model(index, args.models, force=args.force)
+                found = search_ann(args.index, query, args.k)
+                if found is not None:
+                    return _print_hits(found[0], args.models)
         index = read_index(args.index)
         if not index.paths:
             raise SearchError(f"{args.index}: the index has no songs yet")
@@ -159,7 +170,13 @@ def search_main(args: argparse.Namespace) -> int:
     except SearchError as exc:
         log.error("%s", exc)
         return 2
-    _demo_note(args.models)
+    return _print_hits(hits, args.models)
+
+
+def _print_hits(hits, models: str) -> int:
+    from student_clap.embed import printable
+
+    _demo_note(models)
     for rank, (path, score) in enumerate(hits, start=1):
         print(f"{rank:3d}  {score:+.5f}  {printable(path)}")
     return 0

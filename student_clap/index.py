@@ -355,6 +355,29 @@ def read_index(path: str | Path) -> Index:
     raise SearchError(f"{path}: not a student-clap index (a SQLite file written by `student-clap index`, or its .npz export)")
 
 
+def read_index_head(path: str | Path) -> tuple[Index, int] | None:
+    """An SQLite index's model identity and width without its vectors (an Index with none) and its
+    song count; None for anything else (an .npz export, a missing or foreign file)."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as fh:
+            if fh.read(16) != SQLITE_MAGIC:
+                return None
+        con = _connect_ro(path)
+        try:
+            meta = dict(con.execute("SELECT key, value FROM meta").fetchall())
+            count = con.execute("SELECT COUNT(*) FROM tracks WHERE status = 'ok'").fetchone()[0]
+        finally:
+            con.close()
+        if meta.get("format") != FORMAT or int(meta.get("schema", 0)) > SCHEMA:
+            return None
+        dim = int(meta["dim"])
+    except (OSError, sqlite3.Error, KeyError, ValueError):
+        return None
+    return Index([], np.zeros((0, dim), np.float32), meta.get("audio_model", ""), meta.get("text_model", ""),
+                 source=str(path), model_identity=meta.get("model_identity", ""), meta=meta), int(count)
+
+
 def _read_sqlite(path: Path) -> Index:
     try:
         con = _connect_ro(path)

@@ -142,6 +142,7 @@ class BuildReport:
     failed: list[tuple[str, str]] = field(default_factory=list)  # this run's and remembered refusals
     notes: list[tuple[str, list[str]]] = field(default_factory=list)  # kept songs embedded now with notes
     reset: str = ""  # why earlier rows were dropped (another model), if they were
+    ann: bool = False  # whether the approximate search index (student_clap.ann) is in place
 
     @property
     def songs(self) -> int:
@@ -197,6 +198,12 @@ def build_index(embedder: SongEmbedder, folder: str | Path, db: str | Path, *, t
                 report.failed.append((out.path, out.reason))
         writer.forget(retry)  # not remembered: tried again next time
         writer.touch()
+    try:
+        from student_clap.ann import update_ann
+
+        report.ann = update_ann(db)
+    except ImportError:  # usearch missing: search stays exact
+        pass
     fresh = {p for p, _ in report.failed}
     report.failed += [(p, r) for p, r in read_index(db).failed if p in found and p not in fresh]
     report.failed.sort()
@@ -211,8 +218,8 @@ def check_index_model(index: Index, models_dir: str | Path, force: bool = False,
     model identity, or other audio files), or one that cannot be checked, unless `force`; then only warn."""
     from student_clap.identity import mismatch_message, model_identity
 
-    current = audio_identity(models_dir)
     identity = model_identity(models_dir)
+    current = audio_identity(models_dir)
     if current and index.audio_model == current and index.model_identity == identity:
         return
     if current and index.model_identity != identity:

@@ -207,3 +207,51 @@ def test_duplicates_at_the_calibrated_threshold_find_every_planted_copy_and_no_d
         else:
             current.add(line.split(maxsplit=1)[1])
     assert sorted(map(sorted, groups)) == sorted(map(sorted, planted.values()))
+
+
+def _synthetic_index(db: Path, models: Path, n: int, seed: int = 0, start: int = 0) -> np.ndarray:
+    """An index of n clustered unit vectors under the export's identity (no audio needed to search)."""
+    from student_clap.index import IndexWriter
+    from student_clap.spec import audio_identity
+
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((8, 512))
+    vecs = centres[rng.integers(0, 8, n)] + 0.8 * rng.standard_normal((n, 512))
+    vecs = (vecs / np.linalg.norm(vecs, axis=1, keepdims=True)).astype(np.float32)
+    with IndexWriter(db, audio_model=audio_identity(models), text_model="", dim=512,
+                     model_identity=StudentClap(models).model_identity) as w:
+        for i, v in enumerate(vecs):
+            w.put_song(f"/music/{start + i:05d}.flac", (1, 1), v, duration=1.0, n_segments=1, notes=[])
+        w.touch()
+    return vecs
+
+
+def test_a_large_library_is_searched_through_the_approximate_index_kept_with_the_database(
+        tiny_export: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    import student_clap.ann as ann
+    from student_clap.index import search
+
+    monkeypatch.setattr(ann, "ANN_MIN_SONGS", 200)
+    db = tmp_path / "big.db"
+    _synthetic_index(db, tiny_export, 150)
+    assert ann.update_ann(db) is False and not ann.ann_path(db).exists()  # small: exact search only
+    _synthetic_index(db, tiny_export, 150, seed=1, start=150)
+    assert ann.update_ann(db) is True and ann.ann_path(db).is_file()
+
+    clap = StudentClap(tiny_export)
+    q = clap.embed_text(["calm piano"])
+    exact = search(read_index(db), q, 10)[0]
+    approx = ann.search_ann(db, q, 10)[0]
+    assert len({p for p, _ in exact} & {p for p, _ in approx}) >= 9
+    assert approx[0] == pytest.approx(exact[0], abs=1e-5)  # rescored: exact cosines
+    capsys.readouterr()
+    assert runtime_main(["search", "calm piano", "--index", str(db), "--models", str(tiny_export), "-k", "5"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[-1] for line in lines] == [p for p, _ in approx[:5]]
+
+    # the database changes: a search rebuilds the stale approximate index before using it
+    before = ann.ann_path(db).stat().st_mtime_ns
+    _synthetic_index(db, tiny_export, 20, seed=2, start=300)
+    got = ann.search_ann(db, q, 400)[0]
+    assert len(got) == 320 and ann.ann_path(db).stat().st_mtime_ns != before
+
