@@ -251,7 +251,8 @@ def test_a_large_library_is_searched_through_the_approximate_index_kept_with_the
 
     # the database changes: a search rebuilds the stale approximate index before using it
     before = ann.ann_path(db).stat().st_mtime_ns
-    _synthetic_index(db, tiny_export, 20, seed=2, start=300)
-    got = ann.search_ann(db, q, 400)[0]
-    assert len(got) == 320 and ann.ann_path(db).stat().st_mtime_ns != before
+    new = _synthetic_index(db, tiny_export, 20, seed=2, start=300)
+    assert ann.search_ann(db, new[:1], 1)[0][0][0] == "/music/00300.flac"
+    assert ann.ann_path(db).stat().st_mtime_ns != before
+    assert json.loads(ann.ann_path(db).with_name("big.db.usearch.json").read_text())["count"] == 320
 
