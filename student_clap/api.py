@@ -9,6 +9,7 @@
     q = clap.embed_text(["calm piano", "drums"])     # [2, 512]
     clap.build_index("~/Music", "music.db")          # the index `student-clap index` writes (SQLite)
     hits = clap.search("calm piano", "music.db", k=10)    # [(path, cosine), ...] best first
+    hits = clap.similar("song.flac", "music.db", k=10)    # the song first, then the songs most like it
 
 Files and waveforms take one path: decoded (or resampled) through int16 at the export's decode
 rate, then to the student's rate, judged by the one usability rule (too short, silent, nothing
@@ -154,6 +155,22 @@ class StudentClap:
         except SearchError:
             text_model = ""
         return _build_index(self.audio, folder, out, text_model=text_model, jobs=jobs, progress=progress)
+
+    @property
+    def model_identity(self) -> str:
+        """The export's model identity (student_clap.identity): what an index built with it records."""
+        from student_clap.identity import model_identity
+
+        return model_identity(self.models_dir)
+
+    def similar(self, song: str | Path, index: str | Path | Index, k: int = 10) -> list[tuple[str, float]]:
+        """The song first, then its k-1 nearest other songs (path, cosine), from the song's stored
+        vector; a file not in the index is embedded first. An index of another model is refused."""
+        from student_clap.tools import similar
+
+        idx = index if isinstance(index, Index) else read_index(index)
+        check_index_model(idx, self.models_dir, forceable=False)
+        return similar(idx, song, k, embed=self.embed_file)
 
     @staticmethod
     def load_index(path: str | Path) -> Index:

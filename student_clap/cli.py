@@ -1,4 +1,4 @@
-"""`student-clap embed | index | search`: the runtime's commands (also `python -m student_clap`).
+"""`student-clap embed | index | search | similar | duplicates`: the runtime's commands (also `python -m student_clap`).
 
 pipeline.cli adds these to the pipeline's commands under the one `student-clap` console script.
 """
@@ -52,7 +52,23 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     search.add_argument("--force", action="store_true",
                         help="search an index built by another audio model than --models' (scores may mean nothing)")
     search.set_defaults(func=search_main)
-    for p in (embed, index, search):
+
+    similar = sub.add_parser("similar", help="songs like one song (from its stored vector; a file not in the index "
+                                             "is embedded first)")
+    similar.add_argument("song")
+    similar.add_argument("--index", required=True, help="an index file (`index --out`) or its .npz export")
+    similar.add_argument("-k", type=positive_int, default=10, help="songs listed, the song itself first")
+    similar.set_defaults(func=similar_main)
+
+    dup = sub.add_parser("duplicates", help="groups of probable copies of one recording; `duplicates calibrate` "
+                                            "measures the threshold on copies of your own songs")
+    dup.add_argument("action", nargs="?", choices=["calibrate"], help="measure and store the threshold")
+    dup.add_argument("--index", required=True, help="an index file (`index --out`)")
+    dup.add_argument("--threshold", type=float, default=None,
+                     help="centred cosine at or above which two songs are copies (default: the calibrated one)")
+    dup.add_argument("--songs", type=positive_int, default=20, help="calibrate: songs to make copies of")
+    dup.set_defaults(func=duplicates_main)
+    for p in (embed, index, search, similar, dup):
         p.add_argument("--models", default="models/export", help="the export folder (default: %(default)s)")
         p.add_argument("--threads", type=positive_int, default=None, help="onnxruntime threads (default: all cores)")
 
@@ -62,7 +78,7 @@ def _audio(args: argparse.Namespace, jobs: int):
     unless --threads says otherwise: the cores then work on different songs, which scales better."""
     from student_clap.embed import open_audio_embedder
 
-    return open_audio_embedder(args.models, batch_size=args.batch_size, threads=args.threads or (1 if jobs > 1 else None))
+    return open_audio_embedder(args.models, batch_size=getattr(args, "batch_size", 16), threads=args.threads or (1 if jobs > 1 else None))
 
 
 def embed_main(args: argparse.Namespace) -> int:
@@ -76,7 +92,7 @@ def embed_main(args: argparse.Namespace) -> int:
         jobs = song_jobs(args.jobs, len(args.files))
         embedder = _audio(args, jobs)
         result = embed_files(embedder, args.files, jobs=jobs)
-        write_export(out, result, embedder.model_id)
+        write_export(out, result, embedder.model_id, embedder.model_identity)
     except SearchError as exc:
         log.error("%s", exc)
         return 2
@@ -108,7 +124,7 @@ def index_main(args: argparse.Namespace) -> int:
         report = build_index(embedder, args.dir, db, text_model=text_model, jobs=jobs, progress=True)
         if export is not None:
             index = read_index(db)
-            write_export(export, index, index.audio_model)
+            write_export(export, index, index.audio_model, index.model_identity)
     except SearchError as exc:
         log.error("%s", exc)
         return 2
@@ -124,12 +140,23 @@ def index_main(args: argparse.Namespace) -> int:
 
 def search_main(args: argparse.Namespace) -> int:
     from student_clap.embed import TextEmbedder, check_query, printable
-    from student_clap.index import read_index, search
+    from student_clap.ann import ANN_MIN_SONGS, search_ann
+    from student_clap.index import read_index, read_index_head, search
     from student_clap.library import check_index_model
     from student_clap.spec import SearchError
 
     try:
         text = check_query(args.query)
+        head = read_index_head(args.index)
+        if head is not None and head[1] >= ANN_MIN_SONGS:
+            # a large library: checked from its meta, searched through the approximate index
+            index = head[0]
+            query = TextEmbedder(args.models, threads=args.threads).embed([text])
+            if query.shape[1] == index.dim:
+                check_index_model(index, args.models, force=args.force)
+                found = search_ann(args.index, query, args.k)
+                if found is not None:
+                    return _print_hits(found[0], args.models)
         index = read_index(args.index)
         if not index.paths:
             raise SearchError(f"{args.index}: the index has no songs yet")
@@ -143,9 +170,85 @@ def search_main(args: argparse.Namespace) -> int:
     except SearchError as exc:
         log.error("%s", exc)
         return 2
+    return _print_hits(hits, args.models)
+
+
+def _print_hits(hits, models: str) -> int:
+    from student_clap.embed import printable
+
+    _demo_note(models)
     for rank, (path, score) in enumerate(hits, start=1):
         print(f"{rank:3d}  {score:+.5f}  {printable(path)}")
     return 0
+
+
+def _checked_index(args: argparse.Namespace):
+    from student_clap.index import read_index
+    from student_clap.library import check_index_model
+    from student_clap.spec import SearchError
+
+    index = read_index(args.index)
+    if not index.paths:
+        raise SearchError(f"{args.index}: the index has no songs yet")
+    check_index_model(index, args.models, forceable=False)
+    return index
+
+
+def similar_main(args: argparse.Namespace) -> int:
+    from student_clap.embed import printable
+    from student_clap.spec import SearchError
+    from student_clap.tools import similar
+
+    try:
+        index = _checked_index(args)
+        hits = similar(index, args.song, args.k, embed=lambda p: _audio(args, 1).embed_track(p).vector)
+    except SearchError as exc:
+        log.error("%s", exc)
+        return 2
+    for rank, (path, score) in enumerate(hits, start=1):
+        print(f"{rank:3d}  {score:+.5f}  {printable(path)}")
+    return 0
+
+
+def duplicates_main(args: argparse.Namespace) -> int:
+    from student_clap.embed import printable
+    from student_clap.spec import SearchError
+    from student_clap.tools import calibrate, duplicate_groups, store_calibration, stored_threshold
+
+    try:
+        index = _checked_index(args)
+        if args.action == "calibrate":
+            embedder = _audio(args, 1)
+            cal = calibrate(index, lambda p: embedder.embed_track(p).vector, songs=args.songs)
+            store_calibration(args.index, cal)
+            for line in cal.lines():
+                print(line)
+            print(f"stored in {args.index}; `student-clap duplicates --index {args.index}` uses it")
+            return 0
+        stored = stored_threshold(index)
+        if args.threshold is None and stored is None:
+            raise SearchError(f"{args.index}: no duplicate threshold stored; run `student-clap duplicates calibrate "
+                              f"--index {args.index}` first, or pass --threshold")
+        threshold = args.threshold if args.threshold is not None else stored[0]
+        groups = duplicate_groups(index, threshold, stored[1] if stored else None)
+    except SearchError as exc:
+        log.error("%s", exc)
+        return 2
+    for n, group in enumerate(groups, start=1):
+        print(f"group {n} ({len(group)} songs)")
+        for path, score in group:
+            print(f"  {score:+.5f}  {printable(path)}")
+    print(f"{len(groups)} group(s) at cosine >= {threshold:.5f}", file=sys.stderr)
+    return 0
+
+
+def _demo_note(models: str) -> None:
+    """Say once, on stderr, when the students were distilled from a demo teacher."""
+    from student_clap.identity import teacher_note
+
+    note = teacher_note(models)
+    if note:
+        print(note, file=sys.stderr)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -70,7 +70,21 @@ def open_audio_embedder(models_dir: str | Path, *, batch_size: int = 16, threads
     except (FileNotFoundError, ValueError, KeyError) as exc:
         raise SearchError(f"{models_dir / SPEC_FILE}: song-level model unusable: {exc}") from exc
     embedder.model_id = audio_identity(models_dir)
+    embedder.model_identity = _checked_identity(models_dir, embedder.head)
     return embedder
+
+
+def _checked_identity(models_dir: Path, session) -> str:
+    """The export's model identity, refused when the ONNX file's metadata names another one (a
+    student_clap.json copied next to other files)."""
+    from student_clap.identity import model_identity, onnx_identity
+
+    identity = model_identity(models_dir)
+    stamped = onnx_identity(session)
+    if stamped and stamped != identity:
+        raise SearchError(f"{models_dir}: the ONNX files carry model identity\n  {stamped}\nbut {SPEC_FILE} says\n  "
+                          f"{identity}\nthe folder mixes two exports; export or download it again")
+    return identity
 
 
 Stamp = tuple[int, int]  # (size in bytes, modification time in ns)
@@ -201,6 +215,7 @@ class TextEmbedder:
         # measurable (benchmarks/text.py times both) and would take cores from the host server.
         self.session = _session(Path(models_dir) / text["file"], 1 if threads is None else threads)
         self.model_id = text_identity(models_dir)
+        self.model_identity = _checked_identity(Path(models_dir), self.session)
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         from student_clap.tokenizer import encode

@@ -2,9 +2,10 @@
 
 Tables:
 
-- meta(key, value): format, schema version, the model identity (student_clap.spec: sha256 over the
-  song path's ONNX files and the export's audio description; the text model's likewise), the
-  vector width, created and updated times;
+- meta(key, value): format, schema version, the model identity (`model_identity`: the export's one
+  string, student_clap.identity; `audio_model`/`text_model`: student_clap.spec's sha256 over the
+  song path's ONNX files and the export's audio description, the text model's likewise), the
+  vector width, created and updated times, and settings commands store (the duplicate threshold);
 - tracks(id, path, size, mtime_ns, duration, n_segments, notes, status, reason, updated): one row
   per file, by its path with the folder resolved (stored as the file system's bytes, so any name fits); status
   'ok' (it has a vector) or 'failed' (refused by the usability rule or the decoder, with the
@@ -38,6 +39,7 @@ log = logging.getLogger(__name__)
 FORMAT = "student-clap-index"
 SCHEMA = 1
 SQLITE_MAGIC = b"SQLite format 3\x00"
+MODEL_SETTINGS = ("duplicate_threshold", "duplicate_calibration", "duplicate_centre")  # meta keys that belong to one model
 BUSY_TIMEOUT_S = 30.0  # a reader meeting a checkpoint, or a writer's commit, waits this long at most
 
 _TABLES = """
@@ -173,6 +175,8 @@ class Index:
     notes: list[list[str]] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)
     source: str = ""
+    model_identity: str = ""
+    meta: dict[str, str] = field(default_factory=dict)
 
     @property
     def dim(self) -> int:
@@ -182,7 +186,9 @@ class Index:
 class IndexWriter:
     """The one writer of an index file: created if missing, refused if the file is anything else."""
 
-    def __init__(self, path: str | Path, *, audio_model: str, text_model: str, dim: int) -> None:
+    def __init__(self, path: str | Path, *, audio_model: str, text_model: str, dim: int,
+                 model_identity: str = "") -> None:
+        self.model_identity = model_identity
         self.path = Path(path)
         self._lock_fd: int | None = None
         self.con: sqlite3.Connection | None = None
@@ -235,13 +241,20 @@ class IndexWriter:
                 if statement.strip():
                     self.con.execute(statement)
             meta = dict(self.con.execute("SELECT key, value FROM meta").fetchall())
-            if meta.get("audio_model") not in (None, audio_model) or meta.get("dim") not in (None, str(dim)):
-                n = self.con.execute("SELECT COUNT(*) FROM tracks").fetchone()[0]
+            n = self.con.execute("SELECT COUNT(*) FROM tracks").fetchone()[0]
+            changed = (meta.get("audio_model") not in (None, audio_model) or meta.get("dim") not in (None, str(dim))
+                       or (n and meta.get("model_identity", "") != self.model_identity))
+            if changed:
                 self.con.execute("DELETE FROM vectors")
                 self.con.execute("DELETE FROM tracks")
-                reason = f"{self.path}: built with another audio model; its {n} row(s) dropped, embedding every file again"
+                for key in MODEL_SETTINGS:  # measured with the old vectors: meaningless now
+                    self.con.execute("DELETE FROM meta WHERE key = ?", (key,))
+                was = meta.get("model_identity") or "(none recorded)"
+                what = (f"model {was}, now {self.model_identity or '(none)'}" if was != self.model_identity else
+                        "another audio model (other ONNX files under the same identity)")
+                reason = f"{self.path}: built with {what}; its {n} row(s) dropped, embedding every file again"
             values = {"format": FORMAT, "schema": str(SCHEMA), "audio_model": audio_model, "text_model": text_model,
-                      "dim": str(dim), "updated": now}
+                      "dim": str(dim), "updated": now, "model_identity": self.model_identity}
             if "created" not in meta:
                 values["created"] = now
             self.con.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", values.items())
@@ -296,6 +309,11 @@ class IndexWriter:
                 n += self.con.execute("DELETE FROM tracks WHERE path = ?", (_fs(p),)).rowcount
         return n
 
+    def set_meta(self, values: dict[str, str]) -> None:
+        """Settings that belong with these vectors (dropped when the model changes: MODEL_SETTINGS)."""
+        with self._transaction():
+            self.con.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", values.items())
+
     def touch(self) -> None:
         with self._transaction():
             self.con.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('updated', ?)", (str(time.time()),))
@@ -337,6 +355,29 @@ def read_index(path: str | Path) -> Index:
     raise SearchError(f"{path}: not a student-clap index (a SQLite file written by `student-clap index`, or its .npz export)")
 
 
+def read_index_head(path: str | Path) -> tuple[Index, int] | None:
+    """An SQLite index's model identity and width without its vectors (an Index with none) and its
+    song count; None for anything else (an .npz export, a missing or foreign file)."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as fh:
+            if fh.read(16) != SQLITE_MAGIC:
+                return None
+        con = _connect_ro(path)
+        try:
+            meta = dict(con.execute("SELECT key, value FROM meta").fetchall())
+            count = con.execute("SELECT COUNT(*) FROM tracks WHERE status = 'ok'").fetchone()[0]
+        finally:
+            con.close()
+        if meta.get("format") != FORMAT or int(meta.get("schema", 0)) > SCHEMA:
+            return None
+        dim = int(meta["dim"])
+    except (OSError, sqlite3.Error, KeyError, ValueError):
+        return None
+    return Index([], np.zeros((0, dim), np.float32), meta.get("audio_model", ""), meta.get("text_model", ""),
+                 source=str(path), model_identity=meta.get("model_identity", ""), meta=meta), int(count)
+
+
 def _read_sqlite(path: Path) -> Index:
     try:
         con = _connect_ro(path)
@@ -367,7 +408,8 @@ def _read_sqlite(path: Path) -> Index:
     norms = np.linalg.norm(vectors, axis=1, keepdims=True)
     vectors /= np.maximum(norms, 1e-12)  # float16 storage: renormalised so scores stay cosines
     return Index([_str(r[0]) for r in rows], vectors, meta.get("audio_model", ""), meta.get("text_model", ""),
-                 [int(r[1] or 0) for r in rows], [json.loads(r[2]) for r in rows], failed, str(path))
+                 [int(r[1] or 0) for r in rows], [json.loads(r[2]) for r in rows], failed, str(path),
+                 meta.get("model_identity", ""), meta)
 
 
 def _read_npz(path: Path) -> Index:
@@ -379,11 +421,12 @@ def _read_npz(path: Path) -> Index:
             vectors = np.asarray(data["vectors"], np.float32)
             model = str(data["audio_model"]) if "audio_model" in data.files else str(data.get("audio_model_sha256", ""))
             counts = [int(n) for n in data["n_segments"]] if "n_segments" in data.files else []
+            identity = str(data["model_identity"]) if "model_identity" in data.files else ""
     except (KeyError, ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
         raise SearchError(f"{path}: not a student-clap index or export ({exc})") from None
     if vectors.ndim != 2 or len(vectors) != len(paths):
         raise SearchError(f"{path}: not a valid export: {len(paths)} paths but vectors of shape {vectors.shape}")
-    return Index(paths, vectors, model, n_segments=counts, source=str(path))
+    return Index(paths, vectors, model, n_segments=counts, source=str(path), model_identity=identity)
 
 
 def search(index: Index, query_vectors: np.ndarray, k: int) -> list[list[tuple[str, float]]]:

@@ -95,7 +95,7 @@ def _jsonl(records) -> bytes:
     return "".join(json.dumps(r) + "\n" for r in records).encode("ascii")
 
 
-def write_export(out: Path, result: EmbedResult | Index, audio_model: str = "") -> None:
+def write_export(out: Path, result: EmbedResult | Index, audio_model: str = "", model_identity: str = "") -> None:
     """Vectors and paths as .npz (with the audio model's identity: `search` reads it), .npy (+ a
     .paths.jsonl naming its rows) or .jsonl, written atomically."""
     suffix = out.suffix.lower()
@@ -103,7 +103,8 @@ def write_export(out: Path, result: EmbedResult | Index, audio_model: str = "") 
         _atomic_save(out, lambda fh: np.savez(fh, paths=_text_column(result.paths), vectors=result.vectors,
                                                n_segments=np.array(result.n_segments, dtype=np.int64),
                                                notes=_text_column([json.dumps(n) for n in result.notes]),
-                                               audio_model=np.array(audio_model)))
+                                               audio_model=np.array(audio_model),
+                                               model_identity=np.array(model_identity)))
     elif suffix == ".npy":
         records = [{"row": i, "path": p, "n_segments": n, "notes": notes}
                    for i, (p, n, notes) in enumerate(zip(result.paths, result.n_segments, result.notes))]
@@ -141,6 +142,7 @@ class BuildReport:
     failed: list[tuple[str, str]] = field(default_factory=list)  # this run's and remembered refusals
     notes: list[tuple[str, list[str]]] = field(default_factory=list)  # kept songs embedded now with notes
     reset: str = ""  # why earlier rows were dropped (another model), if they were
+    ann: bool = False  # whether the approximate search index (student_clap.ann) is in place
 
     @property
     def songs(self) -> int:
@@ -157,7 +159,8 @@ def build_index(embedder: SongEmbedder, folder: str | Path, db: str | Path, *, t
     scan = scan_audio(folder)
     if not scan.files:
         raise SearchError(f"{folder}: no audio files" + (f" ({'; '.join(scan.summary())})" if scan.summary() else ""))
-    with IndexWriter(db, audio_model=embedder.model_id, text_model=text_model, dim=embedder.dim) as writer:
+    with IndexWriter(db, audio_model=embedder.model_id, text_model=text_model, dim=embedder.dim,
+                     model_identity=getattr(embedder, "model_identity", "")) as writer:
         report = BuildReport(Path(db), scan, reset=writer.reset_reason)
         if writer.reset_reason:
             log.warning("%s", writer.reset_reason)
@@ -195,6 +198,12 @@ def build_index(embedder: SongEmbedder, folder: str | Path, db: str | Path, *, t
                 report.failed.append((out.path, out.reason))
         writer.forget(retry)  # not remembered: tried again next time
         writer.touch()
+    try:
+        from student_clap.ann import update_ann
+
+        report.ann = update_ann(db)
+    except ImportError:  # usearch missing: search stays exact
+        pass
     fresh = {p for p, _ in report.failed}
     report.failed += [(p, r) for p, r in read_index(db).failed if p in found and p not in fresh]
     report.failed.sort()
@@ -204,19 +213,25 @@ def build_index(embedder: SongEmbedder, folder: str | Path, db: str | Path, *, t
 # --------------------------------------------------------------------------- checking
 
 
-def check_index_model(index: Index, models_dir: str | Path, force: bool = False) -> None:
-    """Refuse (SearchError) an index built by another audio model than the one in `models_dir`,
-    or one that cannot be checked, unless `force`; then only warn."""
+def check_index_model(index: Index, models_dir: str | Path, force: bool = False, forceable: bool = True) -> None:
+    """Refuse (SearchError) an index built by another model than the one in `models_dir` (another
+    model identity, or other audio files), or one that cannot be checked, unless `force`; then only warn."""
+    from student_clap.identity import mismatch_message, model_identity
+
+    identity = model_identity(models_dir)
     current = audio_identity(models_dir)
-    if current and index.audio_model == current:
+    if current and index.audio_model == current and index.model_identity == identity:
         return
-    if current:
+    if current and index.model_identity != identity:
+        problem = mismatch_message(index.source, index.model_identity, identity, models_dir,
+                                   f"re-index with `student-clap index DIR --out {index.source} --models {models_dir}`")
+    elif current:
         problem = (f"{index.source} was built by another audio model than the one in {models_dir}, so its scores "
                    f"would mean nothing; re-index with `student-clap index DIR --out {index.source} --models {models_dir}`")
     else:
         problem = f"{models_dir} holds no song-level audio model, so the model that built {index.source} cannot be checked"
     if not force:
-        raise SearchError(problem + ", or pass --force to search anyway")
+        raise SearchError(problem + (", or pass --force to search anyway" if forceable else ""))
     log.warning("%s; searching anyway (--force)", problem)
 
 

@@ -22,8 +22,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-import scipy.fft
-import scipy.sparse
 
 from student_clap.mel_banks import kaldi_mel_banks
 
@@ -46,6 +44,8 @@ class LogMel:
         banks = kaldi_mel_banks(self.n_mels, self.n_fft, self.sample_rate, f_min, f_max)
         used = np.flatnonzero(np.any(banks != 0, axis=0))
         self.n_bins = int(used[-1]) + 1 if len(used) else 1  # bins above the top filter are never read
+        import scipy.sparse  # here, not at import: a text search never loads scipy
+
         self.banks = scipy.sparse.csr_matrix(banks[:, : self.n_bins])  # [n_mels, n_bins]
 
     @classmethod
@@ -78,7 +78,7 @@ class LogMel:
         for a in range(0, mel.shape[1], CHUNK_FRAMES):
             b = min(a + CHUNK_FRAMES, mel.shape[1])
             # zero-padding the window's taps to n_fft only changes the phase of each bin, not its power
-            spectrum = scipy.fft.rfft(taps[a:b] * self.window, n=self.n_fft, axis=1)[:, : self.n_bins]
+            spectrum = _rfft(taps[a:b] * self.window, n=self.n_fft, axis=1)[:, : self.n_bins]
             power = np.square(spectrum.real)
             power += np.square(spectrum.imag)
             mel[:, a:b] = self.banks @ power.T
@@ -86,3 +86,9 @@ class LogMel:
         np.log(mel, out=mel)
         mel += np.float32(4.5)
         mel /= np.float32(5.0)
+
+
+def _rfft(*args, **kwargs):
+    import scipy.fft
+
+    return scipy.fft.rfft(*args, **kwargs)

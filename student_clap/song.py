@@ -134,6 +134,7 @@ class SongEmbedder:
         # Files are decoded through int16 at the mel cache's rate (its samples exactly; see decode.py).
         self.decode_via = geometry.decode_sample_rate or None
         self.model_id = ""  # set by student_clap.embed.open_audio_embedder
+        self.model_identity = ""  # likewise (student_clap.identity)
         self.batch_size = max(1, int(batch_size))
         self.span_windows = max(1, int(span_windows))
         outputs = [o.name for o in self.head.get_outputs()]

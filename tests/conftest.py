@@ -46,9 +46,13 @@ def deep_update():
 
 
 def make_tiny_export(out: Path, *, rate: int, segment_seconds: float, hop_seconds: float, decode_rate: int,
-                     corpus: list[str], max_length: int) -> dict:
+                     corpus: list[str], max_length: int, teacher: dict | None = None,
+                     level_invariant: bool = False) -> dict:
     """A models/export-like folder with small real ONNX students in `out`; returns the folder and
-    the PyTorch models behind it ("export", "audio", "frontend", "text", "tokenizer")."""
+    the PyTorch models behind it ("export", "audio", "frontend", "text", "tokenizer"). `teacher`:
+    evaluate's teacher section the identity names (default: the demo teacher). `level_invariant`:
+    the front-end subtracts each frame's mean log-energy, so a gain change leaves the vectors alone
+    (as a trained student nearly does; a random one does not)."""
     import json
 
     import torch
@@ -67,7 +71,8 @@ def make_tiny_export(out: Path, *, rate: int, segment_seconds: float, hop_second
             self.filters = torch.nn.Conv1d(1, 128, kernel_size=400, stride=160, bias=False)
 
         def forward(self, wave: torch.Tensor) -> torch.Tensor:
-            return torch.log(self.filters(wave.unsqueeze(1)) ** 2 + 1e-5)
+            mel = torch.log(self.filters(wave.unsqueeze(1)) ** 2 + (1e-8 if level_invariant else 1e-5))
+            return mel - mel.mean(dim=1, keepdim=True) if level_invariant else mel
 
     torch.manual_seed(0)
     audio = build_audio_student({"backbone": "mn04_as"}).eval()
@@ -89,6 +94,8 @@ def make_tiny_export(out: Path, *, rate: int, segment_seconds: float, hop_second
     text = build_text_student({"vocab_size": tok.get_vocab_size(), "dim": 32, "layers": 1, "heads": 2, "ff_dim": 64,
                                "max_length": max_length}).eval()
     spec["text"] = export_bundle.text_spec(export_bundle.export_text(text, tok_path, out, opset=17, min_cosine=0.9999))
+    export_bundle.stamp_identity(out, spec, teacher if teacher is not None else
+                                 {"kind": "demo", "weights_sha256": "053134b89e71b4bbd07dbf753bb08d20a79100744109f6c750b608345dbb50d5"})
     (out / export_bundle.SPEC).write_text(json.dumps(spec))
     return {"export": out, "audio": audio, "frontend": frontend, "text": text, "tokenizer": tok}
 

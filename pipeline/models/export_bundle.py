@@ -8,7 +8,9 @@ Writes, into a temporary folder that replaces `out_dir` only when everything pas
                            (pipeline.models.text_student.export_text_onnx);
 - tokenizer.json           the text student's tokenizer;
 - student_clap.json        what `student-clap embed/index/search` need: file names, sample rate,
-                           segment and hop, tokenizer max length;
+                           segment and hop, tokenizer max length; the model identity
+                           (student_clap.identity, also in every ONNX file's metadata_props) and
+                           the teacher it was distilled from (saying plainly when a demo one);
 - README.md                the model card; licenses/ the attribution files; SHA256SUMS.
 
 Every ONNX file is checked against PyTorch (cosine >= export.parity_min_cosine per row); a mismatch
@@ -18,6 +20,7 @@ the card says so.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
@@ -111,6 +114,39 @@ def write_checksums(out_dir: Path) -> Path:
     return path
 
 
+def stamp_identity(out_dir: Path, spec: dict[str, Any], teacher: dict[str, Any]) -> str:
+    """Compose the model identity of the files in `out_dir` (student_clap.identity), write it into
+    every ONNX file's metadata_props and into `spec` (`model_identity`, `teacher`); returns it."""
+    import onnx
+
+    from student_clap.identity import METADATA_KEY, TEACHER_METADATA_KEY, compose, teacher_record
+
+    ours = (METADATA_KEY, TEACHER_METADATA_KEY)
+
+    def without_ours(path: Path) -> tuple[Any, dict[str, str]]:
+        model = onnx.load(str(path))
+        props = {p.key: p.value for p in model.metadata_props if p.key not in ours}
+        onnx.helper.set_model_props(model, props)
+        return model, props
+
+    def file_hash(path: Path) -> str:
+        # an ONNX file without the identity's own entries: restamping leaves its hash alone
+        if path.suffix != ".onnx":
+            return sha256_file(path)
+        return hashlib.sha256(without_ours(path)[0].SerializeToString()).hexdigest()
+
+    record = teacher_record(teacher)
+    identity = compose(out_dir, spec, record, file_hash)
+    for path in sorted(out_dir.glob("*.onnx")):
+        model, props = without_ours(path)
+        props.update({METADATA_KEY: identity, TEACHER_METADATA_KEY: json.dumps(record, sort_keys=True)})
+        onnx.helper.set_model_props(model, props)
+        onnx.save(model, str(path))
+    spec["model_identity"] = identity
+    spec["teacher"] = record
+    return identity
+
+
 def student_skip_reason(path: Path) -> str:
     """Why the student checkpoint at `path` was skipped by its distill stage ("" when it was not)."""
     if not path.is_file():
@@ -161,6 +197,8 @@ def _build(params: Params, inputs: ExportInputs, tmp_dir: Path) -> None:
     spec["embedding_dim"] = 512
     spec["skipped"] = skipped
     spec["parity"] = parity
+    metrics = json.loads(inputs.metrics.read_text(encoding="utf-8")) if inputs.metrics.is_file() else {}
+    stamp_identity(tmp_dir, spec, metrics.get("teacher") or {})
     (tmp_dir / SPEC).write_text(json.dumps(spec, indent=2) + "\n", encoding="utf-8")
     _write_card(params, inputs, tmp_dir, spec, students)
     write_checksums(tmp_dir)

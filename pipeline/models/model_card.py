@@ -319,6 +319,13 @@ def render(
     """models/export/README.md."""
     audio, text, parity = spec.get("audio"), spec.get("text"), spec.get("parity", {})
     out = [front_matter(metrics), "# Student CLAP — exported students", describe_teacher(metrics.get("teacher") or {})]
+    teacher = spec.get("teacher") or {}
+    if teacher.get("demo"):
+        out.append(f"**Demo teacher (teacher.model.source {teacher.get('kind')}).** These are not students of "
+                   "LAION-CLAP and are not for real music libraries.")
+    if spec.get("model_identity"):
+        out.append("Model identity (in `student_clap.json`, every ONNX file's metadata and every library index "
+                   f"built with these files; an index of another identity is refused):\n\n    {spec['model_identity']}")
     for name, reason in (spec.get("skipped") or {}).items():
         out.append(f"**The {name} student is not included:** {reason}.")
 

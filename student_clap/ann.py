@@ -1,0 +1,154 @@
+"""Search at library size: exact below ANN_MIN_SONGS songs, an approximate index above.
+
+Below the threshold a search reads the stored matrix and ranks every song (exact; at 10k songs a
+cold search costs about what loading the text model does). From ANN_MIN_SONGS songs up, reading
+every vector out of SQLite costs more time and memory than a small machine should spend per query,
+so an HNSW index (USearch, int8 vectors, cosine) is kept beside the database as `DB.usearch` and
+opened memory-mapped (`view`): a query touches only the graph nodes it visits. Its candidates are
+rescored with their stored vectors, so printed scores are exact cosines.
+
+The approximate index is rebuilt by `index` at the end of each run that changed the database, and
+by a search that finds it older than the database (the `updated` time and song count in
+`DB.usearch.json` differ from the index's); a search that cannot write it falls back to exact.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+
+from student_clap.index import FORMAT, _connect_ro, _str
+from student_clap.spec import SearchError
+
+log = logging.getLogger(__name__)
+
+ANN_MIN_SONGS = int(os.environ.get("STUDENT_CLAP_ANN_MIN_SONGS", "20000"))  # exact below this
+ANN_DTYPE = "i8"  # a quarter of float32's size; candidates are rescored with the stored vectors
+CONNECTIVITY = 16  # HNSW graph degree (USearch's default)
+EXPANSION_ADD = 128
+RESCORE = 4  # candidates fetched per result asked for
+EXPANSION_SEARCH = 96  # candidates kept while searching: recall@10 >= 0.95 at 1M (benchmarks/library.py)
+
+
+def ann_path(db: str | Path) -> Path:
+    db = Path(db)
+    return db.with_name(db.name + ".usearch")
+
+
+def _state_path(db: str | Path) -> Path:
+    return ann_path(db).with_name(ann_path(db).name + ".json")
+
+
+def db_state(con: sqlite3.Connection) -> dict:
+    """What an approximate index must match: the database's last update, song count and model."""
+    meta = dict(con.execute("SELECT key, value FROM meta").fetchall())
+    if meta.get("format") != FORMAT:
+        raise SearchError("not a student-clap index")
+    # tracks, not vectors: counting rows of a table of blobs reads every page of it
+    count = con.execute("SELECT COUNT(*) FROM tracks WHERE status = 'ok'").fetchone()[0]
+    return {"updated": meta.get("updated", ""), "count": int(count), "model_identity": meta.get("model_identity", ""),
+            "audio_model": meta.get("audio_model", ""), "dim": int(meta.get("dim", 0))}
+
+
+def _stored_state(db: Path) -> dict | None:
+    try:
+        return json.loads(_state_path(db).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def build_ann(db: str | Path, dtype: str = ANN_DTYPE, batch: int = 100_000) -> Path:
+    """(Re)build DB.usearch from the database's vectors; written beside it, then renamed into place."""
+    from usearch.index import Index as UIndex
+
+    db = Path(db)
+    con = _connect_ro(db)
+    try:
+        state = db_state(con)
+        index = UIndex(ndim=state["dim"], metric="cos", dtype=dtype, connectivity=CONNECTIVITY,
+                       expansion_add=EXPANSION_ADD, expansion_search=EXPANSION_SEARCH)
+        cur = con.execute("SELECT track_id, vector FROM vectors ORDER BY track_id")
+        while rows := cur.fetchmany(batch):
+            keys = np.fromiter((r[0] for r in rows), dtype=np.uint64, count=len(rows))
+            vecs = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float16).reshape(len(rows), -1)
+            index.add(keys, vecs.astype(np.float32))
+    finally:
+        con.close()
+    out, tmp = ann_path(db), ann_path(db).with_name(ann_path(db).name + ".tmp")
+    index.save(str(tmp))
+    os.replace(tmp, out)
+    state["dtype"] = dtype
+    _state_path(db).write_text(json.dumps(state), encoding="utf-8")
+    return out
+
+
+def update_ann(db: str | Path) -> bool:
+    """After `index`: build the approximate index when the library is big enough and it is stale;
+    remove it when the library has shrunk below the threshold. Returns whether one is in place."""
+    db = Path(db)
+    con = _connect_ro(db)
+    try:
+        state = db_state(con)
+    finally:
+        con.close()
+    if state["count"] < ANN_MIN_SONGS:
+        for p in (ann_path(db), _state_path(db)):
+            p.unlink(missing_ok=True)
+        return False
+    stored = _stored_state(db)
+    if stored is None or any(stored.get(k) != v for k, v in state.items()) or not ann_path(db).is_file():
+        log.info("building the approximate search index for %d songs (%s)", state["count"], ann_path(db))
+        build_ann(db)
+    return True
+
+
+def search_ann(db: str | Path, queries: np.ndarray, k: int) -> list[list[tuple[str, float]]] | None:
+    """Top-k (path, cosine) per query from DB.usearch, or None when the exact search should run
+    (a small library, no usearch, or a stale index that cannot be rebuilt here)."""
+    db = Path(db)
+    try:
+        con = _connect_ro(db)
+    except sqlite3.Error:
+        return None
+    try:
+        try:
+            state = db_state(con)
+        except (sqlite3.Error, SearchError):
+            return None
+        if state["count"] < ANN_MIN_SONGS:
+            return None
+        try:
+            from usearch.index import Index as UIndex
+        except ImportError:
+            log.warning("usearch is not installed: searching %d songs exactly (slower)", state["count"])
+            return None
+        stored = _stored_state(db)
+        if stored is None or any(stored.get(k2) != v for k2, v in state.items()) or not ann_path(db).is_file():
+            try:
+                build_ann(db)
+            except OSError as exc:
+                log.warning("%s is out of date and cannot be rebuilt here (%s): searching exactly", ann_path(db), exc)
+                return None
+        index = UIndex.restore(str(ann_path(db)), view=True)
+        index.expansion_search = max(EXPANSION_SEARCH, 2 * k)
+        out = []
+        for q in np.atleast_2d(np.asarray(queries, np.float32)):
+            # more candidates than asked for, rescored with the stored vectors: recall beyond the
+            # int8 graph's own (its distances are approximate)
+            keys = [int(x) for x in index.search(q, count=min(max(RESCORE * k, k), len(index))).keys]
+            marks = ",".join("?" * len(keys))
+            rows = con.execute(f"SELECT t.id, t.path, v.vector FROM tracks t JOIN vectors v ON v.track_id = t.id "
+                               f"WHERE t.id IN ({marks})", keys).fetchall()
+            vecs = np.frombuffer(b"".join(r[2] for r in rows), np.float16).reshape(len(rows), -1).astype(np.float32)
+            vecs /= np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12)
+            scores = vecs @ q
+            order = np.argsort(-scores, kind="stable")
+            out.append([(_str(rows[i][1]), float(scores[i])) for i in order[:k]])
+        return out
+    finally:
+        con.close()
