@@ -291,7 +291,7 @@ class DistillAudioParams:
     # tracks/both: segments drawn per track item and step (0 = all of the track's segments)
     segments_per_track: int = 4
     use_teacher_embedding_cache: bool = True
-    loss: LossParams = field(default_factory=lambda: LossParams(contrastive_weight=1.0))
+    loss: LossParams = field(default_factory=lambda: LossParams(contrastive_weight=1.0, relational_weight=1.0))
     augment: AugmentParams = field(default_factory=AugmentParams)
     scheduler: PlateauParams = field(default_factory=lambda: PlateauParams(patience=6))  # 9 demo val tracks: a noisy monitor
     # add -cos(student - mean, teacher - mean) to the loss (mean = mean train teacher embedding)
