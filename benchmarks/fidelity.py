@@ -272,6 +272,9 @@ def main(argv: list[str] | None = None) -> int:
         "corpus": {**corpus, "cost": corpus_cost},
         "set": {k: v for k, v in args.sets},
         "machine": {"cpus": os.cpu_count(), "torch_threads": params["distill_audio"].get("threads")},
+        # the recipe every run starts from, before its own -S
+        "distill_audio": {k: params["distill_audio"][k] for k in ("model", "epochs", "batch_size", "strategy", "lr",
+                                                                   "loss", "centred_loss", "augment", "calibrate")},
         "runs": [],
     }
     earlier = json.loads(args.out.read_text()) if args.out.is_file() else None

@@ -282,12 +282,12 @@ class DistillAudioParams:
     dropout: float = 0.1
     epochs: int = 80
     stage2_epochs: int = 2
-    batch_size: int = 4
+    batch_size: int = 16
     lr: float = 2e-3
     stage2_lr: float = 5e-4
     weight_decay: float = 1e-4
     grad_clip: float = 1.0
-    strategy: Literal["segments", "tracks", "both"] = "both"
+    strategy: Literal["segments", "tracks", "both"] = "segments"
     # tracks/both: segments drawn per track item and step (0 = all of the track's segments)
     segments_per_track: int = 4
     use_teacher_embedding_cache: bool = True

@@ -50,6 +50,8 @@ def _dvc(project: Path, *args: str) -> str:
     return _run([sys.executable, "-m", "dvc", *args], project, _env(project)).stdout
 
 
+# the whole demo repro, training included (one torch thread: distill_*.threads), on a 2-core machine
+@pytest.mark.timeout(1800)
 def test_repro_runs_every_stage_and_leaves_real_outputs(project: Path) -> None:
     out = _dvc(project, "repro")
     for stage in ("fetch_teacher", "fetch_weights", "ingest", "teacher_model", "mels", "teacher", "distill_audio",
@@ -97,7 +99,7 @@ def test_search_finds_songs_by_lead_instrument(project: Path) -> None:
     from pipeline.data.demo_audio import INSTRUMENTS, SONGS
 
     env = _env(project)
-    index = project.parent / "demo_index.npz"
+    index = project.parent / "demo_index.db"
     _run(["student-clap", "index", "data/demo/audio", "--out", str(index), "--models", "models/export"], project, env)
     lead = {Path(song.path).name: song.lead for song in SONGS}
     firsts = {}
