@@ -262,6 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     for key, value in args.sets:
         set_dotted(params, key, value)
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
+    # the corpus lists live outside data/sources/: they become deps of ingest, as for any user's lists
+    run([sys.executable, "-m", "pipeline.cli", "deps", "--write"], work, env, quiet=True)
     run(["git", "add", "-A"], work, env)
     if subprocess.run(["git", "diff", "--cached", "--quiet"], cwd=work).returncode:
         run(["git", "commit", "-qm", "benchmark profile"], work, env)
