@@ -127,8 +127,9 @@ def held_out_check(work: Path) -> dict[str, Any]:
 
 
 def epoch_curve(work: Path) -> list[dict[str, float]]:
-    """Per-epoch validation figures from DVCLive's files (models/audio/plots/metrics/val/*.tsv)."""
-    folder = work / "models" / "audio" / "plots" / "metrics" / "val"
+    """Per-epoch validation figures from DVCLive's files (models/audio/plots/**/metrics/val/*.tsv)."""
+    found = sorted((work / "models" / "audio" / "plots").glob("**/metrics/val"))
+    folder = found[0] if found else work / "models" / "audio" / "plots" / "metrics" / "val"
     curve: dict[int, dict[str, float]] = {}
     for name in ("track_cosine", "track_cosine_centred", "track_top5_overlap", "track_neighbour_spearman"):
         path = folder / f"{name}.tsv"
