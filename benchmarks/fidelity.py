@@ -136,7 +136,8 @@ def epoch_curve(work: Path) -> list[dict[str, float]]:
         if not path.is_file():
             continue
         for line in path.read_text().splitlines()[1:]:
-            step, _, value = line.split("\t")[:3]
+            fields = line.split("\t")  # DVCLive: step, value (older versions: step, timestamp, value)
+            step, value = fields[0], fields[-1]
             curve.setdefault(int(step) + 1, {"epoch": int(step) + 1})[name] = float(value)
     return [curve[e] for e in sorted(curve)]
 
