@@ -47,16 +47,6 @@ def parse_shard(text: str) -> tuple[int, int]:
     return k, n
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"want a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"want a positive integer, got {value}")
-    return value
-
-
 def _call(module: str, func: str) -> Callable[[argparse.Namespace], int | None]:
     """Import lazily so `student-clap embed` never pays for torch or dvc imports it does not use."""
 
@@ -107,11 +97,11 @@ def _data_commands(sub: argparse._SubParsersAction) -> None:
         "corpus", help="synthesise N labelled songs with MTG-Jamendo style lists (the fidelity benchmark's corpus)"
     )
     corpus.add_argument("--out", required=True, help="folder for audio/ and sources/")
-    corpus.add_argument("--songs", type=_positive_int, default=1000, help="number of songs (default: %(default)s)")
+    corpus.add_argument("--songs", type=positive_int, default=1000, help="number of songs (default: %(default)s)")
     corpus.add_argument("--seed", type=int, default=0, help="corpus seed (default: %(default)s)")
     corpus.add_argument("--min-seconds", type=float, default=15.0, help="shortest song (default: %(default)s)")
     corpus.add_argument("--max-seconds", type=float, default=30.0, help="longest song (default: %(default)s)")
-    corpus.add_argument("--jobs", type=_positive_int, default=1, help="songs rendered at once (default: %(default)s)")
+    corpus.add_argument("--jobs", type=positive_int, default=1, help="songs rendered at once (default: %(default)s)")
     corpus.set_defaults(func=_call("pipeline.data.demo_audio", "corpus_main"))
     dteacher = demo_sub.add_parser(
         "teacher", help="train the demo teacher on synthetic clips and print its held-out zero-shot accuracy"
