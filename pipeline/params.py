@@ -280,7 +280,7 @@ class DistillAudioParams:
     model: str = "mn04_as"
     pretrained: str = ""  # path to EfficientAT .pt, empty = random init
     dropout: float = 0.1
-    epochs: int = 80
+    epochs: int = 30
     stage2_epochs: int = 2
     batch_size: int = 16
     lr: float = 2e-3
@@ -338,7 +338,7 @@ class TextStudentModelParams:
 @dataclass
 class DistillTextParams:
     model: TextStudentModelParams = field(default_factory=TextStudentModelParams)
-    epochs: int = 20
+    epochs: int = 12
     stage2_epochs: int = 0
     batch_size: int = 64
     lr: float = 1e-3

@@ -95,20 +95,30 @@ def test_repro_runs_every_stage_and_leaves_real_outputs(project: Path) -> None:
 
 
 def test_search_finds_songs_by_lead_instrument(project: Path) -> None:
-    """The exported students index the demo folder; a one-word query ranks a song led by that instrument first."""
+    """The exported students index the demo folder; a one-word query ranks songs led by that instrument high.
+
+    The bars hold with a margin on every demo student measured (docs/demo.md#how-robust): training seeds 0
+    and 1, one and two torch threads. A student trained on 26 synthetic songs is not the same everywhere
+    (kernels differ across CPU kinds), so the test asks for ranks, not for one exact run: by chance the
+    mean reciprocal rank is about 0.3 and the instrument is among the first 3 for about 1 query in 3.
+    """
     from pipeline.data.demo_audio import INSTRUMENTS, SONGS
 
     env = _env(project)
     index = project.parent / "demo_index.db"
     _run(["student-clap", "index", "data/demo/audio", "--out", str(index), "--models", "models/export"], project, env)
     lead = {Path(song.path).name: song.lead for song in SONGS}
-    firsts = {}
+    ranks = {}
     for instrument in INSTRUMENTS:
-        out = _run(["student-clap", "search", INSTRUMENT_QUERIES[instrument], "--index", str(index), "-k", "1",
+        out = _run(["student-clap", "search", INSTRUMENT_QUERIES[instrument], "--index", str(index), "-k", "10",
                     "--models", "models/export"], project, env).stdout
-        firsts[instrument] = lead[Path(out.split()[-1]).name]
-    hits = [i for i in INSTRUMENTS if firsts[i] == i]
-    assert len(hits) >= 5, f"first result's lead per query: {firsts}"
+        leads = [lead[Path(line.split()[-1]).name] for line in out.splitlines()
+                 if line.strip() and Path(line.split()[-1]).name in lead]
+        assert len(leads) == 10, out
+        ranks[instrument] = leads.index(instrument) + 1 if instrument in leads else None
+    reciprocal = [1 / r if r else 0.0 for r in ranks.values()]
+    top3 = sum(1 for r in ranks.values() if r and r <= 3)
+    assert sum(reciprocal) / len(reciprocal) >= 0.6 and top3 >= 6, f"rank of the first song of the queried lead: {ranks}"
 
 
 def test_second_repro_runs_nothing(project: Path) -> None:
