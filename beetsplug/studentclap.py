@@ -44,10 +44,8 @@ def item_key(item: Item) -> str:
 
 def read_item_map(db: str | Path) -> dict[int, str]:
     """item id -> indexed path, from the plugin's table (empty when the index has none yet)."""
-    from student_clap.index import _connect_ro
-
     try:
-        con = _connect_ro(Path(db))
+        con = sqlite3.connect(Path(db).absolute().as_uri() + "?mode=ro", uri=True, timeout=30.0)
         try:
             rows = con.execute(f"SELECT item_id, path FROM {ITEMS_TABLE}").fetchall()
         finally:
