@@ -18,16 +18,23 @@ the index's own tables are left as they are. Searches run over the indexed items
 
 from __future__ import annotations
 
+import optparse
 import os
 import sqlite3
 from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from beets import config as beets_config
 from beets import ui
-from beets.library import Item, Library
+from beets.library import Album, Item, Library
 from beets.plugins import BeetsPlugin
+
+if TYPE_CHECKING:
+    from student_clap import StudentClap
+    from student_clap.index import Index
+    from student_clap.library import BuildReport
 
 ITEMS_TABLE = "beets_items"
 _ITEMS_DDL = (f"CREATE TABLE IF NOT EXISTS {ITEMS_TABLE} (item_id INTEGER PRIMARY KEY, path BLOB NOT NULL); "
@@ -88,7 +95,7 @@ class StudentClapPlugin(BeetsPlugin):
             raise ui.UserError(f"studentclap.jobs must be at least 1, got {jobs}")
         return jobs
 
-    def clap(self):
+    def clap(self) -> StudentClap:
         """The StudentClap of the configured export (loaded once per beets run)."""
         from student_clap import StudentClap
 
@@ -117,7 +124,7 @@ class StudentClapPlugin(BeetsPlugin):
         except SearchError as exc:
             raise ui.UserError(f"{exc}; or, for this beets library, `beet clap index --rebuild`") from None
 
-    def index_items(self, items: Iterable[Item], *, rebuild: bool = False, progress: bool = False):
+    def index_items(self, items: Iterable[Item], *, rebuild: bool = False, progress: bool = False) -> BuildReport:
         """Embed the items' files into the index (new or changed files only) and record their ids.
         Returns the BuildReport; unreadable files are in its `failed`, not raised."""
         from student_clap.library import build_index, check_writable
@@ -174,17 +181,20 @@ class StudentClapPlugin(BeetsPlugin):
             moved = {p for i, p in old.items() if i in keys and keys[i] != p}
             writer.forget(p for p in moved if p not in still and not os.path.exists(p))
 
-    def items_index(self, lib: Library):
+    def items_index(self, lib: Library) -> tuple[Index, dict[str, list[Item]]]:
         """The index restricted to this library's indexed items, checked against the models, and
         path -> items for its rows."""
         from student_clap.index import read_index
         from student_clap.library import check_index_model
         from student_clap.spec import SearchError
 
+        clap = self.clap()  # a configuration error first, then the index's
         db = self.index_path()
+        if not db.exists():
+            raise ui.UserError(f"{db}: no index yet; run `beet clap index`")
         try:
             index = read_index(db)
-            check_index_model(index, self.clap().models_dir, forceable=False)
+            check_index_model(index, clap.models_dir, forceable=False)
         except SearchError as exc:
             raise ui.UserError(f"{exc}; or, for this beets library, `beet clap index --rebuild`"
                                if "was built" in str(exc) else str(exc)) from None
@@ -205,7 +215,7 @@ class StudentClapPlugin(BeetsPlugin):
     def item_imported(self, lib: Library, item: Item) -> None:
         self._embed_imported([item])
 
-    def album_imported(self, lib: Library, album) -> None:
+    def album_imported(self, lib: Library, album: Album) -> None:
         self._embed_imported(list(album.items()))
 
     def _embed_imported(self, items: Sequence[Item]) -> None:
@@ -236,7 +246,7 @@ class StudentClapPlugin(BeetsPlugin):
         cmd.func = self.run
         return [cmd]
 
-    def run(self, lib: Library, opts, args: list[str]) -> None:
+    def run(self, lib: Library, opts: optparse.Values, args: list[str]) -> None:
         if not args or args[0] not in ACTIONS:
             raise ui.UserError(f"beet clap: give one of {', '.join(ACTIONS)}")
         action, rest = args[0], args[1:]

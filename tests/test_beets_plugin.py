@@ -176,13 +176,19 @@ def test_index_search_similar_duplicates_print_beets_items(beet, export: Path, o
     assert read_item_map(beet.db) == {items["song1"].id: item_key(items["song1"])}
 
 
-def test_the_import_listener_embeds_new_items(beet, tmp_path: Path, capsys) -> None:
+def test_the_import_listener_embeds_new_items(beet, export: Path, tmp_path: Path, capsys) -> None:
     from beetsplug.studentclap import item_key, read_item_map
 
     album = tmp_path / "album"
     album.mkdir()
     for i in range(2):
         sf.write(album / f"{i + 1:02d}.flac", _song(200 + i, seconds=3.0), SR)
+    beet.configure(models=None)
+    with pytest.raises(beets.ui.UserError, match="studentclap.models is not set"):
+        beet.run("clap", "search", "calm piano")
+    beet.configure(models=str(export))
+    with pytest.raises(beets.ui.UserError, match="no index yet; run `beet clap index`"):
+        beet.run("clap", "search", "calm piano")
     beet.configure(auto=True)
     beet.run("import", "-A", "-C", "-W", "-q", str(album))  # as-is, files left in place
 
