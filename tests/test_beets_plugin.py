@@ -98,8 +98,23 @@ def beet(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, export: Path):
         finally:
             lib._close()
 
+    def move(item: Item, dest: Path) -> None:
+        """What `beet move` does to an item: the file renamed, the item's path updated."""
+        _reset_beets()
+        beets.config.read()
+        lib = Library(settings["library"], settings["directory"])
+        try:
+            stored = lib.get_item(item.id)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            Path(stored.path.decode()).rename(dest)
+            stored.path = str(dest)
+            stored.store()
+            item.path = stored.path
+        finally:
+            lib._close()
+
     configure()
-    yield SimpleNamespace(run=run, configure=configure, add=add, home=home, db=home / "studentclap.db")
+    yield SimpleNamespace(run=run, configure=configure, add=add, move=move, home=home, db=home / "studentclap.db")
     _reset_beets()
 
 
@@ -140,6 +155,13 @@ def test_index_search_similar_duplicates_print_beets_items(beet, export: Path, o
 
     beet.run("clap", "index", "title:song")  # resumable: nothing changed, nothing embedded
     assert "7 item(s): embedded 0, unchanged 7, skipped 0" in capsys.readouterr().out
+    assert [Path(p).name for p, _ in read_index(beet.db).failed] == ["broken.flac"]  # other rows kept
+
+    beet.move(items["song4"], music / "moved" / "s4.flac")  # found at its new path, the old row dropped
+    beet.run("clap", "index", "title:song4")
+    assert "1 item(s): embedded 1, unchanged 0" in capsys.readouterr().out
+    assert sorted(read_index(beet.db).paths) == sorted(item_key(it) for t, it in items.items() if t != "broken")
+    assert read_item_map(beet.db)[items["song4"].id] == item_key(items["song4"])
 
     beet.run("clap", "search", "calm piano", "-k", "3", "-f", "$title")
     hits = [_titled(line) for line in _lines(capsys)]
