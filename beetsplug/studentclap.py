@@ -181,9 +181,9 @@ class StudentClapPlugin(BeetsPlugin):
             moved = {p for i, p in old.items() if i in keys and keys[i] != p}
             writer.forget(p for p in moved if p not in still and not os.path.exists(p))
 
-    def items_index(self, lib: Library) -> tuple[Index, dict[str, list[Item]]]:
+    def items_index(self, lib: Library) -> tuple[Index, dict[str, list[int]]]:
         """The index restricted to this library's indexed items, checked against the models, and
-        path -> items for its rows."""
+        path -> item ids for its rows."""
         from student_clap.index import read_index
         from student_clap.library import check_index_model
         from student_clap.spec import SearchError
@@ -198,11 +198,12 @@ class StudentClapPlugin(BeetsPlugin):
         except SearchError as exc:
             raise ui.UserError(f"{exc}; or, for this beets library, `beet clap index --rebuild`"
                                if "was built" in str(exc) else str(exc)) from None
-        by_path: dict[str, list[Item]] = {}
+        with lib.transaction() as tx:  # ids only: items are loaded for the hits alone
+            present = {row[0] for row in tx.query("SELECT id FROM items")}
+        by_path: dict[str, list[int]] = {}
         for item_id, path in read_item_map(db).items():
-            item = lib.get_item(item_id)
-            if item is not None:
-                by_path.setdefault(path, []).append(item)
+            if item_id in present:  # items removed from the library are left out
+                by_path.setdefault(path, []).append(item_id)
         rows = [i for i, p in enumerate(index.paths) if p in by_path]
         if not rows:
             raise ui.UserError(f"{db}: no items of this library are indexed yet; run `beet clap index`")
@@ -273,10 +274,15 @@ class StudentClapPlugin(BeetsPlugin):
         ui.print_(f"{self.index_path()}: {len(items)} item(s): embedded {report.embedded}, unchanged {report.reused}, "
                   f"skipped {len(report.failed)}")
 
-    def _print_hits(self, hits: Sequence[tuple[str, float]], by_path: dict[str, list[Item]]) -> None:
+    @staticmethod
+    def _items(lib: Library, ids: Iterable[int]) -> list[Item]:
+        return [item for item in map(lib.get_item, ids) if item is not None]
+
+    def _print_hits(self, lib: Library, hits: Sequence[tuple[str, float]], by_path: dict[str, list[int]],
+                    indent: str = "") -> None:
         for path, score in hits:
-            for item in by_path.get(path, []):
-                ui.print_(f"{score:+.4f}  {format(item)}")
+            for item in self._items(lib, by_path.get(path, [])):
+                ui.print_(f"{indent}{score:+.4f}  {format(item)}")
 
     def cmd_search(self, lib: Library, text: str, k: int) -> None:
         from student_clap.embed import check_query
@@ -287,7 +293,7 @@ class StudentClapPlugin(BeetsPlugin):
             hits = self.clap().search(check_query(text), index, k=k)
         except SearchError as exc:
             raise ui.UserError(str(exc)) from None
-        self._print_hits(hits, by_path)
+        self._print_hits(lib, hits, by_path)
 
     def cmd_similar(self, lib: Library, query: list[str], k: int) -> None:
         from student_clap.spec import SearchError
@@ -298,13 +304,13 @@ class StudentClapPlugin(BeetsPlugin):
         index, by_path = self.items_index(lib)
         # the item's row under the path it was indexed at (it may have moved since); an item not
         # indexed yet is embedded from its file
-        path = next((p for p, items in by_path.items() if any(i.id == item.id for i in items)), item_key(item))
+        path = next((p for p, ids in by_path.items() if item.id in ids), item_key(item))
         try:
             hits = self.clap().similar(path, index, k=k)
         except SearchError as exc:
             raise ui.UserError(str(exc)) from None
-        by_path.setdefault(hits[0][0], [item])
-        self._print_hits(hits, by_path)
+        by_path.setdefault(hits[0][0], [item.id])
+        self._print_hits(lib, hits, by_path)
 
     def cmd_duplicates(self, lib: Library, rest: list[str], threshold: float | None, songs: int) -> None:
         from student_clap.spec import SearchError
@@ -332,7 +338,5 @@ class StudentClapPlugin(BeetsPlugin):
             raise ui.UserError(str(exc)) from None
         for n, group in enumerate(groups, start=1):
             ui.print_(f"group {n} ({len(group)} items)")
-            for path, score in group:
-                for item in by_path.get(path, []):
-                    ui.print_(f"  {score:+.4f}  {format(item)}")
+            self._print_hits(lib, group, by_path, indent="  ")
         ui.print_(f"{len(groups)} group(s) at centred cosine >= {threshold:.5f}")

@@ -113,8 +113,18 @@ def beet(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, export: Path):
         finally:
             lib._close()
 
+    def remove(item: Item) -> None:
+        """`beet remove`: the item leaves the library, its file stays."""
+        _reset_beets()
+        beets.config.read()
+        lib = Library(settings["library"], settings["directory"])
+        try:
+            lib.get_item(item.id).remove()
+        finally:
+            lib._close()
+
     configure()
-    yield SimpleNamespace(run=run, configure=configure, add=add, move=move, home=home, db=home / "studentclap.db")
+    yield SimpleNamespace(run=run, configure=configure, add=add, move=move, remove=remove, home=home, db=home / "studentclap.db")
     _reset_beets()
 
 
@@ -184,6 +194,10 @@ def test_index_search_similar_duplicates_print_beets_items(beet, export: Path, o
     lines = _lines(capsys)
     assert lines[0].startswith("group 1 (2 items)") and lines[-1].startswith("1 group(s)")
     assert sorted(_titled(line)[1] for line in lines[1:-1]) == ["song0", "song0 transcode"]
+
+    beet.remove(items["song5"])  # items no longer in the library are not listed
+    beet.run("clap", "search", "calm piano", "-k", "10", "-f", "$title")
+    assert sorted(_titled(line)[1] for line in _lines(capsys)) == sorted(set(items) - {"song5", "broken"})
 
     # an index built by another model is refused by every command, the index left as it was
     beet.configure(models=str(other_export))
