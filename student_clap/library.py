@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -149,16 +149,24 @@ class BuildReport:
         return self.reused + self.embedded
 
 
-def build_index(embedder: SongEmbedder, folder: str | Path, db: str | Path, *, text_model: str = "", jobs: int = 1,
-                progress: bool = False) -> BuildReport:
+def build_index(embedder: SongEmbedder, folder: str | Path | None, db: str | Path, *, text_model: str = "",
+                jobs: int = 1, progress: bool = False, files: Sequence[str | Path] | None = None) -> BuildReport:
     """Make the index `db` hold every audio file under `folder`, one commit per song: unchanged
     files (same path, size and mtime) are reused, rows of files not under `folder` now are removed,
-    and refusals are remembered until the file changes (missing or unreadable ones are retried)."""
+    and refusals are remembered until the file changes (missing or unreadable ones are retried).
+
+    `files` instead of a folder: add exactly these files (e.g. the items of a beets query), named
+    as a folder scan names them, and keep the rows of every other file."""
     from tqdm import tqdm
 
-    scan = scan_audio(folder)
-    if not scan.files:
-        raise SearchError(f"{folder}: no audio files" + (f" ({'; '.join(scan.summary())})" if scan.summary() else ""))
+    from student_clap.tools import index_key
+
+    if files is None:
+        scan = scan_audio(folder)
+        if not scan.files:
+            raise SearchError(f"{folder}: no audio files" + (f" ({'; '.join(scan.summary())})" if scan.summary() else ""))
+    else:
+        scan = Scan(files=sorted({index_key(f) for f in files}))
     with IndexWriter(db, audio_model=embedder.model_id, text_model=text_model, dim=embedder.dim,
                      model_identity=getattr(embedder, "model_identity", "")) as writer:
         report = BuildReport(Path(db), scan, reset=writer.reset_reason)
@@ -177,9 +185,11 @@ def build_index(embedder: SongEmbedder, folder: str | Path, db: str | Path, *, t
                 continue
             todo.append(f)
         found = set(scan.files)
-        gone = [p for p in rows if p not in found]  # the index mirrors the folder it was last given
+        # the index mirrors the folder it was last given; a list of files only adds
+        gone = [p for p in rows if p not in found] if files is None else []
         report.removed = writer.forget(gone)
-        log.info("indexing %d files under %s: %d unchanged, %d to embed, %d removed", len(scan.files), folder,
+        log.info("indexing %d files under %s: %d unchanged, %d to embed, %d removed", len(scan.files),
+                 folder if files is None else "the given list",
                  len(scan.files) - len(todo), len(todo), report.removed)
         retry = []
         for out in tqdm(iter_embed(embedder, todo, jobs), total=len(todo), desc="embedding", unit="song",
