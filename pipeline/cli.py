@@ -14,7 +14,7 @@ from student_clap.cli import add_commands as add_runtime_commands
 from student_clap.cli import positive_int
 
 # No pipeline.params import up here: it needs pyyaml, which the runtime-only install
-# (`embed`, `index`, `search`, `similar`, `duplicates`, from student_clap) does not have. Stage commands import it when they run.
+# (`embed`, `index`, `search`, `similar`, `duplicates`, `publish`, from student_clap) does not have. Stage commands import it when they run.
 
 log = logging.getLogger("student_clap")
 
@@ -232,7 +232,7 @@ def pipeline_installed() -> bool:
 
 
 def build_parser(pipeline: bool = True) -> argparse.ArgumentParser:
-    """All commands; with `pipeline=False` (the runtime-only install) only the runtime commands (embed, index, search, similar, duplicates),
+    """All commands; with `pipeline=False` (the runtime-only install) only the runtime commands (embed, index, search, similar, duplicates, publish),
     and a line saying what the others need."""
     parser = argparse.ArgumentParser(
         prog="student-clap",
@@ -260,7 +260,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = next((a for a in argv if not a.startswith("-")), None)
     if not full and command in PIPELINE_COMMANDS:
         print(f"student-clap {command}: needs the pipeline's dependencies, which this install does not have: "
-              f"{EXTRA_HINT}; this install runs embed, index, search, similar and duplicates", file=sys.stderr)
+              f"{EXTRA_HINT}; this install runs embed, index, search, similar, duplicates and publish", file=sys.stderr)
         return 3
     args = build_parser(full).parse_args(argv)
     logging.basicConfig(
@@ -275,7 +275,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if top in PIPELINE_MODULES:
             # the runtime-only install (`pip install student-clap`) has the runtime commands only
             log.error("`student-clap %s` needs the pipeline's dependencies (%s is not installed): %s; "
-                      "this install runs embed, index, search, similar and duplicates", args.command, top, EXTRA_HINT)
+                      "this install runs embed, index, search, similar, duplicates and publish", args.command, top, EXTRA_HINT)
             return 3
         raise
     except Exception as exc:
