@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 log = logging.getLogger("student_clap")
@@ -73,7 +73,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                        help="the export folder, or hf://OWNER/NAME[@REVISION] for one published on the Hugging Face "
                             "Hub (downloaded into its cache, checked against its SHA256SUMS) (default: %(default)s)")
         p.add_argument("--threads", type=positive_int, default=None, help="onnxruntime threads (default: all cores)")
-        p.set_defaults(func=_with_models(p.get_default("func")))
+        p.set_defaults(func=with_models(p.get_default("func")))
 
     publish = sub.add_parser("publish", help="push an export folder (models, card, SHA256SUMS) to a Hugging Face Hub "
                                              "model repo; others then use --models hf://REPO")
@@ -96,7 +96,7 @@ def _quiet_http() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def _with_models(run):
+def with_models(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
     """`run` with args.models resolved to a local folder first: hf://OWNER/NAME[@REV] is downloaded
     (or found in the cache) and checked; a folder is passed on unchanged."""
 
