@@ -197,10 +197,10 @@ def download_bundle(address: HubAddress, *, endpoint: str | None = None, token: 
 
 
 def _download_online(hub: Any, address: HubAddress, endpoint: str | None, token: str | bool | None) -> Path:
-    api = hub.HfApi(endpoint=endpoint, token=token)
-    commit = api.repo_info(address.repo_id, revision=address.revision).sha
     from huggingface_hub.hf_api import RepoFile
 
+    api = hub.HfApi(endpoint=endpoint, token=token)
+    commit = api.repo_info(address.repo_id, revision=address.revision).sha
     sizes = {f.path: f.size for f in api.list_repo_tree(address.repo_id, revision=commit, recursive=True)
              if isinstance(f, RepoFile)}
     if CHECKSUMS not in sizes:
