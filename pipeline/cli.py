@@ -11,10 +11,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from student_clap.cli import add_commands as add_runtime_commands
-from student_clap.cli import positive_int
+from student_clap.cli import positive_int, with_models
 
 # No pipeline.params import up here: it needs pyyaml, which the runtime-only install
-# (`embed`, `index`, `search`, `similar`, `duplicates`, from student_clap) does not have. Stage commands import it when they run.
+# (`embed`, `index`, `search`, `similar`, `duplicates`, `publish`, from student_clap) does not have. Stage commands import it when they run.
 
 log = logging.getLogger("student_clap")
 
@@ -195,14 +195,15 @@ def _report_commands(sub: argparse._SubParsersAction) -> None:
     comp.add_argument("--prompt", default=None,
                       help="zero-shot prompt template with {label} (default: LAION's GTZAN prompt "
                            "'This audio is a {label} song.')")
-    comp.add_argument("--models", default="models/export", help="exported students (default: %(default)s)")
+    comp.add_argument("--models", default="models/export",
+                      help="exported students: a folder or hf://OWNER/NAME[@REV] (default: %(default)s)")
     comp.add_argument("--teacher", default=None, help="teacher folder (default: teacher.model.dir of --params)")
     comp.add_argument("--params", default="params.yaml",
                       help="teacher front-end, teacher.model.dir and the same-space bar (default: %(default)s)")
     comp.add_argument("--device", default="cpu", help="teacher device: cpu, cuda or auto (default: %(default)s)")
     comp.add_argument("--batch-size", type=positive_int, default=16, help="windows per head call (default: %(default)s)")
     comp.add_argument("--threads", type=positive_int, default=None, help="onnxruntime threads (default: all cores)")
-    comp.set_defaults(func=_call("pipeline.evaluation.compare", "main"))
+    comp.set_defaults(func=with_models(_call("pipeline.evaluation.compare", "main")))
 
     results = sub.add_parser("results", help="rewrite the results block of README.md from models/report/metrics.json")
     results.add_argument("--readme", default="README.md")
@@ -232,7 +233,7 @@ def pipeline_installed() -> bool:
 
 
 def build_parser(pipeline: bool = True) -> argparse.ArgumentParser:
-    """All commands; with `pipeline=False` (the runtime-only install) only the runtime commands (embed, index, search, similar, duplicates),
+    """All commands; with `pipeline=False` (the runtime-only install) only the runtime commands (embed, index, search, similar, duplicates, publish),
     and a line saying what the others need."""
     parser = argparse.ArgumentParser(
         prog="student-clap",
@@ -260,7 +261,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = next((a for a in argv if not a.startswith("-")), None)
     if not full and command in PIPELINE_COMMANDS:
         print(f"student-clap {command}: needs the pipeline's dependencies, which this install does not have: "
-              f"{EXTRA_HINT}; this install runs embed, index, search, similar and duplicates", file=sys.stderr)
+              f"{EXTRA_HINT}; this install runs embed, index, search, similar, duplicates and publish", file=sys.stderr)
         return 3
     args = build_parser(full).parse_args(argv)
     logging.basicConfig(
@@ -275,7 +276,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if top in PIPELINE_MODULES:
             # the runtime-only install (`pip install student-clap`) has the runtime commands only
             log.error("`student-clap %s` needs the pipeline's dependencies (%s is not installed): %s; "
-                      "this install runs embed, index, search, similar and duplicates", args.command, top, EXTRA_HINT)
+                      "this install runs embed, index, search, similar, duplicates and publish", args.command, top, EXTRA_HINT)
             return 3
         raise
     except Exception as exc:

@@ -3,6 +3,7 @@
     from student_clap import StudentClap
 
     clap = StudentClap("models/export")              # reads the export folder once
+    clap = StudentClap("hf://OWNER/NAME")            # or one published on the Hub (student_clap.hub)
     vec = clap.embed_file("song.flac")               # [512] float32, unit length
     vecs = clap.embed_files(["a.mp3", "b.m4a"])      # EmbedResult: paths, vectors, failures
     vec = clap.embed_waveform(samples, 44100)        # [n], [n, channels] or [channels, n]; float or int16
@@ -80,7 +81,10 @@ class StudentClap:
                  threads: int | None = None) -> None:
         if batch_size < 1 or (threads is not None and threads < 1):
             raise ValueError(f"batch_size and threads must be positive, got {batch_size} and {threads}")
-        self.models_dir = Path(models_dir)
+        from student_clap.hub import resolve_models
+
+        # a folder, or hf://OWNER/NAME[@REV]: downloaded into the Hugging Face cache and checked
+        self.models_dir = resolve_models(models_dir)
         self._batch_size, self._threads = batch_size, threads
         self._audio: SongEmbedder | None = None
         self._text: TextEmbedder | None = None

@@ -1,4 +1,4 @@
-"""`student-clap embed | index | search | similar | duplicates`: the runtime's commands (also `python -m student_clap`).
+"""`student-clap embed | index | search | similar | duplicates | publish`: the runtime's commands (also `python -m student_clap`).
 
 pipeline.cli adds these to the pipeline's commands under the one `student-clap` console script.
 """
@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 log = logging.getLogger("student_clap")
@@ -69,8 +69,69 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     dup.add_argument("--songs", type=positive_int, default=20, help="calibrate: songs to make copies of")
     dup.set_defaults(func=duplicates_main)
     for p in (embed, index, search, similar, dup):
-        p.add_argument("--models", default="models/export", help="the export folder (default: %(default)s)")
+        p.add_argument("--models", default="models/export",
+                       help="the export folder, or hf://OWNER/NAME[@REVISION] for one published on the Hugging Face "
+                            "Hub (downloaded into its cache, checked against its SHA256SUMS) (default: %(default)s)")
         p.add_argument("--threads", type=positive_int, default=None, help="onnxruntime threads (default: all cores)")
+        p.set_defaults(func=with_models(p.get_default("func")))
+
+    publish = sub.add_parser("publish", help="push an export folder (models, card, SHA256SUMS) to a Hugging Face Hub "
+                                             "model repo; others then use --models hf://REPO")
+    publish.add_argument("repo", help="OWNER/NAME of the model repo (created when missing)")
+    publish.add_argument("--models", default="models/export", help="the export folder (default: %(default)s)")
+    publish.add_argument("--revision", default="main", help="branch to commit to (created from main when missing; "
+                                                            "default: %(default)s)")
+    publish.add_argument("--private", action="store_true", help="create the repo private (an existing repo keeps "
+                                                                "its visibility)")
+    publish.add_argument("--token", default=None, help="Hub access token with write access (default: HF_TOKEN or the "
+                                                       "token `hf auth login` saved)")
+    publish.add_argument("--endpoint", default=None, help="Hub URL (default: HF_ENDPOINT or https://huggingface.co)")
+    publish.add_argument("--message", default=None, help="commit message (default: names the model identity)")
+    publish.set_defaults(func=publish_main)
+
+
+def _quiet_http() -> None:
+    """huggingface_hub's HTTP client logs every request at INFO; the commands say what matters."""
+    for name in ("httpx", "httpx2", "httpcore"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def with_models(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """`run` with args.models resolved to a local folder first: hf://OWNER/NAME[@REV] is downloaded
+    (or found in the cache) and checked; a folder is passed on unchanged."""
+
+    def resolved(args: argparse.Namespace) -> int:
+        from student_clap.hub import resolve_models
+        from student_clap.spec import SearchError
+
+        _quiet_http()
+        try:
+            args.models = str(resolve_models(args.models))
+        except SearchError as exc:
+            log.error("%s", exc)
+            return 2
+        return run(args)
+
+    return resolved
+
+
+def publish_main(args: argparse.Namespace) -> int:
+    from student_clap.hub import HubError, publish
+
+    _quiet_http()
+    try:
+        done = publish(args.models, args.repo, revision=args.revision, private=args.private, token=args.token,
+                       endpoint=args.endpoint, message=args.message)
+    except HubError as exc:
+        log.error("%s", exc)
+        return 2
+    if done.left_out:
+        print(f"not uploaded (not in SHA256SUMS): {', '.join(done.left_out)}", file=sys.stderr)
+    print(f"published {len(done.files)} files to {done.url}")
+    print(f"commit {done.commit}")
+    print(f"use: --models hf://{args.repo}@{done.commit}   (or hf://{args.repo}"
+          f"{'' if args.revision == 'main' else '@' + args.revision} for the newest)")
+    return 0
 
 
 def _audio(args: argparse.Namespace, jobs: int):

@@ -285,7 +285,7 @@ def test_pipeline_commands_say_which_extra_they_need(tmp_path):
         assert proc.returncode == 3 and "pip install 'student-clap[pipeline]'" in proc.stderr, (argv, proc.stderr)
     # --help lists what this install runs, and says what the rest needs
     proc = subprocess.run([sys.executable, "-c", code, "--help"], env=_env(), capture_output=True, text=True)
-    assert proc.returncode == 0 and "{embed,index,search,similar,duplicates}" in proc.stdout
+    assert proc.returncode == 0 and "{embed,index,search,similar,duplicates,publish}" in proc.stdout
     assert "pipeline commands" in proc.stdout and "[pipeline]" in proc.stdout
     from pipeline.cli import build_parser, pipeline_installed
 

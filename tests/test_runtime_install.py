@@ -74,7 +74,7 @@ def test_embed_index_search_run_on_the_base_install(runtime_venv: Path, tiny_exp
         os.path.realpath(p) for p in (tiny_songs / "low.wav", tiny_songs / "high.wav", tiny_songs / "album" / "mid.flac")}
     # the other commands: not listed, and each names the extra it needs
     listed = _run([cli, "--help"], tmp_path)
-    assert "{embed,index,search,similar,duplicates}" in listed.stdout and "[pipeline]" in listed.stdout
+    assert "{embed,index,search,similar,duplicates,publish}" in listed.stdout and "[pipeline]" in listed.stdout
     other = subprocess.run([cli, "run", "mels"], cwd=tmp_path, env=_env(), capture_output=True, text=True)
     assert other.returncode == 3 and "pip install 'student-clap[pipeline]'" in other.stderr
     assert "Traceback" not in other.stderr
