@@ -62,6 +62,19 @@ CREATE TABLE IF NOT EXISTS vectors (
 );
 """
 
+# meta 'songs' counts the 'ok' tracks, kept by these triggers in the transaction that changes
+# them: a search reads it instead of counting (a full scan of tracks: ~0.2 s at a million songs).
+# Set from a real count whenever a writer opens the file, so a file written without them heals.
+_SONG_COUNT_TRIGGERS = (
+    "CREATE TRIGGER IF NOT EXISTS songs_added AFTER INSERT ON tracks WHEN NEW.status = 'ok' BEGIN "
+    "UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'songs'; END",
+    "CREATE TRIGGER IF NOT EXISTS songs_removed AFTER DELETE ON tracks WHEN OLD.status = 'ok' BEGIN "
+    "UPDATE meta SET value = CAST(value AS INTEGER) - 1 WHERE key = 'songs'; END",
+    "CREATE TRIGGER IF NOT EXISTS songs_changed AFTER UPDATE OF status ON tracks WHEN OLD.status <> NEW.status BEGIN "
+    "UPDATE meta SET value = CAST(value AS INTEGER) + (CASE WHEN NEW.status = 'ok' THEN 1 ELSE -1 END) "
+    "WHERE key = 'songs'; END",
+)
+
 
 def _fs(path: str) -> bytes:
     return os.fsencode(path)
@@ -149,6 +162,19 @@ def check_index_target(path: str | Path, *, ours: bool = False) -> None:
     if kind == "other":
         raise SearchError(f"--out {path}: exists and is another program's SQLite database; refusing to replace it "
                           "(choose another file name, e.g. music.db)")
+
+
+def _count_songs(con: sqlite3.Connection) -> int:
+    return int(con.execute("SELECT COUNT(*) FROM tracks WHERE status = 'ok'").fetchone()[0])
+
+
+def song_count(con: sqlite3.Connection, meta: dict[str, str]) -> int:
+    """The index's songs with a vector: meta 'songs' (kept by triggers), or counted in a file
+    written before it was kept."""
+    try:
+        return int(meta["songs"])
+    except (KeyError, ValueError):
+        return _count_songs(con)
 
 
 def _connect_ro(path: Path) -> sqlite3.Connection:
@@ -240,6 +266,8 @@ class IndexWriter:
             for statement in _TABLES.split(";"):
                 if statement.strip():
                     self.con.execute(statement)
+            for statement in _SONG_COUNT_TRIGGERS:
+                self.con.execute(statement)
             meta = dict(self.con.execute("SELECT key, value FROM meta").fetchall())
             n = self.con.execute("SELECT COUNT(*) FROM tracks").fetchone()[0]
             changed = (meta.get("audio_model") not in (None, audio_model) or meta.get("dim") not in (None, str(dim))
@@ -257,6 +285,7 @@ class IndexWriter:
                       "dim": str(dim), "updated": now, "model_identity": self.model_identity}
             if "created" not in meta:
                 values["created"] = now
+            values["songs"] = str(_count_songs(self.con))
             self.con.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", values.items())
         return reason
 
@@ -366,7 +395,7 @@ def read_index_head(path: str | Path) -> tuple[Index, int] | None:
         con = _connect_ro(path)
         try:
             meta = dict(con.execute("SELECT key, value FROM meta").fetchall())
-            count = con.execute("SELECT COUNT(*) FROM tracks WHERE status = 'ok'").fetchone()[0]
+            count = song_count(con, meta)
         finally:
             con.close()
         if meta.get("format") != FORMAT or int(meta.get("schema", 0)) > SCHEMA:
