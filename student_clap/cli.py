@@ -163,7 +163,7 @@ def search_main(args: argparse.Namespace) -> int:
                 found = search_ann(args.index, query, args.k)
                 if found is not None:
                     return _print_hits(found[0], args.models)
-        index = read_index(args.index)
+        index = read_index(args.index, details=False)
         if not index.paths:
             raise SearchError(f"{args.index}: the index has no songs yet")
         if query is None:
