@@ -1,5 +1,6 @@
 """The runtime's embedders and the library scan: songs through the song-level path, queries
-through the text student, folders walked once (symlinks followed, loops detected).
+through the text student (student_clap.query, importable from here too), folders walked once
+(symlinks followed, loops detected).
 
 Nothing here imports torch or the pipeline: it is what users run on small machines with only the
 ONNX files of an export folder (models/export). A song is embedded exactly as the mel cache saw it
