@@ -11,8 +11,15 @@ top 10 (as the command returns them) with the exact top 10 over the stored vecto
     nice -n 10 env OMP_NUM_THREADS=1 python benchmarks/library.py --sizes 10000,100000,1000000
 
 Figures: build (SQLite bulk load, then approximate index), files (database + .usearch), per search:
-process wall time, time inside the process (imports included) and time of the search call alone
-(index open, text model load, query, search; imports excluded), and the process's peak RSS.
+process wall time and CPU time, time inside the process (imports included) and time of the search
+call alone (after `student_clap.cli` is imported: the imports it needs, index open, text model load,
+query, search), and the process's peak RSS. First the floor a cold process cannot go below: the
+interpreter alone, and the interpreter importing what any text search needs (numpy, onnxruntime,
+tokenizers) and, from ANN_MIN_SONGS songs, usearch.
+
+`--work DIR --reuse` keeps each size's database, approximate index and vectors in DIR and reuses
+them on the next run (a 1M build takes long on a small machine); build times come from the run
+that built them.
 """
 
 from __future__ import annotations
@@ -47,6 +54,31 @@ assert rc == 0 and len(buf.getvalue().splitlines()) == 10, (rc, buf.getvalue())
 hwm = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
 print(json.dumps({"in_process_ms": (t2 - t0) * 1e3, "search_ms": (t2 - t1) * 1e3, "search_cpu_ms": (c2 - c1) * 1e3,
                   "process_cpu_ms": c2 * 1e3, "peak_rss_mb": hwm / 1024}))
+"""
+
+
+# Where a cold approximate search spends its CPU, phase by phase, in the order `search` runs them.
+PHASES = r"""
+import json, sys, time
+marks, last = [], [0.0]
+def mark(name):
+    now = time.process_time(); marks.append((name, (now - last[0]) * 1e3)); last[0] = time.process_time()
+mark("interpreter start")
+import numpy; mark("import numpy")
+import onnxruntime; mark("import onnxruntime")
+import tokenizers; mark("import tokenizers")
+import usearch.index; mark("import usearch.index (with tqdm, urllib.request)")
+import student_clap.cli, student_clap.query, student_clap.ann; mark("import student_clap (cli, query, index, ann, identity)")
+from student_clap.query import TextEmbedder
+text = TextEmbedder(sys.argv[2], threads=1, optimize=False); mark("text model: tokenizer, onnxruntime session, identity")
+query = text.embed(["calm piano"]); mark("embed the query")
+from student_clap.index import read_index_head
+head = read_index_head(sys.argv[1]); mark("open the index: meta and song count")
+from student_clap.identity import check_index_model
+check_index_model(head[0], sys.argv[2]); mark("model check (sha256 of the audio ONNX files)")
+from student_clap.ann import search_ann
+assert len(search_ann(sys.argv[1], query, 10)[0]) == 10; mark("approximate search: open the view, search, rescore")
+print(json.dumps(marks))
 """
 
 
@@ -85,6 +117,32 @@ def fill(db: Path, models: Path, n: int, seed: int = 0, chunk: int = 50_000) -> 
     return out
 
 
+FLOOR = {"interpreter": "pass", "numpy + onnxruntime + tokenizers": "import numpy, onnxruntime, tokenizers",
+         "... + usearch": "import numpy, onnxruntime, tokenizers, usearch.index"}
+
+
+def cold(argv: list[str], env: dict) -> tuple[float, float]:
+    """Wall and CPU (user + system) milliseconds of one fresh process."""
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t = time.perf_counter()
+    subprocess.run(argv, check=True, env=env, cwd=ROOT, capture_output=True)
+    wall = (time.perf_counter() - t) * 1e3
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, (after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime) * 1e3
+
+
+def floor(runs: int, env: dict) -> list[dict]:
+    rows = []
+    for name, code in FLOOR.items():
+        got = [cold([sys.executable, "-c", code], env) for _ in range(runs)]
+        rows.append({"floor": name, "wall_ms_p50": round(float(np.median([w for w, _ in got])), 1),
+                     "cpu_ms_p50": round(float(np.median([c for _, c in got])), 1)})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def exact_top(stored: np.ndarray, queries: np.ndarray, k: int, chunk: int = 200_000) -> list[set[int]]:
     best = [np.empty(0, np.int64)] * len(queries)
     scores = [np.empty(0, np.float32)] * len(queries)
@@ -107,7 +165,11 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=11, help="cold searches per size")
     ap.add_argument("--queries", type=int, default=200, help="queries for recall@10")
     ap.add_argument("--work", default=None, help="folder for the indexes (default: a temporary one)")
+    ap.add_argument("--reuse", action="store_true", help="reuse the databases, indexes and vectors left in --work")
+    ap.add_argument("--phases", action="store_true", help="also: CPU per phase of a cold approximate search")
     args = ap.parse_args()
+    if args.reuse and not args.work:
+        ap.error("--reuse needs --work")
 
     from conftest import TINY_CORPUS, make_tiny_export
 
@@ -115,25 +177,38 @@ def main() -> int:
     from student_clap.index import _str  # noqa: F401  (the module the child imports, warmed in the page cache)
 
     work = Path(args.work or tempfile.mkdtemp(prefix="library-bench-"))
-    models = make_tiny_export(work / "export", rate=16000, segment_seconds=1.0, hop_seconds=0.5, decode_rate=24000,
-                              corpus=TINY_CORPUS, max_length=16)["export"]
+    models = work / "export"
+    if not (args.reuse and (models / "student_clap.json").is_file()):
+        models = make_tiny_export(models, rate=16000, segment_seconds=1.0, hop_seconds=0.5, decode_rate=24000,
+                                  corpus=TINY_CORPUS, max_length=16)["export"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    floors = floor(args.runs, env)
     print(f"approximate index from {ann.ANN_MIN_SONGS} songs ({ann.ANN_DTYPE}, M={ann.CONNECTIVITY}, "
           f"ef_add={ann.EXPANSION_ADD}, ef_search={ann.EXPANSION_SEARCH}); work folder {work}", flush=True)
     rows = []
     for n in (int(s) for s in args.sizes.split(",")):
-        db = work / f"lib{n}.db"
-        t = time.perf_counter()
-        stored = fill(db, models, n)
-        t_db = time.perf_counter() - t
-        t = time.perf_counter()
-        has_ann = ann.update_ann(db)
-        t_ann = time.perf_counter() - t
+        db, vectors, built = work / f"lib{n}.db", work / f"lib{n}.npy", work / f"lib{n}.build.json"
+        if args.reuse and db.is_file() and vectors.is_file() and built.is_file():
+            stored = np.load(vectors)
+            has_ann = ann.update_ann(db)  # rebuilt only when stale
+            t_db, t_ann = (json.loads(built.read_text())[k] for k in ("db_s", "ann_s"))
+        else:
+            for old in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm"), ann.ann_path(db)):
+                old.unlink(missing_ok=True)
+            t = time.perf_counter()
+            stored = fill(db, models, n)
+            t_db = time.perf_counter() - t
+            t = time.perf_counter()
+            has_ann = ann.update_ann(db)
+            t_ann = time.perf_counter() - t
+            np.save(vectors, stored)
+            built.write_text(json.dumps({"db_s": t_db, "ann_s": t_ann}))
         size = db.stat().st_size + sum(p.stat().st_size for p in (ann.ann_path(db),) if p.exists())
         runs = []
         for _ in range(args.runs):
             t = time.perf_counter()
             proc = subprocess.run([sys.executable, "-c", CHILD, str(db), str(models)], capture_output=True, text=True,
-                                  env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT)
+                                  env=env, cwd=ROOT)
             wall = (time.perf_counter() - t) * 1e3
             if proc.returncode != 0:
                 print(proc.stderr[-3000:], file=sys.stderr)
@@ -163,14 +238,29 @@ def main() -> int:
                "recall_at_10": None if recall is None else round(recall, 4)}
         rows.append(row)
         print(json.dumps(row), flush=True)
+        if args.phases and has_ann:
+            runs = []
+            for _ in range(args.runs):
+                proc = subprocess.run([sys.executable, "-c", PHASES, str(db), str(models)], capture_output=True,
+                                      text=True, env=env, cwd=ROOT, check=True)
+                runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            print(f"\nCPU per phase of a cold approximate search at {n:,} songs (median of {args.runs} processes):\n\n"
+                  "| phase | CPU p50 (ms) |\n|---|---|")
+            for i, (name, _) in enumerate(runs[0]):
+                print(f"| {name} | {statistics.median(r[i][1] for r in runs):.1f} |")
+            print(f"| total | {statistics.median(sum(m for _, m in r) for r in runs):.1f} |", flush=True)
         del stored
-    print("\n| songs | search | build: SQLite / approx. index (s) | files (MB) | peak RSS (MB) | search call p50 / p95 (ms) "
-          "| search call CPU p50 / p95 (ms) | process p50 / p95 (ms) | recall@10 |\n|---|---|---|---|---|---|---|---|---|")
+    print("\n| cold process (floor) | wall p50 (ms) | CPU p50 (ms) |\n|---|---|---|")
+    for f in floors:
+        print(f"| {f['floor']} | {f['wall_ms_p50']} | {f['cpu_ms_p50']} |")
+    print("\n| songs | search | build: SQLite / approx. index (s) | files (MB) | peak RSS (MB) | process wall p50 / p95 (ms) "
+          "| process CPU p50 (ms) | in-process p50 (ms) | search call p50 / p95 (ms) | search call CPU p50 / p95 (ms) "
+          "| recall@10 |\n|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['songs']:,} | {r['search']} | {r['build_db_s']} / {r['build_ann_s']} | {r['files_mb']} | "
-              f"{r['peak_rss_mb']} | {r['search_ms_p50']} / {r['search_ms_p95']} | {r['search_cpu_ms_p50']} / "
-              f"{r['search_cpu_ms_p95']} | {r['wall_ms_p50']} / "
-              f"{r['wall_ms_p95']} | {r['recall_at_10'] if r['recall_at_10'] is not None else 'exact'} |")
+              f"{r['peak_rss_mb']} | {r['wall_ms_p50']} / {r['wall_ms_p95']} | {r['process_cpu_ms_p50']} | "
+              f"{r['in_process_ms_p50']} | {r['search_ms_p50']} / {r['search_ms_p95']} | {r['search_cpu_ms_p50']} / "
+              f"{r['search_cpu_ms_p95']} | {r['recall_at_10'] if r['recall_at_10'] is not None else 'exact'} |")
     return 0
 
 

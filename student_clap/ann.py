@@ -22,17 +22,23 @@ from pathlib import Path
 
 import numpy as np
 
-from student_clap.index import FORMAT, _connect_ro, _str
+from student_clap.index import FORMAT, _connect_ro, _str, song_count
 from student_clap.spec import SearchError
 
 log = logging.getLogger(__name__)
 
 ANN_MIN_SONGS = int(os.environ.get("STUDENT_CLAP_ANN_MIN_SONGS", "20000"))  # exact below this
 ANN_DTYPE = "i8"  # a quarter of float32's size; candidates are rescored with the stored vectors
-CONNECTIVITY = 16  # HNSW graph degree (USearch's default)
-EXPANSION_ADD = 128
+# The graph's settings: USearch's defaults for degree and build expansion. A denser graph or a
+# wider build expansion raises recall at the price of file size and build time, which on a small
+# machine is already the cost that counts (100k songs: minutes; docs/library.md).
+CONNECTIVITY = 16  # HNSW graph degree
+EXPANSION_ADD = 128  # candidates kept while linking a new song into the graph
+# The search's settings (no rebuild needed to change them): more candidates than USearch's default
+# 64, then exact rescoring, because int8 distances alone misorder close neighbours. Together they
+# gave recall@10 0.99 at 100k songs (benchmarks/library.py, docs/library.md).
 RESCORE = 4  # candidates fetched per result asked for
-EXPANSION_SEARCH = 96  # candidates kept while searching: recall@10 >= 0.95 at 1M (benchmarks/library.py)
+EXPANSION_SEARCH = 96  # candidates kept while searching
 
 
 def ann_path(db: str | Path) -> Path:
@@ -49,8 +55,7 @@ def db_state(con: sqlite3.Connection) -> dict:
     meta = dict(con.execute("SELECT key, value FROM meta").fetchall())
     if meta.get("format") != FORMAT:
         raise SearchError("not a student-clap index")
-    # tracks, not vectors: counting rows of a table of blobs reads every page of it
-    count = con.execute("SELECT COUNT(*) FROM tracks WHERE status = 'ok'").fetchone()[0]
+    count = song_count(con, meta)  # kept in meta: counting 'ok' tracks scans the whole table
     return {"updated": meta.get("updated", ""), "count": int(count), "model_identity": meta.get("model_identity", ""),
             "audio_model": meta.get("audio_model", ""), "dim": int(meta.get("dim", 0))}
 

@@ -29,7 +29,8 @@ import numpy as np
 from student_clap.audio import AudioDecodeError, DecodeReport, check_usable, resample_int16, to_int16
 from student_clap.embed import EmbedResult, TextEmbedder, embed_files, open_audio_embedder
 from student_clap.index import Index, read_index, search
-from student_clap.library import BuildReport, check_index_model, check_writable
+from student_clap.identity import check_index_model
+from student_clap.library import BuildReport, check_writable
 from student_clap.library import build_index as _build_index
 from student_clap.song import SongEmbedder
 from student_clap.spec import SearchError, text_identity
@@ -183,12 +184,33 @@ class StudentClap:
     def search(self, query: str | np.ndarray, index: str | Path | Index, k: int = 10,
                force: bool = False) -> list[tuple[str, float]]:
         """Top-k (path, cosine) for a text query or a query vector (e.g. a song's, for "more like
-        this"). An index built by another audio model is refused (SearchError) unless `force`."""
+        this"). An index built by another audio model is refused (SearchError) unless `force`. A
+        library file of at least ANN_MIN_SONGS songs is searched through its approximate index."""
         if k < 1:
             raise ValueError(f"k must be at least 1, got {k}")
+        if not isinstance(index, Index):
+            found = self._search_large(query, index, k, force)
+            if found is not None:
+                return found
         idx = index if isinstance(index, Index) else read_index(index)
         check_index_model(idx, self.models_dir, force=force)
         vec = self.embed_text([query]) if isinstance(query, str) else np.asarray(query, np.float32).reshape(1, -1)
         if vec.shape[1] != idx.dim:
             raise SearchError(f"query has {vec.shape[1]} dimensions, the index {idx.dim}")
         return search(idx, vec, k)[0]
+
+    def _search_large(self, query: str | np.ndarray, index: str | Path, k: int, force: bool) -> list[tuple[str, float]] | None:
+        """Through the approximate index (student_clap.ann) when `index` is a library file of at least
+        ANN_MIN_SONGS songs, as `student-clap search` does; None: search the stored matrix exactly."""
+        from student_clap import ann
+        from student_clap.index import read_index_head
+
+        head = read_index_head(index)
+        if head is None or head[1] < ann.ANN_MIN_SONGS:
+            return None
+        check_index_model(head[0], self.models_dir, force=force)
+        vec = self.embed_text([query]) if isinstance(query, str) else np.asarray(query, np.float32).reshape(1, -1)
+        if vec.shape[1] != head[0].dim:
+            return None  # the exact path says what is wrong
+        found = ann.search_ann(index, vec, k)
+        return None if found is None else found[0]

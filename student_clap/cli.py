@@ -200,28 +200,35 @@ def index_main(args: argparse.Namespace) -> int:
 
 
 def search_main(args: argparse.Namespace) -> int:
-    from student_clap.embed import TextEmbedder, check_query, printable
+    # only what a text query needs: no decoders, resamplers or audio model (student_clap.query)
     from student_clap.ann import ANN_MIN_SONGS, search_ann
+    from student_clap.identity import check_index_model
     from student_clap.index import read_index, read_index_head, search
-    from student_clap.library import check_index_model
+    from student_clap.query import TextEmbedder, check_query
     from student_clap.spec import SearchError
+
+    def embed(text: str):
+        # one query per process: onnxruntime's graph optimisation would cost more than it saves
+        return TextEmbedder(args.models, threads=args.threads, optimize=False).embed([text])
 
     try:
         text = check_query(args.query)
         head = read_index_head(args.index)
+        query = None
         if head is not None and head[1] >= ANN_MIN_SONGS:
             # a large library: checked from its meta, searched through the approximate index
             index = head[0]
-            query = TextEmbedder(args.models, threads=args.threads).embed([text])
+            query = embed(text)
             if query.shape[1] == index.dim:
                 check_index_model(index, args.models, force=args.force)
                 found = search_ann(args.index, query, args.k)
                 if found is not None:
                     return _print_hits(found[0], args.models)
-        index = read_index(args.index)
+        index = read_index(args.index, details=False)
         if not index.paths:
             raise SearchError(f"{args.index}: the index has no songs yet")
-        query = TextEmbedder(args.models, threads=args.threads).embed([text])
+        if query is None:
+            query = embed(text)
         if query.shape[1] != index.dim:
             raise SearchError(f"{args.index} holds {index.dim}-d vectors but the text model in {args.models} gives "
                               f"{query.shape[1]}-d ones: it was built for other models (--force cannot help); "
@@ -235,7 +242,7 @@ def search_main(args: argparse.Namespace) -> int:
 
 
 def _print_hits(hits, models: str) -> int:
-    from student_clap.embed import printable
+    from student_clap.files import printable
 
     _demo_note(models)
     for rank, (path, score) in enumerate(hits, start=1):

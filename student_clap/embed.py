@@ -1,5 +1,6 @@
 """The runtime's embedders and the library scan: songs through the song-level path, queries
-through the text student, folders walked once (symlinks followed, loops detected).
+through the text student (student_clap.query, importable from here too), folders walked once
+(symlinks followed, loops detected).
 
 Nothing here imports torch or the pipeline: it is what users run on small machines with only the
 ONNX files of an export folder (models/export). A song is embedded exactly as the mel cache saw it
@@ -25,8 +26,11 @@ from pathlib import Path
 import numpy as np
 
 from student_clap.audio import AudioDecodeError
+from student_clap.files import printable
+from student_clap.identity import checked_identity
+from student_clap.query import TextEmbedder, check_query, unit  # noqa: F401  (also imported from here)
 from student_clap.song import SongEmbedder, SongEmbedding, SongGeometry, onnx_session
-from student_clap.spec import SPEC_FILE, SearchError, audio_identity, load_spec, song_files, text_identity
+from student_clap.spec import SPEC_FILE, SearchError, audio_identity, load_spec, song_files
 
 log = logging.getLogger(__name__)
 
@@ -34,11 +38,6 @@ log = logging.getLogger(__name__)
 # FFmpeg through PyAV (M4A/MP4 with AAC or ALAC, raw AAC, WMA, WavPack, ...).
 AUDIO_EXTENSIONS = (".mp3", ".ogg", ".oga", ".opus", ".flac", ".wav", ".aif", ".aiff", ".aifc", ".m4a", ".m4b",
                     ".mp4", ".aac", ".alac", ".caf", ".wma", ".wv")
-
-
-def unit(x: np.ndarray) -> np.ndarray:
-    norm = np.linalg.norm(x, axis=-1, keepdims=True)
-    return x / np.maximum(norm, 1e-12)
 
 
 def _session(path: Path, threads: int | None):
@@ -70,21 +69,8 @@ def open_audio_embedder(models_dir: str | Path, *, batch_size: int = 16, threads
     except (FileNotFoundError, ValueError, KeyError) as exc:
         raise SearchError(f"{models_dir / SPEC_FILE}: song-level model unusable: {exc}") from exc
     embedder.model_id = audio_identity(models_dir)
-    embedder.model_identity = _checked_identity(models_dir, embedder.head)
+    embedder.model_identity = checked_identity(models_dir, embedder.head)
     return embedder
-
-
-def _checked_identity(models_dir: Path, session) -> str:
-    """The export's model identity, refused when the ONNX file's metadata names another one (a
-    student_clap.json copied next to other files)."""
-    from student_clap.identity import model_identity, onnx_identity
-
-    identity = model_identity(models_dir)
-    stamped = onnx_identity(session)
-    if stamped and stamped != identity:
-        raise SearchError(f"{models_dir}: the ONNX files carry model identity\n  {stamped}\nbut {SPEC_FILE} says\n  "
-                          f"{identity}\nthe folder mixes two exports; export or download it again")
-    return identity
 
 
 Stamp = tuple[int, int]  # (size in bytes, modification time in ns)
@@ -174,58 +160,6 @@ def song_jobs(requested: int | None, n_files: int) -> int:
     return max(1, min(int(jobs), max(n_files, 1)))
 
 
-# --------------------------------------------------------------------------- text
-
-
-def check_query(text: str) -> str:
-    """The query stripped, or SearchError saying why it cannot be embedded. Arguments that were not
-    valid UTF-8 on the command line reach Python as lone surrogates; they are refused here rather
-    than guessed at (the tokenizer would fail on them)."""
-    if not isinstance(text, str):
-        raise SearchError(f"the query must be text, got {type(text).__name__}")
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raw = os.fsencode(text[exc.start : exc.end])
-        raise SearchError(f"the query is not valid UTF-8 text (byte(s) {raw.hex(' ')} at character {exc.start}); "
-                          "check the terminal's character encoding") from None
-    text = text.strip()
-    if not text:
-        raise SearchError('empty query text: give some words to search for, e.g. "calm piano"')
-    return text
-
-
-class TextEmbedder:
-    """Texts -> 512-d vectors with the text ONNX student and its tokenizer."""
-
-    def __init__(self, models_dir: str | Path, threads: int | None = None):
-        from student_clap.tokenizer import load_tokenizer
-
-        spec = load_spec(models_dir)
-        text = spec.get("text")
-        if not text:
-            reason = (spec.get("skipped") or {}).get("text", "not in the export")
-            raise SearchError(f"{Path(models_dir) / SPEC_FILE}: no text student ({reason})")
-        try:
-            self.tokenizer = load_tokenizer(Path(models_dir) / text["tokenizer"])
-        except ValueError as exc:  # TokenizerError: missing, malformed or empty vocabulary
-            raise SearchError(str(exc)) from exc
-        self.max_length = int(text["max_length"])
-        # A query is a handful of tokens through a ~1M-parameter model: more threads gain nothing
-        # measurable (benchmarks/text.py times both) and would take cores from the host server.
-        self.session = _session(Path(models_dir) / text["file"], 1 if threads is None else threads)
-        self.model_id = text_identity(models_dir)
-        self.model_identity = _checked_identity(Path(models_dir), self.session)
-
-    def embed(self, texts: Sequence[str]) -> np.ndarray:
-        from student_clap.tokenizer import encode
-
-        texts = [check_query(t) for t in texts]
-        ids, mask = encode(self.tokenizer, texts, self.max_length)
-        (emb,) = self.session.run(None, {"input_ids": ids, "attention_mask": mask})
-        return unit(emb)
-
-
 # --------------------------------------------------------------------------- the library scan
 
 
@@ -303,16 +237,3 @@ def scan_audio(root: str | Path, resolve: bool = True) -> Scan:
 def find_audio(root: str | Path) -> list[Path]:
     """The audio files of scan_audio(root)."""
     return [Path(p) for p in scan_audio(root).files]
-
-
-def printable(path: str) -> str:
-    """A path on one line of text: control characters (a newline in a name) and bytes that were
-    not valid UTF-8 are shown escaped."""
-    path = str(path)
-    if path.isprintable():
-        try:
-            path.encode("utf-8")
-            return path
-        except UnicodeEncodeError:
-            pass
-    return "".join(c if c.isprintable() and not 0xD800 <= ord(c) <= 0xDFFF else repr(c)[1:-1] for c in path)

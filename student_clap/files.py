@@ -1,4 +1,4 @@
-"""File helpers shared by the runtime and the pipeline: sha256 digests and write-then-rename."""
+"""File helpers shared by the runtime and the pipeline: sha256 digests, write-then-rename, paths for display."""
 
 from __future__ import annotations
 
@@ -56,3 +56,16 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     except BaseException:
         _remove(tmp)
         raise
+
+
+def printable(path: str) -> str:
+    """A path on one line of text: control characters (a newline in a name) and bytes that were
+    not valid UTF-8 are shown escaped."""
+    path = str(path)
+    if path.isprintable():
+        try:
+            path.encode("utf-8")
+            return path
+        except UnicodeEncodeError:
+            pass
+    return "".join(c if c.isprintable() and not 0xD800 <= ord(c) <= 0xDFFF else repr(c)[1:-1] for c in path)

@@ -20,12 +20,18 @@ Integrity of the files themselves is SHA256SUMS's job, not this string's.
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from student_clap.files import sha256_file
-from student_clap.spec import SearchError, audio_identity, load_spec, song_files, text_identity
+from student_clap.spec import SPEC_FILE, SearchError, audio_identity, load_spec, song_files, text_identity
+
+if TYPE_CHECKING:
+    from student_clap.index import Index
+
+log = logging.getLogger(__name__)
 
 VERSION = "student-clap-model/1"
 METADATA_KEY = "student_clap.model_identity"
@@ -114,3 +120,34 @@ def onnx_identity(session: Any) -> str:
 def mismatch_message(where: str, stored: str, current: str, models_dir: str | Path, rebuild: str) -> str:
     return (f"{where} was built with model\n  {stored or '(none recorded)'}\nbut {models_dir} holds\n  {current}\n"
             f"its vectors mean nothing next to this model's; {rebuild}")
+
+
+def checked_identity(models_dir: Path, session: Any) -> str:
+    """The export's model identity, refused when the ONNX file's metadata names another one (a
+    student_clap.json copied next to other files)."""
+    identity = model_identity(models_dir)
+    stamped = onnx_identity(session)
+    if stamped and stamped != identity:
+        raise SearchError(f"{models_dir}: the ONNX files carry model identity\n  {stamped}\nbut {SPEC_FILE} says\n  "
+                          f"{identity}\nthe folder mixes two exports; export or download it again")
+    return identity
+
+
+def check_index_model(index: Index, models_dir: str | Path, force: bool = False, forceable: bool = True) -> None:
+    """Refuse (SearchError) an index built by another model than the one in `models_dir` (another
+    model identity, or other audio files), or one that cannot be checked, unless `force`; then only warn."""
+    identity = model_identity(models_dir)
+    current = audio_identity(models_dir)
+    if current and index.audio_model == current and index.model_identity == identity:
+        return
+    if current and index.model_identity != identity:
+        problem = mismatch_message(index.source, index.model_identity, identity, models_dir,
+                                   f"re-index with `student-clap index DIR --out {index.source} --models {models_dir}`")
+    elif current:
+        problem = (f"{index.source} was built by another audio model than the one in {models_dir}, so its scores "
+                   f"would mean nothing; re-index with `student-clap index DIR --out {index.source} --models {models_dir}`")
+    else:
+        problem = f"{models_dir} holds no song-level audio model, so the model that built {index.source} cannot be checked"
+    if not force:
+        raise SearchError(problem + (", or pass --force to search anyway" if forceable else ""))
+    log.warning("%s; searching anyway (--force)", problem)

@@ -14,9 +14,10 @@ import numpy as np
 
 from student_clap.embed import EmbedResult, Scan, file_stamp, iter_embed, printable, scan_audio
 from student_clap.files import atomic_path
+from student_clap.identity import check_index_model  # noqa: F401  (still importable from here)
 from student_clap.index import Index, IndexWriter, read_index
 from student_clap.song import SongEmbedder
-from student_clap.spec import SearchError, audio_identity
+from student_clap.spec import SearchError
 
 log = logging.getLogger(__name__)
 
@@ -221,28 +222,6 @@ def build_index(embedder: SongEmbedder, folder: str | Path | None, db: str | Pat
 
 
 # --------------------------------------------------------------------------- checking
-
-
-def check_index_model(index: Index, models_dir: str | Path, force: bool = False, forceable: bool = True) -> None:
-    """Refuse (SearchError) an index built by another model than the one in `models_dir` (another
-    model identity, or other audio files), or one that cannot be checked, unless `force`; then only warn."""
-    from student_clap.identity import mismatch_message, model_identity
-
-    identity = model_identity(models_dir)
-    current = audio_identity(models_dir)
-    if current and index.audio_model == current and index.model_identity == identity:
-        return
-    if current and index.model_identity != identity:
-        problem = mismatch_message(index.source, index.model_identity, identity, models_dir,
-                                   f"re-index with `student-clap index DIR --out {index.source} --models {models_dir}`")
-    elif current:
-        problem = (f"{index.source} was built by another audio model than the one in {models_dir}, so its scores "
-                   f"would mean nothing; re-index with `student-clap index DIR --out {index.source} --models {models_dir}`")
-    else:
-        problem = f"{models_dir} holds no song-level audio model, so the model that built {index.source} cannot be checked"
-    if not force:
-        raise SearchError(problem + (", or pass --force to search anyway" if forceable else ""))
-    log.warning("%s; searching anyway (--force)", problem)
 
 
 def report_lines(failed: list[tuple[str, str]], notes: list[tuple[str, list[str]]]) -> list[str]:

@@ -39,6 +39,7 @@ import numpy as np
 from student_clap.audio import AudioDecodeError, check_usable, cut, int16_to_float
 from student_clap.decode import decode_student_track, window_starts
 from student_clap.logmel import LogMel
+from student_clap.onnxrt import onnx_session
 from student_clap.spec import EMBED_DIM
 
 log = logging.getLogger(__name__)
@@ -77,23 +78,6 @@ class SongGeometry:
         song = audio["song"]
         return cls(int(audio["sample_rate"]), float(audio["segment_seconds"]), float(audio["hop_seconds"]),
                    int(song["window_columns"]), int(song["hop_columns"]), int(audio.get("decode_sample_rate") or 0))
-
-
-def onnx_session(path: Path, threads: int | None, spinning: bool = True):
-    """A CPU onnxruntime session of `path` (FileNotFoundError when absent); `threads`: intra-op
-    threads (None: all cores); `spinning`: let idle pool threads spin-wait for the next call."""
-    import onnxruntime as ort
-
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: ONNX model not found")
-    opts = ort.SessionOptions()
-    if threads:
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-    if not spinning:
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
 
 
 def _runs(starts: list[int], n_samples: int, seg_len: int, hop: int, shared: bool, span: int) -> list[list[int]]:

@@ -248,6 +248,7 @@ def test_a_large_library_is_searched_through_the_approximate_index_kept_with_the
     assert runtime_main(["search", "calm piano", "--index", str(db), "--models", str(tiny_export), "-k", "5"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert [line.split()[-1] for line in lines] == [p for p, _ in approx[:5]]
+    assert clap.search("calm piano", db, k=5) == approx[:5]  # the API takes the same path
 
     # the database changes: a search rebuilds the stale approximate index before using it
     before = ann.ann_path(db).stat().st_mtime_ns
@@ -256,3 +257,64 @@ def test_a_large_library_is_searched_through_the_approximate_index_kept_with_the
     assert ann.ann_path(db).stat().st_mtime_ns != before
     assert json.loads(ann.ann_path(db).with_name("big.db.usearch.json").read_text())["count"] == 320
 
+
+
+def test_the_song_count_kept_in_the_index_follows_every_change(tiny_export: Path, tmp_path: Path) -> None:
+    import sqlite3
+
+    from student_clap.index import IndexWriter, read_index_head
+
+    db = tmp_path / "count.db"
+    _synthetic_index(db, tiny_export, 30)
+
+    def stored_and_counted() -> tuple[int, int]:
+        con = sqlite3.connect(db)
+        try:
+            stored = int(con.execute("SELECT value FROM meta WHERE key = 'songs'").fetchone()[0])
+            return stored, con.execute("SELECT COUNT(*) FROM tracks WHERE status = 'ok'").fetchone()[0]
+        finally:
+            con.close()
+
+    assert stored_and_counted() == (30, 30)
+    identity = read_index_head(db)[0]
+    with IndexWriter(db, audio_model=identity.audio_model, text_model="", dim=512,
+                     model_identity=identity.model_identity) as w:
+        w.put_failure("/music/00003.flac", (2, 2), "silent")  # ok -> failed
+        w.put_failure("/music/new.flac", (1, 1), "too short")  # a new failure: not a song
+        w.forget(["/music/00004.flac", "/music/00005.flac", "/music/new.flac"])
+        w.put_song("/music/00003.flac", (3, 3), np.ones(512, np.float32) / np.sqrt(512), duration=1.0,
+                   n_segments=1, notes=[])  # failed -> ok
+        w.put_song("/music/00006.flac", (3, 3), np.ones(512, np.float32) / np.sqrt(512), duration=1.0,
+                   n_segments=1, notes=[])  # replaced: still one song
+        assert stored_and_counted() == (28, 28)
+        w.con.execute("UPDATE meta SET value = '5' WHERE key = 'songs'")  # a count gone wrong ...
+    assert read_index_head(db)[1] == 5
+    with IndexWriter(db, audio_model=identity.audio_model, text_model="", dim=512,
+                     model_identity=identity.model_identity):
+        pass
+    assert stored_and_counted() == (28, 28) and read_index_head(db)[1] == 28  # ... is recounted by the next writer
+    with IndexWriter(db, audio_model="another", text_model="", dim=512, model_identity="another"):
+        assert stored_and_counted() == (0, 0)  # another model: every row dropped
+
+
+def test_a_text_search_loads_nothing_of_the_audio_path(tiny_export: Path, tmp_path: Path) -> None:
+    """`student-clap search` imports what a query needs (onnxruntime, tokenizers, numpy, SQLite):
+    no decoders, resamplers or log-mel code, which cost a cold search time and memory."""
+    import subprocess
+    import sys
+
+    from student_clap.query import TextEmbedder
+
+    db = tmp_path / "lib.db"
+    _synthetic_index(db, tiny_export, 20)
+    code = ("import sys\nfrom student_clap.cli import main\n"
+            f"assert main(['search', 'calm piano', '--index', {str(db)!r}, '--models', {str(tiny_export)!r}, '-k', '3']) == 0\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('soundfile', 'soxr', 'av', 'scipy') or m in "
+            "('student_clap.audio', 'student_clap.decode', 'student_clap.song', 'student_clap.embed', 'student_clap.logmel')))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr
+    assert len(proc.stdout.splitlines()) == 4 and proc.stdout.splitlines()[-1] == "[]"
+    # the search's quick-start session (no graph optimisation) embeds as the optimised one does
+    quick = TextEmbedder(tiny_export, threads=1, optimize=False).embed(["calm piano", "drums"])
+    np.testing.assert_allclose(quick, TextEmbedder(tiny_export, threads=1).embed(["calm piano", "drums"]), atol=1e-5)
