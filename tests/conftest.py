@@ -51,7 +51,6 @@ def make_tiny_export(out: Path, *, rate: int, segment_seconds: float, hop_second
     import torch
 
     from pipeline.models import audio_export, song_export
-
     from pipeline.stages import export as export_stage
     from pipeline.models.audio_student import build_audio_student
     from pipeline.models.text_student import build_text_student
@@ -87,7 +86,7 @@ def make_tiny_export(out: Path, *, rate: int, segment_seconds: float, hop_second
     tok = train_tokenizer(corpus, vocab_size=300)
     tok_path = save_tokenizer(tok, out / "src_tokenizer.json")
     text = build_text_student({"vocab_size": tok.get_vocab_size(), "dim": 32, "layers": 1, "heads": 2, "ff_dim": 64,
-                               "max_length": max_length}).eval()
+                               "max_length": max_length, "dropout": 0.1}).eval()
     spec["text"] = export_stage.text_spec(export_stage.export_text(text, tok_path, out, opset=17, min_cosine=0.9999))
     export_stage.stamp_identity(out, spec, teacher if teacher is not None else
                                  {"kind": "demo", "weights_sha256": "053134b89e71b4bbd07dbf753bb08d20a79100744109f6c750b608345dbb50d5"})

@@ -54,7 +54,7 @@ def text_parts(tmp_path_factory):
     path = save_tokenizer(tok, tmp_path_factory.mktemp("tok") / "tokenizer.json")
     torch.manual_seed(0)
     model = build_text_student(
-        {"vocab_size": tok.get_vocab_size(), "dim": 32, "layers": 1, "heads": 2, "ff_dim": 64, "max_length": 12}
+        {"vocab_size": tok.get_vocab_size(), "dim": 32, "layers": 1, "heads": 2, "ff_dim": 64, "max_length": 12, "dropout": 0.1}
     ).eval()
     return model, path
 
