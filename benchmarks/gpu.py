@@ -44,7 +44,7 @@ from loader import loader_rate, training_data  # noqa: E402  (benchmarks/loader.
 from pipeline.data.datasets import Collate, MelSource, Split, TrainItems  # noqa: E402
 from pipeline.training.losses import DistillLoss  # noqa: E402
 from pipeline.models.audio_student import build_audio_student  # noqa: E402
-from pipeline.params import TeacherParams  # noqa: E402
+from pipeline.params import load_params  # noqa: E402
 from pipeline.paths import MANIFEST, MELS, TEACHER_CACHE  # noqa: E402
 from pipeline.teacher.model import Teacher, clap_config, htsat_base_audio_config, roberta_base_text_config  # noqa: E402
 from pipeline.training import distributed as D  # noqa: E402
@@ -56,7 +56,7 @@ from pipeline.training.loop import (  # noqa: E402
     train_one_epoch,
 )
 
-FULL = {"teacher_batch": TeacherParams().cuda_batch_size, "teacher_seconds": 10.0, "frames": 1000,
+FULL = {"teacher_batch": load_params(ROOT / "params.yaml").teacher.cuda_batch_size, "teacher_seconds": 10.0, "frames": 1000,
         "models": ("mn04_as", "mn10_as"), "batches": (64, 256), "steps": 6, "workers": (0, 1, 2, 4, 8), "loader_seconds": 4.0}
 SMOKE = {"teacher_batch": 1, "teacher_seconds": 0.0, "frames": 32, "models": ("mn04_as",), "batches": (2,),
          "steps": 1, "workers": (0, 1), "loader_seconds": 0.3}
@@ -111,7 +111,7 @@ class SyntheticDistillation:
         emb /= np.linalg.norm(emb, axis=1, keepdims=True)
         split = Split(segs, [str(i) for i in segs], [segs[i:i + 1] for i in segs], segs, emb)
         torch.manual_seed(0)
-        self.model = build_audio_student({"backbone": backbone})
+        self.model = build_audio_student({"backbone": backbone, "dropout": 0.1})
         self.dataset = TrainItems(split, "segments")
         self.collate_fn = Collate(split, MelSource.from_arrays(mels), emb, np.ones(n_segments, np.float32), False, 0)
 

@@ -46,13 +46,14 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
 from benchmarks.mels import Capture, capture, cpu_seconds, find_tracks, write_captured  # noqa: E402
 from pipeline.data import mel_cache  # noqa: E402
-from pipeline.params import Params  # noqa: E402
+from pipeline.params import Params, load_params  # noqa: E402
 
 MIN_TEACHER_COSINE = 0.9999
 TEACHER_MARGIN = 10.0  # required: 1 - min teacher cosine <= (1 - MIN_TEACHER_COSINE) / TEACHER_MARGIN
@@ -276,7 +277,7 @@ def main() -> int:
     a = ap.parse_args()
 
     steps = parse_steps(a.steps)
-    params = Params()
+    params = load_params(ROOT / "params.yaml")
     models = Embedders(Path(a.teacher), Path(a.student))
     rows: list[dict] = []
     t0 = time.perf_counter()

@@ -46,12 +46,13 @@ import zlib
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
 from pipeline.data import mel_cache  # noqa: E402
-from pipeline.params import Params  # noqa: E402
+from pipeline.params import Params, load_params  # noqa: E402
 
 AUDIO_EXT = {".mp3", ".ogg", ".opus", ".flac", ".wav"}
 
@@ -323,14 +324,14 @@ def long_track_memory(minutes: float, work: Path, src: Path) -> dict:
         "import sys, resource, time, json; sys.path.insert(0, %r)\n"
         "from pathlib import Path\n"
         "from pipeline.data import mel_cache\n"
-        "from pipeline.params import Params\n"
+        "from pipeline.params import load_params\n"
         "from pipeline.data.mel_extraction import TrackJob, TrackProcessor, extract_to_part\n"
-        "p = Params(); cp = mel_cache.cache_params(p.audio, p.frontend, 0.0, p.mels.precision)\n"
+        "p = load_params(%r); cp = mel_cache.cache_params(p.audio, p.frontend, 0.0, p.mels.precision)\n"
         "t = time.perf_counter()\n"
         "r = extract_to_part(TrackProcessor({'params': cp}), TrackJob(0, 'long', %r), Path(%r), mel_cache.Compression(), 'L')\n"
         "print(json.dumps({'ok': r.ok, 'reason': r.reason, 'segments': r.n_segments, 'seconds': time.perf_counter() - t,\n"
         "                  'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))\n"
-    ) % (str(Path(__file__).resolve().parents[1]), str(path), str(work / "long.parts"))
+    ) % (str(ROOT), str(ROOT / "params.yaml"), str(path), str(work / "long.parts"))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     res = json.loads(out.stdout.strip().splitlines()[-1])
@@ -355,7 +356,7 @@ def main() -> int:
     ap.add_argument("--json", default=None, help="write the figures here too")
     a = ap.parse_args()
 
-    params = Params()
+    params = load_params(ROOT / "params.yaml")
     if a.compression:
         params.mels.compression = a.compression
     if a.level is not None:

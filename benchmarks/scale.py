@@ -70,9 +70,9 @@ def cpu_seconds() -> float:
 def measure_mels(work: Path, seconds: float) -> dict:
     """The mels stage (serial, in this process) over five demo recipes in five formats."""
     from pipeline.data.demo_audio import SONGS, write_song
-    from pipeline.data.mel_build import build_mel_cache, failure_verdict
+    from pipeline.stages.mels import build_mel_cache, failure_verdict
     from pipeline.data.mel_cache import MelCache
-    from pipeline.params import Params
+    from pipeline.params import load_params
 
     picks = [s for s in SONGS if s.path.endswith((".mp3", ".ogg", ".flac", ".wav", ".opus"))]
     chosen, seen = [], set()
@@ -90,7 +90,7 @@ def measure_mels(work: Path, seconds: float) -> dict:
     (work / "data").mkdir(parents=True, exist_ok=True)
     with open(work / "data" / "manifest.jsonl", "w", encoding="utf-8") as fh:
         fh.writelines(json.dumps(r) + "\n" for r in rows)
-    p = Params()
+    p = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
     p.mels.workers = 1
     (work / "warm").mkdir()
     (work / "warm/manifest.jsonl").write_text(json.dumps(rows[0]) + "\n", encoding="utf-8")
@@ -120,7 +120,7 @@ def measure_mels(work: Path, seconds: float) -> dict:
 
 def float16_cache_bytes(p: Any, manifest: Path, out: Path) -> int:
     """Bytes of the same songs' mel cache with mels.precision 0 (full float16 values; untimed)."""
-    from pipeline.data.mel_build import build_mel_cache, failure_verdict
+    from pipeline.stages.mels import build_mel_cache, failure_verdict
 
     p = dataclasses.replace(p, mels=dataclasses.replace(
         p.mels, precision=dataclasses.replace(p.mels.precision, teacher_db=0.0, student=0.0)))
@@ -156,11 +156,12 @@ def measure_student(model_name: str, batch: int = 8, steps: int = 2) -> dict:
 
     from pipeline.training.losses import DistillLoss
     from pipeline.models.audio_student import build_audio_student
-    from pipeline.params import LossParams
+    from pipeline.params import load_params
 
     torch.manual_seed(0)
-    model = build_audio_student({"backbone": model_name}).train()
-    loss_fn = DistillLoss(LossParams(), centre=torch.nn.functional.normalize(torch.randn(512), dim=0))
+    model = build_audio_student({"backbone": model_name, "dropout": 0.1}).train()
+    loss = load_params(Path(__file__).resolve().parents[1] / "params.yaml").distill_text.loss  # a plain cosine loss
+    loss_fn = DistillLoss(loss, centre=torch.nn.functional.normalize(torch.randn(512), dim=0))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     mels = torch.randn(batch, 128, 1000) * 0.3 - 0.5
     target = torch.nn.functional.normalize(torch.randn(batch, 512), dim=-1)
@@ -368,13 +369,9 @@ def report(units: dict, proj: dict, gpu: dict, cores: int) -> None:
 
 
 def main() -> int:
-    from pipeline.params import Params, load_params
+    from pipeline.params import load_params
 
-    root = Path(__file__).resolve().parents[1]
-    try:
-        defaults = load_params(root / "params.yaml")
-    except Exception:  # noqa: BLE001 - the dataclass defaults still give a projection
-        defaults = Params()
+    defaults = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--songs", type=int, default=11_000)
     ap.add_argument("--minutes", type=float, default=4.0, help="minutes per song")

@@ -85,14 +85,15 @@ def export_student(backbone: str, out_dir: Path, song: Path) -> dict:
     import torch
 
     from pipeline.data.frontends import StudentMel
-    from pipeline.models import audio_export, export_bundle, song_export
+    from pipeline.models import audio_export, song_export
+    from pipeline.stages import export as export_stage
     from pipeline.models.audio_student import build_audio_student
-    from pipeline.params import StudentFrontendParams
+    from pipeline.params import load_params
     from student_clap.audio import decode_int16, int16_to_float, segments
 
     torch.manual_seed(0)
-    student = build_audio_student({"backbone": backbone}).eval()
-    fe = StudentMel(StudentFrontendParams()).eval()
+    student = build_audio_student({"backbone": backbone, "dropout": 0.1}).eval()
+    fe = StudentMel(load_params(REPO / "params.yaml").frontend.student).eval()
     sr = fe.params.sample_rate
     seg, hop = int(sr * SEGMENT_SECONDS), int(sr * HOP_SECONDS)
     with torch.no_grad():
@@ -105,7 +106,7 @@ def export_student(backbone: str, out_dir: Path, song: Path) -> dict:
     audio = audio_export.audio_spec(info, sample_rate=sr, segment_seconds=SEGMENT_SECONDS, hop_seconds=HOP_SECONDS,
                                     segment_samples=seg, quantized=False, decode_sample_rate=48000)
     audio["song"] = song_export.song_spec(song_info, False)
-    (out_dir / export_bundle.SPEC).write_text(json.dumps({"version": export_bundle.SPEC_VERSION, "embedding_dim": 512,
+    (out_dir / export_stage.SPEC).write_text(json.dumps({"version": export_stage.SPEC_VERSION, "embedding_dim": 512,
                                                           "skipped": {}, "audio": audio}))
     return {"params": sum(p.numel() for p in student.parameters()), "fidelity": audio["song"]["fidelity"]}
 

@@ -37,15 +37,16 @@ TARGET_2_WORKERS = 500.0  # segments/s streamed with 2 workers (issue 14)
 from loader import loader_rate, point_selection_reference, training_data  # noqa: E402  (benchmarks/loader.py)
 from pipeline.training.losses import DistillLoss  # noqa: E402
 from pipeline.models.audio_student import build_audio_student  # noqa: E402
-from pipeline.params import LossParams  # noqa: E402
+from pipeline.params import load_params  # noqa: E402
 from pipeline.paths import MANIFEST, MELS, TEACHER_CACHE  # noqa: E402
 
 
 def train_rate(name: str, batch: int, steps: int, device: torch.device) -> dict:
     torch.manual_seed(0)
-    model = build_audio_student({"backbone": name}).to(device).train()
+    model = build_audio_student({"backbone": name, "dropout": 0.1}).to(device).train()
     centre = torch.nn.functional.normalize(torch.randn(512), dim=0)
-    loss_fn = DistillLoss(LossParams(), centre=centre).to(device)
+    loss = load_params(ROOT / "params.yaml").distill_text.loss  # a plain cosine loss
+    loss_fn = DistillLoss(loss, centre=centre).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
     mels = torch.randn(batch, 128, 1000, device=device) * 0.3 - 0.5
     target = torch.nn.functional.normalize(torch.randn(batch, 512, device=device), dim=-1)

@@ -2,7 +2,7 @@
 
 `dvc repro` deletes a stage's outputs before running it, so a typo found by the stage itself
 costs the previous outputs (`dvc checkout` restores them from the cache). This command finds
-such problems first: the params (types, ranges, relations, missing sections) and every input
+such problems first: the params (types, ranges, relations, missing keys) and every input
 file or folder they name: song lists and metadata, audio roots (and symlinks in them that lead
 outside, whose songs ingest would exclude), the query terms, the pretrained EfficientAT file, for
 a checkpoint teacher its file, sha256 and tokenizer, and inputs named by params that are no dep of
@@ -12,27 +12,13 @@ their stage in dvc.yaml (which the stage refuses to run with).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 from pathlib import Path
 
-import yaml
-
 from pipeline.deps import PARAM_INPUTS, stage_input_problems
-from pipeline.params import Params, ParamsError, declared_params, load_params
+from pipeline.params import Params, ParamsError, load_params
 
 log = logging.getLogger(__name__)
-
-
-def required_sections(params_path: Path) -> list[str]:
-    """Every top-level section, plus whatever dvc.yaml beside the params declares for its stages."""
-    names = [f.name for f in dataclasses.fields(Params)]
-    dvc_yaml = params_path.resolve().parent / "dvc.yaml"
-    if dvc_yaml.is_file():
-        stages = (yaml.safe_load(dvc_yaml.read_text(encoding="utf-8")) or {}).get("stages") or {}
-        for stage in stages:
-            names += declared_params(dvc_yaml, stage) or []
-    return list(dict.fromkeys(names))
 
 
 def input_problems(params: Params) -> list[str]:
@@ -116,7 +102,7 @@ def check(params_path: str | Path) -> list[str]:
     """All problems found (an empty list: ready for `dvc repro`)."""
     params_path = Path(params_path)
     try:
-        params = load_params(params_path, require=required_sections(params_path))
+        params = load_params(params_path)
     except ParamsError as exc:
         return str(exc).splitlines()
     return input_problems(params) + [line for stage in PARAM_INPUTS for line in stage_input_problems(stage, params_path)]

@@ -60,8 +60,7 @@ def _stage_runner(args: argparse.Namespace) -> int | None:
     from pipeline.params import declared_params, load_params, restrict
 
     declared = declared_params(Path(args.params).resolve().parent / "dvc.yaml", args.stage)
-    # what dvc.yaml says the stage reads must be written in params.yaml, not taken from defaults
-    params = load_params(args.params, require=declared or ())
+    params = load_params(args.params)
     if declared is not None:
         params = restrict(params, declared, args.stage)
     module = importlib.import_module(f"pipeline.stages.{args.stage}")

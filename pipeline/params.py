@@ -3,7 +3,8 @@
 Every knob of the pipeline is a field of one of the dataclasses below; each stage reads only
 its own sections (the ones dvc.yaml declares for it). Unknown keys and values of the wrong type
 are refused with the dotted path of the offending field, so a typo in `dvc exp run -S` fails at
-once instead of silently training with a default.
+once. The dataclasses hold types and ranges but no defaults: params.yaml is the one place a value
+is written, and a key missing from it is an error naming the key.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,83 +30,83 @@ class ParamsError(ValueError):
 class AudioParams:
     """Audio conventions shared by every stage that touches waveforms."""
 
-    sample_rate: int = 48000  # decode rate; CLAP works at 48 kHz
-    segment_seconds: float = 10.0
-    hop_seconds: float = 5.0  # 50 % overlap
+    sample_rate: int  # decode rate; CLAP works at 48 kHz
+    segment_seconds: float
+    hop_seconds: float  # 50 % overlap
 
 
 @dataclass
 class TeacherFrontendParams:
     """CLAP HTSAT log-mel (laion_clap's torchlibrosa front-end)."""
 
-    sample_rate: int = 48000
-    n_fft: int = 1024
-    hop_length: int = 480
-    n_mels: int = 64
-    f_min: float = 50.0
-    f_max: float = 14000.0
+    sample_rate: int
+    n_fft: int
+    hop_length: int
+    n_mels: int
+    f_min: float
+    f_max: float
 
 
 @dataclass
 class StudentFrontendParams:
     """EfficientAT AugmentMelSTFT at inference (what the pretrained weights expect)."""
 
-    sample_rate: int = 32000
-    n_fft: int = 1024
-    win_length: int = 800
-    hop_length: int = 320
-    n_mels: int = 128
-    preemphasis: float = 0.97
-    f_min: float = 0.0
-    f_max: float = 15000.0
+    sample_rate: int
+    n_fft: int
+    win_length: int
+    hop_length: int
+    n_mels: int
+    preemphasis: float
+    f_min: float
+    f_max: float
 
 
 @dataclass
 class FrontendParams:
-    teacher: TeacherFrontendParams = field(default_factory=TeacherFrontendParams)
-    student: StudentFrontendParams = field(default_factory=StudentFrontendParams)
+    teacher: TeacherFrontendParams
+    student: StudentFrontendParams
 
 
 @dataclass
 class SourceParams:
     """One song source: the lists/metadata to read and where its audio lives."""
 
-    lists: list[str] = field(default_factory=list)  # *_SONGS_LICENSE.md song lists
-    metadata: list[str] = field(default_factory=list)  # native metadata (CSV/TSV/JSON)
-    licenses_file: str = ""  # MTG-Jamendo audio_licenses.txt
-    audio_root: str = ""
-    download_base_url: str = ""  # where missing audio is fetched from when ingest.download
+    lists: list[str]  # *_SONGS_LICENSE.md song lists
+    metadata: list[str]  # native metadata (CSV/TSV/JSON)
+    licenses_file: str  # MTG-Jamendo audio_licenses.txt
+    audio_root: str
+    download_base_url: str  # where missing audio is fetched from when ingest.download
 
 
 @dataclass
 class LicensePolicyParams:
-    allow_public_domain: bool = True
-    allow_cc0: bool = True
-    allow_by: bool = True
-    allow_by_sa: bool = False
-    allow_nc: bool = False
-    allow_nd: bool = False
-    allow_unknown: bool = False
+    allow_public_domain: bool
+    allow_cc0: bool
+    allow_by: bool
+    allow_by_sa: bool
+    allow_nc: bool
+    allow_nd: bool
+    allow_unknown: bool
 
 
 @dataclass
 class DownloadParams:
-    concurrency: int = 4
-    retries: int = 3
-    backoff_seconds: float = 1.0
-    timeout_seconds: float = 30.0
+    concurrency: int
+    retries: int
+    backoff_seconds: float
+    timeout_seconds: float
     # a response larger than this is cut off and refused (a file of known size is capped at that size)
-    max_megabytes: float = 1024.0
+    max_megabytes: float
 
 
-@dataclass(kw_only=True)
+@dataclass
 class IngestParams:
-    sources: dict[str, SourceParams]  # no default: which corpora to read is always written down
-    policy: LicensePolicyParams = field(default_factory=LicensePolicyParams)
-    val_ratio: float = 0.25
-    split_salt: str = "student-clap"
-    download: bool = False
-    downloads: DownloadParams = field(default_factory=DownloadParams)
+    sources: dict[str, SourceParams]
+    policy: LicensePolicyParams
+    val_ratio: float
+    split_salt: str
+    download: bool
+    downloads: DownloadParams
 
 
 @dataclass
@@ -113,45 +114,45 @@ class MelPrecisionParams:
     """Step the mel cache rounds each front-end's values to (0 = full float16). Measured with
     benchmarks/mel_precision.py: see docs/mel-cache.md."""
 
-    teacher_db: float = 0.1  # CLAP log-mel, in dB
-    student: float = 0.005  # EfficientAT normalised log-mel units ((ln(x + 1e-5) + 4.5) / 5)
+    teacher_db: float  # CLAP log-mel, in dB
+    student: float  # EfficientAT normalised log-mel units ((ln(x + 1e-5) + 4.5) / 5)
 
 
 @dataclass
 class MelsParams:
-    workers: int = 2
-    max_failure_ratio: float = 0.5
-    compression: Literal["gzip", "lzf", "none"] = "gzip"  # HDF5 filter for the mels (+ byte shuffle)
-    compression_level: int = 1  # gzip only; 1 is ~25 % faster than 4 for ~2 % more bytes on fp16 mels
-    max_track_minutes: float = 0.0  # 0 = whole track
-    chunk_frames: int = 1024  # HDF5 chunk length in frames (per front-end; a segment spans ~1000)
-    precision: MelPrecisionParams = field(default_factory=MelPrecisionParams)
+    workers: int
+    max_failure_ratio: float
+    compression: Literal["gzip", "lzf", "none"]  # HDF5 filter for the mels (+ byte shuffle)
+    compression_level: int  # gzip only; 1 is ~25 % faster than 4 for ~2 % more bytes on fp16 mels
+    max_track_minutes: float  # 0 = whole track
+    chunk_frames: int  # HDF5 chunk length in frames (per front-end; a segment spans ~1000)
+    precision: MelPrecisionParams
 
 
 @dataclass
 class ClusterParams:
     """Where the per-song stages (mels, teacher) run (docs/cluster.md); their outputs do not depend on it."""
 
-    ray_address: str = ""  # "" = here, without Ray; "auto" = RAY_ADDRESS / this machine's cluster / a new one
-    tracks_per_task: int = 4  # mels: tracks per Ray task
-    teacher_actors: int = 0  # teacher actors; 0 = one per GPU, or one per teacher_cpus CPUs without GPUs
-    teacher_cpus: int = 1  # CPUs (torch threads) of a teacher actor on a cluster without GPUs
+    ray_address: str  # "" = here, without Ray; "auto" = RAY_ADDRESS / this machine's cluster / a new one
+    tracks_per_task: int  # mels: tracks per Ray task
+    teacher_actors: int  # teacher actors; 0 = one per GPU, or one per teacher_cpus CPUs without GPUs
+    teacher_cpus: int  # CPUs (torch threads) of a teacher actor on a cluster without GPUs
 
 
 @dataclass
 class DemoTrainParams:
     """How `student-clap demo teacher` trains the demo teacher (pipeline.teacher.demo)."""
 
-    clips: int = 1280  # synthetic 10-s training clips, every attribute combination equally often
-    val_clips: int = 128  # held-out clips (other seeds) for the zero-shot accuracy it prints
-    epochs: int = 50
-    batch_size: int = 32
-    lr: float = 0.003
-    weight_decay: float = 0.01
-    logit_scale: float = 14.3  # 1 / temperature of the contrastive loss (CLAP starts at 1 / 0.07)
-    codec_share: float = 0.5  # share of clips sent through a low-bitrate MP3/Vorbis round trip
-    seed: int = 0
-    threads: int = 1  # torch CPU threads (0 = torch's default); the committed weights were trained with 1 (another count rounds sums differently)
+    clips: int  # synthetic 10-s training clips, every attribute combination equally often
+    val_clips: int  # held-out clips (other seeds) for the zero-shot accuracy it prints
+    epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    logit_scale: float  # 1 / temperature of the contrastive loss (CLAP starts at 1 / 0.07)
+    codec_share: float  # share of clips sent through a low-bitrate MP3/Vorbis round trip
+    seed: int
+    threads: int  # torch CPU threads (0 = torch's default); the committed weights were trained with 1 (another count rounds sums differently)
 
 
 @dataclass
@@ -161,264 +162,237 @@ class DemoTeacherParams:
     source demo: the trained weights in weights_dir (checked against weights_sha256) are installed;
     source demo_random: a seeded random ClapModel of this shape is built instead."""
 
-    seed: int = 0
-    audio_depths: list[int] = field(default_factory=lambda: [1, 1, 1])
-    audio_heads: list[int] = field(default_factory=lambda: [2, 4, 8])
-    audio_patch_hidden: int = 32
+    seed: int
+    audio_depths: list[int]
+    audio_heads: list[int]
+    audio_patch_hidden: int
     # HTSAT folds the 1001 x 64 mel into a 256 x 256 image cut into patches (4 x 4 in LAION's); 8 x 8
     # patches give a quarter of the tokens, which is what lets the demo teacher train on a CPU
-    audio_patch_size: int = 8
-    text_hidden: int = 64
-    text_layers: int = 2
-    text_heads: int = 2
-    text_intermediate: int = 128
-    vocab_size: int = 1000
-    weights_dir: str = "data/demo/teacher"
-    weights_sha256: str = "053134b89e71b4bbd07dbf753bb08d20a79100744109f6c750b608345dbb50d5"
-    train: DemoTrainParams = field(default_factory=DemoTrainParams)
+    audio_patch_size: int
+    text_hidden: int
+    text_layers: int
+    text_heads: int
+    text_intermediate: int
+    vocab_size: int
+    weights_dir: str
+    weights_sha256: str
+    train: DemoTrainParams
 
 
 @dataclass
 class HubFileParams:
     """A file in a Hugging Face Hub repository, at a pinned revision (a commit hash, so it cannot move)."""
 
-    repo_id: str = ""
-    filename: str = ""  # empty for a repository whose files are listed elsewhere (the tokenizer's)
-    revision: str = ""
+    repo_id: str
+    filename: str  # empty for a repository whose files are listed elsewhere (the tokenizer's)
+    revision: str
 
 
 @dataclass
 class TeacherModelParams:
-    source: Literal["demo", "demo_random", "checkpoint"] = "demo"
-    dir: str = "models/teacher"
-    checkpoint: str = "models/teacher_src/music_audioset_epoch_15_esc_90.14.pt"
+    source: Literal["demo", "demo_random", "checkpoint"]
+    dir: str
+    checkpoint: str
     # `teacher fetch` / the fetch_teacher stage get it from the Hub with huggingface_hub ...
-    checkpoint_hub: HubFileParams = field(default_factory=lambda: HubFileParams(
-        "lukewys/laion_clap", "music_audioset_epoch_15_esc_90.14.pt", "b3708341862f581175dba5c356a4ebf74a9b6651"))
+    checkpoint_hub: HubFileParams
     # ... or, when set, from this non-Hub URL (a mirror) with the project's downloader
-    checkpoint_url: str = ""
+    checkpoint_url: str
     # the published LAION-CLAP music checkpoint (2 352 471 003 bytes)
-    checkpoint_sha256: str = "fae3e9c087f2909c28a09dc31c8dfcdacbc42ba44c70e972b58c1bd1caf6dedd"
-    tokenizer_dir: str = "models/teacher_src/roberta-base"
-    tokenizer_hub: HubFileParams = field(default_factory=lambda: HubFileParams(
-        "FacebookAI/roberta-base", "", "e2da8e2f811d1448a5b465c236feacd80ffbac7b"))
-    tokenizer_url: str = ""  # a non-Hub base URL holding the tokenizer files instead
-    tokenizer_sha256: dict[str, str] = field(default_factory=lambda: {
-        "vocab.json": "9e7f63c2d15d666b52e21d250d2e513b87c9b713cfa6987a82ed89e5e6e50655",
-        "merges.txt": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
-        "tokenizer.json": "847bbeab6174d66a88898f729d52fa8d355fafe1bea101cf960dd404581df70e",
-        "config.json": "ef0185e2aae6e06c5f105a285006952c340e20c7dbf43c86ec82601b13fc45e9",
-    })
+    checkpoint_sha256: str
+    tokenizer_dir: str
+    tokenizer_hub: HubFileParams
+    tokenizer_url: str  # a non-Hub base URL holding the tokenizer files instead
+    tokenizer_sha256: dict[str, str]
     # accept fetched files without a pinned sha256 or with another one (recorded as trusted)
-    trust_unverified: bool = False
-    demo: DemoTeacherParams = field(default_factory=DemoTeacherParams)
+    trust_unverified: bool
+    demo: DemoTeacherParams
 
 
-@dataclass(kw_only=True)
+@dataclass
 class TextQueryParams:
-    terms: str = "data/demo/query_terms.json"
-    n_train: int = 2000
-    n_val: int = 200
-    min_categories: int = 1
-    max_categories: int = 4
-    held_out_terms_per_category: int = 2
-    single_terms: bool = True  # also train on every seen term alone, in each case form
-    seed: int = 0
-    free_phrasings: list[str]  # no default: the held-out phrasings and prompts live in params.yaml only
+    terms: str
+    n_train: int
+    n_val: int
+    min_categories: int
+    max_categories: int
+    held_out_terms_per_category: int
+    single_terms: bool  # also train on every seen term alone, in each case form
+    seed: int
+    free_phrasings: list[str]  # held-out phrasings
     eval_prompts: list[str]
 
 
 @dataclass
 class TeacherParams:
-    model: TeacherModelParams = field(default_factory=TeacherModelParams)
-    batch_size: int = 8  # segments per forward pass on CPU
-    cuda_batch_size: int = 256  # segments per forward pass on CUDA
-    device: str = "auto"  # auto | cpu | cuda
-    dtype: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    model: TeacherModelParams
+    batch_size: int  # segments per forward pass on CPU
+    cuda_batch_size: int  # segments per forward pass on CUDA
+    device: str  # auto | cpu | cuda
+    dtype: Literal["auto", "fp32", "bf16"]  # auto: bf16 on CUDA, fp32 on CPU
 
 
 @dataclass
 class DistillationParams:
-    audio_enabled: bool = True
-    text_enabled: bool = True
+    audio_enabled: bool
+    text_enabled: bool
 
 
 @dataclass
 class PlateauParams:
-    mode: Literal["max", "min"] = "max"
-    factor: float = 0.5
-    patience: int = 3
-    threshold: float = 1e-4
-    min_lr: float = 1e-6
+    mode: Literal["max", "min"]
+    factor: float
+    patience: int
+    threshold: float
+    min_lr: float
 
 
 @dataclass
 class AugmentParams:
-    gain_db: float = 6.0  # +/- range of a random level change, 0 = off
-    spec_masks: bool = False
-    freq_mask: int = 16
-    time_mask: int = 64
-    mixup: float = 0.0  # mixup probability, 0 = off
+    gain_db: float  # +/- range of a random level change, 0 = off
+    spec_masks: bool
+    freq_mask: int
+    time_mask: int
+    mixup: float  # mixup probability, 0 = off
     # the student's input only (the cached teacher target stays the clean segment's):
-    eq_tilt_db: float = 0.0  # +/- dB of a random spectral tilt across the band, 0 = off
-    noise_snr_db: float = 0.0  # a noise floor this many dB (up to +20) below the row's mean power, 0 = off
-    time_shift_frames: int = 0  # +/- frames of a random shift (edge frames repeated), 0 = off
+    eq_tilt_db: float  # +/- dB of a random spectral tilt across the band, 0 = off
+    noise_snr_db: float  # a noise floor this many dB (up to +20) below the row's mean power, 0 = off
+    time_shift_frames: int  # +/- frames of a random shift (edge frames repeated), 0 = off
 
 
 @dataclass
 class LossParams:
-    kind: Literal["cosine", "mse", "mse_raw"] = "cosine"
-    temperature: float = 1.0
-    contrastive_weight: float = 0.0
-    contrastive_logit_scale: float = 2.6592  # log(1/0.07), learnable only for contrastive
+    kind: Literal["cosine", "mse", "mse_raw"]
+    temperature: float
+    contrastive_weight: float
+    contrastive_logit_scale: float  # log(1/0.07), learnable only for contrastive
     # similarity-preserving term: the batch's student-student cosine matrix against the teacher's
-    relational_weight: float = 0.0
+    relational_weight: float
 
 
 @dataclass
 class DistillAudioParams:
-    model: str = "mn04_as"
-    pretrained: str = ""  # path to EfficientAT .pt, empty = random init
-    dropout: float = 0.1
-    epochs: int = 30
-    stage2_epochs: int = 2
-    batch_size: int = 16
-    lr: float = 2e-3
-    stage2_lr: float = 5e-4
-    weight_decay: float = 1e-4
-    grad_clip: float = 1.0
-    strategy: Literal["segments", "tracks", "both"] = "segments"
+    model: str
+    pretrained: str  # path to EfficientAT .pt, empty = random init
+    dropout: float
+    epochs: int
+    stage2_epochs: int
+    batch_size: int
+    lr: float
+    stage2_lr: float
+    weight_decay: float
+    grad_clip: float
+    strategy: Literal["segments", "tracks", "both"]
     # tracks/both: segments drawn per track item and step (0 = all of the track's segments)
-    segments_per_track: int = 4
-    use_teacher_embedding_cache: bool = True
-    loss: LossParams = field(default_factory=lambda: LossParams(contrastive_weight=1.0, relational_weight=1.0))
-    augment: AugmentParams = field(default_factory=AugmentParams)
-    scheduler: PlateauParams = field(default_factory=lambda: PlateauParams(patience=6))  # 9 demo val tracks: a noisy monitor
+    segments_per_track: int
+    use_teacher_embedding_cache: bool
+    loss: LossParams
+    augment: AugmentParams
+    scheduler: PlateauParams  # 9 demo val tracks: a noisy monitor
     # add -cos(student - mean, teacher - mean) to the loss (mean = mean train teacher embedding)
-    centred_loss: bool = True
+    centred_loss: bool
     # validation metric for ReduceLROnPlateau and the best checkpoint: track_cosine[_centred] |
     # segment_cosine[_centred] | track_top5_overlap | track_neighbour_spearman (the last two need
     # at least 3 validation tracks)
     monitor: Literal["track_cosine", "track_cosine_centred", "segment_cosine", "segment_cosine_centred",
-                     "track_top5_overlap", "track_neighbour_spearman"] = "track_cosine_centred"
+                     "track_top5_overlap", "track_neighbour_spearman"]
     # after training, fit the output-bias length on held-out (validation) tracks, kept only where it
     # lowers neither their neighbour rankings nor their centred cosine
-    calibrate: bool = False
-    calibration_segments: int = 1024  # held-out segments (spread over tracks) the fit sees
-    max_train_tracks: int = 0  # train on this many training tracks (a fixed subset), 0 = all
-    threads: int = 1  # torch CPU threads for training (0 = torch's default)
-    device: str = "auto"  # auto | cpu | cuda
+    calibrate: bool
+    calibration_segments: int  # held-out segments (spread over tracks) the fit sees
+    max_train_tracks: int  # train on this many training tracks (a fixed subset), 0 = all
+    threads: int  # torch CPU threads for training (0 = torch's default)
+    device: str  # auto | cpu | cuda
     # DataLoader worker processes per rank; "auto": none when the mels are held in memory,
     # else the CPUs per rank minus one, 1..8
-    num_workers: int | Literal["auto"] = "auto"
+    num_workers: int | Literal["auto"]
     # train/val mels are held in memory (float16) up to this many GiB per rank, else streamed
     # from data/mels.h5; "auto": half the available memory, shared by the ranks
-    in_memory_gb: float | Literal["auto"] = "auto"
+    in_memory_gb: float | Literal["auto"]
     # per-epoch validation: every validation track, at most this many segments (evenly spaced
     # within each track); the whole split is scored once after training
-    val_max_segments: int = 2048
-    precision: Literal["bf16", "fp32"] = "bf16"  # bf16 autocast on CUDA; CPU always trains in fp32
-    channels_last: bool = True  # CUDA only
-    compile: bool = False  # torch.compile the student for training
-    nproc: int = 1
-    seed: int = 0
+    val_max_segments: int
+    precision: Literal["bf16", "fp32"]  # bf16 autocast on CUDA; CPU always trains in fp32
+    channels_last: bool  # CUDA only
+    compile: bool  # torch.compile the student for training
+    nproc: int
+    seed: int
 
 
 @dataclass
 class TextStudentModelParams:
-    vocab_size: int = 2000
-    dim: int = 128
-    layers: int = 4
-    heads: int = 4
-    ff_dim: int = 512
-    max_length: int = 32
-    dropout: float = 0.1
+    vocab_size: int
+    dim: int
+    layers: int
+    heads: int
+    ff_dim: int
+    max_length: int
+    dropout: float
 
 
 @dataclass
 class DistillTextParams:
-    model: TextStudentModelParams = field(default_factory=TextStudentModelParams)
-    epochs: int = 12
-    stage2_epochs: int = 0
-    batch_size: int = 64
-    lr: float = 1e-3
-    stage2_lr: float = 1e-4
-    weight_decay: float = 1e-2
-    grad_clip: float = 1.0
-    loss: LossParams = field(default_factory=LossParams)
-    scheduler: PlateauParams = field(default_factory=PlateauParams)
+    model: TextStudentModelParams
+    epochs: int
+    stage2_epochs: int
+    batch_size: int
+    lr: float
+    stage2_lr: float
+    weight_decay: float
+    grad_clip: float
+    loss: LossParams
+    scheduler: PlateauParams
     # compare student and teacher after subtracting the mean teacher train embedding: the
     # differences between queries are a small part of each CLAP text vector, a raw cosine
     # loss barely sees them
-    centred_loss: bool = True
+    centred_loss: bool
     # share of the training queries (whole term combinations) kept aside to drive the LR
     # schedule and pick the best epoch, so the held-out sets are never used for selection
-    monitor_fraction: float = 0.1
+    monitor_fraction: float
     # training queries (evenly spaced) on which the output anchor scale is fitted after training
-    calibration_queries: int = 2000
-    threads: int = 1  # torch CPU threads for training (0 = torch's default)
-    seed: int = 0
+    calibration_queries: int
+    threads: int  # torch CPU threads for training (0 = torch's default)
+    seed: int
 
 
 @dataclass
 class SameSpaceParams:
     """The bar for "the student stands in for its teacher" (an independent check's thresholds)."""
 
-    min_median_cosine: float = 0.98
-    min_top5_overlap: float = 0.9
+    min_median_cosine: float
+    min_top5_overlap: float
     # a bar the mean embedding cannot pass: it scores exactly 0 centred, however high its raw cosine
-    min_median_centred_cosine: float = 0.9
+    min_median_centred_cosine: float
 
 
 @dataclass
 class EvaluateParams:
-    top_k: int = 10
-    batch_size: int = 16
-    same_space: SameSpaceParams = field(default_factory=SameSpaceParams)
+    top_k: int
+    batch_size: int
+    same_space: SameSpaceParams
 
 
 @dataclass
 class ExportParams:
-    opset: int = 17
-    quantize_int8: bool = True
-    parity_min_cosine: float = 0.9999
-    int8_calibration_segments: int = 64  # training mels for the static int8 calibration (and as many held out)
-
-
-class MissingSection:
-    """Stands in for a section that params.yaml lacks and that has no defaults of its own: reading
-    from it fails naming the section, so nothing runs on values nobody wrote down."""
-
-    def __init__(self, name: str) -> None:
-        object.__setattr__(self, "_name", name)
-
-    def __getattr__(self, key: str) -> Any:
-        if key.startswith("__"):
-            raise AttributeError(key)
-        raise ParamsError(f"{self._name}.{key}: the {self._name} section is missing from params.yaml")
-
-    def __repr__(self) -> str:
-        return f"<missing params section {self._name}>"
-
-
-def _missing(name: str) -> Any:
-    return field(default_factory=lambda: MissingSection(name))
+    opset: int
+    quantize_int8: bool
+    parity_min_cosine: float
+    int8_calibration_segments: int  # training mels for the static int8 calibration (and as many held out)
 
 
 @dataclass
 class Params:
-    audio: AudioParams = field(default_factory=AudioParams)
-    frontend: FrontendParams = field(default_factory=FrontendParams)
-    ingest: IngestParams = _missing("ingest")
-    mels: MelsParams = field(default_factory=MelsParams)
-    cluster: ClusterParams = field(default_factory=ClusterParams)
-    teacher: TeacherParams = field(default_factory=TeacherParams)
-    text_queries: TextQueryParams = _missing("text_queries")
-    distillation: DistillationParams = field(default_factory=DistillationParams)
-    distill_audio: DistillAudioParams = field(default_factory=DistillAudioParams)
-    distill_text: DistillTextParams = field(default_factory=DistillTextParams)
-    evaluate: EvaluateParams = field(default_factory=EvaluateParams)
-    export: ExportParams = field(default_factory=ExportParams)
+    audio: AudioParams
+    frontend: FrontendParams
+    ingest: IngestParams
+    mels: MelsParams
+    cluster: ClusterParams
+    teacher: TeacherParams
+    text_queries: TextQueryParams
+    distillation: DistillationParams
+    distill_audio: DistillAudioParams
+    distill_text: DistillTextParams
+    evaluate: EvaluateParams
+    export: ExportParams
 
 
 # --------------------------------------------------------------------------- loading
@@ -477,29 +451,37 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
 
 def _build(cls: type, data: dict, where: str) -> Any:
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(names))
     if unknown:
         prefix = f"{where}." if where else ""
         raise ParamsError(
             f"unknown key(s) {', '.join(prefix + k for k in unknown)}; "
             f"known keys here: {', '.join(sorted(names))}"
         )
-    required = [
-        f.name for f in dataclasses.fields(cls)
-        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name not in data
-    ]
+    required = [name for name in names if name not in data]
     if required:
         prefix = f"{where}." if where else ""
-        raise ParamsError(f"missing key(s) {', '.join(prefix + k for k in required)}: params.yaml must set them")
+        raise ParamsError(f"missing key(s) {', '.join(prefix + k for k in required)}: params.yaml sets every "
+                         "key (there are no defaults in code; copy it from the project's params.yaml)")
     kwargs = {}
     for key, value in data.items():
         kwargs[key] = _convert(hints[key], value, f"{where}.{key}" if where else key)
     return cls(**kwargs)
 
 
+def section_from_dict(cls: type, data: dict, where: str) -> Any:
+    """One section (`cls`) from a plain mapping holding every key, e.g. a policy a stage recorded;
+    problems name `where`."""
+    section = _convert(cls, data, where)
+    problems = check_ranges(section, where)
+    if problems:
+        raise ParamsError("\n".join(problems))
+    return section
+
+
 def params_from_dict(data: dict | None) -> Params:
-    """Build validated Params from a parsed params.yaml mapping (missing keys take defaults).
+    """Build validated Params from a parsed params.yaml mapping (every key must be there).
 
     Types, then ranges and relations (RANGES, RELATIONS below): every problem is reported with
     its dotted name, e.g. `distill_audio.epochs: must be >= 1, got -1`.
@@ -511,25 +493,8 @@ def params_from_dict(data: dict | None) -> Params:
     return params
 
 
-def missing_sections(data: dict | None, names: typing.Iterable[str]) -> list[str]:
-    """The dotted names (e.g. 'distill_audio', 'teacher.model') absent from a parsed params mapping."""
-    missing = []
-    for name in names:
-        node: Any = data or {}
-        for part in name.split("."):
-            if not isinstance(node, dict) or part not in node:
-                missing.append(name)
-                break
-            node = node[part]
-    return missing
-
-
-def load_params(path: str | Path = "params.yaml", require: typing.Iterable[str] = ()) -> Params:
-    """Read and validate params.yaml; errors name the file and the dotted key.
-
-    `require`: dotted sections that must be written in the file (a stage's declared params), so a
-    missing section is an error instead of a silent fall-back to the defaults.
-    """
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate params.yaml; errors name the file and the dotted key."""
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -539,12 +504,6 @@ def load_params(path: str | Path = "params.yaml", require: typing.Iterable[str] 
         raise ParamsError(f"{path}: not valid YAML: {exc}") from exc
     if data is not None and not isinstance(data, dict):
         raise ParamsError(f"{path}: the top level must be a mapping")
-    absent = missing_sections(data, require)
-    if absent:
-        raise ParamsError(
-            f"{path}: missing section(s) {', '.join(absent)} (the defaults are not used silently; "
-            "copy them from the project's params.yaml)"
-        )
     try:
         return params_from_dict(data)
     except ParamsError as exc:

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+from repo_params import deep_update as _deep_update
 
 # Set before anything imports transformers/huggingface_hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -31,14 +32,6 @@ def shared_dir() -> Path:
     return SHARED
 
 
-def _deep_update(base: dict, new: dict) -> None:
-    for key, value in new.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            _deep_update(base[key], value)
-        else:
-            base[key] = value
-
-
 @pytest.fixture(scope="session")
 def deep_update():
     """Merge a nested params profile into a parsed params.yaml in place (like `dvc exp run -S`)."""
@@ -57,7 +50,8 @@ def make_tiny_export(out: Path, *, rate: int, segment_seconds: float, hop_second
 
     import torch
 
-    from pipeline.models import audio_export, export_bundle, song_export
+    from pipeline.models import audio_export, song_export
+    from pipeline.stages import export as export_stage
     from pipeline.models.audio_student import build_audio_student
     from pipeline.models.text_student import build_text_student
     from pipeline.data.text_tokenizer import save_tokenizer, train_tokenizer
@@ -75,12 +69,12 @@ def make_tiny_export(out: Path, *, rate: int, segment_seconds: float, hop_second
             return mel - mel.mean(dim=1, keepdim=True) if level_invariant else mel
 
     torch.manual_seed(0)
-    audio = build_audio_student({"backbone": "mn04_as"}).eval()
+    audio = build_audio_student({"backbone": "mn04_as", "dropout": 0.1}).eval()
     frontend = ConvMel().eval()
     segment_samples = int(rate * segment_seconds)
     info = audio_export.export_audio(audio, frontend, out, segment_samples=segment_samples, sample_rate=rate,
                                      opset=17, min_cosine=0.9999, quantize=False)
-    spec = {"version": export_bundle.SPEC_VERSION, "embedding_dim": 512, "skipped": {},
+    spec = {"version": export_stage.SPEC_VERSION, "embedding_dim": 512, "skipped": {},
             "audio": audio_export.audio_spec(info, sample_rate=rate, segment_seconds=segment_seconds,
                                              hop_seconds=hop_seconds, segment_samples=segment_samples,
                                              quantized=False, decode_sample_rate=decode_rate)}
@@ -92,11 +86,11 @@ def make_tiny_export(out: Path, *, rate: int, segment_seconds: float, hop_second
     tok = train_tokenizer(corpus, vocab_size=300)
     tok_path = save_tokenizer(tok, out / "src_tokenizer.json")
     text = build_text_student({"vocab_size": tok.get_vocab_size(), "dim": 32, "layers": 1, "heads": 2, "ff_dim": 64,
-                               "max_length": max_length}).eval()
-    spec["text"] = export_bundle.text_spec(export_bundle.export_text(text, tok_path, out, opset=17, min_cosine=0.9999))
-    export_bundle.stamp_identity(out, spec, teacher if teacher is not None else
+                               "max_length": max_length, "dropout": 0.1}).eval()
+    spec["text"] = export_stage.text_spec(export_stage.export_text(text, tok_path, out, opset=17, min_cosine=0.9999))
+    export_stage.stamp_identity(out, spec, teacher if teacher is not None else
                                  {"kind": "demo", "weights_sha256": "053134b89e71b4bbd07dbf753bb08d20a79100744109f6c750b608345dbb50d5"})
-    (out / export_bundle.SPEC).write_text(json.dumps(spec))
+    (out / export_stage.SPEC).write_text(json.dumps(spec))
     return {"export": out, "audio": audio, "frontend": frontend, "text": text, "tokenizer": tok}
 
 

@@ -47,7 +47,7 @@ def export(tiny_export_builder, tmp_path_factory: pytest.TempPathFactory) -> Pat
 @pytest.fixture(scope="module")
 def other_export(export: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The same student files under another identity (distilled, say, from the LAION checkpoint)."""
-    from pipeline.models.export_bundle import stamp_identity
+    from pipeline.stages.export import stamp_identity
 
     out = tmp_path_factory.mktemp("beets_other") / "export"
     shutil.copytree(export, out)

@@ -13,9 +13,9 @@ import yaml
 from pipeline.cli import main as cli_main
 from pipeline.data.cache_files import UnreadableCacheError
 from pipeline.data.teacher_cache import TeacherCache
-from pipeline.params import Params
 from pipeline.data.mel_cache import MelCache
 from pipeline.teacher.model import build_demo_teacher
+from repo_params import params_tree, section
 
 
 def _truncated_h5(path: Path) -> Path:
@@ -46,8 +46,8 @@ def test_teacher_stage_reports_a_truncated_mel_cache(tmp_path: Path, monkeypatch
     params = {"teacher": {"model": {"dir": "models/teacher"}},
               "text_queries": {"terms": "data/terms.json", "n_train": 6, "n_val": 2, "held_out_terms_per_category": 1,
                                "free_phrasings": [], "eval_prompts": ["calm"]}}
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    build_demo_teacher(Params().teacher.model, tmp_path / "models" / "teacher")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params_tree(params)))
+    build_demo_teacher(section("teacher.model"), tmp_path / "models" / "teacher")
     _truncated_h5(tmp_path / "data" / "mels.h5")
     assert cli_main(["run", "teacher", "--params", "params.yaml"]) == 1
     assert "data/mels.h5: the mel cache cannot be read" in caplog.text

@@ -10,18 +10,17 @@ import torch
 from pipeline.training.checkpoint import CheckpointError, describe, list_checkpoints, parameter_count, reset
 from pipeline.cli import main as cli_main
 from pipeline.models.audio_student import build_audio_student, save_audio_student
-from pipeline.params import PlateauParams
 from pipeline.training.checkpoint import load_checkpoint
 from pipeline.training.loop import TrainConfig, fit
+from repo_params import section
 
-from test_train import ToyTask  # the loop tests' toy student (tests/ is on sys.path under pytest)
+from test_train import ToyTask, train_config  # the loop tests' toy student (tests/ is on sys.path under pytest)
 
 
 def _cfg(tmp: Path, **kw) -> TrainConfig:
-    base = dict(epochs=3, stage2_epochs=0, batch_size=16, lr=0.03, ckpt_dir=tmp / "ckpt", monitor="cosine",
-                scheduler=PlateauParams(mode="max", factor=0.5, patience=5, threshold=1e-4, min_lr=1e-6))
-    base.update(kw)
-    return TrainConfig(**base)
+    base = dict(epochs=3, stage2_epochs=0, batch_size=16, lr=0.03, stage2_lr=1e-4, weight_decay=0.0, grad_clip=0.0,
+                seed=0, threads=0, scheduler=section("distill_text.scheduler", patience=5))
+    return train_config(tmp, live=False, **{**base, **kw})
 
 
 @pytest.fixture()
@@ -46,7 +45,7 @@ def test_show_config_and_parameter_count(trained: Path, tmp_path: Path, capsys) 
     assert info["parameters"] == 8 * 32 + 32 + 32 * 6 + 6
     assert info["config"] == {"dropout": 0.1} and info["has_optimizer"]
     # a final audio student file: BatchNorm statistics are not counted as parameters
-    student = build_audio_student({"backbone": "mn04_as"})
+    student = build_audio_student({"backbone": "mn04_as", "dropout": 0.1})
     save_audio_student(tmp_path / "student.pt", student, {"pretrained": False})
     assert describe(tmp_path / "student.pt")["parameters"] == student.num_parameters()
     assert cli_main(["ckpt", "show", str(tmp_path / "student.pt")]) == 0
@@ -76,7 +75,7 @@ def test_reset_lr_keeps_optimizer_moments(trained: Path) -> None:
 def test_reset_refuses_nonsense(trained: Path, tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="nothing to reset"):
         reset(trained / "latest.pt")
-    save_audio_student(tmp_path / "student.pt", build_audio_student({}), {})
+    save_audio_student(tmp_path / "student.pt", build_audio_student({"backbone": "mn04_as", "dropout": 0.1}), {})
     with pytest.raises(CheckpointError, match="not a training checkpoint"):
         reset(tmp_path / "student.pt", lr=0.1)
     with pytest.raises(CheckpointError, match="no such file"):

@@ -22,10 +22,11 @@ from pipeline.cli import main
 from pipeline.data.frontends import TeacherMel
 from pipeline.data.mel_cache import dequantise, quantise
 from pipeline.evaluation import compare as C
-from pipeline.params import TeacherModelParams, load_params
+from pipeline.params import load_params
 from pipeline.teacher.model import build_demo_teacher, load_teacher
 from student_clap.audio import cut, decode_int16, int16_to_float, map_starts, resample_int16, segment_starts
 from student_clap.tokenizer import encode
+from repo_params import section
 
 torch.set_num_threads(1)
 SR, DECODE_SR, SEG_S, HOP_S = 16000, 48000, 10.0, 5.0
@@ -40,7 +41,7 @@ def models(tmp_path_factory, tiny_export_builder):
     corpus = [f"this audio is a {g} song" for g in LABELS] + [f"{a} {b}" for a in ("calm", "loud") for b in LABELS] * 3
     built = tiny_export_builder(tmp_path_factory.mktemp("export"), rate=SR, segment_seconds=SEG_S, hop_seconds=HOP_S,
                                 decode_rate=DECODE_SR, corpus=corpus, max_length=16)
-    teacher_dir = build_demo_teacher(TeacherModelParams(), tmp_path_factory.mktemp("teacher") / "teacher")
+    teacher_dir = build_demo_teacher(section("teacher.model"), tmp_path_factory.mktemp("teacher") / "teacher")
     return {**built, "teacher_dir": teacher_dir, "teacher": load_teacher(teacher_dir)}
 
 
@@ -88,7 +89,7 @@ def _by_hand(path: Path, m) -> tuple[np.ndarray, np.ndarray]:
         s = m["audio"].embed_raw(m["frontend"](torch.from_numpy(s_win))).double().mean(0).numpy()
         t_win = int16_to_float(cut(wave, starts, int(DECODE_SR * SEG_S)))
         step = load_params(REPO / "params.yaml").mels.precision.teacher_db  # rounded as the mel cache stores them
-        mels = torch.from_numpy(dequantise(quantise(TeacherMel()(torch.from_numpy(t_win)).numpy(), step), step))
+        mels = torch.from_numpy(dequantise(quantise(TeacherMel(section("frontend.teacher"))(torch.from_numpy(t_win)).numpy(), step), step))
         t = m["teacher"].embed_mels_raw(mels).double().mean(0).numpy()
     return t / np.linalg.norm(t), s / np.linalg.norm(s)
 

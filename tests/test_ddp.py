@@ -10,10 +10,10 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from pipeline.params import PlateauParams
 from pipeline.training.loop import TrainConfig, fit
+from repo_params import repo_params, section
 
-from test_train import ToyTask  # same toy student as the loop tests (tests/ is on sys.path under pytest)
+from test_train import ToyTask, train_config  # same toy student as the loop tests (tests/ is on sys.path under pytest)
 
 
 def _free_port() -> int:
@@ -23,11 +23,9 @@ def _free_port() -> int:
 
 
 def _config(out: Path) -> TrainConfig:
-    return TrainConfig(
-        epochs=2, stage2_epochs=1, batch_size=16, lr=0.03, stage2_lr=0.01, weight_decay=1e-4, grad_clip=1.0,
-        ckpt_dir=out / "ckpt", live_dir=None, monitor="cosine", seed=5,
-        scheduler=PlateauParams(mode="max", factor=0.5, patience=0, threshold=1e-4, min_lr=1e-5),
-    )
+    return train_config(out, live=False, epochs=2, stage2_epochs=1, batch_size=16, lr=0.03, stage2_lr=0.01,
+                        weight_decay=1e-4, grad_clip=1.0, seed=5, threads=0,
+                        scheduler=section("distill_text.scheduler", patience=0, min_lr=1e-5))
 
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:
@@ -63,14 +61,13 @@ def test_stage_relaunches_itself_under_torchrun(monkeypatch) -> None:
     import argparse
     import subprocess
 
-    from pipeline.params import params_from_dict
     from pipeline.stages import distill_audio
 
     calls = []
     monkeypatch.setattr(subprocess, "call", lambda cmd: calls.append(cmd) or 0)
     for var in ("LOCAL_RANK", "WORLD_SIZE"):
         monkeypatch.delenv(var, raising=False)
-    params = params_from_dict({"distill_audio": {"nproc": 2}})
+    params = repo_params({"distill_audio": {"nproc": 2}})
     args = argparse.Namespace(params="exp.yaml", resume=True, shard=None)
     assert distill_audio.run(params, args) == 0
     (cmd,) = calls

@@ -14,9 +14,8 @@ import torch
 
 from pipeline.data import datasets
 from pipeline.models.audio_student import build_audio_student, load_audio_student
-from pipeline.params import AugmentParams, Params, params_from_dict
+from pipeline.params import Params
 from pipeline.stages import distill_audio as stage
-from pipeline.training import audio_distillation
 from pipeline.training.augment import (
     Augmenter,
     kaldi_mel_centres,
@@ -29,6 +28,7 @@ from pipeline.training.augment import (
     teacher_gain,
     time_shift,
 )
+from repo_params import repo_params, section
 
 N_FRAMES = 48  # short mels keep the CPU tests fast; the network is length-agnostic
 
@@ -121,11 +121,13 @@ def _params(**over) -> Params:
         "device": "cpu", "num_workers": 0,
     }
     section.update(over)
-    return params_from_dict({"distill_audio": section})
+    return repo_params({"distill_audio": section})
 
 
 def _train(ws, out: Path, resume: bool = False, **over):
-    return audio_distillation.train_audio_student(_params(**over).distill_audio, out, resume=resume,
+    params = _params(**over)
+    return stage.train_audio_student(params.distill_audio, params.frontend.student.n_mels, out,
+                                                  Path(params.teacher.model.dir), resume=resume,
                                                   mels_path=Path("unused"), teacher_path=ws["teacher"],
                                                   manifest_path=ws["manifest"])
 
@@ -146,7 +148,7 @@ def test_both_strategy_mixes_segments_and_track_averages(workspace) -> None:
     source = datasets.MelSource(Path("unused"), train.segments, with_teacher=False)
 
     p = _params(strategy="both", segments_per_track=0, augment={"gain_db": 0.0}).distill_audio
-    task = audio_distillation.AudioDistillTask(build_audio_student({"backbone": "mn04_as"}), train, val, source,
+    task = stage.AudioDistillTask(build_audio_student({"backbone": "mn04_as", "dropout": 0.1}), train, val, source,
                                                seg_emb, seg_norm, p, Augmenter(p.augment))
     batch = task.collate_fn([0, 2])  # fma:0 (2 segments) and fma:3 (2 segments)
     assert batch["row_item"].tolist() == [0, 0, 1, 1]
@@ -172,7 +174,7 @@ def test_both_strategy_mixes_segments_and_track_averages(workspace) -> None:
     capped = datasets.Collate(train, source, seg_emb, seg_norm, True, 1)([0, 2, 4])
     assert capped["row_item"].tolist() == [0, 1, 2]
     p_tr = _params(strategy="tracks", augment={"gain_db": 0.0}).distill_audio
-    task_tr = audio_distillation.AudioDistillTask(task.model, train, val, source, seg_emb, seg_norm, p_tr,
+    task_tr = stage.AudioDistillTask(task.model, train, val, source, seg_emb, seg_norm, p_tr,
                                                   Augmenter(p_tr.augment))
     s_tr, _ = task_tr.embed_batch(encode, task_tr.collate_fn([0, 2]))
     assert s_tr.shape == (2, 512)
@@ -200,7 +202,7 @@ def test_gain_is_a_power_change_in_the_efficientat_domain() -> None:
 
 def test_masks_fill_with_the_mean_and_match_across_front_ends() -> None:
     torch.manual_seed(0)
-    aug = Augmenter(AugmentParams(gain_db=0.0, spec_masks=True, freq_mask=20, time_mask=30, mixup=0.0),
+    aug = Augmenter(section("distill_audio.augment", gain_db=0.0, spec_masks=True, freq_mask=20, time_mask=30, mixup=0.0),
                     kaldi_mel_centres(128, 0.0, 15000.0), slaney_mel_centres(64, 50.0, 14000.0))
     s = torch.randn(3, 128, 100)
     t = torch.randn(3, 101, 64)
@@ -224,7 +226,7 @@ def test_masks_fill_with_the_mean_and_match_across_front_ends() -> None:
 
 def test_mixup_mixes_power_and_targets_the_same_way() -> None:
     torch.manual_seed(1)
-    aug = Augmenter(AugmentParams(gain_db=0.0, mixup=1.0))
+    aug = Augmenter(section("distill_audio.augment", gain_db=0.0, mixup=1.0))
     row_item = torch.tensor([0, 0, 1, 2])
     plan = aug.draw(row_item, 128, 10)
     assert plan.mixed.all() and (plan.lam >= 0.5).all()
@@ -241,29 +243,29 @@ def test_mixup_mixes_power_and_targets_the_same_way() -> None:
     # rows without a partner are left bit-identical
     plan.partner[3] = -1
     assert torch.equal(aug.apply_student(x, plan)[3], x[3])
-    assert not Augmenter(AugmentParams(gain_db=0.0, mixup=0.0)).draw(row_item, 128, 10).mixed.any()
+    assert not Augmenter(section("distill_audio.augment", gain_db=0.0, mixup=0.0)).draw(row_item, 128, 10).mixed.any()
 
 
 def test_student_only_changes_leave_the_teacher_and_the_rest_of_the_plan_alone() -> None:
     """Tilt, noise floor and shift reach the student's input only (the cached target is the clean
     segment's); turning them on draws after the other options, so those draws stay the same."""
     row_item = torch.tensor([0, 0, 1, 2])
-    base = AugmentParams(gain_db=6.0, mixup=0.5)
+    base = section("distill_audio.augment", gain_db=6.0, mixup=0.5)
     torch.manual_seed(5)
     plain = Augmenter(base).draw(row_item, 128, 50)
     torch.manual_seed(5)
-    robust = Augmenter(AugmentParams(gain_db=6.0, mixup=0.5, eq_tilt_db=6.0, noise_snr_db=20.0,
+    robust = Augmenter(section("distill_audio.augment", gain_db=6.0, mixup=0.5, eq_tilt_db=6.0, noise_snr_db=20.0,
                                      time_shift_frames=5)).draw(row_item, 128, 50)
     for name in ("gain_db", "partner", "lam"):
         assert torch.equal(getattr(plain, name), getattr(robust, name))
     assert torch.equal(robust.tilt_db[0], robust.tilt_db[1]) and robust.tilt_db.abs().max() <= 6.0  # per item
     assert ((robust.snr_db >= 20.0) & (robust.snr_db <= 40.0)).all()
     assert robust.shift.abs().max() <= 5
-    aug = Augmenter(AugmentParams(gain_db=0.0, eq_tilt_db=6.0, noise_snr_db=20.0, time_shift_frames=5))
+    aug = Augmenter(section("distill_audio.augment", gain_db=0.0, eq_tilt_db=6.0, noise_snr_db=20.0, time_shift_frames=5))
     teacher = torch.randn(4, 51, 64)
     plan = aug.draw(row_item, 128, 50)
     assert torch.equal(aug.apply_teacher(teacher, plan), teacher)
-    assert aug.active and not Augmenter(AugmentParams(gain_db=0.0)).active
+    assert aug.active and not Augmenter(section("distill_audio.augment", gain_db=0.0)).active
 
 
 def test_tilt_and_noise_act_on_power() -> None:
@@ -332,7 +334,7 @@ def test_teacher_recompute_mode_runs_teacher_on_augmented_input(workspace, monke
 
 def test_disabled_student_writes_markers(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
-    params = params_from_dict({"distillation": {"audio_enabled": False}})
+    params = repo_params({"distillation": {"audio_enabled": False}})
     assert stage.run(params, argparse.Namespace(resume=False, shard=None, params="params.yaml")) == 0
     assert json.loads(Path("models/audio/metrics.json").read_text())["skipped"] is True
     assert torch.load("models/audio/student.pt", weights_only=True)["skipped"] is True
@@ -436,22 +438,22 @@ def test_subset_of_training_tracks_and_held_out_calibration(workspace) -> None:
 
     with datasets.open_mels(Path("unused")) as mels, TeacherCache(workspace["teacher"]) as tc:
         train, _ = datasets.load_splits(mels, tc, [json.loads(r) for r in workspace["manifest"].read_text().splitlines()])
-    two, three = (audio_distillation.train_subset(train, n, seed=0) for n in (2, 3))
+    two, three = (stage.train_subset(train, n, seed=0) for n in (2, 3))
     assert set(two.track_ids) < set(three.track_ids) < set(train.track_ids)
-    assert audio_distillation.train_subset(train, 0, seed=0) is train
+    assert stage.train_subset(train, 0, seed=0) is train
     off = _train(workspace, workspace["tmp"] / "audio_nocal", epochs=1, stage2_epochs=0)
     assert off["calibration"]["skipped"] is True and off["n_train_tracks"] == 5
 
 
 def test_stage_validates_on_the_subset_and_reports_the_full_split(workspace, monkeypatch) -> None:
     scored = []
-    real = audio_distillation.validation_metrics
+    real = stage.validation_metrics
 
     def spy(raw, val, *args):
         scored.append((len(raw), len(val.track_ids)))
         return real(raw, val, *args)
 
-    monkeypatch.setattr(audio_distillation, "validation_metrics", spy)
+    monkeypatch.setattr(stage, "validation_metrics", spy)
     _train(workspace, workspace["tmp"] / "audio_sub", epochs=2, stage2_epochs=0, val_max_segments=3)
     # every epoch: 1 segment of each of the 3 validation tracks; after training, all 7 segments
     # twice: before and after the output calibration ("val_before_calibration" and "val")

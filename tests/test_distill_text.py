@@ -13,9 +13,10 @@ import torch
 
 from pipeline.data.queries import build_query_sets, split_into_terms
 from pipeline.evaluation.held_out_text import bag_of_words
-from pipeline.params import Params, TextQueryParams, params_from_dict
+from pipeline.params import Params
 from pipeline.stages import distill_text as stage
-from pipeline.training.text_distillation import DistillTextError, split_monitor
+from pipeline.stages.distill_text import DistillTextError, split_monitor
+from repo_params import repo_params, section
 
 TERMS = {
     "Genre": ["Rock", "Jazz", "Folk", "Blues", "Techno", "Reggae"],
@@ -45,7 +46,7 @@ def _synthetic_teacher(texts: list[str], vocab: list[str]) -> np.ndarray:
 def _write_inputs(root: Path) -> dict[str, list[str]]:
     terms_path = root / "terms.json"
     terms_path.write_text(json.dumps(TERMS), encoding="utf-8")
-    sets = build_query_sets(TextQueryParams(
+    sets = build_query_sets(section("text_queries", 
         terms=str(terms_path), n_train=240, n_val=30, held_out_terms_per_category=1, seed=1,
         free_phrasings=["a calm piano song", "dark techno with drums"], eval_prompts=["piano"],
     ))
@@ -74,7 +75,7 @@ def _write_inputs(root: Path) -> dict[str, list[str]]:
 
 
 def _params(epochs: int = 4, enabled: bool = True) -> Params:
-    return params_from_dict({
+    return repo_params({
         "distillation": {"text_enabled": enabled},
         "distill_text": {
             "model": {"vocab_size": 400, "dim": 32, "layers": 1, "heads": 2, "ff_dim": 64, "max_length": 16, "dropout": 0.0},

@@ -15,12 +15,12 @@ import pytest
 import torch
 
 from pipeline import metrics as M
-from pipeline.params import EvaluateParams, SameSpaceParams
 from pipeline.evaluation.errors import EvaluateError
 from pipeline.evaluation.licence_report import audit_failed
 from pipeline.evaluation.report import build_report
 from pipeline.evaluation.students import Students, student_skip_reason
 from pipeline.evaluation.tag_scores import tag_category, tag_prompt
+from repo_params import section
 
 DIM = 16
 TAGS = ["genre---rock", "genre---jazz", "genre---ambient"]
@@ -105,7 +105,7 @@ def _perfect_text(teacher: FakeTeacher):
     return lambda texts: np.stack([lookup[t] if t in lookup else teacher.embed_tag_prompts([t])[0] for t in texts])
 
 
-P = EvaluateParams(top_k=3, batch_size=2)
+P = section("evaluate", top_k=3, batch_size=2)
 
 
 def test_perfect_students_score_one_and_the_baseline_zero_centred(tmp_path: Path):
@@ -185,8 +185,8 @@ def test_same_space_section_with_perfect_and_noisy_students():
     # noise on every segment: cosine stays high, neighbours move; a strict bar fails on both figures
     rng = np.random.default_rng(5)
     noisy = Students(audio_embed_raw=lambda m: _perfect_audio(teacher)(m) + 0.15 * rng.normal(size=(len(m), DIM)))
-    strict = EvaluateParams(top_k=3, batch_size=2, same_space=SameSpaceParams(min_median_cosine=0.9999,
-                                                                              min_top5_overlap=0.99))
+    strict = section("evaluate", top_k=3, batch_size=2, same_space={"min_median_cosine": 0.9999,
+                                                                    "min_top5_overlap": 0.99})
     report, _ = build_report(strict, manifest, mels, teacher, noisy)
     same = report["same_space"]
     assert same["same_space"] is False and "end_to_end" not in same

@@ -17,12 +17,13 @@ import pytest
 import torch
 
 from pipeline.models import model_card
-from pipeline.models import audio_export, export_bundle, song_export
+from pipeline.models import audio_export, song_export
 from pipeline.models import onnx_export as onnx_utils
 from pipeline.models.audio_student import build_audio_student
 from pipeline.models.text_student import build_text_student
 from pipeline.stages import export as stage
 from pipeline.data.text_tokenizer import save_tokenizer, train_tokenizer
+from repo_params import repo_params
 
 torch.set_num_threads(1)
 SR, SEG = 16000, 16000
@@ -43,7 +44,7 @@ class ConvMel(torch.nn.Module):
 @pytest.fixture(scope="module")
 def audio_student():
     torch.manual_seed(0)
-    return build_audio_student({"backbone": "mn04_as"}).eval()
+    return build_audio_student({"backbone": "mn04_as", "dropout": 0.1}).eval()
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +54,7 @@ def text_parts(tmp_path_factory):
     path = save_tokenizer(tok, tmp_path_factory.mktemp("tok") / "tokenizer.json")
     torch.manual_seed(0)
     model = build_text_student(
-        {"vocab_size": tok.get_vocab_size(), "dim": 32, "layers": 1, "heads": 2, "ff_dim": 64, "max_length": 12}
+        {"vocab_size": tok.get_vocab_size(), "dim": 32, "layers": 1, "heads": 2, "ff_dim": 64, "max_length": 12, "dropout": 0.1}
     ).eval()
     return model, path
 
@@ -94,7 +95,7 @@ def test_audio_parity_failure_stops_the_export(tmp_path: Path, audio_student, mo
             module.student.projection.embed1.weight.mul_(-1.0)
         return path
 
-    student = build_audio_student({"backbone": "mn04_as"}).eval()
+    student = build_audio_student({"backbone": "mn04_as", "dropout": 0.1}).eval()
     monkeypatch.setattr(onnx_utils, "export_module", export_then_drift)
     with pytest.raises(onnx_utils.ParityError, match=audio_export.AUDIO_ONNX):
         audio_export.export_audio(student, ConvMel(), tmp_path, segment_samples=SEG, sample_rate=SR,
@@ -103,13 +104,13 @@ def test_audio_parity_failure_stops_the_export(tmp_path: Path, audio_student, mo
 
 def test_text_export_dynamic_batch_and_length(tmp_path: Path, text_parts):
     model, tok_path = text_parts
-    info = export_bundle.export_text(model, tok_path, tmp_path, opset=17, min_cosine=0.9999)
-    assert info[export_bundle.TEXT_ONNX]["min_cosine"] > 0.9999 and info["max_length"] == 12
-    assert (tmp_path / export_bundle.TOKENIZER).read_bytes() == tok_path.read_bytes()
+    info = stage.export_text(model, tok_path, tmp_path, opset=17, min_cosine=0.9999)
+    assert info[stage.TEXT_ONNX]["min_cosine"] > 0.9999 and info["max_length"] == 12
+    assert (tmp_path / stage.TOKENIZER).read_bytes() == tok_path.read_bytes()
     from student_clap.tokenizer import encode, load_tokenizer
 
-    ids, mask = encode(load_tokenizer(tmp_path / export_bundle.TOKENIZER), ["calm piano music", "drums"], 12)
-    sess = ort.InferenceSession(str(tmp_path / export_bundle.TEXT_ONNX), providers=["CPUExecutionProvider"])
+    ids, mask = encode(load_tokenizer(tmp_path / stage.TOKENIZER), ["calm piano music", "drums"], 12)
+    sess = ort.InferenceSession(str(tmp_path / stage.TEXT_ONNX), providers=["CPUExecutionProvider"])
     (emb,) = sess.run(None, {"input_ids": ids, "attention_mask": mask})
     with torch.no_grad():
         ref = model(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
@@ -120,7 +121,7 @@ def test_checksums_match_files(tmp_path: Path):
     (tmp_path / "a.onnx").write_bytes(b"abc")
     (tmp_path / "licenses").mkdir()
     (tmp_path / "licenses" / "X.md").write_text("x")
-    path = export_bundle.write_checksums(tmp_path)
+    path = stage.write_checksums(tmp_path)
     lines = path.read_text().splitlines()
     assert lines == [
         f"{hashlib.sha256(b'abc').hexdigest()}  a.onnx",
@@ -184,7 +185,6 @@ def test_export_stage_with_the_real_front_end(tmp_path: Path, monkeypatch, audio
     pytest.importorskip("pipeline.data.frontends", reason="pipeline.data.frontends (StudentMel) not available")
     from pipeline.models.audio_student import save_audio_student
     from pipeline.models.text_student import save_text_student
-    from pipeline.params import Params
 
     monkeypatch.chdir(tmp_path)
     save_audio_student("models/audio/student.pt", audio_student)
@@ -196,21 +196,20 @@ def test_export_stage_with_the_real_front_end(tmp_path: Path, monkeypatch, audio
     Path("models/report/licences.json").write_text(json.dumps(LICENCES))
     Path("data/licenses").mkdir(parents=True)
     Path("data/licenses/FMA_SONGS_LICENSE.md").write_text("# FMA songs\n")
-    params = Params()
-    params.export.quantize_int8 = False
+    params = repo_params({"export": {"quantize_int8": False}})
     assert stage.run(params, None) == 0
     out = Path("models/export")
-    spec = json.loads((out / export_bundle.SPEC).read_text())
+    spec = json.loads((out / stage.SPEC).read_text())
     assert spec["audio"]["segment_samples"] == 320000 and spec["audio"]["mel_shape"][0] == 128
     assert spec["text"]["max_length"] == 12
     song = spec["audio"]["song"]  # the song-level files, parity-checked, with their fidelity figures
     assert (song["window_columns"], song["hop_columns"]) == (250, 125) and song["head_int8_file"] is None
     assert {song_export.AUDIO_FRONTEND_ONNX, song_export.AUDIO_TRUNK_ONNX, song_export.AUDIO_HEAD_ONNX} <= set(spec["parity"])
     assert song["fidelity"]["synthetic_song_cosine_fp32"] >= 0.999
-    assert {audio_export.AUDIO_ONNX, audio_export.AUDIO_MEL_ONNX, export_bundle.TEXT_ONNX, export_bundle.TOKENIZER,
-            "README.md", export_bundle.CHECKSUMS} <= {
+    assert {audio_export.AUDIO_ONNX, audio_export.AUDIO_MEL_ONNX, stage.TEXT_ONNX, stage.TOKENIZER,
+            "README.md", stage.CHECKSUMS} <= {
         p.name for p in out.iterdir()
     }
-    assert "licenses/FMA_SONGS_LICENSE.md" in (out / export_bundle.CHECKSUMS).read_text()
+    assert "licenses/FMA_SONGS_LICENSE.md" in (out / stage.CHECKSUMS).read_text()
     card = (out / "README.md").read_text()
     assert "| fma | CC0-1.0 | 9 | 6.0 |" in card and "track centred cosine" in card

@@ -13,7 +13,13 @@ import pytest
 import torch
 
 from pipeline.data.frontends import StudentMel, TeacherMel, frontend_hash, kaldi_mel_banks, set_export_stft
-from pipeline.params import StudentFrontendParams, TeacherFrontendParams
+from pipeline.params import StudentFrontendParams
+from repo_params import section
+
+
+def _build(cls: type) -> TeacherMel | StudentMel:
+    """A front-end with the project's params."""
+    return cls(section("frontend.teacher" if cls is TeacherMel else "frontend.student"))
 
 torch.set_num_threads(1)
 
@@ -36,7 +42,7 @@ def run(module: torch.nn.Module, wave: np.ndarray) -> np.ndarray:
 
 def test_teacher_matches_librosa_slaney_log_mel():
     x = music_like(480000, 48000)
-    mel = run(TeacherMel(), x)[0]
+    mel = run(TeacherMel(section("frontend.teacher")), x)[0]
     assert mel.shape == (1001, 64)
     ref = librosa.power_to_db(
         librosa.feature.melspectrogram(
@@ -49,7 +55,7 @@ def test_teacher_matches_librosa_slaney_log_mel():
 
 
 def test_teacher_floor_is_amin():
-    mel = run(TeacherMel(), np.zeros(480000, np.float32))
+    mel = run(TeacherMel(section("frontend.teacher")), np.zeros(480000, np.float32))
     np.testing.assert_allclose(mel, -100.0)
 
 
@@ -101,7 +107,7 @@ def student_reference(x: np.ndarray, p: StudentFrontendParams) -> np.ndarray:
 
 
 def test_student_matches_numpy_reference():
-    p = StudentFrontendParams()
+    p = section("frontend.student")
     x = music_like(320000, 32000, seed=1)
     mel = run(StudentMel(p), x)[0]
     assert mel.shape == (128, 1000)
@@ -109,7 +115,7 @@ def test_student_matches_numpy_reference():
 
 
 def test_student_silence_is_log_floor():
-    mel = run(StudentMel(), np.zeros(320000, np.float32))
+    mel = run(StudentMel(section("frontend.student")), np.zeros(320000, np.float32))
     np.testing.assert_allclose(mel, (np.log(1e-5) + 4.5) / 5.0, atol=1e-6)
 
 
@@ -118,7 +124,7 @@ def test_student_silence_is_log_floor():
 
 @pytest.mark.parametrize("cls,n", [(TeacherMel, 480000), (StudentMel, 320000)])
 def test_batch_items_are_independent(cls, n):
-    m = cls()
+    m = _build(cls)
     a, b = music_like(n, 48000, 2), music_like(n, 48000, 3)[::-1].copy()
     both = run(m, np.stack([a, b]))
     np.testing.assert_allclose(both[1], run(m, b)[0], atol=1e-4)
@@ -126,7 +132,7 @@ def test_batch_items_are_independent(cls, n):
 
 @pytest.mark.parametrize("cls,n", [(TeacherMel, 480000), (StudentMel, 320000)])
 def test_export_stft_path_equals_fft_path(cls, n):
-    m = cls()
+    m = _build(cls)
     x = music_like(n, 48000, 4)
     fft = run(m, x)
     set_export_stft(m, True)
@@ -136,7 +142,7 @@ def test_export_stft_path_equals_fft_path(cls, n):
 
 @pytest.mark.parametrize("cls,n", [(TeacherMel, 480000), (StudentMel, 320000)])
 def test_onnx_export_matches_torch(cls, n):
-    m = cls().eval()
+    m = _build(cls).eval()
     buf = io.BytesIO()
     torch.onnx.export(
         m, (torch.zeros(2, n),), buf, dynamo=False, opset_version=17, input_names=["wave"], output_names=["mel"],
@@ -149,11 +155,11 @@ def test_onnx_export_matches_torch(cls, n):
 
 
 def test_frontend_hash_tracks_every_field():
-    base = TeacherFrontendParams()
+    base = section("frontend.teacher")
     h = frontend_hash(base)
-    assert h == frontend_hash(TeacherFrontendParams()) == frontend_hash(dataclasses.asdict(base))
+    assert h == frontend_hash(section("frontend.teacher")) == frontend_hash(dataclasses.asdict(base))
     assert h != frontend_hash(dataclasses.replace(base, f_min=0.0))
-    assert frontend_hash(StudentFrontendParams()) != frontend_hash(dataclasses.replace(StudentFrontendParams(), preemphasis=0.0))
+    assert frontend_hash(section("frontend.student")) != frontend_hash(dataclasses.replace(section("frontend.student"), preemphasis=0.0))
 
 
 @pytest.mark.parametrize("cls,sr", [(TeacherMel, 48000), (StudentMel, 32000)])
@@ -161,7 +167,7 @@ def test_shared_stft_over_overlapping_segments_equals_one_by_one(cls, sr):
     from pipeline.data.frontends import segment_mels
     from student_clap.audio import cut, int16_to_float, segment_starts, to_int16
 
-    m = cls()
+    m = _build(cls)
     for seconds in (27.3, 10.0, 4.2):  # hop-grid windows plus an off-grid tail; one window; a short track
         wave = to_int16(music_like(int(seconds * sr), sr, seed=int(seconds)))
         starts = segment_starts(len(wave), sr, 10.0, 5.0)
@@ -196,7 +202,7 @@ def test_export_stft_matches_torch_stft_for_other_layouts(n_fft, hop, win_length
 
 
 def test_onnx_export_with_a_dynamic_length_axis():
-    m = StudentMel().eval()
+    m = StudentMel(section("frontend.student")).eval()
     buf = io.BytesIO()
     torch.onnx.export(
         m, (torch.zeros(1, 64000),), buf, dynamo=False, opset_version=17, input_names=["wave"], output_names=["mel"],

@@ -23,7 +23,7 @@ from urllib.parse import unquote, urlsplit
 
 import pytest
 
-from pipeline.models.export_bundle import write_checksums
+from pipeline.stages.export import write_checksums
 from student_clap import hub
 from student_clap.cli import main as runtime_main
 

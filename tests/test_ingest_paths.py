@@ -4,6 +4,7 @@ separators and symlinks are excluded with their reason, and downloads write only
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -11,10 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.data.ingestion import ingest
+from pipeline.stages.ingest import ingest
 from pipeline.data.sources.base import escapes_root
-from pipeline.params import IngestParams, Params, SourceParams
+from pipeline.params import IngestParams
 from pipeline.stages import ingest as stage
+from repo_params import repo_params, section
 
 CC0 = "[CC0](https://creativecommons.org/publicdomain/zero/1.0/)"
 OUTSIDE = "path outside audio root"
@@ -52,7 +54,7 @@ def test_wikimedia_traversal_and_absolute_filenames_are_excluded(tmp_path: Path)
         ("/etc/hostname", "https://commons.wikimedia.org/wiki/File:Hostname.ogg"),
         ("Good.ogg", "https://commons.wikimedia.org/wiki/File:Good.ogg"),
     ])
-    rows, by_id = _outcomes(IngestParams(sources={"wikimedia": SourceParams(lists=[str(lst)], audio_root=str(root))}))
+    rows, by_id = _outcomes(dataclasses.replace(section("ingest"), sources={"wikimedia": section("ingest.sources.fma", lists=[str(lst)], audio_root=str(root))}))
     assert [r["track_id"] for r in rows] == ["wikimedia:Good.ogg"]
     for track, bad in (("wikimedia:Passwd.ogg", "../../../../etc/passwd"), ("wikimedia:Hostname.ogg", "/etc/hostname")):
         o = by_id[track]
@@ -70,7 +72,7 @@ def test_fma_link_with_encoded_separators_is_excluded(tmp_path: Path) -> None:
         "SONG: A - B\nLINK: https://freemusicarchive.org/music/A/B/..%2F..%2Ftmp%2Fx\n"
         "LICENSE LINK: https://creativecommons.org/licenses/by/4.0/\n", encoding="utf-8",
     )
-    rows, by_id = _outcomes(IngestParams(sources={"fma": SourceParams(lists=[str(lst)], audio_root=str(root / "a"))},
+    rows, by_id = _outcomes(dataclasses.replace(section("ingest"), sources={"fma": section("ingest.sources.fma", lists=[str(lst)], audio_root=str(root / "a"))},
                                          download=True))
     assert rows == []
     (o,) = by_id.values()
@@ -84,7 +86,7 @@ def test_symlink_leaving_the_root_is_excluded(tmp_path: Path) -> None:
     secret.write_bytes(b"x")
     (root / "Link.ogg").symlink_to(secret)
     lst = _wikimedia_list(tmp_path / "W.md", [("Link.ogg", "https://commons.wikimedia.org/wiki/File:Link.ogg")])
-    rows, by_id = _outcomes(IngestParams(sources={"wikimedia": SourceParams(lists=[str(lst)], audio_root=str(root))}))
+    rows, by_id = _outcomes(dataclasses.replace(section("ingest"), sources={"wikimedia": section("ingest.sources.fma", lists=[str(lst)], audio_root=str(root))}))
     assert rows == [] and by_id["wikimedia:Link.ogg"].reason == OUTSIDE
     assert by_id["wikimedia:Link.ogg"].detail == (f"'Link.ogg' is a symlink ({root / 'Link.ogg'} -> {secret}) "
                                                   f"pointing outside the audio root {root}")
@@ -115,12 +117,12 @@ def test_download_never_writes_outside_the_root(tmp_path: Path, monkeypatch: pyt
         ("", "https://commons.wikimedia.org/wiki/File:..%2F..%2Fy.ogg"),
         ("", "https://commons.wikimedia.org/wiki/File:Fine.ogg"),
     ])
-    sp = SourceParams(lists=[str(lst)], audio_root=str(root),
+    sp = section("ingest.sources.fma", lists=[str(lst)], audio_root=str(root),
                       download_base_url=f"http://127.0.0.1:{srv.server_address[1]}/commons")
-    p = IngestParams(sources={"wikimedia": sp}, download=True)
+    p = dataclasses.replace(section("ingest"), sources={"wikimedia": sp}, download=True)
     p.downloads.retries = 0
     try:
-        assert stage.run(Params(ingest=p), argparse.Namespace(shard=None, resume=False)) == 0
+        assert stage.run(dataclasses.replace(repo_params(), ingest=p), argparse.Namespace(shard=None, resume=False)) == 0
     finally:
         srv.shutdown()
         srv.server_close()
@@ -135,7 +137,7 @@ def test_download_never_writes_outside_the_root(tmp_path: Path, monkeypatch: pyt
 def test_missing_audio_root_fails_naming_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog) -> None:
     monkeypatch.chdir(tmp_path)
     lst = _wikimedia_list(tmp_path / "W.md", [("Good.ogg", "https://commons.wikimedia.org/wiki/File:Good.ogg")])
-    p = IngestParams(sources={"wikimedia": SourceParams(lists=[str(lst)], audio_root="nowhere/w")})
-    assert stage.run(Params(ingest=p), argparse.Namespace(shard=None, resume=False)) == 2
+    p = dataclasses.replace(section("ingest"), sources={"wikimedia": section("ingest.sources.fma", lists=[str(lst)], audio_root="nowhere/w")})
+    assert stage.run(dataclasses.replace(repo_params(), ingest=p), argparse.Namespace(shard=None, resume=False)) == 2
     assert "ingest.sources.wikimedia.audio_root: nowhere/w does not exist" in caplog.text
     assert not Path("data/manifest.jsonl").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -14,14 +15,15 @@ from urllib.parse import unquote
 import pytest
 
 from pipeline.data.audio_resolution import download_url
-from pipeline.data.ingestion import ingest
+from pipeline.stages.ingest import ingest
 from pipeline.data.licenses import normalize_license
 from pipeline.data.manifest import read_manifest
 from pipeline.data.sources import SOURCES, fma, jamendo, wikimedia
 from pipeline.data.sources.base import Entry
 from pipeline.data.split import artist_group, split_of
-from pipeline.params import IngestParams, LicensePolicyParams, SourceParams, load_params
+from pipeline.params import IngestParams, SourceParams, load_params
 from pipeline.stages import ingest as stage
+from repo_params import repo_params, section
 
 REPO = Path(__file__).resolve().parents[1]
 FIX = REPO / "tests" / "fixtures" / "ingest"
@@ -122,7 +124,7 @@ def test_split_is_artist_disjoint_stable_and_near_ratio() -> None:
 
 
 def _params(sources: dict[str, SourceParams], **kw) -> IngestParams:
-    return IngestParams(sources=sources, val_ratio=kw.pop("val_ratio", 0.25), split_salt="t", **kw)
+    return dataclasses.replace(section("ingest"), sources=sources, val_ratio=kw.pop("val_ratio", 0.25), split_salt="t", **kw)
 
 
 def _touch(path: Path, data: bytes = b"audio") -> None:
@@ -135,13 +137,13 @@ def test_duplicates_across_lists_and_metadata_merge(tmp_path: Path) -> None:
     for rel in ("82/382.mp3", "48/948.mp3", "50/950.mp3", "39/11839.mp3"):
         _touch(root / rel)
     lic = str(FIX / "native" / "audio_licenses.txt")
-    sp = SourceParams(
-        lists=[lic],
+    sp = section(
+        "ingest.sources.fma", lists=[lic],
         metadata=[str(FIX / "native" / "autotagging_instrument.tsv"), str(FIX / "native" / "autotagging_moodtheme.tsv")],
         licenses_file=lic,
         audio_root=str(root),
     )
-    rows, outcomes, report = ingest(_params({"jamendo": sp}, policy=LicensePolicyParams(allow_by_sa=True)), progress=False)
+    rows, outcomes, report = ingest(_params({"jamendo": sp}, policy=section("ingest.policy", allow_by_sa=True)), progress=False)
     by_id = {r["track_id"]: r for r in rows}
     assert set(by_id) == {"jamendo:948", "jamendo:950"}
     assert by_id["jamendo:948"]["tags"] == ["instrument---synthesizer", "mood/theme---background"]
@@ -163,7 +165,7 @@ def test_same_audio_file_under_two_ids_is_a_duplicate(tmp_path: Path) -> None:
         encoding="utf-8",
     )
     _touch(tmp_path / "audio" / "Tune.opus")
-    rows, outcomes, _ = ingest(_params({"wikimedia": SourceParams(lists=[str(lst)], audio_root=str(tmp_path / "audio"))}), progress=False)
+    rows, outcomes, _ = ingest(_params({"wikimedia": section("ingest.sources.fma", lists=[str(lst)], audio_root=str(tmp_path / "audio"))}), progress=False)
     assert [r["track_id"] for r in rows] == ["wikimedia:Tune.ogg"]
     dup = next(o for o in outcomes if o.track_id == "wikimedia:Tune_(copy).ogg")
     assert dup.reason == "duplicate" and "same audio file" in dup.detail
@@ -172,15 +174,14 @@ def test_same_audio_file_under_two_ids_is_a_duplicate(tmp_path: Path) -> None:
 def test_bad_input_is_audited_with_file_and_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     sources = {
-        name: SourceParams(lists=[str(FIX / "odd" / f"{prefix}_SONGS_LICENSE.md")], audio_root=str(tmp_path / name))
+        name: section("ingest.sources.fma", lists=[str(FIX / "odd" / f"{prefix}_SONGS_LICENSE.md")], audio_root=str(tmp_path / name))
         for name, prefix in (("fma", "FMA"), ("jamendo", "MTG_JAMENDO"), ("wikimedia", "WIKIMEDIA"))
     }
     _touch(tmp_path / "fma" / "Cafe_Nights.ogg")  # BY-SA: excluded by default
     _touch(tmp_path / "jamendo" / "14" / "5014.low.mp3")  # public domain, low-bitrate copy
     _touch(tmp_path / "wikimedia" / "Café_Tune.opus")  # BY 2.5 nl port
-    from pipeline.params import Params
 
-    assert stage.run(Params(ingest=_params(sources)), ARGS) == 0
+    assert stage.run(dataclasses.replace(repo_params(), ingest=_params(sources)), ARGS) == 0
     rows = read_manifest("data/manifest.jsonl")
     assert {r["track_id"] for r in rows} == {"jamendo:5014", "wikimedia:Café_Tune.ogg"}
     assert next(r for r in rows if r["track_id"] == "jamendo:5014")["audio_path"].endswith("14/5014.low.mp3")
@@ -201,23 +202,22 @@ def test_bad_input_is_audited_with_file_and_line(tmp_path: Path, monkeypatch: py
 
 
 def test_missing_list_file_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog) -> None:
-    from pipeline.params import Params
 
     monkeypatch.chdir(tmp_path)
-    p = _params({"fma": SourceParams(lists=["nope/FMA.md"], audio_root="a")})
-    assert stage.run(Params(ingest=p), ARGS) == 2
+    p = _params({"fma": section("ingest.sources.fma", lists=["nope/FMA.md"], audio_root="a")})
+    assert stage.run(dataclasses.replace(repo_params(), ingest=p), ARGS) == 2
     assert "ingest.sources.fma.lists: nope/FMA.md not found" in caplog.text
 
 
 def test_download_url_choice() -> None:
     e = Entry(source="jamendo", track_id="jamendo:1", file="f", line=1, download_path="01/1.mp3")
-    assert download_url("jamendo", SourceParams(), e, {"download_base_url": "https://cdn.example/audio"}) == "https://cdn.example/audio/01/1.mp3"
-    assert download_url("jamendo", SourceParams(download_base_url="http://127.0.0.1:9/m/"), e, {"download_base_url": "x"}) == "http://127.0.0.1:9/m/01/1.mp3"
+    assert download_url("jamendo", section("ingest.sources.fma"), e, {"download_base_url": "https://cdn.example/audio"}) == "https://cdn.example/audio/01/1.mp3"
+    assert download_url("jamendo", section("ingest.sources.fma", download_base_url="http://127.0.0.1:9/m/"), e, {"download_base_url": "x"}) == "http://127.0.0.1:9/m/01/1.mp3"
     w = Entry(source="wikimedia", track_id="wikimedia:A b.ogg", file="f", line=1, download_path="Café tune.ogg")
-    assert download_url("wikimedia", SourceParams(), w, {}) == "https://commons.wikimedia.org/wiki/Special:FilePath/Caf%C3%A9%20tune.ogg"
+    assert download_url("wikimedia", section("ingest.sources.fma"), w, {}) == "https://commons.wikimedia.org/wiki/Special:FilePath/Caf%C3%A9%20tune.ogg"
     w.download_url = "https://upload.wikimedia.org/x/Caf%C3%A9.ogg"
-    assert download_url("wikimedia", SourceParams(), w, {}) == w.download_url
-    assert download_url("fma", SourceParams(), Entry(source="fma", track_id="fma:x", file="f", line=1, download_path="x.mp3"), {}) is None
+    assert download_url("wikimedia", section("ingest.sources.fma"), w, {}) == w.download_url
+    assert download_url("fma", section("ingest.sources.fma"), Entry(source="fma", track_id="fma:x", file="f", line=1, download_path="x.mp3"), {}) is None
 
 
 class _Files(BaseHTTPRequestHandler):
@@ -248,9 +248,9 @@ def test_download_missing_audio_from_local_server(tmp_path: Path) -> None:
     sums.write_text(f"{hashlib.sha256(b'a' * 3000).hexdigest()} 91/1091.mp3\n{'0' * 64} 93/1093.mp3\n")
     try:
         sources = {
-            "jamendo": SourceParams(lists=[str(FIX / "seed" / "MTG_JAMENDO_SONGS_LICENSE.md")], metadata=[str(sums)],
+            "jamendo": section("ingest.sources.fma", lists=[str(FIX / "seed" / "MTG_JAMENDO_SONGS_LICENSE.md")], metadata=[str(sums)],
                                     audio_root=str(tmp_path / "j"), download_base_url=f"{base}/mtg"),
-            "wikimedia": SourceParams(lists=[str(FIX / "seed" / "WIKIMEDIA_SONGS_LICENSE.md")], audio_root=str(tmp_path / "w"), download_base_url=f"{base}/commons"),
+            "wikimedia": section("ingest.sources.fma", lists=[str(FIX / "seed" / "WIKIMEDIA_SONGS_LICENSE.md")], audio_root=str(tmp_path / "w"), download_base_url=f"{base}/commons"),
         }
         p = _params(sources, download=True)
         p.downloads.retries, p.downloads.backoff_seconds, p.downloads.timeout_seconds = 1, 0.01, 5.0
@@ -281,7 +281,7 @@ def test_fma_list_and_metadata_csv_meet_by_page_url(tmp_path: Path) -> None:
         encoding="utf-8",
     )
     _touch(tmp_path / "audio" / "000" / "000140.mp3")  # FMA's own layout, known from the CSV
-    sp = SourceParams(lists=[str(lst)], metadata=[str(FIX / "native" / "raw_tracks.csv")], audio_root=str(tmp_path / "audio"))
+    sp = section("ingest.sources.fma", lists=[str(lst)], metadata=[str(FIX / "native" / "raw_tracks.csv")], audio_root=str(tmp_path / "audio"))
     rows, outcomes, report = ingest(_params({"fma": sp}), progress=False)
     (row,) = rows
     assert row["track_id"] == "fma:Field_Test/Demo_Album/Rooftops_at_Night"  # the list entry came first

@@ -45,7 +45,7 @@ def _index(models: Path, folder: Path, db: Path) -> int:
 @pytest.fixture(scope="module")
 def other_export(tiny_export: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The same student files, distilled (say) from the LAION checkpoint: another identity."""
-    from pipeline.models.export_bundle import stamp_identity
+    from pipeline.stages.export import stamp_identity
 
     out = tmp_path_factory.mktemp("other") / "export"
     shutil.copytree(tiny_export, out)

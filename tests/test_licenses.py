@@ -8,7 +8,7 @@ import pytest
 
 from pipeline.data.licenses import canonical_url, decide, family, normalize_license, short_name
 from pipeline.data.sources import SOURCES, fma, jamendo, song_source, wikimedia
-from pipeline.params import LicensePolicyParams
+from repo_params import section
 
 TABLE = [
     # CC0 and public domain
@@ -79,7 +79,7 @@ def test_family_version_and_urls_round_trip() -> None:
     assert short_name("LicenseRef-CC-BY-2.5-NL") == "CC BY 2.5 nl"
 
 
-DEFAULT = LicensePolicyParams()
+DEFAULT = section("ingest.policy")
 
 
 @pytest.mark.parametrize(
@@ -103,18 +103,18 @@ def test_default_policy(lid: str, allowed: bool) -> None:
 
 
 def test_policy_switches_and_reasons() -> None:
-    with_sa = LicensePolicyParams(allow_by_sa=True)
+    with_sa = section("ingest.policy", allow_by_sa=True)
     assert decide("CC-BY-SA-4.0", with_sa).allowed
     # NC-SA needs both switches: BY-SA alone is not enough
     ok, reason = decide("CC-BY-NC-SA-4.0", with_sa)
     assert not ok and "allow_nc" in reason and "allow_by_sa" not in reason
-    assert decide("CC-BY-NC-SA-4.0", LicensePolicyParams(allow_by_sa=True, allow_nc=True)).allowed
+    assert decide("CC-BY-NC-SA-4.0", section("ingest.policy", allow_by_sa=True, allow_nc=True)).allowed
     assert decide("unknown", DEFAULT).reason == "unknown licence"
-    assert decide("unknown", LicensePolicyParams(allow_unknown=True)).allowed
-    no_pd = LicensePolicyParams(allow_public_domain=False)
+    assert decide("unknown", section("ingest.policy", allow_unknown=True)).allowed
+    no_pd = section("ingest.policy", allow_public_domain=False)
     ok, reason = decide("public-domain", no_pd)
     assert not ok and "allow_public_domain" in reason
-    assert not decide("CC-BY-4.0", LicensePolicyParams(allow_by=False)).allowed
+    assert not decide("CC-BY-4.0", section("ingest.policy", allow_by=False)).allowed
 
 
 ROWS = {

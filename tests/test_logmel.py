@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from pipeline.data.frontends import StudentMel
-from pipeline.params import StudentFrontendParams
 from student_clap.logmel import KIND, LogMel
+from repo_params import section
 
 pytest.importorskip("scipy.fft", reason="the numpy front-end needs scipy.fft")
 
@@ -16,7 +16,7 @@ pytest.importorskip("scipy.fft", reason="the numpy front-end needs scipy.fft")
 def _spec(**change) -> dict:
     import dataclasses
 
-    return {"kind": KIND, **dataclasses.asdict(StudentFrontendParams(**change))}
+    return {"kind": KIND, **dataclasses.asdict(section("frontend.student", **change))}
 
 
 @pytest.mark.parametrize("n", [6400, 32000 * 3 + 17, 320 * 700])  # an edge excerpt, an odd length, 700 frames
@@ -26,7 +26,7 @@ def test_logmel_equals_the_torch_front_end(n):
     wave = np.concatenate([rng.uniform(-0.6, 0.6, n // 2), 1e-3 * rng.standard_normal(n // 4), np.zeros(n - n // 2 - n // 4)])
     waves = np.stack([wave, wave[::-1]]).astype(np.float32)
     with torch.no_grad():
-        want = StudentMel(StudentFrontendParams()).eval()(torch.from_numpy(waves)).numpy()
+        want = StudentMel(section("frontend.student")).eval()(torch.from_numpy(waves)).numpy()
     got = LogMel.from_spec(_spec())(waves)
     assert got.shape == want.shape == (2, 128, 1 + (n - 1) // 320)
     assert got.dtype == np.float32
@@ -35,7 +35,7 @@ def test_logmel_equals_the_torch_front_end(n):
 
 def test_logmel_follows_its_parameters():
     wave = np.random.default_rng(0).uniform(-0.5, 0.5, (1, 32000)).astype(np.float32)
-    p = StudentFrontendParams(n_mels=64, hop_length=160, preemphasis=0.9, f_max=8000.0)
+    p = section("frontend.student", n_mels=64, hop_length=160, preemphasis=0.9, f_max=8000.0)
     with torch.no_grad():
         want = StudentMel(p).eval()(torch.from_numpy(wave)).numpy()
     got = LogMel.from_spec(_spec(n_mels=64, hop_length=160, preemphasis=0.9, f_max=8000.0))(wave)

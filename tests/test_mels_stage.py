@@ -17,12 +17,14 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+import yaml
 
 from pipeline.data import mel_cache
 from pipeline.data.frontends import StudentMel, TeacherMel
 from pipeline.params import Params
 from pipeline.stages import mels as stage
 from student_clap.audio import cut, decode_int16, int16_to_float, map_starts, resample_int16, segment_starts
+from repo_params import params_tree, repo_params
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -69,7 +71,7 @@ def bad_tracks(root: Path) -> list[tuple[str, str]]:
 
 
 def params(workers: int = 1, max_failure_ratio: float = 0.5) -> Params:
-    p = Params()
+    p = repo_params()
     p.mels.workers = workers
     p.mels.max_failure_ratio = max_failure_ratio
     return p
@@ -244,7 +246,7 @@ def test_sigkill_mid_run_then_resume_loses_and_duplicates_nothing(tmp_path):
         sf.write(audio / f"{i}.wav", music(22050, 20.0, 10 + i), 22050, subtype="PCM_16")
         items.append((f"k:{i}", f"audio/{i}.wav"))
     write_manifest(tmp_path, items[:2])
-    (tmp_path / "params.yaml").write_text("mels:\n  workers: 1\n")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params_tree({"mels": {"workers": 1}})))
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "pipeline.cli", "run", "mels", "--params", "params.yaml"]
     # a finished cache of the first two tracks ...

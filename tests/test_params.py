@@ -3,7 +3,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.params import Params, ParamsError, load_params, params_from_dict
+from pipeline.params import Params, ParamsError, load_params
+from repo_params import params_tree, repo_params
 
 
 def test_repo_params_load_and_cover_every_section(repo_root: Path) -> None:
@@ -18,7 +19,7 @@ def test_repo_params_load_and_cover_every_section(repo_root: Path) -> None:
 
 def test_unknown_key_names_its_dotted_path() -> None:
     with pytest.raises(ParamsError, match=r"distill_audio\.loss\.kindd"):
-        params_from_dict({"distill_audio": {"loss": {"kindd": "cosine"}}})
+        repo_params({"distill_audio": {"loss": {"kindd": "cosine"}}})
 
 
 @pytest.mark.parametrize(
@@ -34,14 +35,27 @@ def test_unknown_key_names_its_dotted_path() -> None:
 )
 def test_wrong_types_are_refused_with_the_field(data: dict, field: str) -> None:
     with pytest.raises(ParamsError, match=field.replace(".", r"\.")):
-        params_from_dict(data)
+        repo_params(data)
 
 
-def test_ints_are_accepted_for_floats_and_defaults_fill_gaps() -> None:
-    params = params_from_dict({"distill_audio": {"lr": 1}, "ingest": {"sources": {"x": {}}}})
+def test_ints_are_accepted_for_floats() -> None:
+    params = repo_params({"distill_audio": {"lr": 1}})
     assert params.distill_audio.lr == 1.0 and isinstance(params.distill_audio.lr, float)
-    assert params.ingest.sources["x"].lists == []
-    assert params.distill_text.epochs == Params().distill_text.epochs
+
+
+@pytest.mark.parametrize("missing", ["distill_text", "distill_audio.epochs", "ingest.sources.fma.metadata"])
+def test_a_missing_key_is_an_error_naming_it_and_params_yaml(missing: str, tmp_path: Path) -> None:
+    """There are no defaults in code: a key left out of params.yaml is refused, never filled in."""
+    tree = params_tree()
+    *parents, last = missing.split(".")
+    node = tree
+    for part in parents:
+        node = node[part]
+    del node[last]
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(tree), encoding="utf-8")
+    with pytest.raises(ParamsError, match=rf"params\.yaml: missing key\(s\) {missing.replace('.', r'[.]')}: params\.yaml sets every key"):
+        load_params(path)
 
 
 def test_load_params_errors_name_the_file(tmp_path: Path) -> None:
@@ -61,7 +75,7 @@ def test_load_params_errors_name_the_file(tmp_path: Path) -> None:
 def test_restricted_view_allows_declared_and_refuses_the_rest() -> None:
     from pipeline.params import restrict
 
-    view = restrict(Params(), ["distill_audio", "teacher.batch_size", "frontend.student"], "demo_stage")
+    view = restrict(repo_params(), ["distill_audio", "teacher.batch_size", "frontend.student"], "demo_stage")
     assert view.distill_audio.loss.kind == "cosine"
     assert view.teacher.batch_size == 8
     assert view.frontend.student.n_mels == 128

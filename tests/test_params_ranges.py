@@ -1,4 +1,4 @@
-"""Ranges and relations of params are checked at load and name the dotted field; a missing section
+"""Ranges and relations of params are checked at load and name the dotted field; a missing key
 is an error; `student-clap check` validates params and inputs without running a stage."""
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ import pytest
 import yaml
 
 from pipeline.cli import main as cli_main
-from pipeline.params import RANGES, RELATIONS, ParamsError, params_from_dict
+from pipeline.params import RANGES, RELATIONS, ParamsError
+from repo_params import repo_params
 
 
 @pytest.mark.parametrize(
@@ -37,13 +38,13 @@ from pipeline.params import RANGES, RELATIONS, ParamsError, params_from_dict
 )
 def test_out_of_range_values_name_themselves(data: dict, message: str) -> None:
     with pytest.raises(ParamsError) as err:
-        params_from_dict(data)
+        repo_params(data)
     assert message in str(err.value)
 
 
 def test_every_problem_is_reported_at_once() -> None:
     with pytest.raises(ParamsError) as err:
-        params_from_dict({"distill_audio": {"epochs": 0, "lr": 0}, "evaluate": {"top_k": 0}})
+        repo_params({"distill_audio": {"epochs": 0, "lr": 0}, "evaluate": {"top_k": 0}})
     assert len(str(err.value).splitlines()) == 3
 
 
@@ -56,18 +57,6 @@ def test_range_table_names_real_numeric_fields() -> None:
         hint = typing.get_type_hints(cls)[name]
         numeric = {hint} if hint in (int, float) else set(typing.get_args(hint)) & {int, float}
         assert numeric, f"{cls.__name__}.{name}"
-
-
-def test_keys_without_a_default_must_be_written() -> None:
-    with pytest.raises(ParamsError, match=r"missing key\(s\) ingest\.sources: params.yaml must set them"):
-        params_from_dict({"ingest": {"val_ratio": 0.1}})
-
-
-def test_a_missing_section_without_defaults_fails_when_read() -> None:
-    params = params_from_dict({"audio": {"sample_rate": 48000}})
-    assert params.audio.sample_rate == 48000
-    with pytest.raises(ParamsError, match=r"text_queries\.terms: the text_queries section is missing"):
-        params.text_queries.terms
 
 
 def _project(tmp_path: Path, repo_root: Path, edit=None) -> Path:
@@ -83,7 +72,7 @@ def test_run_refuses_a_missing_section(tmp_path: Path, repo_root: Path, monkeypa
     monkeypatch.chdir(tmp_path)
     params = _project(tmp_path, repo_root, lambda d: d.pop("distill_text"))
     assert cli_main(["run", "distill_text", "--params", str(params)]) == 2
-    assert "missing section(s) distill_text" in caplog.text
+    assert "missing key(s) distill_text" in caplog.text
     assert not (tmp_path / "models").exists()  # nothing ran
 
 
@@ -106,7 +95,7 @@ def test_check_lists_every_problem_without_running(tmp_path: Path, repo_root: Pa
 
     params = _project(tmp_path, repo_root, lambda d: d.pop("mels"))
     assert cli_main(["check", "--params", str(params)]) == 1
-    assert "missing section(s) mels" in capsys.readouterr().out
+    assert "missing key(s) mels" in capsys.readouterr().out
     params = _project(tmp_path, repo_root, lambda d: d["distill_audio"].update(epochs=-1))
     assert cli_main(["check", "--params", str(params)]) == 1
     assert "distill_audio.epochs: must be >= 1, got -1" in capsys.readouterr().out

@@ -16,6 +16,7 @@ from pipeline.data.queries import (
     load_terms,
     split_into_terms,
 )
+from repo_params import section
 
 TERMS = {
     "Genre": ["Rock", "Jazz", "Hip-Hop", "Folk", "Blues", "Hard Rock"],
@@ -29,8 +30,8 @@ TERMS = {
 def params(tmp_path: Path) -> TextQueryParams:
     path = tmp_path / "terms.json"
     path.write_text(json.dumps(TERMS), encoding="utf-8")
-    return TextQueryParams(
-        terms=str(path), n_train=300, n_val=40, held_out_terms_per_category=1, seed=3, single_terms=False,
+    return section(
+        "text_queries", terms=str(path), n_train=300, n_val=40, held_out_terms_per_category=1, seed=3, single_terms=False,
         free_phrasings=["a calm piano song", "a calm piano song", "slow jazz"], eval_prompts=["piano"],
     )
 

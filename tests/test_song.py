@@ -21,9 +21,9 @@ import soundfile as sf
 import torch
 
 from pipeline.data.frontends import StudentMel
-from pipeline.models import audio_export, export_bundle, song_export
+from pipeline.models import audio_export, song_export
+from pipeline.stages import export as export_stage
 from pipeline.models.audio_student import build_audio_student
-from pipeline.params import StudentFrontendParams
 from student_clap import song as song_rt
 from student_clap.audio import (
     AudioDecodeError,
@@ -38,6 +38,7 @@ from student_clap.embed import AUDIO_EXTENSIONS, open_audio_embedder
 from student_clap.index import read_index
 from student_clap.reference import SegmentEmbedder
 from student_clap.spec import load_spec
+from repo_params import section
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
@@ -97,8 +98,8 @@ def songs(tmp_path_factory) -> list[Path]:
 def exported(tmp_path_factory, songs) -> Path:
     out = tmp_path_factory.mktemp("export")
     torch.manual_seed(0)
-    student = build_audio_student({"backbone": "mn04_as"}).eval()
-    fe = StudentMel(StudentFrontendParams()).eval()
+    student = build_audio_student({"backbone": "mn04_as", "dropout": 0.1}).eval()
+    fe = StudentMel(section("frontend.student")).eval()
     with torch.no_grad():
         mels = torch.cat([fe(torch.from_numpy(int16_to_float(segments(decode_int16(p, SR), SR, SEG_S, HOP_S))))
                           for p in songs])
@@ -112,7 +113,7 @@ def exported(tmp_path_factory, songs) -> Path:
     audio = audio_export.audio_spec(info, sample_rate=SR, segment_seconds=SEG_S, hop_seconds=HOP_S, segment_samples=seg,
                                     quantized=False, decode_sample_rate=48000)
     audio["song"] = song_export.song_spec(song_info, True)
-    (out / export_bundle.SPEC).write_text(__import__("json").dumps({"version": export_bundle.SPEC_VERSION, "embedding_dim": 512,
+    (out / export_stage.SPEC).write_text(__import__("json").dumps({"version": export_stage.SPEC_VERSION, "embedding_dim": 512,
                                                                     "skipped": {}, "audio": audio}))
     return out
 
@@ -231,9 +232,8 @@ def test_decode_at_the_student_rate_gives_the_mel_cache_samples(tmp_path, fmt, s
 def test_int8_calibration_takes_training_mels_and_holds_out_validation_mels(tmp_path):
     from pipeline.data import mel_cache as store
     from pipeline.data.manifest import write_manifest
-    from pipeline.params import AudioParams, FrontendParams
 
-    params = store.cache_params(AudioParams(segment_seconds=0.1, hop_seconds=0.05), FrontendParams(), 0.0)
+    params = store.cache_params(section("audio", segment_seconds=0.1, hop_seconds=0.05), section("frontend"), 0.0)
     (tf, tm), (sm, sf_) = store.mel_shapes(params)
     w = store.PartWriter(tmp_path / "parts", params, store.Compression())
     rows = []

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from pipeline.data import mel_cache
-from pipeline.params import AudioParams, FrontendParams
 from pipeline.data.mel_cache import CacheMismatchError, Compression, MelCache, PartWriter, TrackRecord
+from repo_params import repo_params, section
 
 
 STEPS = {"teacher_db": 0.05, "student": 0.005}
@@ -22,8 +22,8 @@ STEPS = {"teacher_db": 0.05, "student": 0.005}
 def small_params(precision: dict | None = None) -> dict:
     """0.1-s segments keep arrays tiny: teacher [11, 64], student [128, 10]; full float16 unless
     a precision is given."""
-    audio = AudioParams(segment_seconds=0.1, hop_seconds=0.05)
-    return mel_cache.cache_params(audio, FrontendParams(), 0.0, precision)
+    audio = section("audio", segment_seconds=0.1, hop_seconds=0.05)
+    return mel_cache.cache_params(audio, section("frontend"), 0.0, precision)
 
 
 def fake_track(rng: np.random.Generator, n: int, shapes) -> tuple[np.ndarray, np.ndarray]:
@@ -46,7 +46,7 @@ def write_part(parts_dir, params, tracks, compression=Compression("gzip", 4, Tru
 
 
 def test_mel_shapes_of_the_default_params():
-    params = mel_cache.cache_params(AudioParams(), FrontendParams())
+    params = mel_cache.cache_params(section("audio"), section("frontend"))
     assert mel_cache.mel_shapes(params) == ((1001, 64), (128, 1000))
 
 
@@ -249,7 +249,6 @@ def computed(tmp_path_factory):
     import soundfile as sf
 
     from pipeline.data.mel_extraction import TrackJob, TrackProcessor
-    from pipeline.params import Params
 
     root = tmp_path_factory.mktemp("computed")
     rng = np.random.default_rng(7)
@@ -258,7 +257,7 @@ def computed(tmp_path_factory):
         x = 0.3 * np.sin(2 * np.pi * 220 * t * (1 + 0.1 * np.sin(t))) * (0.5 + 0.5 * np.sin(0.7 * t)) \
             + 0.02 * rng.standard_normal(len(t))
         sf.write(root / f"{name}.wav", x.astype(np.float32), 44100, subtype="PCM_16")
-    p = Params()
+    p = repo_params()
     cparams = mel_cache.cache_params(p.audio, p.frontend, 0.0)
     proc = TrackProcessor({"params": cparams})
     old = {}

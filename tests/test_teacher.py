@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.params import DemoTeacherParams, Params, TeacherModelParams
 from pipeline.teacher.model import (
     TEXT_MAX_LENGTH,
     TeacherError,
@@ -17,11 +16,12 @@ from pipeline.teacher.model import (
     load_teacher,
     sha256_file,
 )
+from repo_params import repo_params, section
 
 
 @pytest.fixture(scope="module")
 def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_demo_teacher(TeacherModelParams(), tmp_path_factory.mktemp("teacher") / "models" / "teacher")
+    return build_demo_teacher(section("teacher.model"), tmp_path_factory.mktemp("teacher") / "models" / "teacher")
 
 
 @pytest.fixture(scope="module")
@@ -51,10 +51,10 @@ def test_demo_teacher_files_and_provenance(demo_dir: Path) -> None:
 
 
 def test_demo_teacher_is_deterministic_and_seeded(tmp_path: Path, demo_dir: Path) -> None:
-    again = build_demo_teacher(TeacherModelParams(), tmp_path / "again")
+    again = build_demo_teacher(section("teacher.model"), tmp_path / "again")
     for name in ("model.safetensors", "tokenizer.json", "config.json"):
         assert sha256_file(again / name) == sha256_file(demo_dir / name), name
-    other = build_demo_teacher(TeacherModelParams(demo=DemoTeacherParams(seed=1)), tmp_path / "other")
+    other = build_demo_teacher(section("teacher.model", demo={"seed": 1}), tmp_path / "other")
     assert sha256_file(other / "model.safetensors") != sha256_file(demo_dir / "model.safetensors")
 
 
@@ -136,7 +136,7 @@ def test_bf16_on_cpu_falls_back_to_fp32(demo_dir: Path, caplog: pytest.LogCaptur
 def test_teacher_model_stage_builds_demo_random(tmp_path: Path, demo_dir: Path) -> None:
     from pipeline.stages import teacher_model
 
-    params = Params()
+    params = repo_params()
     params.teacher.model.source = "demo_random"
     params.teacher.model.dir = str(tmp_path / "teacher")
     assert teacher_model.run(params, argparse.Namespace(shard=None, resume=False)) == 0
@@ -148,7 +148,7 @@ def test_teacher_model_stage_names_missing_checkpoint_files(
 ) -> None:
     from pipeline.stages import teacher_model
 
-    params = Params()
+    params = repo_params()
     params.teacher.model.source = "checkpoint"
     params.teacher.model.dir = str(tmp_path / "teacher")
     params.teacher.model.checkpoint = str(tmp_path / "src" / "music.pt")

@@ -31,6 +31,7 @@ from pipeline.teacher.convert import (
     text_config_from,
     verify_checkpoint,
 )
+from repo_params import repo_params
 
 KEYS = Path(__file__).resolve().parent / "fixtures" / "teacher" / "laion_htsat_base_keys.txt"
 SMALL_ROBERTA = {
@@ -237,13 +238,12 @@ def test_hostile_pickle_never_runs_through_convert(
 def test_hostile_pickle_never_runs_through_the_stage(
     tmp_path: Path, tokenizer_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from pipeline.params import Params
     from pipeline.stages import teacher_model
 
     marker = tmp_path / "pwned"
     ckpt = tmp_path / "evil.pt"
     sha = _hostile_checkpoint(ckpt, marker)
-    params = Params()
+    params = repo_params()
     p = params.teacher.model
     p.source, p.checkpoint, p.tokenizer_dir, p.dir = "checkpoint", str(ckpt), str(tokenizer_dir), str(tmp_path / "t")
     ns = argparse.Namespace(shard=None, resume=False)
@@ -276,12 +276,11 @@ def test_cli_reports_bad_checkpoint(tmp_path: Path, tokenizer_dir: Path, caplog:
 def test_teacher_model_stage_converts_and_verifies_sha256(
     tmp_path: Path, tokenizer_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from pipeline.params import Params
     from pipeline.stages import teacher_model
 
     ckpt = tmp_path / "music.pt"
     torch.save({"state_dict": {f"module.{k}": v for k, v in laion_state(seed=3).items()}}, ckpt)
-    params = Params()
+    params = repo_params()
     p = params.teacher.model
     p.source, p.checkpoint, p.tokenizer_dir, p.dir = "checkpoint", str(ckpt), str(tokenizer_dir), str(tmp_path / "t")
     p.checkpoint_sha256 = "f" * 64

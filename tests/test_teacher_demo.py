@@ -16,8 +16,9 @@ import torch
 import yaml
 
 from pipeline.data.demo_audio import INSTRUMENTS, SONGS, Music, caption, fits, tags
-from pipeline.params import DemoTeacherParams, DemoTrainParams, Params, load_params
+from pipeline.params import load_params
 from pipeline.teacher.model import TeacherError, load_teacher, sha256_file
+from repo_params import repo_params, section
 
 REPO = Path(__file__).resolve().parents[1]
 TEACHER = REPO / "data" / "demo" / "teacher"
@@ -102,7 +103,7 @@ def test_committed_teacher_knows_the_attributes_on_fresh_clips() -> None:
     torch.set_num_threads(2)
     teacher = load_teacher(_committed())
     specs = plan_clips(64, 7_777, codec_share=0.5)
-    acc = zero_shot(teacher.model, teacher.tokenizer, clip_mels(specs), [s.music for s in specs])
+    acc = zero_shot(teacher.model, teacher.tokenizer, clip_mels(specs, section("frontend.teacher")), [s.music for s in specs])
     assert acc["instrument"] >= 0.8, acc
     assert acc["tempo"] >= 0.8, acc
     assert acc["drums"] >= 0.9, acc
@@ -155,10 +156,10 @@ def test_reduced_retrain_learns(tmp_path: Path) -> None:
     """A tiny teacher on few clips: held-out accuracy clearly above chance within seconds of CPU."""
     from pipeline.teacher.demo import train_demo_teacher
 
-    d = DemoTeacherParams(audio_depths=[1, 1], audio_heads=[1, 2], audio_patch_hidden=16, text_hidden=32,
+    d = section("teacher.model.demo", audio_depths=[1, 1], audio_heads=[1, 2], audio_patch_hidden=16, text_hidden=32,
                           text_layers=1, text_heads=2, text_intermediate=64, vocab_size=700)
-    t = DemoTrainParams(clips=96, val_clips=48, epochs=8, batch_size=16, codec_share=0.0)
-    report = train_demo_teacher(d, t, None, tmp_path / "teacher", instruments=("organ", "bell"))
+    t = section("teacher.model.demo.train", clips=96, val_clips=48, epochs=8, batch_size=16, codec_share=0.0)
+    report = train_demo_teacher(d, t, section("frontend.teacher"), None, tmp_path / "teacher", instruments=("organ", "bell"))
     acc = report["held_out_zero_shot"]
     assert report["loss_per_epoch"][-1] < report["loss_per_epoch"][0]
     assert acc["instrument"] >= 0.75, report
@@ -173,7 +174,7 @@ def test_teacher_model_stage_installs_and_verifies_the_trained_teacher(tmp_path:
     from pipeline.stages import teacher_model
 
     src = _committed()
-    params = Params()
+    params = repo_params()
     params.teacher.model.dir = str(tmp_path / "teacher")
     params.teacher.model.demo.weights_dir = str(src)
     params.teacher.model.demo.weights_sha256 = sha256_file(src / "model.safetensors")
@@ -197,7 +198,7 @@ def test_teacher_model_stage_installs_and_verifies_the_trained_teacher(tmp_path:
 def test_install_names_a_missing_teacher_folder(tmp_path: Path) -> None:
     from pipeline.teacher.model import install_demo_teacher
 
-    p = Params().teacher.model
+    p = repo_params().teacher.model
     p.demo.weights_dir = str(tmp_path / "nowhere")
     p.demo.weights_sha256 = "0" * 64
     with pytest.raises(TeacherError, match="student-clap demo teacher"):

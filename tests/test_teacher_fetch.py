@@ -22,6 +22,7 @@ import yaml
 
 from pipeline.teacher.model import build_demo_tokenizer
 from pipeline.teacher.fetch import main
+from repo_params import params_tree, repo_params, section
 
 REPO = Path(__file__).resolve().parents[1]
 CHECKPOINT_BYTES = b"not really a checkpoint, but bytes with a known sha256\n" * 1000
@@ -116,7 +117,9 @@ def _params(tmp_path: Path, hub_files, *, ckpt_sha: str | None = None, tok_sha: 
     data = {"teacher": {"model": model},
             "ingest": {"sources": {}, "downloads": {"retries": 0, "backoff_seconds": 0.01, "timeout_seconds": 5.0}}}
     path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump(data))
+    tree = params_tree(data)
+    tree["teacher"]["model"]["tokenizer_sha256"] = model["tokenizer_sha256"]  # replaced, not merged
+    path.write_text(yaml.safe_dump(tree))
     return path
 
 
@@ -242,24 +245,22 @@ def test_truncated_tokenizer_is_refused(
 
 
 def test_stage_fetches_nothing_for_the_demo_teacher(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from pipeline.params import DownloadParams, Params
     from pipeline.teacher.fetch import fetch_stage
 
-    p = Params().teacher.model  # source: demo
-    fetch_stage(p, DownloadParams(), tmp_path / "teacher_src")
+    p = repo_params().teacher.model  # source: demo
+    fetch_stage(p, section("ingest.downloads"), tmp_path / "teacher_src")
     assert json.loads((tmp_path / "teacher_src" / "fetch.json").read_text())["teacher_source"] == "demo"
     assert [f.name for f in (tmp_path / "teacher_src").iterdir()] == ["fetch.json"]
 
 
 def test_stage_refuses_files_outside_the_tracked_folder(tmp_path: Path) -> None:
-    from pipeline.params import DownloadParams, Params
     from pipeline.teacher.fetch import FetchError, fetch_stage
 
-    params = Params()
+    params = repo_params()
     p = params.teacher.model
     p.source, p.checkpoint = "checkpoint", str(tmp_path / "elsewhere" / "music.pt")
     with pytest.raises(FetchError, match=r"teacher\.model\.checkpoint: .* is outside"):
-        fetch_stage(p, DownloadParams(), tmp_path / "teacher_src")
+        fetch_stage(p, section("ingest.downloads"), tmp_path / "teacher_src")
 
 
 def test_a_wrong_file_in_place_is_replaced_by_the_pinned_one(

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from repo_params import section
 
 HERE = Path(__file__).resolve().parent
 MIN_COSINE = 0.9999
@@ -92,11 +93,10 @@ def teacher(oracle: dict):
 
 def test_audio_embeddings_match_laion_clap(oracle: dict, teacher) -> None:
     from pipeline.data.frontends import TeacherMel
-    from pipeline.params import TeacherFrontendParams
     from student_clap.audio import int16_to_float, to_int16
 
     waves = int16_to_float(to_int16(_waves()))  # what student_clap.audio.decode hands the mel stage
-    mels = TeacherMel(TeacherFrontendParams())(torch.from_numpy(waves))
+    mels = TeacherMel(section("frontend.teacher"))(torch.from_numpy(waves))
     assert tuple(mels.shape) == (len(waves), 1001, 64)
     ours = teacher.embed_mels(mels).numpy()
     cosine = (ours * oracle["audio"]).sum(axis=1) / np.linalg.norm(oracle["audio"], axis=1)

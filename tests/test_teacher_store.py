@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from pipeline.data.teacher_cache import EmbeddingStoreError, TeacherCache, merge_shards, partial_path, shard_path
-from pipeline.params import TeacherModelParams
 from pipeline.stages.teacher import build_embeddings
 from pipeline.teacher.model import build_demo_teacher, load_teacher
+from repo_params import section
 
 TRACK_LENGTHS = (2, 1, 4, 3)  # segments per track
 QUERIES = {"train": ["piano", "calm rock", "jazz, SAX"], "eval_prompts": ["piano", "drums"], "val_free": []}
@@ -46,7 +46,7 @@ class ArrayMelCache:
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory: pytest.TempPathFactory):
     torch.set_num_threads(1)
-    return load_teacher(build_demo_teacher(TeacherModelParams(), tmp_path_factory.mktemp("t") / "teacher"))
+    return load_teacher(build_demo_teacher(section("teacher.model"), tmp_path_factory.mktemp("t") / "teacher"))
 
 
 @pytest.fixture(scope="module")

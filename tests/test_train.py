@@ -3,6 +3,7 @@ plateau schedule, DVCLive output, losses."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -13,10 +14,11 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from pipeline.training.losses import DistillLoss, relational_loss
-from pipeline.params import LossParams, PlateauParams
+from pipeline.params import LossParams
 from pipeline.training.checkpoint import CheckpointError, load_checkpoint
 from pipeline.training import schedule
 from pipeline.training.loop import TrainConfig, fit, resolve_num_workers
+from repo_params import section
 
 
 class ToyStudent(nn.Module):
@@ -70,22 +72,32 @@ class ToyTask:
         return dict(self.model.config)
 
 
+def _loss(**kw) -> LossParams:
+    """params.yaml's text-student loss with some keys changed (unchecked: DistillLoss checks its own)."""
+    return dataclasses.replace(section("distill_text.loss"), **kw)
+
+
+def train_config(tmp: Path, *, resume: bool = False, live: bool = True, **knobs) -> TrainConfig:
+    """The text student's params section (the loop reads it as it is) with the toy's knobs; a value
+    the params ranges refuse still reaches the loop, whose own checks are under test."""
+    knobs.setdefault("scheduler", section("distill_text.scheduler", patience=1, min_lr=1e-5))
+    p = dataclasses.replace(section("distill_text"), **knobs)
+    return TrainConfig(p, tmp / "ckpt", "cosine", tmp / "live" if live else None, device="cpu", num_workers=0,
+                       precision="fp32", channels_last=False, compile=False, resume=resume)
+
+
 def _cfg(tmp: Path, **kw) -> TrainConfig:
-    base = dict(
-        epochs=3, stage2_epochs=1, batch_size=16, lr=0.03, stage2_lr=0.005, weight_decay=1e-4, grad_clip=1.0,
-        ckpt_dir=tmp / "ckpt", live_dir=tmp / "live", monitor="cosine", seed=3,
-        scheduler=PlateauParams(mode="max", factor=0.5, patience=1, threshold=1e-4, min_lr=1e-5),
-        params={"toy": True},
-    )
-    base.update(kw)
-    return TrainConfig(**base)
+    base = dict(epochs=3, stage2_epochs=1, batch_size=16, lr=0.03, stage2_lr=0.005, weight_decay=1e-4, grad_clip=1.0,
+                seed=3, threads=0)
+    return train_config(tmp, **{**base, **kw})
 
 
 def test_learns_and_writes_checkpoints_and_plots(tmp_path: Path) -> None:
     task = ToyTask()
     with torch.no_grad():
         before = task.validate(task.model.eval())["cosine"]
-    res = fit(task, _cfg(tmp_path, epochs=6, stage2_epochs=0))
+    cfg = _cfg(tmp_path, epochs=6, stage2_epochs=0)
+    res = fit(task, cfg)
     assert res.best_metrics["val/cosine"] > before + 0.2
     assert [h["epoch"] for h in res.history] == list(range(1, 7))
     ck = tmp_path / "ckpt"
@@ -94,7 +106,7 @@ def test_learns_and_writes_checkpoints_and_plots(tmp_path: Path) -> None:
     latest = load_checkpoint(ck / "latest.pt")  # weights_only=True
     for key in ("model", "optimizer", "scheduler", "epoch", "metrics", "params", "rng", "config", "history"):
         assert key in latest
-    assert latest["params"] == {"toy": True}
+    assert latest["params"] == dataclasses.asdict(cfg.p) and latest["params"]["epochs"] == 6
     assert set(latest["rng"][0]) >= {"python", "numpy", "torch"}
     best = load_checkpoint(ck / "best.pt")
     assert best["epoch"] == res.best_epoch
@@ -175,7 +187,7 @@ def test_stage2_trains_head_only(tmp_path: Path) -> None:
 
 
 def test_plateau_halves_lr_down_to_min(tmp_path: Path) -> None:
-    sched = PlateauParams(mode="max", factor=0.5, patience=0, threshold=1e-4, min_lr=0.00375)
+    sched = section("distill_text.scheduler", mode="max", factor=0.5, patience=0, threshold=1e-4, min_lr=0.00375)
     res = fit(ToyTask(constant_val=True), _cfg(tmp_path, epochs=5, stage2_epochs=0, scheduler=sched))
     assert [h["lr"] for h in res.history] == pytest.approx([0.03, 0.03, 0.015, 0.0075, 0.00375])
 
@@ -204,28 +216,28 @@ def test_batch_must_split_over_ranks_and_epochs_needed(tmp_path: Path) -> None:
 
 
 def test_cosine_loss_has_no_learnable_scale() -> None:
-    assert list(DistillLoss(LossParams(kind="cosine")).parameters()) == []
-    assert list(DistillLoss(LossParams(kind="mse")).parameters()) == []
-    loss = DistillLoss(LossParams(kind="cosine", contrastive_weight=0.5, contrastive_logit_scale=math.log(10)))
+    assert list(DistillLoss(_loss(kind="cosine")).parameters()) == []
+    assert list(DistillLoss(_loss(kind="mse")).parameters()) == []
+    loss = DistillLoss(_loss(kind="cosine", contrastive_weight=0.5, contrastive_logit_scale=math.log(10)))
     assert [p.numel() for p in loss.parameters()] == [1]
 
 
 def test_loss_values() -> None:
     s = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
     t = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
-    cos, stats = DistillLoss(LossParams(kind="cosine", temperature=0.5))(s, t)
+    cos, stats = DistillLoss(_loss(kind="cosine", temperature=0.5))(s, t)
     assert float(cos) == pytest.approx(-(1 + 0) / 2 / 0.5)
     assert stats["cosine"] == pytest.approx(0.5)
-    mse, _ = DistillLoss(LossParams(kind="mse"))(s, t)
+    mse, _ = DistillLoss(_loss(kind="mse"))(s, t)
     assert float(mse) == pytest.approx((0 + 2) / 4)  # [0,1] vs [1,0]: squared error 2 over 4 entries
-    raw, _ = DistillLoss(LossParams(kind="mse_raw"))(s, t)
+    raw, _ = DistillLoss(_loss(kind="mse_raw"))(s, t)
     assert float(raw) == pytest.approx((0 + 1 + 4) / 4)
     with pytest.raises(ValueError, match="temperature"):
-        DistillLoss(LossParams(temperature=0.0))
+        DistillLoss(_loss(temperature=0.0))
 
 
 def test_contrastive_term_prefers_matching_rows() -> None:
-    p = LossParams(kind="cosine", contrastive_weight=1.0, contrastive_logit_scale=math.log(20))
+    p = _loss(kind="cosine", contrastive_weight=1.0, contrastive_logit_scale=math.log(20))
     fn = DistillLoss(p)
     t = F.normalize(torch.randn(6, 8, generator=torch.Generator().manual_seed(0)), dim=-1)
     matched, st = fn(t.clone(), t)
@@ -238,7 +250,7 @@ def test_centred_term_rewards_differences_not_the_mean() -> None:
     g = torch.Generator().manual_seed(1)
     centre = F.normalize(torch.randn(8, generator=g), dim=0)
     t = F.normalize(centre + 0.05 * torch.randn(5, 8, generator=g), dim=-1)  # all close to the centre
-    fn = DistillLoss(LossParams(kind="cosine"), centre=centre)
+    fn = DistillLoss(_loss(kind="cosine"), centre=centre)
     _, exact = fn(t.clone(), t)
     _, at_mean = fn(centre.expand(5, 8).clone(), t)
     assert exact["centred_cosine"] == pytest.approx(1.0, abs=1e-5)
@@ -257,9 +269,9 @@ def test_relational_term_matches_similarity_structure_not_coordinates() -> None:
     assert float(relational_loss(rotated, t)) == pytest.approx(0.0, abs=1e-10)
     shuffled = t[torch.tensor([3, 0, 6, 1, 7, 2, 5, 4])]
     assert float(relational_loss(shuffled, t)) > 0.01
-    fn = DistillLoss(LossParams(kind="cosine", relational_weight=2.0))
+    fn = DistillLoss(_loss(kind="cosine", relational_weight=2.0))
     loss_rot, stats = fn(rotated, t)
-    plain, _ = DistillLoss(LossParams(kind="cosine"))(rotated, t)
+    plain, _ = DistillLoss(_loss(kind="cosine"))(rotated, t)
     assert stats["relational"] == pytest.approx(0.0, abs=1e-10)
     assert float(loss_rot) == pytest.approx(float(plain), abs=1e-6)  # the term adds nothing for the same structure
     _, shuffled_stats = fn(shuffled, t)
@@ -275,4 +287,4 @@ def test_relational_term_is_centred_around_a_dominant_mean() -> None:
     assert float(relational_loss(wrong, t)) < 0.01  # raw: nearly blind to it
     assert float(relational_loss(wrong, t, centre)) > 0.1
     with pytest.raises(ValueError, match="relational_weight"):
-        DistillLoss(LossParams(relational_weight=-1.0))
+        DistillLoss(_loss(relational_weight=-1.0))

@@ -13,7 +13,7 @@ import json
 import logging
 from collections import defaultdict
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import h5py
@@ -21,7 +21,7 @@ import numpy as np
 
 from pipeline.data.licenses import decide
 from pipeline.data.manifest import ManifestError, read_manifest
-from pipeline.params import LicensePolicyParams
+from pipeline.params import LicensePolicyParams, ParamsError, section_from_dict
 
 log = logging.getLogger(__name__)
 
@@ -113,9 +113,9 @@ def run_audit(
     manifest_path: str | Path,
     mels_path: str | Path | None,
     teacher_path: str | Path | None,
-    policy: LicensePolicyParams | Mapping[str, bool] | None = None,
+    policy: LicensePolicyParams | Mapping[str, bool],
 ) -> AuditReport:
-    """Check the caches against the manifest under `policy` (default: the default policy).
+    """Check the caches against the manifest under `policy`.
 
     `policy` may also be the dict ingest records in data/licenses/audit.json. A cache path of
     None is skipped. The policy is applied again rather than trusted from the manifest, so
@@ -173,32 +173,26 @@ def _ingest_exclusions(path: Path) -> dict[str, str]:
     }
 
 
-def _as_policy(policy: LicensePolicyParams | Mapping[str, bool] | None) -> LicensePolicyParams:
-    if policy is None:
-        return LicensePolicyParams()
+def _as_policy(policy: LicensePolicyParams | Mapping[str, bool]) -> LicensePolicyParams:
     if isinstance(policy, Mapping):
-        known = {f.name for f in fields(LicensePolicyParams)}
-        unknown = sorted(set(policy) - known)
-        if unknown:
-            raise AuditError(f"licence policy has unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
-        return LicensePolicyParams(**{k: bool(v) for k, v in policy.items()})
+        try:
+            return section_from_dict(LicensePolicyParams, dict(policy), "licence policy")
+        except ParamsError as exc:
+            raise AuditError(str(exc)) from None
     return policy
 
 
 def _policy_from(params_path: str) -> LicensePolicyParams:
-    if not Path(params_path).is_file():
-        log.info("%s not found: auditing against the default licence policy", params_path)
-        return LicensePolicyParams()
     from pipeline.params import load_params
 
     return load_params(params_path).ingest.policy
 
 
 def main(args: argparse.Namespace) -> int:
-    policy = _policy_from(getattr(args, "params", None) or "params.yaml")
     try:
+        policy = _policy_from(getattr(args, "params", None) or "params.yaml")
         report = run_audit(args.manifest, args.mels, args.teacher, policy)
-    except AuditError as exc:
+    except (AuditError, ParamsError) as exc:
         log.error("%s", exc)
         return 2
     print(report.format_table())

@@ -189,9 +189,8 @@ class _PowerSTFT(nn.Module):
 class TeacherMel(nn.Module):
     """Waveform [B, N] at 48 kHz -> CLAP log-mel dB [B, 1 + N // hop, n_mels] (1001 x 64 for 10 s)."""
 
-    def __init__(self, p: TeacherFrontendParams | None = None) -> None:
+    def __init__(self, p: TeacherFrontendParams) -> None:
         super().__init__()
-        p = p or TeacherFrontendParams()
         self.params = p
         window = np.hanning(p.n_fft + 1)[:-1]  # periodic Hann, as librosa's get_window('hann')
         fb = slaney_mel_filterbank(p.sample_rate, p.n_fft, p.n_mels, p.f_min, p.f_max)
@@ -211,9 +210,8 @@ class TeacherMel(nn.Module):
 class StudentMel(nn.Module):
     """Waveform [B, N] at 32 kHz -> EfficientAT normalised log-mel [B, n_mels, 1 + (N - 1) // hop]."""
 
-    def __init__(self, p: StudentFrontendParams | None = None) -> None:
+    def __init__(self, p: StudentFrontendParams) -> None:
         super().__init__()
-        p = p or StudentFrontendParams()
         self.params = p
         n = np.arange(p.win_length)
         window = 0.5 - 0.5 * np.cos(2.0 * math.pi * n / (p.win_length - 1))  # symmetric Hann

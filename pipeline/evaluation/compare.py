@@ -47,6 +47,7 @@ from tqdm import tqdm
 from pipeline import metrics as M
 from pipeline.evaluation import fidelity
 from pipeline.params import SameSpaceParams, TeacherFrontendParams
+from pipeline.space import EMBED_DIM
 from student_clap.audio import AudioDecodeError, decode_track, map_starts, resample_int16, segment_length, segment_starts
 
 log = logging.getLogger(__name__)
@@ -98,7 +99,7 @@ class TeacherAudio:
 
     def embed_text(self, texts: Sequence[str], batch: int = 64) -> np.ndarray:
         out = [self.teacher.embed_text(list(texts[i:i + batch])).numpy() for i in range(0, len(texts), batch)]
-        return np.concatenate(out).astype(np.float64) if out else np.zeros((0, 512))
+        return np.concatenate(out).astype(np.float64) if out else np.zeros((0, EMBED_DIM))
 
     def identity(self) -> dict[str, Any]:
         prov = self.teacher.provenance
@@ -132,9 +133,8 @@ def embed_folder(files: Sequence[Path], decode_rate: int, student_embed: Callabl
         paths.append(Path(f))
         s_rows.append(np.asarray(student_embed(wave), dtype=np.float64))
         t_rows.append(np.asarray(teacher_embed(wave), dtype=np.float64))
-    dim = 512
-    return Embedded(paths, np.stack(t_rows) if t_rows else np.zeros((0, dim)),
-                    np.stack(s_rows) if s_rows else np.zeros((0, dim)), failed)
+    return Embedded(paths, np.stack(t_rows) if t_rows else np.zeros((0, EMBED_DIM)),
+                    np.stack(s_rows) if s_rows else np.zeros((0, EMBED_DIM)), failed)
 
 
 # --------------------------------------------------------------------------- labels and captions
@@ -417,16 +417,12 @@ def render_text(report: dict[str, Any]) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    from pipeline.params import Params, load_params
+    from pipeline.params import ParamsError, load_params
 
-    params_path = Path(args.params)
-    if params_path.is_file():
-        params = load_params(params_path)
-    elif args.params == "params.yaml":  # run outside a project checkout: the defaults are the project's
-        log.info("%s not found: using the default teacher front-end and same-space bar", params_path)
-        params = Params()
-    else:
-        log.error("--params %s: not found", params_path)
+    try:  # the teacher front-end and the same-space bar are the project's
+        params = load_params(args.params)
+    except ParamsError as exc:
+        log.error("--params: %s", exc)
         return 2
     try:
         report = compare(

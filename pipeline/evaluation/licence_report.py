@@ -31,16 +31,12 @@ def licence_audit(manifest_path: Path, mels_path: Path, teacher_path: Path, audi
     The policy is ingest's, read from what ingest recorded in audit.json, so evaluate declares no
     ingest params (and a policy tightened since the caches were built still flags old tracks).
     """
-    from pipeline.data.audit import run_audit
-    from pipeline.params import LicensePolicyParams
+    from pipeline.data.audit import AuditError, run_audit
 
     recorded = json.loads(audit_json.read_text(encoding="utf-8")) if audit_json.is_file() else {}
-    policy_dict = recorded.get("policy") if isinstance(recorded, dict) else None
-    if policy_dict:
-        policy = LicensePolicyParams(**policy_dict)
-    else:
-        log.warning("%s records no licence policy: auditing against the default policy", audit_json)
-        policy = None
+    policy = recorded.get("policy") if isinstance(recorded, dict) else None
+    if not isinstance(policy, dict):
+        raise AuditError(f"{audit_json}: no licence policy recorded (run the ingest stage again)")
     return run_audit(manifest_path, mels_path, teacher_path, policy).to_dict()
 
 

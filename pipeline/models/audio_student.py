@@ -25,10 +25,12 @@ from pipeline.space import EMBED_DIM
 
 log = logging.getLogger(__name__)
 
-# bn_momentum 0.1 rather than EfficientAT's 0.01: see MobileNetV3.set_bn_momentum
-DEFAULT_CONFIG: dict[str, Any] = {
-    "backbone": "mn04_as", "embed_dim": EMBED_DIM, "dropout": 0.1, "n_mels": 128, "bn_momentum": 0.1,
-}
+# What a config must name (distill_audio.model and .dropout), and what the space and the family fix:
+# bn_momentum 0.1 rather than EfficientAT's 0.01 (see MobileNetV3.set_bn_momentum). n_mels
+# (frontend.student.n_mels) is recorded only: the convolutional encoder takes any number of bands.
+REQUIRED_KEYS = ("backbone", "dropout")
+FIXED: dict[str, Any] = {"embed_dim": EMBED_DIM, "bn_momentum": 0.1}
+KNOWN_KEYS = (*REQUIRED_KEYS, *FIXED, "n_mels")
 
 
 class ResidualProjection(nn.Module):
@@ -54,7 +56,9 @@ class AudioStudent(nn.Module):
 
     def __init__(self, config: dict[str, Any]) -> None:
         super().__init__()
-        cfg = {**DEFAULT_CONFIG, **config}
+        cfg = dict(config)
+        for key, value in FIXED.items():
+            cfg.setdefault(key, value)
         self.config = cfg
         self.encoder = build_backbone(cfg["backbone"], bn_momentum=float(cfg["bn_momentum"]))
         self.projection = ResidualProjection(self.encoder.feature_dim, int(cfg["embed_dim"]), float(cfg["dropout"]))
@@ -145,10 +149,12 @@ class AudioStudent(nn.Module):
 
 
 def build_audio_student(cfg: dict[str, Any]) -> AudioStudent:
-    """Build a randomly initialised student; `cfg` keys: backbone, embed_dim, dropout, n_mels."""
-    unknown = set(cfg) - set(DEFAULT_CONFIG)
-    if unknown:
-        raise ValueError(f"audio student config: unknown key(s) {sorted(unknown)}; known: {sorted(DEFAULT_CONFIG)}")
+    """Build a randomly initialised student; `cfg` keys: backbone, dropout (required), embed_dim, n_mels."""
+    unknown = set(cfg) - set(KNOWN_KEYS)
+    missing = [k for k in REQUIRED_KEYS if k not in cfg]
+    if unknown or missing:
+        raise ValueError(f"audio student config: unknown key(s) {sorted(unknown)}, missing key(s) {missing}; "
+                         f"known: {sorted(KNOWN_KEYS)}")
     return AudioStudent(cfg)
 
 

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.atomic import atomic_path
+from pipeline.params import TextStudentModelParams
 from pipeline.space import EMBED_DIM
 
 log = logging.getLogger(__name__)
@@ -29,23 +30,19 @@ OUTPUT_DIM = EMBED_DIM
 
 
 @dataclasses.dataclass
-class TextStudentConfig:
-    vocab_size: int = 2000
-    dim: int = 128
-    layers: int = 4
-    heads: int = 4
-    ff_dim: int = 512
-    max_length: int = 32
-    dropout: float = 0.1
+class TextStudentConfig(TextStudentModelParams):
+    """The params' model fields (distill_text.model) and what is fixed by the space and the tokenizer."""
+
     out_dim: int = OUTPUT_DIM
     pad_id: int = 0
 
     @classmethod
     def from_dict(cls, cfg: dict[str, Any]) -> TextStudentConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(cfg) - known)
-        if unknown:
-            raise ValueError(f"text student config: unknown key(s) {', '.join(unknown)}")
+        fields = dataclasses.fields(cls)
+        unknown = sorted(set(cfg) - {f.name for f in fields})
+        missing = [f.name for f in fields if f.default is dataclasses.MISSING and f.name not in cfg]
+        if unknown or missing:
+            raise ValueError(f"text student config: unknown key(s) {unknown}, missing key(s) {missing}")
         return cls(**cfg)
 
 

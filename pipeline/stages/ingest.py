@@ -1,7 +1,9 @@
 """ingest: song lists + metadata -> licence-checked manifest, attribution files and an audit.
 
-Reads only `params.ingest`. The decisions are pipeline.data.ingestion's (parse every configured
-source, apply the licence policy, find or fetch the audio, split by artist); this stage writes
+Reads only `params.ingest`. For every configured source it parses the `*_SONGS_LICENSE.md` lists
+and the native metadata files, merges repeated tracks, normalises each licence, applies the
+policy, finds (or, with `ingest.download`, fetches) the audio under the source's audio_root and
+splits by artist (`ingest`); then writes
 
     data/manifest.jsonl                      tracks that may be used (schema: pipeline/data/manifest.py)
     data/licenses/<SOURCE>_SONGS_LICENSE.md  attribution for exactly those tracks
@@ -18,20 +20,258 @@ import argparse
 import logging
 from collections import Counter
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 from pipeline.atomic import write_json, write_text
-from pipeline.data.ingest_outcome import DUPLICATE, Outcome
-from pipeline.data.ingestion import IngestError, audit_document, ingest, metric_view
+from pipeline.data import licenses
+from pipeline.data.audio_resolution import drop_shared_files, resolve_audio
+from pipeline.data.ingest_outcome import (
+    DUPLICATE,
+    LICENCE_NOT_ALLOWED,
+    Outcome,
+    PATH_OUTSIDE,
+    REASONS,
+    UNKNOWN_LICENCE,
+    malformed,
+)
 from pipeline.data.manifest import write_manifest
 from pipeline.data.sources import SOURCES
+from pipeline.data.sources.base import (
+    Entry,
+    ParseResult,
+    SourceFiles,
+    escapes_root,
+    is_checksum_file,
+    outside_root_detail,
+    parse_checksums,
+)
+from pipeline.data.split import artist_group, split_of
 from pipeline.deps import stage_input_problems
-from pipeline.params import IngestParams, Params
-from pipeline.paths import AUDIT, MANIFEST
-from pipeline.paths import LICENSES as LICENSES_DIR
+from pipeline.params import IngestParams, Params, SourceParams
+from pipeline.paths import AUDIT, LICENSES as LICENSES_DIR, MANIFEST
 
 log = logging.getLogger(__name__)
 
 REPORT = Path("models/report/ingest.json")
+
+
+class IngestError(RuntimeError):
+    """A configuration problem (a list that does not exist, an unknown source name)."""
+
+
+def _need(path: str, what: str) -> Path:
+    p = Path(path)
+    if not p.is_file():
+        raise IngestError(f"{what}: {path} not found")
+    return p
+
+
+def parse_source(name: str, sp: SourceParams) -> ParseResult:
+    """Every list and metadata file configured for one source.
+
+    A metadata file in `sha256sum` format (MTG-Jamendo publishes one per subset) is not a song
+    list: it gives the expected sha256 of each audio path, checked when ingest downloads it.
+    """
+    if name not in SOURCES:
+        raise IngestError(f"ingest.sources.{name}: unknown source (known: {', '.join(SOURCES)})")
+    res = ParseResult()
+    sums: dict[str, str] = {}
+    metadata = []
+    for path in sp.metadata:
+        if is_checksum_file(_need(path, f"ingest.sources.{name}.metadata")):
+            got, problems = parse_checksums(Path(path))
+            sums.update(got)
+            for prob in problems:
+                prob.source = name
+            res.problems += problems
+        else:
+            metadata.append(path)
+    files = SourceFiles(
+        lists=[_need(path, f"ingest.sources.{name}.lists") for path in sp.lists],
+        metadata=[Path(path) for path in metadata],
+        licenses_file=_need(sp.licenses_file, f"ingest.sources.{name}.licenses_file") if sp.licenses_file else None,
+    )
+    res.extend(SOURCES[name].parse(files))
+    if sums:
+        res.meta["sha256"] = sums
+    log.info("%s: %d entries, %d unusable records", name, len(res.entries), len(res.problems))
+    return res
+
+
+def _page_key(url: str | None) -> str:
+    """A song page URL without scheme, 'www.', case of the host and trailing slash ('' if none)."""
+    if not url:
+        return ""
+    parts = urlsplit(url.strip())
+    host = parts.netloc.lower().removeprefix("www.")
+    return f"{host}{unquote(parts.path).rstrip('/')}" if host else ""
+
+
+def _merge(first: Entry, later: Entry) -> None:
+    """Fill what the first entry of a track lacks from a later one (tags are united)."""
+    for attr in ("artist", "title", "url", "duration", "artist_key"):
+        if getattr(first, attr) in (None, "") and getattr(later, attr) not in (None, ""):
+            setattr(first, attr, getattr(later, attr))
+    if licenses.normalize_license(first.license_text or first.license_url) == licenses.UNKNOWN and later.license_text:
+        first.license_text, first.license_url = later.license_text, later.license_url
+    first.tags = list(dict.fromkeys(first.tags + later.tags))
+    first.candidates = list(dict.fromkeys(first.candidates + later.candidates))
+
+
+def ingest(p: IngestParams, *, progress: bool = True) -> tuple[list[dict], list[Outcome], dict]:
+    """Decide every entry; returns (manifest rows, outcomes in list order, report)."""
+    outcomes, unique, metas = _collect(p)
+    check_audio_roots(p)
+    _exclude_paths_outside(unique, p)
+    _apply_policy(unique, p)
+    resolve_audio(unique, p, metas, progress)
+    drop_shared_files(unique)
+    rows = [_manifest_row(o, p) for o in unique if not o.reason]
+    report = _report(p, outcomes, rows)
+    report["meta"] = metas
+    return rows, outcomes, report
+
+
+def _collect(p: IngestParams) -> tuple[list[Outcome], list[Outcome], dict[str, dict]]:
+    """Parse every source; merge repeated tracks into their first entry (the rest: duplicates)."""
+    outcomes: list[Outcome] = []
+    by_id: dict[str, Outcome] = {}
+    by_page: dict[str, Outcome] = {}
+    metas: dict[str, dict] = {}
+    for name, sp in p.sources.items():
+        res = parse_source(name, sp)
+        metas[name] = res.meta
+        outcomes += [malformed(prob) for prob in res.problems]
+        for e in res.entries:
+            # the same track under the same id, or under another id with the same page
+            # (an FMA list LINK and the metadata CSV's track_url)
+            first = by_id.get(e.track_id) or by_page.get(_page_key(e.url))
+            if first is not None:
+                _merge(first.entry, e)
+                outcomes.append(
+                    Outcome(e.source, e.file, e.line, e.track_id, reason=DUPLICATE, entry=e,
+                            detail=f"same track as {first.track_id} ({first.entry.where}); details merged there")
+                )
+                continue
+            o = Outcome(e.source, e.file, e.line, e.track_id, entry=e)
+            by_id[e.track_id] = o
+            if _page_key(e.url):
+                by_page[_page_key(e.url)] = o
+            outcomes.append(o)
+    return outcomes, list(by_id.values()), metas
+
+
+def check_audio_roots(p: IngestParams) -> None:
+    """Every source needs an existing audio_root (created when ingest.download fetches into it)."""
+    for name, sp in p.sources.items():
+        root = Path(sp.audio_root) if sp.audio_root else None
+        if root is None:
+            raise IngestError(f"ingest.sources.{name}.audio_root is empty")
+        if root.is_dir():
+            continue
+        if root.exists():
+            raise IngestError(f"ingest.sources.{name}.audio_root: {root} is not a folder")
+        if p.download:
+            log.info("ingest.sources.%s.audio_root %s does not exist yet: created for the downloads", name, root)
+            root.mkdir(parents=True, exist_ok=True)
+            continue
+        log.warning("ingest.sources.%s.audio_root: %s does not exist", name, root)
+        raise IngestError(
+            f"ingest.sources.{name}.audio_root: {root} does not exist (every track would be 'audio missing'); "
+            "fix the path, or set ingest.download: true to fetch the audio there"
+        )
+
+
+def _exclude_paths_outside(unique: list[Outcome], p: IngestParams) -> None:
+    """An entry whose audio path (or download target) could leave its audio_root is never used."""
+    for o in unique:
+        root = p.sources[o.source].audio_root
+        paths = list(o.entry.candidates) + ([o.entry.download_path] if o.entry.download_path else [])
+        bad = next((rel for rel in paths if escapes_root(root, rel)), None)
+        if bad is not None:
+            o.reason, o.detail = PATH_OUTSIDE, outside_root_detail(root, bad)
+
+
+def _apply_policy(unique: list[Outcome], p: IngestParams) -> None:
+    for o in unique:
+        if o.reason:
+            continue
+        e = o.entry
+        o.license = licenses.normalize_license(e.license_text or e.license_url)
+        allowed, why = licenses.decide(o.license, p.policy)
+        if not allowed:
+            o.reason = UNKNOWN_LICENCE if o.license == licenses.UNKNOWN else LICENCE_NOT_ALLOWED
+            o.detail = why if o.license != licenses.UNKNOWN else f"cannot read a licence from {e.license_text!r}"
+
+
+def _split_group(e: Entry) -> str:
+    """The artist's name groups the split; a dataset's artist id only when no name is known.
+
+    Names are what every list and metadata file share (ids exist only in some of them), so a song
+    known by name in one list and by id in another still lands beside the artist's other songs."""
+    group = artist_group(e.artist, e.track_id)
+    if group.startswith("track:") and e.artist_key:
+        group = artist_group(e.artist_key, e.track_id)
+    return group
+
+
+def _manifest_row(o: Outcome, p: IngestParams) -> dict:
+    e = o.entry
+    o.status = "included"
+    o.split = split_of(_split_group(e), p.val_ratio, p.split_salt)
+    return {
+        "track_id": e.track_id,
+        "source": e.source,
+        "artist": e.artist,
+        "title": e.title,
+        "audio_path": o.audio_path,
+        "license": o.license,
+        "license_url": e.license_url or licenses.canonical_url(o.license) or None,
+        "url": e.url,
+        "split": o.split,
+        "tags": e.tags,
+        "duration": e.duration,
+        "source_path": e.source_path,
+        "sha256": o.sha256,
+    }
+
+
+def _report(p: IngestParams, outcomes: list[Outcome], rows: list[dict]) -> dict:
+    def block(source: str | None) -> dict:
+        outs = [o for o in outcomes if source is None or o.source == source]
+        rs = [r for r in rows if source is None or r["source"] == source]
+        reasons = Counter(o.reason for o in outs if o.status == "excluded")
+        return {
+            "entries": len(outs),
+            "included": len(rs),
+            "train": sum(r["split"] == "train" for r in rs),
+            "val": sum(r["split"] == "val" for r in rs),
+            "excluded": {reason: reasons.get(reason, 0) for reason in REASONS},
+            "licenses": dict(sorted(Counter(r["license"] for r in rs).items())),
+        }
+
+    report = block(None)
+    report["sources"] = {name: block(name) for name in p.sources}
+    return report
+
+
+def metric_view(report: dict) -> dict:
+    """The DVC metric: a few counts with keys free of spaces and dots, so `dvc exp show` stays
+    readable. The per-source and per-licence breakdown is in audit.json's "counts"."""
+    metric = {k: report[k] for k in ("entries", "included", "train", "val")}
+    metric["excluded"] = {reason.replace(" ", "_"): n for reason, n in report["excluded"].items()}
+    metric["included_per_source"] = {name: b["included"] for name, b in report["sources"].items()}
+    return metric
+
+
+def audit_document(outcomes: list[Outcome], report: dict, p: IngestParams) -> dict:
+    """audit.json: the policy applied, the counts, and every entry with its decision."""
+    return {
+        "policy": {k: getattr(p.policy, k) for k in vars(p.policy)},
+        "counts": {k: v for k, v in report.items() if k != "meta"},
+        "entries": [o.audit_record() for o in outcomes],
+    }
+
 
 
 def write_outputs(rows: list[dict], outcomes: list[Outcome], report: dict, p: IngestParams,

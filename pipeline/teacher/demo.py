@@ -38,12 +38,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from pipeline.data.demo_audio import INSTRUMENTS, MODES, TEMPI, Music, caption, fits, render
-from pipeline.params import DemoTeacherParams, DemoTrainParams, Params, as_dict
+from pipeline.params import DemoTeacherParams, DemoTrainParams, Params, TeacherFrontendParams, as_dict
 
 log = logging.getLogger(__name__)
 
 SEGMENT_SECONDS = 10.0
-TEACHER_RATE = 48000
 VAL_SEED_OFFSET = 1_000_000  # held-out clips use seeds no training clip (nor demo song) uses
 SOURCE_RATES = (16000, 22050, 44100, 48000)
 SOURCE_RATE_WEIGHTS = (0.15, 0.45, 0.25, 0.15)
@@ -96,7 +95,7 @@ def _lossy_round_trip(wave: np.ndarray, sr: int, codec: str) -> np.ndarray:
     return out.mean(axis=1)
 
 
-def clip_mels(specs: list[ClipSpec], desc: str = "clips") -> torch.Tensor:
+def clip_mels(specs: list[ClipSpec], frontend: TeacherFrontendParams, desc: str = "clips") -> torch.Tensor:
     """Teacher log-mels [N, 1001, 64] (fp16) of the clips, through the pipeline's audio path."""
     from pipeline.data.frontends import TeacherMel
     from student_clap.audio import (
@@ -107,15 +106,15 @@ def clip_mels(specs: list[ClipSpec], desc: str = "clips") -> torch.Tensor:
         to_int16,
     )
 
-    mel = TeacherMel().eval()
-    seg = segment_length(TEACHER_RATE, SEGMENT_SECONDS)
+    mel = TeacherMel(frontend).eval()
+    seg = segment_length(frontend.sample_rate, SEGMENT_SECONDS)
     out = []
     for spec in tqdm(specs, desc=desc, unit="clip"):
         wave = render(spec.music, SEGMENT_SECONDS, spec.source_rate, spec.seed, channels=1,
                       level_db=spec.level_db, fade_seconds=0.0)[0].astype(np.float32)
         if spec.codec:
             wave = _lossy_round_trip(wave, spec.source_rate, spec.codec)
-        wave = resample_int16(to_int16(wave), spec.source_rate, TEACHER_RATE)
+        wave = resample_int16(to_int16(wave), spec.source_rate, frontend.sample_rate)
         wave = repeat_pad(wave, seg)[:seg]
         with torch.inference_mode():
             out.append(mel(torch.from_numpy(int16_to_float(wave))[None])[0].half())
@@ -258,10 +257,11 @@ def _cpu_seconds() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def train_demo_teacher(d: DemoTeacherParams, t: DemoTrainParams, params: Params | None, out_dir: Path,
-                       instruments: tuple[str, ...] = INSTRUMENTS) -> dict:
+def train_demo_teacher(d: DemoTeacherParams, t: DemoTrainParams, frontend: TeacherFrontendParams,
+                       params: Params | None, out_dir: Path, instruments: tuple[str, ...] = INSTRUMENTS) -> dict:
     """Train, evaluate on held-out clips, write the teacher folder; returns the report.
 
+    `params`: whose query terms and prompts the tokenizer also learns (None: the captions only);
     `instruments` narrows the lead instruments (the quick test trains on two).
     Long: one seeded run from data to written folder, kept in order so the RNG stream is plain to see."""
     from pipeline.teacher.model import (
@@ -279,8 +279,8 @@ def train_demo_teacher(d: DemoTeacherParams, t: DemoTrainParams, params: Params 
 
     train_specs = plan_clips(t.clips, t.seed, t.codec_share, instruments)
     val_specs = plan_clips(t.val_clips, t.seed + VAL_SEED_OFFSET, t.codec_share, instruments)
-    train_mels = clip_mels(train_specs, "training clips")
-    val_mels = clip_mels(val_specs, "held-out clips")
+    train_mels = clip_mels(train_specs, frontend, "training clips")
+    val_mels = clip_mels(val_specs, frontend, "held-out clips")
     train_music = [s.music for s in train_specs]
     val_music = [s.music for s in val_specs]
     mel_cpu = _cpu_seconds() - start_cpu
@@ -349,7 +349,7 @@ def main(args: argparse.Namespace) -> int:
     params = load_params(args.params)
     d = params.teacher.model.demo
     out = Path(args.out or d.weights_dir)
-    report = train_demo_teacher(d, d.train, params, out)
+    report = train_demo_teacher(d, d.train, params.frontend.teacher, params, out)
     print(f"demo teacher written to {out} ({report['n_train_clips']} training clips, "
           f"{report['cpu_seconds']:.0f} CPU-s, {report['wall_seconds']:.0f} s wall)")
     print(f"held-out zero-shot accuracy on {report['n_held_out_clips']} clips not used in training:")

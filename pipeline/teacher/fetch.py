@@ -217,12 +217,11 @@ def _previous_entries(path: Path) -> dict[str, dict]:
         return {}
 
 
-def fetch(p: TeacherModelParams, d: DownloadParams | None = None, *, trust: bool = False,
+def fetch(p: TeacherModelParams, d: DownloadParams, *, trust: bool = False,
           progress: bool = True) -> list[dict]:
     """Fetch and verify every file; writes fetch.json and returns its entries.
 
     Every file is tried; a FetchError listing each failed file is raised at the end."""
-    d = d or DownloadParams()
     entries, errors = [], []
     previous = _previous_entries(record_path(p))
     for f in planned_files(p):

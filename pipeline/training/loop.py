@@ -47,7 +47,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from tqdm import tqdm
 
 from pipeline.training.losses import DistillLoss
-from pipeline.params import LossParams, PlateauParams
+from pipeline.params import DistillAudioParams, DistillTextParams
 from pipeline.training import checkpoint as ckpt_io
 from pipeline.training import distributed as D
 from pipeline.training import schedule
@@ -83,50 +83,30 @@ class Distillation(Protocol):
 
 @dataclass
 class TrainConfig:
-    epochs: int
-    batch_size: int  # global: split over ranks under DDP
-    lr: float
+    """What `fit()` needs: the student's params section, read as it is (epochs, batch_size, lr,
+    stage2_epochs, stage2_lr, weight_decay, grad_clip, loss, scheduler, seed, threads), and this run's
+    settings besides it."""
+
+    p: DistillAudioParams | DistillTextParams
     ckpt_dir: Path
     monitor: str  # key of validate() driving ReduceLROnPlateau and the best checkpoint
-    stage2_epochs: int = 0
-    stage2_lr: float = 1e-4
-    weight_decay: float = 0.0
-    grad_clip: float = 0.0  # max gradient norm, 0 = off
-    loss: LossParams = field(default_factory=LossParams)
-    scheduler: PlateauParams = field(default_factory=PlateauParams)
-    seed: int = 0
-    num_workers: int | str = 0  # "auto": from the CPUs per rank
-    warmup: bool = True  # linear warmup over the first epoch
-    live_dir: Path | None = None  # DVCLive directory, None = no DVCLive
+    live_dir: Path | None  # DVCLive directory, None = no DVCLive
+    device: str  # cpu | cuda | auto
+    num_workers: int | str  # DataLoader workers per rank; "auto": from the CPUs per rank
+    precision: str  # "bf16": autocast on CUDA (CPU always fp32)
+    channels_last: bool  # on CUDA
+    compile: bool
     resume: bool = False
-    device: str = "cpu"  # cpu | cuda | auto
-    precision: str = "fp32"  # "bf16": autocast on CUDA (CPU always fp32)
-    channels_last: bool = False  # on CUDA
-    compile: bool = False
-    params: dict[str, Any] = field(default_factory=dict)  # recorded in checkpoints
-    keep_epoch_checkpoints: bool = True
     centre: torch.Tensor | None = None  # adds the centred cosine term to the loss (see DistillLoss)
-    threads: int = 0  # torch CPU threads while training, 0 = torch's default
-
-    @classmethod
-    def from_section(cls, section: Any, **kwargs: Any) -> TrainConfig:
-        """Fill the common fields from a params section (distill_audio / distill_text)."""
-        names = ("epochs", "batch_size", "lr", "stage2_epochs", "stage2_lr", "weight_decay", "grad_clip",
-                 "loss", "scheduler", "seed", "num_workers", "precision", "channels_last", "compile", "threads")
-        values = {n: getattr(section, n) for n in names if hasattr(section, n)}
-        values.setdefault("params", dataclasses.asdict(section))
-        values.update(kwargs)
-        values["ckpt_dir"] = Path(values["ckpt_dir"])
-        if values.get("live_dir") is not None:
-            values["live_dir"] = Path(values["live_dir"])
-        return cls(**values)
+    warmup: bool = True  # linear warmup over the first epoch
+    keep_epoch_checkpoints: bool = True
 
     @property
     def total_epochs(self) -> int:
-        return self.epochs + self.stage2_epochs
+        return self.p.epochs + self.p.stage2_epochs
 
     def stage_of(self, epoch: int) -> int:
-        return 1 if epoch < self.epochs else 2
+        return 1 if epoch < self.p.epochs else 2
 
 
 @dataclass
@@ -229,15 +209,15 @@ def build_optimizer(task: Distillation, model: nn.Module, loss_fn: nn.Module, cf
                     stage: int) -> Optimisation:
     """AdamW over what `stage` trains (the loss's logit scale without weight decay) + the plateau."""
     if stage == 1:
-        params, lr = [p for p in model.parameters() if p.requires_grad], cfg.lr
+        params, lr = [p for p in model.parameters() if p.requires_grad], cfg.p.lr
     else:
-        params, lr = list(task.enter_stage2(model)), cfg.stage2_lr
-    groups = [{"params": params, "weight_decay": cfg.weight_decay}]
+        params, lr = list(task.enter_stage2(model)), cfg.p.stage2_lr
+    groups = [{"params": params, "weight_decay": cfg.p.weight_decay}]
     extra = list(loss_fn.parameters())
     if extra:
         groups.append({"params": extra, "weight_decay": 0.0})
     opt = torch.optim.AdamW(groups, lr=lr)
-    return Optimisation(stage, opt, schedule.plateau(opt, cfg.scheduler), params + extra, lr)
+    return Optimisation(stage, opt, schedule.plateau(opt, cfg.p.scheduler), params + extra, lr)
 
 
 def restore_optimisation(ckpt: dict[str, Any], opt: Optimisation, cfg: TrainConfig) -> None:
@@ -264,19 +244,19 @@ def restore_optimisation(ckpt: dict[str, Any], opt: Optimisation, cfg: TrainConf
 def build_loader(task: Distillation, cfg: TrainConfig, ranks: D.Ranks, device: torch.device) -> DataLoader:
     """Shuffled per epoch from (seed, epoch), sharded over ranks; workers persist across epochs."""
     sampler: Sampler = DistributedSampler(task.dataset, num_replicas=ranks.world, rank=ranks.rank, shuffle=True,
-                                          seed=cfg.seed)
+                                          seed=cfg.p.seed)
     if getattr(task.dataset, "keyed_by_epoch", False):
         sampler = EpochKeys(sampler)
     workers = resolve_num_workers(cfg.num_workers, ranks.world)
     loader = DataLoader(
         task.dataset,
-        batch_size=cfg.batch_size // ranks.world,
+        batch_size=cfg.p.batch_size // ranks.world,
         sampler=sampler,
         collate_fn=task.collate_fn,
         num_workers=workers,
         persistent_workers=workers > 0,
         pin_memory=device.type == "cuda",
-        generator=torch.Generator().manual_seed(cfg.seed + ranks.rank),  # leaves the global RNG alone
+        generator=torch.Generator().manual_seed(cfg.p.seed + ranks.rank),  # leaves the global RNG alone
     )
     if len(loader) == 0:
         raise ValueError("the training set is empty")
@@ -311,7 +291,7 @@ def train_one_epoch(task: Distillation, encoder: nn.Module, loss_fn: DistillLoss
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.total_epochs} (stage {opt.stage})", disable=not ranks.main,
                leave=False, mininterval=1.0, dynamic_ncols=True)
     for step, batch in enumerate(bar):
-        lr = schedule.get_lr(cfg.lr, step, len(loader), warming_up)
+        lr = schedule.get_lr(cfg.p.lr, step, len(loader), warming_up)
         if lr is not None:
             schedule.set_lr(opt.optimizer, lr)
         batch = _to_device(batch, device)
@@ -321,8 +301,8 @@ def train_one_epoch(task: Distillation, encoder: nn.Module, loss_fn: DistillLoss
         opt.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         D.average_gradient(loss_fn.logit_scale, ranks)
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(opt.trainable, cfg.grad_clip)
+        if cfg.p.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(opt.trainable, cfg.p.grad_clip)
         opt.optimizer.step()
         n = student.shape[0]
         value = float(loss.detach())
@@ -370,7 +350,7 @@ def save(task: Distillation, model: nn.Module, loss_fn: nn.Module, opt: Optimisa
         "metrics": state.history[-1],
         "history": state.history,
         "best": state.best,
-        "params": cfg.params,
+        "params": dataclasses.asdict(cfg.p),
         "config": task.model_config(),
         "rng": rng,
     }, is_best, cfg.keep_epoch_checkpoints)
@@ -397,10 +377,10 @@ def _fmt_seconds(s: float) -> str:
 
 
 def _check(cfg: TrainConfig, ranks: D.Ranks) -> None:
-    if cfg.batch_size % ranks.world:
-        raise ValueError(f"batch_size {cfg.batch_size} is not divisible by the {ranks.world} processes")
-    if cfg.epochs < 0 or cfg.stage2_epochs < 0 or cfg.total_epochs == 0:
-        raise ValueError(f"need at least one epoch (epochs={cfg.epochs}, stage2_epochs={cfg.stage2_epochs})")
+    if cfg.p.batch_size % ranks.world:
+        raise ValueError(f"batch_size {cfg.p.batch_size} is not divisible by the {ranks.world} processes")
+    if cfg.p.epochs < 0 or cfg.p.stage2_epochs < 0 or cfg.total_epochs == 0:
+        raise ValueError(f"need at least one epoch (epochs={cfg.p.epochs}, stage2_epochs={cfg.p.stage2_epochs})")
 
 
 def prepare_model(task: Distillation, cfg: TrainConfig, device: torch.device) -> nn.Module:
@@ -426,12 +406,12 @@ def fit(task: Distillation, cfg: TrainConfig) -> TrainResult:
     device = D.resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
     ranks = D.init_ranks(device)
     _check(cfg, ranks)
-    if cfg.threads and device.type == "cpu":
+    if cfg.p.threads and device.type == "cpu":
         # small models: a second thread buys little and, on a busy machine, costs up to 4x in spin-waits
-        torch.set_num_threads(cfg.threads)
-    ckpt_io.seed_everything(cfg.seed + ranks.rank)
+        torch.set_num_threads(cfg.p.threads)
+    ckpt_io.seed_everything(cfg.p.seed + ranks.rank)
     model = prepare_model(task, cfg, device)
-    loss_fn = DistillLoss(cfg.loss, centre=cfg.centre).to(device)
+    loss_fn = DistillLoss(cfg.p.loss, centre=cfg.centre).to(device)
 
     ckpt = restore(cfg, ranks)
     state = TrainState.from_checkpoint(ckpt) if ckpt is not None else TrainState()
@@ -454,7 +434,7 @@ def fit(task: Distillation, cfg: TrainConfig) -> TrainResult:
     for epoch in range(state.epoch, cfg.total_epochs):
         if cfg.stage_of(epoch) != opt.stage:
             log.info("stage 2: encoder frozen, training the projection for %d epochs at lr %g",
-                     cfg.stage2_epochs, cfg.stage2_lr)
+                     cfg.p.stage2_epochs, cfg.p.stage2_lr)
             opt = build_optimizer(task, model, loss_fn, cfg, 2)
             encoder = D.wrap_encoder(model, ranks, device, cfg.compile)
         loader.sampler.set_epoch(epoch)
@@ -470,7 +450,7 @@ def fit(task: Distillation, cfg: TrainConfig) -> TrainResult:
         metrics = {"epoch": epoch + 1, "stage": opt.stage, "lr": lr_used,
                    **{f"train/{k}": v for k, v in train_metrics.items()},
                    **{f"val/{k}": v for k, v in val_metrics.items()}}
-        is_best = state.record(metrics, value, cfg.scheduler.mode)
+        is_best = state.record(metrics, value, cfg.p.scheduler.mode)
         save(task, model, loss_fn, opt, state, cfg, ranks, is_best)
         if not ranks.main:
             continue
