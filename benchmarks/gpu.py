@@ -29,6 +29,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -132,11 +133,13 @@ class SyntheticDistillation:
 def _train_setup(backbone: str, batch: int, steps: int, frames: int, device: torch.device, ranks: D.Ranks,
                  compile_model: bool) -> SimpleNamespace:
     task = SyntheticDistillation(backbone, batch * steps, frames)
-    cfg = TrainConfig(epochs=1, batch_size=batch * ranks.world, lr=1e-3, ckpt_dir=Path("."), monitor="none",
-                      weight_decay=1e-4, grad_clip=1.0, num_workers=0, precision="bf16", channels_last=True,
-                      compile=compile_model, warmup=False)
+    # the shipped distill_audio section, timed for one epoch of this size
+    section = replace(load_params(ROOT / "params.yaml").distill_audio, epochs=1, stage2_epochs=0,
+                      batch_size=batch * ranks.world)
+    cfg = TrainConfig(p=section, ckpt_dir=Path("."), monitor="none", live_dir=None, device=str(device),
+                      num_workers=0, precision="bf16", channels_last=True, compile=compile_model, warmup=False)
     model = prepare_model(task, cfg, device)
-    loss_fn = DistillLoss(cfg.loss).to(device)
+    loss_fn = DistillLoss(cfg.p.loss).to(device)
     return SimpleNamespace(task=task, cfg=cfg, model=model, loss_fn=loss_fn,
                            opt=build_optimizer(task, model, loss_fn, cfg, 1),
                            encoder=D.wrap_encoder(model, ranks, device, compile_model),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import resource
 import time
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 
 from pipeline.data.datasets import Collate, MelSource, Split, TrainItems, in_memory_limit, load_splits, open_mels
+from pipeline.params import load_params
 from pipeline.paths import MANIFEST, MELS, TEACHER_CACHE
 from pipeline.training.distributed import Ranks
 from pipeline.training.loop import TrainConfig, build_loader
@@ -71,7 +73,9 @@ def loader_rate(data: dict[str, Any], workers: int, batch_tracks: int = 4, secon
         dataset=TrainItems(train, "both"),
         collate_fn=Collate(train, data["source"], data["seg_emb"], data["seg_norm"], True, SEGMENTS_PER_TRACK),
     )
-    cfg = TrainConfig(epochs=1, batch_size=batch_tracks, lr=0.0, ckpt_dir=Path("."), monitor="-", num_workers=workers)
+    section = replace(load_params(Path(__file__).resolve().parents[1] / "params.yaml").distill_audio, epochs=1, batch_size=batch_tracks)
+    cfg = TrainConfig(p=section, ckpt_dir=Path("."), monitor="-", live_dir=None, device=device.type,
+                      num_workers=workers, precision="fp32", channels_last=False, compile=False)
     cpu0 = _cpu_seconds()
     loader = build_loader(task, cfg, Ranks(), device)
     rows, epoch, started = 0, 0, None
