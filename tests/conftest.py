@@ -110,6 +110,27 @@ def tiny_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
                             decode_rate=24000, corpus=TINY_CORPUS, max_length=8)["export"]
 
 
+def restamp_export(export: Path, out: Path) -> Path:
+    """A copy of `export` whose student files are the same but whose model identity is another
+    (as if distilled from the LAION checkpoint): what every runtime command must refuse to mix."""
+    import json
+    import shutil
+
+    from pipeline.stages.export import stamp_identity
+
+    shutil.copytree(export, out)
+    spec = json.loads((out / "student_clap.json").read_text())
+    stamp_identity(out, spec, {"kind": "checkpoint", "checkpoint_sha256": "ab" * 32, "source": "x.pt"})
+    (out / "student_clap.json").write_text(json.dumps(spec))
+    return out
+
+
+@pytest.fixture(scope="session")
+def another_identity():
+    """restamp_export(export, out) for tests that check an index of another model is refused."""
+    return restamp_export
+
+
 @pytest.fixture(scope="session")
 def tiny_songs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Three short songs at different rates (one stereo FLAC) and one file that is not audio."""

@@ -4,7 +4,6 @@ library: `beet clap index/search/similar/duplicates` and the import listener, ag
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -45,16 +44,9 @@ def export(tiny_export_builder, tmp_path_factory: pytest.TempPathFactory) -> Pat
 
 
 @pytest.fixture(scope="module")
-def other_export(export: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def other_export(export: Path, tmp_path_factory: pytest.TempPathFactory, another_identity) -> Path:
     """The same student files under another identity (distilled, say, from the LAION checkpoint)."""
-    from pipeline.stages.export import stamp_identity
-
-    out = tmp_path_factory.mktemp("beets_other") / "export"
-    shutil.copytree(export, out)
-    spec = json.loads((out / "student_clap.json").read_text())
-    stamp_identity(out, spec, {"kind": "checkpoint", "checkpoint_sha256": "ab" * 32, "source": "x.pt"})
-    (out / "student_clap.json").write_text(json.dumps(spec))
-    return out
+    return another_identity(export, tmp_path_factory.mktemp("beets_other") / "export")
 
 
 def _reset_beets() -> None:

@@ -43,16 +43,9 @@ def _index(models: Path, folder: Path, db: Path) -> int:
 
 
 @pytest.fixture(scope="module")
-def other_export(tiny_export: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def other_export(tiny_export: Path, tmp_path_factory: pytest.TempPathFactory, another_identity) -> Path:
     """The same student files, distilled (say) from the LAION checkpoint: another identity."""
-    from pipeline.stages.export import stamp_identity
-
-    out = tmp_path_factory.mktemp("other") / "export"
-    shutil.copytree(tiny_export, out)
-    spec = json.loads((out / "student_clap.json").read_text())
-    stamp_identity(out, spec, {"kind": "checkpoint", "checkpoint_sha256": "ab" * 32, "source": "x.pt"})
-    (out / "student_clap.json").write_text(json.dumps(spec))
-    return out
+    return another_identity(tiny_export, tmp_path_factory.mktemp("other") / "export")
 
 
 @pytest.fixture(scope="module")
