@@ -170,7 +170,6 @@ def figures(work: Path) -> dict[str, Any]:
         "model": audio.get("model"),
         "params_count": audio.get("params_count"),
         "calibration": audio.get("calibration", {}).get("after") if isinstance(audio.get("calibration"), dict) else None,
-        "distill_audio_cost": audio.get("cost"),
     }
 
 

@@ -287,7 +287,7 @@ class DistillAudioParams:
     use_teacher_embedding_cache: bool
     loss: LossParams
     augment: AugmentParams
-    scheduler: PlateauParams  # 9 demo val tracks: a noisy monitor
+    scheduler: PlateauParams
     # add -cos(student - mean, teacher - mean) to the loss (mean = mean train teacher embedding)
     centred_loss: bool
     # validation metric for ReduceLROnPlateau and the best checkpoint: track_cosine[_centred] |

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.metrics import cosine_rows, summarize
+from student_clap.onnxrt import onnx_session
 
 log = logging.getLogger(__name__)
 
@@ -74,21 +75,9 @@ def export_module(
     return path
 
 
-def session(path: str | Path, threads: int | None = None):
-    """A CPU onnxruntime session; `threads` limits intra-op threads (None = runtime default)."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    if threads:
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3  # keep ORT's own warnings out of the pipeline log
-    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
-
-
 def run_onnx(path: str | Path, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
     """Run an ONNX file once on `feeds`; all outputs in graph order."""
-    return session(path).run(None, dict(feeds))
+    return onnx_session(Path(path), None).run(None, dict(feeds))
 
 
 def compare(path: str | Path, reference: np.ndarray, onnx_out: np.ndarray) -> ParityReport:

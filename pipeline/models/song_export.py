@@ -24,6 +24,7 @@ from torch import nn
 
 from pipeline.models import onnx_export as onnx_utils
 from pipeline.models.audio_export import AUDIO_ONNX, EMBEDDING_OUTPUTS, parity_waveforms, same_axes
+from student_clap.onnxrt import onnx_session
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +209,7 @@ def export_song(
     spec_geometry = SongGeometry(sample_rate, segment_samples / sample_rate, hop_samples / sample_rate,
                                  geometry["window_columns"], geometry["hop_columns"])
     song = parity_song(4 * (segment_samples + hop_samples) / sample_rate, sample_rate)
-    reference = segment_song_vector(onnx_utils.session(out_dir / AUDIO_ONNX), song, sample_rate,
+    reference = segment_song_vector(onnx_session(out_dir / AUDIO_ONNX, None), song, sample_rate,
                                     spec_geometry.segment_seconds, spec_geometry.hop_seconds)
     fidelity = {"synthetic_song_cosine_fp32": _song_cosine((fe_path, trunk_path, head_path), spec_geometry,
                                                            song, reference, logmel)}
@@ -285,7 +286,7 @@ def _quantize_head(trunk_path: Path, head_path: Path, dst: Path, calib: np.ndarr
     batches = [{"mel": calib[i : i + 4]} for i in range(0, len(calib), 4)]
     # The trunk stays fp32: its narrow early convolutions (8-24 channels) lose the most to int8
     # and, at these widths, run no faster in int8 on onnxruntime (benchmarks/speed.py).
-    trunk_sess = onnx_utils.session(trunk_path)
+    trunk_sess = onnx_session(trunk_path, None)
     head_batches = [{"fmap": trunk_sess.run(None, b)[0]} for b in batches]
     return onnx_utils.quantize_static_int8(head_path, dst, head_batches, STATIC_INT8_OPS, keep_fp32_convs=True)
 
@@ -296,7 +297,7 @@ def _int8_loss(trunk: Path, head: Path, trunk8: Path, head8: Path, mels: np.ndar
     from pipeline.metrics import cosine_rows
 
     def raw(t: Path, h: Path) -> np.ndarray:
-        ts, hs = onnx_utils.session(t), onnx_utils.session(h)
+        ts, hs = onnx_session(t, None), onnx_session(h, None)
         return np.concatenate([hs.run(["embedding_raw"], {"fmap": ts.run(None, {"mel": mels[i : i + 8]})[0]})[0]
                                for i in range(0, len(mels), 8)]).astype(np.float64)
 

@@ -260,7 +260,6 @@ def build_mel_cache(params: Params, manifest_path: Path, cache_path: Path, repor
                     shard: tuple[int, int] | None = None) -> dict:
     """Compute the mels of every manifest track (or of shard k of n) into cache_path, write the report
     to report_path and return it; raises MelInputError on a bad manifest. Judge it with failure_verdict."""
-    t0 = time.monotonic()
     p = params.mels
     jobs = load_jobs(manifest_path, shard)
     cparams = mel_cache.cache_params(params.audio, params.frontend, p.max_track_minutes, p.precision)
@@ -281,7 +280,7 @@ def build_mel_cache(params: Params, manifest_path: Path, cache_path: Path, repor
     results = _compute(cfg, todo, p.workers, ray_address, params.cluster.tracks_per_task)
     entries, flagged = _merge(jobs, results, parts_dir, cache_path, cparams, compression, p.chunk_frames, report_path)
     failures = [r for r in results if not r.ok]
-    report = build_report(jobs, entries, failures, reused, time.monotonic() - t0, cache_path, compression)
+    report = build_report(jobs, entries, failures, reused, cache_path, compression)
     report["tracks_flagged"], report["flagged"] = len(flagged), flagged
     _write_report(report_path, report)
     for r in failures:
@@ -308,8 +307,10 @@ def failure_verdict(report: dict, max_failure_ratio: float, report_path: Path) -
     return None
 
 
-def build_report(jobs: list[TrackJob], entries: list, failures: list[TrackResult], reused: int, seconds: float,
-                 cache_path: Path, compression: mel_cache.Compression) -> dict:
+def build_report(jobs: list[TrackJob], entries: list, failures: list[TrackResult], reused: int, cache_path: Path,
+                 compression: mel_cache.Compression) -> dict:
+    # no timings: the report is a stage output, and dvc.lock should hash only what was computed
+    # (the log line of the run says how long it took)
     by_kind: dict[str, int] = {}
     for r in failures:
         by_kind[r.kind] = by_kind.get(r.kind, 0) + 1
@@ -324,7 +325,6 @@ def build_report(jobs: list[TrackJob], entries: list, failures: list[TrackResult
         "failures_by_kind": by_kind,
         "segments": int(sum(rec.n_segments for _, rec in entries)),
         "audio_minutes": round(minutes, 3),
-        "seconds": round(seconds, 2),
         "cache_bytes": size,
         "bytes_per_audio_minute": round(size / minutes) if minutes else 0,
         "compression": compression.describe(),
