@@ -117,6 +117,45 @@ def fill(db: Path, models: Path, n: int, seed: int = 0, chunk: int = 50_000) -> 
     return out
 
 
+PATCH = r"""
+import json, sys, time
+import numpy as np
+from student_clap import ann
+from student_clap.index import IndexWriter, read_index_head
+db, n = sys.argv[1], int(sys.argv[2])
+identity = read_index_head(db)[0]
+rng = np.random.default_rng(5)
+with IndexWriter(db, audio_model=identity.audio_model, text_model="", dim=identity.dim,
+                 model_identity=identity.model_identity) as w:
+    for i in range(n):
+        v = rng.standard_normal(identity.dim).astype(np.float32)
+        w.put_song(f"/music/new{i:07d}.flac", (1, 1), v / np.linalg.norm(v), duration=1.0, n_segments=1, notes=[])
+    w.forget([f"/music/{i:07d}.flac" for i in range(max(1, n // 10))])
+    w.touch()
+cpu, wall = time.process_time(), time.perf_counter()
+ann.update_ann(db)
+print(json.dumps({"patch_added": n, "patch_removed": max(1, n // 10), "patch_cpu_s": round(time.process_time() - cpu, 1),
+                  "patch_wall_s": round(time.perf_counter() - wall, 1),
+                  "patch_peak_rss_mb": next(int(line.split()[1]) for line in open("/proc/self/status")
+                                            if line.startswith("VmHWM:")) / 1024}))
+"""
+
+
+def patch_cost(db: Path, n: int) -> dict:
+    """The cost of bringing the approximate index up to date after a small change, on a copy."""
+    import shutil
+
+    from student_clap import ann
+
+    with tempfile.TemporaryDirectory(dir=db.parent) as tmp:
+        copy = Path(tmp) / db.name
+        for src in (db, ann.ann_path(db), ann.ann_path(db).with_name(ann.ann_path(db).name + ".json")):
+            shutil.copy2(src, Path(tmp) / src.name)
+        proc = subprocess.run([sys.executable, "-c", PATCH, str(copy), str(n)], capture_output=True, text=True,
+                              cwd=ROOT, check=True)
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 FLOOR = {"interpreter": "pass", "numpy + onnxruntime + tokenizers": "import numpy, onnxruntime, tokenizers",
          "... + usearch": "import numpy, onnxruntime, tokenizers, usearch.index"}
 
@@ -167,6 +206,8 @@ def main() -> int:
     ap.add_argument("--work", default=None, help="folder for the indexes (default: a temporary one)")
     ap.add_argument("--reuse", action="store_true", help="reuse the databases, indexes and vectors left in --work")
     ap.add_argument("--phases", action="store_true", help="also: CPU per phase of a cold approximate search")
+    ap.add_argument("--patch", type=int, default=0, metavar="N",
+                    help="also: on a copy of each approximate index, add N songs, remove N/10 and time the update")
     args = ap.parse_args()
     if args.reuse and not args.work:
         ap.error("--reuse needs --work")
@@ -249,6 +290,8 @@ def main() -> int:
             for i, (name, _) in enumerate(runs[0]):
                 print(f"| {name} | {statistics.median(r[i][1] for r in runs):.1f} |")
             print(f"| total | {statistics.median(sum(m for _, m in r) for r in runs):.1f} |", flush=True)
+        if args.patch and has_ann:
+            print(json.dumps({"songs": n, **patch_cost(db, args.patch)}), flush=True)
         del stored
     print("\n| cold process (floor) | wall p50 (ms) | CPU p50 (ms) |\n|---|---|---|")
     for f in floors:

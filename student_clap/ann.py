@@ -7,9 +7,13 @@ so an HNSW index (USearch, int8 vectors, cosine) is kept beside the database as 
 opened memory-mapped (`view`): a query touches only the graph nodes it visits. Its candidates are
 rescored with their stored vectors, so printed scores are exact cosines.
 
-The approximate index is rebuilt by `index` at the end of each run that changed the database, and
-by a search that finds it older than the database (the `updated` time and song count in
-`DB.usearch.json` differ from the index's); a search that cannot write it falls back to exact.
+The approximate index is brought up to date by `index` at the end of each run that changed the
+database, and by a search that finds it older than the database (the `updated` time and song count
+in `DB.usearch.json` differ from the index's); a search that cannot write it falls back to exact.
+Up to date means patched: the songs added, re-embedded or removed since it was written are removed
+from and added to the graph (building 1M songs anew takes half an hour on a small machine, patching
+a few takes seconds); it is built anew when the model changed or more than REBUILD_SHARE of the
+songs did.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import logging
 import os
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -34,11 +39,15 @@ ANN_DTYPE = "i8"  # a quarter of float32's size; candidates are rescored with th
 # machine is already the cost that counts (100k songs: minutes; docs/library.md).
 CONNECTIVITY = 16  # HNSW graph degree
 EXPANSION_ADD = 128  # candidates kept while linking a new song into the graph
-# The search's settings (no rebuild needed to change them): more candidates than USearch's default
-# 64, then exact rescoring, because int8 distances alone misorder close neighbours. Together they
-# gave recall@10 0.99 at 100k songs (benchmarks/library.py, docs/library.md).
+# The search's settings (no rebuild needed to change them): many more candidates than USearch's
+# default 64, then exact rescoring, because int8 distances alone misorder close neighbours. At 1M
+# songs recall@10 was 0.77 with 96 candidates, 0.96 with 384 and 0.98 with 768, each costing
+# 2 to 4 ms of CPU a query once the view is open (benchmarks/library.py, docs/library.md).
 RESCORE = 4  # candidates fetched per result asked for
-EXPANSION_SEARCH = 96  # candidates kept while searching
+EXPANSION_SEARCH = 768  # candidates kept while searching
+# Past this share of changed songs a fresh graph costs little more than patching and links the new
+# songs better (removed songs leave holes that HNSW repairs only in part).
+REBUILD_SHARE = 0.2
 
 
 def ann_path(db: str | Path) -> Path:
@@ -84,12 +93,74 @@ def build_ann(db: str | Path, dtype: str = ANN_DTYPE, batch: int = 100_000) -> P
             index.add(keys, vecs.astype(np.float32))
     finally:
         con.close()
+    _save(index, db, state, dtype)
+    return ann_path(db)
+
+
+def _stale(stored: dict | None, state: dict, db: Path) -> bool:
+    return stored is None or any(stored.get(k) != v for k, v in state.items()) or not ann_path(db).is_file()
+
+
+def _patch_ann(db: Path, state: dict, stored: dict | None, batch: int = 10_000) -> bool:
+    """Apply the songs changed since DB.usearch was written to it; False (nothing written) when it
+    must be built anew instead: another model or precision, or too many changes."""
+    from usearch.index import Index as UIndex
+
+    if stored is None or not ann_path(db).is_file() or stored.get("dtype") != ANN_DTYPE or any(
+            stored.get(k) != state[k] for k in ("model_identity", "audio_model", "dim")):
+        return False
+    con = _connect_ro(db)
+    try:
+        ids = np.fromiter((r[0] for r in con.execute("SELECT track_id FROM vectors")), dtype=np.uint64)
+        try:
+            since = float(stored.get("updated") or "")
+        except ValueError:
+            return False
+        # rows written after the index: re-embedded songs keep their id but not their vector
+        touched = np.fromiter((r[0] for r in con.execute("SELECT id FROM tracks WHERE updated > ?", (since,))),
+                              dtype=np.uint64)
+        index = UIndex.restore(str(ann_path(db)))  # into memory: a memory-mapped view cannot change
+        if index is None:
+            return False
+        keys = np.asarray(index.keys, dtype=np.uint64)
+        drop = np.union1d(np.setdiff1d(keys, ids), np.intersect1d(touched, keys))
+        add = np.union1d(np.setdiff1d(ids, keys), np.intersect1d(touched, ids))
+        if len(drop) + len(add) > REBUILD_SHARE * max(len(ids), 1):
+            return False
+        if len(drop):
+            index.remove(drop)
+        for start in range(0, len(add), batch):
+            part = [int(x) for x in add[start:start + batch]]
+            rows = con.execute(f"SELECT track_id, vector FROM vectors WHERE track_id IN ({','.join('?' * len(part))})",
+                               part).fetchall()
+            index.add(np.array([r[0] for r in rows], dtype=np.uint64),
+                      np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float16).reshape(len(rows), -1).astype(np.float32))
+    finally:
+        con.close()
+    _save(index, db, state, ANN_DTYPE)
+    log.info("approximate search index patched: %d song(s) removed, %d added (%s)", len(drop), len(add), ann_path(db))
+    return True
+
+
+def _save(index: Any, db: Path, state: dict, dtype: str) -> None:
     out, tmp = ann_path(db), ann_path(db).with_name(ann_path(db).name + ".tmp")
     index.save(str(tmp))
     os.replace(tmp, out)
-    state["dtype"] = dtype
-    _state_path(db).write_text(json.dumps(state), encoding="utf-8")
-    return out
+    _state_path(db).write_text(json.dumps({**state, "dtype": dtype}), encoding="utf-8")
+
+
+def refresh_ann(db: str | Path) -> Path:
+    """Bring DB.usearch up to date with the database: patched when that is enough, else built anew."""
+    db = Path(db)
+    con = _connect_ro(db)
+    try:
+        state = db_state(con)
+    finally:
+        con.close()
+    if _stale(_stored_state(db), state, db) and not _patch_ann(db, state, _stored_state(db)):
+        log.info("building the approximate search index for %d songs (%s)", state["count"], ann_path(db))
+        build_ann(db)
+    return ann_path(db)
 
 
 def update_ann(db: str | Path) -> bool:
@@ -105,10 +176,7 @@ def update_ann(db: str | Path) -> bool:
         for p in (ann_path(db), _state_path(db)):
             p.unlink(missing_ok=True)
         return False
-    stored = _stored_state(db)
-    if stored is None or any(stored.get(k) != v for k, v in state.items()) or not ann_path(db).is_file():
-        log.info("building the approximate search index for %d songs (%s)", state["count"], ann_path(db))
-        build_ann(db)
+    refresh_ann(db)
     return True
 
 
@@ -132,10 +200,9 @@ def search_ann(db: str | Path, queries: np.ndarray, k: int) -> list[list[tuple[s
         except ImportError:
             log.warning("usearch is not installed: searching %d songs exactly (slower)", state["count"])
             return None
-        stored = _stored_state(db)
-        if stored is None or any(stored.get(k2) != v for k2, v in state.items()) or not ann_path(db).is_file():
+        if _stale(_stored_state(db), state, db):
             try:
-                build_ann(db)
+                refresh_ann(db)
             except OSError as exc:
                 log.warning("%s is out of date and cannot be rebuilt here (%s): searching exactly", ann_path(db), exc)
                 return None

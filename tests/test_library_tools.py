@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sqlite3
 from pathlib import Path
 
 import numpy as np
@@ -250,6 +251,47 @@ def test_a_large_library_is_searched_through_the_approximate_index_kept_with_the
     assert ann.ann_path(db).stat().st_mtime_ns != before
     assert json.loads(ann.ann_path(db).with_name("big.db.usearch.json").read_text())["count"] == 320
 
+
+
+def test_the_approximate_index_is_patched_with_the_songs_that_changed_not_rebuilt(
+        tiny_export: Path, tmp_path: Path, monkeypatch) -> None:
+    import student_clap.ann as ann
+    from student_clap.index import IndexWriter, read_index_head
+    from usearch.index import Index as UIndex
+
+    monkeypatch.setattr(ann, "ANN_MIN_SONGS", 200)
+    db = tmp_path / "lib.db"
+    _synthetic_index(db, tiny_export, 300)
+    assert ann.update_ann(db) is True
+
+    def no_rebuild(*_args, **_kwargs):
+        raise AssertionError("built anew where a patch would do")
+
+    monkeypatch.setattr(ann, "build_ann", no_rebuild)
+    identity = read_index_head(db)[0]
+    moved = np.random.default_rng(7).standard_normal(512).astype(np.float32)
+    moved /= np.linalg.norm(moved)
+    new = _synthetic_index(db, tiny_export, 10, seed=3, start=300)  # 10 songs added
+    with IndexWriter(db, audio_model=identity.audio_model, text_model="", dim=512,
+                     model_identity=identity.model_identity) as w:
+        w.put_song("/music/00005.flac", (2, 2), moved, duration=1.0, n_segments=1, notes=[])  # re-embedded
+        w.forget(["/music/00007.flac"])  # gone from the library
+        w.touch()
+    assert ann.update_ann(db) is True
+    con = sqlite3.connect(db)
+    ids = {r[0] for r in con.execute("SELECT track_id FROM vectors")}
+    con.close()
+    assert {int(k) for k in UIndex.restore(str(ann.ann_path(db))).keys} == ids  # the graph holds exactly the library
+    assert ann.search_ann(db, moved[None], 1)[0][0] == ("/music/00005.flac", pytest.approx(1.0, abs=1e-3))
+    assert ann.search_ann(db, new[3:4], 1)[0][0][0] == "/music/00303.flac"
+    assert all(p != "/music/00007.flac" for p, _ in ann.search_ann(db, new[:1], 50)[0])
+
+    # more than REBUILD_SHARE of the songs changed: built anew
+    built = []
+    monkeypatch.setattr(ann, "build_ann", lambda d: built.append(d))
+    _synthetic_index(db, tiny_export, 100, seed=4, start=400)
+    ann.update_ann(db)
+    assert built == [db]
 
 
 def test_the_song_count_kept_in_the_index_follows_every_change(tiny_export: Path, tmp_path: Path) -> None:
