@@ -40,6 +40,12 @@ ITEMS_TABLE = "beets_items"
 _ITEMS_DDL = (f"CREATE TABLE IF NOT EXISTS {ITEMS_TABLE} (item_id INTEGER PRIMARY KEY, path BLOB NOT NULL); "
               f"CREATE INDEX IF NOT EXISTS {ITEMS_TABLE}_path ON {ITEMS_TABLE} (path)")
 ACTIONS = ("index", "search", "similar", "duplicates")
+# beets' events for a file written at a new path while the old one stays (same audio, new name)
+COPY_EVENTS = ("item_copied", "item_linked", "item_hardlinked", "item_reflinked")
+# A search of a shared index (a folder index the library is part of) over the approximate index asks
+# for k plus the songs outside the library, then keeps the library's; past this many such songs the
+# library's own vectors are searched exactly instead.
+MAX_OTHER_SONGS = 1000
 
 
 def item_key(item: Item) -> str:
@@ -49,10 +55,14 @@ def item_key(item: Item) -> str:
     return index_key(os.fsdecode(item.path))
 
 
+def _connect_ro(db: str | Path) -> sqlite3.Connection:
+    return sqlite3.connect(Path(db).absolute().as_uri() + "?mode=ro", uri=True, timeout=30.0)
+
+
 def read_item_map(db: str | Path) -> dict[int, str]:
     """item id -> indexed path, from the plugin's table (empty when the index has none yet)."""
     try:
-        con = sqlite3.connect(Path(db).absolute().as_uri() + "?mode=ro", uri=True, timeout=30.0)
+        con = _connect_ro(db)
         try:
             rows = con.execute(f"SELECT item_id, path FROM {ITEMS_TABLE}").fetchall()
         finally:
@@ -69,9 +79,16 @@ class StudentClapPlugin(BeetsPlugin):
         super().__init__()
         self.config.add({"models": None, "index": "", "auto": False, "jobs": 1, "threads": None})
         self._clap = None
+        self._ann_stale = False  # the index changed during this beets command: update its approximate index
         if self.config["auto"].get(bool):
             self.register_listener("item_imported", self.item_imported)
             self.register_listener("album_imported", self.album_imported)
+        # the index follows the library whether or not imports are embedded
+        self.register_listener("item_removed", self.item_removed)
+        self.register_listener("item_moved", self.item_moved)
+        for event in COPY_EVENTS:
+            self.register_listener(event, self.item_copied)
+        self.register_listener("cli_exit", self.cli_exit)
 
     # ------------------------------------------------------------------ configuration
 
@@ -149,19 +166,43 @@ class StudentClapPlugin(BeetsPlugin):
             self._record_items(db, keys, drop_all=bool(report.reset))
         except SearchError as exc:
             raise ui.UserError(str(exc)) from None
+        self.update_ann(db)
         return report
 
-    def _record_items(self, db: Path, keys: dict[int, str], drop_all: bool) -> None:
-        """Store item id -> path under the index's writer lock. The row of a file an item has moved
-        away from (a `beet move`) is dropped when nothing is left at that path."""
+    def update_ann(self, db: Path) -> None:
+        """Bring the approximate search index beside `db` up to date (student_clap.ann: built or
+        patched from ANN_MIN_SONGS songs, removed below), as `student-clap index` does after a write.
+        Without usearch, or where it cannot be written, search stays exact (it is only slower)."""
+        from student_clap.ann import update_ann
+        from student_clap.spec import SearchError
+
+        try:
+            update_ann(db)
+        except ImportError:
+            pass
+        except (OSError, SearchError) as exc:
+            self._log.warning("approximate search index not updated: {}", exc)
+        self._ann_stale = False
+
+    def _writer(self, db: Path):
+        """The index's writer for a change that needs no model (a removal, a move), or None when
+        there is no index yet."""
         from student_clap.index import IndexWriter, read_index_head
 
         head = read_index_head(db)
         if head is None:
-            raise ui.UserError(f"{db}: not a student-clap index")
+            return None
         idx = head[0]
-        with IndexWriter(db, audio_model=idx.audio_model, text_model=idx.text_model, dim=idx.dim,
-                         model_identity=idx.model_identity) as writer:
+        return IndexWriter(db, audio_model=idx.audio_model, text_model=idx.text_model, dim=idx.dim,
+                           model_identity=idx.model_identity)
+
+    def _record_items(self, db: Path, keys: dict[int, str], drop_all: bool) -> None:
+        """Store item id -> path under the index's writer lock. The row of a file an item has moved
+        away from (a `beet move`) is dropped when nothing is left at that path."""
+        writer = self._writer(db)
+        if writer is None:
+            raise ui.UserError(f"{db}: not a student-clap index")
+        with writer:
             con = writer.con
             con.execute("BEGIN IMMEDIATE")
             try:
@@ -198,12 +239,7 @@ class StudentClapPlugin(BeetsPlugin):
         except SearchError as exc:
             raise ui.UserError(f"{exc}; or, for this beets library, `beet clap index --rebuild`"
                                if "was built" in str(exc) else str(exc)) from None
-        with lib.transaction() as tx:  # ids only: items are loaded for the hits alone
-            present = {row[0] for row in tx.query("SELECT id FROM items")}
-        by_path: dict[str, list[int]] = {}
-        for item_id, path in read_item_map(db).items():
-            if item_id in present:  # items removed from the library are left out
-                by_path.setdefault(path, []).append(item_id)
+        by_path = self._library_paths(lib, db)
         rows = [i for i, p in enumerate(index.paths) if p in by_path]
         if not rows:
             raise ui.UserError(f"{db}: no items of this library are indexed yet; run `beet clap index`")
@@ -218,6 +254,86 @@ class StudentClapPlugin(BeetsPlugin):
 
     def album_imported(self, lib: Library, album: Album) -> None:
         self._embed_imported(list(album.items()))
+
+    def item_removed(self, item: Item) -> None:
+        """An item left the library (`beet remove`, with or without its file): its row leaves the
+        index, unless another item of the map names the same file."""
+        self._follow(item, lambda writer, mapped, others: self._drop(writer, item, mapped, others))
+
+    def item_moved(self, item: Item, source: bytes, destination: bytes) -> None:
+        """beets moved the item's file: its row re-keyed to the new path, nothing embedded again."""
+        self._follow(item, lambda writer, mapped, others: self._rekey(writer, item, mapped, others,
+                                                                      destination, keep_old=False))
+
+    def item_copied(self, item: Item, source: bytes, destination: bytes) -> None:
+        """beets copied (or linked) the item's file and the item now names the copy: the copy gets
+        the row's vector under its own path; the source's row stays (the file is still there)."""
+        self._follow(item, lambda writer, mapped, others: self._rekey(writer, item, mapped, others,
+                                                                      destination, keep_old=True))
+
+    def _follow(self, item: Item, change) -> None:
+        """Apply `change(writer, mapped_path, other_items_paths)` to the index under its writer's
+        lock; no index (or no row for the item) leaves nothing to do. A failure is a warning: the
+        beets command has already done its part, and `beet clap index` repairs the index."""
+        from student_clap.spec import SearchError
+
+        db = self.index_path()
+        if item.id is None or not db.exists():
+            return
+        try:
+            writer = self._writer(db)
+            if writer is None:
+                return
+            with writer:
+                con = writer.con
+                con.execute(_ITEMS_DDL.split(";")[0])
+                row = con.execute(f"SELECT path FROM {ITEMS_TABLE} WHERE item_id = ?", (item.id,)).fetchone()
+                mapped = os.fsdecode(bytes(row[0])) if row else None
+                others = {os.fsdecode(bytes(r[0])) for r in
+                          con.execute(f"SELECT path FROM {ITEMS_TABLE} WHERE item_id <> ?", (item.id,))}
+                if change(writer, mapped, others):
+                    self._ann_stale = True
+        except (SearchError, OSError, sqlite3.Error) as exc:
+            self._log.warning("{}: index not updated for {}: {}", db, os.fsdecode(item.path), exc)
+
+    @staticmethod
+    def _drop(writer, item: Item, mapped: str | None, others: set[str]) -> bool:
+        with writer._transaction():
+            writer.con.execute(f"DELETE FROM {ITEMS_TABLE} WHERE item_id = ?", (item.id,))
+        paths = {p for p in (mapped, item_key(item)) if p is not None and p not in others}
+        return writer.forget(paths) > 0 or mapped is not None
+
+    @staticmethod
+    def _rekey(writer, item: Item, mapped: str | None, others: set[str], destination: bytes, keep_old: bool) -> bool:
+        from student_clap.embed import file_stamp
+
+        old = mapped or item_key(item)
+        from student_clap.tools import index_key
+
+        new = index_key(os.fsdecode(destination))
+        stamp = file_stamp(new)
+        row = writer.con.execute("SELECT size FROM tracks WHERE path = ?", (os.fsencode(old),)).fetchone()
+        if row is None:
+            return False
+        if row[0] != stamp[0]:  # not the file that was embedded: embedded again by the next `clap index`
+            writer.forget([] if keep_old or old in others else [old])
+            moved = False
+        else:
+            moved = writer.move(old, new, stamp, keep_old=keep_old or old in others)
+        if moved or mapped is not None:
+            with writer._transaction():
+                if moved:
+                    writer.con.execute(f"INSERT OR REPLACE INTO {ITEMS_TABLE} (item_id, path) VALUES (?, ?)",
+                                       (item.id, os.fsencode(new)))
+                else:
+                    writer.con.execute(f"DELETE FROM {ITEMS_TABLE} WHERE item_id = ?", (item.id,))
+        return True
+
+    def cli_exit(self, lib: Library) -> None:
+        """Once per beets command: the approximate index patched for every removal and move of it
+        (patching costs a read and a write of the whole HNSW file, so not once per item)."""
+        if self._ann_stale:
+            self.update_ann(self.index_path())
 
     def _embed_imported(self, items: Sequence[Item]) -> None:
         try:
@@ -288,12 +404,68 @@ class StudentClapPlugin(BeetsPlugin):
         from student_clap.embed import check_query
         from student_clap.spec import SearchError
 
+        try:
+            text = check_query(text)
+            found = self._search_large(lib, text, k)
+        except SearchError as exc:
+            raise ui.UserError(str(exc)) from None
+        if found is not None:
+            self._print_hits(lib, *found)
+            return
         index, by_path = self.items_index(lib)
         try:
-            hits = self.clap().search(check_query(text), index, k=k)
+            hits = self.clap().search(text, index, k=k)
         except SearchError as exc:
             raise ui.UserError(str(exc)) from None
         self._print_hits(lib, hits, by_path)
+
+    def _search_large(self, lib: Library, text: str, k: int) -> tuple[list[tuple[str, float]], dict[str, list[int]]] | None:
+        """A text search the way `student-clap search` takes it for an index of ANN_MIN_SONGS songs and
+        more (StudentClap.search on the file: its approximate index, no matrix read), the hits kept to
+        this library's items; None when the exact search over the library's vectors is to run instead
+        (a smaller index, or one shared with many songs outside the library)."""
+        from student_clap import ann
+        from student_clap.index import read_index_head
+        from student_clap.library import check_index_model
+        from student_clap.spec import SearchError
+
+        clap = self.clap()
+        db = self.index_path()
+        head = read_index_head(db) if db.exists() else None
+        if head is None or head[1] < ann.ANN_MIN_SONGS:
+            return None
+        try:
+            check_index_model(head[0], clap.models_dir, forceable=False)
+        except SearchError as exc:
+            raise ui.UserError(f"{exc}; or, for this beets library, `beet clap index --rebuild`") from None
+        by_path = self._library_paths(lib, db)
+        try:
+            con = _connect_ro(db)
+            try:  # the library's songs in the index (the map's paths with a vector)
+                ours = con.execute(f"SELECT COUNT(*) FROM tracks WHERE status = 'ok' AND path IN "
+                                   f"(SELECT DISTINCT path FROM {ITEMS_TABLE})").fetchone()[0]
+            finally:
+                con.close()
+        except sqlite3.Error:
+            return None  # no item table yet: the exact path says so
+        other = head[1] - ours
+        if not ours or other > MAX_OTHER_SONGS:
+            return None
+        hits = [(p, s) for p, s in clap.search(text, db, k=k + other) if p in by_path][:k]
+        if len(hits) < min(k, ours):
+            return None  # the map names items no longer in the library: ask the exact search
+        return hits, by_path
+
+    def _library_paths(self, lib: Library, db: Path) -> dict[str, list[int]]:
+        """Indexed path -> ids of this library's items (items the map names but the library no
+        longer holds are left out)."""
+        with lib.transaction() as tx:  # ids only: items are loaded for the hits alone
+            present = {row[0] for row in tx.query("SELECT id FROM items")}
+        by_path: dict[str, list[int]] = {}
+        for item_id, path in read_item_map(db).items():
+            if item_id in present:
+                by_path.setdefault(path, []).append(item_id)
+        return by_path
 
     def cmd_similar(self, lib: Library, query: list[str], k: int) -> None:
         from student_clap.spec import SearchError

@@ -338,6 +338,29 @@ class IndexWriter:
                 n += self.con.execute("DELETE FROM tracks WHERE path = ?", (_fs(p),)).rowcount
         return n
 
+    def move(self, old: str, new: str, stamp: tuple[int, int], *, keep_old: bool = False) -> bool:
+        """The row of `old` given to `new`, the same audio under another name (a file moved, or
+        with `keep_old` copied or linked): its vector kept, the stamp of the file at `new`, the row
+        at `new` (if any) replaced. Returns False when `old` has no row."""
+        now = time.time()
+        with self._transaction():
+            row = self.con.execute("SELECT id FROM tracks WHERE path = ?", (_fs(old),)).fetchone()
+            if row is None or old == new:
+                return row is not None
+            self.con.execute("DELETE FROM tracks WHERE path = ?", (_fs(new),))
+            if keep_old:
+                cur = self.con.execute(
+                    "INSERT INTO tracks (path, size, mtime_ns, duration, n_segments, notes, status, reason, updated) "
+                    "SELECT ?, ?, ?, duration, n_segments, notes, status, reason, ? FROM tracks WHERE id = ?",
+                    (_fs(new), stamp[0], stamp[1], now, row[0]))
+                self.con.execute("INSERT INTO vectors (track_id, vector) SELECT ?, vector FROM vectors WHERE track_id = ?",
+                                 (cur.lastrowid, row[0]))
+            else:  # `updated` bumped: the approximate index re-links the row (student_clap.ann)
+                self.con.execute("UPDATE tracks SET path = ?, size = ?, mtime_ns = ?, updated = ? WHERE id = ?",
+                                 (_fs(new), stamp[0], stamp[1], now, row[0]))
+            self.con.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('updated', ?)", (str(now),))
+        return True
+
     def set_meta(self, values: dict[str, str]) -> None:
         """Settings that belong with these vectors (dropped when the model changes: MODEL_SETTINGS)."""
         with self._transaction():

@@ -233,3 +233,75 @@ def test_the_import_listener_embeds_new_items(beet, export: Path, tmp_path: Path
 
     beet.run("clap", "search", "loud drums", "-k", "5", "-f", "$path")
     assert sorted(_titled(line)[1] for line in _lines(capsys)) == sorted(imported.values())
+
+
+def test_search_takes_the_approximate_index_and_follows_removes_and_moves(beet, export: Path, tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch,
+                                                                          capsys) -> None:
+    from beetsplug.studentclap import item_key, read_item_map
+    from student_clap import ann
+    from student_clap.index import read_index_head
+    from student_clap.song import SongEmbedder
+
+    monkeypatch.setattr(ann, "ANN_MIN_SONGS", 3)  # the approximate path from 3 songs on
+    embedded = []  # every song embedded goes through the front-end's windows
+    maps = SongEmbedder._maps
+    monkeypatch.setattr(SongEmbedder, "_maps", lambda self, wave: embedded.append(1) or maps(self, wave))
+    searched = []
+    search_ann = ann.search_ann
+    monkeypatch.setattr(ann, "search_ann", lambda *a: searched.append(a) or search_ann(*a))
+
+    music = tmp_path / "songs"
+    music.mkdir()
+    items = {}
+    for i in range(5):
+        sf.write(music / f"s{i}.flac", _song(300 + i, seconds=3.0), SR)
+        items[f"song{i}"] = beet.add(music / f"s{i}.flac", f"song{i}")
+    beet.run("clap", "index")
+    assert "embedded 5, unchanged 0" in capsys.readouterr().out and len(embedded) >= 5
+    assert ann.ann_path(beet.db).is_file()
+
+    def current() -> dict[str, str]:
+        """indexed path -> title of the library's items now (beets may have moved their files)."""
+        _reset_beets()
+        beets.config.read()
+        lib = Library(str(beet.home / "library.db"), str(tmp_path / "music"))
+        try:
+            return {item_key(it): it.title for it in lib.items()}
+        finally:
+            lib._close()
+
+    def search() -> list[tuple[float, str]]:
+        n = len(searched)
+        beet.run("clap", "search", "calm piano", "-k", "10", "-f", "$title")
+        assert len(searched) == n + 1  # through the approximate index
+        hits = [_titled(line) for line in _lines(capsys)]
+        # the same items and scores as the runtime's exact search over every stored vector
+        exact = StudentClap(export).search("calm piano", read_index(beet.db), k=10)
+        titles = current()
+        assert [t for _, t in hits] == [titles[p] for p, _ in exact]
+        assert [s for s, _ in hits] == pytest.approx([s for _, s in exact], abs=1e-4)
+        return hits
+
+    assert len(search()) == 5
+
+    beet.run("remove", "-f", "title:song1")  # out of the library, the file left in place
+    assert (music / "s1.flac").exists()
+    assert read_index_head(beet.db)[1] == 4
+    assert items["song1"].id not in read_item_map(beet.db)
+    assert item_key(items["song1"]) not in read_index(beet.db).paths
+    assert json.loads(ann._state_path(beet.db).read_text())["count"] == 4  # patched when the command ended
+    before = dict((t, s) for s, t in search())
+    assert "song1" not in before and len(before) == 4
+
+    n = len(embedded)
+    beet.run("move", "title:song3")  # beets moves the file into its library folder
+    moved = next(p for p, t in current().items() if t == "song3")
+    assert Path(moved).is_file() and Path(moved).is_relative_to(tmp_path / "music") and not (music / "s3.flac").exists()
+    assert moved in read_index(beet.db).paths and item_key(items["song3"]) not in read_index(beet.db).paths
+    assert read_item_map(beet.db)[items["song3"].id] == moved
+    after = dict((t, s) for s, t in search())
+    assert after == pytest.approx(before, abs=1e-6)  # the same vector, found at its new path
+    beet.run("clap", "index")
+    assert "4 item(s): embedded 0, unchanged 4" in capsys.readouterr().out  # its stamp is the new file's
+    assert len(embedded) == n  # nothing was embedded again
