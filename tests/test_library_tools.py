@@ -353,3 +353,48 @@ def test_a_text_search_loads_nothing_of_the_audio_path(tiny_export: Path, tmp_pa
     # the search's quick-start session (no graph optimisation) embeds as the optimised one does
     quick = TextEmbedder(tiny_export, threads=1, optimize=False).embed(["calm piano", "drums"])
     np.testing.assert_allclose(quick, TextEmbedder(tiny_export, threads=1).embed(["calm piano", "drums"]), atol=1e-5)
+
+
+def test_a_moved_or_copied_file_keeps_its_vector_under_the_new_path(tiny_export: Path, tmp_path: Path,
+                                                                     monkeypatch) -> None:
+    import student_clap.ann as ann
+    from student_clap.index import IndexWriter, read_index_head
+
+    monkeypatch.setattr(ann, "ANN_MIN_SONGS", 200)
+    db = tmp_path / "lib.db"
+    vecs = _synthetic_index(db, tiny_export, 250)
+    assert ann.update_ann(db) is True
+    before = read_index(db)
+    identity = read_index_head(db)[0]
+    with IndexWriter(db, audio_model=identity.audio_model, text_model="", dim=512,
+                     model_identity=identity.model_identity) as w:
+        assert w.move("/music/00001.flac", "/moved/a.flac", (5, 6))
+        assert w.move("/music/00002.flac", "/copies/b.flac", (7, 8), keep_old=True)
+        assert w.move("/music/00003.flac", "/music/00004.flac", (1, 1))  # onto another song's path: replaces it
+        assert not w.move("/music/missing.flac", "/moved/c.flac", (1, 1))
+
+    def stamp(path: str) -> tuple[int, int]:
+        con = sqlite3.connect(db)
+        try:
+            return con.execute("SELECT size, mtime_ns FROM tracks WHERE path = ?", (path.encode(),)).fetchone()
+        finally:
+            con.close()
+
+    after = read_index(db)
+    old = dict(zip(before.paths, before.vectors))
+    new = dict(zip(after.paths, after.vectors))
+    assert len(after.paths) == 250 and read_index_head(db)[1] == 250  # +1 copy, -1 replaced
+    assert set(after.paths) == set(before.paths) - {"/music/00001.flac", "/music/00003.flac"} | {
+        "/moved/a.flac", "/copies/b.flac"}
+    np.testing.assert_array_equal(new["/moved/a.flac"], old["/music/00001.flac"])
+    np.testing.assert_array_equal(new["/copies/b.flac"], old["/music/00002.flac"])
+    np.testing.assert_array_equal(new["/music/00002.flac"], old["/music/00002.flac"])
+    np.testing.assert_array_equal(new["/music/00004.flac"], old["/music/00003.flac"])
+    assert stamp("/moved/a.flac") == (5, 6) and stamp("/copies/b.flac") == (7, 8)
+    assert float(after.meta["updated"]) > float(before.meta["updated"])  # dependants see the change
+
+    monkeypatch.setattr(ann, "build_ann", lambda *_a: pytest.fail("built anew where a patch would do"))
+    assert ann.update_ann(db) is True
+    assert ann.search_ann(db, vecs[1:2], 1)[0][0] == ("/moved/a.flac", pytest.approx(1.0, abs=1e-3))
+    assert {p for p, _ in ann.search_ann(db, vecs[2:3], 2)[0]} == {"/music/00002.flac", "/copies/b.flac"}
+    assert ann.search_ann(db, vecs[3:4], 1)[0][0][0] == "/music/00004.flac"
