@@ -13,7 +13,11 @@ Commands: `beet clap index [QUERY]`, `beet clap search TEXT [-k N]`, `beet clap 
 The index is the one `student-clap index` writes (same tables, same resumable embedding: a file
 with the same path, size and mtime is not embedded again). The plugin adds one table of its own,
 `beets_items` (beets item id -> the file's path as the index names it), so hits map back to items;
-the index's own tables are left as they are. Searches run over the indexed items of this library.
+the index's own tables are left as they are. Searches run over the indexed items of this library;
+from student_clap.ann.ANN_MIN_SONGS songs a text search goes through the approximate index, as
+`student-clap search` does. The index follows beets' removals (`item_removed`) and its moves and
+copies of files (`item_moved`, `item_copied` and the link events): rows dropped or re-keyed, their
+vectors kept, nothing embedded again.
 """
 
 from __future__ import annotations
