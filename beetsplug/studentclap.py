@@ -262,22 +262,22 @@ class StudentClapPlugin(BeetsPlugin):
     def item_removed(self, item: Item) -> None:
         """An item left the library (`beet remove`, with or without its file): its row leaves the
         index, unless another item of the map names the same file."""
-        self._follow(item, lambda writer, mapped, others: self._drop(writer, item, mapped, others))
+        self._follow(item, lambda writer, mapped, shared: self._drop(writer, item, mapped, shared))
 
     def item_moved(self, item: Item, source: bytes, destination: bytes) -> None:
         """beets moved the item's file: its row re-keyed to the new path, nothing embedded again."""
-        self._follow(item, lambda writer, mapped, others: self._rekey(writer, item, mapped, others,
+        self._follow(item, lambda writer, mapped, shared: self._rekey(writer, item, mapped, shared,
                                                                       destination, keep_old=False))
 
     def item_copied(self, item: Item, source: bytes, destination: bytes) -> None:
         """beets copied (or linked) the item's file and the item now names the copy: the copy gets
         the row's vector under its own path; the source's row stays (the file is still there)."""
-        self._follow(item, lambda writer, mapped, others: self._rekey(writer, item, mapped, others,
+        self._follow(item, lambda writer, mapped, shared: self._rekey(writer, item, mapped, shared,
                                                                       destination, keep_old=True))
 
     def _follow(self, item: Item, change) -> None:
-        """Apply `change(writer, mapped_path, other_items_paths)` to the index under its writer's
-        lock; no index (or no row for the item) leaves nothing to do. A failure is a warning: the
+        """Apply `change(writer, mapped_path, shared)` to the index under its writer's lock (`shared(path)`:
+        whether another item's id maps to that file too); no index (or no row for the item) leaves nothing to do. A failure is a warning: the
         beets command has already done its part, and `beet clap index` repairs the index."""
         from student_clap.spec import SearchError
 
@@ -293,37 +293,40 @@ class StudentClapPlugin(BeetsPlugin):
                 con.execute(_ITEMS_DDL.split(";")[0])
                 row = con.execute(f"SELECT path FROM {ITEMS_TABLE} WHERE item_id = ?", (item.id,)).fetchone()
                 mapped = os.fsdecode(bytes(row[0])) if row else None
-                others = {os.fsdecode(bytes(r[0])) for r in
-                          con.execute(f"SELECT path FROM {ITEMS_TABLE} WHERE item_id <> ?", (item.id,))}
-                if change(writer, mapped, others):
+
+                def shared(path: str) -> bool:
+                    return con.execute(f"SELECT 1 FROM {ITEMS_TABLE} WHERE path = ? AND item_id <> ? LIMIT 1",
+                                       (os.fsencode(path), item.id)).fetchone() is not None
+
+                if change(writer, mapped, shared):
                     self._ann_stale = True
         except (SearchError, OSError, sqlite3.Error) as exc:
             self._log.warning("{}: index not updated for {}: {}", db, os.fsdecode(item.path), exc)
 
     @staticmethod
-    def _drop(writer, item: Item, mapped: str | None, others: set[str]) -> bool:
+    def _drop(writer, item: Item, mapped: str | None, shared) -> bool:
         with writer._transaction():
             writer.con.execute(f"DELETE FROM {ITEMS_TABLE} WHERE item_id = ?", (item.id,))
-        paths = {p for p in (mapped, item_key(item)) if p is not None and p not in others}
+        paths = {p for p in (mapped, item_key(item)) if p is not None and not shared(p)}
         return writer.forget(paths) > 0 or mapped is not None
 
     @staticmethod
-    def _rekey(writer, item: Item, mapped: str | None, others: set[str], destination: bytes, keep_old: bool) -> bool:
+    def _rekey(writer, item: Item, mapped: str | None, shared, destination: bytes, keep_old: bool) -> bool:
         from student_clap.embed import file_stamp
-
-        old = mapped or item_key(item)
         from student_clap.tools import index_key
 
+        old = mapped or item_key(item)
+        keep_old = keep_old or shared(old)  # another item still names the source
         new = index_key(os.fsdecode(destination))
         stamp = file_stamp(new)
         row = writer.con.execute("SELECT size FROM tracks WHERE path = ?", (os.fsencode(old),)).fetchone()
         if row is None:
             return False
         if row[0] != stamp[0]:  # not the file that was embedded: embedded again by the next `clap index`
-            writer.forget([] if keep_old or old in others else [old])
+            writer.forget([] if keep_old else [old])
             moved = False
         else:
-            moved = writer.move(old, new, stamp, keep_old=keep_old or old in others)
+            moved = writer.move(old, new, stamp, keep_old=keep_old)
         if moved or mapped is not None:
             with writer._transaction():
                 if moved:
