@@ -137,7 +137,10 @@ def _patch_ann(db: Path, state: dict, stored: dict | None, batch: int = 10_000) 
                       np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float16).reshape(len(rows), -1).astype(np.float32))
     finally:
         con.close()
-    _save(index, db, state, ANN_DTYPE)
+    if len(drop) or len(add):
+        _save(index, db, state, ANN_DTYPE)
+    else:  # only the database's stamp moved (a writer opened and closed): the graph is current
+        _state_path(db).write_text(json.dumps({**state, "dtype": ANN_DTYPE}), encoding="utf-8")
     log.info("approximate search index patched: %d song(s) removed, %d added (%s)", len(drop), len(add), ann_path(db))
     return True
 

@@ -286,6 +286,16 @@ def test_the_approximate_index_is_patched_with_the_songs_that_changed_not_rebuil
     assert ann.search_ann(db, new[3:4], 1)[0][0][0] == "/music/00303.flac"
     assert all(p != "/music/00007.flac" for p, _ in ann.search_ann(db, new[:1], 50)[0])
 
+    # a writer that changed nothing: the state is brought up to date, the graph file left as it is
+    graph = ann.ann_path(db).stat().st_mtime_ns
+    with IndexWriter(db, audio_model=identity.audio_model, text_model="", dim=512,
+                     model_identity=identity.model_identity) as w:
+        w.touch()
+    assert ann.update_ann(db) is True and ann.ann_path(db).stat().st_mtime_ns == graph
+    con = sqlite3.connect(db)
+    assert ann._stored_state(db)["updated"] == ann.db_state(con)["updated"]  # not stale: no rebuild on search
+    con.close()
+
     # more than REBUILD_SHARE of the songs changed: built anew
     built = []
     monkeypatch.setattr(ann, "build_ann", lambda d: built.append(d))
