@@ -437,7 +437,6 @@ class PartWriter:
                        for lay in self.layouts}
         self.committed_segments = 0
         self.n_tracks = 0
-        self.opened = time.monotonic()
 
     def add_segments(self, teacher: np.ndarray, student: np.ndarray, starts_seconds: np.ndarray,
                      teacher_starts: Sequence[int] | None = None, student_starts: Sequence[int] | None = None) -> None:
@@ -763,7 +762,6 @@ class MelCache:
             self.segment_counts = t["n_segments"][:].astype(np.int64)
             self.durations = t["duration"][:].astype(np.float64)
             self.sha256 = _strings(t["sha256"])
-            self.audio_paths = _strings(t["audio_path"])
             self.segment_track = f["segments/track"][:].astype(np.int64)
             self.segment_start = f["segments/start"][:]
             self.frame_offset = {name: f[f"segments/{name}_frame"][:].astype(np.int64) for name in FRONT_ENDS}

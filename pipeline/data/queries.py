@@ -32,7 +32,6 @@ from pipeline.params import TextQueryParams
 
 log = logging.getLogger(__name__)
 
-SET_NAMES = ("train", "val_combos", "val_terms", "val_free", "eval_prompts", "terms")
 HELD_OUT_SETS = ("val_combos", "val_terms", "val_free")
 # how terms are joined, and the phrase around them, with their relative weights: mostly bare
 # term lists, sometimes a few connecting words as people type queries

@@ -234,10 +234,6 @@ class MobileNetV3(nn.Module):
                 nn.init.normal_(m.weight, 0.0, 0.01)
                 nn.init.zeros_(m.bias)
 
-    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, 1, F, T] -> last feature map [B, feature_dim, F/32, T/32]."""
-        return self.features(x)
-
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """[B, 1, F, T] -> globally average-pooled features [B, feature_dim]."""
         return self.features(x).mean(dim=(2, 3))

@@ -87,7 +87,6 @@ class ConversionError(TeacherError):
 PUBLISHED_SHA256 = {
     "music_audioset_epoch_15_esc_90.14.pt": "fae3e9c087f2909c28a09dc31c8dfcdacbc42ba44c70e972b58c1bd1caf6dedd",
 }
-PUBLISHED_SIZE = {"music_audioset_epoch_15_esc_90.14.pt": 2_352_471_003}  # bytes: the download cap
 
 
 def _allowed_globals() -> list:

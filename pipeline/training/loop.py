@@ -115,7 +115,6 @@ class TrainResult:
     best_metrics: dict[str, float]
     best_state_dict: dict[str, torch.Tensor]
     history: list[dict[str, Any]]
-    last_metrics: dict[str, float]
 
 
 @dataclass
@@ -481,5 +480,4 @@ def _result(model: nn.Module, state: TrainState, cfg: TrainConfig, ranks: D.Rank
         best_metrics=dict(state.best["metrics"]),
         best_state_dict=best_state,
         history=state.history,
-        last_metrics=dict(state.history[-1]) if state.history else {},
     )
