@@ -1,25 +1,8 @@
 """evaluate: how close are the students to the teacher on the validation (artist-disjoint) tracks?
 
 Reads params `evaluate` and `teacher.model.dir` (the teacher embeds the zero-shot tag prompts),
-plus the files dvc.yaml declares. Writes models/report/metrics.json
-(a DVC metric) and models/report/plots/ (PNG images + CSV/JSON plot data).
-
-Report sections
-- same_space: the verdict (`same_space` true/false, `failed` naming the figures under their bar,
-  params evaluate.same_space) and its figures on the validation tracks: the audio student's
-  per-track cosine (mean/median/p05/min, raw and centred), top-5/top-10 neighbour overlap and
-  neighbour-ranking Spearman, and end to end the text-query result overlap (pipeline.evaluation.fidelity).
-- audio: segment- and track-level cosine of the audio student to the teacher (mean/p10/p50/p90),
-  the same centred on the mean *training* teacher embedding, and the mean-embedding baseline beside
-  both (a random teacher gives that baseline ~1.0 raw; centred it is exactly 0 by construction).
-- text: cosine of the text student to the teacher on every held-out query set, raw and centred.
-- retrieval: text-to-music ranking agreement on the fixed eval prompts over the validation tracks,
-  teacher-text x teacher-audio as reference vs the audio student, the text student and both; the
-  text student also over all cached tracks (it never hears audio, so none of them is seen data).
-- tags: zero-shot tag accuracy with "This is a <tag> song." prompts where the manifest has tags.
-- licences: the licence audit's verdict and totals; the per-source/licence tables (all cached
-  tracks, and the training split alone) go to models/report/licences.json for the model card.
-A student whose stage was disabled is left out and the section says so.
+plus the files dvc.yaml declares. Writes models/report/metrics.json (a DVC metric),
+models/report/licences.json and models/report/plots/. The report's sections: docs/evaluation.md.
 """
 
 from __future__ import annotations
