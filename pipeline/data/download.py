@@ -22,7 +22,7 @@ import requests
 import urllib3
 from tqdm import tqdm
 
-from pipeline.hashing import sha256_file
+from student_clap.files import sha256_file
 
 log = logging.getLogger(__name__)
 

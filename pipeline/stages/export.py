@@ -20,7 +20,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.hashing import sha256_file
 from pipeline.models import onnx_export as onnx_utils
 from pipeline.models.audio_export import audio_spec, export_audio
 from pipeline.models.onnx_export import ParityError
@@ -29,6 +28,7 @@ from pipeline.models.song_export import calibration_mels, export_song, song_spec
 from pipeline.params import Params, as_dict
 from pipeline.paths import AUDIO_STUDENT, LICENSES, MANIFEST, MELS, TEXT_STUDENT, TEXT_TOKENIZER
 from pipeline.space import EMBED_DIM
+from student_clap.files import sha256_file
 
 log = logging.getLogger(__name__)
 

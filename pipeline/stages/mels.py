@@ -25,9 +25,9 @@ from pipeline.atomic import write_json
 from pipeline.data import decode_notes, mel_cache
 from pipeline.data.manifest import read_manifest
 from pipeline.data.mel_extraction import TrackJob, TrackProcessor, TrackResult, extract_to_part
-from pipeline.hashing import sha256_file
 from pipeline.params import Params
 from pipeline.paths import MANIFEST, MELS as CACHE
+from student_clap.files import sha256_file
 
 log = logging.getLogger(__name__)
 

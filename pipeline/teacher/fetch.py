@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.atomic import atomic_path, write_json
-from pipeline.hashing import sha256_file
 from pipeline.params import DownloadParams, TeacherModelParams
+from student_clap.files import sha256_file
 
 log = logging.getLogger(__name__)
 
