@@ -12,7 +12,6 @@ import argparse
 import csv
 import json
 import logging
-import math
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -264,18 +263,6 @@ def same_space_section(emb: Embedded, p: SameSpaceParams) -> dict[str, Any]:
 # --------------------------------------------------------------------------- the command
 
 
-def _finite(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    if isinstance(obj, (float, np.floating)):
-        return float(obj) if math.isfinite(float(obj)) else None
-    if isinstance(obj, np.integer):
-        return int(obj)
-    return obj
-
-
 def compare(folder: Path, *, models: Path, teacher_dir: Path, frontend: TeacherFrontendParams,
             same_space_params: SameSpaceParams, labels: Path | None = None, captions: Path | None = None,
             template: str = DEFAULT_PROMPT, device: str = "cpu", batch_size: int = 16,
@@ -351,7 +338,7 @@ def compare(folder: Path, *, models: Path, teacher_dir: Path, frontend: TeacherF
     report["problems"] = problems
     for line in problems:
         log.warning("%s", line)
-    return _finite(report)
+    return M.json_safe(report)
 
 
 def render_text(report: dict[str, Any]) -> str:

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from pipeline import metrics as M
 from pipeline.evaluation import fidelity
 from pipeline.evaluation.audio_scores import AudioResult, evaluate_audio
 from pipeline.evaluation.licence_report import licence_metrics, training_licences
@@ -46,19 +46,6 @@ def evaluate_same_space(audio: AudioResult, retrieval: dict[str, Any], p: SameSp
             "text_query_spearman_centred": centred.get("spearman"),
         }
     return section
-
-
-def _finite(obj: Any) -> Any:
-    """JSON-safe copy: NaN/inf -> None, numpy scalars -> Python."""
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    if isinstance(obj, (np.floating, float)):
-        return float(obj) if math.isfinite(float(obj)) else None
-    if isinstance(obj, np.integer):
-        return int(obj)
-    return obj
 
 
 def write_plots(out_dir: Path, audio: AudioResult, retrieval: dict[str, Any]) -> list[str]:
@@ -136,7 +123,7 @@ def build_report(
     report["notes"] = notes
     if plot_dir is not None:
         report["plots"] = write_plots(plot_dir, audio, report["retrieval"])
-    return _finite(report), _finite(licences)
+    return M.json_safe(report), M.json_safe(licences)
 
 
 def teacher_identity(teacher_dir: Path) -> dict[str, Any]:
