@@ -157,7 +157,7 @@ def _link_or_copy(src: Path, dst: Path) -> None:
             shutil.copyfile(src, tmp)
 
 
-def save_epoch(ckpt_dir: Path, state: dict[str, Any], is_best: bool, keep_epoch_file: bool = True) -> Path:
+def save_epoch(ckpt_dir: Path, state: dict[str, Any], is_best: bool) -> Path:
     """Write ``epoch_NNN.pt`` and point latest.pt (and best.pt when `is_best`) at it."""
     state = {"format": CHECKPOINT_FORMAT, **state}
     path = epoch_path(ckpt_dir, int(state["epoch"]))
@@ -165,8 +165,6 @@ def save_epoch(ckpt_dir: Path, state: dict[str, Any], is_best: bool, keep_epoch_
     _link_or_copy(path, ckpt_dir / LATEST)
     if is_best:
         _link_or_copy(path, ckpt_dir / BEST)
-    if not keep_epoch_file:
-        path.unlink()
     return path
 
 

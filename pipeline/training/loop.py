@@ -76,7 +76,6 @@ class TrainConfig:
     resume: bool = False
     centre: torch.Tensor | None = None  # adds the centred cosine term to the loss (see DistillLoss)
     warmup: bool = True  # linear warmup over the first epoch
-    keep_epoch_checkpoints: bool = True
 
     @property
     def total_epochs(self) -> int:
@@ -329,7 +328,7 @@ def save(task: Distillation, model: nn.Module, loss_fn: nn.Module, opt: Optimisa
         "params": dataclasses.asdict(cfg.p),
         "config": task.model_config(),
         "rng": rng,
-    }, is_best, cfg.keep_epoch_checkpoints)
+    }, is_best)
 
 
 def _open_live(cfg: TrainConfig, resumed: bool, start_epoch: int) -> Any:
