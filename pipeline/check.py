@@ -1,12 +1,10 @@
 """`student-clap check`: validate params.yaml and the inputs it names, without running a stage.
 
-`dvc repro` deletes a stage's outputs before running it, so a typo found by the stage itself
-costs the previous outputs (`dvc checkout` restores them from the cache). This command finds
-such problems first: the params (types, ranges, relations, missing keys) and every input
-file or folder they name: song lists and metadata, audio roots (and symlinks in them that lead
-outside, whose songs ingest would exclude), the query terms, the pretrained EfficientAT file, for
-a checkpoint teacher its file, sha256 and tokenizer, and inputs named by params that are no dep of
-their stage in dvc.yaml (which the stage refuses to run with).
+`dvc repro` deletes a stage's outputs before running it, so a problem the stage itself finds costs
+the previous outputs. This finds them first: the params (types, ranges, relations, missing keys)
+and every input they name (song lists, metadata, audio roots and symlinks in them that lead outside,
+query terms, the pretrained EfficientAT file, a checkpoint teacher's files, param-named inputs that
+are no dep of their stage).
 """
 
 from __future__ import annotations

@@ -1,16 +1,10 @@
 """Ray for the per-song stages (mels, teacher): connecting to a cluster and keeping work in flight.
 
-`cluster.ray_address` in params.yaml decides where the mels and teacher stages run: "" (the default)
-runs them in this process and its worker pool, without Ray; "auto" connects to the cluster named by
-RAY_ADDRESS or to the one running on this machine, and starts a local one when there is none; any
-other value is a cluster address (`host:6379`, or `ray://host:10001` through Ray Client).
-
-The stage process is Ray's driver: it reads the inputs, hands batches to Ray tasks or actors and
-writes every result itself, so the outputs are the ones the local path writes (docs/cluster.md).
-Workers run the driver's own copy of the `pipeline` package (shipped with the job as a py_module),
-so a cluster never runs other code than the stage that DVC hashed; they need the `pipeline` extra's
-libraries installed (the same image as the driver).
-Ray is an optional extra: `pip install 'student-clap[ray]'`.
+`cluster.ray_address` decides where those stages run ("" in this process, "auto", or an address).
+The stage process is Ray's driver and writes every result itself, so the outputs are the ones the
+local path writes; workers run the driver's own copy of `pipeline` (shipped as a py_module), so a
+cluster never runs other code than the stage DVC hashed. Ray is an optional extra
+(`pip install 'student-clap[ray]'`). How to run one: docs/cluster.md.
 """
 
 from __future__ import annotations

@@ -1,17 +1,10 @@
 """What each DVC stage reads, so that `dvc status` sees every change: code and param-named inputs.
 
-Code: the import closure of the stage module. `dvc.yaml` must list every one of its files under
-the stage's `deps:` (a file, or a folder above it), or `dvc status` would call a stage up to date
-after its code changed. tests/test_stage_deps.py fails on a gap.
-
-Inputs named by params (`PARAM_INPUTS`): every file or folder a stage reads through a param must
-be a dep of that stage wherever it lives, or editing it would leave `dvc status` clean. Scalar
-paths are templated in dvc.yaml (`${ingest.sources.fma.audio_root}`), but DVC cannot template a
-list into deps, so a song list or metadata file outside the declared folders (`data/sources`) is
-written into the stage's deps by `student-clap deps --write`; until then the stage refuses to run
-and `student-clap check` names the param and the path.
-
-`student-clap deps` prints what is missing; `--write` adds it.
+Code: the import closure of the stage module must be in the stage's `deps:` (tests/test_stage_deps.py
+fails on a gap). Inputs named by params (`PARAM_INPUTS`): scalar paths are templated in dvc.yaml,
+but DVC cannot template a list into deps, so a listed file outside the declared folders is written
+into the stage's deps by `student-clap deps --write`; until then the stage refuses to run and
+`student-clap check` names the param. docs/layout.md.
 """
 
 from __future__ import annotations

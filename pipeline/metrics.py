@@ -14,7 +14,9 @@ Everything here compares embeddings row by row or rankings query by query:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -229,3 +231,16 @@ def zero_shot_accuracy(
         return float("nan"), pred
     correct = [int(p) in set(lab) for p, lab in zip(pred, labels)]
     return float(np.mean(correct)), pred
+
+
+def json_safe(obj: Any) -> Any:
+    """JSON-safe copy of a report: NaN/inf -> None, numpy scalars -> Python."""
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, (np.floating, float)):
+        return float(obj) if math.isfinite(float(obj)) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj

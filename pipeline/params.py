@@ -14,13 +14,47 @@ import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 
 
 class ParamsError(ValueError):
     """params.yaml (or a -S override) holds a key or value the pipeline cannot use."""
+
+
+# --------------------------------------------------------------------------- ranges
+# A numeric field carries its allowed range in its type, `Annotated[int, AT_LEAST_1]`, checked at load
+# wherever its section appears (LossParams under both students).
+
+
+@dataclass(frozen=True)
+class Range:
+    """Allowed interval of a number: lo/hi None = unbounded; *_open excludes the bound."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def problem(self, value: float) -> str | None:
+        lo_bad = self.lo is not None and (value <= self.lo if self.lo_open else value < self.lo)
+        hi_bad = self.hi is not None and (value >= self.hi if self.hi_open else value > self.hi)
+        if not (lo_bad or hi_bad):
+            return None
+        if self.lo is not None and self.hi is not None:
+            left, right = "(" if self.lo_open else "[", ")" if self.hi_open else "]"
+            return f"must be in {left}{self.lo:g}, {self.hi:g}{right}"
+        if self.lo is not None:
+            return f"must be {'>' if self.lo_open else '>='} {self.lo:g}"
+        return f"must be {'<' if self.hi_open else '<='} {self.hi:g}"
+
+
+AT_LEAST_1 = Range(1)
+NON_NEGATIVE = Range(0)
+POSITIVE = Range(0, lo_open=True)
+FRACTION = Range(0, 1, hi_open=True)  # [0, 1)
+PROBABILITY = Range(0, 1)  # [0, 1]
 
 
 # --------------------------------------------------------------------------- sections
@@ -30,20 +64,20 @@ class ParamsError(ValueError):
 class AudioParams:
     """Audio conventions shared by every stage that touches waveforms."""
 
-    sample_rate: int  # decode rate; CLAP works at 48 kHz
-    segment_seconds: float
-    hop_seconds: float  # 50 % overlap
+    sample_rate: Annotated[int, AT_LEAST_1]  # decode rate; CLAP works at 48 kHz
+    segment_seconds: Annotated[float, POSITIVE]
+    hop_seconds: Annotated[float, POSITIVE]  # 50 % overlap
 
 
 @dataclass
 class TeacherFrontendParams:
     """CLAP HTSAT log-mel (laion_clap's torchlibrosa front-end)."""
 
-    sample_rate: int
-    n_fft: int
-    hop_length: int
-    n_mels: int
-    f_min: float
+    sample_rate: Annotated[int, AT_LEAST_1]
+    n_fft: Annotated[int, AT_LEAST_1]
+    hop_length: Annotated[int, AT_LEAST_1]
+    n_mels: Annotated[int, AT_LEAST_1]
+    f_min: Annotated[float, NON_NEGATIVE]
     f_max: float
 
 
@@ -51,13 +85,13 @@ class TeacherFrontendParams:
 class StudentFrontendParams:
     """EfficientAT AugmentMelSTFT at inference (what the pretrained weights expect)."""
 
-    sample_rate: int
-    n_fft: int
-    win_length: int
-    hop_length: int
-    n_mels: int
-    preemphasis: float
-    f_min: float
+    sample_rate: Annotated[int, AT_LEAST_1]
+    n_fft: Annotated[int, AT_LEAST_1]
+    win_length: Annotated[int, AT_LEAST_1]
+    hop_length: Annotated[int, AT_LEAST_1]
+    n_mels: Annotated[int, AT_LEAST_1]
+    preemphasis: Annotated[float, FRACTION]
+    f_min: Annotated[float, NON_NEGATIVE]
     f_max: float
 
 
@@ -91,19 +125,19 @@ class LicensePolicyParams:
 
 @dataclass
 class DownloadParams:
-    concurrency: int
-    retries: int
-    backoff_seconds: float
-    timeout_seconds: float
+    concurrency: Annotated[int, AT_LEAST_1]
+    retries: Annotated[int, NON_NEGATIVE]
+    backoff_seconds: Annotated[float, NON_NEGATIVE]
+    timeout_seconds: Annotated[float, POSITIVE]
     # a response larger than this is cut off and refused (a file of known size is capped at that size)
-    max_megabytes: float
+    max_megabytes: Annotated[float, POSITIVE]
 
 
 @dataclass
 class IngestParams:
     sources: dict[str, SourceParams]
     policy: LicensePolicyParams
-    val_ratio: float
+    val_ratio: Annotated[float, FRACTION]
     split_salt: str
     download: bool
     downloads: DownloadParams
@@ -114,17 +148,17 @@ class MelPrecisionParams:
     """Step the mel cache rounds each front-end's values to (0 = full float16). Measured with
     benchmarks/mel_precision.py: see docs/mel-cache.md."""
 
-    teacher_db: float  # CLAP log-mel, in dB
-    student: float  # EfficientAT normalised log-mel units ((ln(x + 1e-5) + 4.5) / 5)
+    teacher_db: Annotated[float, Range(0, 1)]  # CLAP log-mel, in dB
+    student: Annotated[float, Range(0, 0.1)]  # EfficientAT normalised log-mel units ((ln(x + 1e-5) + 4.5) / 5)
 
 
 @dataclass
 class MelsParams:
-    workers: int
-    max_failure_ratio: float
+    workers: Annotated[int, NON_NEGATIVE]
+    max_failure_ratio: Annotated[float, PROBABILITY]
     compression: Literal["gzip", "lzf", "none"]  # HDF5 filter for the mels (+ byte shuffle)
-    compression_level: int  # gzip only; 1 is ~25 % faster than 4 for ~2 % more bytes on fp16 mels
-    max_track_minutes: float  # 0 = whole track
+    compression_level: Annotated[int, Range(0, 9)]  # gzip only; 1 is ~25 % faster than 4 for ~2 % more bytes on fp16 mels
+    max_track_minutes: Annotated[float, NON_NEGATIVE]  # 0 = whole track
     chunk_frames: int  # HDF5 chunk length in frames (per front-end; a segment spans ~1000)
     precision: MelPrecisionParams
 
@@ -134,9 +168,9 @@ class ClusterParams:
     """Where the per-song stages (mels, teacher) run (docs/cluster.md); their outputs do not depend on it."""
 
     ray_address: str  # "" = here, without Ray; "auto" = RAY_ADDRESS / this machine's cluster / a new one
-    tracks_per_task: int  # mels: tracks per Ray task
-    teacher_actors: int  # teacher actors; 0 = one per GPU, or one per teacher_cpus CPUs without GPUs
-    teacher_cpus: int  # CPUs (torch threads) of a teacher actor on a cluster without GPUs
+    tracks_per_task: Annotated[int, AT_LEAST_1]  # mels: tracks per Ray task
+    teacher_actors: Annotated[int, NON_NEGATIVE]  # teacher actors; 0 = one per GPU, or one per teacher_cpus CPUs without GPUs
+    teacher_cpus: Annotated[int, AT_LEAST_1]  # CPUs (torch threads) of a teacher actor on a cluster without GPUs
 
 
 @dataclass
@@ -165,15 +199,15 @@ class DemoTeacherParams:
     seed: int
     audio_depths: list[int]
     audio_heads: list[int]
-    audio_patch_hidden: int
+    audio_patch_hidden: Annotated[int, AT_LEAST_1]
     # HTSAT folds the 1001 x 64 mel into a 256 x 256 image cut into patches (4 x 4 in LAION's); 8 x 8
     # patches give a quarter of the tokens, which is what lets the demo teacher train on a CPU
     audio_patch_size: int
-    text_hidden: int
-    text_layers: int
-    text_heads: int
-    text_intermediate: int
-    vocab_size: int
+    text_hidden: Annotated[int, AT_LEAST_1]
+    text_layers: Annotated[int, AT_LEAST_1]
+    text_heads: Annotated[int, AT_LEAST_1]
+    text_intermediate: Annotated[int, AT_LEAST_1]
+    vocab_size: Annotated[int, Range(10)]
     weights_dir: str
     weights_sha256: str
     train: DemoTrainParams
@@ -211,11 +245,11 @@ class TeacherModelParams:
 @dataclass
 class TextQueryParams:
     terms: str
-    n_train: int
-    n_val: int
-    min_categories: int
-    max_categories: int
-    held_out_terms_per_category: int
+    n_train: Annotated[int, AT_LEAST_1]
+    n_val: Annotated[int, NON_NEGATIVE]
+    min_categories: Annotated[int, AT_LEAST_1]
+    max_categories: Annotated[int, AT_LEAST_1]
+    held_out_terms_per_category: Annotated[int, NON_NEGATIVE]
     single_terms: bool  # also train on every seen term alone, in each case form
     seed: int
     free_phrasings: list[str]  # held-out phrasings
@@ -225,7 +259,7 @@ class TextQueryParams:
 @dataclass
 class TeacherParams:
     model: TeacherModelParams
-    batch_size: int  # segments per forward pass on CPU
+    batch_size: Annotated[int, AT_LEAST_1]  # segments per forward pass on CPU
     cuda_batch_size: int  # segments per forward pass on CUDA
     device: str  # auto | cpu | cuda
     dtype: Literal["auto", "fp32", "bf16"]  # auto: bf16 on CUDA, fp32 on CPU
@@ -240,50 +274,50 @@ class DistillationParams:
 @dataclass
 class PlateauParams:
     mode: Literal["max", "min"]
-    factor: float
-    patience: int
-    threshold: float
-    min_lr: float
+    factor: Annotated[float, Range(0, 1, lo_open=True, hi_open=True)]
+    patience: Annotated[int, NON_NEGATIVE]
+    threshold: Annotated[float, NON_NEGATIVE]
+    min_lr: Annotated[float, NON_NEGATIVE]
 
 
 @dataclass
 class AugmentParams:
-    gain_db: float  # +/- range of a random level change, 0 = off
+    gain_db: Annotated[float, NON_NEGATIVE]  # +/- range of a random level change, 0 = off
     spec_masks: bool
-    freq_mask: int
-    time_mask: int
-    mixup: float  # mixup probability, 0 = off
+    freq_mask: Annotated[int, NON_NEGATIVE]
+    time_mask: Annotated[int, NON_NEGATIVE]
+    mixup: Annotated[float, PROBABILITY]  # mixup probability, 0 = off
     # the student's input only (the cached teacher target stays the clean segment's):
-    eq_tilt_db: float  # +/- dB of a random spectral tilt across the band, 0 = off
-    noise_snr_db: float  # a noise floor this many dB (up to +20) below the row's mean power, 0 = off
-    time_shift_frames: int  # +/- frames of a random shift (edge frames repeated), 0 = off
+    eq_tilt_db: Annotated[float, NON_NEGATIVE]  # +/- dB of a random spectral tilt across the band, 0 = off
+    noise_snr_db: Annotated[float, NON_NEGATIVE]  # a noise floor this many dB (up to +20) below the row's mean power, 0 = off
+    time_shift_frames: Annotated[int, NON_NEGATIVE]  # +/- frames of a random shift (edge frames repeated), 0 = off
 
 
 @dataclass
 class LossParams:
     kind: Literal["cosine", "mse", "mse_raw"]
-    temperature: float
-    contrastive_weight: float
+    temperature: Annotated[float, POSITIVE]
+    contrastive_weight: Annotated[float, NON_NEGATIVE]
     contrastive_logit_scale: float  # log(1/0.07), learnable only for contrastive
     # similarity-preserving term: the batch's student-student cosine matrix against the teacher's
-    relational_weight: float
+    relational_weight: Annotated[float, NON_NEGATIVE]
 
 
 @dataclass
 class DistillAudioParams:
     model: str
     pretrained: str  # path to EfficientAT .pt, empty = random init
-    dropout: float
-    epochs: int
-    stage2_epochs: int
-    batch_size: int
-    lr: float
-    stage2_lr: float
-    weight_decay: float
-    grad_clip: float
+    dropout: Annotated[float, FRACTION]
+    epochs: Annotated[int, AT_LEAST_1]
+    stage2_epochs: Annotated[int, NON_NEGATIVE]
+    batch_size: Annotated[int, AT_LEAST_1]
+    lr: Annotated[float, POSITIVE]
+    stage2_lr: Annotated[float, POSITIVE]
+    weight_decay: Annotated[float, NON_NEGATIVE]
+    grad_clip: Annotated[float, NON_NEGATIVE]
     strategy: Literal["segments", "tracks", "both"]
     # tracks/both: segments drawn per track item and step (0 = all of the track's segments)
-    segments_per_track: int
+    segments_per_track: Annotated[int, NON_NEGATIVE]
     use_teacher_embedding_cache: bool
     loss: LossParams
     augment: AugmentParams
@@ -299,12 +333,12 @@ class DistillAudioParams:
     # lowers neither their neighbour rankings nor their centred cosine
     calibrate: bool
     calibration_segments: int  # held-out segments (spread over tracks) the fit sees
-    max_train_tracks: int  # train on this many training tracks (a fixed subset), 0 = all
-    threads: int  # torch CPU threads for training (0 = torch's default)
+    max_train_tracks: Annotated[int, NON_NEGATIVE]  # train on this many training tracks (a fixed subset), 0 = all
+    threads: Annotated[int, NON_NEGATIVE]  # torch CPU threads for training (0 = torch's default)
     device: str  # auto | cpu | cuda
     # DataLoader worker processes per rank; "auto": none when the mels are held in memory,
     # else the CPUs per rank minus one, 1..8
-    num_workers: int | Literal["auto"]
+    num_workers: Annotated[int | Literal["auto"], NON_NEGATIVE]
     # train/val mels are held in memory (float16) up to this many GiB per rank, else streamed
     # from data/mels.h5; "auto": half the available memory, shared by the ranks
     in_memory_gb: float | Literal["auto"]
@@ -314,31 +348,31 @@ class DistillAudioParams:
     precision: Literal["bf16", "fp32"]  # bf16 autocast on CUDA; CPU always trains in fp32
     channels_last: bool  # CUDA only
     compile: bool  # torch.compile the student for training
-    nproc: int
+    nproc: Annotated[int, AT_LEAST_1]
     seed: int
 
 
 @dataclass
 class TextStudentModelParams:
-    vocab_size: int
-    dim: int
-    layers: int
-    heads: int
-    ff_dim: int
-    max_length: int
-    dropout: float
+    vocab_size: Annotated[int, Range(10)]
+    dim: Annotated[int, AT_LEAST_1]
+    layers: Annotated[int, AT_LEAST_1]
+    heads: Annotated[int, AT_LEAST_1]
+    ff_dim: Annotated[int, AT_LEAST_1]
+    max_length: Annotated[int, Range(2)]
+    dropout: Annotated[float, FRACTION]
 
 
 @dataclass
 class DistillTextParams:
     model: TextStudentModelParams
-    epochs: int
-    stage2_epochs: int
-    batch_size: int
-    lr: float
-    stage2_lr: float
-    weight_decay: float
-    grad_clip: float
+    epochs: Annotated[int, AT_LEAST_1]
+    stage2_epochs: Annotated[int, NON_NEGATIVE]
+    batch_size: Annotated[int, AT_LEAST_1]
+    lr: Annotated[float, POSITIVE]
+    stage2_lr: Annotated[float, POSITIVE]
+    weight_decay: Annotated[float, NON_NEGATIVE]
+    grad_clip: Annotated[float, NON_NEGATIVE]
     loss: LossParams
     scheduler: PlateauParams
     # compare student and teacher after subtracting the mean teacher train embedding: the
@@ -347,10 +381,10 @@ class DistillTextParams:
     centred_loss: bool
     # share of the training queries (whole term combinations) kept aside to drive the LR
     # schedule and pick the best epoch, so the held-out sets are never used for selection
-    monitor_fraction: float
+    monitor_fraction: Annotated[float, FRACTION]
     # training queries (evenly spaced) on which the output anchor scale is fitted after training
     calibration_queries: int
-    threads: int  # torch CPU threads for training (0 = torch's default)
+    threads: Annotated[int, NON_NEGATIVE]  # torch CPU threads for training (0 = torch's default)
     seed: int
 
 
@@ -366,16 +400,16 @@ class SameSpaceParams:
 
 @dataclass
 class EvaluateParams:
-    top_k: int
-    batch_size: int
+    top_k: Annotated[int, AT_LEAST_1]
+    batch_size: Annotated[int, AT_LEAST_1]
     same_space: SameSpaceParams
 
 
 @dataclass
 class ExportParams:
-    opset: int
+    opset: Annotated[int, Range(11)]
     quantize_int8: bool
-    parity_min_cosine: float
+    parity_min_cosine: Annotated[float, Range(-1, 1)]
     int8_calibration_segments: int  # training mels for the static int8 calibration (and as many held out)
 
 
@@ -483,7 +517,7 @@ def section_from_dict(cls: type, data: dict, where: str) -> Any:
 def params_from_dict(data: dict | None) -> Params:
     """Build validated Params from a parsed params.yaml mapping (every key must be there).
 
-    Types, then ranges and relations (RANGES, RELATIONS below): every problem is reported with
+    Types, then ranges (each numeric field's `Annotated` Range) and RELATIONS: every problem is reported with
     its dotted name, e.g. `distill_audio.epochs: must be >= 1, got -1`.
     """
     params = _build(Params, data or {}, "")
@@ -574,130 +608,8 @@ def declared_params(dvc_yaml: str | Path, stage: str) -> list[str] | None:
     return names
 
 
-# --------------------------------------------------------------------------- ranges and relations
+# --------------------------------------------------------------------------- relations
 
-
-@dataclass(frozen=True)
-class Range:
-    """Allowed interval of a number: lo/hi None = unbounded; *_open excludes the bound."""
-
-    lo: float | None = None
-    hi: float | None = None
-    lo_open: bool = False
-    hi_open: bool = False
-
-    def problem(self, value: float) -> str | None:
-        lo_bad = self.lo is not None and (value <= self.lo if self.lo_open else value < self.lo)
-        hi_bad = self.hi is not None and (value >= self.hi if self.hi_open else value > self.hi)
-        if not (lo_bad or hi_bad):
-            return None
-        if self.lo is not None and self.hi is not None:
-            left, right = "(" if self.lo_open else "[", ")" if self.hi_open else "]"
-            return f"must be in {left}{self.lo:g}, {self.hi:g}{right}"
-        if self.lo is not None:
-            return f"must be {'>' if self.lo_open else '>='} {self.lo:g}"
-        return f"must be {'<' if self.hi_open else '<='} {self.hi:g}"
-
-
-AT_LEAST_1 = Range(1)
-NON_NEGATIVE = Range(0)
-POSITIVE = Range(0, lo_open=True)
-FRACTION = Range(0, 1, hi_open=True)  # [0, 1)
-PROBABILITY = Range(0, 1)  # [0, 1]
-
-# (section class, field) -> allowed range; a class used in several places (LossParams under both
-# students) is checked wherever it appears. New numeric knobs: add a line here.
-RANGES: dict[tuple[type, str], Range] = {
-    (AudioParams, "sample_rate"): AT_LEAST_1,
-    (AudioParams, "segment_seconds"): POSITIVE,
-    (AudioParams, "hop_seconds"): POSITIVE,
-    (TeacherFrontendParams, "sample_rate"): AT_LEAST_1,
-    (TeacherFrontendParams, "n_fft"): AT_LEAST_1,
-    (TeacherFrontendParams, "hop_length"): AT_LEAST_1,
-    (TeacherFrontendParams, "n_mels"): AT_LEAST_1,
-    (TeacherFrontendParams, "f_min"): NON_NEGATIVE,
-    (StudentFrontendParams, "sample_rate"): AT_LEAST_1,
-    (StudentFrontendParams, "n_fft"): AT_LEAST_1,
-    (StudentFrontendParams, "win_length"): AT_LEAST_1,
-    (StudentFrontendParams, "hop_length"): AT_LEAST_1,
-    (StudentFrontendParams, "n_mels"): AT_LEAST_1,
-    (StudentFrontendParams, "preemphasis"): FRACTION,
-    (StudentFrontendParams, "f_min"): NON_NEGATIVE,
-    (DownloadParams, "concurrency"): AT_LEAST_1,
-    (DownloadParams, "retries"): NON_NEGATIVE,
-    (DownloadParams, "backoff_seconds"): NON_NEGATIVE,
-    (DownloadParams, "timeout_seconds"): POSITIVE,
-    (DownloadParams, "max_megabytes"): POSITIVE,
-    (IngestParams, "val_ratio"): FRACTION,
-    (MelsParams, "workers"): NON_NEGATIVE,
-    (MelsParams, "max_failure_ratio"): PROBABILITY,
-    (MelsParams, "compression_level"): Range(0, 9),
-    (MelsParams, "max_track_minutes"): NON_NEGATIVE,
-    (ClusterParams, "tracks_per_task"): AT_LEAST_1,
-    (ClusterParams, "teacher_actors"): NON_NEGATIVE,
-    (ClusterParams, "teacher_cpus"): AT_LEAST_1,
-    (MelPrecisionParams, "teacher_db"): Range(0, 1),
-    (MelPrecisionParams, "student"): Range(0, 0.1),
-    (DemoTeacherParams, "audio_patch_hidden"): AT_LEAST_1,
-    (DemoTeacherParams, "text_hidden"): AT_LEAST_1,
-    (DemoTeacherParams, "text_layers"): AT_LEAST_1,
-    (DemoTeacherParams, "text_heads"): AT_LEAST_1,
-    (DemoTeacherParams, "text_intermediate"): AT_LEAST_1,
-    (DemoTeacherParams, "vocab_size"): Range(10),
-    (TeacherParams, "batch_size"): AT_LEAST_1,
-    (TextQueryParams, "n_train"): AT_LEAST_1,
-    (TextQueryParams, "n_val"): NON_NEGATIVE,
-    (TextQueryParams, "min_categories"): AT_LEAST_1,
-    (TextQueryParams, "max_categories"): AT_LEAST_1,
-    (TextQueryParams, "held_out_terms_per_category"): NON_NEGATIVE,
-    (PlateauParams, "factor"): Range(0, 1, lo_open=True, hi_open=True),
-    (PlateauParams, "patience"): NON_NEGATIVE,
-    (PlateauParams, "threshold"): NON_NEGATIVE,
-    (PlateauParams, "min_lr"): NON_NEGATIVE,
-    (AugmentParams, "gain_db"): NON_NEGATIVE,
-    (AugmentParams, "freq_mask"): NON_NEGATIVE,
-    (AugmentParams, "time_mask"): NON_NEGATIVE,
-    (AugmentParams, "mixup"): PROBABILITY,
-    (AugmentParams, "eq_tilt_db"): NON_NEGATIVE,
-    (AugmentParams, "noise_snr_db"): NON_NEGATIVE,
-    (AugmentParams, "time_shift_frames"): NON_NEGATIVE,
-    (LossParams, "relational_weight"): NON_NEGATIVE,
-    (LossParams, "temperature"): POSITIVE,
-    (LossParams, "contrastive_weight"): NON_NEGATIVE,
-    (DistillAudioParams, "dropout"): FRACTION,
-    (DistillAudioParams, "epochs"): AT_LEAST_1,
-    (DistillAudioParams, "stage2_epochs"): NON_NEGATIVE,
-    (DistillAudioParams, "batch_size"): AT_LEAST_1,
-    (DistillAudioParams, "lr"): POSITIVE,
-    (DistillAudioParams, "stage2_lr"): POSITIVE,
-    (DistillAudioParams, "weight_decay"): NON_NEGATIVE,
-    (DistillAudioParams, "grad_clip"): NON_NEGATIVE,
-    (DistillAudioParams, "segments_per_track"): NON_NEGATIVE,
-    (DistillAudioParams, "num_workers"): NON_NEGATIVE,
-    (DistillAudioParams, "nproc"): AT_LEAST_1,
-    (DistillAudioParams, "max_train_tracks"): NON_NEGATIVE,
-    (DistillAudioParams, "threads"): NON_NEGATIVE,
-    (DistillTextParams, "threads"): NON_NEGATIVE,
-    (TextStudentModelParams, "vocab_size"): Range(10),
-    (TextStudentModelParams, "dim"): AT_LEAST_1,
-    (TextStudentModelParams, "layers"): AT_LEAST_1,
-    (TextStudentModelParams, "heads"): AT_LEAST_1,
-    (TextStudentModelParams, "ff_dim"): AT_LEAST_1,
-    (TextStudentModelParams, "max_length"): Range(2),
-    (TextStudentModelParams, "dropout"): FRACTION,
-    (DistillTextParams, "epochs"): AT_LEAST_1,
-    (DistillTextParams, "stage2_epochs"): NON_NEGATIVE,
-    (DistillTextParams, "batch_size"): AT_LEAST_1,
-    (DistillTextParams, "lr"): POSITIVE,
-    (DistillTextParams, "stage2_lr"): POSITIVE,
-    (DistillTextParams, "weight_decay"): NON_NEGATIVE,
-    (DistillTextParams, "grad_clip"): NON_NEGATIVE,
-    (DistillTextParams, "monitor_fraction"): FRACTION,
-    (EvaluateParams, "top_k"): AT_LEAST_1,
-    (EvaluateParams, "batch_size"): AT_LEAST_1,
-    (ExportParams, "opset"): Range(11),
-    (ExportParams, "parity_min_cosine"): Range(-1, 1),
-}
 
 # (section class, field named in the message, test, what it must satisfy) for rules between fields.
 RELATIONS: list[tuple[type, str, typing.Callable[[Any], bool], typing.Callable[[Any], str]]] = [
@@ -727,6 +639,11 @@ RELATIONS: list[tuple[type, str, typing.Callable[[Any], bool], typing.Callable[[
 ]
 
 
+def range_of(hint: Any) -> Range | None:
+    """The Range a field's `Annotated[type, Range(...)]` hint carries, if any."""
+    return next((m for m in getattr(hint, "__metadata__", ()) if isinstance(m, Range)), None)
+
+
 def check_ranges(obj: Any, where: str = "") -> list[str]:
     """Every range or relation `obj` (Params or any section) breaks, as 'dotted.name: problem' lines."""
     problems: list[str] = []
@@ -738,9 +655,10 @@ def check_ranges(obj: Any, where: str = "") -> list[str]:
         return problems
     cls = type(obj)
     prefix = f"{where}." if where else ""
+    hints = typing.get_type_hints(cls, include_extras=True)
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
-        rule = RANGES.get((cls, f.name))
+        rule = range_of(hints[f.name])
         if rule is not None and isinstance(value, (int, float)) and not isinstance(value, bool):
             why = rule.problem(value)
             if why:

@@ -15,11 +15,15 @@ import pytest
 import torch
 
 from pipeline import metrics as M
-from pipeline.evaluation.errors import EvaluateError
-from pipeline.evaluation.licence_report import audit_failed
-from pipeline.evaluation.report import build_report
-from pipeline.evaluation.students import Students, student_skip_reason
-from pipeline.evaluation.tag_scores import tag_category, tag_prompt
+from pipeline.stages.evaluate import (
+    EvaluateError,
+    Students,
+    audit_failed,
+    build_report,
+    student_skip_reason,
+    tag_category,
+    tag_prompt,
+)
 from repo_params import section
 
 DIM = 16

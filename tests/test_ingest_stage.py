@@ -209,6 +209,13 @@ def test_missing_list_file_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.
     assert "ingest.sources.fma.lists: nope/FMA.md not found" in caplog.text
 
 
+def test_unknown_source_is_refused_by_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog) -> None:
+    monkeypatch.chdir(tmp_path)
+    p = _params({"ccmixter": section("ingest.sources.fma", lists=[], audio_root="a")})
+    assert stage.run(dataclasses.replace(repo_params(), ingest=p), ARGS) == 2
+    assert "ingest.sources.ccmixter: unknown source (known: fma, jamendo, wikimedia)" in caplog.text
+
+
 def test_download_url_choice() -> None:
     e = Entry(source="jamendo", track_id="jamendo:1", file="f", line=1, download_path="01/1.mp3")
     assert download_url("jamendo", section("ingest.sources.fma"), e, {"download_base_url": "https://cdn.example/audio"}) == "https://cdn.example/audio/01/1.mp3"

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.data.licenses import canonical_url, decide, family, normalize_license, short_name
-from pipeline.data.sources import SOURCES, fma, jamendo, song_source, wikimedia
+from pipeline.data.sources import SOURCES, fma, jamendo, wikimedia
 from repo_params import section
 
 TABLE = [
@@ -156,8 +156,3 @@ def test_attribution_file_parses_back(source: str, tmp_path: Path) -> None:
         assert [e.artist for e in parsed.entries] == [r["artist"] for r in rows]
     if source == "jamendo":
         assert parsed.meta["download_base_url"] == "https://cdn.example.org/audio"
-
-
-def test_unknown_source_is_refused_by_name() -> None:
-    with pytest.raises(ValueError, match="unknown song source 'ccmixter' \\(known: fma, jamendo, wikimedia\\)"):
-        song_source("ccmixter")

@@ -7,11 +7,11 @@ import torch
 
 from pipeline.data.sources import SOURCES
 from pipeline.models.audio_student import AudioStudent
-from pipeline.models.registry import AUDIO_BACKBONES, build_backbone
+from pipeline.models.efficientat import BACKBONES, build_backbone
 
 
 def test_every_registered_backbone_builds_a_feature_extractor() -> None:
-    assert {"mn04_as", "mn05_as", "mn10_as", "mn20_as"} <= set(AUDIO_BACKBONES)
+    assert {"mn04_as", "mn05_as", "mn10_as", "mn20_as"} <= set(BACKBONES)
     net = build_backbone("mn04_as", bn_momentum=0.1)
     net.eval()
     with torch.no_grad():

@@ -161,7 +161,7 @@ def test_convert_file_end_to_end(tmp_path: Path, tokenizer_dir: Path, caplog: py
     record = json.loads((out / "teacher.json").read_text())
     assert record["kind"] == "checkpoint" and record["source_sha256"] == sha256_file(ckpt)
     assert record["trusted_unverified"] is True and record["verified"] == "no"
-    from pipeline.evaluation.report import teacher_identity
+    from pipeline.stages.evaluate import teacher_identity
 
     assert teacher_identity(out)["trusted_unverified"] is True  # carried into models/report/metrics.json
     config = json.loads((out / "config.json").read_text())

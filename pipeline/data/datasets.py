@@ -1,17 +1,10 @@
 """Training data of the audio student: splits, mel sources, items and batches.
 
-- `load_splits`: train / val tracks from the manifest's `split`, with their segments and the
-  cached teacher track embeddings;
-- `MelSource`: student (and teacher) mels of a set of segments, held in memory (float16) when
-  they fit under a byte budget, else streamed from data/mels.h5. Reads go through
-  `pipeline.data.mel_cache.MelCache`'s public API only, one slice per run of consecutive segments (HDF5
-  point selections cost ~6x more per segment), with the file opened once per process;
-- `TrainItems` + `Collate`: a training item is a track (strategy tracks/both) or a segment; a
-  batch holds the mel rows (float16, as stored; the task casts them on the device), the item of
-  each row and the raw teacher projection of each row.
-  The segments a track item draws come from (seed, epoch, track), never from a process RNG, so
-  any number of DataLoader workers and a resumed run draw the same ones;
-- `monitor_subset`: the fixed, bounded slice of the validation split watched every epoch.
+`load_splits` (train / val tracks from the manifest's `split`), `MelSource` (mels held in memory
+under a byte budget, else streamed from data/mels.h5 through `MelCache`'s public API),
+`TrainItems` + `Collate` (items are tracks or segments; a track's segments for a step come from
+(seed, epoch, track), never a process RNG, so worker count and resume draw the same ones) and
+`monitor_subset` (the bounded validation slice watched every epoch). docs/students.md.
 """
 
 from __future__ import annotations

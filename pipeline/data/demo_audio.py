@@ -1,24 +1,9 @@
 """Deterministic synthesiser for the embedded demo songs (released CC0 by this project).
 
-Every demo track is a small piece of generated music with known, audible attributes:
-
-- a lead instrument, one of INSTRUMENTS (piano, plucked guitar, bowed strings, organ, flute,
-  synthesizer lead, brass, bells), each its own synthesis method so the timbres differ;
-- drums or none;
-- a slow (60-80 bpm, one melody note a beat) or fast (132-160 bpm, two a beat) tempo;
-- a major or a minor key (scale and chords).
-
-A soft bass and, for some songs, a quiet sine pad accompany the lead; they are the same for every
-instrument, so the lead is what tells songs apart. `captions` describes a song's attributes in
-varied wording, and `tags` gives them in MTG-Jamendo's `instrument---piano` form for the song lists.
-The demo teacher (pipeline.teacher.demo) trains on many more clips from the same `render`, never
-on these files.
-
-The files are written in the formats, rates and channel counts that the demo song lists promise
-(mp3, Ogg Vorbis, Opus, FLAC, WAV; mono and stereo; 16/22.05/44.1/48 kHz), plus one corrupt file
-(an HTML error page saved with an .mp3 name). The listed-but-missing entry gets no file on purpose.
-
-`student-clap demo synth --out data/demo/audio` regenerates everything from the seeds below.
+Each track is generated music with known, audible attributes (lead instrument, drums, tempo, key)
+over a soft bass and sometimes a quiet pad, the same for every instrument, so the lead is what tells
+songs apart. `captions` and `tags` describe them; the demo teacher trains on other clips from the
+same `render`. What the demo holds and why: docs/demo.md.
 """
 
 from __future__ import annotations

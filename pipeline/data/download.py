@@ -1,16 +1,9 @@
 """Robust HTTP downloads: resume, bounded retries with backoff, sha256 check, atomic rename.
 
-A download writes into `<dest>.part`. An interrupted transfer leaves that file behind and the
-next attempt (in this run or a later one) asks the server for the remaining bytes with an HTTP
-`Range` header; servers that ignore `Range` answer 200 and the file is restarted from zero.
-Only when the whole body has arrived and its sha256 matches is the `.part` file renamed onto
-`dest`, so `dest` either does not exist or is complete.
-
-Guards against hostile or broken servers: only http(s) URLs are fetched (a redirect elsewhere,
-e.g. to file://, or a redirect loop fails at once, without retries); a body larger than
-`max_bytes` (the expected size when known) is cut off at the cap; an HTML page where a file is
-expected is refused. Such refusals remove the partial file. A transfer that merely broke off
-keeps its `.part` so a later run resumes it.
+A download writes `<dest>.part`, resumes it with an HTTP `Range` request, and renames it onto
+`dest` only when the whole body arrived and its sha256 matches, so `dest` either does not exist or
+is complete. Refusals (a non-http(s) redirect or a loop, a body over `max_bytes`, an HTML page
+where a file is expected) are not retried and remove the partial file. docs/trust.md, "Downloads".
 """
 
 from __future__ import annotations
@@ -29,7 +22,7 @@ import requests
 import urllib3
 from tqdm import tqdm
 
-from pipeline.hashing import sha256_file
+from student_clap.files import sha256_file
 
 log = logging.getLogger(__name__)
 

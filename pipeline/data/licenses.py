@@ -165,11 +165,6 @@ def family(license_id: str) -> str:
     return m.group(1).lower() if m else "unknown"
 
 
-def version_of(license_id: str) -> str | None:
-    m = _ID.match(license_id)
-    return m.group(2) if m else None
-
-
 def canonical_url(license_id: str) -> str:
     """The creativecommons.org deed of a normalised id ('' for unknown)."""
     if license_id == PUBLIC_DOMAIN:

@@ -1,19 +1,8 @@
 """data/manifest.jsonl: one JSON object per track that passed the licence policy and has audio.
 
-Fields (every row has all of them):
-    track_id     "fma:…" | "jamendo:…" | "wikimedia:…"
-    source       "fma" | "jamendo" | "wikimedia"
-    artist       str | null
-    title        str | null
-    audio_path   path of the audio file, relative to the repo root (or absolute)
-    license      SPDX id, or "public-domain"
-    license_url  str | null
-    url          the song's page
-    split        "train" | "val" (artist-disjoint)
-    tags         list of str (e.g. MTG-Jamendo "genre---rock")
-    duration     float seconds | null
-Extra fields written by ingest: source_path (the list's own file reference, for attribution)
-and sha256 (hex, for files this run downloaded; null otherwise).
+Every row has every field of `REQUIRED` (the schema, with what each holds: docs/songs.md); ingest
+also writes source_path (the list's own file reference, for attribution) and sha256 (hex, for
+files this run downloaded; null otherwise).
 """
 
 from __future__ import annotations

@@ -1,58 +1,11 @@
 """The mel cache (data/mels.h5): layout, crash-safe resumable writing, merging and reading.
 
-Segments overlap by half, so storing every 10-s segment whole keeps each frame twice. Format 2 keeps
-each front-end's frames once per track and cuts segment i out of them when read: frames
-[o_i, o_i + n) with the segment's own first `head` and last `tail` frames put back. The front-ends
-centre-pad every segment, so only frames whose STFT window reaches a segment edge differ from the
-same instant inside the neighbouring segment; those few frames per segment are kept as they were
-computed for that segment, and a segment is read back bit for bit as the mels stage stored it.
-
-Format 3 stores each front-end's values at a bounded precision (`mels.precision`): rounded to a
-fixed absolute step and kept as int16 codes (value = code x step, the dataset's `step` attribute),
-so reading gives back every value within step / 2 of what the front-end computed. A step of 0 keeps
-full float16 values (the format 2 storage). Why int16 codes: the low mantissa bits of float16
-log-mels are noise that no lossless filter compresses. At 0.1 dB / 0.005, int16 codes with gzip-1 +
-shuffle take 0.74x the bytes of float16 frames and 0.75x its compression CPU; float16 of the
-rounded values takes 0.80x at the same CPU, HDF5's scale-offset filter is larger alone (0.91x)
-and with gzip (0.84x, more CPU), and its float mode takes only decimal steps at ~1.8x the CPU
-(benchmarks/mel_precision.py --mechanisms).
-
-    /teacher/frames         int16 [64, F_t]         CLAP log-mel dB frames (mel-major: compresses best)
-    /teacher/head           int16 [N, h_t, 64]      each segment's first h_t frames
-    /teacher/tail           int16 [N, t_t, 64]      each segment's last t_t frames
-    /student/frames         int16 [128, F_s]        EfficientAT normalised log-mel frames (mel-major)
-    /student/head, /tail    int16 [N, 128, h_s], [N, 128, t_s]
-                            (float16 values instead of codes, and no `step`, where the step is 0)
-    /segments/track         int32   [N]             row of /tracks that segment i belongs to
-    /segments/start         float64 [N]             segment start in seconds
-    /segments/teacher_frame int64   [N]             o_i: first teacher frame row of segment i
-    /segments/student_frame int64   [N]             first student frame column of segment i
-    /tracks/track_id        utf-8   [T]             manifest track ids, manifest order
-    /tracks/first_segment   int64   [T]             segments of track t are first .. first + count - 1
-    /tracks/n_segments      int32   [T]
-    /tracks/duration        float64 [T]             decoded seconds
-    /tracks/sha256          ascii   [T]             sha256 of the audio file
-    /tracks/audio_path      utf-8   [T]
-    /tracks/manifest_index  int64   [T]             row in the manifest (orders shard merges)
-    /tracks/teacher_frames, /tracks/student_frames  int64 [T, 2]  (first, count) of the track's frames
-    attrs: format_version, params (JSON of audio + frontend + max_track_minutes + precision), params_hash,
-           teacher_frontend_hash, student_frontend_hash, compression, chunk_frames, edges (JSON)
-
-A track's frames are runs: consecutive segments whose starts lie a whole number of hops apart share
-one run; a segment off that grid (the end-aligned tail window, a repeat-padded short track) or one
-whose frames disagree with the run starts a new run, so any input is stored losslessly. Each track's
-frames start on a chunk boundary (chunks of `chunk_frames` frames, padded with zeros), so a track is
-read without touching another's chunks and merging copies compressed chunks verbatim.
-
-Crash safety: workers write *part files* (same layout) under `<cache>.parts/` to a temporary name
-and publish each with an atomic rename once its tracks are complete. A SIGKILL at any moment leaves
-only complete parts (plus a temporary file the next run deletes); the final cache is built by
-merging the parts into `<cache>.tmp` and renaming it over `<cache>`, so an existing cache is never
-half-written (nor modified in place: a cache hard-linked into DVC's cache stays intact). The next
-run reuses every published track whose audio sha256 still matches.
-
-Files are written deterministically (no timestamps, attributes and datasets in a fixed order, each
-chunk compressed once from its final contents): the same inputs give byte-identical caches.
+Each front-end's frames are kept once per track (segments overlap by half) with every segment's
+own edge frames apart, as int16 codes at the `mels.precision` step, so a segment reads back bit for
+bit as the mels stage stored it (within step / 2 of the front-end's float values). Workers publish
+part files atomically under `<cache>.parts/`; merging them writes `<cache>.tmp` and renames it, so
+a cache is never half-written nor modified in place, and the same inputs give the same bytes.
+Layout, formats and the measurements behind them: docs/mel-cache.md.
 """
 
 from __future__ import annotations
@@ -437,7 +390,6 @@ class PartWriter:
                        for lay in self.layouts}
         self.committed_segments = 0
         self.n_tracks = 0
-        self.opened = time.monotonic()
 
     def add_segments(self, teacher: np.ndarray, student: np.ndarray, starts_seconds: np.ndarray,
                      teacher_starts: Sequence[int] | None = None, student_starts: Sequence[int] | None = None) -> None:
@@ -763,7 +715,6 @@ class MelCache:
             self.segment_counts = t["n_segments"][:].astype(np.int64)
             self.durations = t["duration"][:].astype(np.float64)
             self.sha256 = _strings(t["sha256"])
-            self.audio_paths = _strings(t["audio_path"])
             self.segment_track = f["segments/track"][:].astype(np.int64)
             self.segment_start = f["segments/start"][:]
             self.frame_offset = {name: f[f"segments/{name}_frame"][:].astype(np.int64) for name in FRONT_ENDS}

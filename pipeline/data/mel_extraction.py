@@ -25,7 +25,7 @@ from student_clap.audio import (
     segment_length,
     segment_starts,
 )
-from pipeline.hashing import sha256_file
+from student_clap.files import sha256_file
 
 log = logging.getLogger(__name__)
 

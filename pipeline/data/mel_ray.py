@@ -1,13 +1,9 @@
 """The mels stage's track jobs as Ray tasks over batches of tracks (cluster.ray_address set).
 
-Each task decodes its tracks and runs both front-ends with the local path's own code
-(mel_extraction.TrackProcessor / extract_to_part) and returns every finished track's part file as
-bytes; the driver publishes them into `<cache>.parts/` exactly as a local worker would, so resume,
-the manifest-order merge and the report are the local path's, and the cache is byte-identical.
-The driver ships each track's audio bytes with its task, so workers need no shared storage.
-
-Ray retries a task whose worker or node dies (max_retries); a batch that still fails is split
-into single tracks, and a track that fails alone is reported as a decoder crash, as locally.
+Each task runs the local path's own code (mel_extraction.TrackProcessor / extract_to_part) on the
+audio bytes shipped with it and returns each finished track's part file as bytes; the driver
+publishes them into `<cache>.parts/` as a local worker would, so the cache is byte-identical.
+Retries and failures: docs/cluster.md.
 """
 
 from __future__ import annotations

@@ -1,22 +1,8 @@
 """Text queries for the text student: sampled from a JSON file of terms per category.
 
-A query picks 1..4 categories in random order, one term from each, writes each term in a random
-case and joins them, mostly with a comma or a space ("Jazz, SAXOPHONE, relaxed"), sometimes with
-"with"/"and" or inside a short frame ("a Jazz with piano song"), so the student also meets the
-small words people type around the terms. Everything is drawn
-from one `random.Random(seed)`, so the same params give the same sets on every machine.
-
-Sets returned by `build_query_sets` (the teacher stage embeds each one):
-
-- ``train``        what the student is trained on: `n_train` sampled queries, plus (with
-                   `single_terms`) every seen term alone in each case form, the query users type most;
-- ``val_combos``   unseen combinations of seen terms (no term combination of a train query);
-- ``val_terms``    queries that contain a held-out term (never in any train query);
-- ``val_free``     free phrasings from params ("a calm piano song");
-- ``eval_prompts`` prompts the evaluate stage ranks tracks with;
-- ``terms``        every term of every category in each case form, so the bag-of-words baseline
-                   (mean of the teacher embeddings of a query's terms) can be computed.
-                   Never trained on: it holds the held-out terms too.
+Everything is drawn from one `random.Random(seed)`, so the same params give the same sets on every
+machine. The sets `build_query_sets` returns (the teacher stage embeds each one) and how a query is
+written: docs/students.md, "Text student".
 """
 
 from __future__ import annotations
@@ -32,7 +18,6 @@ from pipeline.params import TextQueryParams
 
 log = logging.getLogger(__name__)
 
-SET_NAMES = ("train", "val_combos", "val_terms", "val_free", "eval_prompts", "terms")
 HELD_OUT_SETS = ("val_combos", "val_terms", "val_free")
 # how terms are joined, and the phrase around them, with their relative weights: mostly bare
 # term lists, sometimes a few connecting words as people type queries

@@ -1,22 +1,8 @@
 """data/teacher.h5: the teacher's embeddings, written resumably and read by the students.
 
-Layout (all embeddings float32, 512-d):
-
-    /segments/embedding   [N_seg, 512]  row i = segment i of mels.h5, L2-normalised
-    /segments/raw_norm    [N_seg]       L2 norm of the raw projection (raw = embedding * raw_norm)
-    /tracks/track_id      [N_tracks]    utf-8 strings, mels.h5 track order
-    /tracks/embedding     [N_tracks, 512]  L2(mean of the raw segment projections)
-    /tracks/n_segments    [N_tracks]
-    /text/<set>/query     [n]           utf-8 strings (sets from pipeline.data.queries.build_query_sets)
-    /text/<set>/embedding [n, 512]      L2-normalised
-    attrs: teacher_sha256, teacher_provenance (JSON), frontend_hash (the mel cache's
-           teacher_frontend_hash), mels (JSON identity of the mel cache: segment count, track-id
-           and segment-map hashes, its attrs), params (JSON), dtype, format_version
-
-While a run is in progress the file is `<out>.partial` with an extra `/segments/done` mask, so an
-interrupted run continues where it stopped; the finished file is written afresh (fixed order, no
-timestamps: the same embeddings give the same bytes) and renamed into place atomically.
-A `--shard k/n` run fills only its slice of rows into `<out>.shard-k-of-n`; `merge_shards` joins them.
+An interrupted run continues from `<out>.partial`; the finished file is written afresh (fixed order,
+no timestamps) and renamed into place; `--shard k/n` runs fill `<out>.shard-k-of-n` files that
+`merge_shards` joins. Layout: docs/teacher-embeddings.md.
 """
 
 from __future__ import annotations

@@ -1,30 +1,9 @@
 """`student-clap compare FOLDER`: the teacher and the exported student side by side on any music folder.
 
-Every readable song under FOLDER is decoded once (mono, int16, at the export's decode rate) and
-embedded twice, exactly as in training:
-
-- the exported audio student (ONNX, the runtime's song-level path, `student_clap.song`): the one
-  segmentation rule, the mean of the windows' raw embeddings, L2 — what `index` computes;
-- the teacher (PyTorch, the folder `teacher.model.dir` names): the same segment times, the CLAP
-  log-mel front-end (rounded as the mel cache stores it: mels.precision.teacher_db), the mean of the raw
-  segment projections, L2 — what data/teacher.h5 holds for a training track.
-
-Then it prints the same-space figures and verdict (pipeline.evaluation.fidelity; centred on the
-folder's own mean teacher embedding, there being no training set here), and optionally:
-
-- `--labels DIR_OR_CSV`: zero-shot accuracy with one prompt per label (LAION's GTZAN prompt
-  "This audio is a {label} song." by default) for the teacher, the audio student with the
-  teacher's prompt embeddings, and end to end (student audio, student text). DIR: label
-  subfolders (the GTZAN layout); CSV: `path,label` rows.
-- `--captions CSV`: `path,caption` rows (the Song Describer layout, several captions per song
-  allowed): text-to-music recall@1/5/10 (is the captioned song among the top k?) for the teacher,
-  the audio student, the text student and end to end, and the end-to-end text-query result
-  overlap with the teacher's ranking.
-
-Paths in a CSV are relative to FOLDER unless absolute. Files the decoder or the usability rule
-refuses (unreadable, silent, too short), and CSV rows that name no readable song, are reported and
-skipped. A label folder's label is read from the path as found under it, before any symlink is
-resolved, so label subfolders of links to the music work. Only the teacher side needs torch.
+Every readable song is decoded once and embedded twice, exactly as in training: by the exported
+audio student through the runtime's song-level path (what `index` computes) and by the teacher on
+the same segment times (what data/teacher.h5 holds for a training track). Options and what each
+figure means: docs/compare.md.
 """
 
 from __future__ import annotations
@@ -33,7 +12,6 @@ import argparse
 import csv
 import json
 import logging
-import math
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -285,18 +263,6 @@ def same_space_section(emb: Embedded, p: SameSpaceParams) -> dict[str, Any]:
 # --------------------------------------------------------------------------- the command
 
 
-def _finite(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    if isinstance(obj, (float, np.floating)):
-        return float(obj) if math.isfinite(float(obj)) else None
-    if isinstance(obj, np.integer):
-        return int(obj)
-    return obj
-
-
 def compare(folder: Path, *, models: Path, teacher_dir: Path, frontend: TeacherFrontendParams,
             same_space_params: SameSpaceParams, labels: Path | None = None, captions: Path | None = None,
             template: str = DEFAULT_PROMPT, device: str = "cpu", batch_size: int = 16,
@@ -372,7 +338,7 @@ def compare(folder: Path, *, models: Path, teacher_dir: Path, frontend: TeacherF
     report["problems"] = problems
     for line in problems:
         log.warning("%s", line)
-    return _finite(report)
+    return M.json_safe(report)
 
 
 def render_text(report: dict[str, Any]) -> str:

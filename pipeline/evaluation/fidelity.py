@@ -1,24 +1,9 @@
 """Same-space figures: can a student's track embeddings stand in for its teacher's? (numpy only)
 
-The figures an independent check of a CLAP student used, so ours can be set beside it:
-
-- per-track cosine to the teacher: mean, median, p05 and min, raw and centred (both sides minus
-  a centring vector, normally the mean training teacher embedding; see pipeline.metrics);
-- audio-to-audio neighbour agreement: for every track, its k nearest *other* tracks by teacher
-  embeddings against its k nearest by student embeddings (top-k overlap, k = 5 and 10), and the
-  Spearman correlation of the full neighbour ranking. With few tracks k is clipped to half of the
-  other tracks (a top-k that holds every other track is trivially the same) and a note says so;
-- the mean baseline: the raw cosine of the centring vector itself to every track, the score of a
-  student that outputs the mean embedding for every song (with CLAP's dominant common direction
-  it is high), and how far the student's median stands above it;
-- the verdict: `same_space` is true when the median track cosine and the top-5 overlap reach
-  the independent check's bars (0.98 and 0.9 by default) *and* the median centred track cosine
-  reaches its bar (0.9 by default), else `failed` names the figures below their bar. The mean
-  embedding scores exactly 0 centred, so no student can pass by moving onto the mean, however
-  high its raw cosine; without a centring vector the centred figure is not measured and fails.
-
-Evaluate, `student-clap compare`, the calibration after training and the reports all use these
-functions, so the figures mean the same everywhere.
+Per-track cosine (raw and centred), neighbour agreement (top-k overlap, Spearman), the mean baseline
+and the verdict. Evaluate, `student-clap compare`, the calibration after training and the reports
+all use these functions, so the figures mean the same everywhere. What each figure means and the
+bars: docs/evaluation.md, "Reading the verdict".
 """
 
 from __future__ import annotations

@@ -19,8 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.atomic import atomic_path
-from pipeline.models.efficientat import count_parameters
-from pipeline.models.registry import build_backbone
+from pipeline.models.efficientat import build_backbone, count_parameters
 from pipeline.space import EMBED_DIM
 
 log = logging.getLogger(__name__)

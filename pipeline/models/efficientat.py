@@ -234,10 +234,6 @@ class MobileNetV3(nn.Module):
                 nn.init.normal_(m.weight, 0.0, 0.01)
                 nn.init.zeros_(m.bias)
 
-    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, 1, F, T] -> last feature map [B, feature_dim, F/32, T/32]."""
-        return self.features(x)
-
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """[B, 1, F, T] -> globally average-pooled features [B, feature_dim]."""
         return self.features(x).mean(dim=(2, 3))
@@ -255,8 +251,16 @@ def build_mobilenet(name: str, num_classes: int = AUDIOSET_CLASSES, dropout: flo
     return MobileNetV3(width_of(name), num_classes=num_classes, dropout=dropout)
 
 
-# The audio-student backbones this module provides (pipeline.models.registry): features only, no classifier.
+# The audio-student backbones by name (the `distill_audio.model` param): features only, no classifier.
 BACKBONES = {f"{prefix}_as": partial(MobileNetV3, width, num_classes=0) for prefix, width in WIDTHS.items()}
+
+
+def build_backbone(name: str, bn_momentum: float) -> MobileNetV3:
+    """The feature extractor `distill_audio.model` names, randomly initialised: `.embed(x)` maps a
+    log-mel image [B, 1, n_mels, T] to pooled features of width `.feature_dim`."""
+    if name not in BACKBONES:
+        raise ValueError(f"distill_audio.model: unknown audio backbone {name!r} (known: {', '.join(BACKBONES)})")
+    return BACKBONES[name](bn_momentum=bn_momentum)
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -18,15 +18,11 @@ def _f(value: Any, digits: int = 4) -> str:
     return str(value)
 
 
-def _table(header: list[str], rows: list[list[Any]]) -> str:
+def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
+    """A Markdown table; floats with 4 decimals, None as n/a."""
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(_f(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
-
-
-def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
-    """A Markdown table; floats with 4 decimals, None as n/a."""
-    return _table(header, rows)
 
 
 def audio_table(audio: Mapping[str, Any]) -> str:
@@ -43,7 +39,7 @@ def audio_table(audio: Mapping[str, Any]) -> str:
     intro = (f"Validation split: {audio['n_val_tracks']} tracks, {audio['n_val_segments']} segments "
              "(artists unseen in training). Centred = both sides minus the mean training teacher "
              "embedding; the mean-embedding baseline scores exactly 0 there.")
-    return intro + "\n\n" + _table(["audio student vs teacher", "mean", "p10", "p50", "p90", "mean baseline"], rows)
+    return intro + "\n\n" + markdown_table(["audio student vs teacher", "mean", "p10", "p50", "p90", "mean baseline"], rows)
 
 
 def _bar_text(same: Mapping[str, Any]) -> str:
@@ -69,7 +65,7 @@ def same_space_table(same: Mapping[str, Any]) -> str:
         rows.append(["track cosine, centred", *(a["track_cosine_centred"][q] for q in ("mean", "median", "p05", "min"))])
     if "mean_baseline" in a:  # a student that outputs the mean embedding for every song
         rows.append(["mean embedding (baseline)", *(a["mean_baseline"][q] for q in ("mean", "median", "p05", "min"))])
-    lines.append(_table(["audio student vs teacher", "mean", "median", "p05", "min"], rows))
+    lines.append(markdown_table(["audio student vs teacher", "mean", "median", "p05", "min"], rows))
     nb_rows = [[f"top-5 neighbour overlap (k={a.get('top5_k')})", a.get("top5_overlap")],
                [f"top-10 neighbour overlap (k={a.get('top10_k')})", a.get("top10_overlap")],
                ["Spearman of the neighbour ranking", a.get("neighbour_spearman")]]
@@ -78,7 +74,7 @@ def same_space_table(same: Mapping[str, Any]) -> str:
         nb_rows += [[f"end to end: text-query top-{e2e['k']} result overlap ({e2e['n_queries']} prompts)",
                      e2e["text_query_overlap"]],
                     [f"end to end: text-query top-{e2e['k']} result overlap, centred", e2e.get("text_query_overlap_centred")]]
-    lines.append(_table(["neighbours (each track's nearest other tracks, student vs teacher)", "value"], nb_rows))
+    lines.append(markdown_table(["neighbours (each track's nearest other tracks, student vs teacher)", "value"], nb_rows))
     if a.get("note"):
         lines.append(f"{a['note']}.")
     return "\n\n".join(lines)
@@ -100,7 +96,8 @@ def retrieval_table(retrieval: Mapping[str, Any]) -> str:
              "Centred: the queries minus the teacher's mean text embedding, so only what tells the "
              "prompts apart decides the ranking.")
     note = f"\n\n{retrieval['note']}." if retrieval.get("note") else ""
-    return intro + "\n\n" + _table(["ranking by", f"top-{k} overlap", "Spearman", f"recall@{k} (teacher's best)"], rows) + note
+    table = markdown_table(["ranking by", f"top-{k} overlap", "Spearman", f"recall@{k} (teacher's best)"], rows)
+    return intro + "\n\n" + table + note
 
 
 def text_table(text: Mapping[str, Any]) -> str:
@@ -108,7 +105,7 @@ def text_table(text: Mapping[str, Any]) -> str:
         return f"Text student skipped: {text.get('reason', '')}."
     rows = [[name, v["n"], v["cosine"], v["centred"], v["baseline_cosine"]]
             for name, v in text.items() if isinstance(v, Mapping)]
-    return _table(["held-out query set", "queries", "cosine", "centred cosine", "mean baseline"], rows)
+    return markdown_table(["held-out query set", "queries", "cosine", "centred cosine", "mean baseline"], rows)
 
 
 def tags_table(tags: Mapping[str, Any]) -> str:
@@ -117,7 +114,7 @@ def tags_table(tags: Mapping[str, Any]) -> str:
     rows = [[cat, v["n_tracks"], v["n_tags"], v["chance"], v["teacher_accuracy"], v.get("student_accuracy"),
              v.get("end_to_end_accuracy"), v.get("agreement_with_teacher")]
             for cat, v in tags.items() if isinstance(v, Mapping)]
-    return _table(["category", "tracks", "tags", "chance", "teacher", "audio student", "end to end",
+    return markdown_table(["category", "tracks", "tags", "chance", "teacher", "audio student", "end to end",
                    "agrees with teacher"], rows)
 
 
@@ -209,7 +206,7 @@ def licence_markdown(licences: Mapping[str, Any], licence_files: list[str]) -> s
         rows = [[src, lic, v["tracks"], f"{v['minutes']:.1f}"]
                 for src, s in (audit.get("sources") or {}).items() for lic, v in s.get("licenses", {}).items()]
         if rows:
-            parts.append(_table(["source", "licence", "tracks", "minutes"], rows))
+            parts.append(markdown_table(["source", "licence", "tracks", "minutes"], rows))
         for v in (audit.get("violations") or [])[:20]:
             parts.append(f"- violation: `{v.get('track_id')}` in {v.get('cache')}: {v.get('problem')}")
     else:
@@ -217,7 +214,7 @@ def licence_markdown(licences: Mapping[str, Any], licence_files: list[str]) -> s
     training = licences.get("training", {}).get("by_license", {})
     if training:
         rows = [[lic, v["tracks"], f"{v['minutes']:.1f}"] for lic, v in training.items()]
-        parts += ["Of these, the students trained on (train split):", _table(["licence", "tracks", "minutes"], rows)]
+        parts += ["Of these, the students trained on (train split):", markdown_table(["licence", "tracks", "minutes"], rows)]
     if licence_files:
         parts.append("Attribution of every source song: " + ", ".join(f"[{f}]({f})" for f in licence_files) + ".")
     return "\n\n".join(parts)
@@ -330,7 +327,7 @@ def render(
         out.append(f"**The {name} student is not included:** {reason}.")
 
     rows = _file_rows(parity, file_sizes)
-    out += ["## Files", _table(["file", "what", "size", "check against PyTorch"], rows),
+    out += ["## Files", markdown_table(["file", "what", "size", "check against PyTorch"], rows),
             "Also: `tokenizer.json` (text student), `student_clap.json` (inputs, read by `student-clap embed/search`), "
             "`licenses/` (attribution), `SHA256SUMS` (verify with `sha256sum -c SHA256SUMS`)."]
 

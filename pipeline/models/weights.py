@@ -1,14 +1,9 @@
 """`student-clap weights fetch <name>`: get a released EfficientAT AudioSet checkpoint.
 
-The release (v0.0.1 of fschmid56/EfficientAT) names its files ``<model>_mAP_<score>.pt``. We download
-with pipeline.data.download (resume, retries, atomic rename) and keep the sha256 beside the file
-(``<file>.sha256``): a later fetch or a copy from elsewhere is checked against it, so a truncated
-or swapped file is caught. ``--from`` takes a local file or another base URL (a mirror).
-
-No sha256 of the release assets is pinned here (none could be established from a public record),
-so a first fetch cannot be verified by digest: instead the file must load with torch's weights-only loader as a
-state dict whose ``features.*`` tensors have exactly the names and shapes of that model. Anything
-else (an error page, junk, another model) is deleted and refused.
+The release (v0.0.1 of fschmid56/EfficientAT) names its files ``<model>_mAP_<score>.pt``. No
+sha256 of them is pinned (none could be established from a public record), so a first fetch is
+checked by loading it weights-only as that model's state dict (names and shapes), and its sha256 is
+kept in ``<file>.sha256`` for every later fetch or copy to match. docs/trust.md.
 """
 
 from __future__ import annotations

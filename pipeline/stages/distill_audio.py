@@ -1,23 +1,10 @@
 """distill_audio stage: train the EfficientAT audio student against the cached teacher embeddings.
 
-Reads params `distillation.audio_enabled`, `distill_audio`, `frontend.student.n_mels` (recorded in
-the student's config) and `teacher.model.dir` (the teacher is re-run on augmented input when
-`use_teacher_embedding_cache` is false). Inputs: data/mels.h5 (student and teacher log-mels per 10-s
-segment), data/teacher.h5 (teacher segment and track embeddings), data/manifest.jsonl (the
-artist-disjoint `split`). Outputs under models/audio/: student.pt (best epoch), metrics.json,
-plots/ (DVCLive), checkpoints/ (every epoch, latest, best; kept by DVC between runs so
-`student-clap run distill_audio --resume` continues).
-
-Strategy "both": a training item is a track; each step draws up to `segments_per_track` of its
-segments, and the loss has one row per segment (target: the teacher segment embedding) *and* one
-row per track (student track embedding = L2(mean of the raw segment embeddings) against the
-teacher's L2(mean of the raw segment projections) over the same segments — exactly the cached
-track embedding when all segments are drawn). One forward pass serves both kinds of row.
-"segments": items are single segments; "tracks": track rows only.
-
-`run` -> `train_audio_student`: read the caches and the split, build the student and its task,
-`pipeline.training.loop.fit` (which reads the `distill_audio` section as it is), calibrate, score
-the validation split, write the outputs.
+Inputs: data/mels.h5, data/teacher.h5, data/manifest.jsonl (the artist-disjoint `split`); outputs
+under models/audio/ (student.pt, metrics.json, plots/, checkpoints/ for `--resume`). `run` ->
+`train_audio_student`: read the caches and the split, build the student and its task,
+`pipeline.training.loop.fit`, calibrate, score the validation split, write the outputs. The
+training strategies and the rest: docs/students.md.
 """
 
 from __future__ import annotations

@@ -1,24 +1,10 @@
 """Stage distill_text: train the ~1M-parameter text student on the teacher's query embeddings.
 
-Reads the params distillation.text_enabled and distill_text, the text sets and track embeddings
-of data/teacher.h5 and the train/validation split of data/manifest.jsonl. Writes
-models/text/tokenizer.json, models/text/student.pt ({"state_dict", "config", "metrics"}),
-models/text/metrics.json, DVCLive plots under models/text/plots and training checkpoints under
-models/text/checkpoints.
-
-With distill_text.centred_loss the loss compares student and teacher after subtracting the mean
-teacher train embedding (the demo teacher's queries differ only in a small part of their vectors);
-the length of the offsets is then fitted once on the training queries and stored in the model as
-its output calibration.
-
-Selection never looks at the held-out sets: a share of the training queries (grouped by term
-combination, so no combination straddles the line) drives the LR schedule and picks the best
-epoch. The held-out sets are then scored once each (`pipeline.evaluation.held_out_text`: cosine raw
-and centred, retrieval agreement, the mean and bag-of-words baselines), over the validation tracks
-("retrieval") and over all tracks ("retrieval_all_tracks": the text student never sees audio).
-
-`run` -> `train_text_student`: tokenizer, student, `pipeline.training.loop.fit` (which reads the
-`distill_text` section as it is), calibration, held-out scores, outputs.
+Reads the text sets and track embeddings of data/teacher.h5 and the split of data/manifest.jsonl;
+writes models/text/ (tokenizer.json, student.pt, metrics.json, plots/, checkpoints/). `run` ->
+`train_text_student`: tokenizer, student, `pipeline.training.loop.fit`, calibration, held-out
+scores (`pipeline.evaluation.held_out_text`), outputs. Selection never looks at the held-out sets.
+How and why: docs/students.md, "Text student".
 """
 
 from __future__ import annotations

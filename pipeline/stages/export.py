@@ -1,23 +1,9 @@
 """export: the students as ONNX files that run anywhere with onnxruntime.
 
 Reads params `audio`, `frontend.student` and `export`, the student checkpoints, and data/mels.h5 +
-data/manifest.jsonl for the int8 calibration. Writes models/export/, into a temporary folder that
-replaces it only when everything passed:
-
-- the audio files of pipeline.models.audio_export (waveform, mel, int8) and of
-  pipeline.models.song_export (front-end, trunk, head, int8 head);
-- text_student.onnx        input_ids, attention_mask int64 [batch, length] -> embedding [batch, EMBED_DIM]
-                           (pipeline.models.text_student.export_text_onnx);
-- tokenizer.json           the text student's tokenizer;
-- student_clap.json        what `student-clap embed/index/search` need: file names, sample rate,
-                           segment and hop, tokenizer max length; the model identity
-                           (student_clap.identity, also in every ONNX file's metadata_props) and
-                           the teacher it was distilled from (saying plainly when a demo one);
-- README.md                the model card; licenses/ the attribution files; SHA256SUMS.
-
-Every ONNX file is checked against PyTorch (cosine >= export.parity_min_cosine per row); a mismatch
-raises onnx_export.ParityError, leaves models/export as it was and fails the stage. A disabled
-student is left out and the card says so.
+data/manifest.jsonl for the int8 calibration. Writes models/export/ through a temporary folder that
+replaces it only when every ONNX file passed its parity check against PyTorch (a mismatch raises
+onnx_export.ParityError and fails the stage). What the folder holds: docs/runtime.md.
 """
 
 from __future__ import annotations
@@ -34,7 +20,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.hashing import sha256_file
 from pipeline.models import onnx_export as onnx_utils
 from pipeline.models.audio_export import audio_spec, export_audio
 from pipeline.models.onnx_export import ParityError
@@ -43,6 +28,7 @@ from pipeline.models.song_export import calibration_mels, export_song, song_spec
 from pipeline.params import Params, as_dict
 from pipeline.paths import AUDIO_STUDENT, LICENSES, MANIFEST, MELS, TEXT_STUDENT, TEXT_TOKENIZER
 from pipeline.space import EMBED_DIM
+from student_clap.files import sha256_file
 
 log = logging.getLogger(__name__)
 

@@ -1,17 +1,10 @@
 """ingest: song lists + metadata -> licence-checked manifest, attribution files and an audit.
 
-Reads only `params.ingest`. For every configured source it parses the `*_SONGS_LICENSE.md` lists
-and the native metadata files, merges repeated tracks, normalises each licence, applies the
-policy, finds (or, with `ingest.download`, fetches) the audio under the source's audio_root and
-splits by artist (`ingest`); then writes
-
-    data/manifest.jsonl                      tracks that may be used (schema: pipeline/data/manifest.py)
-    data/licenses/<SOURCE>_SONGS_LICENSE.md  attribution for exactly those tracks
-    data/licenses/audit.json                 every entry: included, or excluded with its reason
-    models/report/ingest.json                counts per source and reason (a DVC metric)
-
-One bad entry never stops the stage; it is excluded with one of the reasons in
-pipeline.data.ingest_outcome.REASONS.
+Reads only `params.ingest`. For every source it parses the song lists and metadata, merges repeated
+tracks, normalises each licence, applies the policy, finds (or downloads) the audio and splits by
+artist; then writes data/manifest.jsonl, data/licenses/ (attribution files, audit.json) and
+models/report/ingest.json (docs/songs.md). One bad entry never stops the stage; it is excluded with
+one of pipeline.data.ingest_outcome.REASONS.
 """
 
 from __future__ import annotations

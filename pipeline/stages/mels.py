@@ -1,24 +1,9 @@
 """mels: manifest audio -> teacher (CLAP) and student (EfficientAT) log-mels in data/mels.h5.
 
-Reads params `audio`, `frontend`, `mels` and `cluster` only. Every track is decoded once at
-audio.sample_rate (48 kHz, int16 round trip), cut by the one segmentation rule into 10-s windows and
-turned into the teacher log-mel; the same int16 waveform resampled to the student rate is cut at the
-same times into the student log-mel; the cache keeps each front-end's frames once per track and
-every segment reads back exactly as computed (one track: pipeline/data/mel_extraction.py).
-
-Tracks already in a published part file or in the previous cache are reused when their audio is
-unchanged; the others are computed serially, by a pool of worker processes (`run_jobs`: a worker
-that dies, say in a decoder crash, costs only the track it was on, reported as failed, and is
-replaced) or, with cluster.ray_address set, by Ray tasks on a cluster (pipeline/data/mel_ray.py;
-docs/cluster.md), the cache byte-identical either way. Each finished track is one crash-safe part
-file (pipeline/data/mel_cache.py), so a killed run resumes where it stopped; the parts are merged
-into the cache in manifest order at the end (`build_mel_cache`, atomic rename).
-
-Bad tracks (missing, unreadable, empty, non-audio, corrupt, and by the one usability rule of
-pipeline/data/audio.py too short, silent or all NaN) are reported in models/report/mels.json and
-skipped; kept tracks the decoder had to patch (a partial decode, NaN/inf samples) are listed there
-as flagged. The stage fails only when no track is usable or when more than
-mels.max_failure_ratio of the tracks failed.
+Reads params `audio`, `frontend`, `mels` and `cluster` only. Unchanged tracks are reused from
+published parts or the previous cache; the rest are computed serially, by a pool of worker processes
+(`run_jobs`) or by Ray tasks (pipeline/data/mel_ray.py), the cache byte-identical either way. One
+track: pipeline/data/mel_extraction.py. What the stage refuses and reports: docs/mel-cache.md.
 """
 
 from __future__ import annotations
@@ -40,9 +25,9 @@ from pipeline.atomic import write_json
 from pipeline.data import decode_notes, mel_cache
 from pipeline.data.manifest import read_manifest
 from pipeline.data.mel_extraction import TrackJob, TrackProcessor, TrackResult, extract_to_part
-from pipeline.hashing import sha256_file
 from pipeline.params import Params
 from pipeline.paths import MANIFEST, MELS as CACHE
+from student_clap.files import sha256_file
 
 log = logging.getLogger(__name__)
 

@@ -1,12 +1,9 @@
 """Stage teacher: embed every cached segment and every text query with the teacher -> data/teacher.h5.
 
-Reads the params teacher.batch_size (CPU), teacher.cuda_batch_size, teacher.device, teacher.dtype
-and text_queries, plus the teacher folder (teacher.model.dir, a dvc dependency). With
-cluster.ray_address set, the segments and queries are embedded by teacher actors on a Ray cluster
-(pipeline/teacher/embed.py) and this process writes the same file (docs/cluster.md). Resumable: an
-interrupted run leaves data/teacher.h5.partial and the next run continues it. `--shard k/n` embeds
-slice k of the segments into data/teacher.h5.shard-k-of-n (shard 0 also embeds the text queries);
-`student-clap teacher merge` joins the shards.
+Reads the params teacher.* and text_queries, plus the teacher folder (teacher.model.dir). Here or
+on Ray actors (pipeline/teacher/embed.py), the file is the same; resumable through
+data/teacher.h5.partial; `--shard k/n` writes data/teacher.h5.shard-k-of-n for `student-clap
+teacher merge`. docs/teacher-embeddings.md, docs/cluster.md.
 """
 
 from __future__ import annotations

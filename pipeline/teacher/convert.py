@@ -1,24 +1,9 @@
 """LAION-CLAP .pt checkpoint -> teacher folder (ClapModel safetensors + config + tokenizer).
 
-The original checkpoint (e.g. music_audioset_epoch_15_esc_90.14.pt) is a dict whose
-`state_dict` holds laion_clap's CLAP module, keys prefixed `module.` (DataParallel). Its HTSAT-base
-audio tower and RoBERTa text tower map one to one onto transformers' ClapModel:
-
-    audio_branch.*                 -> audio_model.audio_encoder.*
-    text_branch.*                  -> text_model.*
-    {audio,text}_projection.0 / .2 -> {audio,text}_projection.linear1 / .linear2
-    bn0                            -> batch_norm
-    blocks.N.norm1 / norm2         -> blocks.N.layernorm_before / layernorm_after
-    blocks.N.attn.qkv              -> blocks.N.attention.self.query / key / value (split in 3 on dim 0)
-    blocks.N.attn.proj             -> blocks.N.attention.output.dense
-    blocks.N.attn.relative_position_* -> blocks.N.attention.self.relative_position_*
-    blocks.N.mlp.fc1 / fc2         -> blocks.N.intermediate.dense / output.dense
-
-Dropped on purpose (no counterpart; the log-mel is computed by pipeline.data.frontends instead):
-the STFT / mel filter buffers, the Swin `attn_mask` buffers, the AudioSet `tscam_conv` and `head`,
-the `*_transform` MLPs (used only in contrastive training) and the text position/token-type id
-buffers. The load is strict: every ClapModel weight must come from the checkpoint with the same
-shape, so a checkpoint of another shape fails naming the key instead of silently losing layers.
+The checkpoint's HTSAT-base audio tower and RoBERTa text tower map one to one onto transformers'
+ClapModel (the key mapping and what is dropped on purpose: docs/real-teacher.md). The load is strict:
+every ClapModel weight must come from the checkpoint with the same shape, so a checkpoint of another
+shape fails naming the key instead of silently losing layers.
 """
 
 from __future__ import annotations
@@ -87,7 +72,6 @@ class ConversionError(TeacherError):
 PUBLISHED_SHA256 = {
     "music_audioset_epoch_15_esc_90.14.pt": "fae3e9c087f2909c28a09dc31c8dfcdacbc42ba44c70e972b58c1bd1caf6dedd",
 }
-PUBLISHED_SIZE = {"music_audioset_epoch_15_esc_90.14.pt": 2_352_471_003}  # bytes: the download cap
 
 
 def _allowed_globals() -> list:

@@ -1,21 +1,9 @@
 """Train the demo teacher: a small ClapModel that knows the demo's synthetic music.
 
-`student-clap demo teacher` renders hundreds of 10-s clips with pipeline.data.demo_audio.render (lead
-instrument, drums, tempo and key drawn so every combination appears; seeds disjoint from the demo
-songs'), passes each through what a real song goes through before the teacher sees it (a source
-sample rate, often a lossy MP3/Vorbis round trip, resampling to 48 kHz, the int16 round trip, the
-CLAP log-mel front-end), and trains the same ClapModel classes as the converted LAION teacher
-contrastively on captions generated from the clips' attributes.
-
-A caption names a random subset of a clip's attributes ("a slow piano song", "drums"), so one
-caption fits many clips. The loss is CLAP's symmetric cross-entropy with every fitting pair of a
-batch as a positive (the targets spread over them), which teaches single words ("piano") as well
-as full descriptions. The tokenizer is a byte-level BPE trained over the caption vocabulary, the
-query terms and evaluation prompts of params.yaml, and a list of music words, so those words are
-whole tokens rather than byte fragments.
-
-Afterwards it prints zero-shot accuracy per attribute on held-out clips (other seeds) and writes
-the teacher folder (config.json, model.safetensors, tokenizer, teacher.json with the figures).
+`student-clap demo teacher` renders clips with pipeline.data.demo_audio.render, passes each through
+what a real song goes through before the teacher sees it, trains the same ClapModel classes as the
+converted LAION teacher contrastively on captions of the clips' attributes, prints zero-shot
+accuracy per attribute on held-out clips and writes the teacher folder. Details: docs/demo.md.
 """
 
 from __future__ import annotations

@@ -1,14 +1,10 @@
 """The teacher's segment embedding, here or as Ray actors on a cluster (cluster.ray_address set).
 
 `embed_block` is the one computation of a batch (projection, norm, the corrupt-mels check, L2) that
-both paths run, on the teacher's own device, so a batch gives the same bytes wherever it runs.
-On a cluster, `ray_teacher` starts actors that each load the teacher (the driver's folder, shipped
-through Ray's object store, checked against its sha256): one GPU each when the cluster has GPUs,
-else `cluster.teacher_cpus` CPUs (their torch threads). The driver reads the mel batches (the local
-path's batches: teacher.batch_size / cuda_batch_size, teacher.dtype) and writes every result itself.
-Ray restarts an actor whose worker or node dies (max_restarts) and re-runs its calls there
-(max_task_retries): the restarted actor needs a place to run (free resources, or a node the
-autoscaler adds).
+both paths run on the teacher's own device, so a batch gives the same bytes wherever it runs.
+`ray_teacher` starts actors that each load the driver's teacher folder (checked against its sha256);
+the driver reads the mel batches and writes every result itself. Resources and failures:
+docs/cluster.md.
 """
 
 from __future__ import annotations

@@ -1,21 +1,10 @@
 """Get the real teacher's inputs: the LAION-CLAP checkpoint and the roberta-base tokenizer.
 
-Used by `student-clap teacher fetch` and by the fetch_teacher stage (which DVC-tracks the files,
-so dvc.lock holds their hashes and a remote can share them).
-
-Files hosted on the Hugging Face Hub are fetched with `huggingface_hub.hf_hub_download` at the
-revision pinned in params (a commit hash) into the Hugging Face cache, so the usual environment
-applies: HF_HOME / HF_HUB_CACHE (where), HF_ENDPOINT (a mirror), HF_TOKEN or a stored login
-(gated or private copies) and HF_HUB_OFFLINE (cache only). The cached file is then copied to
-teacher.model.checkpoint / tokenizer_dir. A non-Hub URL (checkpoint_url, tokenizer_url) is
-fetched with pipeline.data.download instead.
-
-Trust: every file's sha256 must equal the one pinned in params (checkpoint_sha256,
-tokenizer_sha256). A file without a pin, or with another digest, is refused and not placed
-unless the user trusts it explicitly (`--trust` or teacher.model.trust_unverified); then it is
-kept and `fetch.json` beside the checkpoint records it as trusted, not verified. A file found in
-place is recorded with the source an earlier fetch got those very bytes from, or else as placed
-by hand (`"fetched": false`): the record never claims a Hub source for bytes it did not fetch.
+Used by `student-clap teacher fetch` and by the fetch_teacher stage. Hub files come through
+`huggingface_hub.hf_hub_download` at the pinned revision (so HF_HOME, HF_ENDPOINT, HF_TOKEN and
+HF_HUB_OFFLINE apply), other URLs through pipeline.data.download. Every file must match the sha256
+pinned in params unless trusted explicitly, and `fetch.json` records where the bytes really came
+from (or that they were placed by hand). Steps and trust: docs/real-teacher.md, docs/trust.md.
 """
 
 from __future__ import annotations
@@ -29,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.atomic import atomic_path, write_json
-from pipeline.hashing import sha256_file
 from pipeline.params import DownloadParams, TeacherModelParams
+from student_clap.files import sha256_file
 
 log = logging.getLogger(__name__)
 

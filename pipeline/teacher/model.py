@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.atomic import atomic_path
-from pipeline.hashing import sha256_file
 from pipeline.params import DemoTeacherParams, TeacherModelParams, as_dict
 from pipeline.space import EMBED_DIM
+from student_clap.files import sha256_file
 
 log = logging.getLogger(__name__)
 

@@ -1,37 +1,9 @@
 """Training augmentations on cached log-mels, applied identically to the student and teacher mels.
 
-A batch holds S mel rows (10-s segments); each row belongs to an *item* (a single segment, or one
-segment of a track whose embedding is averaged). `Augmenter.draw()` makes a `Plan` — one random
-draw per batch from torch's global RNG, so a resumed run repeats it — and `apply_student()` /
-`apply_teacher()` apply the same plan to either front-end's representation, in this order:
-
-1. Gain, one level change per item (all segments of a track get the same gain), uniform in
-   ±`gain_db`. A level change multiplies the *power* spectrum by 10^(g/10). The student mel is
-   EfficientAT's ``(log(P + 1e-5) + 4.5) / 5``: that is not a constant shift, because of the
-   +1e-5 floor (at low energies the change is smaller than g), so the student mel is mapped back
-   to power, scaled and mapped forward again — exact up to float rounding (fp16 caches lose the
-   quietest bins, which sit at the floor anyway). The teacher mel is ``10·log10(max(P, 1e-10))``:
-   there a gain is an exact +g dB shift, floored at -100 dB.
-2. Mixup (probability `mixup` per row): the row is mixed with a row of another item of the
-   batch, in the power domain (sounds add as powers, not as log values), with weight
-   lam = max(b, 1 - b), b ~ Beta(0.4, 0.4), so the row's own segment stays dominant.
-3. SpecAugment-style masks (`spec_masks`): one frequency band (up to `freq_mask` student mel bins)
-   and one time span (up to `time_mask` frames) per row, filled with the row's mean value — a
-   0 dB (or 0) fill would be a loud or silent hole far outside the data. Both front-ends hop
-   10 ms, so frame t is the same instant in both; a student band is carried to the teacher bins
-   whose centre frequencies fall inside it.
-
-4. Student-only changes, the teacher's target fixed (the student learns to give the clean
-   segment's embedding for a degraded copy of it): a spectral tilt (`eq_tilt_db`: a gain rising
-   linearly across the mel bands from -t to +t dB, t uniform in ±`eq_tilt_db` per item), a noise
-   floor (`noise_snr_db`: flat power at an SNR uniform in [snr, snr + 20] dB below the row's mean
-   power, per item) and a time shift (`time_shift_frames`: up to ± that many frames per row, the
-   edge frame repeated). The mel cache holds no audio, so a codec re-encode is out of reach here.
-
-Teacher targets from the embedding cache are not augmented (the cached teacher saw the clean
-segment); only mixup has an approximate cached target (the mix of the two raw teacher
-projections). With ``use_teacher_embedding_cache: false`` the teacher is run on the teacher mel
-augmented by the same plan, so its target matches what the student saw.
+`Augmenter.draw()` makes a `Plan` (one draw per batch from torch's global RNG, so a resumed run
+repeats it); `apply_student()` / `apply_teacher()` apply the same plan to either front-end's
+representation: gain, mixup (both in the power domain), masks, then student-only changes with the
+teacher's target fixed. Each step's maths and why: docs/students.md, "Augmentations".
 """
 
 from __future__ import annotations

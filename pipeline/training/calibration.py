@@ -1,25 +1,9 @@
 """Calibrations fitted after training, before a student is written, that never cost it its rankings.
 
-Each student ends with one scalar that training leaves loosely set:
-
-- audio: the length of the output bias (`AudioStudent.output_bias`, along the mean teacher
-  embedding). The centred loss shapes the direction of every output's offset from the mean; how
-  far the offsets reach relative to the bias is only weakly pulled by the raw-cosine term.
-- text: the anchor scale (`TextStudent.calibrate`): out = L2(anchor + g * (L2(raw) - anchor)),
-  identity at g = 1. A student trained on centred targets gets each query's offset direction
-  right, not its length.
-
-Fitting such a scalar for the best raw cosine alone is what pushed a full-size audio student onto
-the mean: teacher embeddings share a dominant direction, so a longer bias shrinks every offset,
-raw cosine rises towards the mean-embedding baseline, and the neighbour rankings the offsets
-carried are lost (bias 9.9 -> 750, validation cosine 0.9930 against a 0.9928 baseline). The
-criterion here: among candidate values, the highest mean raw cosine to the teacher on a bounded
-calibration sample, *subject to* the student's neighbour figures on that sample (top-5 neighbour
-overlap and Spearman of the neighbour ranking, against the teacher, see
-pipeline.evaluation.fidelity) and their mean centred cosine not falling below their values
-before calibration. The current value is always a candidate, so at worst nothing changes; raw
-cosine never goes down either. The audio fit runs on held-out (validation) tracks, never on the
-training items the student has already fitted (`distill_audio.calibrate`, off by default).
+Each student ends with one scalar that training leaves loosely set (audio: the output bias length;
+text: the anchor scale). Among candidate values the fit takes the best mean raw cosine to the teacher
+*subject to* the neighbour figures (pipeline.evaluation.fidelity) and the centred cosine not falling;
+the current value is always a candidate. Why the constraint: docs/students.md, "Calibration".
 """
 
 from __future__ import annotations

@@ -1,21 +1,8 @@
 """Training checkpoints: the format, saving, loading, latest/best links, RNG state, and editing.
 
-One file per epoch, ``epoch_NNN.pt``, written atomically; ``latest.pt`` and (when the monitored
-metric improved) ``best.pt`` are hard links to it, so they cost no disk. A checkpoint is a dict:
-
-    format     "student-clap-checkpoint/1"
-    epoch      epochs done; stage 1 or 2
-    model      state dict (CPU tensors); loss: the loss's state (learnable logit scale)
-    optimizer  AdamW state, or None after `ckpt reset --optimizer`
-    scheduler  ReduceLROnPlateau state, or None after `ckpt reset --scheduler`
-    lr_override  set by `ckpt reset --lr`: the learning rate the resumed run starts with
-    metrics, history, best, params, config
-    rng        python / numpy / torch (/ cuda) RNG states, one entry per DDP rank
-
-Everything is read with ``torch.load(weights_only=True)``: tensors, numbers, strings, lists and
-dicts only. `student-clap ckpt ls | show | reset` (`main`) inspects and edits these files;
-`reset` copies the file to ``<file>.bak`` before writing and touches only public fields (the
-optimizer's per-group lr, and the override the loop applies when it resumes).
+One file per epoch, ``epoch_NNN.pt``, written atomically; ``latest.pt`` and ``best.pt`` are hard
+links to it. Everything is read with ``torch.load(weights_only=True)``: tensors, numbers, strings,
+lists and dicts only. The format and `student-clap ckpt`: docs/checkpoints.md.
 """
 
 from __future__ import annotations
@@ -170,7 +157,7 @@ def _link_or_copy(src: Path, dst: Path) -> None:
             shutil.copyfile(src, tmp)
 
 
-def save_epoch(ckpt_dir: Path, state: dict[str, Any], is_best: bool, keep_epoch_file: bool = True) -> Path:
+def save_epoch(ckpt_dir: Path, state: dict[str, Any], is_best: bool) -> Path:
     """Write ``epoch_NNN.pt`` and point latest.pt (and best.pt when `is_best`) at it."""
     state = {"format": CHECKPOINT_FORMAT, **state}
     path = epoch_path(ckpt_dir, int(state["epoch"]))
@@ -178,8 +165,6 @@ def save_epoch(ckpt_dir: Path, state: dict[str, Any], is_best: bool, keep_epoch_
     _link_or_copy(path, ckpt_dir / LATEST)
     if is_best:
         _link_or_copy(path, ckpt_dir / BEST)
-    if not keep_epoch_file:
-        path.unlink()
     return path
 
 

@@ -2,31 +2,8 @@
 
 A stage describes *what* to train with a small `Distillation` object; `fit()` does the rest the
 same way for every student, in small steps (`restore`, `build_optimizer`, `build_loader`,
-`train_one_epoch`, `validate`, `save`):
-
-- AdamW with weight decay and gradient-norm clipping;
-- stage 1 (`epochs`) trains every parameter, the learning rate rising linearly from 0 to `lr`
-  over the first epoch (per step, `schedule.get_lr`); stage 2 (`stage2_epochs`) calls
-  `enter_stage2()` (freeze the encoder) and trains what it returns with a fresh optimizer at
-  `stage2_lr`;
-- ReduceLROnPlateau on a validation metric (`monitor`, a key of `validate()`);
-- the loss from a `LossParams` section (`pipeline.training.losses.DistillLoss`), plus the centred cosine
-  term around `TrainConfig.centre` when one is given;
-- after every epoch a checkpoint (`pipeline.training.checkpoint`); `resume=True` continues from
-  latest.pt (or the newest readable epoch file) and reproduces an uninterrupted run exactly;
-- DVCLive metrics ``train/*``, ``val/*`` and ``lr`` under `live_dir` (never touching dvc.yaml);
-  a tqdm bar per epoch and a log line per epoch with timing and ETA;
-- DDP under torchrun (``WORLD_SIZE > 1``): gloo on CPU, NCCL on CUDA; each rank takes
-  ``batch_size / world_size`` items per step, gradients are averaged, rank 0 validates and
-  broadcasts, and writes checkpoints and logs;
-- on CUDA: bf16 autocast (`precision`), channels_last weights, pinned memory with non-blocking
-  copies; `compile` wraps the encoder in torch.compile (any device). CPU runs stay fp32.
-
-Randomness: python, numpy and torch are seeded from `seed` (+ rank) once; the sampler shuffles
-each epoch from (seed, epoch) and the DataLoader has its own generator, so the global RNG stream
-(augmentation, dropout) does not depend on the number of loader workers. A dataset whose item
-randomness must not depend on the worker either sets ``keyed_by_epoch = True``: its items are
-then ``(epoch, index)`` pairs (see `pipeline.data.datasets.TrainItems`).
+`train_one_epoch`, `validate`, `save`). What it does (optimiser, stages, schedule, checkpoints,
+DDP, CUDA paths, randomness): docs/students.md.
 """
 
 from __future__ import annotations
@@ -99,7 +76,6 @@ class TrainConfig:
     resume: bool = False
     centre: torch.Tensor | None = None  # adds the centred cosine term to the loss (see DistillLoss)
     warmup: bool = True  # linear warmup over the first epoch
-    keep_epoch_checkpoints: bool = True
 
     @property
     def total_epochs(self) -> int:
@@ -115,7 +91,6 @@ class TrainResult:
     best_metrics: dict[str, float]
     best_state_dict: dict[str, torch.Tensor]
     history: list[dict[str, Any]]
-    last_metrics: dict[str, float]
 
 
 @dataclass
@@ -353,7 +328,7 @@ def save(task: Distillation, model: nn.Module, loss_fn: nn.Module, opt: Optimisa
         "params": dataclasses.asdict(cfg.p),
         "config": task.model_config(),
         "rng": rng,
-    }, is_best, cfg.keep_epoch_checkpoints)
+    }, is_best)
 
 
 def _open_live(cfg: TrainConfig, resumed: bool, start_epoch: int) -> Any:
@@ -481,5 +456,4 @@ def _result(model: nn.Module, state: TrainState, cfg: TrainConfig, ranks: D.Rank
         best_metrics=dict(state.best["metrics"]),
         best_state_dict=best_state,
         history=state.history,
-        last_metrics=dict(state.history[-1]) if state.history else {},
     )

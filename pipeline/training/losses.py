@@ -1,27 +1,8 @@
 """Distillation losses, chosen by a `LossParams` section (distill_audio.loss / distill_text.loss).
 
-- ``cosine`` (default): mean of -cos(student, teacher) / temperature.
-- ``mse``: mean squared error between the L2-normalised student and teacher (= (2 - 2 cos) / D,
-  the same optimum as the cosine loss with a different weighting of hard items).
-- ``mse_raw``: mean squared error between the raw student projection and the teacher vector as
-  given (useful only when the teacher vectors are themselves un-normalised).
-
-With a centring point (`centre`, the mean training teacher embedding) a second term
--cos(s - c, t - c) is added to any of them: see `DistillLoss`.
-
-The temperature is static. There is deliberately no learnable logit scale on these terms: the
-loss is linear in the scale, so gradient descent can always lower it by growing the scale and it
-grows until clamped, which changes nothing but the effective learning rate. A learnable scale
-belongs to a softmax over a batch, where it sets the sharpness of a distribution: that is the
-optional batch-contrastive term (``contrastive_weight > 0``), an InfoNCE loss in both directions
-between student rows and teacher rows of the same batch, whose logit scale starts at
-``contrastive_logit_scale`` (log of the inverse temperature) and is learned, clamped at log(100).
-
-The optional relational term (``relational_weight > 0``, similarity-preserving distillation) is
-the mean squared difference between the batch's student-student cosine matrix and the teacher's,
-off the diagonal. It aims straight at what neighbour search needs: which items are alike, and
-how much. With a centring point both sides are centred first, since around a dominant common
-direction every raw similarity is close to 1 and the matrix says little.
+``cosine`` (default), ``mse`` (on L2-normalised vectors) or ``mse_raw``, plus the centred cosine
+term around `centre`, the optional batch-contrastive term (the only one with a learnable logit
+scale) and the optional relational term. Each term and why: docs/students.md, "Losses".
 """
 
 from __future__ import annotations

@@ -10,10 +10,3 @@ from pipeline.data.sources import fma, jamendo, wikimedia
 from pipeline.data.sources.base import SongSource
 
 SOURCES: dict[str, SongSource] = {s.name: s for s in (fma.SONG_SOURCE, jamendo.SONG_SOURCE, wikimedia.SONG_SOURCE)}
-
-
-def song_source(name: str) -> SongSource:
-    """The adapter registered under `name`, or a ValueError listing the known ones."""
-    if name not in SOURCES:
-        raise ValueError(f"unknown song source {name!r} (known: {', '.join(SOURCES)})")
-    return SOURCES[name]
