@@ -9,8 +9,10 @@ in which the whole demo `dvc repro` runs under one condition:
 - stream / memory: `distill_audio.in_memory_gb` forced to 0 (mels streamed from HDF5 by the data
   loader) / 8 (held in memory), which also changes the loader's worker count under `num_workers: auto`.
 
-It then prints, for every stage output, whether its md5 in dvc.lock is the same in every variant,
-and exits 1 when one differs. The training stages fix their own thread count
+All copies are made before the first run, so every variant runs the same code and params; a
+`--work` folder kept from an earlier call keeps the copies it has (delete a variant's folder to
+make it again from the working tree). It then prints, for every stage output, whether its md5 in
+dvc.lock is the same in every variant, and exits 1 when one differs. The training stages fix their own thread count
 (`distill_audio.threads`, `distill_text.threads`), so the students should not depend on the
 machine's; bit-identity across CPU kinds (AVX2 against AVX-512 kernels) is not claimed.
 """
@@ -55,14 +57,18 @@ def main(argv: list[str] | None = None) -> int:
     if unknown or len(names) < 2:
         raise SystemExit(f"--variants: name at least two of {', '.join(VARIANTS)} (got {args.variants})")
     locks = {}
+    # every copy first, so that all variants run the same snapshot of the working tree (a copy made
+    # when its turn came would pick up whatever changed during the earlier runs)
+    for name in names:
+        work = (args.work / name).resolve()
+        if not (work / ".git").is_dir():
+            make_project(work, _env(work), demo_audio=True)
     for name in names:
         env_over, sets = VARIANTS[name]
         work = (args.work / name).resolve()
         env = _env(work)
         env.update(env_over)
-        if not (work / ".git").is_dir():
-            make_project(work, env, demo_audio=True)
-        cmd = [sys.executable, "-m", "dvc", "exp", "run", "-n", f"reproduce-{name}"]
+        cmd = [sys.executable, "-m", "dvc", "exp", "run", "-f", "-n", f"reproduce-{name}"]  # -f: a kept folder runs again
         for key, value in sets.items():
             cmd += ["-S", f"{key}={value}"]
         t0 = time.perf_counter()

@@ -1,7 +1,7 @@
 """Scale projection: unit costs measured on this machine, projected to a corpus size.
 
-    python benchmarks/scale.py [--songs 11000 --minutes 4 --epochs 100 --stage2-epochs 10]
-                               [--strategy both --segments-per-track 4]
+    python benchmarks/scale.py [--songs 11000 --minutes 4 --epochs 10 --stage2-epochs 1]
+                               [--strategy segments --segments-per-track 4]
                                [--gpu-json gpu.json] [--cores N] [--json out.json]
 
 Measures here, on one core each (OMP_NUM_THREADS=1, torch threads 1, CPU seconds from getrusage):
@@ -12,7 +12,7 @@ Measures here, on one core each (OMP_NUM_THREADS=1, torch threads 1, CPU seconds
 - student: one mn10_as training step (forward, loss, backward, AdamW) and one forward: CPU-s per segment;
 - loader:  segments read from that mel cache through MelCache (whole tracks, and random single
            segments): segments per CPU-second.
-Then prints wall time and disk for the corpus (default: 11 000 songs x 4 min, 100 + 10 epochs) on
+Then prints wall time and disk for the corpus (default: 11 000 songs x 4 min, 10 + 1 epochs) on
 this machine (all its cores, perfect scaling assumed) and on one GPU machine. GPU rates
 come from `--gpu-json` (written by benchmarks/gpu.py on a real GPU: keys teacher_segments_per_s,
 train_samples_per_s {model: {batch: value}}, loader_segments_per_s {workers: value}, gpu, date);
@@ -375,17 +375,20 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--songs", type=int, default=11_000)
     ap.add_argument("--minutes", type=float, default=4.0, help="minutes per song")
-    ap.add_argument("--epochs", type=int, default=100)
-    ap.add_argument("--stage2-epochs", type=int, default=10)
+    # With strategy segments an epoch trains on every training segment (~388 000 for 11 000 songs),
+    # so 10 epochs see about as many segments as 100 epochs of 4 segments per track; the fidelity
+    # benchmark's student was still improving after 12 epochs of its 3 300 (docs/fidelity.md).
+    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--stage2-epochs", type=int, default=1)
     ap.add_argument("--val-ratio", type=float, default=defaults.ingest.val_ratio)
     ap.add_argument("--val-max-segments", type=int,
-                    default=getattr(defaults.distill_audio, "val_max_segments", 2048),
+                    default=defaults.distill_audio.val_max_segments,
                     help="distill_audio.val_max_segments: segments validated per epoch")
     ap.add_argument("--strategy", choices=("segments", "tracks", "both"),
-                    default=getattr(defaults.distill_audio, "strategy", "both"),
+                    default=defaults.distill_audio.strategy,
                     help="distill_audio.strategy: what an epoch trains on")
     ap.add_argument("--segments-per-track", type=int,
-                    default=getattr(defaults.distill_audio, "segments_per_track", 4),
+                    default=defaults.distill_audio.segments_per_track,
                     help="distill_audio.segments_per_track: segments a track item draws per epoch (0: all)")
     ap.add_argument("--model", default="mn10_as", help="audio student backbone")
     ap.add_argument("--cores", type=int, default=os.cpu_count() or 1, help="cores of this machine to project with")

@@ -171,7 +171,12 @@ class MelSource:
                 return arr[self._row_of[segs]].astype(np.float32)
             return np.take(arr, self._row_of[segs], axis=0, out=out)
         cache = self._handle()
-        return read_runs(cache.teacher_mels if teacher else cache.student_mels, segs, out)
+        got = read_runs(cache.teacher_mels if teacher else cache.student_mels, segs, out)
+        if got.dtype != np.float16:
+            # the float16 rounding of the in-memory copy: streamed or held, the same values (and the
+            # same validation figures, best epoch and student)
+            np.copyto(got, got.astype(np.float16))
+        return got
 
     def student(self, segs: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """float32 [n, 128, frames], or written into `out` (e.g. a float16 batch buffer)."""
