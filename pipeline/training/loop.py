@@ -309,6 +309,11 @@ def validate(task: Distillation, model: nn.Module, ranks: D.Ranks, monitor: str)
     return metrics
 
 
+# Where the work runs (loader workers, mels held or streamed) does not change what is computed, so a
+# checkpoint leaves it out of its params and is the same file however it was made.
+PLACEMENT_ONLY = ("num_workers", "in_memory_gb")
+
+
 def save(task: Distillation, model: nn.Module, loss_fn: nn.Module, opt: Optimisation, state: TrainState,
          cfg: TrainConfig, ranks: D.Ranks, is_best: bool) -> None:
     """Checkpoint the epoch just finished (RNG states of every rank, written by rank 0)."""
@@ -325,7 +330,7 @@ def save(task: Distillation, model: nn.Module, loss_fn: nn.Module, opt: Optimisa
         "metrics": state.history[-1],
         "history": state.history,
         "best": state.best,
-        "params": dataclasses.asdict(cfg.p),
+        "params": {k: v for k, v in dataclasses.asdict(cfg.p).items() if k not in PLACEMENT_ONLY},
         "config": task.model_config(),
         "rng": rng,
     }, is_best)
