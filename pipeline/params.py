@@ -301,6 +301,8 @@ class LossParams:
     contrastive_logit_scale: float  # log(1/0.07), learnable only for contrastive
     # similarity-preserving term: the batch's student-student cosine matrix against the teacher's
     relational_weight: Annotated[float, NON_NEGATIVE]
+    # cosine after whitening by the training teacher segments' covariance (distill_audio only)
+    whitened_weight: Annotated[float, NON_NEGATIVE]
 
 
 @dataclass
@@ -632,6 +634,8 @@ RELATIONS: list[tuple[type, str, typing.Callable[[Any], bool], typing.Callable[[
      lambda d: f"must have one entry per audio_depths entry ({len(d.audio_depths)}), got {len(d.audio_heads)}"),
     (TextStudentModelParams, "heads", lambda m: m.dim % m.heads == 0 if m.heads >= 1 else True,
      lambda m: f"must divide dim ({m.dim}), got {m.heads}"),
+    (DistillTextParams, "loss", lambda t: t.loss.whitened_weight == 0,
+     lambda t: f"whitened_weight must be 0 (the whitened term is distill_audio's), got {t.loss.whitened_weight:g}"),
     (TeacherModelParams, "checkpoint_sha256",
      lambda t: not t.checkpoint_sha256 or (len(t.checkpoint_sha256) == 64
                                            and all(c in "0123456789abcdefABCDEF" for c in t.checkpoint_sha256)),

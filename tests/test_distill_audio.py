@@ -4,6 +4,7 @@ resume, the disabled-student markers."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -309,6 +310,23 @@ def test_stage_writes_student_metrics_plots_and_resumes(workspace) -> None:
     # one more stage-2 epoch, continued from the checkpoint
     _train(workspace, out, resume=True, stage2_epochs=2)
     assert json.loads((out / "metrics.json").read_text())["epochs"] == 4
+
+
+def test_whitened_term_reaches_training_from_the_training_teacher_segments(workspace, monkeypatch) -> None:
+    seen = []
+    real = stage.whitener
+    monkeypatch.setattr(stage, "whitener", lambda rows: seen.append(rows.copy()) or real(rows))
+    gap = {}
+    for weight in (0.0, 1.0):
+        out = workspace["tmp"] / f"white{weight}"
+        _train(workspace, out, epochs=1, stage2_epochs=0, loss={**dataclasses.asdict(_params().distill_audio.loss),
+                                                                 "whitened_weight": weight})
+        train = json.loads((out / "metrics.json").read_text())["train"]
+        gap[weight] = abs(train["loss"] + train["cosine"])
+    # the loss is -cosine alone, then -cosine - whitened cosine
+    assert gap[0.0] < 1e-6 < 1e-4 < gap[1.0]
+    train_segments = sum(1 for i in workspace["cache"].segment_track if i in (0, 1, 3, 5, 7))  # the train split
+    assert len(seen) == 1 and len(seen[0]) == train_segments
 
 
 def test_teacher_recompute_mode_runs_teacher_on_augmented_input(workspace, monkeypatch) -> None:

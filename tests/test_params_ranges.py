@@ -33,6 +33,7 @@ from repo_params import repo_params
         ({"mels": {"workers": -1}}, "mels.workers: must be >= 0, got -1"),
         ({"distill_audio": {"scheduler": {"factor": 1.0}}}, "distill_audio.scheduler.factor: must be in (0, 1)"),
         ({"distill_text": {"model": {"dim": 130, "heads": 4}}}, "distill_text.model.heads: must divide dim (130)"),
+        ({"distill_text": {"loss": {"whitened_weight": 1.0}}}, "distill_text.loss: whitened_weight must be 0"),
         ({"text_queries": {"min_categories": 3, "max_categories": 2, "free_phrasings": [], "eval_prompts": []}}, "text_queries.max_categories: must be >= min_categories (3)"),
         ({"teacher": {"model": {"checkpoint_sha256": "abc"}}}, "teacher.model.checkpoint_sha256: must be empty or 64 hex digits"),
     ],

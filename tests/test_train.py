@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from pipeline.training.losses import DistillLoss, relational_loss
+from pipeline.training.losses import WHITEN_FLOOR, DistillLoss, relational_loss, whitener
 from pipeline.params import LossParams
 from pipeline.training.checkpoint import CheckpointError, load_checkpoint
 from pipeline.training import schedule
@@ -288,3 +288,51 @@ def test_relational_term_is_centred_around_a_dominant_mean() -> None:
     assert float(relational_loss(wrong, t, centre)) > 0.1
     with pytest.raises(ValueError, match="relational_weight"):
         DistillLoss(_loss(relational_weight=-1.0))
+
+
+def test_whitener_gives_unit_variance_in_every_direction_the_teacher_uses() -> None:
+    import numpy as np
+
+    rng = np.random.default_rng(5)
+    # a dominant shared direction, one strong and six faint directions of spread (10x smaller, all
+    # above the floor), nothing elsewhere
+    scales = np.array([1.0, 0.5] + [0.05] * 6)
+    basis = np.linalg.qr(rng.standard_normal((16, 8)))[0]
+    rows = 5.0 * basis[:, 0] + (rng.standard_normal((4000, 8)) * scales) @ basis.T
+    mean, w = whitener(rows)
+    unit = rows / np.linalg.norm(rows, axis=1, keepdims=True)
+    white = (unit - mean.numpy()) @ w.numpy().astype(np.float64)
+    cov = np.cov(white, rowvar=False)
+    spread = basis[:, 1:].T @ cov @ basis[:, 1:]  # the used directions (the shared one is the mean)
+    assert np.allclose(np.diag(spread), 1.0, atol=0.1)
+    assert np.allclose(w.numpy(), w.numpy().T, atol=1e-5)  # ZCA: symmetric, keeps the orientation
+    # unused directions are lifted only to the floor, not divided by a near-zero eigenvalue
+    unused = np.linalg.qr(np.concatenate([basis, rng.standard_normal((16, 8))], axis=1))[0][:, 8:]
+    gain = np.linalg.norm(w.numpy() @ unused, axis=0)
+    assert np.all(gain <= 1.01 / np.sqrt(WHITEN_FLOOR * np.linalg.eigvalsh(np.cov(unit, rowvar=False)).mean()))
+
+
+def test_whitened_term_weighs_faint_directions_like_strong_ones() -> None:
+    """Two students with the same plain cosine to the teacher: one errs along the teacher's strong
+    direction of spread, one along a faint direction. The plain cosine cannot tell them apart; the
+    whitened cosine scores the faint-direction error far worse."""
+    g = torch.Generator().manual_seed(6)
+    basis, _ = torch.linalg.qr(torch.randn(16, 16, generator=g))
+    spread = torch.randn(2000, 3, generator=g) * torch.tensor([0.3, 0.3, 0.02])
+    teacher = F.normalize(basis[:, 0] + spread @ basis[:, 1:4].T, dim=-1)
+    mean, w = whitener(teacher.numpy())
+    t = teacher[:64]
+    strong = F.normalize(t + 0.05 * basis[:, 1], dim=-1)
+    faint = F.normalize(t + 0.05 * basis[:, 3], dim=-1)
+    fn = DistillLoss(_loss(kind="cosine", whitened_weight=1.0), whiten=(mean, w))
+    _, on_strong = fn(strong, t)
+    _, on_faint = fn(faint, t)
+    assert on_strong["cosine"] == pytest.approx(on_faint["cosine"], abs=2e-3)
+    assert on_faint["whitened_cosine"] < on_strong["whitened_cosine"] - 0.2
+    _, exact = fn(t.clone(), t)
+    assert exact["whitened_cosine"] == pytest.approx(1.0, abs=1e-5)
+    assert list(fn.parameters()) == [] and "white_w" not in fn.state_dict()
+    with pytest.raises(ValueError, match="whitened_weight"):
+        DistillLoss(_loss(whitened_weight=1.0))  # no whitening given
+    with pytest.raises(ValueError, match="whitened_weight"):
+        DistillLoss(_loss(whitened_weight=-1.0))

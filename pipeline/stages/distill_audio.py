@@ -45,6 +45,7 @@ from pipeline.training.augment import Augmenter, frontend_centres, mixup_targets
 from pipeline.training.calibration import calibrate_audio_student, log_fit
 from pipeline.training.distributed import relaunch_with_torchrun, under_torchrun
 from pipeline.training.loop import TrainConfig, TrainResult, fit
+from pipeline.training.losses import whitener
 
 log = logging.getLogger(__name__)
 
@@ -359,9 +360,10 @@ def train_audio_student(
     fresh = not resume or not (out_dir / "checkpoints" / "latest.pt").is_file()
     task, source, pretrained = build_audio_task(p, n_mels, inputs, mels_path, teacher_dir, with_output_bias=fresh)
     centre = torch.from_numpy(task.train_segment_mean.astype(np.float32)) if p.centred_loss else None
+    whiten = whitener(inputs.seg_emb[inputs.train.segments]) if p.loss.whitened_weight > 0 else None
     cfg = TrainConfig(p, out_dir / "checkpoints", p.monitor, out_dir / "plots", p.device,
                       loader_workers(p.num_workers, source), p.precision, p.channels_last, p.compile,
-                      resume=resume, centre=centre)
+                      resume=resume, centre=centre, whiten=whiten)
     result = fit(task, cfg)
     if rank != 0:
         return {}

@@ -75,6 +75,7 @@ class TrainConfig:
     compile: bool
     resume: bool = False
     centre: torch.Tensor | None = None  # adds the centred cosine term to the loss (see DistillLoss)
+    whiten: tuple[torch.Tensor, torch.Tensor] | None = None  # (mean, W) for the whitened cosine term
     warmup: bool = True  # linear warmup over the first epoch
 
     @property
@@ -391,7 +392,7 @@ def fit(task: Distillation, cfg: TrainConfig) -> TrainResult:
         torch.set_num_threads(cfg.p.threads)
     ckpt_io.seed_everything(cfg.p.seed + ranks.rank)
     model = prepare_model(task, cfg, device)
-    loss_fn = DistillLoss(cfg.p.loss, centre=cfg.centre).to(device)
+    loss_fn = DistillLoss(cfg.p.loss, centre=cfg.centre, whiten=cfg.whiten).to(device)
 
     ckpt = restore(cfg, ranks)
     state = TrainState.from_checkpoint(ckpt) if ckpt is not None else TrainState()
