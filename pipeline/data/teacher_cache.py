@@ -17,7 +17,7 @@ import h5py
 import numpy as np
 
 from pipeline.data.cache_files import unreadable
-from pipeline.space import EMBED_DIM
+from student_clap.spec import EMBED_DIM
 
 log = logging.getLogger(__name__)
 

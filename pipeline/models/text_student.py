@@ -22,7 +22,7 @@ from torch import nn
 
 from pipeline.atomic import atomic_path
 from pipeline.params import TextStudentModelParams
-from pipeline.space import EMBED_DIM
+from student_clap.spec import EMBED_DIM
 
 log = logging.getLogger(__name__)
 

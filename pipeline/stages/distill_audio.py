@@ -40,11 +40,11 @@ from pipeline.models.audio_student import AudioStudent, init_audio_student, save
 from pipeline.models.skipped import write_skip_marker
 from pipeline.params import DistillAudioParams, Params
 from pipeline.paths import MANIFEST, MELS, TEACHER_CACHE
-from pipeline.space import EMBED_DIM
 from pipeline.training.augment import Augmenter, frontend_centres, mixup_targets
 from pipeline.training.calibration import calibrate_audio_student, log_fit
 from pipeline.training.distributed import relaunch_with_torchrun, under_torchrun
 from pipeline.training.loop import TrainConfig, TrainResult, fit
+from student_clap.spec import EMBED_DIM
 
 log = logging.getLogger(__name__)
 

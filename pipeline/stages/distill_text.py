@@ -33,9 +33,9 @@ from pipeline.models.skipped import write_skip_marker
 from pipeline.models.text_student import build_text_student, save_text_student
 from pipeline.params import DistillTextParams, Params
 from pipeline.paths import MANIFEST, TEACHER_CACHE
-from pipeline.space import EMBED_DIM
 from pipeline.training.calibration import fit_text_scale, log_fit
 from pipeline.training.loop import TrainConfig, fit
+from student_clap.spec import EMBED_DIM
 
 log = logging.getLogger(__name__)
 

@@ -27,8 +27,8 @@ from pipeline.models.skipped import skip_reason
 from pipeline.models.song_export import calibration_mels, export_song, song_spec
 from pipeline.params import Params, as_dict
 from pipeline.paths import AUDIO_STUDENT, LICENSES, MANIFEST, MELS, TEXT_STUDENT, TEXT_TOKENIZER
-from pipeline.space import EMBED_DIM
 from student_clap.files import sha256_file
+from student_clap.spec import EMBED_DIM
 
 log = logging.getLogger(__name__)
 

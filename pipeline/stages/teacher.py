@@ -26,9 +26,9 @@ from pipeline.data.teacher_cache import EmbeddingWriter, finalize, merge_shards,
 from pipeline.params import Params, as_dict
 from pipeline.paths import MELS
 from pipeline.paths import TEACHER_CACHE as OUT
-from pipeline.space import EMBED_DIM
 from pipeline.teacher.embed import RayTeacher, embed_block, ray_teacher, segment_batches
 from pipeline.teacher.model import Teacher, load_teacher
+from student_clap.spec import EMBED_DIM
 
 log = logging.getLogger(__name__)
 

@@ -24,8 +24,8 @@ import torch.nn.functional as F
 
 from pipeline.atomic import atomic_path
 from pipeline.params import DemoTeacherParams, TeacherModelParams, as_dict
-from pipeline.space import EMBED_DIM
 from student_clap.files import sha256_file
+from student_clap.spec import EMBED_DIM
 
 log = logging.getLogger(__name__)
 
