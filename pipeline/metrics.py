@@ -1,15 +1,7 @@
 """Quality metrics of a student against its teacher (numpy only: training, export parity checks and evaluation share them).
 
-Everything here compares embeddings row by row or rankings query by query:
-
-- `cosine_rows` / `centred_cosine_rows`: per-row cosine, raw and centred on the teacher mean.
-  A random teacher maps every input to nearly the same direction, so the raw cosine of a student
-  that just outputs that mean direction is already ~1.0; the centred cosine of such a student is
-  exactly 0, which is why every quality figure is reported both ways.
-- `mean_embedding` / `mean_baseline_rows`: the constant "predict the mean" baseline.
-- `ranking_agreement` / `retrieval_agreement`: do the student's text-to-music rankings agree with
-  the teacher's (top-k overlap, Spearman, recall@k)?
-- `zero_shot_predictions` / `zero_shot_accuracy`: tag classification by nearest prompt embedding.
+Embeddings are compared row by row, raw and centred on the teacher mean (a student that outputs the
+mean direction scores ~1.0 raw but exactly 0 centred: docs/evaluation.md), and rankings query by query.
 """
 
 from __future__ import annotations

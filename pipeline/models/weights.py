@@ -43,11 +43,6 @@ def asset_name(name: str) -> str:
     return RELEASE_ASSETS[name]
 
 
-def default_path(name: str, out_dir: str | Path = "models/pretrained") -> Path:
-    """Where `weights fetch` puts `name` (what distill_audio.pretrained should point at)."""
-    return Path(out_dir) / asset_name(name)
-
-
 def check_release_file(path: Path, name: str) -> None:
     """Refuse a file that is not an EfficientAT `name` state dict (never unpickles objects)."""
     import torch
@@ -73,11 +68,6 @@ def check_release_file(path: Path, name: str) -> None:
         )
 
 
-def _recorded_sha(path: Path) -> str | None:
-    side = path.with_name(path.name + ".sha256")
-    return side.read_text().split()[0] if side.is_file() else None
-
-
 def _record_sha(path: Path, digest: str) -> None:
     path.with_name(path.name + ".sha256").write_text(f"{digest}  {path.name}\n")
 
@@ -97,9 +87,10 @@ def fetch_weights(
     `source`: None (the GitHub release), a base URL (``…/`` + asset name) or a local file.
     `sha256`: expected digest; when None, a digest recorded by an earlier fetch is enforced.
     """
-    dest = default_path(name, out_dir)
+    dest = Path(out_dir) / asset_name(name)  # what distill_audio.pretrained should point at
     dest.parent.mkdir(parents=True, exist_ok=True)
-    expected = sha256 or _recorded_sha(dest)
+    side = dest.with_name(dest.name + ".sha256")
+    expected = sha256 or (side.read_text().split()[0] if side.is_file() else None)
     if dest.is_file():
         digest = sha256_file(dest)
         if expected is None or digest == expected:

@@ -16,7 +16,7 @@ import logging
 import math
 import resource
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from pipeline.data.demo_audio import INSTRUMENTS, MODES, TEMPI, Music, caption, fits, render
-from pipeline.params import DemoTeacherParams, DemoTrainParams, Params, TeacherFrontendParams, as_dict
+from pipeline.params import DemoTeacherParams, DemoTrainParams, Params, TeacherFrontendParams
 
 log = logging.getLogger(__name__)
 
@@ -324,7 +324,7 @@ def train_demo_teacher(d: DemoTeacherParams, t: DemoTrainParams, frontend: Teach
         "cpu_seconds_clips": round(mel_cpu, 1),
         "wall_seconds": round(time.time() - start_wall, 1),
     }
-    provenance = {"kind": "demo", "trained": True, "params": as_dict(d), "report": report}
+    provenance = {"kind": "demo", "trained": True, "params": asdict(d), "report": report}
     tokenizer.no_padding()
     tokenizer.no_truncation()
     write_teacher_dir(model, tokenizer, Path(out_dir), provenance)

@@ -82,17 +82,13 @@ def manual_instructions(p: TeacherModelParams) -> str:
     return "\n".join(lines)
 
 
-def _hub_offline() -> bool:
-    # read at call time: huggingface_hub reads it once at import, which may predate the caller's setting
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
-
-
 def _from_hub(f: PlannedFile) -> Path:
     """The file in the Hugging Face cache (downloaded there when missing). Raises FetchError."""
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
-    offline = _hub_offline()
+    # read at call time: huggingface_hub reads it once at import, which may predate the caller's setting
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
     try:
         cached = hf_hub_download(
             f.repo_id, f.filename, revision=f.revision,
@@ -118,12 +114,6 @@ def _from_url(f: PlannedFile, d: DownloadParams, progress: bool) -> Path:
     except DownloadError as exc:
         raise FetchError(str(exc)) from exc
     return f.dest
-
-
-def _place(src: Path, dest: Path) -> None:
-    """Copy `src` onto `dest` atomically (a reader never sees half a file)."""
-    with atomic_path(dest) as tmp:
-        shutil.copyfile(src, tmp)
 
 
 def _judge(f: PlannedFile, path: Path, trust: bool, digest: str | None = None) -> dict:
@@ -175,17 +165,15 @@ def fetch_file(f: PlannedFile, d: DownloadParams, *, trust: bool = False, progre
         raise FetchError(f"{f.dest} from {f.source}: no sha256 pinned ({f.pin_param} is empty); refused. Pin it, "
                          "or pass --trust (teacher.model.trust_unverified: true) to accept the file unverified")
     if f.url:
-        if f.sha256 and not trust:
-            _from_url(f, d, progress)  # the downloader checks the digest and removes a bad file
-            return _judge(f, f.dest, trust)
-        # trusted: fetch without the pin, then judge (and record) what arrived
-        tmp = PlannedFile(f.dest, "", f.pin_param, url=f.url)
-        _from_url(tmp, d, progress)
+        # pinned: the downloader checks the digest and removes a bad file; trusted: fetch without the
+        # pin, then judge (and record) what arrived
+        _from_url(f if f.sha256 and not trust else PlannedFile(f.dest, "", f.pin_param, url=f.url), d, progress)
         return _judge(f, f.dest, trust)
     log.info("fetching %s -> %s", f.source, f.dest)
     cached = _from_hub(f)
     entry = _judge(f, cached, trust)  # before placing: a refused file never reaches dest
-    _place(cached, f.dest)
+    with atomic_path(f.dest) as tmp:  # a reader never sees half a file
+        shutil.copyfile(cached, tmp)
     entry["path"] = str(f.dest)
     return entry
 

@@ -16,14 +16,14 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from pipeline.atomic import atomic_path
-from pipeline.params import DemoTeacherParams, TeacherModelParams, as_dict
+from pipeline.params import DemoTeacherParams, TeacherModelParams
 from student_clap.files import sha256_file
 from student_clap.spec import EMBED_DIM
 
@@ -237,7 +237,7 @@ def build_demo_teacher(p: TeacherModelParams, out_dir: Path) -> Path:
     model = demo_clap_model(d, tokenizer.get_vocab_size()).eval()
     n_params = sum(t.numel() for t in model.parameters())
     log.info("demo teacher: seeded random ClapModel, %.2fM parameters, vocab %d", n_params / 1e6, tokenizer.get_vocab_size())
-    provenance = {"kind": "demo_random", "params": as_dict(d)}
+    provenance = {"kind": "demo_random", "params": asdict(d)}
     return write_teacher_dir(model, tokenizer, Path(out_dir), provenance)
 
 
