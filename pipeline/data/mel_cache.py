@@ -565,15 +565,11 @@ def completed_tracks(sources: Iterable[Path], params: dict) -> dict[str, tuple[s
     return done
 
 
-def _same_filters(a: h5py.Dataset, b: h5py.Dataset) -> bool:
-    return (a.chunks == b.chunks and a.dtype == b.dtype and a.compression == b.compression
-            and a.compression_opts == b.compression_opts and a.shuffle == b.shuffle)
-
-
 def _copy_frames(a: h5py.Dataset, b: h5py.Dataset, first: int, count: int, pos: int, chunk: int) -> int:
     """Copy frames first .. first + count of dataset a to frame position pos of b (chunk aligned);
     returns the frame count written to b. Compressed chunks are copied verbatim when the filters agree."""
-    if _same_filters(a, b):
+    if (a.chunks == b.chunks and a.dtype == b.dtype and a.compression == b.compression
+            and a.compression_opts == b.compression_opts and a.shuffle == b.shuffle):
         for k in range(0, count, chunk):
             mask, data = a.id.read_direct_chunk((0, first + k))
             b.id.write_direct_chunk((0, pos + k), data, mask)

@@ -142,28 +142,3 @@ def main(args: argparse.Namespace) -> int:
         return 1
     print(path)
     return 0
-
-
-def fetch_stage(model: str, pretrained: str, out_dir: str | Path = "models/pretrained") -> None:
-    """The fetch_weights stage: make distill_audio.pretrained present in `out_dir` (DVC-tracked).
-
-    Empty `pretrained` (random init, as in the demo) fetches nothing. The release asset of `model`
-    is fetched when missing; any other file must have been placed there by hand. `fetch.json`
-    records the file and its sha256, so dvc.lock holds the weights' provenance."""
-    import json
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    record: dict = {"model": model, "pretrained": None}
-    if pretrained:
-        path = Path(pretrained)
-        if path.resolve().parent != out_dir.resolve():
-            raise WeightsError(f"distill_audio.pretrained: {pretrained} must sit in {out_dir}/, the folder the "
-                               "fetch_weights stage tracks")
-        if RELEASE_ASSETS.get(model) == path.name:
-            fetch_weights(model, out_dir)
-        elif not path.is_file():
-            raise WeightsError(f"distill_audio.pretrained: {pretrained} not found and it is not the released "
-                               f"checkpoint of {model} ({RELEASE_ASSETS.get(model, 'none')}); place it there by hand")
-        record.update(pretrained=str(path), sha256=sha256_file(path), size=path.stat().st_size)
-    (out_dir / "fetch.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n", encoding="utf-8")

@@ -74,10 +74,8 @@ def plan_clips(n: int, seed: int, codec_share: float, instruments: tuple[str, ..
 def _lossy_round_trip(wave: np.ndarray, sr: int, codec: str) -> np.ndarray:
     """Encode at the lowest bitrate and decode again, as the low-bitrate demo files are."""
     buf = io.BytesIO()
-    if codec == "mp3":
-        sf.write(buf, wave, sr, format="MP3", subtype="MPEG_LAYER_III", compression_level=0.99)
-    else:
-        sf.write(buf, wave, sr, format="OGG", subtype="VORBIS", compression_level=0.99)
+    fmt, subtype = ("MP3", "MPEG_LAYER_III") if codec == "mp3" else ("OGG", "VORBIS")
+    sf.write(buf, wave, sr, format=fmt, subtype=subtype, compression_level=0.99)
     buf.seek(0)
     out, _ = sf.read(buf, dtype="float32", always_2d=True)
     return out.mean(axis=1)

@@ -234,26 +234,3 @@ def main(args: argparse.Namespace) -> int:
         p.checkpoint, p.tokenizer_dir, record_path(p),
     )
     return 0
-
-
-def fetch_stage(p: TeacherModelParams, d: DownloadParams, out_dir: str | Path) -> None:
-    """The fetch_teacher stage: `out_dir` (DVC-tracked) ends up holding the teacher's inputs and fetch.json.
-
-    With teacher.model.source 'demo' nothing is fetched (the demo teacher is built from params)
-    and fetch.json says so; the stage then needs no network. Raises FetchError or TeacherError."""
-    out_dir = Path(out_dir)
-    if p.source == "demo":
-        log.info("teacher.model.source is 'demo': nothing to fetch")
-        write_record(out_dir / RECORD_NAME, [], "demo")
-        return
-    root = out_dir.resolve()
-    for name, value in (("teacher.model.checkpoint", p.checkpoint), ("teacher.model.tokenizer_dir", p.tokenizer_dir)):
-        if not Path(value).resolve().is_relative_to(root):
-            raise FetchError(f"{name}: {value} is outside {out_dir}/, the folder the fetch_teacher stage tracks; "
-                             f"keep the fetched files under it")
-    if Path(p.checkpoint).parent.resolve() != root:
-        raise FetchError(f"teacher.model.checkpoint: {p.checkpoint} must sit directly in {out_dir}/ (fetch.json goes beside it)")
-    from pipeline.teacher.convert import load_roberta_tokenizer
-
-    fetch(p, d, trust=p.trust_unverified)
-    load_roberta_tokenizer(p.tokenizer_dir)  # refuses truncated or empty vocabulary files
