@@ -2,7 +2,7 @@
 
 Reads params `audio`, `frontend`, `mels` and `cluster` only. Unchanged tracks are reused from
 published parts or the previous cache; the rest are computed serially, by a pool of worker processes
-(`run_jobs`) or by Ray tasks (pipeline/data/mel_ray.py), the cache byte-identical either way. One
+(`run_parallel`) or by Ray tasks (pipeline/data/mel_ray.py), the cache byte-identical either way. One
 track: pipeline/data/mel_extraction.py. What the stage refuses and reports: docs/mel-cache.md.
 """
 
@@ -66,13 +66,6 @@ def hms(seconds: float) -> str:
     m, s = divmod(int(seconds), 60)
     h, m = divmod(m, 60)
     return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
-
-
-def run_jobs(cfg: dict, jobs: list[TrackJob], workers: int, progress: TrackProgress) -> list[TrackResult]:
-    """Every job's result, in job order: in this process for one worker or one job, else in a pool."""
-    if workers <= 1 or len(jobs) <= 1:
-        return run_serial(cfg, jobs, progress)
-    return run_parallel(cfg, jobs, workers, progress)
 
 
 def run_serial(cfg: dict, jobs: list[TrackJob], progress: TrackProgress) -> list[TrackResult]:
@@ -216,7 +209,10 @@ def _compute(cfg: dict, todo: list[TrackJob], workers: int, ray_address: str = "
             from pipeline.data.mel_ray import run_jobs_on_ray
 
             return run_jobs_on_ray(cfg, todo, ray_address, tracks_per_task, progress)
-        return run_jobs(cfg, todo, workers, progress)
+        # every job's result, in job order: in this process for one worker or one job, else in a pool
+        if workers <= 1 or len(todo) <= 1:
+            return run_serial(cfg, todo, progress)
+        return run_parallel(cfg, todo, workers, progress)
     finally:
         progress.close()
         seconds = time.monotonic() - t0
