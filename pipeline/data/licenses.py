@@ -37,7 +37,6 @@ _URL_FAMILIES = {
     "by-nc-nd": "by-nc-nd",
     "by-nd-nc": "by-nc-nd",
 }
-FAMILIES = ("public-domain", "cc0", "by", "by-sa", "by-nc", "by-nc-sa", "by-nd", "by-nc-nd", "unknown")
 
 _FAMILY_NAMES = {
     "by": "Attribution",
@@ -148,7 +147,7 @@ def normalize_license(value: str | None) -> str:
 
 
 def family(license_id: str) -> str:
-    """Policy family of a normalised id: one of FAMILIES."""
+    """Policy family of a normalised id: public-domain, cc0, by, by-sa, by-nc, by-nc-sa, by-nd, by-nc-nd or unknown."""
     if license_id == PUBLIC_DOMAIN:
         return "public-domain"
     if license_id == CC0:

@@ -279,17 +279,3 @@ def mixup_targets(raw_rows: torch.Tensor, plan: Plan) -> torch.Tensor:
         lam = plan.lam[rows][:, None].to(raw_rows.dtype)
         out[rows] = lam * raw_rows[rows] + (1 - lam) * raw_rows[plan.partner[rows]]
     return out
-
-
-__all__ = [
-    "Augmenter",
-    "Plan",
-    "frontend_centres",
-    "kaldi_mel_centres",
-    "mixup_targets",
-    "slaney_mel_centres",
-    "student_colour",
-    "student_gain",
-    "time_shift",
-    "teacher_gain",
-]
