@@ -50,13 +50,6 @@ def _used_bins(banks: np.ndarray) -> int:
     return int(nonzero[-1]) + 1 if len(nonzero) else 1
 
 
-def _block_size(n_fft: int, hop: int) -> int:
-    """The largest divisor P of both n_fft and hop with P² <= n_fft (0 if below 8: not worth factorising)."""
-    g = math.gcd(n_fft, hop)
-    best = max(d for d in range(1, g + 1) if g % d == 0 and d * d <= n_fft)
-    return best if best >= 8 else 0
-
-
 class _PowerSTFT(nn.Module):
     """|STFT|² with centre reflect padding: [B, N] -> [B, n_bins, 1 + N // hop].
 
@@ -84,7 +77,10 @@ class _PowerSTFT(nn.Module):
         left = (n_fft - len(window)) // 2  # a short window zero-padded to n_fft, centred (torch.stft's convention)
         full = np.pad(window.astype(np.float64), (left, n_fft - len(window) - left))
         self.use_conv = False  # force the export path in eager mode (tests)
-        self.block = _block_size(n_fft, hop)
+        # the largest divisor P of both n_fft and hop with P² <= n_fft (0 if below 8: not worth factorising)
+        g = math.gcd(n_fft, hop)
+        block = max(d for d in range(1, g + 1) if g % d == 0 and d * d <= n_fft)
+        self.block = block if block >= 8 else 0
         if self.block:
             self._init_factorised(full)
         else:

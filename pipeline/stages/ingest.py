@@ -418,19 +418,6 @@ def write_outputs(rows: list[dict], outcomes: list[Outcome], report: dict, p: In
     write_json(REPORT, metric_view(report))
 
 
-def _log_exclusions(outcomes: list[Outcome]) -> None:
-    """The first 20 exclusions of each reason (duplicates aside); the audit has them all."""
-    shown: Counter = Counter()
-    for o in outcomes:
-        if o.status == "excluded" and o.reason != DUPLICATE:
-            shown[o.reason] += 1
-            level = logging.INFO if shown[o.reason] <= 20 else logging.DEBUG  # the audit has them all
-            log.log(level, "excluded %s (%s:%d): %s", o.track_id or "-", o.file, o.line, o.detail or o.reason)
-    for reason, n in shown.items():
-        if n > 20:
-            log.info("… and %d more '%s' entries in %s", n - 20, reason, AUDIT)
-
-
 def run(params: Params, args: argparse.Namespace) -> int:
     p = params.ingest
     # a list or metadata file no dep covers could change without `dvc status` noticing
@@ -449,7 +436,15 @@ def run(params: Params, args: argparse.Namespace) -> int:
     for name, b in report["sources"].items():
         ex = ", ".join(f"{k}: {v}" for k, v in b["excluded"].items() if v) or "-"
         log.info("%-10s %8d %8d %6d %6d  %s", name, b["entries"], b["included"], b["train"], b["val"], ex)
-    _log_exclusions(outcomes)
+    shown: Counter = Counter()  # the first 20 exclusions of each reason, duplicates aside; the audit has them all
+    for o in outcomes:
+        if o.status == "excluded" and o.reason != DUPLICATE:
+            shown[o.reason] += 1
+            level = logging.INFO if shown[o.reason] <= 20 else logging.DEBUG
+            log.log(level, "excluded %s (%s:%d): %s", o.track_id or "-", o.file, o.line, o.detail or o.reason)
+    for reason, n in shown.items():
+        if n > 20:
+            log.info("… and %d more '%s' entries in %s", n - 20, reason, AUDIT)
     if not rows:
         log.error("no track passed the licence policy with its audio present; see %s", AUDIT)
         return 1

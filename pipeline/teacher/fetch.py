@@ -185,22 +185,17 @@ def write_record(path: Path, entries: list[dict], source: str) -> None:
     write_json(path, body, sort_keys=True)
 
 
-def _previous_entries(path: Path) -> dict[str, dict]:
-    """path -> entry of the fetch.json an earlier run wrote (empty when there is none or it is unreadable)."""
-    try:
-        files = json.loads(path.read_text(encoding="utf-8")).get("files") or []
-        return {str(e["path"]): e for e in files if isinstance(e, dict) and "path" in e}
-    except (OSError, ValueError, AttributeError, KeyError, TypeError):
-        return {}
-
-
 def fetch(p: TeacherModelParams, d: DownloadParams, *, trust: bool = False,
           progress: bool = True) -> list[dict]:
     """Fetch and verify every file; writes fetch.json and returns its entries.
 
     Every file is tried; a FetchError listing each failed file is raised at the end."""
     entries, errors = [], []
-    previous = _previous_entries(record_path(p))
+    try:  # path -> entry of the fetch.json an earlier run wrote (none when it is missing or unreadable)
+        files = json.loads(record_path(p).read_text(encoding="utf-8")).get("files") or []
+        previous = {str(e["path"]): e for e in files if isinstance(e, dict) and "path" in e}
+    except (OSError, ValueError, AttributeError, KeyError, TypeError):
+        previous = {}
     for f in planned_files(p):
         try:
             entries.append(fetch_file(f, d, trust=trust, progress=progress, before=previous.get(str(f.dest))))
