@@ -22,12 +22,13 @@ log = logging.getLogger(__name__)
 def run(params: Params, args: argparse.Namespace) -> int | None:
     p = params.teacher.model
     out_dir = Path(p.dir)
+    if p.source == "demo_random":
+        log.info("building the seeded random demo teacher into %s", out_dir)
+        build_demo_teacher(p, out_dir)
+        return 0
     try:
         if p.source == "demo":
             install_demo_teacher(p, out_dir)
-        elif p.source == "demo_random":
-            log.info("building the seeded random demo teacher into %s", out_dir)
-            build_demo_teacher(p, out_dir)
         else:
             from pipeline.teacher.convert import convert_checkpoint, tokenizer_files_present
 
