@@ -42,17 +42,6 @@ def _digest(values: Sequence[object] | np.ndarray) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def mel_identity(mels) -> dict:
-    """What makes two mel caches interchangeable for the teacher: attrs, track order, segment map."""
-    attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in dict(mels.attrs).items()}
-    return {
-        "n_segments": int(mels.n_segments),
-        "track_ids_sha256": _digest(list(mels.track_ids)),
-        "segment_track_sha256": _digest(np.asarray(mels.segment_track, dtype=np.int64)),
-        "attrs": json.loads(json.dumps(attrs, sort_keys=True, default=str)),
-    }
-
-
 def _embed_here(teacher: Teacher, mels, batches: list[tuple[int, int]], write) -> None:
     """The batches on this process's teacher; the next batch is read from HDF5 while the teacher runs."""
     with ThreadPoolExecutor(max_workers=1) as pool:
@@ -132,11 +121,18 @@ def build_embeddings(
 ) -> Path:
     """The stage's work on an open mel cache; returns the finished file (or the shard file)."""
     out = Path(out)
+    attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in dict(mels.attrs).items()}
     identity = {
         "format_version": 1,
         "teacher_sha256": teacher.sha256,
         "frontend_hash": str(mels.attrs.get("teacher_frontend_hash", "")),  # recorded by the mels stage
-        "mels": mel_identity(mels),
+        # what makes two mel caches interchangeable for the teacher: attrs, track order, segment map
+        "mels": {
+            "n_segments": int(mels.n_segments),
+            "track_ids_sha256": _digest(list(mels.track_ids)),
+            "segment_track_sha256": _digest(np.asarray(mels.segment_track, dtype=np.int64)),
+            "attrs": json.loads(json.dumps(attrs, sort_keys=True, default=str)),
+        },
         "dtype": str(teacher.dtype).removeprefix("torch."),
     }
     extra = {"teacher_provenance": teacher.provenance, "params": params}
