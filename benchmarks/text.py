@@ -48,12 +48,14 @@ def _time(fn: Callable[[], object], repeats: int, warmup: int = 3) -> float:
 
 
 def student_model(args: argparse.Namespace):
+    from dataclasses import asdict
+
     from pipeline.models.text_student import build_text_student, load_text_student
-    from pipeline.params import as_dict, load_params
+    from pipeline.params import load_params
 
     if args.student:
         return load_text_student(args.student)
-    return build_text_student(as_dict(load_params(ROOT / "params.yaml").distill_text.model)).eval()
+    return build_text_student(asdict(load_params(ROOT / "params.yaml").distill_text.model)).eval()
 
 
 def student_inputs(model, args: argparse.Namespace) -> dict[str, np.ndarray]:

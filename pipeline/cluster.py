@@ -27,8 +27,10 @@ class ClusterError(RuntimeError):
     """Ray is wanted but missing, or the cluster cannot run the work (the message says what to do)."""
 
 
-def ray_module() -> Any:
-    """The ray module, or ClusterError saying how to install it."""
+@contextmanager
+def connect(address: str) -> Iterator[Any]:
+    """Connect this process to the Ray cluster at `address` ("auto": RAY_ADDRESS, else the local
+    cluster, else a new local one) and disconnect at the end; an existing connection is reused."""
     try:
         import ray
     except ImportError:
@@ -36,14 +38,6 @@ def ray_module() -> Any:
             "cluster.ray_address is set but Ray is not installed: pip install 'student-clap[ray]' "
             "(or set cluster.ray_address to \"\" to run here)"
         ) from None
-    return ray
-
-
-@contextmanager
-def connect(address: str) -> Iterator[Any]:
-    """Connect this process to the Ray cluster at `address` ("auto": RAY_ADDRESS, else the local
-    cluster, else a new local one) and disconnect at the end; an existing connection is reused."""
-    ray = ray_module()
     if ray.is_initialized():
         yield ray
         return
@@ -82,10 +76,6 @@ def windowed(ray: Any, items: deque[T], submit: Callable[[T], Any], window: int)
             inflight[submit(item)] = item
         ready, _ = ray.wait(list(inflight), num_returns=1)
         yield inflight.pop(ready[0]), ready[0]
-
-
-def total_cpus(ray: Any) -> int:
-    return int(ray.cluster_resources().get("CPU", 0))
 
 
 def chunks(seq: list[T], size: int) -> Iterable[list[T]]:

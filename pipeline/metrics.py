@@ -1,15 +1,7 @@
 """Quality metrics of a student against its teacher (numpy only: training, export parity checks and evaluation share them).
 
-Everything here compares embeddings row by row or rankings query by query:
-
-- `cosine_rows` / `centred_cosine_rows`: per-row cosine, raw and centred on the teacher mean.
-  A random teacher maps every input to nearly the same direction, so the raw cosine of a student
-  that just outputs that mean direction is already ~1.0; the centred cosine of such a student is
-  exactly 0, which is why every quality figure is reported both ways.
-- `mean_embedding` / `mean_baseline_rows`: the constant "predict the mean" baseline.
-- `ranking_agreement` / `retrieval_agreement`: do the student's text-to-music rankings agree with
-  the teacher's (top-k overlap, Spearman, recall@k)?
-- `zero_shot_predictions` / `zero_shot_accuracy`: tag classification by nearest prompt embedding.
+Embeddings are compared row by row, raw and centred on the teacher mean (a student that outputs the
+mean direction scores ~1.0 raw but exactly 0 centred: docs/evaluation.md), and rankings query by query.
 """
 
 from __future__ import annotations
@@ -133,12 +125,6 @@ def spearman_rows(ref: np.ndarray, test: np.ndarray) -> np.ndarray:
     return np.where(denom > 0, (r * t).sum(-1) / np.maximum(denom, _EPS), 0.0)
 
 
-def _top_k(scores: np.ndarray, k: int) -> np.ndarray:
-    """Indices of the k highest scores per row, best first (stable on ties)."""
-    order = np.argsort(-scores, axis=-1, kind="mergesort")
-    return order[:, :k]
-
-
 def ranking_agreement(ref_scores: np.ndarray, test_scores: np.ndarray, k: int = 10) -> dict[str, float]:
     """How well the test ranking of items per query agrees with the reference ranking.
 
@@ -160,7 +146,8 @@ def ranking_agreement(ref_scores: np.ndarray, test_scores: np.ndarray, k: int = 
         raise ValueError("ranking_agreement: need at least one query and one item")
     # with k >= the number of items every top-k is the whole set and overlap is trivially 1
     k_eff = max(1, min(int(k), n_items // 2))
-    ref_top, test_top = _top_k(ref, k_eff), _top_k(test, k_eff)
+    # indices of the k highest scores per row, best first (stable on ties)
+    ref_top, test_top = (np.argsort(-s, axis=-1, kind="mergesort")[:, :k_eff] for s in (ref, test))
     overlap = np.array([len(np.intersect1d(a, b)) / k_eff for a, b in zip(ref_top, test_top)])
     hit = np.array([a[0] in set(b.tolist()) for a, b in zip(ref_top, test_top)], dtype=np.float64)
     return {
@@ -212,19 +199,13 @@ def retrieval_agreement(
 # --------------------------------------------------------------------------- zero-shot tags
 
 
-def zero_shot_predictions(audio: np.ndarray, prompts: np.ndarray) -> np.ndarray:
-    """Index of the most similar prompt embedding for every audio embedding -> [n] int."""
-    a = l2_normalize(_as_2d(audio, "audio"))
-    p = l2_normalize(_as_2d(prompts, "prompts"))
-    return np.argmax(a @ p.T, axis=1)
-
-
 def zero_shot_accuracy(
     audio: np.ndarray, prompts: np.ndarray, labels: Sequence[Iterable[int]]
 ) -> tuple[float, np.ndarray]:
     """Accuracy of nearest-prompt tagging; an item counts as right when its predicted tag is
-    one of its (possibly several) true tags. Returns (accuracy, predictions)."""
-    pred = zero_shot_predictions(audio, prompts)
+    one of its (possibly several) true tags. Returns (accuracy, predictions: the index of the most
+    similar prompt embedding for every audio embedding)."""
+    pred = np.argmax(l2_normalize(_as_2d(audio, "audio")) @ l2_normalize(_as_2d(prompts, "prompts")).T, axis=1)
     if len(labels) != pred.shape[0]:
         raise ValueError(f"zero_shot_accuracy: {len(labels)} label sets for {pred.shape[0]} items")
     if pred.shape[0] == 0:

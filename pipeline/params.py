@@ -488,22 +488,16 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
 def _build(cls: type, data: dict, where: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
+    prefix = f"{where}." if where else ""
     unknown = sorted(set(data) - set(names))
     if unknown:
-        prefix = f"{where}." if where else ""
-        raise ParamsError(
-            f"unknown key(s) {', '.join(prefix + k for k in unknown)}; "
-            f"known keys here: {', '.join(sorted(names))}"
-        )
+        raise ParamsError(f"unknown key(s) {', '.join(prefix + k for k in unknown)}; "
+                          f"known keys here: {', '.join(sorted(names))}")
     required = [name for name in names if name not in data]
     if required:
-        prefix = f"{where}." if where else ""
         raise ParamsError(f"missing key(s) {', '.join(prefix + k for k in required)}: params.yaml sets every "
                          "key (there are no defaults in code; copy it from the project's params.yaml)")
-    kwargs = {}
-    for key, value in data.items():
-        kwargs[key] = _convert(hints[key], value, f"{where}.{key}" if where else key)
-    return cls(**kwargs)
+    return cls(**{key: _convert(hints[key], value, prefix + key) for key, value in data.items()})
 
 
 def section_from_dict(cls: type, data: dict, where: str) -> Any:
@@ -522,11 +516,7 @@ def params_from_dict(data: dict | None) -> Params:
     Types, then ranges (each numeric field's `Annotated` Range) and RELATIONS: every problem is reported with
     its dotted name, e.g. `distill_audio.epochs: must be >= 1, got -1`.
     """
-    params = _build(Params, data or {}, "")
-    problems = check_ranges(params)
-    if problems:
-        raise ParamsError("\n".join(problems))
-    return params
+    return section_from_dict(Params, data or {}, "")
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:
@@ -544,11 +534,6 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         return params_from_dict(data)
     except ParamsError as exc:
         raise ParamsError(f"{path}: {exc}") from None
-
-
-def as_dict(obj: Any) -> dict:
-    """Plain-dict copy of a params section, for provenance attributes and checkpoints."""
-    return dataclasses.asdict(obj)
 
 
 # --------------------------------------------------------------------------- declared-params guard
@@ -617,10 +602,9 @@ def declared_params(dvc_yaml: str | Path, stage: str) -> list[str] | None:
 RELATIONS: list[tuple[type, str, typing.Callable[[Any], bool], typing.Callable[[Any], str]]] = [
     (AudioParams, "hop_seconds", lambda a: a.hop_seconds <= a.segment_seconds,
      lambda a: f"must be <= segment_seconds ({a.segment_seconds:g}), got {a.hop_seconds:g}"),
-    (TeacherFrontendParams, "f_max", lambda f: f.f_min < f.f_max <= f.sample_rate / 2,
-     lambda f: f"must be above f_min ({f.f_min:g}) and at most sample_rate / 2 ({f.sample_rate / 2:g}), got {f.f_max:g}"),
-    (StudentFrontendParams, "f_max", lambda f: f.f_min < f.f_max <= f.sample_rate / 2,
-     lambda f: f"must be above f_min ({f.f_min:g}) and at most sample_rate / 2 ({f.sample_rate / 2:g}), got {f.f_max:g}"),
+    *[(cls, "f_max", lambda f: f.f_min < f.f_max <= f.sample_rate / 2,
+       lambda f: f"must be above f_min ({f.f_min:g}) and at most sample_rate / 2 ({f.sample_rate / 2:g}), got {f.f_max:g}")
+      for cls in (TeacherFrontendParams, StudentFrontendParams)],
     (StudentFrontendParams, "win_length", lambda f: f.win_length <= f.n_fft,
      lambda f: f"must be <= n_fft ({f.n_fft}), got {f.win_length}"),
     # int16 codes: CLAP dB values lie in [-100, ~50], EfficientAT units in [-1.4, ~4]; finer steps overflow

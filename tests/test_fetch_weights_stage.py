@@ -1,4 +1,4 @@
-"""The fetch_weights stage's library call: EfficientAT weights into the DVC-tracked folder, when used."""
+"""The fetch_weights stage: EfficientAT weights into the DVC-tracked folder, when used."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.models.weights import RELEASE_ASSETS, WeightsError, fetch_stage
+from pipeline.models.weights import RELEASE_ASSETS, WeightsError
+from pipeline.stages.fetch_weights import fetch_stage
 
 
 def test_no_pretrained_weights_fetches_nothing(tmp_path: Path) -> None:

@@ -14,13 +14,11 @@ from urllib.parse import unquote
 
 import pytest
 
-from pipeline.data.audio_resolution import download_url
-from pipeline.stages.ingest import ingest
+from pipeline.stages.ingest import artist_group, download_url, ingest, split_of
 from pipeline.data.licenses import normalize_license
 from pipeline.data.manifest import read_manifest
 from pipeline.data.sources import SOURCES, fma, jamendo, wikimedia
 from pipeline.data.sources.base import Entry
-from pipeline.data.split import artist_group, split_of
 from pipeline.params import IngestParams, SourceParams, load_params
 from pipeline.stages import ingest as stage
 from repo_params import repo_params, section

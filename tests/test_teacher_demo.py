@@ -65,7 +65,7 @@ def test_song_lists_carry_the_synthesised_attributes() -> None:
 
 
 def test_every_lead_instrument_has_four_songs_and_one_in_validation() -> None:
-    from pipeline.data.split import artist_group, split_of
+    from pipeline.stages.ingest import artist_group, split_of
 
     params = load_params(REPO / "params.yaml")
     counts: Counter = Counter()

@@ -245,7 +245,7 @@ def test_truncated_tokenizer_is_refused(
 
 
 def test_stage_fetches_nothing_for_the_demo_teacher(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from pipeline.teacher.fetch import fetch_stage
+    from pipeline.stages.fetch_teacher import fetch_stage
 
     p = repo_params().teacher.model  # source: demo
     fetch_stage(p, section("ingest.downloads"), tmp_path / "teacher_src")
@@ -254,7 +254,8 @@ def test_stage_fetches_nothing_for_the_demo_teacher(tmp_path: Path, monkeypatch:
 
 
 def test_stage_refuses_files_outside_the_tracked_folder(tmp_path: Path) -> None:
-    from pipeline.teacher.fetch import FetchError, fetch_stage
+    from pipeline.stages.fetch_teacher import fetch_stage
+    from pipeline.teacher.fetch import FetchError
 
     params = repo_params()
     p = params.teacher.model

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,6 @@ from pipeline.models.text_student import (
     load_text_student,
     save_text_student,
 )
-from pipeline.params import as_dict
 from repo_params import section
 
 SMALL = {"vocab_size": 300, "dim": 32, "layers": 2, "heads": 2, "ff_dim": 64, "max_length": 16, "dropout": 0.0}
@@ -31,7 +31,7 @@ def _batch(vocab: int, lengths: list[int], width: int, seed: int = 0) -> tuple[t
 
 
 def test_default_params_give_about_one_million_parameters() -> None:
-    model = build_text_student(as_dict(section("distill_text.model")))
+    model = build_text_student(asdict(section("distill_text.model")))
     n = model.count_parameters()
     assert 0.8e6 <= n <= 1.3e6, n
 

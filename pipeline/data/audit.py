@@ -21,7 +21,7 @@ import numpy as np
 
 from pipeline.data.licenses import decide
 from pipeline.data.manifest import ManifestError, read_manifest
-from pipeline.params import LicensePolicyParams, ParamsError, section_from_dict
+from pipeline.params import LicensePolicyParams, ParamsError, load_params, section_from_dict
 
 log = logging.getLogger(__name__)
 
@@ -87,10 +87,6 @@ class AuditReport:
         return "\n".join(lines)
 
 
-def _decode(values: np.ndarray) -> list[str]:
-    return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in values]
-
-
 def read_cache_ids(path: str | Path) -> tuple[list[str], np.ndarray | None]:
     """Track ids (and durations in seconds, when stored) of an HDF5 cache."""
     path = Path(path)
@@ -101,7 +97,7 @@ def read_cache_ids(path: str | Path) -> tuple[list[str], np.ndarray | None]:
             key = next((k for k in TRACK_ID_KEYS if k in f), None)
             if key is None:
                 raise AuditError(f"{path}: no track id dataset (looked for {', '.join(TRACK_ID_KEYS)})")
-            ids = _decode(f[key][()])
+            ids = [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in f[key][()]]
             dkey = next((k for k in DURATION_KEYS if k in f and f[k].shape == (len(ids),)), None)
             durations = np.asarray(f[dkey][()], dtype=float) if dkey else None
     except OSError as exc:
@@ -182,15 +178,9 @@ def _as_policy(policy: LicensePolicyParams | Mapping[str, bool]) -> LicensePolic
     return policy
 
 
-def _policy_from(params_path: str) -> LicensePolicyParams:
-    from pipeline.params import load_params
-
-    return load_params(params_path).ingest.policy
-
-
 def main(args: argparse.Namespace) -> int:
     try:
-        policy = _policy_from(getattr(args, "params", None) or "params.yaml")
+        policy = load_params(getattr(args, "params", None) or "params.yaml").ingest.policy
         report = run_audit(args.manifest, args.mels, args.teacher, policy)
     except (AuditError, ParamsError) as exc:
         log.error("%s", exc)

@@ -18,13 +18,10 @@ from pipeline.atomic import write_json
 NOTES_DIR = "decode-notes"
 
 
-def _note_file(parts_dir: Path, track_id: str) -> Path:
-    return parts_dir / NOTES_DIR / (hashlib.sha256(track_id.encode("utf-8", "surrogatepass")).hexdigest()[:32] + ".json")
-
-
 def save_track_notes(parts_dir: str | Path, track_id: str, audio_path: str, notes: list[str]) -> None:
     """Record a track's notes (or remove a stale record when it has none), atomically."""
-    path = _note_file(Path(parts_dir), track_id)
+    name = hashlib.sha256(track_id.encode("utf-8", "surrogatepass")).hexdigest()[:32] + ".json"
+    path = Path(parts_dir) / NOTES_DIR / name
     if not notes:
         path.unlink(missing_ok=True)
         return

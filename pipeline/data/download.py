@@ -98,12 +98,6 @@ def _chunks(resp: requests.Response) -> Iterator[bytes]:
         yield chunk
 
 
-def _check_scheme(url: str) -> None:
-    scheme = url.split(":", 1)[0].lower() if ":" in url else ""
-    if scheme not in ("http", "https"):
-        raise _Refused(f"only http(s) URLs are fetched, not {scheme or 'a URL without scheme'!r}")
-
-
 def _looks_like_html(resp: requests.Response, first: bytes) -> bool:
     ctype = resp.headers.get("Content-Type", "").split(";")[0].strip().lower()
     return ctype in ("text/html", "application/xhtml+xml") or first.lstrip()[:16].lower().startswith(_HTML_START)
@@ -235,10 +229,9 @@ def download(
 
     cap = max_bytes or expected_size or DEFAULT_MAX_BYTES
     part = part_path(dest)
-    try:
-        _check_scheme(url)
-    except _Refused as exc:
-        raise DownloadError(url, dest, exc.reason) from None
+    scheme = url.split(":", 1)[0].lower() if ":" in url else ""
+    if scheme not in ("http", "https"):
+        raise DownloadError(url, dest, f"only http(s) URLs are fetched, not {scheme or 'a URL without scheme'!r}")
     dest.parent.mkdir(parents=True, exist_ok=True)
     own_session = session is None
     session = session or requests.Session()

@@ -41,15 +41,6 @@ def frontend_hash(params_section: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-# --------------------------------------------------------------------------- filter banks
-
-
-def slaney_mel_filterbank(sample_rate: int, n_fft: int, n_mels: int, f_min: float, f_max: float) -> np.ndarray:
-    """[n_fft // 2 + 1, n_mels] Slaney-scale, Slaney-normalised triangles (what torchlibrosa uses)."""
-    fb = librosa.filters.mel(sr=sample_rate, n_fft=n_fft, n_mels=n_mels, fmin=f_min, fmax=f_max, htk=False, norm="slaney")
-    return fb.T.astype(np.float32)
-
-
 # --------------------------------------------------------------------------- STFT
 
 
@@ -57,19 +48,6 @@ def _used_bins(banks: np.ndarray) -> int:
     """1 + the highest FFT bin any [n_mels, n_bins] filter gives non-zero weight."""
     nonzero = np.flatnonzero(np.any(banks != 0, axis=0))
     return int(nonzero[-1]) + 1 if len(nonzero) else 1
-
-
-def _full_window(window: np.ndarray, n_fft: int) -> np.ndarray:
-    """Zero-pad a short window to n_fft, centred (torch.stft's convention)."""
-    left = (n_fft - len(window)) // 2
-    return np.pad(window, (left, n_fft - len(window) - left))
-
-
-def _block_size(n_fft: int, hop: int) -> int:
-    """The largest divisor P of both n_fft and hop with P² <= n_fft (0 if below 8: not worth factorising)."""
-    g = math.gcd(n_fft, hop)
-    best = max(d for d in range(1, g + 1) if g % d == 0 and d * d <= n_fft)
-    return best if best >= 8 else 0
 
 
 class _PowerSTFT(nn.Module):
@@ -96,9 +74,13 @@ class _PowerSTFT(nn.Module):
         self.n_fft, self.hop, self.win_length = n_fft, hop, len(window)
         self.n_bins = n_bins or n_fft // 2 + 1
         self.register_buffer("window", torch.from_numpy(window.astype(np.float32)), persistent=False)
-        full = _full_window(window.astype(np.float64), n_fft)
+        left = (n_fft - len(window)) // 2  # a short window zero-padded to n_fft, centred (torch.stft's convention)
+        full = np.pad(window.astype(np.float64), (left, n_fft - len(window) - left))
         self.use_conv = False  # force the export path in eager mode (tests)
-        self.block = _block_size(n_fft, hop)
+        # the largest divisor P of both n_fft and hop with P² <= n_fft (0 if below 8: not worth factorising)
+        g = math.gcd(n_fft, hop)
+        block = max(d for d in range(1, g + 1) if g % d == 0 and d * d <= n_fft)
+        self.block = block if block >= 8 else 0
         if self.block:
             self._init_factorised(full)
         else:
@@ -193,7 +175,9 @@ class TeacherMel(nn.Module):
         super().__init__()
         self.params = p
         window = np.hanning(p.n_fft + 1)[:-1]  # periodic Hann, as librosa's get_window('hann')
-        fb = slaney_mel_filterbank(p.sample_rate, p.n_fft, p.n_mels, p.f_min, p.f_max)
+        # [n_fft // 2 + 1, n_mels] Slaney-scale, Slaney-normalised triangles (what torchlibrosa uses)
+        fb = librosa.filters.mel(sr=p.sample_rate, n_fft=p.n_fft, n_mels=p.n_mels, fmin=p.f_min, fmax=p.f_max,
+                                 htk=False, norm="slaney").T.astype(np.float32)
         fb = fb[: _used_bins(fb.T)]
         self.stft = _PowerSTFT(p.n_fft, p.hop_length, window, n_bins=len(fb))
         self.register_buffer("mel_fb", torch.from_numpy(np.ascontiguousarray(fb)), persistent=False)
@@ -242,10 +226,6 @@ def set_export_stft(module: nn.Module, enabled: bool = True) -> None:
 # --------------------------------------------------------------------------- overlapping segments
 
 
-def _n_frames(module: nn.Module, n_samples: int) -> int:
-    return 1 + (n_samples - module.signal_offset) // module.stft.hop
-
-
 def _take(x: torch.Tensor, axis: int, start: int, stop: int) -> torch.Tensor:
     return x.narrow(axis, start, stop - start)
 
@@ -264,8 +244,8 @@ def segment_mels(module: nn.Module, wave: np.ndarray, starts: list[int], seg_len
         return torch.from_numpy(int16_to_float(x) if x.dtype == np.int16 else np.ascontiguousarray(x, np.float32))
 
     hop, half, ax = module.stft.hop, module.stft.n_fft // 2, module.time_axis
-    n_frames = _n_frames(module, seg_len)
     sig_len = seg_len - module.signal_offset
+    n_frames = 1 + sig_len // hop
     head_bad = -(-half // hop)  # frames 0 .. head_bad-1 see the left padding
     tail_bad = (sig_len - half) // hop + 1  # frames tail_bad .. n_frames-1 see the right padding
     head_len = (head_bad + 2) * hop + 2 * half  # long enough that frames < head_bad are exact

@@ -1,17 +1,9 @@
 """Licences: URL or free text -> SPDX id, the inclusion policy, and attribution rendering.
 
-Identifiers
------------
-- `CC0-1.0` for the CC0 dedication.
-- `public-domain` for everything else that puts a work in the public domain: the CC Public
-  Domain Mark (`publicdomain/mark/1.0`), the retired CC Public Domain Dedication and
-  Certification (`licenses/publicdomain/`), a bare `creativecommons.org/publicdomain/` link, and
-  plain text such as "Public domain" or Wikimedia's `PD-old`, `PD-US` templates.
-- `CC-<ELEMENTS>-<version>` (`CC-BY-4.0`, `CC-BY-SA-3.0`, `CC-BY-NC-ND-2.5`, ...) for the
-  unported Creative Commons licences. Jurisdiction ports use the SPDX id where the SPDX list has
-  one (`CC-BY-3.0-US`, `CC-BY-SA-3.0-DE`, ...) and `LicenseRef-CC-BY-2.0-FR` style ids
-  otherwise; a licence named without a version becomes `LicenseRef-CC-BY` (etc.).
-- `unknown` for anything else; it is excluded unless the policy allows unknown licences.
+Ids (docs/songs.md): `CC0-1.0`; `public-domain` (also the PD Mark, the retired CC PD dedication and
+Wikimedia's `PD-old`, `PD-US` templates); `CC-<ELEMENTS>-<version>`, a jurisdiction port by its SPDX id
+where the SPDX list has one, else `LicenseRef-CC-BY-2.0-FR` style (no version: `LicenseRef-CC-BY`);
+`unknown` for anything else, excluded unless the policy allows unknown licences.
 """
 
 from __future__ import annotations
@@ -45,7 +37,6 @@ _URL_FAMILIES = {
     "by-nc-nd": "by-nc-nd",
     "by-nd-nc": "by-nc-nd",
 }
-FAMILIES = ("public-domain", "cc0", "by", "by-sa", "by-nc", "by-nc-sa", "by-nd", "by-nc-nd", "unknown")
 
 _FAMILY_NAMES = {
     "by": "Attribution",
@@ -156,7 +147,7 @@ def normalize_license(value: str | None) -> str:
 
 
 def family(license_id: str) -> str:
-    """Policy family of a normalised id: one of FAMILIES."""
+    """Policy family of a normalised id: public-domain, cc0, by, by-sa, by-nc, by-nc-sa, by-nd, by-nc-nd or unknown."""
     if license_id == PUBLIC_DOMAIN:
         return "public-domain"
     if license_id == CC0:

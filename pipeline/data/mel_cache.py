@@ -11,6 +11,7 @@ Layout, formats and the measurements behind them: docs/mel-cache.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -153,9 +154,6 @@ class Compression:
 
     def describe(self) -> str:
         return f"{self.kind}{'-' + str(self.level) if self.kind == 'gzip' else ''}{'+shuffle' if self.shuffle and self.kind != 'none' else ''}"
-
-
-# --------------------------------------------------------------------------- writing
 
 
 # --------------------------------------------------------------------------- frame layout
@@ -367,10 +365,6 @@ class _TrackFrames:
         return first, count
 
 
-def _to_time_major(lay: FrameLayout, segs: np.ndarray) -> np.ndarray:
-    return segs if lay.time_axis == 0 else segs.transpose(0, 2, 1)
-
-
 class PartWriter:
     """One part file: segments are appended as they are computed, tracks committed when complete,
     and the file becomes visible (atomic rename) only in publish()."""
@@ -408,7 +402,7 @@ class PartWriter:
             if segs.shape[1:] != lay.segment_shape():
                 raise ValueError(f"{lay.name} segments have shape {segs.shape[1:]}, expected {lay.segment_shape()}")
             starts = [int(round(s * lay.rate)) for s in secs] if given is None else [int(s) for s in given]
-            tm = _to_time_major(lay, segs)
+            tm = segs if lay.time_axis == 0 else segs.transpose(0, 2, 1)  # time-major
             rows[lay.name] = np.array([self.frames[lay.name].place(s, tm[i]) for i, s in enumerate(starts)],
                                       dtype=np.int64)
             _append(f[f"{lay.name}/head"], np.ascontiguousarray(segs[lay.sel(0, lay.head)]))
@@ -471,16 +465,12 @@ class PartWriter:
 
 
 def _fsync_dir(path: Path) -> None:
-    try:
+    with contextlib.suppress(OSError):
         fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def parts_dir_for(cache: str | Path) -> Path:
@@ -490,11 +480,10 @@ def parts_dir_for(cache: str | Path) -> Path:
 
 def clean_temporaries(parts_dir: Path) -> int:
     """Delete parts a killed run left half-written; returns how many."""
-    n = 0
-    for tmp in Path(parts_dir).glob("*.tmp"):
+    stale = list(Path(parts_dir).glob("*.tmp"))
+    for tmp in stale:
         tmp.unlink(missing_ok=True)
-        n += 1
-    return n
+    return len(stale)
 
 
 # --------------------------------------------------------------------------- index, merging
@@ -509,9 +498,12 @@ class _Source:
     frames: dict[str, tuple[int, int]]  # front-end -> (first frame, frame count) of the track in that file
 
 
-def _source(path: Path, idx: dict[str, Any], row: int) -> _Source:
-    return _Source(path, row, int(idx["first_segment"][row]), int(idx["n_segments"][row]),
-                   {name: (int(idx[f"{name}_frames"][row][0]), int(idx[f"{name}_frames"][row][1])) for name in FRONT_ENDS})
+def _entry(path: Path, idx: dict[str, Any], row: int) -> tuple[_Source, TrackRecord]:
+    """Where row `row` of a read_index() lives, and its track record."""
+    frames = {name: (int(idx[f"{name}_frames"][row][0]), int(idx[f"{name}_frames"][row][1])) for name in FRONT_ENDS}
+    src = _Source(path, row, int(idx["first_segment"][row]), int(idx["n_segments"][row]), frames)
+    return src, TrackRecord(idx["track_id"][row], int(idx["n_segments"][row]), float(idx["duration"][row]),
+                            idx["sha256"][row], idx["audio_path"][row], int(idx["manifest_index"][row]))
 
 
 def _strings(ds: h5py.Dataset) -> list[str]:
@@ -567,21 +559,17 @@ def completed_tracks(sources: Iterable[Path], params: dict) -> dict[str, tuple[s
             log.warning("ignoring %s: built with other parameters (%s)", path, "; ".join(diff))
             continue
         for row, tid in enumerate(idx["track_id"]):
-            rec = TrackRecord(tid, int(idx["n_segments"][row]), float(idx["duration"][row]), idx["sha256"][row],
-                              idx["audio_path"][row], int(idx["manifest_index"][row]))
-            done.setdefault(tid, (rec.sha256, _source(Path(path), idx, row), rec))
+            if tid not in done:
+                src, rec = _entry(Path(path), idx, row)
+                done[tid] = (rec.sha256, src, rec)
     return done
-
-
-def _same_filters(a: h5py.Dataset, b: h5py.Dataset) -> bool:
-    return (a.chunks == b.chunks and a.dtype == b.dtype and a.compression == b.compression
-            and a.compression_opts == b.compression_opts and a.shuffle == b.shuffle)
 
 
 def _copy_frames(a: h5py.Dataset, b: h5py.Dataset, first: int, count: int, pos: int, chunk: int) -> int:
     """Copy frames first .. first + count of dataset a to frame position pos of b (chunk aligned);
     returns the frame count written to b. Compressed chunks are copied verbatim when the filters agree."""
-    if _same_filters(a, b):
+    if (a.chunks == b.chunks and a.dtype == b.dtype and a.compression == b.compression
+            and a.compression_opts == b.compression_opts and a.shuffle == b.shuffle):
         for k in range(0, count, chunk):
             mask, data = a.id.read_direct_chunk((0, first + k))
             b.id.write_direct_chunk((0, pos + k), data, mask)
@@ -859,9 +847,7 @@ def merge_caches(inputs: Sequence[str | Path], out: str | Path, compression: Com
             if tid in seen:
                 raise ValueError(f"track {tid} is in both {seen[tid]} and {p}; shards must not overlap")
             seen[tid] = p
-            rec = TrackRecord(tid, int(idx["n_segments"][row]), float(idx["duration"][row]), idx["sha256"][row],
-                              idx["audio_path"][row], int(idx["manifest_index"][row]))
-            entries.append((_source(p, idx, row), rec))
+            entries.append(_entry(p, idx, row))
     entries.sort(key=lambda e: (e[1].manifest_index, e[1].track_id))
     with h5py.File(inputs[0], "r") as f:
         chunk_frames = int(f.attrs["chunk_frames"])

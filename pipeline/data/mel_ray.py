@@ -106,7 +106,7 @@ def run_jobs_on_ray(cfg: dict, jobs: list[TrackJob], address: str, tracks_per_ta
             blobs = [_read_audio(job) or b"" for job in batch]
             return task.remote(cfg, batch, blobs)
 
-        window = 2 * max(1, cluster.total_cpus(ray))
+        window = 2 * max(1, int(ray.cluster_resources().get("CPU", 0)))
         for batch, ref in cluster.windowed(ray, batches, submit, window):
             try:
                 rows = ray.get(ref)

@@ -77,11 +77,6 @@ def case_variants(term: str) -> list[str]:
     return list(dict.fromkeys([term, term.lower(), term.title(), term.upper()]))
 
 
-def _random_case(term: str, rng: random.Random) -> str:
-    style = rng.randrange(4)
-    return (term, term.lower(), term.title(), term.upper())[style]
-
-
 def _choose_held_out(terms: dict[str, list[str]], k: int, rng: random.Random) -> set[str]:
     """Pick up to `k` held-out terms per category (lower-cased), always leaving one to train on.
 
@@ -114,7 +109,7 @@ def _weighted(options: Sequence[tuple[str, int]], rng: random.Random) -> str:
 
 
 def _compose(parts: Sequence[str], rng: random.Random) -> str:
-    joined = _weighted(SEPARATORS, rng).join(_random_case(p, rng) for p in parts)
+    joined = _weighted(SEPARATORS, rng).join((p, p.lower(), p.title(), p.upper())[rng.randrange(4)] for p in parts)
     return _weighted(FRAMES, rng).format(joined)
 
 
@@ -138,14 +133,7 @@ def _draw(
 
 
 def build_query_sets(p: TextQueryParams) -> dict[str, list[str]]:
-    """All query sets (see the module doc), deterministic from ``p.seed``."""
-    if not 1 <= p.min_categories <= p.max_categories:
-        raise ValueError(
-            f"text_queries.min_categories/max_categories: need 1 <= min <= max, got "
-            f"{p.min_categories}..{p.max_categories}"
-        )
-    if p.n_train < 0 or p.n_val < 0 or p.held_out_terms_per_category < 0:
-        raise ValueError("text_queries.n_train, n_val and held_out_terms_per_category must be >= 0")
+    """All query sets (see the module doc), deterministic from ``p.seed`` (ranges checked by pipeline.params)."""
     terms = load_terms(p.terms)
     rng = random.Random(p.seed)
     categories = list(terms)

@@ -17,12 +17,11 @@ import h5py
 import numpy as np
 
 from pipeline.data.cache_files import unreadable
-from pipeline.space import EMBED_DIM
+from student_clap.spec import EMBED_DIM
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-DIM = EMBED_DIM
 # Identity keys: a partial/shard file is only continued or merged when these attrs agree.
 IDENTITY_ATTRS = ("format_version", "teacher_sha256", "frontend_hash", "mels", "dtype")
 _STR = h5py.string_dtype("utf-8")
@@ -81,7 +80,7 @@ class EmbeddingWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         f = h5py.File(self.path, "w")
         chunk_rows = max(1, min(self.n_segments, 256))
-        f.create_dataset("segments/embedding", (self.n_segments, DIM), "f4", chunks=(chunk_rows, DIM))
+        f.create_dataset("segments/embedding", (self.n_segments, EMBED_DIM), "f4", chunks=(chunk_rows, EMBED_DIM))
         f.create_dataset("segments/raw_norm", (self.n_segments,), "f4")
         f.create_dataset("segments/done", (self.n_segments,), "bool")
         for k, v in want.items():
@@ -124,7 +123,7 @@ def _write_text(f: h5py.File, sets: Mapping[str, tuple[Sequence[str], np.ndarray
             raise ValueError(f"text set {name}: {len(queries)} queries but {len(embedding)} embeddings")
         g = group.create_group(name)
         g.create_dataset("query", data=np.array(list(queries), dtype=object), dtype=_STR, track_times=False)
-        g.create_dataset("embedding", data=np.asarray(embedding, dtype="f4").reshape(len(queries), DIM),
+        g.create_dataset("embedding", data=np.asarray(embedding, dtype="f4").reshape(len(queries), EMBED_DIM),
                          track_times=False)
 
 
@@ -132,7 +131,7 @@ def track_embeddings(
     embedding: np.ndarray, raw_norm: np.ndarray, track_ranges: Sequence[range]
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per track: L2(mean of raw segment projections); raw = normalised row * its norm."""
-    out = np.zeros((len(track_ranges), DIM), dtype=np.float64)
+    out = np.zeros((len(track_ranges), EMBED_DIM), dtype=np.float64)
     counts = np.zeros(len(track_ranges), dtype=np.int64)
     for i, r in enumerate(track_ranges):
         if len(r) == 0:
@@ -168,7 +167,7 @@ def finalize(
     tmp.unlink(missing_ok=True)
     with h5py.File(tmp, "w", libver=("earliest", "v110"), track_order=False) as g:
         chunk_rows = max(1, min(len(segments), 256))
-        g.create_dataset("segments/embedding", data=segments, chunks=(chunk_rows, DIM), track_times=False)
+        g.create_dataset("segments/embedding", data=segments, chunks=(chunk_rows, EMBED_DIM), track_times=False)
         g.create_dataset("segments/raw_norm", data=raw_norm, track_times=False)
         _write_text(g, {name: text[name] for name in sorted(text)})
         g.create_dataset("tracks/track_id", data=np.array(list(track_ids), dtype=object), dtype=_STR,

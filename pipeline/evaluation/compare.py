@@ -25,8 +25,8 @@ from tqdm import tqdm
 from pipeline import metrics as M
 from pipeline.evaluation import fidelity
 from pipeline.params import SameSpaceParams, TeacherFrontendParams
-from pipeline.space import EMBED_DIM
 from student_clap.audio import AudioDecodeError, decode_track, map_starts, resample_int16, segment_length, segment_starts
+from student_clap.spec import EMBED_DIM
 
 log = logging.getLogger(__name__)
 

@@ -1,18 +1,7 @@
 """Scoring a text student on held-out query sets: the one definition both distill_text and evaluate use.
 
-`text_fidelity` is the per-set figure pair every report gives: the cosine of the predictions to the
-teacher, raw and centred on the mean teacher train embedding (the demo teacher maps every text to
-nearly the same direction; a constant student scores 0 centred). evaluate reports the means of
-these summaries; distill_text reports them whole, for the student and two baselines
-(`score_held_out_set`):
-
-- the mean train embedding (a constant prediction);
-- bag-of-words: the mean of the teacher embeddings of the query's own terms, from the teacher's
-  "terms" set (`bag_of_words`).
-
-Retrieval agreement: tracks ranked by teacher-audio . teacher-text against teacher-audio .
-predicted-text (top-k overlap, Spearman, recall@k); "*_centred" ranks by the query's offset from
-the mean teacher embedding, the part of the ranking a query changes.
+The student beside two baselines (the mean train embedding; bag-of-words, the mean of the teacher
+embeddings of the query's own terms), raw and centred, and their retrieval agreement: docs/students.md.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ from torch import nn
 
 from pipeline.atomic import atomic_path
 from pipeline.models.efficientat import build_backbone, count_parameters
-from pipeline.space import EMBED_DIM
+from student_clap.spec import EMBED_DIM
 
 log = logging.getLogger(__name__)
 

@@ -87,13 +87,6 @@ class SongFrontend(nn.Module):
         return (torch.log(mel + 1e-5) + 4.5) / 5.0
 
 
-def song_frontend(frontend: nn.Module) -> nn.Module:
-    """SongFrontend for the EfficientAT front-end; any other front-end as it is."""
-    from pipeline.data.frontends import StudentMel
-
-    return SongFrontend(frontend) if isinstance(frontend, StudentMel) else frontend
-
-
 class SongTrunk(nn.Module):
     """Log-mel [B, n_mels, T] (any T) -> feature map of the local blocks [B, C, F', T / stride]."""
 
@@ -161,14 +154,6 @@ def segment_song_vector(session, wave: np.ndarray, sample_rate: int, segment_sec
     return vec / np.linalg.norm(vec)
 
 
-def _calibration_or_synthetic(mels: np.ndarray | None, frontend: nn.Module, segment_samples: int, sample_rate: int) -> np.ndarray:
-    if mels is not None and len(mels):
-        return np.asarray(mels, dtype=np.float32)
-    log.warning("no training mels for the int8 calibration: using synthetic parity waveforms")
-    with torch.no_grad():
-        return frontend(torch.from_numpy(parity_waveforms(8, segment_samples, sample_rate, seed=2))).numpy()
-
-
 def export_song(
     student: nn.Module,
     frontend: nn.Module,
@@ -214,7 +199,12 @@ def export_song(
     fidelity = {"synthetic_song_cosine_fp32": _song_cosine((fe_path, trunk_path, head_path), spec_geometry,
                                                            song, reference, logmel)}
     if quantize:
-        calib = _calibration_or_synthetic(calibration_mels, frontend, segment_samples, sample_rate)
+        if calibration_mels is not None and len(calibration_mels):
+            calib = np.asarray(calibration_mels, dtype=np.float32)
+        else:
+            log.warning("no training mels for the int8 calibration: using synthetic parity waveforms")
+            with torch.no_grad():
+                calib = frontend(torch.from_numpy(parity_waveforms(8, segment_samples, sample_rate, seed=2))).numpy()
         head8 = _quantize_head(trunk_path, head_path, out_dir / AUDIO_HEAD_INT8_ONNX, calib)
         fidelity["synthetic_song_cosine_int8"] = _song_cosine((fe_path, trunk_path, head8), spec_geometry,
                                                               song, reference, logmel)
@@ -246,12 +236,15 @@ def _export_song_pieces(
     hop_samples: int, sample_rate: int, opset: int, min_cosine: float,
 ) -> tuple[dict[str, Any], tuple[Path, Path, Path]]:
     """The front-end, trunk and head ONNX files, each parity-checked: (parity figures, their paths)."""
+    from pipeline.data.frontends import StudentMel
+
     outputs = list(EMBEDDING_OUTPUTS)
     info: dict[str, Any] = {}
     # a length unlike the export example's, to exercise the dynamic length axes
     waves = parity_waveforms(2, segment_samples + hop_samples // 3, sample_rate, seed=3)
     fe_path = onnx_utils.export_module(
-        song_frontend(frontend), (torch.from_numpy(parity_waveforms(1, segment_samples, sample_rate, seed=1)),),
+        # the EfficientAT front-end exports as SongFrontend (the same values, fewer products); any other as it is
+        SongFrontend(frontend) if isinstance(frontend, StudentMel) else frontend, (torch.from_numpy(parity_waveforms(1, segment_samples, sample_rate, seed=1)),),
         out_dir / AUDIO_FRONTEND_ONNX, input_names=["waveform"], output_names=["mel"],
         dynamic_axes={"waveform": {0: "batch", 1: "samples"}, "mel": {0: "batch", 2: "frames"}}, opset=opset)
     info[AUDIO_FRONTEND_ONNX] = onnx_utils.check_parity(frontend, fe_path, {"waveform": waves}, min_cosine).as_dict()

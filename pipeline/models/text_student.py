@@ -5,7 +5,7 @@ mean over the real (unpadded) tokens -> linear projection to 512 -> L2 normalisa
 output calibration (identity unless set: offsets from an anchor, the mean teacher embedding,
 rescaled by one fitted factor, then L2 again).
 
-It takes ``input_ids`` and ``attention_mask`` (int64 [B, L], from pipeline.data.text_tokenizer.encode)
+It takes ``input_ids`` and ``attention_mask`` (int64 [B, L], from student_clap.tokenizer.encode)
 and exports to ONNX with a dynamic batch and length.
 """
 
@@ -22,18 +22,16 @@ from torch import nn
 
 from pipeline.atomic import atomic_path
 from pipeline.params import TextStudentModelParams
-from pipeline.space import EMBED_DIM
+from student_clap.spec import EMBED_DIM
 
 log = logging.getLogger(__name__)
-
-OUTPUT_DIM = EMBED_DIM
 
 
 @dataclasses.dataclass
 class TextStudentConfig(TextStudentModelParams):
     """The params' model fields (distill_text.model) and what is fixed by the space and the tokenizer."""
 
-    out_dim: int = OUTPUT_DIM
+    out_dim: int = EMBED_DIM
     pad_id: int = 0
 
     @classmethod

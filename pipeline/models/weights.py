@@ -43,11 +43,6 @@ def asset_name(name: str) -> str:
     return RELEASE_ASSETS[name]
 
 
-def default_path(name: str, out_dir: str | Path = "models/pretrained") -> Path:
-    """Where `weights fetch` puts `name` (what distill_audio.pretrained should point at)."""
-    return Path(out_dir) / asset_name(name)
-
-
 def check_release_file(path: Path, name: str) -> None:
     """Refuse a file that is not an EfficientAT `name` state dict (never unpickles objects)."""
     import torch
@@ -73,11 +68,6 @@ def check_release_file(path: Path, name: str) -> None:
         )
 
 
-def _recorded_sha(path: Path) -> str | None:
-    side = path.with_name(path.name + ".sha256")
-    return side.read_text().split()[0] if side.is_file() else None
-
-
 def _record_sha(path: Path, digest: str) -> None:
     path.with_name(path.name + ".sha256").write_text(f"{digest}  {path.name}\n")
 
@@ -97,9 +87,10 @@ def fetch_weights(
     `source`: None (the GitHub release), a base URL (``…/`` + asset name) or a local file.
     `sha256`: expected digest; when None, a digest recorded by an earlier fetch is enforced.
     """
-    dest = default_path(name, out_dir)
+    dest = Path(out_dir) / asset_name(name)  # what distill_audio.pretrained should point at
     dest.parent.mkdir(parents=True, exist_ok=True)
-    expected = sha256 or _recorded_sha(dest)
+    side = dest.with_name(dest.name + ".sha256")
+    expected = sha256 or (side.read_text().split()[0] if side.is_file() else None)
     if dest.is_file():
         digest = sha256_file(dest)
         if expected is None or digest == expected:
@@ -151,28 +142,3 @@ def main(args: argparse.Namespace) -> int:
         return 1
     print(path)
     return 0
-
-
-def fetch_stage(model: str, pretrained: str, out_dir: str | Path = "models/pretrained") -> None:
-    """The fetch_weights stage: make distill_audio.pretrained present in `out_dir` (DVC-tracked).
-
-    Empty `pretrained` (random init, as in the demo) fetches nothing. The release asset of `model`
-    is fetched when missing; any other file must have been placed there by hand. `fetch.json`
-    records the file and its sha256, so dvc.lock holds the weights' provenance."""
-    import json
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    record: dict = {"model": model, "pretrained": None}
-    if pretrained:
-        path = Path(pretrained)
-        if path.resolve().parent != out_dir.resolve():
-            raise WeightsError(f"distill_audio.pretrained: {pretrained} must sit in {out_dir}/, the folder the "
-                               "fetch_weights stage tracks")
-        if RELEASE_ASSETS.get(model) == path.name:
-            fetch_weights(model, out_dir)
-        elif not path.is_file():
-            raise WeightsError(f"distill_audio.pretrained: {pretrained} not found and it is not the released "
-                               f"checkpoint of {model} ({RELEASE_ASSETS.get(model, 'none')}); place it there by hand")
-        record.update(pretrained=str(path), sha256=sha256_file(path), size=path.stat().st_size)
-    (out_dir / "fetch.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n", encoding="utf-8")

@@ -40,12 +40,12 @@ from pipeline.models.audio_student import AudioStudent, init_audio_student, save
 from pipeline.models.skipped import write_skip_marker
 from pipeline.params import DistillAudioParams, Params
 from pipeline.paths import MANIFEST, MELS, TEACHER_CACHE
-from pipeline.space import EMBED_DIM
 from pipeline.training.augment import Augmenter, frontend_centres, mixup_targets
 from pipeline.training.calibration import calibrate_audio_student, log_fit
 from pipeline.training.distributed import relaunch_with_torchrun, under_torchrun
 from pipeline.training.loop import TrainConfig, TrainResult, fit
 from pipeline.training.losses import whitener
+from student_clap.spec import EMBED_DIM
 
 log = logging.getLogger(__name__)
 
@@ -202,18 +202,15 @@ def baseline_metrics(val: Split, seg_emb: np.ndarray, segment_mean: np.ndarray, 
 # ----------------------------------------------------------------------------- outputs
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    write_json(path, data, sort_keys=True)
-
-
 def write_skipped(out_dir: Path, reason: str) -> None:
     """Disabled student: the markers the contract asks for, plus the declared output folders."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_json(out_dir / "metrics.json", {"skipped": True, "reason": reason})
+    marker = {"skipped": True, "reason": reason}
+    write_json(out_dir / "metrics.json", marker, sort_keys=True)
     write_skip_marker(out_dir / "student.pt", reason)
     for sub in ("checkpoints", "plots"):
         (out_dir / sub).mkdir(exist_ok=True)
-    _write_json(out_dir / "checkpoints" / "skipped.json", {"skipped": True, "reason": reason})
+    write_json(out_dir / "checkpoints" / "skipped.json", marker, sort_keys=True)
     log.info("audio student skipped: %s", reason)
 
 
@@ -242,11 +239,6 @@ def train_subset(split: Split, n: int, seed: int) -> Split:
     segs = [split.track_segments[i] for i in keep]
     return Split(split.tracks[keep], [split.track_ids[i] for i in keep], segs, np.concatenate(segs),
                  split.teacher_tracks[keep])
-
-
-def audio_student_config(p: DistillAudioParams, n_mels: int) -> dict[str, Any]:
-    """The student architecture the params ask for (`pipeline.models.audio_student` config)."""
-    return {"backbone": p.model, "embed_dim": EMBED_DIM, "dropout": p.dropout, "n_mels": n_mels}
 
 
 @dataclass
@@ -293,7 +285,8 @@ def build_audio_task(p: DistillAudioParams, n_mels: int, inputs: AudioInputs, me
     s_centres, t_centres = frontend_centres(inputs.mel_attrs)
     augmenter = Augmenter(p.augment, s_centres, t_centres)
 
-    model, pretrained = init_audio_student(audio_student_config(p, n_mels), p.pretrained or None)
+    config = {"backbone": p.model, "embed_dim": EMBED_DIM, "dropout": p.dropout, "n_mels": n_mels}
+    model, pretrained = init_audio_student(config, p.pretrained or None)
     if with_output_bias:
         length = init_output_bias(model, source, train, inputs.seg_emb)
         log.info("output bias set along the mean train teacher embedding (length %.3g)", length)
@@ -373,7 +366,7 @@ def train_audio_student(
     # so the timings go to the log and the same inputs write the same files on any machine or load
     report["runtime"] = {"threads": torch.get_num_threads(), "device": str(next(task.model.parameters()).device)}
     save_audio_student(out_dir / "student.pt", task.model, report)
-    _write_json(out_dir / "metrics.json", report)
+    write_json(out_dir / "metrics.json", report, sort_keys=True)
     val_best = report["val"]
     log.info("audio student: best epoch %d, val track cosine %.4f (baseline %.4f), centred %.4f (baseline 0); "
              "%.0f CPU-s, %.0f s wall, %d thread(s)", result.best_epoch, val_best.get("track_cosine", float("nan")),

@@ -33,9 +33,9 @@ from pipeline.models.skipped import write_skip_marker
 from pipeline.models.text_student import build_text_student, save_text_student
 from pipeline.params import DistillTextParams, Params
 from pipeline.paths import MANIFEST, TEACHER_CACHE
-from pipeline.space import EMBED_DIM
 from pipeline.training.calibration import fit_text_scale, log_fit
 from pipeline.training.loop import TrainConfig, fit
+from student_clap.spec import EMBED_DIM
 
 log = logging.getLogger(__name__)
 
@@ -69,13 +69,6 @@ def read_teacher_text(path: Path) -> TextData:
     if "train" not in sets or not sets["train"][0]:
         raise DistillTextError(f"{path}: text set 'train' is missing or empty (re-run the teacher stage)")
     return TextData(sets, ids, tracks)
-
-
-def validation_tracks(manifest: Path, track_ids: list[str]) -> list[int]:
-    """Rows of teacher.h5 tracks whose manifest split is "val"."""
-
-    val = {row["track_id"] for row in read_manifest(manifest) if row.get("split") == "val"}
-    return [i for i, t in enumerate(track_ids) if t in val]
 
 
 def split_monitor(queries: list[str], vocabulary: list[str], fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -243,7 +236,9 @@ def calibrate_text_student(model, p: DistillTextParams, ids: np.ndarray, mask: n
 
 def retrieval_tracks(data: TextData, manifest: Path, teacher_h5: Path) -> tuple[dict[str, np.ndarray], list[int]]:
     """(report key -> track embeddings to rank, rows of the validation tracks)."""
-    val_rows = validation_tracks(manifest, data.track_ids) if manifest.is_file() else []
+    rows = read_manifest(manifest) if manifest.is_file() else []
+    val = {row["track_id"] for row in rows if row.get("split") == "val"}
+    val_rows = [i for i, t in enumerate(data.track_ids) if t in val]  # rows of teacher.h5's validation tracks
     tracks: dict[str, np.ndarray] = {}
     if len(val_rows) >= 2:
         tracks["retrieval"] = data.track_embeddings[val_rows]

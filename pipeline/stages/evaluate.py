@@ -118,10 +118,6 @@ def embed_segments(
     return np.concatenate(out) if out else np.zeros((0, 0))
 
 
-def _teacher_track_rows(teacher) -> dict[str, int]:
-    return {tid: i for i, tid in enumerate(teacher.track_ids)}
-
-
 def _mean_of_rows(table, rows: np.ndarray, chunk: int = 65536) -> np.ndarray:
     """Mean (not normalised) of selected rows of a (possibly on-disk) table without loading all of it."""
     rows = np.sort(np.asarray(rows, dtype=np.int64))
@@ -165,7 +161,7 @@ def evaluate_audio(
     students: Students, mels, teacher, train_ids: set[str], val_ids: set[str], p: EvaluateParams
 ) -> AudioResult:
     """Segment- and track-level agreement of the audio student on the validation tracks."""
-    t_rows = _teacher_track_rows(teacher)
+    t_rows = {tid: i for i, tid in enumerate(teacher.track_ids)}
     mel_ids = list(mels.track_ids)
     val_tracks = [tid for tid in mel_ids if tid in val_ids and tid in t_rows]
     train_tracks = [tid for tid in mel_ids if tid in train_ids and tid in t_rows]
@@ -388,19 +384,6 @@ def audit_failed(summary: dict[str, Any]) -> bool:
     return summary.get("ok") is False or bool(summary.get("violations"))
 
 
-def licence_metrics(licences: dict[str, Any]) -> dict[str, Any]:
-    """The few licence figures that belong in metrics.json (details go to licences.json)."""
-    out: dict[str, Any] = {}
-    audit = licences.get("audit")
-    if audit is not None:
-        out.update(audit_ok=bool(audit.get("ok")), tracks=audit.get("tracks"), minutes=audit.get("minutes"),
-                   violations=len(audit.get("violations") or []))
-    training = licences.get("training", {}).get("by_license", {})
-    out["training_tracks"] = sum(v["tracks"] for v in training.values())
-    out["training_minutes"] = round(sum(v["minutes"] for v in training.values()), 2)
-    return out
-
-
 # --------------------------------------------------------------------------- the report
 
 
@@ -492,9 +475,15 @@ def build_report(
     }
     durations = dict(zip(mels.track_ids, np.asarray(mels.durations, dtype=float)))
     licences: dict[str, Any] = {"training": training_licences(manifest, durations)}
+    by_license = licences["training"]["by_license"]
+    # the few licence figures that belong in metrics.json (details go to licences.json)
+    report["licences"] = {}
     if audit is not None:
         licences["audit"] = audit
-    report["licences"] = licence_metrics(licences)
+        report["licences"].update(audit_ok=bool(audit.get("ok")), tracks=audit.get("tracks"),
+                                  minutes=audit.get("minutes"), violations=len(audit.get("violations") or []))
+    report["licences"]["training_tracks"] = sum(v["tracks"] for v in by_license.values())
+    report["licences"]["training_minutes"] = round(sum(v["minutes"] for v in by_license.values()), 2)
     notes = list(students.notes)
     for name, reason in (("audio", students.audio_skipped), ("text", students.text_skipped)):
         if reason:
@@ -523,12 +512,6 @@ def teacher_identity(teacher_dir: Path) -> dict[str, Any]:
     return identity
 
 
-def read_manifest_rows(path: Path) -> dict[str, dict]:
-    from pipeline.data.manifest import read_manifest
-
-    return {row["track_id"]: row for row in read_manifest(path)}
-
-
 # --------------------------------------------------------------------------- the stage
 
 
@@ -537,10 +520,11 @@ REPORT_DIR = Path("models/report")
 
 def run(params: Params, args: argparse.Namespace) -> int | None:
     p = params.evaluate
-    from pipeline.data.teacher_cache import TeacherCache
+    from pipeline.data.manifest import read_manifest
     from pipeline.data.mel_cache import MelCache
+    from pipeline.data.teacher_cache import TeacherCache
 
-    manifest = read_manifest_rows(MANIFEST)
+    manifest = {row["track_id"]: row for row in read_manifest(MANIFEST)}
     audit = licence_audit(MANIFEST, MELS, TEACHER_CACHE, AUDIT_JSON)
     # the teacher model is read only to embed zero-shot tag prompts (teacher.h5 holds no tag set)
     students = load_students(AUDIO_STUDENT, TEXT_STUDENT, TEXT_TOKENIZER, Path(params.teacher.model.dir))
@@ -551,14 +535,6 @@ def run(params: Params, args: argparse.Namespace) -> int | None:
     for name, data in (("metrics.json", report), ("licences.json", licences)):
         write_json(REPORT_DIR / name, data)
         log.info("wrote %s", REPORT_DIR / name)
-    _log_headline(report)
-    if audit_failed(audit):
-        log.error("licence audit failed: a cached track is not in the manifest with an allowed licence")
-        return 1
-    return 0
-
-
-def _log_headline(report: dict[str, Any]) -> None:
     same = report.get("same_space") or {}
     if not same.get("skipped") and "audio_student" in same:
         a = same["audio_student"]
@@ -568,11 +544,13 @@ def _log_headline(report: dict[str, Any]) -> None:
     audio = report["audio"]
     if not audio.get("skipped"):
         t = audio["track"]
-        log.info(
-            "audio student, validation tracks: cosine %.4f (baseline %.4f), centred %.4f (baseline %.4f)",
-            t["cosine"]["mean"], t["baseline_cosine"], t["centred"]["mean"], t["baseline_centred"],
-        )
+        log.info("audio student, validation tracks: cosine %.4f (baseline %.4f), centred %.4f (baseline %.4f)",
+                 t["cosine"]["mean"], t["baseline_cosine"], t["centred"]["mean"], t["baseline_centred"])
     r = report["retrieval"]
     for c in ("audio_student", "text_student", "end_to_end"):
         if c in r:
             log.info("retrieval %s: top-%d overlap %.3f, spearman %.3f", c, r["k"], r[c]["top_k_overlap"], r[c]["spearman"])
+    if audit_failed(audit):
+        log.error("licence audit failed: a cached track is not in the manifest with an allowed licence")
+        return 1
+    return 0

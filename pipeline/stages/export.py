@@ -13,7 +13,7 @@ import hashlib
 import json
 import logging
 import shutil
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +25,10 @@ from pipeline.models.audio_export import audio_spec, export_audio
 from pipeline.models.onnx_export import ParityError
 from pipeline.models.skipped import skip_reason
 from pipeline.models.song_export import calibration_mels, export_song, song_spec
-from pipeline.params import Params, as_dict
+from pipeline.params import Params
 from pipeline.paths import AUDIO_STUDENT, LICENSES, MANIFEST, MELS, TEXT_STUDENT, TEXT_TOKENIZER
-from pipeline.space import EMBED_DIM
 from student_clap.files import sha256_file
+from student_clap.spec import EMBED_DIM
 
 log = logging.getLogger(__name__)
 
@@ -146,12 +146,6 @@ def student_skip_reason(path: Path) -> str:
     return skip_reason(path)
 
 
-def checkpoint_summary(path: Path) -> dict[str, Any]:
-    """The config and metrics a student checkpoint carries (for the model card)."""
-    blob = torch.load(path, map_location="cpu", weights_only=True)
-    return {"config": blob.get("config", {}), "metrics": blob.get("metrics", {})}
-
-
 def export_students(params: Params, inputs: ExportInputs, out_dir: Path) -> Path:
     """Build the whole export folder next to `out_dir`, then put it in its place. On a failed
     parity check the half-built folder is removed and ParityError raised."""
@@ -184,7 +178,8 @@ def _build(params: Params, inputs: ExportInputs, tmp_dir: Path) -> None:
             continue
         spec[kind], info = export(params, inputs, tmp_dir)
         parity.update(info)
-        students[kind] = checkpoint_summary(path)
+        blob = torch.load(path, map_location="cpu", weights_only=True)  # its config and metrics, for the model card
+        students[kind] = {"config": blob.get("config", {}), "metrics": blob.get("metrics", {})}
 
     spec["embedding_dim"] = EMBED_DIM
     spec["skipped"] = skipped
@@ -249,8 +244,8 @@ def _write_card(params: Params, inputs: ExportInputs, out_dir: Path, spec: dict[
                 if inputs.licence_report.is_file() else {})
     card = model_card.render(
         spec=spec, metrics=metrics, students=students, licences=licences, licence_files=licence_files,
-        params={"audio": as_dict(params.audio), "frontend.student": as_dict(params.frontend.student),
-                "export": as_dict(params.export)},
+        params={"audio": asdict(params.audio), "frontend.student": asdict(params.frontend.student),
+                "export": asdict(params.export)},
         file_sizes={f.name: f.stat().st_size for f in out_dir.glob("*.onnx")},
     )
     (out_dir / "README.md").write_text(card, encoding="utf-8")

@@ -2,20 +2,43 @@
 
 distill_audio.pretrained empty (the demo) fetches nothing and needs no network. Otherwise the
 released checkpoint of distill_audio.model is fetched (sha256 recorded beside it), or a file
-placed there by hand is taken as it is; dvc.lock then records its hash. Reads only
-distill_audio.model and distill_audio.pretrained.
+placed there by hand is taken as it is; `fetch.json` records the file and its sha256, so dvc.lock
+holds the weights' provenance. Reads only distill_audio.model and distill_audio.pretrained.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+from pathlib import Path
 
-from pipeline.models.weights import fetch_stage
+from pipeline.models.weights import RELEASE_ASSETS, WeightsError, fetch_weights
 from pipeline.params import Params
 from pipeline.paths import PRETRAINED
+from student_clap.files import sha256_file
 
 log = logging.getLogger(__name__)
+
+
+def fetch_stage(model: str, pretrained: str, out_dir: str | Path) -> None:
+    """Make `pretrained` present in `out_dir`: the release asset of `model` is fetched when missing,
+    any other file must have been placed there by hand."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    record: dict = {"model": model, "pretrained": None}
+    if pretrained:
+        path = Path(pretrained)
+        if path.resolve().parent != out_dir.resolve():
+            raise WeightsError(f"distill_audio.pretrained: {pretrained} must sit in {out_dir}/, the folder the "
+                               "fetch_weights stage tracks")
+        if RELEASE_ASSETS.get(model) == path.name:
+            fetch_weights(model, out_dir)
+        elif not path.is_file():
+            raise WeightsError(f"distill_audio.pretrained: {pretrained} not found and it is not the released "
+                               f"checkpoint of {model} ({RELEASE_ASSETS.get(model, 'none')}); place it there by hand")
+        record.update(pretrained=str(path), sha256=sha256_file(path), size=path.stat().st_size)
+    (out_dir / "fetch.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def run(params: Params, args: argparse.Namespace) -> int | None:

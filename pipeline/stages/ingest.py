@@ -4,41 +4,37 @@ Reads only `params.ingest`. For every source it parses the song lists and metada
 tracks, normalises each licence, applies the policy, finds (or downloads) the audio and splits by
 artist; then writes data/manifest.jsonl, data/licenses/ (attribution files, audit.json) and
 models/report/ingest.json (docs/songs.md). One bad entry never stops the stage; it is excluded with
-one of pipeline.data.ingest_outcome.REASONS.
+one of REASONS.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
+import unicodedata
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
+
+from tqdm import tqdm
 
 from pipeline.atomic import write_json, write_text
 from pipeline.data import licenses
-from pipeline.data.audio_resolution import drop_shared_files, resolve_audio
-from pipeline.data.ingest_outcome import (
-    DUPLICATE,
-    LICENCE_NOT_ALLOWED,
-    Outcome,
-    PATH_OUTSIDE,
-    REASONS,
-    UNKNOWN_LICENCE,
-    malformed,
-)
+from pipeline.data.download import DownloadJob, download_many
 from pipeline.data.manifest import write_manifest
 from pipeline.data.sources import SOURCES
 from pipeline.data.sources.base import (
     Entry,
     ParseResult,
+    Problem,
     SourceFiles,
     escapes_root,
     is_checksum_file,
     outside_root_detail,
     parse_checksums,
 )
-from pipeline.data.split import artist_group, split_of
 from pipeline.deps import stage_input_problems
 from pipeline.params import IngestParams, Params, SourceParams
 from pipeline.paths import AUDIT, LICENSES as LICENSES_DIR, MANIFEST
@@ -47,9 +43,61 @@ log = logging.getLogger(__name__)
 
 REPORT = Path("models/report/ingest.json")
 
+LICENCE_NOT_ALLOWED = "licence not allowed"
+UNKNOWN_LICENCE = "unknown licence"
+AUDIO_MISSING = "audio missing"
+DUPLICATE = "duplicate"
+MALFORMED = "malformed"
+PATH_OUTSIDE = "path outside audio root"
+REASONS = (LICENCE_NOT_ALLOWED, UNKNOWN_LICENCE, AUDIO_MISSING, DUPLICATE, MALFORMED, PATH_OUTSIDE)
+
 
 class IngestError(RuntimeError):
     """A configuration problem (a list that does not exist, an unknown source name)."""
+
+
+@dataclass
+class Outcome:
+    """What ingest decided for one entry (or one unusable record)."""
+
+    source: str
+    file: str
+    line: int
+    track_id: str | None
+    status: str = "excluded"  # included | excluded
+    reason: str = ""
+    detail: str = ""
+    entry: Entry | None = None
+    license: str = licenses.UNKNOWN
+    audio_path: str | None = None
+    sha256: str | None = None
+    split: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def audit_record(self) -> dict:
+        e = self.entry
+        return {
+            "track_id": self.track_id,
+            "source": self.source,
+            "file": self.file,
+            "line": self.line,
+            "status": self.status,
+            "reason": self.reason or None,
+            "detail": self.detail or None,
+            "license": self.license if e else None,
+            "license_text": e.license_text if e else None,
+            "artist": e.artist if e else None,
+            "title": e.title if e else None,
+            "audio_path": self.audio_path,
+            "split": self.split,
+            "notes": (e.notes if e else []) + self.notes,
+        }
+
+
+def malformed(prob: Problem) -> Outcome:
+    """An unusable record of a list or metadata file, excluded as malformed."""
+    return Outcome(prob.source, prob.file, prob.line, None, reason=MALFORMED, detail=prob.detail,
+                   notes=[prob.text] if prob.text else [])
 
 
 def _need(path: str, what: str) -> Path:
@@ -115,8 +163,7 @@ def ingest(p: IngestParams, *, progress: bool = True) -> tuple[list[dict], list[
     """Decide every entry; returns (manifest rows, outcomes in list order, report)."""
     outcomes, unique, metas = _collect(p)
     check_audio_roots(p)
-    _exclude_paths_outside(unique, p)
-    _apply_policy(unique, p)
+    _decide(unique, p)
     resolve_audio(unique, p, metas, progress)
     drop_shared_files(unique)
     rows = [_manifest_row(o, p) for o in unique if not o.reason]
@@ -175,26 +222,122 @@ def check_audio_roots(p: IngestParams) -> None:
         )
 
 
-def _exclude_paths_outside(unique: list[Outcome], p: IngestParams) -> None:
-    """An entry whose audio path (or download target) could leave its audio_root is never used."""
+def _decide(unique: list[Outcome], p: IngestParams) -> None:
+    """Exclude an entry whose audio path (or download target) could leave its audio_root (it is never
+    used), then apply the licence policy to the rest."""
     for o in unique:
+        e = o.entry
         root = p.sources[o.source].audio_root
-        paths = list(o.entry.candidates) + ([o.entry.download_path] if o.entry.download_path else [])
+        paths = list(e.candidates) + ([e.download_path] if e.download_path else [])
         bad = next((rel for rel in paths if escapes_root(root, rel)), None)
         if bad is not None:
             o.reason, o.detail = PATH_OUTSIDE, outside_root_detail(root, bad)
-
-
-def _apply_policy(unique: list[Outcome], p: IngestParams) -> None:
-    for o in unique:
-        if o.reason:
             continue
-        e = o.entry
         o.license = licenses.normalize_license(e.license_text or e.license_url)
         allowed, why = licenses.decide(o.license, p.policy)
         if not allowed:
             o.reason = UNKNOWN_LICENCE if o.license == licenses.UNKNOWN else LICENCE_NOT_ALLOWED
             o.detail = why if o.license != licenses.UNKNOWN else f"cannot read a licence from {e.license_text!r}"
+
+
+def download_url(name: str, sp: SourceParams, entry: Entry, meta: dict) -> str | None:
+    """Where to fetch an entry's audio: the download_base_url param, else the entry's own URL, else the
+    base its list or source names; None when there is none."""
+    if sp.download_base_url:
+        base = sp.download_base_url
+    elif entry.download_url:
+        return entry.download_url
+    else:
+        base = meta.get("download_base_url") or SOURCES[name].download_base
+    if not base or not entry.download_path:
+        return None
+    return base.rstrip("/") + "/" + quote(entry.download_path, safe="/")
+
+
+def resolve_audio(unique: list[Outcome], p: IngestParams, metas: dict[str, dict], progress: bool) -> None:
+    """Local files first; with ingest.download, fetch what is missing (allowed tracks only)."""
+    candidates = [o for o in unique if not o.reason]
+    missing: list[Outcome] = []
+    for o in tqdm(candidates, desc="finding audio", unit="song", disable=not progress or len(candidates) < 1000):
+        root = Path(p.sources[o.source].audio_root)
+        found = next((root / rel for rel in o.entry.candidates if (root / rel).is_file()), None)
+        if found is None:
+            missing.append(o)
+        else:
+            o.audio_path = found.as_posix()
+    if p.download and missing:
+        _fetch(p, missing, metas, progress)
+    for o in missing:
+        if o.audio_path is None and not o.reason:
+            o.reason = AUDIO_MISSING
+            tried = ", ".join((Path(p.sources[o.source].audio_root) / c).as_posix() for c in o.entry.candidates[:3])
+            o.detail = o.detail or f"no file at {tried}"
+
+
+def drop_shared_files(unique: list[Outcome]) -> None:
+    """The same audio file listed under two ids is one track: the later id is a duplicate."""
+    by_file: dict[str, Outcome] = {}
+    for o in unique:
+        if o.reason or o.audio_path is None:
+            continue
+        key = str(Path(o.audio_path).resolve())
+        if key in by_file:
+            o.reason, o.detail = DUPLICATE, f"same audio file as {by_file[key].track_id} ({by_file[key].entry.where})"
+            continue
+        by_file[key] = o
+
+
+def _fetch(p: IngestParams, missing: list[Outcome], metas: dict[str, dict], progress: bool) -> None:
+    jobs, owners = [], []
+    for o in missing:
+        sp = p.sources[o.source]
+        url = download_url(o.source, sp, o.entry, metas.get(o.source, {}))
+        if url is None:
+            o.detail = f"no download URL for {o.source} (set ingest.sources.{o.source}.download_base_url)"
+            continue
+        if escapes_root(sp.audio_root, o.entry.download_path):  # (excluded earlier; never write outside)
+            o.reason, o.detail = PATH_OUTSIDE, outside_root_detail(sp.audio_root, o.entry.download_path)
+            continue
+        expected = metas.get(o.source, {}).get("sha256", {}).get(o.entry.download_path)
+        jobs.append(DownloadJob(url, Path(sp.audio_root) / o.entry.download_path, expected))
+        owners.append(o)
+    if not jobs:
+        return
+    d = p.downloads
+    log.info("fetching %d missing audio files (%d at a time)", len(jobs), d.concurrency)
+    results = download_many(jobs, d.concurrency, retries=d.retries, backoff=d.backoff_seconds,
+                            timeout=d.timeout_seconds, progress=progress, max_bytes=int(d.max_megabytes * 2**20))
+    for o, r in zip(owners, results):
+        if r.ok:
+            o.audio_path, o.sha256 = r.job.dest.as_posix(), r.sha256
+        else:
+            o.detail = f"download failed: {r.error}"
+
+
+# --------------------------------------------------------------------------- the artist-disjoint split
+# Each artist group goes to validation when sha256(salt + group) maps below `val_ratio`. The
+# decision depends only on the artist and the salt, so adding or removing other songs never moves
+# an artist across the split (and cached features stay valid).
+
+# Names that say "no artist known"; grouping all their songs together would make one huge group.
+PLACEHOLDER_ARTISTS = frozenset(
+    {"unknown", "unknown artist", "unknown author", "anonymous", "anon", "various", "various artists", "n/a", "none", "-"}
+)
+
+
+def artist_group(artist: str | None, track_id: str) -> str:
+    """Normalised grouping key: the same artist spelt with other case/spacing/Unicode form matches;
+    songs without an artist form a group of their own, keyed by their track id."""
+    name = " ".join(unicodedata.normalize("NFKC", artist or "").casefold().split())
+    if name and name not in PLACEHOLDER_ARTISTS:
+        return "artist:" + name
+    return "track:" + track_id
+
+
+def split_of(group: str, val_ratio: float, salt: str) -> str:
+    """'val' or 'train': a stable number in [0, 1) for the group against `val_ratio`."""
+    digest = hashlib.sha256(f"{salt}\x00{group}".encode()).digest()
+    return "val" if int.from_bytes(digest[:8], "big") / 2**64 < val_ratio else "train"
 
 
 def _split_group(e: Entry) -> str:
@@ -257,50 +400,22 @@ def metric_view(report: dict) -> dict:
     return metric
 
 
-def audit_document(outcomes: list[Outcome], report: dict, p: IngestParams) -> dict:
-    """audit.json: the policy applied, the counts, and every entry with its decision."""
-    return {
-        "policy": {k: getattr(p.policy, k) for k in vars(p.policy)},
-        "counts": {k: v for k, v in report.items() if k != "meta"},
-        "entries": [o.audit_record() for o in outcomes],
-    }
-
-
-
-def write_outputs(rows: list[dict], outcomes: list[Outcome], report: dict, p: IngestParams,
-                  manifest: Path = MANIFEST, licenses_dir: Path = LICENSES_DIR, report_path: Path = REPORT) -> None:
-    write_manifest(manifest, rows)
-    licenses_dir.mkdir(parents=True, exist_ok=True)
+def write_outputs(rows: list[dict], outcomes: list[Outcome], report: dict, p: IngestParams) -> None:
+    write_manifest(MANIFEST, rows)
+    LICENSES_DIR.mkdir(parents=True, exist_ok=True)
     for name in p.sources:
         source = SOURCES[name]
         mine = [r for r in rows if r["source"] == name]
         base = p.sources[name].download_base_url or report.get("meta", {}).get(name, {}).get("download_base_url", "")
         # a new file renamed into place: the old one may be a link into DVC's cache, never written through
-        write_text(licenses_dir / source.attribution_file, source.attribution(mine, base))
-    write_json(licenses_dir / "audit.json", audit_document(outcomes, report, p), indent=1)
-    report_path.parent.mkdir(parents=True, exist_ok=True)
-    metric = metric_view(report)
-    write_json(report_path, metric)
-
-
-def _log_summary(report: dict) -> None:
-    log.info("%-10s %8s %8s %6s %6s  excluded", "source", "entries", "included", "train", "val")
-    for name, b in report["sources"].items():
-        ex = ", ".join(f"{k}: {v}" for k, v in b["excluded"].items() if v) or "-"
-        log.info("%-10s %8d %8d %6d %6d  %s", name, b["entries"], b["included"], b["train"], b["val"], ex)
-
-
-def _log_exclusions(outcomes: list[Outcome]) -> None:
-    """The first 20 exclusions of each reason (duplicates aside); the audit has them all."""
-    shown: Counter = Counter()
-    for o in outcomes:
-        if o.status == "excluded" and o.reason != DUPLICATE:
-            shown[o.reason] += 1
-            level = logging.INFO if shown[o.reason] <= 20 else logging.DEBUG  # the audit has them all
-            log.log(level, "excluded %s (%s:%d): %s", o.track_id or "-", o.file, o.line, o.detail or o.reason)
-    for reason, n in shown.items():
-        if n > 20:
-            log.info("… and %d more '%s' entries in %s", n - 20, reason, AUDIT)
+        write_text(LICENSES_DIR / source.attribution_file, source.attribution(mine, base))
+    # audit.json: the policy applied, the counts, and every entry with its decision
+    audit = {"policy": {k: getattr(p.policy, k) for k in vars(p.policy)},
+             "counts": {k: v for k, v in report.items() if k != "meta"},
+             "entries": [o.audit_record() for o in outcomes]}
+    write_json(AUDIT, audit, indent=1)
+    REPORT.parent.mkdir(parents=True, exist_ok=True)
+    write_json(REPORT, metric_view(report))
 
 
 def run(params: Params, args: argparse.Namespace) -> int:
@@ -317,8 +432,19 @@ def run(params: Params, args: argparse.Namespace) -> int:
         log.error("%s", exc)
         return 2
     write_outputs(rows, outcomes, report, p)
-    _log_summary(report)
-    _log_exclusions(outcomes)
+    log.info("%-10s %8s %8s %6s %6s  excluded", "source", "entries", "included", "train", "val")
+    for name, b in report["sources"].items():
+        ex = ", ".join(f"{k}: {v}" for k, v in b["excluded"].items() if v) or "-"
+        log.info("%-10s %8d %8d %6d %6d  %s", name, b["entries"], b["included"], b["train"], b["val"], ex)
+    shown: Counter = Counter()  # the first 20 exclusions of each reason, duplicates aside; the audit has them all
+    for o in outcomes:
+        if o.status == "excluded" and o.reason != DUPLICATE:
+            shown[o.reason] += 1
+            level = logging.INFO if shown[o.reason] <= 20 else logging.DEBUG
+            log.log(level, "excluded %s (%s:%d): %s", o.track_id or "-", o.file, o.line, o.detail or o.reason)
+    for reason, n in shown.items():
+        if n > 20:
+            log.info("… and %d more '%s' entries in %s", n - 20, reason, AUDIT)
     if not rows:
         log.error("no track passed the licence policy with its audio present; see %s", AUDIT)
         return 1

@@ -2,7 +2,7 @@
 
 Reads params `audio`, `frontend`, `mels` and `cluster` only. Unchanged tracks are reused from
 published parts or the previous cache; the rest are computed serially, by a pool of worker processes
-(`run_jobs`) or by Ray tasks (pipeline/data/mel_ray.py), the cache byte-identical either way. One
+(`run_parallel`) or by Ray tasks (pipeline/data/mel_ray.py), the cache byte-identical either way. One
 track: pipeline/data/mel_extraction.py. What the stage refuses and reports: docs/mel-cache.md.
 """
 
@@ -66,13 +66,6 @@ def hms(seconds: float) -> str:
     m, s = divmod(int(seconds), 60)
     h, m = divmod(m, 60)
     return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
-
-
-def run_jobs(cfg: dict, jobs: list[TrackJob], workers: int, progress: TrackProgress) -> list[TrackResult]:
-    """Every job's result, in job order: in this process for one worker or one job, else in a pool."""
-    if workers <= 1 or len(jobs) <= 1:
-        return run_serial(cfg, jobs, progress)
-    return run_parallel(cfg, jobs, workers, progress)
 
 
 def run_serial(cfg: dict, jobs: list[TrackJob], progress: TrackProgress) -> list[TrackResult]:
@@ -168,7 +161,6 @@ def run_parallel(cfg: dict, jobs: list[TrackJob], workers: int, progress: TrackP
     return [results[job.track_id] for job in jobs]
 
 
-
 class MelInputError(ValueError):
     """The manifest cannot be read or lists a track id more than once (the message names the file)."""
 
@@ -217,7 +209,10 @@ def _compute(cfg: dict, todo: list[TrackJob], workers: int, ray_address: str = "
             from pipeline.data.mel_ray import run_jobs_on_ray
 
             return run_jobs_on_ray(cfg, todo, ray_address, tracks_per_task, progress)
-        return run_jobs(cfg, todo, workers, progress)
+        # every job's result, in job order: in this process for one worker or one job, else in a pool
+        if workers <= 1 or len(todo) <= 1:
+            return run_serial(cfg, todo, progress)
+        return run_parallel(cfg, todo, workers, progress)
     finally:
         progress.close()
         seconds = time.monotonic() - t0
@@ -267,7 +262,7 @@ def build_mel_cache(params: Params, manifest_path: Path, cache_path: Path, repor
     failures = [r for r in results if not r.ok]
     report = build_report(jobs, entries, failures, reused, cache_path, compression)
     report["tracks_flagged"], report["flagged"] = len(flagged), flagged
-    _write_report(report_path, report)
+    write_json(report_path, report)
     for r in failures:
         log.warning("skipped %s (%s): %s", r.track_id, r.kind, r.reason)
     for f in flagged:
@@ -275,10 +270,6 @@ def build_mel_cache(params: Params, manifest_path: Path, cache_path: Path, repor
     log.info("mels: %d/%d tracks usable, %d segments, %.1f audio-minutes, %d failed; report in %s",
              report["tracks_ok"], len(jobs), report["segments"], report["audio_minutes"], len(failures), report_path)
     return report
-
-
-def _write_report(path: Path, report: dict) -> None:
-    write_json(path, report)
 
 
 def failure_verdict(report: dict, max_failure_ratio: float, report_path: Path) -> str | None:
@@ -319,23 +310,15 @@ def build_report(jobs: list[TrackJob], entries: list, failures: list[TrackResult
     }
 
 
-
-def _outputs(args: argparse.Namespace) -> tuple[Path, Path]:
+def run(params: Params, args: argparse.Namespace) -> int:
     shard = getattr(args, "shard", None)
-    cache = Path(getattr(args, "mels_out", None) or CACHE)
-    report = Path(getattr(args, "report_out", None) or REPORT)
+    cache_path, report_path = CACHE, REPORT
     if shard:
         k, n = shard
-        cache = cache.with_name(f"{cache.stem}.shard-{k}-of-{n}{cache.suffix}")
-        report = report.with_name(f"{report.stem}.shard-{k}-of-{n}{report.suffix}")
-    return cache, report
-
-
-def run(params: Params, args: argparse.Namespace) -> int:
-    cache_path, report_path = _outputs(args)
-    manifest_path = Path(getattr(args, "manifest", None) or MANIFEST)
+        cache_path = CACHE.with_name(f"{CACHE.stem}.shard-{k}-of-{n}{CACHE.suffix}")
+        report_path = REPORT.with_name(f"{REPORT.stem}.shard-{k}-of-{n}{REPORT.suffix}")
     try:
-        report = build_mel_cache(params, manifest_path, cache_path, report_path, getattr(args, "shard", None))
+        report = build_mel_cache(params, MANIFEST, cache_path, report_path, shard)
     except MelInputError as exc:
         log.error("%s", exc)
         return 1

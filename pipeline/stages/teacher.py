@@ -16,6 +16,7 @@ import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -23,12 +24,12 @@ import torch
 from tqdm import tqdm
 
 from pipeline.data.teacher_cache import EmbeddingWriter, finalize, merge_shards, partial_path, shard_path
-from pipeline.params import Params, as_dict
+from pipeline.params import Params
 from pipeline.paths import MELS
 from pipeline.paths import TEACHER_CACHE as OUT
-from pipeline.space import EMBED_DIM
 from pipeline.teacher.embed import RayTeacher, embed_block, ray_teacher, segment_batches
 from pipeline.teacher.model import Teacher, load_teacher
+from student_clap.spec import EMBED_DIM
 
 log = logging.getLogger(__name__)
 
@@ -39,36 +40,6 @@ LOG_EVERY_S = 30.0
 def _digest(values: Sequence[object] | np.ndarray) -> str:
     data = np.asarray(values).tobytes() if isinstance(values, np.ndarray) else json.dumps(list(values)).encode()
     return hashlib.sha256(data).hexdigest()
-
-
-def mel_identity(mels) -> dict:
-    """What makes two mel caches interchangeable for the teacher: attrs, track order, segment map."""
-    attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in dict(mels.attrs).items()}
-    return {
-        "n_segments": int(mels.n_segments),
-        "track_ids_sha256": _digest(list(mels.track_ids)),
-        "segment_track_sha256": _digest(np.asarray(mels.segment_track, dtype=np.int64)),
-        "attrs": json.loads(json.dumps(attrs, sort_keys=True, default=str)),
-    }
-
-
-def frontend_hash(mels) -> str:
-    """The teacher front-end hash recorded by the mels stage (any attr naming a teacher hash)."""
-    attrs = dict(mels.attrs)
-    for key in ("teacher_frontend_hash", "frontend_teacher_hash", "frontend_hash"):
-        if key in attrs:
-            return str(attrs[key])
-    candidates = sorted(k for k in attrs if "hash" in k and "teacher" in k)
-    return str(attrs[candidates[0]]) if candidates else ""
-
-
-def _check(mels, start: int, first_bad: int | None, track_ids: list[str], seg_track: np.ndarray) -> None:
-    if first_bad is not None:
-        seg = start + first_bad
-        raise RuntimeError(
-            f"{getattr(mels, 'path', 'mel cache')}: segment {seg} of track {track_ids[seg_track[seg]]} "
-            "gives a non-finite or zero teacher embedding (corrupt mels?)"
-        )
 
 
 def _embed_here(teacher: Teacher, mels, batches: list[tuple[int, int]], write) -> None:
@@ -99,7 +70,11 @@ def embed_segments(teacher: Teacher | RayTeacher, mels, writer: EmbeddingWriter,
         def write(start: int, stop: int, result: tuple) -> None:
             nonlocal done, last_log
             emb, norms, first_bad = result
-            _check(mels, start, first_bad, track_ids, seg_track)
+            if first_bad is not None:
+                seg = start + first_bad
+                raise RuntimeError(f"{getattr(mels, 'path', 'mel cache')}: segment {seg} of track "
+                                   f"{track_ids[seg_track[seg]]} gives a non-finite or zero teacher embedding "
+                                   "(corrupt mels?)")
             writer.write(start, emb, norms)
             done += stop - start
             bar.update(stop - start)
@@ -134,13 +109,6 @@ def embed_query_sets(teacher: Teacher, sets: Mapping[str, Sequence[str]]) -> dic
     return {name: (list(qs), table[np.array([index[q] for q in qs], dtype=np.int64)]) for name, qs in sets.items()}
 
 
-def shard_rows(n_segments: int, shard: tuple[int, int] | None) -> np.ndarray:
-    if shard is None:
-        return np.arange(n_segments)
-    k, n = shard
-    return np.arange(k * n_segments // n, (k + 1) * n_segments // n)
-
-
 def build_embeddings(
     teacher: Teacher | RayTeacher,
     mels,
@@ -153,18 +121,26 @@ def build_embeddings(
 ) -> Path:
     """The stage's work on an open mel cache; returns the finished file (or the shard file)."""
     out = Path(out)
+    attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in dict(mels.attrs).items()}
     identity = {
         "format_version": 1,
         "teacher_sha256": teacher.sha256,
-        "frontend_hash": frontend_hash(mels),
-        "mels": mel_identity(mels),
+        "frontend_hash": str(mels.attrs.get("teacher_frontend_hash", "")),  # recorded by the mels stage
+        # what makes two mel caches interchangeable for the teacher: attrs, track order, segment map
+        "mels": {
+            "n_segments": int(mels.n_segments),
+            "track_ids_sha256": _digest(list(mels.track_ids)),
+            "segment_track_sha256": _digest(np.asarray(mels.segment_track, dtype=np.int64)),
+            "attrs": json.loads(json.dumps(attrs, sort_keys=True, default=str)),
+        },
         "dtype": str(teacher.dtype).removeprefix("torch."),
     }
     extra = {"teacher_provenance": teacher.provenance, "params": params}
     path = partial_path(out) if shard is None else shard_path(out, *shard)
     writer = EmbeddingWriter(path, int(mels.n_segments), identity, extra)
     try:
-        rows = shard_rows(int(mels.n_segments), shard)
+        n = int(mels.n_segments)
+        rows = np.arange(n) if shard is None else np.arange(shard[0] * n // shard[1], (shard[0] + 1) * n // shard[1])
         log.info("embedding %d segments of %d tracks into %s", len(rows), len(mels.track_ids), path)
         embed_segments(teacher, mels, writer, rows, batch_size)
         if query_sets is not None and (shard is None or shard[0] == 0):
@@ -190,7 +166,7 @@ def run(params: Params, args: argparse.Namespace) -> int | None:
     recorded = {
         "teacher": {"batch_size": tp.batch_size, "cuda_batch_size": tp.cuda_batch_size, "device": tp.device,
                     "dtype": tp.dtype},
-        "text_queries": as_dict(params.text_queries),
+        "text_queries": asdict(params.text_queries),
     }
     # Scoped, not torch.set_grad_enabled(False): the stage also runs inside other processes (tests).
     with ExitStack() as stack:

@@ -14,63 +14,37 @@ import logging
 from pathlib import Path
 
 from pipeline.params import Params
-from pipeline.teacher.model import (
-    TeacherError,
-    build_demo_teacher,
-    install_demo_teacher,
-)
+from pipeline.teacher.model import TeacherError, build_demo_teacher, install_demo_teacher
 
 log = logging.getLogger(__name__)
-
-
-def missing_files_message(checkpoint: Path, tokenizer_dir: Path, url: str) -> str | None:
-    """What to place where before a checkpoint teacher can be converted; None when all is there."""
-    from pipeline.teacher.convert import tokenizer_files_present
-
-    problems = []
-    if not checkpoint.is_file():
-        problems.append(f"  - the LAION-CLAP checkpoint at {checkpoint} (from {url})")
-    if not tokenizer_files_present(tokenizer_dir):
-        problems.append(
-            f"  - the roberta-base tokenizer in {tokenizer_dir}/ (tokenizer.json, or vocab.json + merges.txt)"
-        )
-    if not problems:
-        return None
-    return (
-        "teacher.model.source is 'checkpoint' but files are missing:\n"
-        + "\n".join(problems)
-        + "\nRun `dvc repro fetch_teacher` or `student-clap teacher fetch` (needs network), or place the files there by hand."
-    )
 
 
 def run(params: Params, args: argparse.Namespace) -> int | None:
     p = params.teacher.model
     out_dir = Path(p.dir)
-    if p.source == "demo":
-        try:
-            install_demo_teacher(p, out_dir)
-        except TeacherError as exc:
-            log.error("%s", exc)
-            return 1
-        return 0
     if p.source == "demo_random":
         log.info("building the seeded random demo teacher into %s", out_dir)
         build_demo_teacher(p, out_dir)
         return 0
-
-    checkpoint, tokenizer_dir = Path(p.checkpoint), Path(p.tokenizer_dir)
-    hub = p.checkpoint_hub
-    source = p.checkpoint_url or f"hf://{hub.repo_id}@{hub.revision}/{hub.filename}"
-    message = missing_files_message(checkpoint, tokenizer_dir, source)
-    if message:
-        log.error("%s", message)
-        return 1
-    from pipeline.teacher.convert import convert_checkpoint
-
     try:
-        convert_checkpoint(
-            checkpoint, tokenizer_dir, out_dir, sha256=p.checkpoint_sha256 or None, trust=p.trust_unverified
-        )
+        if p.source == "demo":
+            install_demo_teacher(p, out_dir)
+        else:
+            from pipeline.teacher.convert import convert_checkpoint, tokenizer_files_present
+
+            checkpoint, tokenizer_dir, hub = Path(p.checkpoint), Path(p.tokenizer_dir), p.checkpoint_hub
+            missing = []
+            if not checkpoint.is_file():
+                source = p.checkpoint_url or f"hf://{hub.repo_id}@{hub.revision}/{hub.filename}"
+                missing.append(f"  - the LAION-CLAP checkpoint at {checkpoint} (from {source})")
+            if not tokenizer_files_present(tokenizer_dir):
+                missing.append(f"  - the roberta-base tokenizer in {tokenizer_dir}/ (tokenizer.json, or vocab.json + merges.txt)")
+            if missing:
+                log.error("teacher.model.source is 'checkpoint' but files are missing:\n%s\nRun `dvc repro fetch_teacher` or "
+                          "`student-clap teacher fetch` (needs network), or place the files there by hand.", "\n".join(missing))
+                return 1
+            convert_checkpoint(checkpoint, tokenizer_dir, out_dir, sha256=p.checkpoint_sha256 or None,
+                               trust=p.trust_unverified)
     except TeacherError as exc:
         log.error("%s", exc)
         return 1

@@ -314,15 +314,3 @@ def main(args: argparse.Namespace) -> int:
         log.error("%s", exc)
         return 1
     return 0
-
-
-__all__ = [
-    "ConversionError",
-    "convert_checkpoint",
-    "load_checkpoint_state",
-    "load_roberta_tokenizer",
-    "main",
-    "map_state_dict",
-    "tokenizer_files_present",
-    "verify_checkpoint",
-]

@@ -16,7 +16,7 @@ import logging
 import math
 import resource
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from pipeline.data.demo_audio import INSTRUMENTS, MODES, TEMPI, Music, caption, fits, render
-from pipeline.params import DemoTeacherParams, DemoTrainParams, Params, TeacherFrontendParams, as_dict
+from pipeline.params import DemoTeacherParams, DemoTrainParams, Params, TeacherFrontendParams
 
 log = logging.getLogger(__name__)
 
@@ -74,10 +74,8 @@ def plan_clips(n: int, seed: int, codec_share: float, instruments: tuple[str, ..
 def _lossy_round_trip(wave: np.ndarray, sr: int, codec: str) -> np.ndarray:
     """Encode at the lowest bitrate and decode again, as the low-bitrate demo files are."""
     buf = io.BytesIO()
-    if codec == "mp3":
-        sf.write(buf, wave, sr, format="MP3", subtype="MPEG_LAYER_III", compression_level=0.99)
-    else:
-        sf.write(buf, wave, sr, format="OGG", subtype="VORBIS", compression_level=0.99)
+    fmt, subtype = ("MP3", "MPEG_LAYER_III") if codec == "mp3" else ("OGG", "VORBIS")
+    sf.write(buf, wave, sr, format=fmt, subtype=subtype, compression_level=0.99)
     buf.seek(0)
     out, _ = sf.read(buf, dtype="float32", always_2d=True)
     return out.mean(axis=1)
@@ -324,7 +322,7 @@ def train_demo_teacher(d: DemoTeacherParams, t: DemoTrainParams, frontend: Teach
         "cpu_seconds_clips": round(mel_cpu, 1),
         "wall_seconds": round(time.time() - start_wall, 1),
     }
-    provenance = {"kind": "demo", "trained": True, "params": as_dict(d), "report": report}
+    provenance = {"kind": "demo", "trained": True, "params": asdict(d), "report": report}
     tokenizer.no_padding()
     tokenizer.no_truncation()
     write_teacher_dir(model, tokenizer, Path(out_dir), provenance)

@@ -82,17 +82,13 @@ def manual_instructions(p: TeacherModelParams) -> str:
     return "\n".join(lines)
 
 
-def _hub_offline() -> bool:
-    # read at call time: huggingface_hub reads it once at import, which may predate the caller's setting
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
-
-
 def _from_hub(f: PlannedFile) -> Path:
     """The file in the Hugging Face cache (downloaded there when missing). Raises FetchError."""
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
-    offline = _hub_offline()
+    # read at call time: huggingface_hub reads it once at import, which may predate the caller's setting
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
     try:
         cached = hf_hub_download(
             f.repo_id, f.filename, revision=f.revision,
@@ -118,12 +114,6 @@ def _from_url(f: PlannedFile, d: DownloadParams, progress: bool) -> Path:
     except DownloadError as exc:
         raise FetchError(str(exc)) from exc
     return f.dest
-
-
-def _place(src: Path, dest: Path) -> None:
-    """Copy `src` onto `dest` atomically (a reader never sees half a file)."""
-    with atomic_path(dest) as tmp:
-        shutil.copyfile(src, tmp)
 
 
 def _judge(f: PlannedFile, path: Path, trust: bool, digest: str | None = None) -> dict:
@@ -175,17 +165,15 @@ def fetch_file(f: PlannedFile, d: DownloadParams, *, trust: bool = False, progre
         raise FetchError(f"{f.dest} from {f.source}: no sha256 pinned ({f.pin_param} is empty); refused. Pin it, "
                          "or pass --trust (teacher.model.trust_unverified: true) to accept the file unverified")
     if f.url:
-        if f.sha256 and not trust:
-            _from_url(f, d, progress)  # the downloader checks the digest and removes a bad file
-            return _judge(f, f.dest, trust)
-        # trusted: fetch without the pin, then judge (and record) what arrived
-        tmp = PlannedFile(f.dest, "", f.pin_param, url=f.url)
-        _from_url(tmp, d, progress)
+        # pinned: the downloader checks the digest and removes a bad file; trusted: fetch without the
+        # pin, then judge (and record) what arrived
+        _from_url(f if f.sha256 and not trust else PlannedFile(f.dest, "", f.pin_param, url=f.url), d, progress)
         return _judge(f, f.dest, trust)
     log.info("fetching %s -> %s", f.source, f.dest)
     cached = _from_hub(f)
     entry = _judge(f, cached, trust)  # before placing: a refused file never reaches dest
-    _place(cached, f.dest)
+    with atomic_path(f.dest) as tmp:  # a reader never sees half a file
+        shutil.copyfile(cached, tmp)
     entry["path"] = str(f.dest)
     return entry
 
@@ -197,22 +185,17 @@ def write_record(path: Path, entries: list[dict], source: str) -> None:
     write_json(path, body, sort_keys=True)
 
 
-def _previous_entries(path: Path) -> dict[str, dict]:
-    """path -> entry of the fetch.json an earlier run wrote (empty when there is none or it is unreadable)."""
-    try:
-        files = json.loads(path.read_text(encoding="utf-8")).get("files") or []
-        return {str(e["path"]): e for e in files if isinstance(e, dict) and "path" in e}
-    except (OSError, ValueError, AttributeError, KeyError, TypeError):
-        return {}
-
-
 def fetch(p: TeacherModelParams, d: DownloadParams, *, trust: bool = False,
           progress: bool = True) -> list[dict]:
     """Fetch and verify every file; writes fetch.json and returns its entries.
 
     Every file is tried; a FetchError listing each failed file is raised at the end."""
     entries, errors = [], []
-    previous = _previous_entries(record_path(p))
+    try:  # path -> entry of the fetch.json an earlier run wrote (none when it is missing or unreadable)
+        files = json.loads(record_path(p).read_text(encoding="utf-8")).get("files") or []
+        previous = {str(e["path"]): e for e in files if isinstance(e, dict) and "path" in e}
+    except (OSError, ValueError, AttributeError, KeyError, TypeError):
+        previous = {}
     for f in planned_files(p):
         try:
             entries.append(fetch_file(f, d, trust=trust, progress=progress, before=previous.get(str(f.dest))))
@@ -246,26 +229,3 @@ def main(args: argparse.Namespace) -> int:
         p.checkpoint, p.tokenizer_dir, record_path(p),
     )
     return 0
-
-
-def fetch_stage(p: TeacherModelParams, d: DownloadParams, out_dir: str | Path) -> None:
-    """The fetch_teacher stage: `out_dir` (DVC-tracked) ends up holding the teacher's inputs and fetch.json.
-
-    With teacher.model.source 'demo' nothing is fetched (the demo teacher is built from params)
-    and fetch.json says so; the stage then needs no network. Raises FetchError or TeacherError."""
-    out_dir = Path(out_dir)
-    if p.source == "demo":
-        log.info("teacher.model.source is 'demo': nothing to fetch")
-        write_record(out_dir / RECORD_NAME, [], "demo")
-        return
-    root = out_dir.resolve()
-    for name, value in (("teacher.model.checkpoint", p.checkpoint), ("teacher.model.tokenizer_dir", p.tokenizer_dir)):
-        if not Path(value).resolve().is_relative_to(root):
-            raise FetchError(f"{name}: {value} is outside {out_dir}/, the folder the fetch_teacher stage tracks; "
-                             f"keep the fetched files under it")
-    if Path(p.checkpoint).parent.resolve() != root:
-        raise FetchError(f"teacher.model.checkpoint: {p.checkpoint} must sit directly in {out_dir}/ (fetch.json goes beside it)")
-    from pipeline.teacher.convert import load_roberta_tokenizer
-
-    fetch(p, d, trust=p.trust_unverified)
-    load_roberta_tokenizer(p.tokenizer_dir)  # refuses truncated or empty vocabulary files

@@ -16,16 +16,16 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from pipeline.atomic import atomic_path
-from pipeline.params import DemoTeacherParams, TeacherModelParams, as_dict
-from pipeline.space import EMBED_DIM
+from pipeline.params import DemoTeacherParams, TeacherModelParams
 from student_clap.files import sha256_file
+from student_clap.spec import EMBED_DIM
 
 log = logging.getLogger(__name__)
 
@@ -123,23 +123,12 @@ def demo_word_corpus() -> list[str]:
     return words + lines + [w.capitalize() for w in words]
 
 
-def _roberta_post_processor(tokenizer) -> None:
-    from tokenizers import processors
-
-    tokenizer.post_processor = processors.RobertaProcessing(
-        ("</s>", tokenizer.token_to_id("</s>")),  # sep (positional: the keyword name changed across versions)
-        ("<s>", tokenizer.token_to_id("<s>")),  # cls
-        trim_offsets=True,
-        add_prefix_space=False,
-    )
-
-
 def build_demo_tokenizer(vocab_size: int, texts: list[str] | None = None):
     """A small byte-level BPE with RoBERTa's special tokens and <s> ... </s> framing.
 
     Trained on `texts` (the trained demo teacher passes its captions and the query vocabulary),
     else on the fixed music word list."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -151,7 +140,12 @@ def build_demo_tokenizer(vocab_size: int, texts: list[str] | None = None):
         show_progress=False,
     )
     tokenizer.train_from_iterator(texts if texts is not None else demo_word_corpus(), trainer=trainer)
-    _roberta_post_processor(tokenizer)
+    tokenizer.post_processor = processors.RobertaProcessing(
+        ("</s>", tokenizer.token_to_id("</s>")),  # sep (positional: the keyword name changed across versions)
+        ("<s>", tokenizer.token_to_id("<s>")),  # cls
+        trim_offsets=True,
+        add_prefix_space=False,
+    )
     return tokenizer
 
 
@@ -227,17 +221,13 @@ def demo_clap_model(d: DemoTeacherParams, vocab_size: int):
 
 def build_demo_teacher(p: TeacherModelParams, out_dir: Path) -> Path:
     """Seeded random ClapModel in the real teacher's format; same params -> same weights and tokenizer."""
-    d = p.demo
-    if len(d.audio_depths) != len(d.audio_heads):
-        raise ValueError(
-            f"teacher.model.demo: audio_depths {d.audio_depths} and audio_heads {d.audio_heads} differ in length"
-        )
+    d = p.demo  # audio_heads has one entry per audio_depths entry (checked by pipeline.params)
     tokenizer = build_demo_tokenizer(d.vocab_size)
     torch.manual_seed(d.seed)
     model = demo_clap_model(d, tokenizer.get_vocab_size()).eval()
     n_params = sum(t.numel() for t in model.parameters())
     log.info("demo teacher: seeded random ClapModel, %.2fM parameters, vocab %d", n_params / 1e6, tokenizer.get_vocab_size())
-    provenance = {"kind": "demo_random", "params": as_dict(d)}
+    provenance = {"kind": "demo_random", "params": asdict(d)}
     return write_teacher_dir(model, tokenizer, Path(out_dir), provenance)
 
 
@@ -261,7 +251,9 @@ def install_demo_teacher(p: TeacherModelParams, out_dir: Path) -> Path:
         raise TeacherError(
             f"{src / WEIGHTS}: sha256 {actual} differs from teacher.model.demo.weights_sha256 {expected}"
         )
-    check_tokenizer(_load_raw_tokenizer(src / TOKENIZER), src / TOKENIZER)
+    from tokenizers import Tokenizer
+
+    check_tokenizer(Tokenizer.from_file(str(src / TOKENIZER)), src / TOKENIZER)
     out_dir = Path(out_dir)
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
@@ -272,12 +264,6 @@ def install_demo_teacher(p: TeacherModelParams, out_dir: Path) -> Path:
             raise TeacherError(f"{tmp / WEIGHTS}: copy differs from {src / WEIGHTS}")
     log.info("installed the trained demo teacher from %s (sha256 %s)", src, actual[:12])
     return out_dir
-
-
-def _load_raw_tokenizer(path: Path):
-    from tokenizers import Tokenizer
-
-    return Tokenizer.from_file(str(path))
 
 
 # --------------------------------------------------------------------------- loading and embedding

@@ -251,18 +251,12 @@ def _to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
-def _autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
-    if cfg.precision not in ("fp32", "bf16"):
-        raise ValueError(f"precision must be fp32 or bf16, got {cfg.precision!r}")
-    return torch.bfloat16 if cfg.precision == "bf16" and device.type == "cuda" else None
-
-
 def train_one_epoch(task: Distillation, encoder: nn.Module, loss_fn: DistillLoss, opt: Optimisation,
                     loader: DataLoader, cfg: TrainConfig, ranks: D.Ranks, device: torch.device,
                     epoch: int) -> dict[str, float]:
     """One pass over the loader; returns the item-weighted train metrics (summed over ranks)."""
     warming_up = cfg.warmup and opt.stage == 1 and epoch == 0
-    amp = _autocast_dtype(cfg, device)
+    amp = torch.bfloat16 if cfg.precision == "bf16" and device.type == "cuda" else None  # the CPU trains in fp32
     sums = [0.0, 0.0, 0.0, 0.0]  # loss, cosine, centred cosine (item-weighted), items
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.total_epochs} (stage {opt.stage})", disable=not ranks.main,
                leave=False, mininterval=1.0, dynamic_ncols=True)
@@ -345,23 +339,9 @@ def _open_live(cfg: TrainConfig, resumed: bool, start_epoch: int) -> Any:
     return live
 
 
-def _close_live(live: Any, cfg: TrainConfig) -> None:
-    live.end()
-    # DVCLive's own summary duplicates what the stage writes to its metrics.json, and inside
-    # a plots folder DVC would list it as an (empty) plot
-    (Path(cfg.live_dir) / "metrics.json").unlink(missing_ok=True)
-
-
 def _fmt_seconds(s: float) -> str:
     s = int(round(s))
     return f"{s // 3600:d}:{s % 3600 // 60:02d}:{s % 60:02d}"
-
-
-def _check(cfg: TrainConfig, ranks: D.Ranks) -> None:
-    if cfg.p.batch_size % ranks.world:
-        raise ValueError(f"batch_size {cfg.p.batch_size} is not divisible by the {ranks.world} processes")
-    if cfg.p.epochs < 0 or cfg.p.stage2_epochs < 0 or cfg.total_epochs == 0:
-        raise ValueError(f"need at least one epoch (epochs={cfg.p.epochs}, stage2_epochs={cfg.p.stage2_epochs})")
 
 
 def prepare_model(task: Distillation, cfg: TrainConfig, device: torch.device) -> nn.Module:
@@ -386,7 +366,10 @@ def fit(task: Distillation, cfg: TrainConfig) -> TrainResult:
     """Train `task.model` as configured; returns the best weights and the metric history."""
     device = D.resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
     ranks = D.init_ranks(device)
-    _check(cfg, ranks)
+    if cfg.p.batch_size % ranks.world:
+        raise ValueError(f"batch_size {cfg.p.batch_size} is not divisible by the {ranks.world} processes")
+    if cfg.p.epochs < 0 or cfg.p.stage2_epochs < 0 or cfg.total_epochs == 0:
+        raise ValueError(f"need at least one epoch (epochs={cfg.p.epochs}, stage2_epochs={cfg.p.stage2_epochs})")
     if cfg.p.threads and device.type == "cpu":
         # small models: a second thread buys little and, on a busy machine, costs up to 4x in spin-waits
         torch.set_num_threads(cfg.p.threads)
@@ -446,7 +429,10 @@ def fit(task: Distillation, cfg: TrainConfig) -> TrainResult:
                  epoch + 1, cfg.total_epochs, opt.stage, train_metrics["loss"], train_metrics["cosine"], cfg.monitor,
                  value, " (best)" if is_best else "", lr_used, epoch_times[-1], _fmt_seconds(eta))
     if live is not None:
-        _close_live(live, cfg)
+        live.end()
+        # DVCLive's own summary duplicates what the stage writes to its metrics.json, and inside
+        # a plots folder DVC would list it as an (empty) plot
+        (Path(cfg.live_dir) / "metrics.json").unlink(missing_ok=True)
     return _result(model, state, cfg, ranks)
 
 

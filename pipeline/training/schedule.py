@@ -14,14 +14,10 @@ import torch
 from pipeline.params import PlateauParams
 
 
-def warmup_lr(base_lr: float, step: int, steps: int) -> float:
-    """Linear rise from base_lr / steps (step 0) to base_lr (the last step of the warmup)."""
-    return base_lr * (step + 1) / steps
-
-
 def get_lr(base_lr: float, step: int, steps_per_epoch: int, warming_up: bool) -> float | None:
-    """The rate for `step` of the epoch, or None to keep what the plateau schedule left."""
-    return warmup_lr(base_lr, step, steps_per_epoch) if warming_up else None
+    """The rate for `step` of the epoch, or None to keep what the plateau schedule left: while warming
+    up, a linear rise from base_lr / steps_per_epoch (step 0) to base_lr (the epoch's last step)."""
+    return base_lr * (step + 1) / steps_per_epoch if warming_up else None
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

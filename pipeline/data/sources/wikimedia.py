@@ -185,14 +185,10 @@ def _responses(path: Path) -> list:
         data = json.loads(text)
         return data if isinstance(data, list) else [data]
     except json.JSONDecodeError:
-        out = []
-        for line in text.splitlines():  # one answer per line
-            if line.strip():
-                out.append(json.loads(line))
-        return out
+        return [json.loads(line) for line in text.splitlines() if line.strip()]  # one answer per line
 
 
-def parse_imageinfo(path: Path) -> ParseResult:
+def parse_metadata(path: Path) -> ParseResult:
     """Commons API imageinfo answers with extmetadata (LicenseShortName, LicenseUrl, Artist, ObjectName)."""
     path = Path(path)
     res = ParseResult()
@@ -242,10 +238,6 @@ def parse_imageinfo(path: Path) -> ParseResult:
                 entry.notes.append("extmetadata has no LicenseShortName/LicenseUrl")
             res.entries.append(entry)
     return res
-
-
-def parse_metadata(path: Path) -> ParseResult:
-    return parse_imageinfo(path)
 
 
 parse = lists_then_metadata(parse_list, parse_metadata)
