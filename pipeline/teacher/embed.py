@@ -151,7 +151,10 @@ def ray_teacher(address: str, model_dir: str | Path, device: str, dtype: str, ac
     with cluster.connect(address) as ray:
         n, options = actor_options(ray, device, actors, cpus)
         files = ray.put(teacher_files(model_dir))
-        remote = ray.remote(TeacherActor).options(max_restarts=cluster.RETRIES, max_task_retries=cluster.RETRIES,
+        # A call to an actor that is restarting (its node was lost, its teacher is loading again) is
+        # retried until it answers: a bounded count ran out on a loaded machine while the restart was
+        # still under way (ActorUnavailableError). Restarts stay bounded; past them a call fails.
+        remote = ray.remote(TeacherActor).options(max_restarts=cluster.RETRIES, max_task_retries=-1,
                                                   scheduling_strategy="SPREAD", **options)
         handles = [remote.remote(files, device, dtype, cpus) for _ in range(n)]
         try:
