@@ -140,7 +140,7 @@ def _patch_ann(db: Path, state: dict, stored: dict | None, batch: int = 10_000) 
     if len(drop) or len(add):
         _save(index, db, state, ANN_DTYPE)
     else:  # only the database's stamp moved (a writer opened and closed): the graph is current
-        _state_path(db).write_text(json.dumps({**state, "dtype": ANN_DTYPE}), encoding="utf-8")
+        _write_state(db, state, ANN_DTYPE)
     log.info("approximate search index patched: %d song(s) removed, %d added (%s)", len(drop), len(add), ann_path(db))
     return True
 
@@ -149,21 +149,20 @@ def _save(index: Any, db: Path, state: dict, dtype: str) -> None:
     out, tmp = ann_path(db), ann_path(db).with_name(ann_path(db).name + ".tmp")
     index.save(str(tmp))
     os.replace(tmp, out)
+    _write_state(db, state, dtype)
+
+
+def _write_state(db: Path, state: dict, dtype: str) -> None:
     _state_path(db).write_text(json.dumps({**state, "dtype": dtype}), encoding="utf-8")
 
 
-def refresh_ann(db: str | Path) -> Path:
-    """Bring DB.usearch up to date with the database: patched when that is enough, else built anew."""
-    db = Path(db)
-    con = _connect_ro(db)
-    try:
-        state = db_state(con)
-    finally:
-        con.close()
-    if _stale(_stored_state(db), state, db) and not _patch_ann(db, state, _stored_state(db)):
+def _refresh(db: Path, state: dict) -> None:
+    """Bring DB.usearch up to date with the database (`state`, read by the caller): patched when
+    that is enough, else built anew."""
+    stored = _stored_state(db)
+    if _stale(stored, state, db) and not _patch_ann(db, state, stored):
         log.info("building the approximate search index for %d songs (%s)", state["count"], ann_path(db))
         build_ann(db)
-    return ann_path(db)
 
 
 def update_ann(db: str | Path) -> bool:
@@ -179,7 +178,7 @@ def update_ann(db: str | Path) -> bool:
         for p in (ann_path(db), _state_path(db)):
             p.unlink(missing_ok=True)
         return False
-    refresh_ann(db)
+    _refresh(db, state)
     return True
 
 
@@ -205,7 +204,7 @@ def search_ann(db: str | Path, queries: np.ndarray, k: int) -> list[list[tuple[s
             return None
         if _stale(_stored_state(db), state, db):
             try:
-                refresh_ann(db)
+                _refresh(db, state)
             except OSError as exc:
                 log.warning("%s is out of date and cannot be rebuilt here (%s): searching exactly", ann_path(db), exc)
                 return None
