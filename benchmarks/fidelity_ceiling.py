@@ -17,7 +17,6 @@ on its held-out songs, with the same neighbour figures as evaluate:
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -27,14 +26,14 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from pipeline.data.manifest import read_manifest  # noqa: E402
 from pipeline.evaluation.fidelity import neighbour_agreement  # noqa: E402
 from pipeline.metrics import cosine_rows, l2_normalize  # noqa: E402
 
 
 def held_out(work: Path) -> tuple[np.ndarray, list[np.ndarray]]:
     """The held-out songs' teacher track embeddings and their segment embeddings."""
-    val = {json.loads(line)["track_id"] for line in (work / "data" / "manifest.jsonl").read_text().splitlines()
-           if json.loads(line)["split"] == "val"}
+    val = {r["track_id"] for r in read_manifest(work / "data" / "manifest.jsonl") if r["split"] == "val"}
     with h5py.File(work / "data" / "teacher.h5", "r") as f:
         ids = [x.decode() if isinstance(x, bytes) else str(x) for x in f["tracks/track_id"][:]]
         tracks = f["tracks/embedding"][:].astype(np.float64)
