@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from loader import loader_rate, training_data  # noqa: E402  (benchmarks/loader.py)
 from pipeline.data.datasets import Collate, MelSource, Split, TrainItems  # noqa: E402
-from pipeline.training.losses import DistillLoss  # noqa: E402
+from pipeline.training.losses import DistillLoss, whitener  # noqa: E402
 from pipeline.models.audio_student import build_audio_student  # noqa: E402
 from pipeline.params import load_params  # noqa: E402
 from pipeline.paths import MANIFEST, MELS, TEACHER_CACHE  # noqa: E402
@@ -115,6 +115,7 @@ class SyntheticDistillation:
         self.model = build_audio_student({"backbone": backbone, "dropout": 0.1})
         self.dataset = TrainItems(split, "segments")
         self.collate_fn = Collate(split, MelSource.from_arrays(mels), emb, np.ones(n_segments, np.float32), False, 0)
+        self.teacher_rows = emb
 
     def embed_batch(self, encode, batch):
         raw = encode(batch["mels"].float())
@@ -139,7 +140,9 @@ def _train_setup(backbone: str, batch: int, steps: int, frames: int, device: tor
     cfg = TrainConfig(p=section, ckpt_dir=Path("."), monitor="none", live_dir=None, device=str(device),
                       num_workers=0, precision="bf16", channels_last=True, compile=compile_model, warmup=False)
     model = prepare_model(task, cfg, device)
-    loss_fn = DistillLoss(cfg.p.loss).to(device)
+    # the shipped loss, whitened term included (fitted on the synthetic targets, as the stage fits the training ones)
+    whiten = whitener(task.teacher_rows) if cfg.p.loss.whitened_weight > 0 else None
+    loss_fn = DistillLoss(cfg.p.loss, whiten=whiten).to(device)
     return SimpleNamespace(task=task, cfg=cfg, model=model, loss_fn=loss_fn,
                            opt=build_optimizer(task, model, loss_fn, cfg, 1),
                            encoder=D.wrap_encoder(model, ranks, device, compile_model),
