@@ -202,12 +202,11 @@ def search_ann(db: str | Path, queries: np.ndarray, k: int) -> list[list[tuple[s
         except ImportError:
             log.warning("usearch is not installed: searching %d songs exactly (slower)", state["count"])
             return None
-        if _stale(_stored_state(db), state, db):
-            try:
-                _refresh(db, state)
-            except OSError as exc:
-                log.warning("%s is out of date and cannot be rebuilt here (%s): searching exactly", ann_path(db), exc)
-                return None
+        try:
+            _refresh(db, state)  # nothing to do while the index matches the database
+        except OSError as exc:
+            log.warning("%s is out of date and cannot be rebuilt here (%s): searching exactly", ann_path(db), exc)
+            return None
         index = UIndex.restore(str(ann_path(db)), view=True)
         index.expansion_search = max(EXPANSION_SEARCH, 2 * k)
         out = []
