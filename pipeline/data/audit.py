@@ -1,9 +1,6 @@
-"""`student-clap licenses audit`: prove that every cached track may be used.
+"""`student-clap licenses audit`: prove that every cached track may be used (docs/songs.md).
 
-Every track id in the mel cache (data/mels.h5) and the teacher cache (data/teacher.h5) must be
-in the manifest with a licence the current policy allows. The audit prints tracks and minutes
-per licence per source, lists every violation, and exits non-zero when there is one. The
-evaluate stage calls `run_audit` and puts `AuditReport.to_dict()` into the model card.
+The evaluate stage calls `run_audit` and puts `AuditReport.to_dict()` into the model card.
 """
 
 from __future__ import annotations
@@ -19,6 +16,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from pipeline.atomic import write_json
 from pipeline.data.licenses import decide
 from pipeline.data.manifest import ManifestError, read_manifest
 from pipeline.params import LicensePolicyParams, ParamsError, load_params, section_from_dict
@@ -189,9 +187,7 @@ def main(args: argparse.Namespace) -> int:
     for v in report.violations:
         print(f"VIOLATION {v.track_id} in {v.cache}: {v.problem}")
     if getattr(args, "json_out", None):
-        out = Path(args.json_out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        write_json(args.json_out, report.to_dict())
     if report.ok:
         print(f"OK: all {report.tracks} cached tracks are in the manifest with an allowed licence")
         return 0

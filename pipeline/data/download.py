@@ -1,9 +1,6 @@
 """Robust HTTP downloads: resume, bounded retries with backoff, sha256 check, atomic rename.
 
-A download writes `<dest>.part`, resumes it with an HTTP `Range` request, and renames it onto
-`dest` only when the whole body arrived and its sha256 matches, so `dest` either does not exist or
-is complete. Refusals (a non-http(s) redirect or a loop, a body over `max_bytes`, an HTML page
-where a file is expected) are not retried and remove the partial file. docs/trust.md, "Downloads".
+`<dest>.part` files, `Range` resumes and the refusals that are never retried: docs/trust.md, "Downloads".
 """
 
 from __future__ import annotations
@@ -17,6 +14,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import requests
 import urllib3
@@ -51,17 +49,12 @@ class DownloadError(RuntimeError):
 class _Refused(Exception):
     """Internal: a permanent refusal; the partial file is removed and nothing is retried."""
 
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
 
 class _Retryable(Exception):
     """Internal: this attempt failed in a way a later attempt may fix."""
 
     def __init__(self, reason: str, wait: float | None = None) -> None:
         super().__init__(reason)
-        self.reason = reason
         self.wait = wait
 
 
@@ -243,12 +236,12 @@ def download(
                 break
             except _Refused as exc:
                 part.unlink(missing_ok=True)
-                raise DownloadError(url, dest, exc.reason) from None
+                raise DownloadError(url, dest, str(exc)) from None
             except _Retryable as exc:
                 if attempt >= retries:
-                    raise DownloadError(url, dest, f"{exc.reason} (gave up after {attempt + 1} attempts)") from exc
+                    raise DownloadError(url, dest, f"{exc} (gave up after {attempt + 1} attempts)") from exc
                 wait = exc.wait if exc.wait is not None else backoff * (2**attempt)
-                log.warning("%s: %s; attempt %d of %d in %.1f s", url, exc.reason, attempt + 2, retries + 1, wait)
+                log.warning("%s: %s; attempt %d of %d in %.1f s", url, exc, attempt + 2, retries + 1, wait)
                 time.sleep(wait)
     finally:
         if own_session:
@@ -286,18 +279,12 @@ class DownloadResult:
 
 
 def download_many(
-    jobs: Iterable[DownloadJob | tuple],
-    concurrency: int = 4,
-    *,
-    retries: int = 3,
-    backoff: float = 1.0,
-    timeout: float = 30.0,
-    progress: bool = True,
-    max_bytes: int | None = None,
+    jobs: Iterable[DownloadJob | tuple], concurrency: int = 4, *, progress: bool = True, **options: Any
 ) -> list[DownloadResult]:
     """Run several downloads, at most `concurrency` at a time; one failure never stops the rest.
 
-    `jobs` holds `DownloadJob`s or `(url, dest[, sha256])` tuples. Results come back in job order.
+    `jobs` holds `DownloadJob`s or `(url, dest[, sha256])` tuples; `options` (retries, backoff, timeout,
+    max_bytes) go to each `download`. Results come back in job order.
     """
     todo: Sequence[DownloadJob] = [j if isinstance(j, DownloadJob) else DownloadJob(j[0], Path(j[1]), *j[2:]) for j in jobs]
     results = [DownloadResult(job) for job in todo]
@@ -313,15 +300,8 @@ def download_many(
         job = todo[i]
         try:
             results[i].sha256 = download(
-                job.url,
-                Path(job.dest),
-                job.sha256,
-                retries=retries,
-                backoff=backoff,
-                timeout=timeout,
-                progress=progress and concurrency == 1,
-                session=local.session,
-                max_bytes=max_bytes,
+                job.url, Path(job.dest), job.sha256,
+                progress=progress and concurrency == 1, session=local.session, **options,
             )
         except DownloadError as exc:
             results[i].error = str(exc)

@@ -1,15 +1,13 @@
 """Licences: URL or free text -> SPDX id, the inclusion policy, and attribution rendering.
 
-Ids (docs/songs.md): `CC0-1.0`; `public-domain` (also the PD Mark, the retired CC PD dedication and
-Wikimedia's `PD-old`, `PD-US` templates); `CC-<ELEMENTS>-<version>`, a jurisdiction port by its SPDX id
-where the SPDX list has one, else `LicenseRef-CC-BY-2.0-FR` style (no version: `LicenseRef-CC-BY`);
-`unknown` for anything else, excluded unless the policy allows unknown licences.
+Ids as docs/songs.md lists them; Wikimedia's `PD-old`/`PD-US` templates are `public-domain` too, and
+a CC licence named without a version gets a `LicenseRef-CC-BY` style id.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from typing import NamedTuple
 from urllib.parse import urlsplit
 
 PUBLIC_DOMAIN = "public-domain"
@@ -27,17 +25,6 @@ SPDX_PORTS = frozenset(
     }
 )  # fmt: skip
 
-# URL element codes -> canonical family. CC 1.0 spelt BY-NC-ND as "by-nd-nc".
-_URL_FAMILIES = {
-    "by": "by",
-    "by-sa": "by-sa",
-    "by-nc": "by-nc",
-    "by-nc-sa": "by-nc-sa",
-    "by-nd": "by-nd",
-    "by-nc-nd": "by-nc-nd",
-    "by-nd-nc": "by-nc-nd",
-}
-
 _FAMILY_NAMES = {
     "by": "Attribution",
     "by-sa": "Attribution-ShareAlike",
@@ -53,10 +40,7 @@ _ID = re.compile(r"^(?:LicenseRef-)?CC-(BY(?:-NC)?(?:-SA|-ND)?)(?:-(\d+\.\d+))?(
 
 
 def _make_id(family: str, version: str | None, port: str | None) -> str:
-    if family in ("public-domain", "unknown"):
-        return PUBLIC_DOMAIN if family == "public-domain" else UNKNOWN
-    if family == "cc0":
-        return CC0
+    """The id of a CC BY family (a key of _FAMILY_NAMES) at a version and port."""
     base = "CC-" + family.upper()
     if not version:
         return "LicenseRef-" + base
@@ -86,8 +70,8 @@ def _from_url(url: str) -> str | None:
     code = segs[1]
     if code == "publicdomain":
         return PUBLIC_DOMAIN
-    family = _URL_FAMILIES.get(code)
-    if family is None:
+    family = "by-nc-nd" if code == "by-nd-nc" else code  # CC 1.0 spelt BY-NC-ND as "by-nd-nc"
+    if family not in _FAMILY_NAMES:
         return UNKNOWN  # sampling+, devnations, nc-sa 1.0 without BY, ...
     version = segs[2] if len(segs) > 2 and _VERSION.match(segs[2]) else None
     port = segs[3] if version and len(segs) > 3 and re.fullmatch(r"[a-z]{2,3}|scotland", segs[3]) else None
@@ -115,8 +99,6 @@ def _from_text(text: str) -> str:
         return CC0
     if "pd" in toks or t.startswith("pd-") or "pdm" in toks:
         return PUBLIC_DOMAIN
-    if "by" not in toks and not ({"nc", "sa", "nd"} & toks and "cc" in toks):
-        return UNKNOWN
     if "by" not in toks:
         return UNKNOWN  # NC/SA/ND without BY only existed in CC 1.0: treat as unrecognised
     family = "by" + ("-nc" if "nc" in toks else "") + ("-sa" if "sa" in toks else "") + ("-nd" if "nd" in toks else "")
@@ -206,13 +188,9 @@ def long_name(license_id: str) -> str:
 # --------------------------------------------------------------------------- policy
 
 
-@dataclass(frozen=True)
-class Decision:
+class Decision(NamedTuple):  # callers unpack `allowed, reason = decide(...)`
     allowed: bool
     reason: str  # "" when allowed; "unknown licence" / "licence not allowed: <id> (<switch>)"
-
-    def __iter__(self):  # lets callers unpack `allowed, reason = decide(...)`
-        return iter((self.allowed, self.reason))
 
 
 def decide(license_id: str, policy) -> Decision:
@@ -223,9 +201,7 @@ def decide(license_id: str, policy) -> Decision:
     """
     fam = family(license_id)
     if fam == "unknown":
-        if policy.allow_unknown:
-            return Decision(True, "")
-        return Decision(False, "unknown licence")
+        return Decision(True, "") if policy.allow_unknown else Decision(False, "unknown licence")
     if fam == "public-domain":
         needed = ["allow_public_domain"]
     elif fam == "cc0":

@@ -1,8 +1,6 @@
 """data/manifest.jsonl: one JSON object per track that passed the licence policy and has audio.
 
-Every row has every field of `REQUIRED` (the schema, with what each holds: docs/songs.md); ingest
-also writes source_path (the list's own file reference, for attribution) and sha256 (hex, for
-files this run downloaded; null otherwise).
+Every row has every field of `REQUIRED`, plus the source_path and sha256 that ingest adds (docs/songs.md).
 """
 
 from __future__ import annotations
@@ -20,7 +18,8 @@ class ManifestError(ValueError):
     """The manifest file is not valid; the message names the file and line."""
 
 
-def _check(row: object, where: str) -> dict:
+def _check(row: object, where: str, seen: set[str]) -> dict:
+    """The row, valid and with a track_id not in `seen` (which it is added to)."""
     if not isinstance(row, dict):
         raise ManifestError(f"{where}: expected a JSON object, got {type(row).__name__}")
     missing = [k for k in REQUIRED if k not in row]
@@ -34,6 +33,9 @@ def _check(row: object, where: str) -> dict:
         raise ManifestError(f"{where}: tags must be a list")
     if row["duration"] is not None and not isinstance(row["duration"], (int, float)):
         raise ManifestError(f"{where}: duration must be a number or null")
+    if row["track_id"] in seen:
+        raise ManifestError(f"{where}: track_id {row['track_id']} appears twice")
+    seen.add(row["track_id"])
     return row
 
 
@@ -52,21 +54,13 @@ def read_manifest(path: str | Path) -> list[dict]:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise ManifestError(f"{where}: not JSON ({exc.msg})") from None
-            _check(row, where)
-            if row["track_id"] in seen:
-                raise ManifestError(f"{where}: track_id {row['track_id']} appears twice")
-            seen.add(row["track_id"])
-            rows.append(row)
+            rows.append(_check(row, where, seen))
     return rows
 
 
 def write_manifest(path: str | Path, rows: list[dict]) -> None:
     """Validate and write rows (in the given order) atomically."""
-    path = Path(path)
-    seen = set()
+    seen: set[str] = set()
     for i, row in enumerate(rows):
-        _check(row, f"row {i} ({row.get('track_id') if isinstance(row, dict) else '?'})")
-        if row["track_id"] in seen:
-            raise ManifestError(f"row {i}: track_id {row['track_id']} appears twice")
-        seen.add(row["track_id"])
+        _check(row, f"row {i} ({row.get('track_id') if isinstance(row, dict) else '?'})", seen)
     write_text(path, "".join(json.dumps(row, ensure_ascii=False, sort_keys=False) + "\n" for row in rows))

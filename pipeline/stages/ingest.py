@@ -1,10 +1,6 @@
-"""ingest: song lists + metadata -> licence-checked manifest, attribution files and an audit.
+"""ingest: song lists + metadata -> licence-checked manifest, attribution files and an audit (docs/songs.md).
 
-Reads only `params.ingest`. For every source it parses the song lists and metadata, merges repeated
-tracks, normalises each licence, applies the policy, finds (or downloads) the audio and splits by
-artist; then writes data/manifest.jsonl, data/licenses/ (attribution files, audit.json) and
-models/report/ingest.json (docs/songs.md). One bad entry never stops the stage; it is excluded with
-one of REASONS.
+Reads only `params.ingest`. One bad entry never stops the stage; it is excluded with one of REASONS.
 """
 
 from __future__ import annotations
@@ -120,10 +116,8 @@ def parse_source(name: str, sp: SourceParams) -> ParseResult:
     metadata = []
     for path in sp.metadata:
         if is_checksum_file(_need(path, f"ingest.sources.{name}.metadata")):
-            got, problems = parse_checksums(Path(path))
+            got, problems = parse_checksums(Path(path), name)
             sums.update(got)
-            for prob in problems:
-                prob.source = name
             res.problems += problems
         else:
             metadata.append(path)
@@ -215,7 +209,6 @@ def check_audio_roots(p: IngestParams) -> None:
             log.info("ingest.sources.%s.audio_root %s does not exist yet: created for the downloads", name, root)
             root.mkdir(parents=True, exist_ok=True)
             continue
-        log.warning("ingest.sources.%s.audio_root: %s does not exist", name, root)
         raise IngestError(
             f"ingest.sources.{name}.audio_root: {root} does not exist (every track would be 'audio missing'); "
             "fix the path, or set ingest.download: true to fetch the audio there"
@@ -402,7 +395,6 @@ def metric_view(report: dict) -> dict:
 
 def write_outputs(rows: list[dict], outcomes: list[Outcome], report: dict, p: IngestParams) -> None:
     write_manifest(MANIFEST, rows)
-    LICENSES_DIR.mkdir(parents=True, exist_ok=True)
     for name in p.sources:
         source = SOURCES[name]
         mine = [r for r in rows if r["source"] == name]
@@ -414,7 +406,6 @@ def write_outputs(rows: list[dict], outcomes: list[Outcome], report: dict, p: In
              "counts": {k: v for k, v in report.items() if k != "meta"},
              "entries": [o.audit_record() for o in outcomes]}
     write_json(AUDIT, audit, indent=1)
-    REPORT.parent.mkdir(parents=True, exist_ok=True)
     write_json(REPORT, metric_view(report))
 
 

@@ -1,8 +1,4 @@
-"""Song sources: one module per corpus, each defining a `SongSource`, registered here.
-
-Adding a corpus: write `pipeline/data/sources/<name>.py` (parse its lists and metadata into
-`Entry` rows, render its attribution file) and add its `SONG_SOURCE` to the table below.
-"""
+"""Song sources: one module per corpus, each defining a `SongSource`, registered here (docs/layout.md)."""
 
 from __future__ import annotations
 

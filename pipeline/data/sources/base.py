@@ -6,6 +6,7 @@ import logging
 import os
 import re
 from collections.abc import Callable
+from typing import Any
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from urllib.parse import unquote, urlsplit
@@ -52,10 +53,6 @@ class Problem:
     detail: str
     text: str = ""  # the offending line(s), shortened
 
-    @property
-    def where(self) -> str:
-        return f"{self.file}:{self.line}"
-
 
 @dataclass
 class ParseResult:
@@ -80,14 +77,18 @@ class SourceFiles:
 
 @dataclass(frozen=True)
 class SongSource:
-    """Everything ingest needs from one corpus. A new corpus is one module defining one of these
-    plus one line in `pipeline.data.sources.SOURCES`."""
+    """Everything ingest needs from one corpus (docs/layout.md, "Adding a song source")."""
 
     name: str
     attribution_file: str  # data/licenses/<attribution_file>, in the source's list format
     parse: Callable[[SourceFiles], ParseResult]  # lists + native metadata -> entries and problems
     attribution: Callable[[list[dict], str], str]  # included manifest rows, mirror URL -> file text
     download_base: str = ""  # where missing audio is fetched from when params name no mirror
+
+
+def new_entry(source: str, path: Path, line: int, key: str, **fields: Any) -> Entry:
+    """An Entry read at `path`:`line` whose track id is `<source>:<key>`."""
+    return Entry(source=source, track_id=f"{source}:{key}", file=str(path), line=line, **fields)
 
 
 def lists_then_metadata(
@@ -171,8 +172,8 @@ def is_checksum_file(path: Path) -> bool:
     return bool(_CHECKSUM_LINE.match(first))
 
 
-def parse_checksums(path: Path) -> tuple[dict[str, str], list[Problem]]:
-    """relative path -> lower-case sha256, and the lines that do not fit the format."""
+def parse_checksums(path: Path, source: str = "checksums") -> tuple[dict[str, str], list[Problem]]:
+    """relative path -> lower-case sha256, and the lines that do not fit the format (as `source`'s problems)."""
     lines, _ = read_lines(path)
     sums, problems = {}, []
     for i, text in enumerate(lines, 1):
@@ -182,7 +183,7 @@ def parse_checksums(path: Path) -> tuple[dict[str, str], list[Problem]]:
         if m:
             sums[m.group(2)] = m.group(1).lower()
         else:
-            problems.append(Problem("checksums", str(path), i, "not a '<sha256> <path>' line", shorten(text)))
+            problems.append(Problem(source, str(path), i, "not a '<sha256> <path>' line", shorten(text)))
     return sums, problems
 
 
@@ -197,12 +198,10 @@ def _fully_unquoted(text: str) -> str:
 
 
 def escapes_root(root: str | Path, rel: str) -> bool:
-    """True when the relative audio path `rel` could name a file outside `root`.
+    """True when the relative audio path `rel` could name a file outside `root` (docs/trust.md, "Paths").
 
-    Checked on the text as written and percent-decoded (`..%2F..%2Fx`), with backslashes read as
-    separators: absolute paths, drive letters and `..` segments are refused outright; what
-    remains must still lie under `root` once symlinks are followed (a link inside the root that
-    points elsewhere escapes it too).
+    Absolute paths, drive letters and `..` segments (backslashes read as separators), as written or
+    percent-decoded, are refused outright; what remains must lie under `root` once symlinks are followed.
     """
     for text in {rel, _fully_unquoted(rel)}:
         if not text or "\x00" in text:

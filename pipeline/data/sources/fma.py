@@ -25,6 +25,7 @@ from pipeline.data.sources.base import (
     clean,
     has_audio_ext,
     lists_then_metadata,
+    new_entry,
     read_lines,
     shorten,
     strip_audio_ext,
@@ -36,12 +37,12 @@ SOURCE = "fma"
 _KEY = re.compile(r"^\s*(SONG|LINK|LICENSE LINK|LICENSE URL|LICENSE)\s*:\s*(.*?)\s*$", re.I)
 
 
-def _id_from_link(link: str) -> str | None:
+def _id_from_link(link: str) -> str:
+    """The id part of a LINK: its path below `/music/` ('' when there is none)."""
     path = unquote(urlsplit(link.strip()).path)
     if "/music/" in path:
         path = path.split("/music/", 1)[1]
-    path = path.strip("/")
-    return f"{SOURCE}:{path}" if path else None
+    return path.strip("/")
 
 
 def _stem_candidates(stem: str) -> list[str]:
@@ -65,7 +66,6 @@ def _split_song(song: str) -> tuple[str | None, str | None]:
 
 def parse_list(path: Path) -> ParseResult:
     """An FMA_SONGS_LICENSE.md: blocks of SONG / LINK / LICENSE LINK lines."""
-    path = Path(path)
     lines, bad = read_lines(path)
     res = ParseResult()
     block: dict[str, tuple[int, str]] = {}
@@ -78,17 +78,14 @@ def parse_list(path: Path) -> ParseResult:
         link = block.get("LINK", (start, ""))[1]
         lic = block.get("LICENSE LINK") or block.get("LICENSE URL") or block.get("LICENSE")
         raw = " | ".join(f"{k}: {v}" for k, (_, v) in block.items())
-        track_id = _id_from_link(link) if link else None
+        key = _id_from_link(link) if link else ""
         stem = url_last_segment(link) if link else ""
-        if not track_id or not stem:
+        if not key or not stem:
             res.problems.append(Problem(SOURCE, str(path), start, "entry has no usable LINK (needed for its id and audio file)", shorten(raw)))
         else:
             artist, title = _split_song(song)
-            entry = Entry(
-                source=SOURCE,
-                track_id=track_id,
-                file=str(path),
-                line=start,
+            entry = new_entry(
+                SOURCE, path, start, key,
                 artist=artist,
                 title=title or stem.replace("_", " "),
                 url=link,
@@ -178,11 +175,8 @@ def _metadata_entry(path: Path, line: int, track_id: str, artist: str, title: st
     stem = url_last_segment(url) if url else ""
     candidates = [_dataset_path(tid)] + (_stem_candidates(stem) if stem else [])
     lic_url = (lic_url or "").strip()
-    return Entry(
-        source=SOURCE,
-        track_id=f"{SOURCE}:{tid}",
-        file=str(path),
-        line=line,
+    return new_entry(
+        SOURCE, path, line, str(tid),
         artist=clean(artist),
         title=clean(title),
         url=clean(url),

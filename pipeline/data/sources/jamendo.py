@@ -19,7 +19,9 @@ import re
 from pathlib import Path
 
 from pipeline.data.licenses import canonical_url, long_name, one_line
-from pipeline.data.sources.base import Entry, ParseResult, Problem, SongSource, SourceFiles, clean, read_lines, shorten
+from pipeline.data.sources.base import (
+    Entry, ParseResult, Problem, SongSource, SourceFiles, clean, new_entry, read_lines, shorten
+)
 
 log = logging.getLogger(__name__)
 SOURCE = "jamendo"
@@ -47,7 +49,6 @@ def _num(text: str) -> str | None:
 
 def parse_list(path: Path) -> ParseResult:
     """An MTG_JAMENDO_SONGS_LICENSE.md list or the dataset's audio_licenses.txt."""
-    path = Path(path)
     lines, bad = read_lines(path)
     res = ParseResult()
     current: Entry | None = None
@@ -70,15 +71,8 @@ def parse_list(path: Path) -> ParseResult:
             finish(current)
             rel = m.group(1)
             num = _num(m.group(2))
-            current = Entry(
-                source=SOURCE,
-                track_id=f"{SOURCE}:{num}" if num else f"{SOURCE}:{rel}",
-                file=str(path),
-                line=i,
-                source_path=rel,
-                candidates=_candidates(rel),
-                download_path=rel,
-            )
+            current = new_entry(SOURCE, path, i, num or rel, source_path=rel, candidates=_candidates(rel),
+                                download_path=rel)
             if i in bad:
                 current.notes.append("line not valid UTF-8, read as cp1252")
             continue
@@ -116,7 +110,6 @@ def parse_list(path: Path) -> ParseResult:
 
 def parse_tsv(path: Path) -> ParseResult:
     """An MTG-Jamendo autotagging TSV. Carries no licence: join with audio_licenses.txt."""
-    path = Path(path)
     lines, bad = read_lines(path)
     res = ParseResult()
     if not lines or not lines[0].startswith("TRACK_ID"):
@@ -138,11 +131,8 @@ def parse_tsv(path: Path) -> ParseResult:
             duration = float(dur)
         except ValueError:
             duration = None
-        entry = Entry(
-            source=SOURCE,
-            track_id=f"{SOURCE}:{num}",
-            file=str(path),
-            line=i,
+        entry = new_entry(
+            SOURCE, path, i, num,
             artist_key=artist_id or None,
             source_path=rel,
             candidates=_candidates(rel),

@@ -30,6 +30,7 @@ from pipeline.data.sources.base import (
     SongSource,
     clean,
     lists_then_metadata,
+    new_entry,
     read_lines,
     shorten,
     strip_audio_ext,
@@ -83,11 +84,8 @@ def _entry(path: Path, line: int, filename: str, url: str, license_cell: str) ->
         m = re.search(r"https?://\S+", license_cell)
         lic_url = m.group(0) if m else None
     candidates = [c for c in dict.fromkeys([local, name]) if c]
-    return Entry(
-        source=SOURCE,
-        track_id=f"{SOURCE}:{name}",
-        file=str(path),
-        line=line,
+    return new_entry(
+        SOURCE, path, line, name,
         title=_title_from_name(name),
         url=url or f"https://commons.wikimedia.org/wiki/File:{name}",
         license_text=license_cell.strip() or None,
@@ -100,7 +98,6 @@ def _entry(path: Path, line: int, filename: str, url: str, license_cell: str) ->
 
 def parse_list(path: Path) -> ParseResult:
     """A WIKIMEDIA_SONGS_LICENSE.md markdown table."""
-    path = Path(path)
     lines, bad = read_lines(path)
     res = ParseResult()
     cols: dict[str, int] | None = None
@@ -190,7 +187,6 @@ def _responses(path: Path) -> list:
 
 def parse_metadata(path: Path) -> ParseResult:
     """Commons API imageinfo answers with extmetadata (LicenseShortName, LicenseUrl, Artist, ObjectName)."""
-    path = Path(path)
     res = ParseResult()
     try:
         answers = _responses(path)
@@ -218,11 +214,8 @@ def parse_metadata(path: Path) -> ParseResult:
             name = commons_name(title)
             lic_name = _ext_value(meta, "LicenseShortName") or _ext_value(meta, "License")
             lic_url = _ext_value(meta, "LicenseUrl")
-            entry = Entry(
-                source=SOURCE,
-                track_id=f"{SOURCE}:{name}",
-                file=str(path),
-                line=n,
+            entry = new_entry(
+                SOURCE, path, n, name,
                 artist=html_to_text(_ext_value(meta, "Artist")),
                 title=html_to_text(_ext_value(meta, "ObjectName")) or _title_from_name(name),
                 url=info.get("descriptionurl") or f"https://commons.wikimedia.org/wiki/File:{name}",
