@@ -1,11 +1,5 @@
-"""`student-clap check`: validate params.yaml and the inputs it names, without running a stage.
-
-`dvc repro` deletes a stage's outputs before running it, so a problem the stage itself finds costs
-the previous outputs. This finds them first: the params (types, ranges, relations, missing keys)
-and every input they name (song lists, metadata, audio roots and symlinks in them that lead outside,
-query terms, the pretrained EfficientAT file, a checkpoint teacher's files, param-named inputs that
-are no dep of their stage).
-"""
+"""`student-clap check`: validate params.yaml and the inputs it names without running a stage, whose
+`dvc repro` would first delete its outputs (docs/real-teacher.md, step 7)."""
 
 from __future__ import annotations
 
@@ -32,10 +26,9 @@ def input_problems(params: Params) -> list[str]:
         problems.append("ingest.sources: no song source configured")
     for src, sp in ing.sources.items():
         where = f"ingest.sources.{src}"
-        for i, path in enumerate(sp.lists):
-            need_file(path, f"{where}.lists[{i}]")
-        for i, path in enumerate(sp.metadata):
-            need_file(path, f"{where}.metadata[{i}]")
+        for key in ("lists", "metadata"):
+            for i, path in enumerate(getattr(sp, key)):
+                need_file(path, f"{where}.{key}[{i}]")
         need_file(sp.licenses_file, f"{where}.licenses_file")
         if not sp.audio_root:
             problems.append(f"{where}.audio_root: empty")
@@ -98,7 +91,6 @@ def teacher_problems(params: Params) -> list[str]:
 
 def check(params_path: str | Path) -> list[str]:
     """All problems found (an empty list: ready for `dvc repro`)."""
-    params_path = Path(params_path)
     try:
         params = load_params(params_path)
     except ParamsError as exc:

@@ -1,11 +1,5 @@
 """Ray for the per-song stages (mels, teacher): connecting to a cluster and keeping work in flight.
-
-`cluster.ray_address` decides where those stages run ("" in this process, "auto", or an address).
-The stage process is Ray's driver and writes every result itself, so the outputs are the ones the
-local path writes; workers run the driver's own copy of `pipeline` (shipped as a py_module), so a
-cluster never runs other code than the stage DVC hashed. Ray is an optional extra
-(`pip install 'student-clap[ray]'`). How to run one: docs/cluster.md.
-"""
+The stage process is Ray's driver and writes every result itself. How and why: docs/cluster.md."""
 
 from __future__ import annotations
 

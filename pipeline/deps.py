@@ -1,11 +1,5 @@
-"""What each DVC stage reads, so that `dvc status` sees every change: code and param-named inputs.
-
-Code: the import closure of the stage module must be in the stage's `deps:` (tests/test_stage_deps.py
-fails on a gap). Inputs named by params (`PARAM_INPUTS`): scalar paths are templated in dvc.yaml,
-but DVC cannot template a list into deps, so a listed file outside the declared folders is written
-into the stage's deps by `student-clap deps --write`; until then the stage refuses to run and
-`student-clap check` names the param. docs/layout.md.
-"""
+"""What each DVC stage reads, so that `dvc status` sees every change: the import closure of its module
+and the inputs params name (`PARAM_INPUTS`). The rules: docs/layout.md."""
 
 from __future__ import annotations
 

@@ -434,6 +434,11 @@ class Params:
 # --------------------------------------------------------------------------- loading
 
 
+# scalar annotation -> (the types a value may have, what a message says was expected); a bool is not a number
+_SCALARS = {bool: ((bool,), "true/false"), int: ((int,), "an integer"), float: ((int, float), "a number"),
+            str: ((str,), "a string")}
+
+
 def _convert(tp: Any, value: Any, where: str) -> Any:
     """Check `value` against the annotation `tp` and build dataclasses; `where` names the field."""
     origin = typing.get_origin(tp)
@@ -466,22 +471,11 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
         if not isinstance(value, dict):
             raise ParamsError(f"{where}: expected a mapping, got {type(value).__name__}")
         return {str(k): _convert(args[1], v, f"{where}.{k}") for k, v in value.items()}
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ParamsError(f"{where}: expected true/false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ParamsError(f"{where}: expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ParamsError(f"{where}: expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ParamsError(f"{where}: expected a string, got {value!r}")
-        return value
+    if tp in _SCALARS:
+        accepted, expected = _SCALARS[tp]
+        if not isinstance(value, accepted) or (tp is not bool and isinstance(value, bool)):
+            raise ParamsError(f"{where}: expected {expected}, got {value!r}")
+        return float(value) if tp is float else value
     raise ParamsError(f"{where}: unsupported annotation {tp!r}")  # a bug in this module
 
 
@@ -547,10 +541,7 @@ class _Restricted:
     """
 
     def __init__(self, obj: Any, prefix: str, allowed: tuple[str, ...], stage: str) -> None:
-        object.__setattr__(self, "_obj", obj)
-        object.__setattr__(self, "_prefix", prefix)
-        object.__setattr__(self, "_allowed", allowed)
-        object.__setattr__(self, "_stage", stage)
+        vars(self).update(_obj=obj, _prefix=prefix, _allowed=allowed, _stage=stage)  # __setattr__ refuses
 
     def __getattr__(self, name: str) -> Any:
         value = getattr(self._obj, name)

@@ -1,10 +1,6 @@
-"""`student-clap weights fetch <name>`: get a released EfficientAT AudioSet checkpoint.
-
-The release (v0.0.1 of fschmid56/EfficientAT) names its files ``<model>_mAP_<score>.pt``. No
-sha256 of them is pinned (none could be established from a public record), so a first fetch is
-checked by loading it weights-only as that model's state dict (names and shapes), and its sha256 is
-kept in ``<file>.sha256`` for every later fetch or copy to match. docs/trust.md.
-"""
+"""`student-clap weights fetch <name>`: get a released EfficientAT AudioSet checkpoint. No sha256 of the
+release is pinned, so a first fetch must load as that model's state dict and records its sha256 in
+``<file>.sha256`` for later fetches to match (docs/trust.md)."""
 
 from __future__ import annotations
 
@@ -76,21 +72,18 @@ def fetch_weights(
     name: str,
     out_dir: str | Path = "models/pretrained",
     source: str | None = None,
-    sha256: str | None = None,
     *,
-    retries: int = 3,
-    timeout: float = 60.0,
     progress: bool = True,
 ) -> Path:
     """Put the checkpoint of `name` into `out_dir` and return its path.
 
-    `source`: None (the GitHub release), a base URL (``…/`` + asset name) or a local file.
-    `sha256`: expected digest; when None, a digest recorded by an earlier fetch is enforced.
+    `source`: None (the GitHub release), a base URL (``…/`` + asset name) or a local file. A digest
+    recorded by an earlier fetch is enforced.
     """
     dest = Path(out_dir) / asset_name(name)  # what distill_audio.pretrained should point at
     dest.parent.mkdir(parents=True, exist_ok=True)
     side = dest.with_name(dest.name + ".sha256")
-    expected = sha256 or (side.read_text().split()[0] if side.is_file() else None)
+    expected = side.read_text().split()[0] if side.is_file() else None
     if dest.is_file():
         digest = sha256_file(dest)
         if expected is None or digest == expected:
@@ -116,7 +109,7 @@ def fetch_weights(
         base = source or RELEASE_URL
         url = base.rstrip("/") + "/" + asset_name(name)
         log.info("downloading %s -> %s", url, dest)
-        digest = download(url, dest, sha256=expected, retries=retries, timeout=timeout, progress=progress)
+        digest = download(url, dest, sha256=expected, timeout=60.0, progress=progress)
         _checked(dest, name, expected)
     _record_sha(dest, digest)
     log.info("%s ready (sha256 %s); set distill_audio.pretrained: %s", dest, digest, dest)
@@ -136,7 +129,7 @@ def _checked(path: Path, name: str, expected: str | None) -> None:
 
 def main(args: argparse.Namespace) -> int:
     try:
-        path = fetch_weights(args.name, args.out, getattr(args, "source", None), getattr(args, "sha256", None))
+        path = fetch_weights(args.name, args.out, args.source)
     except Exception as exc:  # DownloadError / WeightsError: one clear line, non-zero exit
         log.error("%s", exc)
         return 1

@@ -1,10 +1,5 @@
-"""Stage fetch_teacher: the real teacher's checkpoint and tokenizer into models/teacher_src/ (DVC-tracked).
-
-With teacher.model.source 'checkpoint' the files are fetched (Hugging Face Hub at the pinned
-revision, or the configured mirror URL) and verified against their pinned sha256, so dvc.lock
-records their hashes and `dvc push` shares them. With 'demo' nothing is fetched (fetch.json says
-so) and the stage needs no network. Reads only teacher.model (sources, pins, trust) and ingest.downloads.
-"""
+"""Stage fetch_teacher: the real teacher's checkpoint and tokenizer into models/teacher_src/ (DVC-tracked);
+with teacher.model.source 'demo' nothing is fetched (fetch.json says so). docs/real-teacher.md."""
 
 from __future__ import annotations
 

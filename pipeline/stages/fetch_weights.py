@@ -1,10 +1,5 @@
-"""Stage fetch_weights: EfficientAT pretrained weights into models/pretrained/ (DVC-tracked) when used.
-
-distill_audio.pretrained empty (the demo) fetches nothing and needs no network. Otherwise the
-released checkpoint of distill_audio.model is fetched (sha256 recorded beside it), or a file
-placed there by hand is taken as it is; `fetch.json` records the file and its sha256, so dvc.lock
-holds the weights' provenance. Reads only distill_audio.model and distill_audio.pretrained.
-"""
+"""Stage fetch_weights: EfficientAT pretrained weights into models/pretrained/ (DVC-tracked) when
+distill_audio.pretrained names a file; `fetch.json` records it and its sha256. docs/real-teacher.md, step 5."""
 
 from __future__ import annotations
 

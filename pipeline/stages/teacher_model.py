@@ -1,11 +1,6 @@
-"""Stage teacher_model: put the teacher weights into teacher.model.dir.
-
-`source: demo` installs the trained demo teacher committed in teacher.model.demo.weights_dir after
-checking its sha256 against teacher.model.demo.weights_sha256; `source: demo_random` builds a
-seeded random ClapModel of the demo shape (for tests that need no trained weights);
-`source: checkpoint` converts the LAION checkpoint at teacher.model.checkpoint with the
-roberta-base tokenizer in teacher.model.tokenizer_dir. Reads only the teacher.model params.
-"""
+"""Stage teacher_model: put the teacher weights into teacher.model.dir: the committed demo teacher
+(sha256-checked), a seeded random one (demo_random), or the converted LAION checkpoint (docs/demo.md,
+docs/real-teacher.md)."""
 
 from __future__ import annotations
 

@@ -1,10 +1,5 @@
-"""LAION-CLAP .pt checkpoint -> teacher folder (ClapModel safetensors + config + tokenizer).
-
-The checkpoint's HTSAT-base audio tower and RoBERTa text tower map one to one onto transformers'
-ClapModel (the key mapping and what is dropped on purpose: docs/real-teacher.md). The load is strict:
-every ClapModel weight must come from the checkpoint with the same shape, so a checkpoint of another
-shape fails naming the key instead of silently losing layers.
-"""
+"""LAION-CLAP .pt checkpoint -> teacher folder (ClapModel safetensors + config + tokenizer), loaded strictly.
+The key mapping and what is dropped on purpose: docs/real-teacher.md."""
 
 from __future__ import annotations
 
@@ -189,11 +184,8 @@ def _rename(key: str) -> str:
     return key
 
 
-def load_into(
-    model: torch.nn.Module, mapped: dict[str, torch.Tensor], source: str, origin: dict[str, str] | None = None
-) -> None:
-    """Strict: same key set (bar derived buffers), same shapes; errors name the key."""
-    origin = origin or {}
+def load_into(model: torch.nn.Module, mapped: dict[str, torch.Tensor], source: str, origin: dict[str, str]) -> None:
+    """Strict: same key set (bar derived buffers), same shapes; errors name the key (and `origin`, its source key)."""
     target = model.state_dict()
     unexpected = sorted(set(mapped) - set(target))
     if unexpected:
@@ -306,10 +298,7 @@ def convert_checkpoint(
 def main(args: argparse.Namespace) -> int:
     """`student-clap teacher convert CKPT --tokenizer DIR --out DIR [--sha256 HEX] [--trust]`."""
     try:
-        convert_checkpoint(
-            args.checkpoint, args.tokenizer, args.out,
-            sha256=getattr(args, "sha256", None), trust=getattr(args, "trust", False),
-        )
+        convert_checkpoint(args.checkpoint, args.tokenizer, args.out, sha256=args.sha256, trust=args.trust)
     except TeacherError as exc:
         log.error("%s", exc)
         return 1

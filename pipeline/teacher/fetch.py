@@ -1,11 +1,5 @@
-"""Get the real teacher's inputs: the LAION-CLAP checkpoint and the roberta-base tokenizer.
-
-Used by `student-clap teacher fetch` and by the fetch_teacher stage. Hub files come through
-`huggingface_hub.hf_hub_download` at the pinned revision (so HF_HOME, HF_ENDPOINT, HF_TOKEN and
-HF_HUB_OFFLINE apply), other URLs through pipeline.data.download. Every file must match the sha256
-pinned in params unless trusted explicitly, and `fetch.json` records where the bytes really came
-from (or that they were placed by hand). Steps and trust: docs/real-teacher.md, docs/trust.md.
-"""
+"""Get the real teacher's inputs (the LAION-CLAP checkpoint, the roberta-base tokenizer) for `student-clap
+teacher fetch` and the fetch_teacher stage, verified by sha256. Steps and trust: docs/real-teacher.md, docs/trust.md."""
 
 from __future__ import annotations
 
@@ -150,11 +144,9 @@ def fetch_file(f: PlannedFile, d: DownloadParams, *, trust: bool = False, progre
     `before`: this file's entry in the previous fetch.json, if any (see `_in_place`)."""
     if f.dest.is_file():
         digest = sha256_file(f.dest)
-        if f.sha256 and digest == f.sha256:
-            log.info("%s already present and verified", f.dest)
-            return _in_place(f, trust, digest, before)
-        if not f.sha256 and trust:
-            log.info("%s already present (unpinned, trusted)", f.dest)
+        if digest == f.sha256 or (not f.sha256 and trust):
+            log.info("%s already present and verified" if f.sha256 else "%s already present (unpinned, trusted)",
+                     f.dest)
             return _in_place(f, trust, digest, before)
         if f.sha256:  # pinned and different: never leave the wrong bytes where the teacher looks
             log.warning("%s has sha256 %s, not the pinned %s (%s); removed, fetching it again",
@@ -212,9 +204,9 @@ def main(args: argparse.Namespace) -> int:
     from pipeline.teacher.convert import load_roberta_tokenizer
     from pipeline.teacher.model import TeacherError
 
-    params = load_params(getattr(args, "params", "params.yaml"))
+    params = load_params(args.params)
     p = params.teacher.model
-    trust = bool(getattr(args, "trust", False)) or p.trust_unverified
+    trust = args.trust or p.trust_unverified
     try:
         entries = fetch(p, params.ingest.downloads, trust=trust)
         load_roberta_tokenizer(p.tokenizer_dir)  # refuses truncated or empty vocabulary files
