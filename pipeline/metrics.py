@@ -40,11 +40,8 @@ def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def centred_cosine_rows(student: np.ndarray, teacher: np.ndarray, teacher_mean: np.ndarray) -> np.ndarray:
-    """Cosine after subtracting the teacher mean from both sides.
-
-    Measures whether the student reproduces how each teacher embedding *differs* from the
-    average one; a student that outputs the mean scores exactly 0 (its centred row is zero).
-    """
+    """Cosine after subtracting the teacher mean from both sides: how each embedding *differs* from
+    the average one (a student that outputs the mean scores exactly 0: its centred row is zero)."""
     s, t = _as_2d(student, "student"), _as_2d(teacher, "teacher")
     mean = np.asarray(teacher_mean, dtype=np.float64).reshape(1, -1)
     if mean.shape[1] != t.shape[1]:

@@ -16,6 +16,7 @@ TEACHER_CACHE = Path("data/teacher.h5")
 AUDIO_STUDENT = Path("models/audio/student.pt")
 TEXT_STUDENT = Path("models/text/student.pt")
 TEXT_TOKENIZER = Path("models/text/tokenizer.json")
+REPORT = Path("models/report")  # evaluate's metrics.json and licences.json, read by export
 # fetched inputs (DVC-tracked by the fetch_teacher / fetch_weights stages)
 TEACHER_SRC = Path("models/teacher_src")
 PRETRAINED = Path("models/pretrained")

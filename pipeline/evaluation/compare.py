@@ -15,7 +15,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -251,13 +251,8 @@ def same_space_section(emb: Embedded, p: SameSpaceParams) -> dict[str, Any]:
     """The verdict and figures, laid out as evaluate's `same_space` section."""
     if len(emb.paths) == 0:
         return {"skipped": True, "reason": "no readable song"}
-    centre = M.mean_embedding(emb.teacher)
-    figures = fidelity.same_space(emb.teacher, emb.student, centre, min_median_cosine=p.min_median_cosine,
-                                  min_top5_overlap=p.min_top5_overlap,
-                                  min_median_centred_cosine=p.min_median_centred_cosine)
-    return {"same_space": figures.pop("same_space"), "failed": figures.pop("failed"),
-            "min_median_cosine": p.min_median_cosine, "min_top5_overlap": p.min_top5_overlap,
-            "min_median_centred_cosine": p.min_median_centred_cosine, "centre": "the mean teacher embedding of these songs", "audio_student": figures}
+    return fidelity.same_space_section(emb.teacher, emb.student, M.mean_embedding(emb.teacher), asdict(p),
+                                       centre="the mean teacher embedding of these songs")
 
 
 # --------------------------------------------------------------------------- the command

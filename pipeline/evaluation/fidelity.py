@@ -8,7 +8,7 @@ bars: docs/evaluation.md, "Reading the verdict".
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -130,3 +130,12 @@ def same_space(teacher: np.ndarray, student: np.ndarray, centre: np.ndarray | No
         out["median_above_mean_baseline"] = cos["cosine"]["median"] - baseline["median"]
     out.update(nb)
     return out
+
+
+def same_space_section(teacher: np.ndarray, student: np.ndarray, centre: np.ndarray | None,
+                       bars: Mapping[str, float], /, **extra: Any) -> dict[str, Any]:
+    """`same_space` laid out as a report section (evaluate's, compare's): the verdict, the `bars`
+    (the evaluate.same_space params as a dict), any `extra` entries, then the figures."""
+    figures = same_space(teacher, student, centre, **bars)
+    return {"same_space": figures.pop("same_space"), "failed": figures.pop("failed"), **bars, **extra,
+            "audio_student": figures}

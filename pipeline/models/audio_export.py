@@ -32,7 +32,8 @@ EMBEDDING_OUTPUTS = ("embedding", "embedding_raw")
 
 
 class WaveformEmbedder(nn.Module):
-    """Mel front-end + audio student: waveform segments in, (embedding, embedding_raw) out."""
+    """Mel front-end + audio student: waveform segments in, (embedding, embedding_raw) out (with
+    nn.Identity() as `frontend`: the audio student on precomputed student log-mels)."""
 
     def __init__(self, frontend: nn.Module, student: nn.Module) -> None:
         super().__init__()
@@ -41,18 +42,6 @@ class WaveformEmbedder(nn.Module):
 
     def forward(self, waveform: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raw = self.student.embed_raw(self.frontend(waveform))
-        return nn.functional.normalize(raw, dim=-1), raw
-
-
-class MelEmbedder(nn.Module):
-    """Audio student on precomputed student log-mels: (embedding, embedding_raw)."""
-
-    def __init__(self, student: nn.Module) -> None:
-        super().__init__()
-        self.student = student
-
-    def forward(self, mel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        raw = self.student.embed_raw(mel)
         return nn.functional.normalize(raw, dim=-1), raw
 
 
@@ -93,7 +82,6 @@ def export_audio(
     opset: int,
     min_cosine: float,
     quantize: bool,
-    parity_batch: int = 3,
 ) -> dict[str, Any]:
     """Waveform, mel and (optionally) int8 audio ONNX files with their parity figures."""
     student = student.eval()
@@ -105,14 +93,14 @@ def export_audio(
         wave_model, (example,), out_dir / AUDIO_ONNX, input_names=["waveform"], output_names=outputs,
         dynamic_axes=same_axes(["waveform", *outputs], {0: "batch"}), opset=opset,
     )
-    waves = parity_waveforms(parity_batch, segment_samples, sample_rate)
+    waves = parity_waveforms(3, segment_samples, sample_rate)
     info: dict[str, Any] = {
         AUDIO_ONNX: onnx_utils.check_parity(wave_model, wave_path, {"waveform": waves}, min_cosine).as_dict()
     }
 
     with torch.no_grad():
         mels = frontend(torch.from_numpy(waves)).numpy()
-    mel_model = MelEmbedder(student).eval()
+    mel_model = WaveformEmbedder(nn.Identity(), student).eval()
     mel_path = onnx_utils.export_module(
         mel_model, (torch.from_numpy(mels[:2]),), out_dir / AUDIO_MEL_ONNX, input_names=["mel"],
         output_names=outputs, dynamic_axes={"mel": {0: "batch", 2: "frames"}, **same_axes(outputs, {0: "batch"})},

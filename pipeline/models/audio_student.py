@@ -1,8 +1,5 @@
-"""The audio student: EfficientAT MobileNetV3 features + a residual projection into the CLAP space.
-
-Input is the StudentMel output [B, n_mels, T] (EfficientAT's normalised log-mel); the channel
-axis the CNN wants is added here. The AudioSet classifier is not part of the student: only the
-pooled features feed the projection, so its ~1.9M (mn10) parameters are never built.
+"""The audio student: EfficientAT MobileNetV3 features + a residual projection into the CLAP space
+(docs/students.md). Input is the StudentMel output [B, n_mels, T]; the CNN's channel axis is added here.
 
 On disk (models/audio/student.pt) a student is a plain dict
 ``{"state_dict": ..., "config": ..., "metrics": ...}`` that ``torch.load(weights_only=True)`` reads.

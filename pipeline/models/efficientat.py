@@ -1,17 +1,8 @@
 """EfficientAT MobileNetV3 family (mn01 … mn40), written to load the released AudioSet weights.
 
 The architecture follows "Efficient Large-Scale Audio Tagging via Transformer-to-CNN Knowledge
-Distillation" (Schmid et al.), whose released checkpoints (``mn10_as_mAP_471.pt`` …) are plain
-state dicts with keys ``features.N…`` and ``classifier…``. Module names and nesting below are
-chosen so those checkpoints load with ``strict=True``:
-
-- ``features.0``: stem conv 3x3 / stride 2 from 1 input channel (the log-mel) + BN + Hardswish;
-- ``features.1..15``: inverted-residual blocks, each ``features.N.block.M`` (expand 1x1 when the
-  expansion differs from the input width, depthwise kxk, channel squeeze-excitation on the blocks
-  the MobileNetV3-Large table marks, project 1x1);
-- ``features.16``: 1x1 conv to 6x the last block width + BN + Hardswish;
-- ``classifier`` ("mlp" head): avg-pool, flatten, Linear -> Hardswish -> Dropout -> Linear(527).
-
+Distillation" (Schmid et al.); module names and nesting match its released checkpoints
+(``mn10_as_mAP_471.pt`` …: keys ``features.N…`` and ``classifier…``), so they load with ``strict=True``.
 Only channel squeeze-excitation (EfficientAT's default ``se_dims='c'``) is implemented: it is what
 every released ``mn*_as`` model uses, and it keeps the network independent of the input length.
 """
@@ -25,21 +16,7 @@ import torch
 from torch import nn
 
 # Width multiplier per model name prefix (EfficientAT's naming: mn<width*10>_<dataset>).
-WIDTHS: dict[str, float] = {
-    "mn01": 0.1,
-    "mn02": 0.2,
-    "mn04": 0.4,
-    "mn05": 0.5,
-    "mn06": 0.6,
-    "mn08": 0.8,
-    "mn10": 1.0,
-    "mn12": 1.2,
-    "mn14": 1.4,
-    "mn16": 1.6,
-    "mn20": 2.0,
-    "mn30": 3.0,
-    "mn40": 4.0,
-}
+WIDTHS: dict[str, float] = {f"mn{w:02d}": w / 10 for w in (1, 2, 4, 5, 6, 8, 10, 12, 14, 16, 20, 30, 40)}
 
 # MobileNetV3-Large block table at width 1.0:
 # (input channels, kernel, expanded channels, output channels, squeeze-excitation, hardswish, stride)

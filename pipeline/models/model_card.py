@@ -42,14 +42,6 @@ def audio_table(audio: Mapping[str, Any]) -> str:
     return intro + "\n\n" + markdown_table(["audio student vs teacher", "mean", "p10", "p50", "p90", "mean baseline"], rows)
 
 
-def _bar_text(same: Mapping[str, Any]) -> str:
-    text = (f"median track cosine >= {_f(same.get('min_median_cosine'), 2)}, top-5 neighbour overlap >= "
-            f"{_f(same.get('min_top5_overlap'), 2)}")
-    if same.get("min_median_centred_cosine") is not None:
-        text += f" and median centred track cosine >= {_f(same['min_median_centred_cosine'], 2)}"
-    return text
-
-
 def same_space_table(same: Mapping[str, Any]) -> str:
     """The verdict and its figures (evaluate's `same_space` section, or `student-clap compare`'s)."""
     if not same:
@@ -58,13 +50,16 @@ def same_space_table(same: Mapping[str, Any]) -> str:
         return f"Same-space figures skipped: {same.get('reason', '')}."
     a = same["audio_student"]
     verdict = "**yes**" if same["same_space"] else "**no**"
-    lines = [f"Same space as the teacher: {verdict} (bar: {_bar_text(same)}, on {a['n_tracks']} tracks"
+    bar = (f"median track cosine >= {_f(same.get('min_median_cosine'), 2)}, top-5 neighbour overlap >= "
+           f"{_f(same.get('min_top5_overlap'), 2)}")
+    if same.get("min_median_centred_cosine") is not None:
+        bar += f" and median centred track cosine >= {_f(same['min_median_centred_cosine'], 2)}"
+    lines = [f"Same space as the teacher: {verdict} (bar: {bar}, on {a['n_tracks']} tracks"
              + (f"; failed: {same['failed']}" if same.get("failed") else "") + ")."]
-    rows = [["track cosine", *(a["track_cosine"][q] for q in ("mean", "median", "p05", "min"))]]
-    if "track_cosine_centred" in a:
-        rows.append(["track cosine, centred", *(a["track_cosine_centred"][q] for q in ("mean", "median", "p05", "min"))])
-    if "mean_baseline" in a:  # a student that outputs the mean embedding for every song
-        rows.append(["mean embedding (baseline)", *(a["mean_baseline"][q] for q in ("mean", "median", "p05", "min"))])
+    # mean_baseline: a student that outputs the mean embedding for every song
+    rows = [[label, *(a[key][q] for q in ("mean", "median", "p05", "min"))]
+            for key, label in (("track_cosine", "track cosine"), ("track_cosine_centred", "track cosine, centred"),
+                               ("mean_baseline", "mean embedding (baseline)")) if key in a]
     lines.append(markdown_table(["audio student vs teacher", "mean", "median", "p05", "min"], rows))
     nb_rows = [[f"top-5 neighbour overlap (k={a.get('top5_k')})", a.get("top5_overlap")],
                [f"top-10 neighbour overlap (k={a.get('top10_k')})", a.get("top10_overlap")],
@@ -85,11 +80,8 @@ def retrieval_table(retrieval: Mapping[str, Any]) -> str:
         return f"Retrieval agreement skipped: {retrieval.get('reason', '')}."
     names = {"audio_student": "audio student (teacher text)", "text_student": "text student (teacher audio)",
              "end_to_end": "text student + audio student"}
-    rows = [[names[c], retrieval[c]["top_k_overlap"], retrieval[c]["spearman"], retrieval[c]["recall_at_k"]]
-            for c in names if c in retrieval]
-    centred = retrieval.get("centred") or {}
-    rows += [[f"{names[c]}, centred", centred[c]["top_k_overlap"], centred[c]["spearman"], centred[c]["recall_at_k"]]
-             for c in names if c in centred]
+    rows = [[names[c] + suffix, r[c]["top_k_overlap"], r[c]["spearman"], r[c]["recall_at_k"]]
+            for r, suffix in ((retrieval, ""), (retrieval.get("centred") or {}, ", centred")) for c in names if c in r]
     k = retrieval["k"]
     intro = (f"Text-to-music ranking of the {retrieval['n_tracks']} validation tracks for "
              f"{retrieval['n_queries']} fixed prompts, compared with the teacher's ranking. "

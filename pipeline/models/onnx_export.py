@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,6 +74,18 @@ def export_module(
         )
     onnx.checker.check_model(str(path))
     return path
+
+
+@contextmanager
+def _quiet_root_logger() -> Iterator[None]:
+    """The onnxruntime quantisers log every tensor at INFO on the root logger: raise it to ERROR meanwhile."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
 
 
 def run_onnx(path: str | Path, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
@@ -153,16 +166,11 @@ def quantize_int8(
     # the quantiser first rewrites Gemm as MatMul + Add, naming the MatMul "<gemm>_MatMul"
     excluded += [f"{name}_MatMul" for name in excluded]
     log.info("quantising %s -> %s (dynamic int8, %d nodes kept fp32)", src, dst, len(excluded))
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)  # the quantiser logs every tensor at INFO on the root logger
-    try:
+    with _quiet_root_logger():
         quantize_dynamic(
             str(src), str(dst), weight_type=QuantType.QInt8, nodes_to_exclude=excluded,
             op_types_to_quantize=list(op_types) if op_types else None,
         )
-    finally:
-        root.setLevel(level)
     return dst
 
 
@@ -182,22 +190,20 @@ def quantize_static_int8(
     src: str | Path,
     dst: str | Path,
     calibration: Sequence[Mapping[str, np.ndarray]],
-    op_types: Sequence[str] | None = None,
-    per_channel: bool = True,
-    keep_fp32_convs: bool = False,
+    op_types: Sequence[str],
 ) -> Path:
-    """Static int8 quantisation (QDQ): int8 weights (per output channel) and uint8 activations with
-    scales fixed from `calibration` (feeds run through the fp32 model; per tensor, the min/max of
-    each batch averaged over the batches).
+    """Static int8 quantisation (QDQ) of the `op_types` nodes: int8 weights (per output channel) and
+    uint8 activations with scales fixed from `calibration` (feeds run through the fp32 model; per
+    tensor, the min/max of each batch averaged over the batches).
 
     Unlike the dynamic quantiser, activations need no per-batch scale search, so onnxruntime fuses
-    each DequantizeLinear -> Conv -> QuantizeLinear into one integer convolution. `op_types` limits
-    which operators are quantised (None: onnxruntime's default set). `keep_fp32_convs` leaves the
-    depthwise convolutions and the first and last convolution in float: on MobileNet students
-    those lose the most to int8 (a depthwise filter has a handful of taps per channel; the first
-    and last set the scale of everything after them)."""
+    each DequantizeLinear -> Conv -> QuantizeLinear into one integer convolution. The depthwise
+    convolutions and the first and last convolution stay float: on MobileNet students those lose
+    the most to int8 (a depthwise filter has a handful of taps per channel; the first and last set
+    the scale of everything after them)."""
     import tempfile
 
+    import onnx
     from onnxruntime.quantization import (
         CalibrationDataReader,
         QuantFormat,
@@ -215,29 +221,19 @@ def quantize_static_int8(
 
     dst = Path(dst)
     log.info("quantising %s -> %s (static int8 QDQ, %d calibration batches)", src, dst, len(calibration))
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)  # the quantiser logs every tensor at INFO on the root logger
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            pre = Path(tmp) / "pre.onnx"
-            # shape inference + graph optimisation (BatchNorm folded into Conv) before quantising
-            quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
-            keep: list[str] = []
-            if keep_fp32_convs:
-                import onnx
-
-                convs = [n for n in onnx.load(str(pre)).graph.node if n.op_type == "Conv"]
-                keep = [n.name for i, n in enumerate(convs) if i in (0, len(convs) - 1)
-                        or any(a.name == "group" and a.i > 1 for a in n.attribute)]
-            quantize_static(
-                str(pre), str(dst), _Reader(), quant_format=QuantFormat.QDQ, per_channel=per_channel,
-                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                op_types_to_quantize=list(op_types) if op_types else None, nodes_to_exclude=keep,
-                # ranges averaged over the calibration batches rather than their extremes: one
-                # loud batch no longer coarsens the scale for all the others
-                extra_options={"CalibMovingAverage": True},
-            )
-    finally:
-        root.setLevel(level)
+    with _quiet_root_logger(), tempfile.TemporaryDirectory() as tmp:
+        pre = Path(tmp) / "pre.onnx"
+        # shape inference + graph optimisation (BatchNorm folded into Conv) before quantising
+        quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+        convs = [n for n in onnx.load(str(pre)).graph.node if n.op_type == "Conv"]
+        keep = [n.name for i, n in enumerate(convs) if i in (0, len(convs) - 1)
+                or any(a.name == "group" and a.i > 1 for a in n.attribute)]
+        quantize_static(
+            str(pre), str(dst), _Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+            op_types_to_quantize=list(op_types), nodes_to_exclude=keep,
+            # ranges averaged over the calibration batches rather than their extremes: one
+            # loud batch no longer coarsens the scale for all the others
+            extra_options={"CalibMovingAverage": True},
+        )
     return dst

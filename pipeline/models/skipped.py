@@ -23,6 +23,8 @@ def write_skip_marker(path: Path, reason: str) -> None:
 
 def skip_reason(path: Path) -> str:
     """'' when the checkpoint at `path` holds a trained student; else why its stage skipped it."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: student checkpoint missing (run its distill stage first)")
     blob = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(blob, dict) and blob.get("skipped"):
         return str(blob.get("reason") or DEFAULT_REASON)

@@ -169,16 +169,11 @@ def export_song(
     eval_mels: np.ndarray | None = None,
     eval_tracks: np.ndarray | None = None,
 ) -> dict[str, Any]:
-    """Front-end, trunk and head ONNX files for song-level inference (student_clap.song), each
-    parity-checked, and with `quantize` a static int8 head (convolutions
-    calibrated on `calibration_mels`, training log-mels [n, n_mels, frames]).
-
-    The int8 variant quantises the head's pointwise convolutions (depthwise, first and last
-    convolutions and the trunk stay fp32; see pipeline.models.onnx_export.quantize_static_int8).
-
-    Measured and returned: the song-vector cosine of the song path (fp32 and int8) to the
-    segment-wise waveform model (audio_student.onnx, already in `out_dir`) on a synthetic 60-s song,
-    and the int8 loss on `eval_mels` (per segment and, with `eval_tracks`, per track mean)."""
+    """The files of the module docstring, each parity-checked; the int8 head (with `quantize`) is
+    calibrated on `calibration_mels` (training log-mels [n, n_mels, frames]). Measured and returned:
+    the song-vector cosine of the song path (fp32 and int8) to the segment-wise audio_student.onnx
+    (already in `out_dir`) on a synthetic song, and the int8 loss on `eval_mels` (per segment and,
+    with `eval_tracks`, per track mean)."""
     from student_clap.song import SongGeometry
 
     student, frontend = student.eval(), frontend.eval()
@@ -281,7 +276,7 @@ def _quantize_head(trunk_path: Path, head_path: Path, dst: Path, calib: np.ndarr
     # and, at these widths, run no faster in int8 on onnxruntime (benchmarks/speed.py).
     trunk_sess = onnx_session(trunk_path, None)
     head_batches = [{"fmap": trunk_sess.run(None, b)[0]} for b in batches]
-    return onnx_utils.quantize_static_int8(head_path, dst, head_batches, STATIC_INT8_OPS, keep_fp32_convs=True)
+    return onnx_utils.quantize_static_int8(head_path, dst, head_batches, STATIC_INT8_OPS)
 
 
 def _int8_loss(trunk: Path, head: Path, trunk8: Path, head8: Path, mels: np.ndarray,
@@ -300,9 +295,7 @@ def _int8_loss(trunk: Path, head: Path, trunk8: Path, head8: Path, mels: np.ndar
            "eval_segments": len(mels)}
     if tracks is not None and len(tracks) == len(mels):
         ids = np.unique(tracks)
-        ref_t = np.stack([ref[tracks == t].mean(axis=0) for t in ids])
-        got_t = np.stack([got[tracks == t].mean(axis=0) for t in ids])
-        trk = cosine_rows(ref_t, got_t)
+        trk = cosine_rows(*(np.stack([e[tracks == t].mean(axis=0) for t in ids]) for e in (ref, got)))
         out.update({"track_cosine_min_int8": float(trk.min()), "track_cosine_mean_int8": float(trk.mean()),
                     "eval_tracks": len(ids)})
     return out

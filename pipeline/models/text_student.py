@@ -1,12 +1,7 @@
-"""The text student: a ~1M-parameter transformer encoder into the 512-d CLAP space.
+"""The text student: a ~1M-parameter transformer encoder into the 512-d CLAP space (docs/students.md).
 
-token + learned position embeddings -> pre-norm transformer layers -> final LayerNorm ->
-mean over the real (unpadded) tokens -> linear projection to 512 -> L2 normalisation ->
-output calibration (identity unless set: offsets from an anchor, the mean teacher embedding,
-rescaled by one fitted factor, then L2 again).
-
-It takes ``input_ids`` and ``attention_mask`` (int64 [B, L], from student_clap.tokenizer.encode)
-and exports to ONNX with a dynamic batch and length.
+It takes ``input_ids`` and ``attention_mask`` (int64 [B, L], from student_clap.tokenizer.encode),
+ends in an output calibration (`TextStudent.calibrate`) and exports to ONNX with a dynamic batch and length.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ import logging
 import shutil
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ from pipeline.atomic import write_json
 from pipeline.evaluation import fidelity
 from pipeline.evaluation.held_out_text import text_fidelity
 from pipeline.params import EvaluateParams, Params, SameSpaceParams
-from pipeline.paths import AUDIO_STUDENT, MANIFEST, MELS, TEACHER_CACHE, TEXT_STUDENT, TEXT_TOKENIZER
+from pipeline.paths import AUDIO_STUDENT, MANIFEST, MELS, REPORT, TEACHER_CACHE, TEXT_STUDENT, TEXT_TOKENIZER
 from pipeline.paths import AUDIT as AUDIT_JSON
 
 log = logging.getLogger(__name__)
@@ -54,9 +54,10 @@ def student_skip_reason(path: Path) -> str:
     """'' when `path` holds a trained student; the recorded reason when its stage was disabled."""
     from pipeline.models.skipped import skip_reason
 
-    if not path.is_file():
-        raise EvaluateError(f"{path}: student checkpoint missing (run its distill stage first)")
-    return skip_reason(path)
+    try:
+        return skip_reason(path)
+    except FileNotFoundError as exc:
+        raise EvaluateError(str(exc)) from None
 
 
 def load_students(audio_path: Path, text_path: Path, tokenizer_path: Path, teacher_dir: Path | None) -> Students:
@@ -247,32 +248,25 @@ def evaluate_retrieval(
     prompts, teacher_text = text_sets[EVAL_PROMPT_SET]
     report: dict[str, Any] = {"n_queries": len(prompts), "n_tracks": len(audio.val_track_ids)}
     student_text = students.text_embed(prompts) if students.text_embed is not None else None
-    if audio.student_tracks is not None:
-        report["audio_student"] = M.retrieval_agreement(audio.teacher_tracks, teacher_text, audio.student_tracks, k=k)
-    if student_text is not None:
-        report["text_student"] = M.retrieval_agreement(audio.teacher_tracks, teacher_text, text_test=student_text, k=k)
-    if audio.student_tracks is not None and student_text is not None:
-        report["end_to_end"] = M.retrieval_agreement(
-            audio.teacher_tracks, teacher_text, audio.student_tracks, text_test=student_text, k=k
-        )
-    comparisons = [c for c in ("audio_student", "text_student", "end_to_end") if c in report]
-    if not comparisons:
+    has_audio, has_text = audio.student_tracks is not None, student_text is not None
+    # comparison -> (audio, text) student embeddings swapped in for the teacher's (None: the teacher's)
+    tests = {c: pair for c, pair, ok in (("audio_student", (audio.student_tracks, None), has_audio),
+                                         ("text_student", (None, student_text), has_text),
+                                         ("end_to_end", (audio.student_tracks, student_text), has_audio and has_text))
+             if ok}
+    if not tests:
         return {"skipped": True, "reason": "both students are disabled"}
+    for c, (a_test, t_test) in tests.items():
+        report[c] = M.retrieval_agreement(audio.teacher_tracks, teacher_text, a_test, text_test=t_test, k=k)
     if TRAIN_TEXT_SET in text_sets:
         # centred: queries minus the teacher's mean training text embedding (see retrieval_agreement)
         text_mean = M.mean_embedding(text_sets[TRAIN_TEXT_SET][1])
-        tests = {"audio_student": (audio.student_tracks, None), "text_student": (None, student_text),
-                 "end_to_end": (audio.student_tracks, student_text)}
-        report["centred"] = {
-            c: M.retrieval_agreement(audio.teacher_tracks, teacher_text, tests[c][0], text_test=tests[c][1],
-                                     k=k, text_mean=text_mean)
-            for c in comparisons
-        }
-        for c in comparisons:
-            report["centred"][c].pop("k")
-    report["k"] = report[comparisons[0]].pop("k")
-    for c in comparisons[1:]:
-        report[c].pop("k")
+        report["centred"] = {c: M.retrieval_agreement(audio.teacher_tracks, teacher_text, a_test, text_test=t_test,
+                                                      k=k, text_mean=text_mean)
+                             for c, (a_test, t_test) in tests.items()}
+    report["k"] = report[next(iter(tests))]["k"]
+    for r in [report[c] for c in tests] + list(report.get("centred", {}).values()):
+        r.pop("k")
     if student_text is not None and all_teacher_tracks is not None and len(all_teacher_tracks) > len(audio.val_track_ids):
         report["text_student_all_tracks"] = {
             "n_tracks": len(all_teacher_tracks),
@@ -393,17 +387,7 @@ def evaluate_same_space(audio: AudioResult, retrieval: dict[str, Any], p: SameSp
     audio student) the text-query result overlap."""
     if audio.student_tracks is None:
         return {"skipped": True, "reason": f"audio student skipped: {audio.report.get('reason', '')}"}
-    figures = fidelity.same_space(audio.teacher_tracks, audio.student_tracks, audio.centre,
-                                  min_median_cosine=p.min_median_cosine, min_top5_overlap=p.min_top5_overlap,
-                                  min_median_centred_cosine=p.min_median_centred_cosine)
-    section: dict[str, Any] = {
-        "same_space": figures.pop("same_space"),
-        "failed": figures.pop("failed"),
-        "min_median_cosine": p.min_median_cosine,
-        "min_top5_overlap": p.min_top5_overlap,
-        "min_median_centred_cosine": p.min_median_centred_cosine,
-        "audio_student": figures,
-    }
+    section = fidelity.same_space_section(audio.teacher_tracks, audio.student_tracks, audio.centre, asdict(p))
     if "end_to_end" in retrieval:
         e2e, centred = retrieval["end_to_end"], (retrieval.get("centred") or {}).get("end_to_end") or {}
         section["end_to_end"] = {
@@ -515,9 +499,6 @@ def teacher_identity(teacher_dir: Path) -> dict[str, Any]:
 # --------------------------------------------------------------------------- the stage
 
 
-REPORT_DIR = Path("models/report")
-
-
 def run(params: Params, args: argparse.Namespace) -> int | None:
     p = params.evaluate
     from pipeline.data.manifest import read_manifest
@@ -528,13 +509,13 @@ def run(params: Params, args: argparse.Namespace) -> int | None:
     audit = licence_audit(MANIFEST, MELS, TEACHER_CACHE, AUDIT_JSON)
     # the teacher model is read only to embed zero-shot tag prompts (teacher.h5 holds no tag set)
     students = load_students(AUDIO_STUDENT, TEXT_STUDENT, TEXT_TOKENIZER, Path(params.teacher.model.dir))
-    shutil.rmtree(REPORT_DIR / "plots", ignore_errors=True)  # no stale plot of a student since disabled
+    shutil.rmtree(REPORT / "plots", ignore_errors=True)  # no stale plot of a student since disabled
     with MelCache(MELS) as mels, TeacherCache(TEACHER_CACHE) as teacher:
-        report, licences = build_report(p, manifest, mels, teacher, students, audit, REPORT_DIR / "plots")
+        report, licences = build_report(p, manifest, mels, teacher, students, audit, REPORT / "plots")
     report["teacher"] = teacher_identity(Path(params.teacher.model.dir))
     for name, data in (("metrics.json", report), ("licences.json", licences)):
-        write_json(REPORT_DIR / name, data)
-        log.info("wrote %s", REPORT_DIR / name)
+        write_json(REPORT / name, data)
+        log.info("wrote %s", REPORT / name)
     same = report.get("same_space") or {}
     if not same.get("skipped") and "audio_student" in same:
         a = same["audio_student"]

@@ -13,7 +13,7 @@ import hashlib
 import json
 import logging
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +22,10 @@ from torch import nn
 
 from pipeline.models import onnx_export as onnx_utils
 from pipeline.models.audio_export import audio_spec, export_audio
-from pipeline.models.onnx_export import ParityError
 from pipeline.models.skipped import skip_reason
 from pipeline.models.song_export import calibration_mels, export_song, song_spec
 from pipeline.params import Params
-from pipeline.paths import AUDIO_STUDENT, LICENSES, MANIFEST, MELS, TEXT_STUDENT, TEXT_TOKENIZER
+from pipeline.paths import AUDIO_STUDENT, LICENSES, MANIFEST, MELS, REPORT, TEXT_STUDENT, TEXT_TOKENIZER
 from student_clap.files import sha256_file
 from student_clap.spec import EMBED_DIM
 
@@ -37,6 +36,8 @@ TOKENIZER = "tokenizer.json"
 SPEC = "student_clap.json"
 CHECKSUMS = "SHA256SUMS"
 SPEC_VERSION = 1
+EXPORT_DIR = Path("models/export")
+METRICS, LICENCE_REPORT = REPORT / "metrics.json", REPORT / "licences.json"  # for the model card
 
 # Texts for the text parity check: short and long, seen-style and free phrasing.
 PARITY_TEXTS = (
@@ -45,25 +46,6 @@ PARITY_TEXTS = (
     "energetic rock with electric guitar and drums",
     "sad acoustic folk ballad with female vocals, slow tempo, recorded live in a small room",
 )
-
-
-class ExportError(RuntimeError):
-    """Something the export needs is missing or inconsistent."""
-
-
-@dataclass(frozen=True)
-class ExportInputs:
-    """The files the export reads: student checkpoints, the text tokenizer, the mel cache and
-    manifest (int8 calibration), the licence folder and the evaluation reports (model card)."""
-
-    audio_student: Path
-    text_student: Path
-    text_tokenizer: Path
-    mels: Path
-    manifest: Path
-    licenses: Path
-    metrics: Path
-    licence_report: Path
 
 
 def export_text(
@@ -139,19 +121,12 @@ def stamp_identity(out_dir: Path, spec: dict[str, Any], teacher: dict[str, Any])
     return identity
 
 
-def student_skip_reason(path: Path) -> str:
-    """Why the student checkpoint at `path` was skipped by its distill stage ("" when it was not)."""
-    if not path.is_file():
-        raise ExportError(f"{path}: student checkpoint missing (run its distill stage first)")
-    return skip_reason(path)
-
-
-def export_students(params: Params, inputs: ExportInputs, out_dir: Path) -> Path:
+def export_students(params: Params, out_dir: Path) -> Path:
     """Build the whole export folder next to `out_dir`, then put it in its place. On a failed
     parity check the half-built folder is removed and ParityError raised."""
     tmp_dir = out_dir.with_name(out_dir.name + ".tmp")
     try:
-        _build(params, inputs, tmp_dir)
+        _build(params, tmp_dir)
     except onnx_utils.ParityError:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
@@ -161,7 +136,7 @@ def export_students(params: Params, inputs: ExportInputs, out_dir: Path) -> Path
     return out_dir
 
 
-def _build(params: Params, inputs: ExportInputs, tmp_dir: Path) -> None:
+def _build(params: Params, tmp_dir: Path) -> None:
     shutil.rmtree(tmp_dir, ignore_errors=True)
     tmp_dir.mkdir(parents=True)
 
@@ -169,14 +144,14 @@ def _build(params: Params, inputs: ExportInputs, tmp_dir: Path) -> None:
     parity: dict[str, Any] = {}
     skipped: dict[str, str] = {}
     students: dict[str, Any] = {}
-    for kind, path, export in (("audio", inputs.audio_student, _export_audio_student),
-                               ("text", inputs.text_student, _export_text_student)):
-        reason = student_skip_reason(path)
+    for kind, path, export in (("audio", AUDIO_STUDENT, _export_audio_student),
+                               ("text", TEXT_STUDENT, _export_text_student)):
+        reason = skip_reason(path)
         if reason:
             skipped[kind] = reason
             log.warning("%s student skipped: %s", kind, reason)
             continue
-        spec[kind], info = export(params, inputs, tmp_dir)
+        spec[kind], info = export(params, tmp_dir)
         parity.update(info)
         blob = torch.load(path, map_location="cpu", weights_only=True)  # its config and metrics, for the model card
         students[kind] = {"config": blob.get("config", {}), "metrics": blob.get("metrics", {})}
@@ -184,21 +159,21 @@ def _build(params: Params, inputs: ExportInputs, tmp_dir: Path) -> None:
     spec["embedding_dim"] = EMBED_DIM
     spec["skipped"] = skipped
     spec["parity"] = parity
-    metrics = json.loads(inputs.metrics.read_text(encoding="utf-8")) if inputs.metrics.is_file() else {}
+    metrics = json.loads(METRICS.read_text(encoding="utf-8")) if METRICS.is_file() else {}
     stamp_identity(tmp_dir, spec, metrics.get("teacher") or {})
     (tmp_dir / SPEC).write_text(json.dumps(spec, indent=2) + "\n", encoding="utf-8")
-    _write_card(params, inputs, tmp_dir, spec, students)
+    _write_card(params, tmp_dir, spec, metrics, students)
     write_checksums(tmp_dir)
 
 
-def _export_audio_student(params: Params, inputs: ExportInputs, out_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+def _export_audio_student(params: Params, out_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """Segment-level and song-level audio files: (audio part of student_clap.json, parity figures)."""
     from pipeline.data.frontends import StudentMel
     from pipeline.models.audio_student import load_audio_student
 
     p, fe, audio_p = params.export, params.frontend.student, params.audio
     segment_samples = int(round(audio_p.segment_seconds * fe.sample_rate))
-    student = load_audio_student(inputs.audio_student)
+    student = load_audio_student(AUDIO_STUDENT)
     info = export_audio(
         student, StudentMel(fe), out_dir, segment_samples=segment_samples, sample_rate=fe.sample_rate,
         opset=p.opset, min_cosine=p.parity_min_cosine, quantize=p.quantize_int8,
@@ -206,7 +181,7 @@ def _export_audio_student(params: Params, inputs: ExportInputs, out_dir: Path) -
     spec = audio_spec(info, sample_rate=fe.sample_rate, segment_seconds=audio_p.segment_seconds,
                       hop_seconds=audio_p.hop_seconds, segment_samples=segment_samples,
                       quantized=p.quantize_int8, decode_sample_rate=audio_p.sample_rate)
-    calib, held, held_tracks = (calibration_mels(inputs.mels, inputs.manifest, p.int8_calibration_segments)
+    calib, held, held_tracks = (calibration_mels(MELS, MANIFEST, p.int8_calibration_segments)
                                 if p.quantize_int8 else (None, None, None))
     info.update(export_song(
         student, StudentMel(fe), out_dir, segment_samples=segment_samples,
@@ -218,30 +193,28 @@ def _export_audio_student(params: Params, inputs: ExportInputs, out_dir: Path) -
     return spec, info
 
 
-def _export_text_student(params: Params, inputs: ExportInputs, out_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+def _export_text_student(params: Params, out_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """text_student.onnx and tokenizer.json: (text part of student_clap.json, parity figures)."""
     from pipeline.models.text_student import load_text_student
 
-    info = export_text(load_text_student(inputs.text_student), inputs.text_tokenizer, out_dir,
+    info = export_text(load_text_student(TEXT_STUDENT), TEXT_TOKENIZER, out_dir,
                        opset=params.export.opset, min_cosine=params.export.parity_min_cosine)
     return text_spec(info), info
 
 
-def _write_card(params: Params, inputs: ExportInputs, out_dir: Path, spec: dict[str, Any],
+def _write_card(params: Params, out_dir: Path, spec: dict[str, Any], metrics: dict[str, Any],
                 students: dict[str, Any]) -> None:
     """README.md (the model card) and licenses/ (the attribution files)."""
     from pipeline.models import model_card
 
     licence_files = []
-    if inputs.licenses.is_dir():
+    if LICENSES.is_dir():
         (out_dir / "licenses").mkdir()
-        for f in sorted(inputs.licenses.iterdir()):
+        for f in sorted(LICENSES.iterdir()):
             if f.is_file():
                 shutil.copyfile(f, out_dir / "licenses" / f.name)
                 licence_files.append(f"licenses/{f.name}")
-    metrics = json.loads(inputs.metrics.read_text(encoding="utf-8")) if inputs.metrics.is_file() else {}
-    licences = (json.loads(inputs.licence_report.read_text(encoding="utf-8"))
-                if inputs.licence_report.is_file() else {})
+    licences = json.loads(LICENCE_REPORT.read_text(encoding="utf-8")) if LICENCE_REPORT.is_file() else {}
     card = model_card.render(
         spec=spec, metrics=metrics, students=students, licences=licences, licence_files=licence_files,
         params={"audio": asdict(params.audio), "frontend.student": asdict(params.frontend.student),
@@ -251,23 +224,10 @@ def _write_card(params: Params, inputs: ExportInputs, out_dir: Path, spec: dict[
     (out_dir / "README.md").write_text(card, encoding="utf-8")
 
 
-EXPORT_DIR = Path("models/export")
-INPUTS = ExportInputs(
-    audio_student=AUDIO_STUDENT,
-    text_student=TEXT_STUDENT,
-    text_tokenizer=TEXT_TOKENIZER,
-    mels=MELS,
-    manifest=MANIFEST,
-    licenses=LICENSES,
-    metrics=Path("models/report/metrics.json"),
-    licence_report=Path("models/report/licences.json"),
-)
-
-
 def run(params: Params, args: argparse.Namespace) -> int | None:
     try:
-        export_students(params, INPUTS, EXPORT_DIR)
-    except ParityError as exc:
+        export_students(params, EXPORT_DIR)
+    except onnx_utils.ParityError as exc:
         log.error("export failed the ONNX parity check: %s", exc)
         return 1
     return 0
