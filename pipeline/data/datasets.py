@@ -1,10 +1,5 @@
-"""Training data of the audio student: splits, mel sources, items and batches.
-
-`load_splits` (train / val tracks from the manifest's `split`), `MelSource` (mels held in memory
-under a byte budget, else streamed from data/mels.h5 through `MelCache`'s public API),
-`TrainItems` + `Collate` (items are tracks or segments; a track's segments for a step come from
-(seed, epoch, track), never a process RNG, so worker count and resume draw the same ones) and
-`monitor_subset` (the bounded validation slice watched every epoch). docs/students.md.
+"""Training data of the audio student: splits, mel sources (in memory or streamed from data/mels.h5),
+items and batches, and the validation monitor subset. docs/students.md.
 """
 
 from __future__ import annotations
@@ -19,6 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, get_worker_info
 
+from pipeline.data.cache_files import contiguous_runs
 from pipeline.paths import MANIFEST, MELS, TEACHER_CACHE
 
 log = logging.getLogger(__name__)
@@ -49,16 +45,6 @@ def in_memory_limit(value: float | str, world: int = 1) -> int:
     if isinstance(value, str) or value < 0:
         raise ValueError(f"in_memory_gb must be a number >= 0 or 'auto', got {value!r}")
     return int(float(value) * (1 << 30))
-
-
-def contiguous_runs(sorted_unique: np.ndarray) -> list[tuple[int, int]]:
-    """Increasing unique indices -> [start, stop) ranges of consecutive values."""
-    if len(sorted_unique) == 0:
-        return []
-    breaks = np.flatnonzero(np.diff(sorted_unique) != 1) + 1
-    starts = np.concatenate([[0], breaks])
-    stops = np.concatenate([breaks, [len(sorted_unique)]])
-    return [(int(sorted_unique[a]), int(sorted_unique[b - 1]) + 1) for a, b in zip(starts, stops)]
 
 
 def read_runs(read: Any, segs: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
@@ -93,11 +79,8 @@ def loader_workers(requested: int | str, source: MelSource) -> int | str:
 
 
 class MelSource:
-    """Student (and optionally teacher) mels of given segments, as float32.
-
-    Held in memory as float16 (what a batch holds either way, so values are identical either way)
-    when they fit in `memory_limit` bytes; otherwise streamed. Picklable for DataLoader workers,
-    which reopen the file themselves."""
+    """Student (and optionally teacher) mels of given segments: held in memory as float16 when they fit
+    in `memory_limit` bytes, else streamed (the same values either way). Picklable for DataLoader workers."""
 
     def __init__(self, path: Path, segments: np.ndarray, with_teacher: bool, memory_limit: int = 1 << 30) -> None:
         self.path = path
@@ -158,10 +141,7 @@ class MelSource:
         self._cache = None
 
     def __getstate__(self) -> dict[str, Any]:  # workers reopen the file themselves
-        state = dict(self.__dict__)
-        state["_cache"] = None
-        state["_pid"] = None
-        return state
+        return {**self.__dict__, "_cache": None, "_pid": None}
 
     def _read(self, segs: np.ndarray, teacher: bool, out: np.ndarray | None) -> np.ndarray:
         segs = np.asarray(segs, dtype=np.int64)

@@ -7,10 +7,7 @@
   symmetric Hann of 800 samples centred in n_fft 1024, hop 320, centre reflect padding, power,
   128 Kaldi mel bins 0–15000 Hz (plus the zero column for the Nyquist bin), log(x + 1e-5),
   (x + 4.5) / 5. 320 000 samples -> [128, 1000].
-
-Eager mode uses torch.stft (FFT). While exporting to ONNX the STFT is a two-stage DFT made of
-reshapes, slices and two batched matmuls with fixed bases (see _PowerSTFT): same maths, it exports
-cleanly at opset 17 without the deprecated real-valued stft output, and onnxruntime runs it fast.
+For ONNX (opset 17, no deprecated real-valued stft output) the STFT is a two-stage DFT: see _PowerSTFT.
 """
 
 from __future__ import annotations

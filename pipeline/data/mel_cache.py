@@ -1,10 +1,4 @@
 """The mel cache (data/mels.h5): layout, crash-safe resumable writing, merging and reading.
-
-Each front-end's frames are kept once per track (segments overlap by half) with every segment's
-own edge frames apart, as int16 codes at the `mels.precision` step, so a segment reads back bit for
-bit as the mels stage stored it (within step / 2 of the front-end's float values). Workers publish
-part files atomically under `<cache>.parts/`; merging them writes `<cache>.tmp` and renames it, so
-a cache is never half-written nor modified in place, and the same inputs give the same bytes.
 Layout, formats and the measurements behind them: docs/mel-cache.md.
 """
 
@@ -27,7 +21,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from pipeline.data.cache_files import unreadable
+from pipeline.data.cache_files import contiguous_runs, strings, unreadable
 
 log = logging.getLogger(__name__)
 
@@ -97,11 +91,8 @@ def dequantise(stored: np.ndarray, step: float) -> np.ndarray:
 def mel_shapes(params: dict) -> tuple[tuple[int, int], tuple[int, int]]:
     """Per-segment (teacher [frames, mels], student [mels, frames]) shapes implied by cache params:
     (1001, 64) and (128, 1000) for the defaults."""
-    seg = params["audio"]["segment_seconds"]
-    t, s = params["frontend"]["teacher"], params["frontend"]["student"]
-    t_len = int(round(seg * t["sample_rate"]))
-    s_len = int(round(seg * s["sample_rate"])) - 1  # pre-emphasis drops one sample
-    return (1 + t_len // t["hop_length"], t["n_mels"]), (s["n_mels"], 1 + s_len // s["hop_length"])
+    t, s = frame_layouts(params)
+    return t.segment_shape(), s.segment_shape()
 
 
 def params_hash(params: dict) -> str:
@@ -195,17 +186,17 @@ def _edge_frames(n_fft: int, hop: int, signal: int, n_frames: int) -> tuple[int,
 
 def frame_layouts(params: dict) -> tuple[FrameLayout, FrameLayout]:
     """(teacher, student) layouts implied by cache params."""
-    (t_frames, t_mels), (s_mels, s_frames) = mel_shapes(params)
     seg = params["audio"]["segment_seconds"]
     t, s = params["frontend"]["teacher"], params["frontend"]["student"]
-    if min(t_frames, s_frames) < 2:
-        raise ValueError("a segment must span at least two STFT frames of each front-end")
     t_sig = int(round(seg * t["sample_rate"]))
     s_sig = int(round(seg * s["sample_rate"])) - 1  # pre-emphasis drops one sample
+    t_frames, s_frames = 1 + t_sig // t["hop_length"], 1 + s_sig // s["hop_length"]
+    if min(t_frames, s_frames) < 2:
+        raise ValueError("a segment must span at least two STFT frames of each front-end")
     th, tt = _edge_frames(t["n_fft"], t["hop_length"], t_sig, t_frames)
     sh, st = _edge_frames(s["n_fft"], s["hop_length"], s_sig, s_frames)
-    return (FrameLayout("teacher", t_frames, t_mels, 0, th, tt, int(t["sample_rate"]), int(t["hop_length"])),
-            FrameLayout("student", s_frames, s_mels, 1, sh, st, int(s["sample_rate"]), int(s["hop_length"])))
+    return (FrameLayout("teacher", t_frames, t["n_mels"], 0, th, tt, int(t["sample_rate"]), int(t["hop_length"])),
+            FrameLayout("student", s_frames, s["n_mels"], 1, sh, st, int(s["sample_rate"]), int(s["hop_length"])))
 
 
 # --------------------------------------------------------------------------- writing
@@ -234,7 +225,8 @@ def _create_layout(f: h5py.File, params: dict, compression: Compression, chunk_f
         raise ValueError(f"chunk_frames must be positive, got {chunk_frames}")
     kw = {**compression.kwargs(), "track_times": False}
     steps = precision_steps(params)
-    for lay in frame_layouts(params):
+    layouts = frame_layouts(params)
+    for lay in layouts:
         step = steps[lay.name]
         dtype = np.int16 if step > 0 else np.float16
         # mel-major: each band's run over time is contiguous, which compresses ~4 % better
@@ -257,11 +249,10 @@ def _create_layout(f: h5py.File, params: dict, compression: Compression, chunk_f
                          track_times=False)
     from pipeline.data.frontends import frontend_hash  # torch import only where caches are written
 
-    t_lay, s_lay = frame_layouts(params)
     attrs = {
         "chunk_frames": int(chunk_frames),
         "compression": compression.describe(),
-        "edges": json.dumps({lay.name: [lay.head, lay.tail] for lay in (t_lay, s_lay)}, sort_keys=True),
+        "edges": json.dumps({lay.name: [lay.head, lay.tail] for lay in layouts}, sort_keys=True),
         "format_version": FORMAT_VERSION,
         "params": json.dumps(params, sort_keys=True),
         "params_hash": params_hash(params),
@@ -506,10 +497,6 @@ def _entry(path: Path, idx: dict[str, Any], row: int) -> tuple[_Source, TrackRec
                             idx["sha256"][row], idx["audio_path"][row], int(idx["manifest_index"][row]))
 
 
-def _strings(ds: h5py.Dataset) -> list[str]:
-    return [s.decode() if isinstance(s, bytes) else s for s in ds[:]]
-
-
 def check_format(path: str | Path, f: h5py.File) -> None:
     """Refuse anything but a mel cache of this format, naming the file."""
     version = f.attrs.get("format_version")
@@ -531,12 +518,12 @@ def read_index(path: str | Path) -> dict[str, Any]:
         return {
             "params": json.loads(f.attrs["params"]),
             "chunk_frames": int(f.attrs["chunk_frames"]),
-            "track_id": _strings(t["track_id"]),
+            "track_id": strings(t["track_id"]),
             "first_segment": t["first_segment"][:],
             "n_segments": t["n_segments"][:],
             "duration": t["duration"][:],
-            "sha256": _strings(t["sha256"]),
-            "audio_path": _strings(t["audio_path"]),
+            "sha256": strings(t["sha256"]),
+            "audio_path": strings(t["audio_path"]),
             "manifest_index": t["manifest_index"][:],
             **{f"{name}_frames": t[f"{name}_frames"][:] for name in FRONT_ENDS},
         }
@@ -665,23 +652,9 @@ def write_cache(out: str | Path, params: dict, compression: Compression,
 # --------------------------------------------------------------------------- reading
 
 
-def _runs(sorted_idx: np.ndarray) -> list[tuple[int, int]]:
-    """Positions [p0, p1) of sorted_idx where the values are consecutive integers."""
-    if len(sorted_idx) == 0:
-        return []
-    breaks = np.flatnonzero(np.diff(sorted_idx) != 1) + 1
-    edges = [0, *breaks.tolist(), len(sorted_idx)]
-    return list(zip(edges[:-1], edges[1:]))
-
-
 class MelCache:
-    """Read-only view of data/mels.h5 (safe to use from DataLoader workers: reopens after fork).
-
-    Segments are read by index, list, array (any order, repeats allowed) or slice; indices that are
-    neighbours in a track are served from one contiguous read of their shared frames, so reading a
-    range of segments (or a whole track, see student_track) costs about half of what storing them
-    whole did. `expect` (a cache_params dict) makes the constructor refuse a cache built with other
-    params."""
+    """Read-only view of data/mels.h5 (reopens after fork, for DataLoader workers); `expect` (a
+    cache_params dict) refuses a cache built with other params. Reading: docs/mel-cache.md."""
 
     CHUNK_CACHE_BYTES = 16 << 20  # per dataset: a segment spans two chunks per front-end
 
@@ -698,11 +671,11 @@ class MelCache:
         try:
             check_format(self.path, f)
             t = f["tracks"]
-            self.track_ids: list[str] = _strings(t["track_id"])
+            self.track_ids: list[str] = strings(t["track_id"])
             self.first_segment = t["first_segment"][:].astype(np.int64)
             self.segment_counts = t["n_segments"][:].astype(np.int64)
             self.durations = t["duration"][:].astype(np.float64)
-            self.sha256 = _strings(t["sha256"])
+            self.sha256 = strings(t["sha256"])
             self.segment_track = f["segments/track"][:].astype(np.int64)
             self.segment_start = f["segments/start"][:]
             self.frame_offset = {name: f[f"segments/{name}_frame"][:].astype(np.int64) for name in FRONT_ENDS}
@@ -742,18 +715,13 @@ class MelCache:
         self._file = None
 
     def __getstate__(self) -> dict:  # picklable for DataLoader workers: the handle is reopened
-        state = self.__dict__.copy()
-        state["_file"], state["_pid"] = None, -1
-        return state
+        return {**self.__dict__, "_file": None, "_pid": -1}
 
     def __len__(self) -> int:
         return self.n_segments
 
-    def track_row(self, track: str | int) -> int:
-        return int(track) if isinstance(track, (int, np.integer)) else self._row[track]
-
-    def track_segments(self, track_id: str | int) -> range:
-        row = self.track_row(track_id)
+    def track_segments(self, track: str | int) -> range:
+        row = int(track) if isinstance(track, (int, np.integer)) else self._row[track]
         first = int(self.first_segment[row])
         return range(first, first + int(self.segment_counts[row]))
 
@@ -796,10 +764,12 @@ class MelCache:
                 o = int(offsets[j]) - lo
                 out[j] = block[o : o + n] if lay.time_axis == 0 else block[:, o : o + n]
         head, tail = f[f"{name}/head"], f[f"{name}/tail"]
-        for p0, p1 in _runs(rows):
-            r0, r1 = rows[p0], rows[p1 - 1] + 1
+        p0 = 0
+        for r0, r1 in contiguous_runs(rows):
+            p1 = p0 + r1 - r0
             out[p0:p1][lay.sel(0, lay.head)] = head[r0:r1]
             out[p0:p1][lay.sel(n - lay.tail, n)] = tail[r0:r1]
+            p0 = p1
         step = self.steps[name]
         if step > 0:
             out *= np.float32(step)

@@ -1,9 +1,5 @@
-"""One track -> teacher (CLAP) and student (EfficientAT) log-mels, written as one crash-safe part file.
-
-The track is decoded once at audio.sample_rate (int16 round trip), cut by the one segmentation rule
-into windows and turned into the teacher log-mel; the same int16 waveform resampled to the student
-rate is cut at the same times into the student log-mel. A part file is published only when its
-track is complete (see pipeline/data/mel_cache.py), so a killed run resumes where it stopped.
+"""One track -> teacher (CLAP) and student (EfficientAT) log-mels, written as one crash-safe part file
+(published only when the track is complete). What is computed: docs/mel-cache.md.
 """
 
 from __future__ import annotations

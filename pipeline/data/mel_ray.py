@@ -1,9 +1,5 @@
-"""The mels stage's track jobs as Ray tasks over batches of tracks (cluster.ray_address set).
-
-Each task runs the local path's own code (mel_extraction.TrackProcessor / extract_to_part) on the
-audio bytes shipped with it and returns each finished track's part file as bytes; the driver
-publishes them into `<cache>.parts/` as a local worker would, so the cache is byte-identical.
-Retries and failures: docs/cluster.md.
+"""The mels stage's track jobs as Ray tasks over batches of tracks (cluster.ray_address set), running
+the local path's own code; why the cache is byte-identical, retries and failures: docs/cluster.md.
 """
 
 from __future__ import annotations

@@ -31,11 +31,8 @@ class QueryTermsError(ValueError):
 
 
 def load_terms(path: str | Path) -> dict[str, list[str]]:
-    """Read ``{"Category": ["Term", ...], ...}``; whitespace-stripped, duplicates removed in order.
-
-    Raises QueryTermsError naming the file (and the category) when the file is missing, is not
-    JSON, is not a mapping of non-empty lists of strings, or holds no category at all.
-    """
+    """Read ``{"Category": ["Term", ...], ...}``; whitespace-stripped, duplicates removed in order;
+    QueryTermsError names the file (and the category) of a missing or malformed file."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")

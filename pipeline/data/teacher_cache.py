@@ -1,8 +1,5 @@
-"""data/teacher.h5: the teacher's embeddings, written resumably and read by the students.
-
-An interrupted run continues from `<out>.partial`; the finished file is written afresh (fixed order,
-no timestamps) and renamed into place; `--shard k/n` runs fill `<out>.shard-k-of-n` files that
-`merge_shards` joins. Layout: docs/teacher-embeddings.md.
+"""data/teacher.h5: the teacher's embeddings, written resumably (partial and shard files) and read by
+the students. Layout and life cycle: docs/teacher-embeddings.md.
 """
 
 from __future__ import annotations
@@ -16,7 +13,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from pipeline.data.cache_files import unreadable
+from pipeline.data.cache_files import contiguous_runs, strings, unreadable
 from student_clap.spec import EMBED_DIM
 
 log = logging.getLogger(__name__)
@@ -92,10 +89,7 @@ class EmbeddingWriter:
 
     def pending(self, rows: np.ndarray) -> np.ndarray:
         """The subset of `rows` (sorted segment indices) not yet computed."""
-        if len(rows) == 0:
-            return rows
-        done = self.done[:]
-        return rows[~done[rows]]
+        return rows[~self.done[:][rows]]
 
     def write(self, start: int, embedding: np.ndarray, raw_norm: np.ndarray) -> None:
         """Rows start .. start+len(embedding); flushed so an interruption loses at most this batch."""
@@ -125,6 +119,10 @@ def _write_text(f: h5py.File, sets: Mapping[str, tuple[Sequence[str], np.ndarray
         g.create_dataset("query", data=np.array(list(queries), dtype=object), dtype=_STR, track_times=False)
         g.create_dataset("embedding", data=np.asarray(embedding, dtype="f4").reshape(len(queries), EMBED_DIM),
                          track_times=False)
+
+
+def _read_text(f: h5py.File) -> dict[str, tuple[list[str], np.ndarray]]:
+    return {name: (strings(g["query"]), g["embedding"][:]) for name, g in f["text"].items()}
 
 
 def track_embeddings(
@@ -161,7 +159,7 @@ def finalize(
         raise EmbeddingStoreError(f"{writer.path}: no text embeddings")
     segments, raw_norm = f["segments/embedding"][:], f["segments/raw_norm"][:]
     emb, counts = track_embeddings(segments, raw_norm, track_ranges)
-    text = {name: (_strings(g["query"]), g["embedding"][:]) for name, g in f["text"].items()}
+    text = _read_text(f)
     attrs = {k: v for k, v in f.attrs.items()}
     tmp = out.with_name(out.name + ".tmp")
     tmp.unlink(missing_ok=True)
@@ -207,38 +205,22 @@ def merge_shards(inputs: Sequence[str | Path], out: str | Path, track_ids: Seque
             raise EmbeddingStoreError(f"{inputs[0]}: {n} segments but the mel cache has {sum(len(r) for r in track_ranges)}")
         extra = {k: v for k, v in first.attrs.items() if k not in IDENTITY_ATTRS}
         tmp = partial_path(out).with_name(Path(out).name + ".merging")
-        if tmp.exists():
-            tmp.unlink()
+        tmp.unlink(missing_ok=True)
         writer = EmbeddingWriter(tmp, n, identity, extra)  # attrs are already encoded
         text_done = False
         for p, f in zip(inputs, files):
             done = f["segments/done"][:]
             rows = np.flatnonzero(done)
             log.info("merge: %s holds %d segments", p, len(rows))
-            for start, stop in _runs(rows):
+            for start, stop in contiguous_runs(rows):
                 writer.write(start, f["segments/embedding"][start:stop], f["segments/raw_norm"][start:stop])
             if "text" in f and not text_done:
-                sets = {name: (_strings(g["query"]), g["embedding"][:]) for name, g in f["text"].items()}
-                writer.write_text(sets)
+                writer.write_text(_read_text(f))
                 text_done = True
         return finalize(writer, out, track_ids, track_ranges)
     finally:
         for f in files:
             f.close()
-
-
-def _runs(rows: np.ndarray) -> list[tuple[int, int]]:
-    """Sorted indices -> contiguous [start, stop) runs."""
-    if len(rows) == 0:
-        return []
-    breaks = np.flatnonzero(np.diff(rows) != 1)
-    starts = np.concatenate([[rows[0]], rows[breaks + 1]])
-    stops = np.concatenate([rows[breaks] + 1, [rows[-1] + 1]])
-    return list(zip(starts.tolist(), stops.tolist()))
-
-
-def _strings(ds: h5py.Dataset) -> list[str]:
-    return [s.decode("utf-8") if isinstance(s, bytes) else str(s) for s in ds[:]]
 
 
 # --------------------------------------------------------------------------- reading
@@ -293,13 +275,11 @@ class TeacherCache:
 
     @property
     def track_ids(self) -> list[str]:
-        return self._get("ids", lambda: _strings(self._file["tracks/track_id"]))
+        return self._get("ids", lambda: strings(self._file["tracks/track_id"]))
 
     @property
     def track_embeddings(self) -> np.ndarray:
         return self._get("tracks", lambda: self._file["tracks/embedding"][:])
 
     def text_sets(self) -> dict[str, tuple[list[str], np.ndarray]]:
-        return self._get(
-            "text", lambda: {name: (_strings(g["query"]), g["embedding"][:]) for name, g in self._file["text"].items()}
-        )
+        return self._get("text", lambda: _read_text(self._file))

@@ -1,9 +1,7 @@
 """mels: manifest audio -> teacher (CLAP) and student (EfficientAT) log-mels in data/mels.h5.
 
-Reads params `audio`, `frontend`, `mels` and `cluster` only. Unchanged tracks are reused from
-published parts or the previous cache; the rest are computed serially, by a pool of worker processes
-(`run_parallel`) or by Ray tasks (pipeline/data/mel_ray.py), the cache byte-identical either way. One
-track: pipeline/data/mel_extraction.py. What the stage refuses and reports: docs/mel-cache.md.
+Reads params `audio`, `frontend`, `mels` and `cluster` only. Resume, workers, what the stage refuses and
+reports: docs/mel-cache.md.
 """
 
 from __future__ import annotations

@@ -1,9 +1,7 @@
 """Stage teacher: embed every cached segment and every text query with the teacher -> data/teacher.h5.
 
-Reads the params teacher.* and text_queries, plus the teacher folder (teacher.model.dir). Here or
-on Ray actors (pipeline/teacher/embed.py), the file is the same; resumable through
-data/teacher.h5.partial; `--shard k/n` writes data/teacher.h5.shard-k-of-n for `student-clap
-teacher merge`. docs/teacher-embeddings.md, docs/cluster.md.
+Reads the params teacher.* and text_queries, plus the teacher folder (teacher.model.dir).
+Resume, shards, Ray: docs/teacher-embeddings.md, docs/cluster.md.
 """
 
 from __future__ import annotations

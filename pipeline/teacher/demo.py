@@ -1,9 +1,5 @@
-"""Train the demo teacher: a small ClapModel that knows the demo's synthetic music.
-
-`student-clap demo teacher` renders clips with pipeline.data.demo_audio.render, passes each through
-what a real song goes through before the teacher sees it, trains the same ClapModel classes as the
-converted LAION teacher contrastively on captions of the clips' attributes, prints zero-shot
-accuracy per attribute on held-out clips and writes the teacher folder. Details: docs/demo.md.
+"""Train the demo teacher (`student-clap demo teacher`): a small ClapModel that knows the demo's
+synthetic music, trained on rendered clips and captions of their attributes. Details: docs/demo.md.
 """
 
 from __future__ import annotations
@@ -129,10 +125,8 @@ def tokenizer_texts(params: Params | None, rng_seed: int = 0, n_captions: int = 
 
 
 def vary_case(text: str, rng: np.random.Generator, share: float = 0.4) -> str:
-    """Sometimes recase a caption (Title Case, first letter, UPPER) as queries and tag lists are written.
-
-    A real text tower reads "Piano" and "piano" alike; a demo one trained on lower-case captions only
-    would map the capitalised query terms the text student learns from to arbitrary points."""
+    """Sometimes recase a caption (Title Case, first letter, UPPER) as queries and tag lists are written,
+    so the teacher reads "Piano" as it reads "piano" (docs/demo.md)."""
     if rng.random() >= share:
         return text
     style = int(rng.integers(3))

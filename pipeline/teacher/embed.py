@@ -1,10 +1,5 @@
-"""The teacher's segment embedding, here or as Ray actors on a cluster (cluster.ray_address set).
-
-`embed_block` is the one computation of a batch (projection, norm, the corrupt-mels check, L2) that
-both paths run on the teacher's own device, so a batch gives the same bytes wherever it runs.
-`ray_teacher` starts actors that each load the driver's teacher folder (checked against its sha256);
-the driver reads the mel batches and writes every result itself. Resources and failures:
-docs/cluster.md.
+"""The teacher's segment embedding, here or as Ray actors on a cluster (cluster.ray_address set): both
+run `embed_block`, so a batch gives the same bytes wherever it runs. Resources, failures: docs/cluster.md.
 """
 
 from __future__ import annotations
@@ -21,6 +16,7 @@ import numpy as np
 import torch
 
 from pipeline import cluster
+from pipeline.data.cache_files import contiguous_runs
 from pipeline.teacher.model import Teacher, load_teacher
 
 log = logging.getLogger(__name__)
@@ -30,16 +26,9 @@ WAIT_LOG_S = 60.0
 
 def segment_batches(rows: np.ndarray, batch_size: int) -> Iterator[tuple[int, int]]:
     """Pending rows -> contiguous [start, stop) ranges of at most batch_size (contiguous reads are cheap)."""
-    if len(rows) == 0:
-        return
-    start = prev = int(rows[0])
-    for r in rows[1:]:
-        r = int(r)
-        if r != prev + 1 or r - start >= batch_size:
-            yield start, prev + 1
-            start = r
-        prev = r
-    yield start, prev + 1
+    for a, b in contiguous_runs(rows):
+        for start in range(a, b, batch_size):
+            yield start, min(start + batch_size, b)
 
 
 def embed_block(teacher: Teacher, block: np.ndarray) -> tuple[np.ndarray, np.ndarray, int | None]:
