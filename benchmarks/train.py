@@ -1,11 +1,15 @@
 """Audio-student training throughput, and whether the data loader can feed a GPU.
 
     python benchmarks/train.py [--models mn04_as mn10_as] [--batch 32] [--steps 3] [--threads N]
-                               [--workers 0 1 2] [--loader-seconds 4] [--skip-training]
+                               [--workers 0 1 2] [--loader-seconds 4] [--skip-training | --skip-loader]
+                               [--glibc-defaults]
 
 Prints, per backbone, training samples (10-s segments) per second for one optimisation step
 (forward + backward + AdamW, negative-cosine loss with the centred term) at the given batch, on
-CPU or on CUDA when available (with peak GPU memory; utilisation from nvidia-smi when present).
+CPU or on CUDA when available (with peak GPU memory; utilisation from nvidia-smi when present),
+and per step the process's user and system CPU seconds and minor page faults. The allocator is set
+up as every stage sets it (`pipeline.cli.keep_freed_memory`); `--glibc-defaults` leaves glibc's
+defaults, for the side-by-side figure in docs/benchmarks.md.
 
 Then the training data loader alone (`benchmarks/loader.py`: the loop's own DataLoader over the
 stage's items and collate, strategy "both", 4 segments per track) per number of worker processes:
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import subprocess
 import sys
 import time
@@ -37,6 +42,7 @@ TARGET_2_WORKERS = 500.0  # segments/s streamed with 2 workers (issue 14)
 from loader import loader_rate, point_selection_reference, training_data  # noqa: E402  (benchmarks/loader.py)
 from pipeline.training.losses import DistillLoss  # noqa: E402
 from pipeline.models.audio_student import build_audio_student  # noqa: E402
+from pipeline.cli import keep_freed_memory  # noqa: E402
 from pipeline.params import load_params  # noqa: E402
 from pipeline.paths import MANIFEST, MELS, TEACHER_CACHE  # noqa: E402
 
@@ -61,13 +67,16 @@ def train_rate(name: str, batch: int, steps: int, device: torch.device) -> dict:
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
+    r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
     for _ in range(steps):
         step()
     if device.type == "cuda":
         torch.cuda.synchronize()
-    dt = time.perf_counter() - t0
-    out = {"model": name, "batch": batch, "samples_per_s": batch * steps / dt, "s_per_step": dt / steps}
+    dt, r1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF)
+    out = {"model": name, "batch": batch, "samples_per_s": batch * steps / dt, "s_per_step": dt / steps,
+           "user_cpu_s_per_step": (r1.ru_utime - r0.ru_utime) / steps,
+           "sys_cpu_s_per_step": (r1.ru_stime - r0.ru_stime) / steps,
+           "minor_faults_per_step": (r1.ru_minflt - r0.ru_minflt) / steps}
     if device.type == "cuda":
         out["peak_gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
     return out
@@ -90,7 +99,11 @@ def main() -> None:
     ap.add_argument("--loader-seconds", type=float, default=4.0)
     ap.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2, 3])
     ap.add_argument("--skip-training", action="store_true", help="loader figures only")
+    ap.add_argument("--skip-loader", action="store_true", help="training figures only")
+    ap.add_argument("--glibc-defaults", action="store_true", help="leave glibc's allocator settings as they are")
     args = ap.parse_args()
+    if not args.glibc_defaults:
+        keep_freed_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -101,6 +114,8 @@ def main() -> None:
             if device.type == "cuda":
                 r["nvidia_smi"] = gpu_utilisation()
             print("train ", json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()}))
+    if args.skip_loader:
+        return
     print(f"loader: compared with an ASSUMED GPU demand of {GPU_DEMAND:.0f} segments/s (mn10_as, one current GPU)")
     have_demo = all((ROOT / p).is_file() for p in (MELS, TEACHER_CACHE, MANIFEST))
     modes = ["streamed", "memory"] if have_demo else ["synthetic"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ctypes
 import importlib
 import importlib.util
 import logging
@@ -56,9 +57,29 @@ def _call(module: str, func: str) -> Callable[[argparse.Namespace], int | None]:
     return runner
 
 
+def keep_freed_memory() -> None:
+    """Let glibc keep freed tensor buffers for reuse instead of handing them back to the kernel.
+
+    Torch frees and reallocates buffers of many MB every training step. With glibc's defaults, those
+    over 32 MB are fresh mmaps and a freed heap top is trimmed, so the kernel faults in and zeroes the
+    same memory again: 25 M page faults, about 15 % of the demo `dvc repro`'s CPU time
+    (docs/benchmarks.md). Where memory lives changes no result."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # another C library (musl): keep its defaults
+        return
+    m_trim_threshold, m_top_pad, m_mmap_max = -1, -2, -4  # glibc's <malloc.h>
+    libc.mallopt(m_mmap_max, 0)  # every buffer from the heap, none mapped and unmapped on its own
+    libc.mallopt(m_trim_threshold, 1 << 30)  # give heap memory back to the kernel only past 1 GiB free
+    libc.mallopt(m_top_pad, 1 << 28)  # grow the heap 256 MiB at a time
+
+
 def _stage_runner(args: argparse.Namespace) -> int | None:
     from pipeline.params import declared_params, load_params, restrict
 
+    keep_freed_memory()
     declared = declared_params(Path(args.params).resolve().parent / "dvc.yaml", args.stage)
     params = load_params(args.params)
     if declared is not None:
