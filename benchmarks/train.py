@@ -7,7 +7,7 @@
 Prints, per backbone, training samples (10-s segments) per second for one optimisation step
 (forward + backward + AdamW, negative-cosine loss with the centred term) at the given batch, on
 CPU or on CUDA when available (with peak GPU memory; utilisation from nvidia-smi when present),
-and per step the process's user and system CPU seconds and minor page faults. The allocator is set
+and per step the process's user and system CPU seconds and minor page faults (and its peak RSS). The allocator is set
 up as every stage sets it (`pipeline.cli.keep_freed_memory`); `--glibc-defaults` leaves glibc's
 defaults, for the side-by-side figure in docs/benchmarks.md.
 
@@ -76,7 +76,8 @@ def train_rate(name: str, batch: int, steps: int, device: torch.device) -> dict:
     out = {"model": name, "batch": batch, "samples_per_s": batch * steps / dt, "s_per_step": dt / steps,
            "user_cpu_s_per_step": (r1.ru_utime - r0.ru_utime) / steps,
            "sys_cpu_s_per_step": (r1.ru_stime - r0.ru_stime) / steps,
-           "minor_faults_per_step": (r1.ru_minflt - r0.ru_minflt) / steps}
+           "minor_faults_per_step": (r1.ru_minflt - r0.ru_minflt) / steps,
+           "peak_rss_mb": r1.ru_maxrss / 1024}  # of the whole process so far
     if device.type == "cuda":
         out["peak_gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
     return out
