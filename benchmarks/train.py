@@ -7,9 +7,9 @@
 Prints, per backbone, training samples (10-s segments) per second for one optimisation step
 (forward + backward + AdamW, negative-cosine loss with the centred term) at the given batch, on
 CPU or on CUDA when available (with peak GPU memory; utilisation from nvidia-smi when present),
-and per step the process's user and system CPU seconds and minor page faults (and its peak RSS). The allocator is set
-up as every stage sets it (`pipeline.cli.keep_freed_memory`); `--glibc-defaults` leaves glibc's
-defaults, for the side-by-side figure in docs/benchmarks.md.
+and per step the process's user and system CPU seconds and minor page faults (and its peak RSS).
+The allocator is set up as every stage sets it (`pipeline.cli.keep_freed_memory`);
+`--glibc-defaults` leaves glibc's defaults, for the side-by-side figure in docs/benchmarks.md.
 
 Then the training data loader alone (`benchmarks/loader.py`: the loop's own DataLoader over the
 stage's items and collate, strategy "both", 4 segments per track) per number of worker processes:

@@ -44,10 +44,11 @@ def test_freed_buffers_are_reused_instead_of_faulted_in_again():
 
 def test_stage_runner_sets_it_up(monkeypatch, tmp_path):
     import pipeline.cli as cli
+    from pipeline.params import ParamsError
 
     calls = []
     monkeypatch.setattr(cli, "keep_freed_memory", lambda: calls.append(True))
     (tmp_path / "params.yaml").write_text("audio: {}\n")  # refused by the typed view, after the set-up
-    with pytest.raises(Exception):
+    with pytest.raises(ParamsError, match="missing key"):
         cli._stage_runner(argparse.Namespace(params=str(tmp_path / "params.yaml"), stage="ingest"))
     assert calls == [True]

@@ -248,12 +248,13 @@ def evaluate_retrieval(
     prompts, teacher_text = text_sets[EVAL_PROMPT_SET]
     report: dict[str, Any] = {"n_queries": len(prompts), "n_tracks": len(audio.val_track_ids)}
     student_text = students.text_embed(prompts) if students.text_embed is not None else None
-    has_audio, has_text = audio.student_tracks is not None, student_text is not None
-    # comparison -> (audio, text) student embeddings swapped in for the teacher's (None: the teacher's)
-    tests = {c: pair for c, pair, ok in (("audio_student", (audio.student_tracks, None), has_audio),
-                                         ("text_student", (None, student_text), has_text),
-                                         ("end_to_end", (audio.student_tracks, student_text), has_audio and has_text))
-             if ok}
+    tests: dict[str, tuple] = {}  # comparison -> (audio, text) student embeddings (None: the teacher's)
+    if audio.student_tracks is not None:
+        tests["audio_student"] = (audio.student_tracks, None)
+    if student_text is not None:
+        tests["text_student"] = (None, student_text)
+    if len(tests) == 2:
+        tests["end_to_end"] = (audio.student_tracks, student_text)
     if not tests:
         return {"skipped": True, "reason": "both students are disabled"}
     for c, (a_test, t_test) in tests.items():

@@ -6,9 +6,9 @@ import logging
 import os
 import re
 from collections.abc import Callable
-from typing import Any
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 log = logging.getLogger(__name__)
